@@ -1,0 +1,378 @@
+"""The binning core: one formula, one place (SPEC §0).
+
+Every calibration quantity in segcal (marginal ECE/ACE/MCE, top-label ECE, reliability diagrams, dataset
+reliability histograms, pooled dataset metrics, the hard-binned mL1-ACE loss) derives from three **mergeable**
+sums per image ``b``, channel ``c`` and bin ``k``:
+
+* ``count[b, c, k]`` — number of voxels whose probability falls in bin ``k``;
+* ``sum_p[b, c, k]`` — sum of those probabilities;
+* ``sum_y[b, c, k]`` — sum of their targets (1/0 for hard labels, the reference probability for soft targets).
+
+Bin convention: ``M`` equal-width bins on [0, 1]; bin ``k`` is the half-open interval ``(k/M, (k+1)/M]`` and
+``p = 0`` belongs to bin 0 (``closed="right"``, as MONAI's ``calibration_binning`` and the ACE authors' code).
+``closed="left"`` gives ``[k/M, (k+1)/M)`` with ``p = 1`` in bin ``M - 1`` (torchmetrics' convention). The edges
+``k/M`` are the correctly rounded values in the probabilities' dtype, so ``p = k/M`` written in that dtype is
+a tie resolved by ``closed``.
+
+Sums are accumulated in float64 (counts are exact integers stored as float64), whatever the input dtype
+(float16/bfloat16/float32/float64), so images, batches, processes and machines merge exactly by addition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from segcal.functional import _kernels
+from segcal.functional.inputs import (
+    Activation,
+    Mode,
+    as_label_map,
+    check_mode,
+    check_target,
+    region_probabilities,
+    region_targets,
+    to_probabilities,
+)
+
+Closed = Literal["right", "left"]
+
+__all__ = [
+    "BinStats",
+    "Closed",
+    "bin_edges",
+    "bin_index",
+    "bin_statistics",
+    "hard_bin_sums",
+    "soft_bin_sums",
+]
+
+
+@dataclass(frozen=True)
+class BinStats:
+    """Per-image, per-channel, per-bin sums; each tensor is ``(B, C, M)`` float64.
+
+    ``a + b`` concatenates nothing: it adds the sums (use it to merge the same images computed in parts, e.g.
+    two halves of a volume or two regions). :meth:`cat` stacks images, :meth:`pooled` sums over images.
+    """
+
+    count: torch.Tensor
+    sum_p: torch.Tensor
+    sum_y: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if not (self.count.shape == self.sum_p.shape == self.sum_y.shape) or self.count.ndim != 3:
+            raise ValueError("BinStats tensors must all have shape (B, C, M)")
+
+    @property
+    def num_bins(self) -> int:
+        return int(self.count.shape[-1])
+
+    @property
+    def num_channels(self) -> int:
+        return int(self.count.shape[1])
+
+    def __add__(self, other: BinStats) -> BinStats:
+        if self.count.shape != other.count.shape:
+            raise ValueError(f"cannot add BinStats of shapes {tuple(self.count.shape)} and {tuple(other.count.shape)}")
+        return BinStats(self.count + other.count, self.sum_p + other.sum_p, self.sum_y + other.sum_y)
+
+    @staticmethod
+    def cat(parts: Sequence[BinStats]) -> BinStats:
+        """Stack images of several BinStats along the batch axis."""
+        return BinStats(
+            torch.cat([s.count for s in parts]),
+            torch.cat([s.sum_p for s in parts]),
+            torch.cat([s.sum_y for s in parts]),
+        )
+
+    def pooled(self) -> BinStats:
+        """Sum over images: the dataset-level (micro) statistics, shape ``(1, C, M)``."""
+        return BinStats(
+            self.count.sum(0, keepdim=True), self.sum_p.sum(0, keepdim=True), self.sum_y.sum(0, keepdim=True)
+        )
+
+    def mean_p(self) -> torch.Tensor:
+        """Expected frequency ``e_k`` per bin (NaN for empty bins)."""
+        return torch.where(self.count > 0, self.sum_p / self.count.clamp_min(1), torch.nan)
+
+    def mean_y(self) -> torch.Tensor:
+        """Observed frequency ``o_k`` per bin (NaN for empty bins)."""
+        return torch.where(self.count > 0, self.sum_y / self.count.clamp_min(1), torch.nan)
+
+    def to(self, device: torch.device | str) -> BinStats:
+        return BinStats(self.count.to(device), self.sum_p.to(device), self.sum_y.to(device))
+
+    def numpy(self) -> np.ndarray:
+        """``(B, C, 3, M)`` float64 array (count, sum_p, sum_y) for storage."""
+        return torch.stack([self.count, self.sum_p, self.sum_y], dim=2).cpu().numpy()
+
+    @staticmethod
+    def from_numpy(arr: np.ndarray) -> BinStats:
+        t = torch.as_tensor(np.asarray(arr, dtype=np.float64))
+        if t.ndim != 4 or t.shape[2] != 3:
+            raise ValueError(f"expected a (B, C, 3, M) array, got shape {tuple(t.shape)}")
+        return BinStats(t[:, :, 0].clone(), t[:, :, 1].clone(), t[:, :, 2].clone())
+
+
+def bin_edges(num_bins: int, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> torch.Tensor:
+    """The ``M + 1`` edges ``k / M``, correctly rounded in ``dtype``."""
+    _check_num_bins(num_bins)
+    return (torch.arange(num_bins + 1, dtype=torch.float64) / num_bins).to(dtype=dtype, device=device)
+
+
+def bin_index(probs: torch.Tensor, num_bins: int = 20, closed: Closed = "right") -> torch.Tensor:
+    """Bin index ``k`` (int64) of each probability, same shape as ``probs`` (see module docstring)."""
+    edges = bin_edges(num_bins, probs.dtype, probs.device)
+    inner = edges[1:-1].contiguous()
+    if closed == "right":
+        return torch.bucketize(probs, inner, right=False)
+    if closed == "left":
+        return torch.bucketize(probs, inner, right=True)
+    raise ValueError(f"closed must be 'right' or 'left', got {closed!r}")
+
+
+def _check_num_bins(num_bins: int) -> None:
+    if not isinstance(num_bins, int | np.integer) or num_bins < 1:
+        raise ValueError(f"num_bins must be a positive integer, got {num_bins!r}")
+
+
+def _prepare_mask(mask: torch.Tensor | None, batch: int, spatial: Sequence[int]) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    spatial = tuple(spatial)
+    if mask.ndim == len(spatial) + 2 and mask.shape[1] == 1:
+        mask = mask[:, 0]
+    if tuple(mask.shape) != (batch, *spatial):
+        raise ValueError(f"mask shape {tuple(mask.shape)} must be (B, *spatial) = {(batch, *spatial)}")
+    if mask.is_floating_point() and not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("mask must be binary (0/1 or bool)")
+    return mask.bool()
+
+
+def bin_statistics(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    num_bins: int = 20,
+    *,
+    activation: Activation = None,
+    mode: Mode = "exclusive",
+    include_background: bool = True,
+    mask: torch.Tensor | None = None,
+    regions: Sequence[Sequence[int]] | None = None,
+    closed: Closed = "right",
+    check: bool = True,
+) -> BinStats:
+    """Per-image, per-class, per-bin sums (count, Σp, Σy) of a segmentation prediction.
+
+    Args:
+        pred: probabilities or logits ``(B, C, *spatial)`` (2 or 3 spatial dims), any floating dtype.
+        target: label map ``(B, *spatial)`` / ``(B, 1, *spatial)`` (exclusive mode), or one-hot / multi-hot /
+            soft map ``(B, C, *spatial)`` (values in [0, 1]; soft values give the reference probability).
+        num_bins: ``M``, equal-width bins on [0, 1] (default 20).
+        activation: ``"softmax"`` / ``"sigmoid"`` if ``pred`` holds logits, ``None`` for probabilities.
+        mode: ``"exclusive"`` (softmax classes) or ``"multilabel"`` (independent, possibly overlapping channels).
+        include_background: keep channel 0 in exclusive mode (ignored in multilabel mode and with ``regions``).
+        mask: optional region ``(B, *spatial)``; voxels outside it are ignored (e.g. a brain mask or a dilated
+            bounding box, see :mod:`segcal.functional.regions`).
+        regions: build multilabel region channels by summing softmax classes, e.g. BraTS
+            ``[[3], [1, 3], [1, 2, 3]]`` → ET, TC, WT; the target is mapped the same way.
+        closed: tie convention at the edges ``k/M`` (see module docstring).
+        check: validate shapes, dtypes, ranges and NaN (SPEC §9). Disable only for already-validated input.
+
+    Returns:
+        :class:`BinStats` with tensors ``(B, C', M)`` float64 on ``pred``'s device, ``C'`` the kept channels.
+
+    Uses a fused, parallel numba kernel on CPU and vectorised ``bincount`` on other devices; no Python loop over
+    images or classes. Extra memory is bounded by a fraction of the input (labels are never expanded to one-hot
+    on CPU).
+    """
+    mode = check_mode(mode)
+    _check_num_bins(num_bins)
+    if closed not in ("right", "left"):
+        raise ValueError(f"closed must be 'right' or 'left', got {closed!r}")
+    probs = to_probabilities(pred, activation, "exclusive" if regions is not None else mode, check=check)
+    b, c, *spatial = probs.shape
+    if check:
+        check_target(target, probs.shape, "exclusive" if regions is not None else mode)
+    mask_t = _prepare_mask(mask, b, spatial)
+
+    if regions is not None:  # region channels sum softmax classes; the result is multilabel
+        target = region_targets(target, regions, c)
+        probs = region_probabilities(probs, regions)
+        c = probs.shape[1]
+        mode = "multilabel"
+        include_background = True
+
+    labels = as_label_map(target, spatial) if not (target.ndim == probs.ndim and target.shape[1] == c and c > 1) else None
+    if labels is not None and mode == "multilabel" and c == 1:
+        labels = None  # a single binary channel given as (B, 1, *S) 0/1 map: use it densely
+    first = 0 if (include_background or mode != "exclusive") else 1
+    if first == 1 and c < 2:
+        raise ValueError("include_background=False needs at least 2 channels")
+
+    if labels is not None:
+        dense_y = None
+    else:
+        dense_y = target if target.shape[1] == c else target.expand(b, c, *spatial)
+    probs = probs[:, first:]
+    if dense_y is not None:
+        dense_y = dense_y[:, first:]
+    class_ids = torch.arange(first, c, dtype=torch.int64)
+
+    if probs.device.type == "cpu" and _kernels.HAVE_NUMBA and not probs.requires_grad:
+        out = _bin_statistics_numba(probs, labels, dense_y, class_ids, mask_t, num_bins, closed)
+    else:
+        out = _bin_statistics_torch(probs.detach(), labels, dense_y, class_ids, mask_t, num_bins, closed)
+    return BinStats(out[:, :, 0], out[:, :, 1], out[:, :, 2])
+
+
+def _bin_statistics_numba(
+    probs: torch.Tensor,
+    labels: torch.Tensor | None,
+    dense_y: torch.Tensor | None,
+    class_ids: torch.Tensor,
+    mask: torch.Tensor | None,
+    num_bins: int,
+    closed: Closed,
+) -> torch.Tensor:
+    b, c = probs.shape[:2]
+    s = int(np.prod(probs.shape[2:]))
+    out = np.zeros((b * c, 3, num_bins))
+    right = closed == "right"
+    mask_np = mask.reshape(b, s).numpy().view(np.uint8) if mask is not None else np.zeros((1, 1), np.uint8)
+    use_mask = mask is not None
+    native = probs.dtype in (torch.float32, torch.float64)
+    # float16/bfloat16: convert one image-channel row at a time, so the extra memory stays at one row
+    row_groups = [slice(None)] if native else [slice(r, r + 1) for r in range(b * c)]
+    p_rows_all = probs.reshape(b * c, s)
+    if labels is not None:
+        lab_np = labels.reshape(b, s)
+        if lab_np.dtype not in (torch.uint8, torch.int16, torch.int32, torch.int64):
+            lab_np = lab_np.to(torch.int64)
+        lab_np = lab_np.contiguous().numpy()
+    else:
+        y_rows_all = dense_y.reshape(b * c, s)  # type: ignore[union-attr]
+        if y_rows_all.dtype == torch.bool:
+            y_rows_all = y_rows_all.view(torch.uint8)
+    for rows in row_groups:
+        p_rows = p_rows_all[rows]
+        if not native:
+            p_rows = p_rows.float()
+        p_np = p_rows.contiguous().numpy()
+        edges = bin_edges(num_bins, torch.float32 if not native else probs.dtype).numpy()
+        o = out[rows]
+        if labels is not None:
+            if native:
+                _kernels._hist_labels(p_np, lab_np, class_ids.numpy(), mask_np, use_mask, edges, right, o)
+            else:
+                r = rows.start
+                ids = class_ids[r % c : r % c + 1].numpy()
+                lab_row = lab_np[r // c : r // c + 1]
+                m_row = mask_np[r // c : r // c + 1] if use_mask else mask_np
+                _kernels._hist_labels(p_np, lab_row, ids, m_row, use_mask, edges, right, o)
+        else:
+            y_rows = y_rows_all[rows]
+            if y_rows.dtype in (torch.float16, torch.bfloat16):
+                y_rows = y_rows.float()
+            y_np = y_rows.contiguous().numpy()
+            if native:
+                _kernels._hist_dense(p_np, y_np, mask_np, use_mask, c, edges, right, o)
+            else:
+                r = rows.start
+                m_row = mask_np[r // c : r // c + 1] if use_mask else mask_np
+                _kernels._hist_dense(p_np, y_np, m_row, use_mask, 1, edges, right, o)
+        if not native:
+            out[rows] = o
+    return torch.from_numpy(out.reshape(b, c, 3, num_bins)).to(probs.device)
+
+
+_TORCH_CHUNK = 1 << 22
+
+
+def _bin_statistics_torch(
+    probs: torch.Tensor,
+    labels: torch.Tensor | None,
+    dense_y: torch.Tensor | None,
+    class_ids: torch.Tensor,
+    mask: torch.Tensor | None,
+    num_bins: int,
+    closed: Closed,
+) -> torch.Tensor:
+    """Vectorised bincount path (CUDA, or CPU without numba), chunked over voxels to bound memory."""
+    b, c = probs.shape[:2]
+    s = int(np.prod(probs.shape[2:]))
+    dev = probs.device
+    p = probs.reshape(b, c, s)
+    n_out = b * c * num_bins
+    offs = (torch.arange(b * c, device=dev) * num_bins).view(b, c, 1)
+    acc = torch.zeros(3, n_out + 1, dtype=torch.float64, device=dev)
+    ids = class_ids.to(dev).view(1, c, 1)
+    lab = labels.reshape(b, 1, s) if labels is not None else None
+    y = dense_y.reshape(b, c, s) if dense_y is not None else None
+    msk = mask.reshape(b, 1, s) if mask is not None else None
+    step = max(1, _TORCH_CHUNK // max(1, b * c))
+    for s0 in range(0, s, step):
+        sl = slice(s0, min(s, s0 + step))
+        pc = p[:, :, sl]
+        key = bin_index(pc, num_bins, closed) + offs
+        if msk is not None:
+            key = torch.where(msk[:, :, sl], key, n_out)
+        key = key.reshape(-1)
+        yc = (lab[:, :, sl] == ids) if lab is not None else y[:, :, sl]  # type: ignore[index]
+        acc[0] += torch.bincount(key, minlength=n_out + 1).to(torch.float64)
+        acc[1] += torch.bincount(key, weights=pc.reshape(-1).double(), minlength=n_out + 1)
+        acc[2] += torch.bincount(key, weights=yc.reshape(-1).double(), minlength=n_out + 1)
+    return acc[:, :n_out].reshape(3, b, c, num_bins).permute(1, 2, 0, 3).contiguous()
+
+
+def hard_bin_sums(
+    probs: torch.Tensor, target: torch.Tensor, num_bins: int = 20, closed: Closed = "right"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Differentiable hard-binned sums for losses: ``(count, sum_p, sum_y)``, each ``(B, C, M)``.
+
+    ``probs`` and ``target`` are ``(B, C, *spatial)`` (target one-hot / multi-hot, already validated). The bin
+    assignment is piecewise constant, so the gradient flows through ``sum_p`` only (ACE-MICCAI §2). Sums keep
+    the dtype of ``probs`` (promoted to float32 for half inputs) so autograd and AMP work unchanged.
+    """
+    b, c = probs.shape[:2]
+    acc_dtype = torch.promote_types(probs.dtype, torch.float32)
+    p = probs.reshape(b, c, -1).to(acc_dtype)
+    y = target.reshape(b, c, -1).to(acc_dtype)
+    idx = bin_index(p.detach(), num_bins, closed)
+    zeros = torch.zeros(b, c, num_bins, dtype=acc_dtype, device=p.device)
+    count = zeros.scatter_add(2, idx, torch.ones_like(y))
+    sum_p = zeros.scatter_add(2, idx, p)
+    sum_y = zeros.scatter_add(2, idx, y)
+    return count, sum_p, sum_y
+
+
+def soft_bin_sums(
+    probs: torch.Tensor, target: torch.Tensor, num_bins: int = 20
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Differentiable soft-binned sums (ACE-journal): ``(weight, sum_wp, sum_wy)``, each ``(B, C, M)``.
+
+    Each probability is shared linearly between its two nearest bin centres ``c_k = (k + 1/2) / M`` (triangular
+    kernel of width ``1/M``); probabilities below ``c_0`` or above ``c_{M-1}`` go wholly to the edge bin. The
+    weights depend on ``p``, so gradients flow through both the weights and the weighted sums.
+    """
+    b, c = probs.shape[:2]
+    acc_dtype = torch.promote_types(probs.dtype, torch.float32)
+    p = probs.reshape(b, c, -1).to(acc_dtype)
+    y = target.reshape(b, c, -1).to(acc_dtype)
+    pos = (p * num_bins - 0.5).clamp(0.0, num_bins - 1.0)  # continuous bin coordinate
+    lo = pos.detach().floor().clamp(max=max(num_bins - 2, 0)).to(torch.int64)
+    w_hi = pos - lo.to(acc_dtype)
+    w_lo = 1.0 - w_hi
+    hi = (lo + 1).clamp(max=num_bins - 1)
+    zeros = torch.zeros(b, c, num_bins, dtype=acc_dtype, device=p.device)
+    weight = zeros.scatter_add(2, lo, w_lo).scatter_add(2, hi, w_hi)
+    sum_wp = zeros.scatter_add(2, lo, w_lo * p).scatter_add(2, hi, w_hi * p)
+    sum_wy = zeros.scatter_add(2, lo, w_lo * y).scatter_add(2, hi, w_hi * y)
+    return weight, sum_wp, sum_wy

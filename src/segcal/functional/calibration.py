@@ -1,0 +1,251 @@
+"""Calibration metrics (SPEC §1), all derived from :class:`~segcal.functional.binning.BinStats`.
+
+Per image ``b`` and channel ``c`` with, per non-empty bin ``k``, ``n_k`` voxels, expected frequency
+``e_k = Σp / n_k`` and observed frequency ``o_k = Σy / n_k``:
+
+* marginal ECE  = Σ_k (n_k / N) |o_k − e_k|                    (ACE-MICCAI eq. 1; Ensembles eq. 5 per class)
+* marginal ACE  = (1 / K⁺) Σ_{k non-empty} |o_k − e_k|          (ACE-MICCAI eq. 3)
+* marginal MCE  = max_{k non-empty} |o_k − e_k|                 (ACE-MICCAI eq. 4)
+* L2 variants: ECE₂ = sqrt(Σ_k (n_k / N)(o_k − e_k)²), ACE₂ = sqrt(mean_k (o_k − e_k)²) (RMS calibration error).
+
+Empty bins are excluded, never counted as zero. A channel with no voxel at all (e.g. an empty region mask)
+gives NaN. Averaging the marginal values over channels gives mL1-ECE / mL1-ACE / mL1-MCE.
+
+Top-label calibration (PostHoc eq. 3, Ensembles eq. 5) bins the confidence ``max_c p_c`` against the accuracy
+``argmax == label``, reusing the same binning core.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+from segcal.functional.binning import BinStats, Closed, bin_statistics
+from segcal.functional.inputs import (
+    Activation,
+    Mode,
+    check_mode,
+    check_target,
+    region_probabilities,
+    region_targets,
+    select_channels,
+    target_to_onehot,
+    to_probabilities,
+)
+
+Reduction = Literal["expected", "average", "maximum"]
+Norm = Literal["l1", "l2"]
+
+#: probabilities are clipped into [EPS, 1 - EPS] before taking logarithms (NLL).
+EPS = 1e-7
+
+__all__ = [
+    "EPS",
+    "brier_score",
+    "calibration_error",
+    "calibration_errors",
+    "mean_absolute_error",
+    "negative_log_likelihood",
+    "top_label_statistics",
+]
+
+
+def calibration_error(
+    stats: BinStats, reduction: Reduction = "average", norm: Norm = "l1", min_count: int = 1
+) -> torch.Tensor:
+    """Calibration error per image and channel, ``(B, C)`` float64, from bin sums.
+
+    Args:
+        stats: per-image bin sums (``BinStats.pooled()`` for the dataset-level value).
+        reduction: ``"expected"`` (ECE, count-weighted), ``"average"`` (ACE, unweighted over non-empty bins) or
+            ``"maximum"`` (MCE).
+        norm: ``"l1"`` (absolute gaps) or ``"l2"`` (root of the mean squared gap); ignored for ``"maximum"``.
+        min_count: bins with fewer voxels are treated as empty (reliability diagrams in Ensembles hide
+            bins with < 1000 voxels); default 1 = every non-empty bin.
+    """
+    if reduction not in ("expected", "average", "maximum"):
+        raise ValueError(f"reduction must be 'expected', 'average' or 'maximum', got {reduction!r}")
+    if norm not in ("l1", "l2"):
+        raise ValueError(f"norm must be 'l1' or 'l2', got {norm!r}")
+    valid = stats.count >= max(1, min_count)
+    n = torch.where(valid, stats.count, torch.zeros_like(stats.count))
+    safe = n.clamp_min(1)
+    gap = torch.where(valid, (stats.sum_y - stats.sum_p) / safe, torch.zeros_like(n)).abs()
+    if norm == "l2" and reduction != "maximum":
+        gap = gap * gap
+    n_valid = valid.sum(-1)
+    empty = n_valid == 0
+    if reduction == "expected":
+        total = n.sum(-1)
+        out = (gap * n).sum(-1) / total.clamp_min(1)
+    elif reduction == "average":
+        out = gap.sum(-1) / n_valid.clamp_min(1)
+    else:
+        out = torch.where(valid, gap, torch.full_like(gap, -1.0)).amax(-1)
+    if norm == "l2" and reduction != "maximum":
+        out = out.sqrt()
+    return torch.where(empty, torch.full_like(out, torch.nan), out)
+
+
+def calibration_errors(stats: BinStats, min_count: int = 1) -> dict[str, torch.Tensor]:
+    """All calibration errors per image and channel: ``ece, ace, mce, ece_l2, ace_l2``, each ``(B, C)``."""
+    return {
+        "ece": calibration_error(stats, "expected", "l1", min_count),
+        "ace": calibration_error(stats, "average", "l1", min_count),
+        "mce": calibration_error(stats, "maximum", "l1", min_count),
+        "ece_l2": calibration_error(stats, "expected", "l2", min_count),
+        "ace_l2": calibration_error(stats, "average", "l2", min_count),
+    }
+
+
+def top_label_statistics(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    num_bins: int = 20,
+    *,
+    activation: Activation = None,
+    mode: Mode = "exclusive",
+    mask: torch.Tensor | None = None,
+    closed: Closed = "right",
+    check: bool = True,
+) -> BinStats:
+    """Top-label bin sums: confidence vs accuracy.
+
+    Exclusive mode: confidence = ``max_c p_c``, accuracy = ``argmax_c p_c == label`` → ``(B, 1, M)``.
+    Multilabel (each channel a binary problem, e.g. one sigmoid output): confidence = ``max(p, 1 − p)``,
+    accuracy = ``(p >= 0.5) == y`` → ``(B, C, M)``, one binary top-label curve per channel.
+    """
+    mode = check_mode(mode)
+    probs = to_probabilities(pred, activation, mode, check=check)
+    if check:
+        check_target(target, probs.shape, mode)
+    c = probs.shape[1]
+    if mode == "exclusive" and c > 1:
+        conf, arg = probs.max(dim=1, keepdim=True)
+        onehot_arg = torch.zeros_like(probs, dtype=torch.float32).scatter_(1, arg, 1.0)
+        # hard labels: 1 if the predicted class is the label; soft targets: its reference probability
+        correct = (target_to_onehot(target, c) * onehot_arg).sum(1, keepdim=True)
+    else:
+        y = target_to_onehot(target, c).to(torch.float32)
+        conf = torch.maximum(probs, 1 - probs)
+        correct = ((probs >= 0.5).to(torch.float32) * y + (probs < 0.5).to(torch.float32) * (1 - y))
+    return bin_statistics(conf, correct, num_bins, mode="multilabel", mask=mask, closed=closed, check=False)
+
+
+def _voxel_weights(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    m = mask[:, 0] if (mask.ndim == like.ndim and mask.shape[1] == 1) else mask
+    return m.to(torch.float64).unsqueeze(1)
+
+
+def _masked_mean(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    """Mean over spatial dims of ``(B, C, *spatial)`` → ``(B, C)`` (NaN where the mask is empty)."""
+    x = x.to(torch.float64)
+    dims = tuple(range(2, x.ndim))
+    if w is None:
+        return x.mean(dims)
+    num = (x * w).sum(dims)
+    den = w.expand_as(x).sum(dims)
+    return torch.where(den > 0, num / den.clamp_min(1), torch.nan)
+
+
+def _prepared(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    activation: Activation,
+    mode: Mode,
+    regions: Sequence[Sequence[int]] | None,
+    check: bool,
+) -> tuple[torch.Tensor, torch.Tensor, Mode]:
+    mode = check_mode(mode)
+    probs = to_probabilities(pred, activation, "exclusive" if regions is not None else mode, check=check)
+    if check:
+        check_target(target, probs.shape, "exclusive" if regions is not None else mode)
+    c = probs.shape[1]
+    if regions is not None:
+        return region_probabilities(probs, regions), region_targets(target, regions, c), "multilabel"
+    return probs, target_to_onehot(target, c, dtype=probs.dtype), mode
+
+
+def negative_log_likelihood(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    activation: Activation = None,
+    mode: Mode = "exclusive",
+    mask: torch.Tensor | None = None,
+    regions: Sequence[Sequence[int]] | None = None,
+    eps: float = EPS,
+    check: bool = True,
+) -> torch.Tensor:
+    """Mean negative log-likelihood per image, ``(B,)`` float64 (Ensembles eq. 3).
+
+    Exclusive: ``−(1/N) Σ_i Σ_k y_ik ln p_ik`` (soft targets give the cross-entropy to the reference).
+    Multilabel: the mean binary cross-entropy over channels and voxels. Probabilities are clipped into
+    ``[eps, 1 − eps]`` (default ``1e-7``). Voxels outside ``mask`` are ignored.
+    """
+    probs, y, mode = _prepared(pred, target, activation, mode, regions, check)
+    p = probs.to(torch.float64).clamp(eps, 1 - eps)
+    y = y.to(torch.float64)
+    w = _voxel_weights(mask, probs)
+    if mode == "exclusive":
+        per_voxel = -(y * p.log()).sum(1, keepdim=True)
+        return _masked_mean(per_voxel, w)[:, 0]
+    per = -(y * p.log() + (1 - y) * (1 - p).log())
+    return _masked_mean(per, w).mean(1)
+
+
+def brier_score(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    activation: Activation = None,
+    mode: Mode = "exclusive",
+    include_background: bool = True,
+    mask: torch.Tensor | None = None,
+    regions: Sequence[Sequence[int]] | None = None,
+    check: bool = True,
+) -> torch.Tensor:
+    """Brier score per image and class, ``(B, C)`` float64: mean over voxels of ``(p_c − y_c)²``.
+
+    The mean over classes of the result is Ensembles eq. 4 (with ``include_background=True``).
+    """
+    probs, y, mode = _prepared(pred, target, activation, mode, regions, check)
+    sq = (probs.to(torch.float64) - y.to(torch.float64)) ** 2
+    w = _voxel_weights(mask, probs)
+    return select_channels(_masked_mean(sq, w).unsqueeze(-1), include_background, mode)[..., 0]
+
+
+def mean_absolute_error(
+    pred: torch.Tensor,
+    reference: torch.Tensor,
+    *,
+    activation: Activation = None,
+    mode: Mode = "exclusive",
+    include_background: bool = True,
+    mask: torch.Tensor | None = None,
+    check: bool = True,
+) -> torch.Tensor:
+    """Mean ``|p_c − r_c|`` per image and class ``(B, C)`` against a soft reference probability map ``r``."""
+    mode = check_mode(mode)
+    probs = to_probabilities(pred, activation, mode, check=check)
+    if check:
+        check_target(reference, probs.shape, mode, name="reference")
+    if reference.shape != probs.shape:
+        raise ValueError("reference must be a probability map with the prediction's shape (B, C, *spatial)")
+    err = (probs.to(torch.float64) - reference.to(torch.float64)).abs()
+    w = _voxel_weights(mask, probs)
+    return select_channels(_masked_mean(err, w).unsqueeze(-1), include_background, mode)[..., 0]
+
+
+def marginal_statistics(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    num_bins: int = 20,
+    **kwargs: object,
+) -> BinStats:
+    """Alias of :func:`segcal.functional.binning.bin_statistics` (marginal = class-wise binning)."""
+    return bin_statistics(pred, target, num_bins, **kwargs)  # type: ignore[arg-type]

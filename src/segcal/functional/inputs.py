@@ -1,0 +1,242 @@
+"""Input conventions shared by every metric, loss and calibrator (SPEC §0, §9).
+
+Shapes
+------
+* predictions: ``(B, C, *spatial)`` with 2 or 3 spatial dims, probabilities or logits;
+* targets: an integer label map ``(B, *spatial)`` or ``(B, 1, *spatial)``, or a one-hot / multi-hot / soft
+  map ``(B, C, *spatial)``.
+
+Class modes
+-----------
+* ``"exclusive"``: one label per voxel, channels are softmax probabilities that sum to one;
+* ``"multilabel"``: independent sigmoid channels that may overlap (e.g. BraTS ET ⊂ TC ⊂ WT).
+
+Every check raises one :class:`ValueError` or :class:`TypeError` whose message names the argument and the
+problem; callers that know a file name (the I/O layer) prefix it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+Mode = Literal["exclusive", "multilabel"]
+Activation = Literal["softmax", "sigmoid"] | None
+
+#: absolute tolerance on "probabilities lie in [0, 1]" and "softmax channels sum to one".
+PROB_ATOL = 1e-3
+
+__all__ = [
+    "PROB_ATOL",
+    "Activation",
+    "Mode",
+    "as_label_map",
+    "check_mode",
+    "check_prediction",
+    "check_probabilities",
+    "check_target",
+    "region_probabilities",
+    "region_targets",
+    "select_channels",
+    "target_to_onehot",
+    "to_probabilities",
+]
+
+
+def check_mode(mode: str) -> Mode:
+    if mode not in ("exclusive", "multilabel"):
+        raise ValueError(f"mode must be 'exclusive' or 'multilabel', got {mode!r}")
+    return mode  # type: ignore[return-value]
+
+
+def check_prediction(pred: torch.Tensor, name: str = "prediction") -> None:
+    """Shape, dtype and finiteness of a ``(B, C, *spatial)`` prediction tensor."""
+    if not isinstance(pred, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(pred).__name__}")
+    if not pred.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (probabilities or logits), got {pred.dtype}")
+    if pred.ndim not in (4, 5):
+        raise ValueError(
+            f"{name} must have shape (B, C, *spatial) with 2 or 3 spatial dims, got shape {tuple(pred.shape)}"
+        )
+    if pred.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(pred.shape)})")
+    if not bool(torch.isfinite(pred).all()):
+        n_bad = int((~torch.isfinite(pred)).sum())
+        raise ValueError(f"{name} contains {n_bad} NaN/Inf values")
+
+
+def check_probabilities(probs: torch.Tensor, mode: Mode, name: str = "prediction", atol: float = PROB_ATOL) -> None:
+    """Range (and, in exclusive mode, sum-to-one) check of a probability tensor ``(B, C, *spatial)``."""
+    check_prediction(probs, name)
+    lo, hi = float(probs.min()), float(probs.max())
+    if lo < -atol or hi > 1 + atol:
+        raise ValueError(
+            f"{name} must hold probabilities in [0, 1] but spans [{lo:.4g}, {hi:.4g}]; "
+            "pass activation='softmax' or 'sigmoid' if these are logits"
+        )
+    if mode == "exclusive" and probs.shape[1] > 1:
+        s = probs.sum(dim=1, dtype=torch.float32)
+        err = float((s - 1).abs().max())
+        if err > atol * max(1, probs.shape[1]):
+            raise ValueError(
+                f"{name}: exclusive mode needs class probabilities that sum to 1 over the channel axis, "
+                f"max deviation is {err:.4g}; use mode='multilabel' for independent sigmoid channels"
+            )
+
+
+def to_probabilities(
+    pred: torch.Tensor,
+    activation: Activation = None,
+    mode: Mode = "exclusive",
+    *,
+    check: bool = True,
+    name: str = "prediction",
+) -> torch.Tensor:
+    """Return probabilities ``(B, C, *spatial)`` from probabilities or logits.
+
+    ``activation="softmax"`` applies a softmax over the channel axis, ``"sigmoid"`` an element-wise sigmoid,
+    ``None`` takes ``pred`` as probabilities (validated when ``check``). Values are clamped into [0, 1] only after
+    validation (SPEC §0).
+    """
+    mode = check_mode(mode)
+    if activation not in (None, "softmax", "sigmoid"):
+        raise ValueError(f"activation must be None, 'softmax' or 'sigmoid', got {activation!r}")
+    if check:
+        check_prediction(pred, name)
+    if activation == "softmax":
+        if mode == "multilabel":
+            raise ValueError("activation='softmax' implies mode='exclusive'; use 'sigmoid' for multilabel outputs")
+        return torch.softmax(pred, dim=1)
+    if activation == "sigmoid":
+        return torch.sigmoid(pred)
+    if check:
+        check_probabilities(pred, mode, name)
+    return pred.clamp(0.0, 1.0)
+
+
+def as_label_map(target: torch.Tensor, spatial_shape: Sequence[int], name: str = "target") -> torch.Tensor | None:
+    """Return ``target`` as an integer label map ``(B, *spatial)`` if it is one, else ``None``.
+
+    Accepted label maps: integer tensors ``(B, *spatial)`` or ``(B, 1, *spatial)``, and floating tensors of shape
+    ``(B, 1, *spatial)`` holding integral values (MONAI's usual layout).
+    """
+    spatial = tuple(spatial_shape)
+    if target.ndim == len(spatial) + 1 and tuple(target.shape[1:]) == spatial:
+        lab = target
+    elif target.ndim == len(spatial) + 2 and target.shape[1] == 1 and tuple(target.shape[2:]) == spatial:
+        lab = target[:, 0]
+    else:
+        return None
+    if lab.dtype == torch.bool:
+        return lab.to(torch.uint8)
+    if lab.is_floating_point():
+        if not bool(torch.isfinite(lab).all()):
+            raise ValueError(f"{name} contains NaN/Inf values")
+        if not bool((lab == lab.round()).all()):
+            if target.ndim == len(spatial) + 2:
+                return None  # a single soft/one-hot channel, not a label map
+            raise ValueError(f"{name}: a label map must hold integer class indices")
+        return lab.to(torch.int64)
+    return lab
+
+
+def check_target(target: torch.Tensor, pred_shape: Sequence[int], mode: Mode, name: str = "target") -> None:
+    """Validate a target against a prediction shape ``(B, C, *spatial)``."""
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(target).__name__}")
+    b, c, *spatial = pred_shape
+    if target.shape[0] != b:
+        raise ValueError(f"{name} has batch size {target.shape[0]} but the prediction has {b}")
+    lab = as_label_map(target, spatial, name)
+    if lab is not None and not (target.ndim == len(spatial) + 2 and c == 1 and mode == "multilabel"):
+        if lab.numel() == 0:
+            raise ValueError(f"{name} is empty")
+        lo, hi = int(lab.min()), int(lab.max())
+        if lo < 0 or hi >= c:
+            raise ValueError(f"{name}: labels must lie in [0, {c - 1}] for {c} classes, found values in [{lo}, {hi}]")
+        if mode == "multilabel" and c > 1:
+            raise ValueError(
+                f"{name}: a label map cannot describe overlapping multilabel channels; "
+                "pass a multi-hot target (B, C, *spatial) or build region channels with `regions=`"
+            )
+        return
+    if tuple(target.shape) != tuple(pred_shape):
+        raise ValueError(
+            f"{name} shape {tuple(target.shape)} does not match prediction shape {tuple(pred_shape)}; expected a "
+            f"label map {(b, *spatial)} or {(b, 1, *spatial)}, or a one-hot/multi-hot map {tuple(pred_shape)}"
+        )
+    if target.dtype == torch.bool:
+        return
+    t = target if target.is_floating_point() else target.to(torch.float32)
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN/Inf values")
+    lo, hi = float(t.min()), float(t.max())
+    if lo < 0 or hi > 1 + 1e-6:
+        raise ValueError(f"{name}: one-hot, multi-hot or soft targets must lie in [0, 1], found [{lo:.4g}, {hi:.4g}]")
+
+
+def target_to_onehot(target: torch.Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Label map ``(B, *spatial)`` / ``(B, 1, *spatial)`` or one-hot ``(B, C, *spatial)`` → ``(B, C, *spatial)``.
+
+    The target is assumed validated (:func:`check_target`). Non-label targets are only cast.
+    """
+    # a (B, C, *spatial) target with C == num_classes > 1 is already one-hot
+    if target.ndim >= 3 and target.shape[1] == num_classes and num_classes > 1:
+        return target.to(dtype)
+    spatial = target.shape[2:] if (target.ndim >= 3 and target.shape[1] == 1) else target.shape[1:]
+    lab = as_label_map(target, spatial)
+    if lab is None:
+        return target.to(dtype)
+    if num_classes == 1:
+        return lab.unsqueeze(1).to(dtype)
+    onehot = torch.zeros((lab.shape[0], num_classes, *lab.shape[1:]), dtype=dtype, device=lab.device)
+    onehot.scatter_(1, lab.long().unsqueeze(1), 1)
+    return onehot
+
+
+def select_channels(x: torch.Tensor, include_background: bool, mode: Mode) -> torch.Tensor:
+    """Drop channel 0 of ``(B, C, ...)`` when ``include_background`` is False in exclusive mode."""
+    if include_background or mode != "exclusive":
+        return x
+    if x.shape[1] < 2:
+        raise ValueError("include_background=False needs at least 2 channels")
+    return x[:, 1:]
+
+
+def region_probabilities(probs: torch.Tensor, regions: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Region channels from a softmax output by summing class probabilities.
+
+    ``regions`` lists, per output channel, the classes it is the union of; BraTS is
+    ``[[3], [1, 3], [1, 2, 3]]`` → (ET, TC, WT). Output ``(B, len(regions), *spatial)``, multilabel.
+    """
+    c = probs.shape[1]
+    _check_regions(regions, c)
+    members = torch.zeros(len(regions), c, dtype=probs.dtype, device=probs.device)
+    for r, cls in enumerate(regions):
+        members[r, list(cls)] = 1
+    out = torch.einsum("rc,bc...->br...", members, probs)
+    return out.clamp_(0.0, 1.0)
+
+
+def region_targets(target: torch.Tensor, regions: Sequence[Sequence[int]], num_classes: int) -> torch.Tensor:
+    """Multi-hot region targets ``(B, R, *spatial)`` (float32) from a label map or one-hot target."""
+    _check_regions(regions, num_classes)
+    onehot = target_to_onehot(target, num_classes)
+    members = torch.zeros(len(regions), num_classes, dtype=onehot.dtype, device=onehot.device)
+    for r, cls in enumerate(regions):
+        members[r, list(cls)] = 1
+    return torch.einsum("rc,bc...->br...", members, onehot).clamp_(0.0, 1.0)
+
+
+def _check_regions(regions: Sequence[Sequence[int]], num_classes: int) -> None:
+    if len(regions) == 0:
+        raise ValueError("regions must list at least one region")
+    for cls in regions:
+        if len(cls) == 0:
+            raise ValueError("every region must contain at least one class")
+        for k in cls:
+            if not 0 <= int(k) < num_classes:
+                raise ValueError(f"region class {k} is outside [0, {num_classes - 1}]")
