@@ -4,7 +4,14 @@ Shapes follow MONAI: predictions ``(B, C, *spatial)``; targets label maps ``(B, 
 ``(B, 1, *spatial)`` or one-hot ``(B, C, *spatial)``.
 """
 
-from segcal.functional.binning import BinStats, bin_edges, bin_index, bin_statistics, hard_bin_sums, soft_bin_sums
+from segcal.functional.binning import (
+    BinStats,
+    bin_edges,
+    bin_index,
+    bin_statistics,
+    hard_bin_sums,
+    soft_bin_sums,
+)
 from segcal.functional.calibration import (
     brier_score,
     calibration_error,

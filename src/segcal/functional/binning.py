@@ -119,7 +119,9 @@ class BinStats:
         return BinStats(t[:, :, 0].clone(), t[:, :, 1].clone(), t[:, :, 2].clone())
 
 
-def bin_edges(num_bins: int, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> torch.Tensor:
+def bin_edges(
+    num_bins: int, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
+) -> torch.Tensor:
     """The ``M + 1`` edges ``k / M``, correctly rounded in ``dtype``."""
     _check_num_bins(num_bins)
     return (torch.arange(num_bins + 1, dtype=torch.float64) / num_bins).to(dtype=dtype, device=device)
@@ -210,7 +212,8 @@ def bin_statistics(
         mode = "multilabel"
         include_background = True
 
-    labels = as_label_map(target, spatial) if not (target.ndim == probs.ndim and target.shape[1] == c and c > 1) else None
+    is_dense = target.ndim == probs.ndim and target.shape[1] == c and c > 1
+    labels = None if is_dense else as_label_map(target, spatial)
     if labels is not None and mode == "multilabel" and c == 1:
         labels = None  # a single binary channel given as (B, 1, *S) 0/1 map: use it densely
     first = 0 if (include_background or mode != "exclusive") else 1

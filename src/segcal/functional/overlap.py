@@ -127,12 +127,12 @@ def iou_from_counts(counts: torch.Tensor) -> torch.Tensor:
 
 
 def precision_from_counts(counts: torch.Tensor) -> torch.Tensor:
-    tp, fp, fn, e = _split(counts)
+    tp, fp, _fn, e = _split(counts)
     return _ratio(tp, tp + fp, e)
 
 
 def recall_from_counts(counts: torch.Tensor) -> torch.Tensor:
-    tp, fp, fn, e = _split(counts)
+    tp, _fp, fn, e = _split(counts)
     return _ratio(tp, tp + fn, e)
 
 

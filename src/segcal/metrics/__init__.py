@@ -1,0 +1,5 @@
+"""Stateful metric objects that accumulate mergeable sums (DDP / Dask friendly)."""
+
+from segcal.metrics.calibration import MetricResult, SegmentationCalibrationMetric
+
+__all__ = ["MetricResult", "SegmentationCalibrationMetric"]
