@@ -17,6 +17,7 @@ problem; callers that know a file name (the I/O layer) prefix it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -51,8 +52,8 @@ def check_mode(mode: str) -> Mode:
     return mode  # type: ignore[return-value]
 
 
-def check_prediction(pred: torch.Tensor, name: str = "prediction") -> None:
-    """Shape, dtype and finiteness of a ``(B, C, *spatial)`` prediction tensor."""
+def check_prediction(pred: torch.Tensor, name: str = "prediction") -> tuple[float, float]:
+    """Shape, dtype and finiteness of a ``(B, C, *spatial)`` prediction tensor; returns its ``(min, max)``."""
     if not isinstance(pred, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(pred).__name__}")
     if not pred.is_floating_point():
@@ -63,23 +64,33 @@ def check_prediction(pred: torch.Tensor, name: str = "prediction") -> None:
         )
     if pred.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(pred.shape)})")
-    if not bool(torch.isfinite(pred).all()):
-        n_bad = int((~torch.isfinite(pred)).sum())
-        raise ValueError(f"{name} contains {n_bad} NaN/Inf values")
+    # one fused min/max pass: NaN propagates into it and Inf shows as an infinite bound
+    lo_t, hi_t = torch.aminmax(pred)
+    lo, hi = float(lo_t), float(hi_t)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        n_nan = int(torch.isnan(pred).sum())
+        n_inf = int(torch.isinf(pred).sum())
+        raise ValueError(f"{name} contains {n_nan} NaN and {n_inf} Inf values")
+    return lo, hi
 
 
-def check_probabilities(probs: torch.Tensor, mode: Mode, name: str = "prediction", atol: float = PROB_ATOL) -> None:
+def check_probabilities(
+    probs: torch.Tensor,
+    mode: Mode,
+    name: str = "prediction",
+    atol: float = PROB_ATOL,
+    value_range: tuple[float, float] | None = None,
+) -> None:
     """Range (and, in exclusive mode, sum-to-one) check of a probability tensor ``(B, C, *spatial)``."""
-    check_prediction(probs, name)
-    lo, hi = float(probs.min()), float(probs.max())
+    lo, hi = value_range if value_range is not None else check_prediction(probs, name)
     if lo < -atol or hi > 1 + atol:
         raise ValueError(
             f"{name} must hold probabilities in [0, 1] but spans [{lo:.4g}, {hi:.4g}]; "
             "pass activation='softmax' or 'sigmoid' if these are logits"
         )
     if mode == "exclusive" and probs.shape[1] > 1:
-        s = probs.sum(dim=1, dtype=torch.float32)
-        err = float((s - 1).abs().max())
+        s_lo, s_hi = torch.aminmax(probs.sum(dim=1, dtype=torch.float32))
+        err = max(abs(float(s_lo) - 1), abs(float(s_hi) - 1))
         if err > atol * max(1, probs.shape[1]):
             raise ValueError(
                 f"{name}: exclusive mode needs class probabilities that sum to 1 over the channel axis, "
@@ -104,8 +115,7 @@ def to_probabilities(
     mode = check_mode(mode)
     if activation not in (None, "softmax", "sigmoid"):
         raise ValueError(f"activation must be None, 'softmax' or 'sigmoid', got {activation!r}")
-    if check:
-        check_prediction(pred, name)
+    value_range = check_prediction(pred, name) if check else None
     if activation == "softmax":
         if mode == "multilabel":
             raise ValueError("activation='softmax' implies mode='exclusive'; use 'sigmoid' for multilabel outputs")
@@ -113,7 +123,10 @@ def to_probabilities(
     if activation == "sigmoid":
         return torch.sigmoid(pred)
     if check:
-        check_probabilities(pred, mode, name)
+        check_probabilities(pred, mode, name, value_range=value_range)
+        lo, hi = value_range  # type: ignore[misc]
+        if lo >= 0.0 and hi <= 1.0:
+            return pred  # already in range: no copy
     return pred.clamp(0.0, 1.0)
 
 
