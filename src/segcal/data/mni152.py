@@ -28,6 +28,7 @@ regenerated.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -159,10 +160,12 @@ class TissueDataset:
 # --------------------------------------------------------------------------------------------- reference maps
 
 
+@functools.lru_cache(maxsize=1)
 def reference_maps() -> tuple[np.ndarray, np.ndarray]:
     """Template T1 ``(99, 117, 95)`` float32 and soft reference ``(4, 99, 117, 95)`` float32 at 2 mm.
 
-    Loaded from the files inside the nilearn package (no network access).
+    Loaded from the files inside the nilearn package (no network access) once per process; the returned
+    arrays are read-only.
     """
     from nilearn import datasets  # slow import (~3 s): only when data must be generated
 
@@ -175,7 +178,10 @@ def reference_maps() -> tuple[np.ndarray, np.ndarray]:
     bg = np.clip(1 - csf - gm - wm, 0, 1)
     soft = np.stack([bg, csf, gm, wm])
     soft /= np.maximum(soft.sum(0, keepdims=True), 1e-6)
-    return t1, soft.astype(np.float32)
+    soft = soft.astype(np.float32)
+    t1.flags.writeable = False
+    soft.flags.writeable = False
+    return t1, soft
 
 
 # ------------------------------------------------------------------------------------------------ simulation
