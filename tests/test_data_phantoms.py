@@ -18,6 +18,7 @@ def test_shapes_and_consistency(mode: str, c: int) -> None:
     assert ph.num_classes == c and ph.spatial_shape == (24, 20, 12)
     assert ph.labels.dtype == torch.int64
     assert torch.isfinite(ph.logits).all()
+    assert ph.image.shape == (2, 1, 24, 20, 12) and ph.image.dtype == torch.float32
     assert ph.probs.min() >= 0 and ph.probs.max() <= 1
     if mode == "exclusive":
         assert ph.labels.shape == (2, 24, 20, 12)
@@ -125,3 +126,10 @@ def test_bad_arguments() -> None:
         make_phantom(label_noise=1.0)
     with pytest.raises(ValueError, match="blur"):
         make_phantom(blur=0)
+
+
+def test_image_is_informative_and_labels_unchanged_by_it() -> None:
+    ph = make_phantom((64, 64), 4, 2, seed=0)
+    means = [float(ph.image[:, 0][ph.labels == c].mean()) for c in range(4)]
+    assert means == sorted(means) and means[-1] - means[0] > 0.3
+    assert ph.image.std() > 0.05

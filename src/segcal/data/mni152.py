@@ -62,7 +62,7 @@ SHIFT_LEVELS: dict[str, tuple[float, ...]] = {
     "blur": (0.6, 0.9, 1.2, 1.6, 2.0),
     "thick_slice": (4.0, 5.0, 6.5, 8.0, 10.0),
     "contrast": (0.8, 0.65, 0.5, 0.4, 0.3),
-    "bias_field": (0.2, 0.3, 0.45, 0.6, 0.8),
+    "bias_field": (0.15, 0.25, 0.35, 0.45, 0.6),
 }
 
 __all__ = [
@@ -509,8 +509,9 @@ def shift_images(
     * ``"blur"``: Gaussian blur, σ ∈ (0.6 … 2.0) voxels over the spatial axes;
     * ``"thick_slice"``: slices of (4 … 10) mm thickness along the *last* spatial axis (z for volumes; for 2D
       axial slices the last axis is x, i.e. a thick sagittal acquisition), resampled back to ``spacing``;
-    * ``"contrast"``: gamma (0.8 … 0.3) on the intensities, which lowers the GM/WM contrast;
-    * ``"bias_field"``: a smooth random multiplicative field ``exp(a · g)``, a ∈ (0.2 … 0.8), per image.
+    * ``"contrast"``: offset gamma ``((x + 0.1)^γ − 0.1^γ) / (1.1^γ − 0.1^γ)``, γ ∈ (0.8 … 0.3), which lowers
+      the GM/WM contrast (0 and 1 are kept);
+    * ``"bias_field"``: a smooth random multiplicative field ``exp(a · g)``, a ∈ (0.15 … 0.6), per image.
 
     The anatomy is unchanged, so the labels and soft references of the source stay exact.
     """
@@ -529,8 +530,11 @@ def shift_images(
         out = ndimage.gaussian_filter(x, sigma=(0, 0, *([level] * len(spatial))), mode="nearest")
     elif kind == "thick_slice":
         out = _thick_slice(x, x.ndim - 1, level / spacing)
-    elif kind == "contrast":
-        out = np.clip(x, 0, None) ** level
+    elif (
+        kind == "contrast"
+    ):  # gamma with an offset: slope at 0 stays bounded, so background noise is not blown up
+        eps = 0.1
+        out = ((np.clip(x, 0, None) + eps) ** level - eps**level) / ((1 + eps) ** level - eps**level)
     else:
         ctrl = rng.standard_normal((x.shape[0], *([4] * len(spatial))))
         ctrl /= np.sqrt(np.mean(ctrl**2, axis=tuple(range(1, ctrl.ndim)), keepdims=True))

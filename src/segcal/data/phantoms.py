@@ -52,6 +52,9 @@ class Phantom:
         logits: ``(B, C, *S)`` float32; exclusive: log-probabilities (``softmax(logits) == probs``);
             multilabel: sigmoid logits (``sigmoid(logits) == probs``).
         clean_probs: ``(B, C, *S)`` the map before annotator noise (``probs`` when ``label_noise=0``).
+        image: ``(B, 1, *S)`` float32 input intensities for training smoke tests, ``Σ_c μ_c p_c + N(0, 0.1²)``
+            with ``μ_c = c / (C − 1)`` (exclusive) or ``1 / C`` per nested region (multilabel). The posterior
+            of the labels *given this image* is not exactly ``probs``; use ``probs`` as the reference.
         mode: ``"exclusive"`` or ``"multilabel"``.
         label_noise: annotator-noise rate ε used to draw the labels.
         seed: the seed the phantom was drawn with.
@@ -61,6 +64,7 @@ class Phantom:
     labels: torch.Tensor
     logits: torch.Tensor
     clean_probs: torch.Tensor
+    image: torch.Tensor
     mode: PhantomMode
     label_noise: float
     seed: int
@@ -90,6 +94,7 @@ class Phantom:
             self.labels.to(device),
             self.logits.to(device),
             self.clean_probs.to(device),
+            self.image.to(device),
             self.mode,
             self.label_noise,
             self.seed,
@@ -273,11 +278,19 @@ def make_phantom(
             probs = clean
             # exact sigmoid logits of the product p_c: log p − log(1 − p), stable via log1p(−p)
             logits = log_p - torch.log1p(-log_p.exp().clamp_max(1 - 1e-7))
+    # input image, drawn after the labels so that adding it changed no label
+    if mode == "exclusive":
+        mu = torch.arange(num_classes, dtype=torch.float32) / (num_classes - 1)
+    else:
+        mu = torch.full((num_classes,), 1.0 / num_classes)
+    image = (clean * mu.view(1, -1, *([1] * d))).sum(1, keepdim=True)
+    image = image + 0.1 * torch.randn(image.shape, generator=gen)
     return Phantom(
         probs.contiguous().to(device),
         labels.contiguous().to(device),
         logits.contiguous().to(device),
         clean.contiguous().to(device),
+        image.contiguous().to(device),
         mode,  # type: ignore[arg-type]
         float(label_noise),
         int(seed),
