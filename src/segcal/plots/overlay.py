@@ -59,8 +59,9 @@ def probability_overlay(
     ax = fig.add_subplot()
     lo, hi = np.percentile(img, [1, 99]) if np.isfinite(img).all() else (0.0, 1.0)
     ax.imshow(img, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, interpolation="nearest")
-    im = ax.imshow(np.ma.masked_less(prob, min_prob), cmap=cmap, vmin=0, vmax=1, alpha=alpha,
-                   interpolation="nearest")
+    im = ax.imshow(
+        np.ma.masked_less(prob, min_prob), cmap=cmap, vmin=0, vmax=1, alpha=alpha, interpolation="nearest"
+    )
     regions = {"TP": pred & gt, "FP": pred & ~gt, "FN": ~pred & gt}
     handles = []
     for name, reg in regions.items():

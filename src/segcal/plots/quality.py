@@ -88,15 +88,24 @@ def quality_scatter(
         means_y.append(my)
         if d.size > 1:
             ax.scatter(cal[ok], d[ok], s=10, alpha=0.35, color=colors[i], lw=0)
-            ax.scatter([mx], [my], s=70, color=colors[i], edgecolor="k", lw=0.8, marker="D", label=str(lab),
-                       zorder=3)
+            ax.scatter(
+                [mx], [my], s=70, color=colors[i], edgecolor="k", lw=0.8, marker="D", label=str(lab), zorder=3
+            )
         else:
             ax.scatter(cal[ok], d[ok], s=60, color=colors[i], edgecolor="k", lw=0.8, label=str(lab), zorder=3)
     if pareto and len(labels) > 1:
         front = pareto_front(np.array(means_x), np.array(means_y))
         if front.size:
-            ax.step(np.array(means_x)[front], np.array(means_y)[front], where="post", color="k", lw=1,
-                    ls="--", label="Pareto front: " + ", ".join(str(labels[j]) for j in front), zorder=2)
+            ax.step(
+                np.array(means_x)[front],
+                np.array(means_y)[front],
+                where="post",
+                color="k",
+                lw=1,
+                ls="--",
+                label="Pareto front: " + ", ".join(str(labels[j]) for j in front),
+                zorder=2,
+            )
     ax.set_xlabel(f"{calibration_name} (lower is better)")
     ax.set_ylabel(f"{dice_name} (higher is better)")
     if title:
@@ -142,8 +151,13 @@ def entropy_dice_scatter(
         reg = sps.linregress(x[ok], y[ok])
         r, p = sps.pearsonr(x[ok], y[ok])
         xs = np.linspace(x[ok].min(), x[ok].max(), 50)
-        ax.plot(xs, reg.intercept + reg.slope * xs, color="k", lw=1.2,
-                label=f"r = {float(r):.3f}, p = {float(p):.2e}")
+        ax.plot(
+            xs,
+            reg.intercept + reg.slope * xs,
+            color="k",
+            lw=1.2,
+            label=f"r = {float(r):.3f}, p = {float(p):.2e}",
+        )
     ax.set_xlabel("segment entropy")
     ax.set_ylabel("logit(Dice)")
     if title:

@@ -73,12 +73,31 @@ def _draw_reliability(
     left = np.arange(m) / m
     centres = left + width / 2
     ax.plot([0, 1], [0, 1], ls="--", color="0.4", lw=1, label="perfect calibration")
-    ax.bar(left[shown], o[shown], width=width, align="edge", color="#4c72b0", edgecolor="white", lw=0.5,
-           label="observed frequency")
+    ax.bar(
+        left[shown],
+        o[shown],
+        width=width,
+        align="edge",
+        color="#4c72b0",
+        edgecolor="white",
+        lw=0.5,
+        label="observed frequency",
+    )
     gap_bottom = np.minimum(o, e)[shown]
     gap_height = np.abs(o - e)[shown]
-    ax.bar(left[shown], gap_height, bottom=gap_bottom, width=width, align="edge", color="#dd8452", alpha=0.55,
-           edgecolor="#c44e52", hatch="//", lw=0.5, label="gap |o − e|")
+    ax.bar(
+        left[shown],
+        gap_height,
+        bottom=gap_bottom,
+        width=width,
+        align="edge",
+        color="#dd8452",
+        alpha=0.55,
+        edgecolor="#c44e52",
+        hatch="//",
+        lw=0.5,
+        label="gap |o − e|",
+    )
     ax.plot(centres[shown], e[shown], "o", ms=3, color="#c44e52", label="mean predicted p")
     # metric lines: invisible artists whose labels carry the values, so the legend shows them
     for key, name in (("ece", "ECE"), ("ace", "ACE"), ("mce", "MCE")):
@@ -90,8 +109,15 @@ def _draw_reliability(
     if title:
         ax.set_title(title, fontsize=9)
     if ax_count is not None:
-        ax_count.bar(left, np.where(count > 0, count, np.nan), width=width, align="edge",
-                     color=np.where(shown, "#4c72b0", "#bbbbbb").tolist(), edgecolor="white", lw=0.5)
+        ax_count.bar(
+            left,
+            np.where(count > 0, count, np.nan),
+            width=width,
+            align="edge",
+            color=np.where(shown, "#4c72b0", "#bbbbbb").tolist(),
+            edgecolor="white",
+            lw=0.5,
+        )
         if (count > 0).any():
             ax_count.set_yscale("log")
             ax_count.yaxis.set_minor_formatter(NullFormatter())
@@ -212,13 +238,27 @@ def _panel_data(
 
 
 def _draw_histogram_panel(
-    ax: Axes, ax_strip: Axes | None, hist: np.ndarray, voxels: np.ndarray, title: str, *,
-    cmap: str = "viridis", norm: object = None, vmax: float = 1.0,
+    ax: Axes,
+    ax_strip: Axes | None,
+    hist: np.ndarray,
+    voxels: np.ndarray,
+    title: str,
+    *,
+    cmap: str = "viridis",
+    norm: object = None,
+    vmax: float = 1.0,
 ) -> object:
     m = hist.shape[-1]
     scale = {"norm": norm} if norm is not None else {"vmin": 0, "vmax": vmax}
-    im = ax.imshow(np.ma.masked_invalid(hist), origin="lower", extent=(0, 1, 0, 1), aspect="auto", cmap=cmap,
-                   interpolation="nearest", **scale)
+    im = ax.imshow(
+        np.ma.masked_invalid(hist),
+        origin="lower",
+        extent=(0, 1, 0, 1),
+        aspect="auto",
+        cmap=cmap,
+        interpolation="nearest",
+        **scale,
+    )
     ax.plot([0, 1], [0, 1], ls="--", color="white" if norm is None else "0.3", lw=0.8)
     ax.set_title(title, fontsize=9)
     ax.set_ylabel("observed frequency")
@@ -306,8 +346,14 @@ def dataset_reliability_comparison(
         for r, panels in enumerate(panel_sets):
             for i, (name, hist, vox) in enumerate(panels):
                 ax = fig.add_subplot(gs[2 * r, i])
-                im = _draw_histogram_panel(ax, fig.add_subplot(gs[2 * r + 1, i], sharex=ax), hist, vox,
-                                           f"{run_names[r]}: {name}", cmap=cmap)
+                im = _draw_histogram_panel(
+                    ax,
+                    fig.add_subplot(gs[2 * r + 1, i], sharex=ax),
+                    hist,
+                    vox,
+                    f"{run_names[r]}: {name}",
+                    cmap=cmap,
+                )
         fig.colorbar(im, ax=fig.axes, shrink=0.6, label="fraction of images in column")
         return fig
     if mode == "difference":
@@ -321,8 +367,15 @@ def dataset_reliability_comparison(
             _, hb, _ = panel_sets[1][i]
             diff = np.where(np.isnan(ha) & np.isnan(hb), np.nan, np.nan_to_num(hb) - np.nan_to_num(ha))
             ax = fig.add_subplot(1, k, i + 1)
-            im = _draw_histogram_panel(ax, None, diff, np.zeros(diff.shape[-1]),
-                                       f"{run_names[1]} − {run_names[0]}: {name}", cmap="RdBu_r", norm=norm)
+            im = _draw_histogram_panel(
+                ax,
+                None,
+                diff,
+                np.zeros(diff.shape[-1]),
+                f"{run_names[1]} − {run_names[0]}: {name}",
+                cmap="RdBu_r",
+                norm=norm,
+            )
         fig.colorbar(im, ax=fig.axes, shrink=0.8, label="difference in column fraction")
         return fig
     raise ValueError(f"mode must be 'side_by_side' or 'difference', got {mode!r}")
@@ -377,22 +430,46 @@ def subject_spread(
                 body.set_alpha(0.6)
             q = np.array([np.percentile(v, [25, 50, 75]) for v in vals])
             ax.hlines(q[:, 1], pos - w / 2, pos + w / 2, color="k", lw=1.2, label="median")
-            ax.hlines(np.concatenate([q[:, 0], q[:, 2]]), np.tile(pos - w / 2, 2), np.tile(pos + w / 2, 2),
-                      color="k", lw=0.8, ls="--", label="quartiles")
+            ax.hlines(
+                np.concatenate([q[:, 0], q[:, 2]]),
+                np.tile(pos - w / 2, 2),
+                np.tile(pos + w / 2, 2),
+                color="k",
+                lw=0.8,
+                ls="--",
+                label="quartiles",
+            )
         else:
-            ax.boxplot(vals, positions=pos, widths=w, manage_ticks=False, showfliers=True,
-                       medianprops={"color": "k"}, flierprops={"markersize": 2})
+            ax.boxplot(
+                vals,
+                positions=pos,
+                widths=w,
+                manage_ticks=False,
+                showfliers=True,
+                medianprops={"color": "k"},
+                flierprops={"markersize": 2},
+            )
         pooled = select(stats, None, channel).pooled().mean_p()[0, 0].numpy()
         ax.plot(pos, pooled[keep], "o", ms=3, color="#c44e52", label="mean predicted p (pooled)")
         for k in keep:
-            ax.text(centres[k], 1.01, str(data[k].size), ha="center", va="bottom", fontsize=6,
-                    transform=ax.get_xaxis_transform())
+            ax.text(
+                centres[k],
+                1.01,
+                str(data[k].size),
+                ha="center",
+                va="bottom",
+                fontsize=6,
+                transform=ax.get_xaxis_transform(),
+            )
     ax.set_xlim(0, 1)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("predicted probability bin")
     ax.set_ylabel("observed frequency per subject")
-    ax.set_title((class_name if class_name is not None else f"channel {channel}") + " — subject spread",
-                 fontsize=9, pad=12)
+    ax.set_title(
+        (class_name if class_name is not None else f"channel {channel}") + " — subject spread",
+        fontsize=9,
+        pad=12,
+    )
     handles, labels = ax.get_legend_handles_labels()
     if kind == "violin" and keep:
         handles.append(Patch(alpha=0.6, label="subjects"))
