@@ -162,12 +162,16 @@ def _read_bins(path: Path) -> tuple[list[str] | None, BinStats | None, list[str]
         return None, None, None
     try:
         with np.load(path, allow_pickle=False) as z:
-            missing = {"case_ids", "bin_stats", "class_names"} - set(z.files)
-            if missing:
-                raise ValueError(f"{path}: missing array(s) {sorted(missing)}")
-            ids, arr, names = z["case_ids"], z["bin_stats"], z["class_names"]
-    except (OSError, EOFError) as exc:
+            files = set(z.files)
+            missing = {"case_ids", "bin_stats", "class_names"} - files
+            if not missing:
+                ids, arr, names = z["case_ids"], z["bin_stats"], z["class_names"]
+    except (OSError, EOFError, ValueError) as exc:  # not a zip / truncated / would need pickle
         raise ValueError(f"{path}: unreadable bins file ({exc})") from exc
+    except AttributeError as exc:  # a plain .npy array instead of an .npz archive
+        raise ValueError(f"{path}: expected an .npz archive with case_ids, bin_stats, class_names") from exc
+    if missing:
+        raise ValueError(f"{path}: missing array(s) {sorted(missing)}")
     if arr.ndim != 4 or arr.shape[2] != 3:
         raise ValueError(f"{path}: bin_stats must be (N, C, 3, M), got shape {arr.shape}")
     if ids.shape != (arr.shape[0],) or names.shape != (arr.shape[1],):
