@@ -38,7 +38,7 @@ nav ol{margin:4px 0;padding-left:20px}
 a{color:var(--accent);text-decoration:none}
 .tablewrap{overflow-x:auto;margin:10px 0 16px}
 table{border-collapse:collapse;font-size:13px;font-variant-numeric:tabular-nums}
-caption{caption-side:top;text-align:left;font-weight:600;padding:4px 0;color:var(--muted)}
+caption{caption-side:top;text-align:left;font-weight:600;padding:4px 0;color:var(--muted);white-space:nowrap}
 th,td{border:1px solid var(--line);padding:3px 8px;text-align:right;white-space:nowrap}
 th{background:var(--alt);text-align:center}
 td.text{text-align:left;white-space:normal}
