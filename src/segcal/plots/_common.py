@@ -1,0 +1,93 @@
+"""Shared helpers for the figure functions: input coercion, figure creation and saving.
+
+Figures are created with :class:`matplotlib.figure.Figure` directly (no ``pyplot`` global state), and rendered
+with the Agg canvas, so plotting is safe in worker processes and on machines without a display.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg", force=False)  # never pick an interactive backend when segcal draws
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from segcal.functional.binning import BinStats
+
+__all__ = ["as_binstats", "figure_to_png_bytes", "new_figure", "save_figure", "select"]
+
+_FORMATS = ("png", "svg")
+
+
+def as_binstats(stats: BinStats | np.ndarray, name: str = "stats") -> BinStats:
+    """Accept a :class:`BinStats` or a stored ``(N, C, 3, M)`` array (count, sum_p, sum_y)."""
+    if isinstance(stats, BinStats):
+        return stats
+    if isinstance(stats, np.ndarray | torch.Tensor):
+        arr = stats.detach().cpu().numpy() if isinstance(stats, torch.Tensor) else stats
+        if arr.ndim != 4 or arr.shape[2] != 3:
+            raise ValueError(f"{name}: expected BinStats or a (N, C, 3, M) array, got shape {arr.shape}")
+        return BinStats.from_numpy(arr)
+    raise TypeError(f"{name}: expected BinStats or a (N, C, 3, M) array, got {type(stats).__name__}")
+
+
+def select(stats: BinStats, image: int | None, channel: int | None) -> BinStats:
+    """Sub-statistics of one image and/or one channel, keeping the ``(B, C, M)`` layout."""
+    b, c = stats.count.shape[:2]
+    bi = slice(None) if image is None else _index(image, b, "image")
+    ci = slice(None) if channel is None else _index(channel, c, "channel")
+    return BinStats(stats.count[bi, ci].double(), stats.sum_p[bi, ci].double(), stats.sum_y[bi, ci].double())
+
+
+def _index(i: int, n: int, what: str) -> slice:
+    if not isinstance(i, int | np.integer) or not -n <= int(i) < n:
+        raise ValueError(f"{what} index {i!r} out of range for {n} {what}s")
+    i = int(i) % n
+    return slice(i, i + 1)
+
+
+def new_figure(width: float, height: float) -> Figure:
+    """A detached figure with an Agg canvas (no pyplot registry, nothing to close)."""
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def figure_to_png_bytes(fig: Figure, dpi: int = 110) -> bytes:
+    """Render ``fig`` to PNG bytes (for embedding in the HTML report)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+def save_figure(
+    fig: Figure, path: str | Path, formats: Iterable[str] | None = None, dpi: int = 150
+) -> list[Path]:
+    """Write ``fig`` as PNG and/or SVG; returns the written paths.
+
+    ``path`` with a ``.png``/``.svg`` suffix writes that format (unless ``formats`` is given); a path without
+    one of these suffixes writes every format in ``formats`` (default both) next to each other.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower().lstrip(".")
+    if formats is None:
+        formats = (suffix,) if suffix in _FORMATS else _FORMATS
+    formats = tuple(f.lower().lstrip(".") for f in formats)
+    bad = [f for f in formats if f not in _FORMATS]
+    if bad or not formats:
+        raise ValueError(f"save_figure: formats must be among {_FORMATS}, got {formats}")
+    stem = path.with_suffix("") if suffix in _FORMATS else path
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    out = []
+    for f in formats:
+        target = stem.parent / f"{stem.name}.{f}"
+        fig.savefig(target, format=f, dpi=dpi)
+        out.append(target)
+    return out

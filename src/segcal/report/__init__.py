@@ -1,0 +1,27 @@
+"""Self-contained HTML reports (one file, embedded PNG figures, no external resources).
+
+Generic core: :func:`render_html` with :class:`Section`, :class:`Table`, :class:`ReportFigure`.
+Run-level builders: :func:`build_evaluation_report` (one evaluated run folder) and
+:func:`build_comparison_report` (several runs plus a statistics table).
+"""
+
+from segcal.report.html import ReportFigure, Section, Table, render_html
+from segcal.report.runs import (
+    METRIC_GLOSSARY,
+    build_comparison_report,
+    build_evaluation_report,
+    glossary_section,
+    load_run,
+)
+
+__all__ = [
+    "METRIC_GLOSSARY",
+    "ReportFigure",
+    "Section",
+    "Table",
+    "build_comparison_report",
+    "build_evaluation_report",
+    "glossary_section",
+    "load_run",
+    "render_html",
+]

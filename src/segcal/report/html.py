@@ -1,0 +1,228 @@
+"""A self-contained HTML report: one file, images as base64 PNG data URIs, inline CSS, no scripts.
+
+Every user-supplied string (titles, paragraphs, table cells, captions) is escaped with :func:`html.escape`
+before the few inline markers of the markdown-ish paragraphs (``**bold**``, ``*italic*``, `` `code` ``,
+lines starting with ``- `` as bullet lists) are turned into tags.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from segcal.plots._common import figure_to_png_bytes
+
+__all__ = ["ReportFigure", "Section", "Table", "render_html", "table_from_rows"]
+
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+CSS = """
+:root{--fg:#1f2328;--muted:#59636e;--line:#d1d9e0;--bg:#ffffff;--alt:#f6f8fa;--accent:#0969da}
+*{box-sizing:border-box}
+body{margin:0;background:var(--bg);color:var(--fg);
+font:15px/1.5 -apple-system,"Segoe UI",Helvetica,Arial,sans-serif}
+main{max-width:1200px;margin:0 auto;padding:24px 32px 64px}
+h1{font-size:26px;margin:8px 0 4px;border-bottom:1px solid var(--line);padding-bottom:8px}
+h2{font-size:20px;margin:36px 0 8px;border-bottom:1px solid var(--line);padding-bottom:4px}
+p{margin:6px 0 10px}
+code{background:var(--alt);padding:1px 4px;border-radius:4px;font-size:90%}
+nav{background:var(--alt);border:1px solid var(--line);border-radius:6px;padding:8px 16px;margin:12px 0}
+nav ol{margin:4px 0;padding-left:20px}
+a{color:var(--accent);text-decoration:none}
+.tablewrap{overflow-x:auto;margin:10px 0 16px}
+table{border-collapse:collapse;font-size:13px;font-variant-numeric:tabular-nums}
+caption{caption-side:top;text-align:left;font-weight:600;padding:4px 0;color:var(--muted);white-space:nowrap}
+th,td{border:1px solid var(--line);padding:3px 8px;text-align:right;white-space:nowrap}
+th{background:var(--alt);text-align:center}
+td.text{text-align:left;white-space:normal}
+tr:nth-child(even) td{background:#fbfcfd}
+td.bad{color:#cf222e;font-weight:600}
+figure{margin:14px 0 22px}
+figure img{max-width:100%;height:auto;border:1px solid var(--line);border-radius:4px}
+figcaption{color:var(--muted);font-size:13px;margin-top:4px}
+.meta{color:var(--muted);font-size:13px}
+"""
+
+
+@dataclass
+class Table:
+    """A table: ``rows`` (list of dicts, or a pandas DataFrame) and an optional caption / column order.
+
+    Floats are written with ``float_format``; NaN and None become an empty cell. ``highlight`` is a function
+    ``(column, value) -> bool`` marking a cell (e.g. significant p-values) with the class ``bad``.
+    """
+
+    rows: Any
+    caption: str = ""
+    columns: Sequence[str] | None = None
+    float_format: str = "{:.4g}"
+    highlight: Any = None
+
+
+@dataclass
+class ReportFigure:
+    """A figure to embed: a matplotlib Figure (rendered to PNG) or PNG bytes, with a caption."""
+
+    figure: Figure | bytes
+    caption: str = ""
+    alt: str = ""
+
+
+@dataclass
+class Section:
+    """A report section: a title, markdown-ish paragraphs, tables and figures (rendered in that order)."""
+
+    title: str
+    text: str | Sequence[str] = ""
+    tables: list[Any] = field(default_factory=list)
+    figures: list[Any] = field(default_factory=list)
+
+
+def table_from_rows(rows: Any) -> tuple[list[str], list[Mapping[str, Any]]]:
+    """Normalise a list of dict rows or a DataFrame (duck-typed, pandas is optional) to (columns, rows)."""
+    if hasattr(rows, "to_dict") and hasattr(rows, "columns"):
+        frame = rows.reset_index() if getattr(rows.index, "name", None) is not None else rows
+        return [str(c) for c in frame.columns], frame.to_dict(orient="records")
+    if isinstance(rows, Mapping):
+        raise TypeError("table rows must be a list of dicts or a DataFrame, got a dict (wrap it in a list)")
+    rows = list(rows)
+    cols: dict[str, None] = {}
+    for i, r in enumerate(rows):
+        if not isinstance(r, Mapping):
+            raise TypeError(f"table row {i} must be a dict, got {type(r).__name__}")
+        cols.update(dict.fromkeys(str(k) for k in r))
+    return list(cols), [{str(k): v for k, v in r.items()} for r in rows]
+
+
+def _fmt(value: Any, float_format: str) -> tuple[str, bool]:
+    """Cell text (escaped) and whether it is text (left-aligned)."""
+    if value is None:
+        return "", False
+    if isinstance(value, bool):
+        return html.escape(str(value)), True
+    if isinstance(value, int):
+        return str(value), False
+    try:
+        f = float(value)
+        is_num = not isinstance(value, str)
+    except (TypeError, ValueError):
+        is_num = False
+    if is_num:
+        return ("" if math.isnan(f) else html.escape(float_format.format(f))), False
+    return html.escape(str(value)), True
+
+
+def _render_table(t: Table | Any) -> str:
+    if not isinstance(t, Table):
+        t = Table(rows=t)
+    cols, rows = table_from_rows(t.rows)
+    if t.columns is not None:
+        cols = [str(c) for c in t.columns]
+    out = ['<div class="tablewrap"><table>']
+    if t.caption:
+        out.append(f"<caption>{html.escape(t.caption)}</caption>")
+    out.append("<thead><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr></thead><tbody>")
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            text, is_text = _fmt(v, t.float_format)
+            classes = []
+            if is_text:
+                classes.append("text")
+            if t.highlight is not None and v is not None and t.highlight(c, v):
+                classes.append("bad")
+            attr = f' class="{" ".join(classes)}"' if classes else ""
+            cells.append(f"<td{attr}>{text}</td>")
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    out.append("</tbody></table></div>")
+    return "".join(out)
+
+
+def _png_bytes(fig: Figure | bytes) -> bytes:
+    if isinstance(fig, Figure):
+        return figure_to_png_bytes(fig)
+    if isinstance(fig, bytes | bytearray):
+        if not bytes(fig[:8]) == _PNG_MAGIC:
+            raise ValueError("figure bytes must be a PNG image (missing PNG signature)")
+        return bytes(fig)
+    raise TypeError(f"figures must be matplotlib Figures or PNG bytes, got {type(fig).__name__}")
+
+
+def _render_figure(item: Any) -> str:
+    if isinstance(item, tuple):
+        item = ReportFigure(*item)
+    if not isinstance(item, ReportFigure):
+        item = ReportFigure(item)
+    data = base64.b64encode(_png_bytes(item.figure)).decode("ascii")
+    alt = html.escape(item.alt or item.caption or "figure", quote=True)
+    cap = f"<figcaption>{html.escape(item.caption)}</figcaption>" if item.caption else ""
+    return f'<figure><img alt="{alt}" src="data:image/png;base64,{data}">{cap}</figure>'
+
+
+_INLINE = [
+    (re.compile(r"`([^`]+)`"), r"<code>\1</code>"),
+    (re.compile(r"\*\*(.+?)\*\*"), r"<strong>\1</strong>"),
+    (re.compile(r"(?<![*\w])\*(?!\s)(.+?)(?<!\s)\*(?![*\w])"), r"<em>\1</em>"),
+]
+
+
+def _inline(text: str) -> str:
+    s = html.escape(text)
+    for pat, rep in _INLINE:
+        s = pat.sub(rep, s)
+    return s
+
+
+def _render_text(text: str | Sequence[str]) -> str:
+    blocks: Iterable[str]
+    blocks = re.split(r"\n\s*\n", text) if isinstance(text, str) else list(text)
+    out = []
+    for block in blocks:
+        lines = [ln.strip() for ln in block.strip().splitlines() if ln.strip()]
+        if not lines:
+            continue
+        if all(ln.startswith("- ") for ln in lines):
+            out.append("<ul>" + "".join(f"<li>{_inline(ln[2:])}</li>" for ln in lines) + "</ul>")
+        else:
+            out.append(f"<p>{_inline(' '.join(lines))}</p>")
+    return "".join(out)
+
+
+def _slug(i: int) -> str:
+    return f"s{i + 1}"
+
+
+def render_html(title: str, sections: Sequence[Section], *, subtitle: str = "") -> str:
+    """Render a complete, self-contained HTML5 document (no external resources)."""
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body><main>",
+        f"<h1>{html.escape(title)}</h1>",
+    ]
+    if subtitle:
+        parts.append(f'<p class="meta">{html.escape(subtitle)}</p>')
+    if len(sections) > 1:
+        items = "".join(
+            f'<li><a href="#{_slug(i)}">{html.escape(s.title)}</a></li>' for i, s in enumerate(sections)
+        )
+        parts.append(f"<nav><strong>Contents</strong><ol>{items}</ol></nav>")
+    for i, sec in enumerate(sections):
+        if not isinstance(sec, Section):
+            raise TypeError(f"sections[{i}] must be a Section, got {type(sec).__name__}")
+        parts.append(f'<section id="{_slug(i)}"><h2>{html.escape(sec.title)}</h2>')
+        parts.append(_render_text(sec.text))
+        parts.extend(_render_table(t) for t in sec.tables)
+        parts.extend(_render_figure(f) for f in sec.figures)
+        parts.append("</section>")
+    parts.append("</main></body></html>")
+    return "\n".join(parts)

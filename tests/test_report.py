@@ -1,0 +1,392 @@
+"""HTML report: well-formed, self-contained, escaped; run-level builders on generated run folders."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from segcal.functional import bin_statistics, confusion_counts, overlap_scores
+from segcal.functional.calibration import calibration_errors
+from segcal.plots import reliability_diagram
+from segcal.report import (
+    ReportFigure,
+    Section,
+    Table,
+    build_comparison_report,
+    build_evaluation_report,
+    render_html,
+)
+
+PNG = b"\x89PNG\r\n\x1a\n"
+VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+CLASSES = ["liver", "tumour"]
+
+
+class _Checker(HTMLParser):
+    """Tags balance, collects <img> sources and every URL-valued attribute."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.stack: list[str] = []
+        self.errors: list[str] = []
+        self.imgs: list[str] = []
+        self.urls: list[str] = []
+        self.tags: list[str] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append(tag)
+        a = dict(attrs)
+        for key in ("src", "href", "srcset", "action", "data"):
+            if a.get(key):
+                self.urls.append(a[key] or "")
+        if tag == "img":
+            self.imgs.append(a.get("src") or "")
+        if tag not in VOID:
+            self.stack.append(tag)
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.handle_starttag(tag, attrs)
+        if tag not in VOID:
+            self.stack.pop()
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in VOID:
+            return
+        if not self.stack or self.stack[-1] != tag:
+            self.errors.append(f"unexpected </{tag}>, open: {self.stack[-3:]}")
+            return
+        self.stack.pop()
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+def check_html(text: str) -> _Checker:
+    assert text.startswith("<!DOCTYPE html>")
+    p = _Checker()
+    p.feed(text)
+    p.close()
+    assert not p.errors, p.errors
+    assert not p.stack, f"unclosed tags: {p.stack}"
+    assert "script" not in p.tags and "link" not in p.tags, "report must not load scripts or stylesheets"
+    for url in p.urls:
+        assert not re.match(r"(?i)\s*(https?:)?//", url), f"external reference {url[:80]}"
+    assert not re.search(r"(?i)url\(\s*['\"]?(https?:)?//", text), "external CSS url()"
+    assert "@import" not in text
+    for src in p.imgs:
+        assert src.startswith("data:image/png;base64,"), src[:40]
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == PNG
+    return p
+
+
+# ----------------------------------------------------------------------------------------------------
+# generic renderer
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_render_html_escapes_and_embeds() -> None:
+    stats = bin_statistics(
+        torch.rand(1, 1, 16, 16), (torch.rand(1, 1, 16, 16) > 0.5).float(), 10, mode="multilabel"
+    )
+    fig = reliability_diagram(stats, 0)
+    evil = "<script>alert('x')</script> & \"quotes\""
+    sections = [
+        Section(
+            evil,
+            "First **bold** and `code` and *it*.\n\n- item <b>one</b>\n- item two",
+            tables=[Table([{"name": evil, "value": 0.123456789, "n": 3, "missing": None}], caption=evil)],
+            figures=[ReportFigure(fig, caption=evil), (b"\x89PNG\r\n\x1a\n" + b"\x00" * 8, "raw bytes")],
+        ),
+        Section("Second", ["para one", "para <two>"], tables=[[{"a": 1, "b": float("nan")}]]),
+    ]
+    out = render_html("Title <&>", sections)
+    p = check_html(out)
+    assert "<script>" not in out and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in out
+    assert "<strong>bold</strong>" in out and "<code>code</code>" in out and "<em>it</em>" in out
+    assert "<li>item &lt;b&gt;one&lt;/b&gt;</li>" in out
+    assert "0.1235" in out and "para &lt;two&gt;" in out
+    assert len(p.imgs) == 2
+    assert 'href="#s1"' in out and 'id="s2"' in out
+    with pytest.raises(ValueError, match="PNG"):
+        render_html("t", [Section("s", figures=[b"GIF89a"])])
+    with pytest.raises(TypeError, match="list of dicts"):
+        render_html("t", [Section("s", tables=[{"a": 1}])])
+
+
+def test_render_html_dataframe() -> None:
+    pd = pytest.importorskip("pandas")
+    df = pd.DataFrame({"metric": ["ece", "<ace>"], "value": [0.1, 0.2]})
+    out = render_html("df", [Section("s", tables=[Table(df, caption="frame")])])
+    check_html(out)
+    assert "<th>metric</th>" in out and "&lt;ace&gt;" in out
+
+
+# ----------------------------------------------------------------------------------------------------
+# run folders
+# ----------------------------------------------------------------------------------------------------
+
+
+def make_run(run_dir: Path, noise: float, seed: int, n_cases: int = 5, failed: bool = True) -> None:
+    """A run folder as `segcal evaluate` writes it, with metrics from the core functions."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(20), torch.arange(20), indexing="ij")
+    labels = torch.zeros(n_cases, 20, 20, dtype=torch.int64)
+    for b in range(n_cases):
+        d2 = (yy - 10) ** 2 + (xx - 9 - b % 3) ** 2
+        labels[b][d2 < (4 + b) ** 2] = 1
+        labels[b][d2 < 4] = 2
+    logits = 3.0 * torch.nn.functional.one_hot(labels, 3).permute(0, 3, 1, 2).float()
+    logits = logits + noise * torch.randn(logits.shape, generator=g)
+    stats = bin_statistics(logits, labels, 10, activation="softmax", include_background=False)
+    errs = calibration_errors(stats)
+    ov = overlap_scores(confusion_counts(logits, labels, activation="softmax", include_background=False))
+    ids = [f"case_{i:03d}" for i in range(n_cases)]
+    run_dir.mkdir(parents=True)
+    cols = [
+        "case_id",
+        "class",
+        "status",
+        "dice",
+        "iou",
+        "precision",
+        "recall",
+        "hd95",
+        "ece",
+        "ace",
+        "mce",
+        "ece_l2",
+        "ace_l2",
+        "nll",
+        "brier",
+        "top_label_ece",
+        "error",
+    ]
+    rows = []
+    for b, cid in enumerate(ids):
+        for c, name in enumerate(CLASSES):
+            row = {
+                "case_id": cid,
+                "class": name,
+                "status": "ok",
+                "hd95": 1.5,
+                "nll": 0.3,
+                "brier": 0.1,
+                "top_label_ece": 0.05,
+                "error": "",
+            }
+            row.update({k: float(v[b, c]) for k, v in ov.items()})
+            row.update({k: float(v[b, c]) for k, v in errs.items()})
+            rows.append(row)
+    if failed:
+        for name in CLASSES:
+            rows.append(
+                {
+                    "case_id": "case_bad",
+                    "class": name,
+                    "status": "failed",
+                    "error": "case_bad.nii.gz: shape (20, 20) does not match label (21, 20) <bad>",
+                }
+            )
+    with (run_dir / "cases.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    macro = {
+        m: {
+            name: {
+                "mean": float(errs[m][:, c].mean()),
+                "std": 0.01,
+                "median": 0.02,
+                "iqr": 0.03,
+                "ci_low": 0.0,
+                "ci_high": 0.5,
+            }
+            for c, name in enumerate(CLASSES)
+        }
+        for m in ("ece", "ace")
+    }
+    pooled = {
+        m: {name: float(v[0, c]) for c, name in enumerate(CLASSES)}
+        for m, v in calibration_errors(stats.pooled()).items()
+    }
+    (run_dir / "summary.json").write_text(json.dumps({"num_bins": 10, "macro": macro, "pooled": pooled}))
+    np.savez(
+        run_dir / "bins.npz", case_ids=np.array(ids), bin_stats=stats.numpy(), class_names=np.array(CLASSES)
+    )
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("runs")
+    make_run(root / "run_a", noise=2.5, seed=0)
+    make_run(root / "run_b", noise=1.0, seed=1, failed=False)
+    return root / "run_a", root / "run_b"
+
+
+def test_build_evaluation_report(runs: tuple[Path, Path]) -> None:
+    run_a, _ = runs
+    path = build_evaluation_report(run_a)
+    assert path == run_a / "report.html"
+    text = path.read_text(encoding="utf-8")
+    p = check_html(text)
+    figs = sorted(f.name for f in (run_a / "figures").glob("*.png"))
+    assert "dataset_reliability_histogram.png" in figs and "dice_vs_ace.png" in figs
+    assert {f"subject_spread_{c}.png" for c in CLASSES} <= set(figs)
+    assert sum(f.startswith("reliability_") for f in figs) == 3  # best, median, worst (5 distinct cases)
+    assert all((run_a / "figures" / f).read_bytes()[:8] == PNG for f in figs)
+    assert len(p.imgs) == len(figs)
+    # worst case by class-mean ACE, from the stored bins
+    with np.load(run_a / "bins.npz", allow_pickle=False) as z:
+        from segcal.functional.binning import BinStats
+
+        ace = calibration_errors(BinStats.from_numpy(z["bin_stats"]))["ace"].numpy().mean(1)
+        worst = str(z["case_ids"][int(np.argmax(ace))])
+    assert any(f.startswith("reliability_worst_" + worst) for f in figs)
+    body = " ".join(p.text)
+    assert "case_bad.nii.gz: shape (20, 20) does not match label (21, 20) <bad>" in body  # listed, escaped
+    assert "&lt;bad&gt;" in text
+    for heading in (
+        "Dataset summary",
+        "Macro (per-case) statistics",
+        "Pooled (bin sums merged over cases)",
+        "Failed cases",
+        "How to read the metrics",
+    ):
+        assert heading in body
+    for term in (
+        "ECE",
+        "ACE",
+        "MCE",
+        "Top-label ECE",
+        "NLL",
+        "Brier",
+        "Dice",
+        "IoU",
+        "HD95",
+        "pooled",
+        "Bootstrap CI",
+    ):
+        assert term in body
+    summary = json.loads((run_a / "summary.json").read_text())
+    assert f"{summary['pooled']['ace']['tumour']:.4g}" in body
+
+
+def test_build_evaluation_report_without_bins(tmp_path: Path) -> None:
+    make_run(tmp_path / "r", noise=1.0, seed=3, n_cases=2)
+    (tmp_path / "r" / "bins.npz").unlink()
+    (tmp_path / "r" / "summary.json").unlink()
+    check_html(build_evaluation_report(tmp_path / "r").read_text())
+    with pytest.raises(FileNotFoundError, match=r"cases\.csv"):
+        build_evaluation_report(tmp_path / "r" / "figures")
+    (tmp_path / "r" / "bins.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match=r"bins\.npz"):
+        build_evaluation_report(tmp_path / "r")
+
+
+def test_build_comparison_report(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    comparison = {
+        "runs": ["noisy", "clean"],
+        "rows": [
+            {
+                "metric": "ace",
+                "class": "tumour",
+                "run_a": "noisy",
+                "run_b": "clean",
+                "mean_a": 0.2,
+                "mean_b": 0.1,
+                "rel_change": -0.5,
+                "p_wilcoxon": 0.01,
+                "p_holm": 0.02,
+                "effect_size": 0.8,
+            },
+            {
+                "metric": "dice",
+                "class": "tumour",
+                "run_a": "noisy",
+                "run_b": "clean",
+                "mean_a": 0.8,
+                "mean_b": 0.81,
+                "rel_change": 0.01,
+                "p_wilcoxon": 0.4,
+                "p_holm": 0.4,
+                "effect_size": 0.1,
+            },
+        ],
+    }
+    path = build_comparison_report(list(runs), tmp_path / "cmp", comparison)
+    text = path.read_text()
+    p = check_html(text)
+    figs = sorted(f.name for f in (tmp_path / "cmp" / "figures").glob("*.png"))
+    assert figs == [
+        "dataset_reliability_difference.png",
+        "dataset_reliability_side_by_side.png",
+        "dice_vs_ace.png",
+    ]
+    assert len(p.imgs) == 3
+    assert text.count('class="bad"') == 1  # only p_holm = 0.02 < 0.05 is highlighted
+    assert "noisy" in text and "clean" in text
+    with pytest.raises(ValueError, match="two run"):
+        build_comparison_report([runs[0]], tmp_path / "x", comparison)
+
+
+# ----------------------------------------------------------------------------------------------------
+# real browser
+# ----------------------------------------------------------------------------------------------------
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None
+
+
+@pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (Debian package `chromium`)")
+def test_report_renders_in_headless_chromium(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    run_a, _ = runs
+    report = run_a / "report.html"
+    if not report.exists():
+        build_evaluation_report(run_a)
+    n_imgs = report.read_text().count("<img ")
+    # a test-only copy with a probe script: after load, write each image's decoded width into the DOM
+    probe = (
+        "<script>window.addEventListener('load',function(){var d=document.createElement('pre');"
+        "d.id='probe';d.textContent='IMGS:'+Array.prototype.map.call(document.images,function(i){"
+        "return i.complete+'/'+i.naturalWidth}).join(',')+':END';document.body.appendChild(d);});</script>"
+    )
+    probed = tmp_path / "probed.html"
+    probed.write_text(report.read_text().replace("</body>", probe + "</body>"))
+    cmd = [
+        _chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=10000",
+        "--dump-dom",
+        probed.as_uri(),
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    m = re.search(r'<pre id="probe">IMGS:(.*?):END</pre>', res.stdout)
+    assert m, f"chromium did not load the report (rc={res.returncode}): {res.stderr[-2000:]}"
+    entries = m.group(1).split(",")
+    assert len(entries) == n_imgs > 0
+    for e in entries:
+        complete, width = e.split("/")
+        assert complete == "true" and int(width) > 100, e
