@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -106,16 +104,6 @@ def test_annotator_noise_posterior(mode: str) -> None:
     assert float(calibration_errors(stats)["ece"].max()) < 0.01
     clean_stats = bin_statistics(ph.clean_probs, ph.labels, 20, mode=mode).pooled()
     assert float(calibration_errors(clean_stats)["ece"].max()) > 0.02  # noise-free map is now miscalibrated
-
-
-def test_fast_enough() -> None:
-    make_phantom((16, 16, 8), 3, 2, seed=0)
-    best = float("inf")
-    for seed in range(3):  # best of 3: other processes share the CI machine
-        t0 = time.perf_counter()
-        make_phantom((64, 64, 32), num_classes=3, batch=2, seed=seed)
-        best = min(best, time.perf_counter() - t0)
-    assert best < 2.0  # ~0.05 s on an idle core; only catches pathological slow-downs
 
 
 def test_bad_arguments() -> None:

@@ -71,10 +71,10 @@ def run_demo(output: Path, *, quick: bool = False, seed: int = 0, num_bins: int 
     test = ds.test
     soft = torch.as_tensor(test.soft, dtype=torch.float64)
     labels = torch.as_tensor(test.labels)
-    case_ids = [f"{sid}_slice{k:03d}" for k, sid in enumerate(test.subject_ids)]
+    case_ids = [f"subject{int(s):02d}_z{int(z):03d}" for s, z in zip(test.subjects, test.slices, strict=True)]
     console.print(
         f"[bold]segcal demo[/bold]: {soft.shape[0]} test slices of {tuple(soft.shape[2:])} voxels "
-        f"from {len(set(test.subject_ids))} pseudo-subjects, classes {', '.join(TISSUE_CLASSES)}"
+        f"from {len(set(test.subjects.tolist()))} pseudo-subjects, classes {', '.join(TISSUE_CLASSES)}"
     )
 
     summary: dict = {"classes": list(TISSUE_CLASSES[1:]), "num_bins": num_bins, "predictors": {}}
@@ -101,7 +101,9 @@ def run_demo(output: Path, *, quick: bool = False, seed: int = 0, num_bins: int 
                 pooled = res.bin_stats.pooled() if res.bin_stats is not None else None
                 if pooled is not None:
                     for ci, cname in enumerate(res.class_names):
-                        fig = reliability_diagram(pooled, channel=ci, title=f"{pred.name}: {cname} (all test slices)")
+                        fig = reliability_diagram(
+                            pooled, channel=ci, class_name=cname, title=f"{pred.name}: {cname} (all test slices)"
+                        )
                         save_figure(fig, output / f"reliability_{pred.name}_{cname}.png")
         summary["predictors"][pred.name] = entry
     console.print(table)

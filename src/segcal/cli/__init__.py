@@ -14,6 +14,13 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 
+
+
+@app.callback()
+def _root() -> None:
+    """segcal: calibration metrics, losses, post-hoc calibration and reports for segmentation models."""
+
+
 # Each module registers its commands on `app` when imported (``@app.command()``).
 _COMMAND_MODULES = ("demo", "evaluate", "calibrate", "train")
 
