@@ -89,7 +89,7 @@ def build_count() -> int:
     return _BUILDS
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TissueSplit:
     """One split of the tissue task.
 
@@ -130,7 +130,7 @@ class TissueSplit:
         }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TissueDataset:
     """Train / val / test splits of the MNI152 tissue task (2D slices or 3D volumes)."""
 
@@ -435,7 +435,8 @@ def load_tissue_dataset(
 
     Args:
         n_subjects: number of pseudo-subjects.
-        split: subjects in (train, val, test); must add up to ``n_subjects``. ``None`` = 60/20/20 %.
+        split: subjects in (train, val, test); must add up to ``n_subjects``. ``None`` = 60/20/20 %, which
+            is also used when the default ``(12, 4, 4)`` is left in place with ``n_subjects != 20``.
         seed: seeds every pseudo-subject (subject ``s`` uses ``default_rng((seed, s))``, so subject ``s`` is
             the same whatever ``n_subjects`` is).
         slices_per_subject: axial slices per subject, evenly spaced over the brain (template z 12-70).

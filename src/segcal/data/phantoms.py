@@ -41,7 +41,7 @@ PhantomMode = Literal["exclusive", "multilabel"]
 __all__ = ["Phantom", "make_phantom", "temper"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Phantom:
     """A batch of phantoms with a known posterior.
 
