@@ -71,7 +71,7 @@ def check_prediction(pred: torch.Tensor, name: str = "prediction") -> None:
 def check_probabilities(probs: torch.Tensor, mode: Mode, name: str = "prediction", atol: float = PROB_ATOL) -> None:
     """Range (and, in exclusive mode, sum-to-one) check of a probability tensor ``(B, C, *spatial)``."""
     check_prediction(probs, name)
-    lo, hi = float(probs.min()), float(probs.max())
+    lo, hi = float(probs.detach().min()), float(probs.detach().max())
     if lo < -atol or hi > 1 + atol:
         raise ValueError(
             f"{name} must hold probabilities in [0, 1] but spans [{lo:.4g}, {hi:.4g}]; "
