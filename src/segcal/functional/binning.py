@@ -206,7 +206,7 @@ def bin_statistics(
     mask_t = _prepare_mask(mask, b, spatial)
 
     if regions is not None:  # region channels sum softmax classes; the result is multilabel
-        target = region_targets(target, regions, c)
+        target = region_targets(target, regions, c, spatial)
         probs = region_probabilities(probs, regions)
         c = probs.shape[1]
         mode = "multilabel"
@@ -269,7 +269,8 @@ def _bin_statistics_numba(
         if not native:
             p_rows = p_rows.float()
         p_np = p_rows.contiguous().numpy()
-        edges = bin_edges(num_bins, torch.float32 if not native else probs.dtype).numpy()
+        # edges rounded in the input dtype (ties at k/M resolved as in float16/bfloat16), then widened exactly
+        edges = bin_edges(num_bins, probs.dtype).to(probs.dtype if native else torch.float32).numpy()
         o = out[rows]
         if labels is not None:
             if native:

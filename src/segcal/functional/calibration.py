@@ -126,9 +126,10 @@ def top_label_statistics(
         conf, arg = probs.max(dim=1, keepdim=True)
         onehot_arg = torch.zeros_like(probs, dtype=torch.float32).scatter_(1, arg, 1.0)
         # hard labels: 1 if the predicted class is the label; soft targets: its reference probability
-        correct = (target_to_onehot(target, c) * onehot_arg).sum(1, keepdim=True)
+        onehot_y = target_to_onehot(target, c, spatial_shape=probs.shape[2:])
+        correct = (onehot_y * onehot_arg).sum(1, keepdim=True)
     else:
-        y = target_to_onehot(target, c).to(torch.float32)
+        y = target_to_onehot(target, c, spatial_shape=probs.shape[2:]).to(torch.float32)
         conf = torch.maximum(probs, 1 - probs)
         correct = ((probs >= 0.5).to(torch.float32) * y + (probs < 0.5).to(torch.float32) * (1 - y))
     return bin_statistics(conf, correct, num_bins, mode="multilabel", mask=mask, closed=closed, check=False)
@@ -166,8 +167,9 @@ def _prepared(
         check_target(target, probs.shape, "exclusive" if regions is not None else mode)
     c = probs.shape[1]
     if regions is not None:
-        return region_probabilities(probs, regions), region_targets(target, regions, c), "multilabel"
-    return probs, target_to_onehot(target, c, dtype=probs.dtype), mode
+        sp = probs.shape[2:]
+        return region_probabilities(probs, regions), region_targets(target, regions, c, sp), "multilabel"
+    return probs, target_to_onehot(target, c, dtype=probs.dtype, spatial_shape=probs.shape[2:]), mode
 
 
 def negative_log_likelihood(

@@ -70,7 +70,7 @@ def check_prediction(pred: torch.Tensor, name: str = "prediction") -> tuple[floa
     if not (math.isfinite(lo) and math.isfinite(hi)):
         n_nan = int(torch.isnan(pred).sum())
         n_inf = int(torch.isinf(pred).sum())
-        raise ValueError(f"{name} contains {n_nan} NaN and {n_inf} Inf values")
+        raise ValueError(f"{name} contains {n_nan + n_inf} NaN/Inf values ({n_nan} NaN, {n_inf} Inf)")
     return lo, hi
 
 
@@ -191,16 +191,28 @@ def check_target(target: torch.Tensor, pred_shape: Sequence[int], mode: Mode, na
         raise ValueError(f"{name}: one-hot, multi-hot or soft targets must lie in [0, 1], found [{lo:.4g}, {hi:.4g}]")
 
 
-def target_to_onehot(target: torch.Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def target_to_onehot(
+    target: torch.Tensor,
+    num_classes: int,
+    dtype: torch.dtype = torch.float32,
+    spatial_shape: Sequence[int] | None = None,
+) -> torch.Tensor:
     """Label map ``(B, *spatial)`` / ``(B, 1, *spatial)`` or one-hot ``(B, C, *spatial)`` → ``(B, C, *spatial)``.
 
-    The target is assumed validated (:func:`check_target`). Non-label targets are only cast.
+    The target is assumed validated (:func:`check_target`). Non-label targets are only cast. Pass the
+    prediction's ``spatial_shape`` whenever it is known: without it a 2D label map ``(B, H, W)`` with
+    ``H == num_classes`` (or ``H == 1``) cannot be told apart from a one-hot map and is misread.
     """
-    # a (B, C, *spatial) target with C == num_classes > 1 is already one-hot
-    if target.ndim >= 3 and target.shape[1] == num_classes and num_classes > 1:
-        return target.to(dtype)
-    spatial = target.shape[2:] if (target.ndim >= 3 and target.shape[1] == 1) else target.shape[1:]
-    lab = as_label_map(target, spatial)
+    if spatial_shape is not None:
+        lab = as_label_map(target, spatial_shape)
+        if lab is None or (num_classes == 1 and target.ndim == len(spatial_shape) + 2):
+            return target.to(dtype)
+    else:
+        # a (B, C, *spatial) target with C == num_classes > 1 is already one-hot
+        if target.ndim >= 3 and target.shape[1] == num_classes and num_classes > 1:
+            return target.to(dtype)
+        spatial = target.shape[2:] if (target.ndim >= 3 and target.shape[1] == 1) else target.shape[1:]
+        lab = as_label_map(target, spatial)
     if lab is None:
         return target.to(dtype)
     if num_classes == 1:
@@ -234,10 +246,15 @@ def region_probabilities(probs: torch.Tensor, regions: Sequence[Sequence[int]]) 
     return out.clamp_(0.0, 1.0)
 
 
-def region_targets(target: torch.Tensor, regions: Sequence[Sequence[int]], num_classes: int) -> torch.Tensor:
+def region_targets(
+    target: torch.Tensor,
+    regions: Sequence[Sequence[int]],
+    num_classes: int,
+    spatial_shape: Sequence[int] | None = None,
+) -> torch.Tensor:
     """Multi-hot region targets ``(B, R, *spatial)`` (float32) from a label map or one-hot target."""
     _check_regions(regions, num_classes)
-    onehot = target_to_onehot(target, num_classes)
+    onehot = target_to_onehot(target, num_classes, spatial_shape=spatial_shape)
     members = torch.zeros(len(regions), num_classes, dtype=onehot.dtype, device=onehot.device)
     for r, cls in enumerate(regions):
         members[r, list(cls)] = 1

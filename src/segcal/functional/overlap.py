@@ -79,18 +79,18 @@ def confusion_counts(
             raise ValueError("regions need probabilities, not a hard mask")
         if check:
             check_target(target, pred.shape, mode)
-        y = target_to_onehot(target, c) >= 0.5
+        y = target_to_onehot(target, c, spatial_shape=pred.shape[2:]) >= 0.5
     else:
         probs = to_probabilities(pred, activation, "exclusive" if regions is not None else mode, check=check)
         if check:
             check_target(target, probs.shape, "exclusive" if regions is not None else mode)
         c = probs.shape[1]
         if regions is not None:
-            y = region_targets(target, regions, c) >= 0.5
+            y = region_targets(target, regions, c, probs.shape[2:]) >= 0.5
             probs = region_probabilities(probs, regions)
             mode = "multilabel"
         else:
-            y = target_to_onehot(target, c) >= 0.5
+            y = target_to_onehot(target, c, spatial_shape=probs.shape[2:]) >= 0.5
         hard = hard_prediction(probs, mode, threshold)
     if mask is not None:
         m = mask[:, 0] if mask.ndim == hard.ndim else mask
@@ -168,18 +168,18 @@ def hausdorff_distance_95(
     mode = check_mode(mode)
     if pred.dtype == torch.bool:
         hard = pred
-        y = target_to_onehot(target, pred.shape[1]) >= 0.5
+        y = target_to_onehot(target, pred.shape[1], spatial_shape=pred.shape[2:]) >= 0.5
     else:
         probs = to_probabilities(pred, activation, "exclusive" if regions is not None else mode, check=check)
         if check:
             check_target(target, probs.shape, "exclusive" if regions is not None else mode)
         c = probs.shape[1]
         if regions is not None:
-            y = region_targets(target, regions, c) >= 0.5
+            y = region_targets(target, regions, c, probs.shape[2:]) >= 0.5
             probs = region_probabilities(probs, regions)
             mode = "multilabel"
         else:
-            y = target_to_onehot(target, c) >= 0.5
+            y = target_to_onehot(target, c, spatial_shape=probs.shape[2:]) >= 0.5
         hard = hard_prediction(probs, mode, threshold)
     hard = select_channels(hard, include_background, mode)
     y = select_channels(y, include_background, mode)

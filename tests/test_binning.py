@@ -1,0 +1,216 @@
+"""Unit tests of the binning core: bin convention and ties (SPEC §0), kernel paths, BinStats, loss sums."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from segcal.functional import _kernels
+from segcal.functional.binning import (
+    BinStats,
+    _bin_statistics_torch,
+    bin_edges,
+    bin_index,
+    bin_statistics,
+    hard_bin_sums,
+    soft_bin_sums,
+)
+
+
+def _near_edges(m: int, dtype: torch.dtype) -> torch.Tensor:
+    """Every edge k/M rounded in ``dtype`` and its two floating-point neighbours, clipped to [0, 1]."""
+    e = bin_edges(m, dtype)
+    up = torch.nextafter(e, torch.ones_like(e) * 2)
+    down = torch.nextafter(e, -torch.ones_like(e))
+    return torch.cat([e, up, down]).clamp(0, 1)
+
+
+def _reference_bin(v: torch.Tensor, m: int, closed: str) -> torch.Tensor:
+    """Exact reference: count the edges strictly below (right-closed) or at/below (left-closed) v."""
+    e = bin_edges(m, v.dtype)[1:-1]
+    if closed == "right":
+        k = (v[:, None] > e[None, :]).sum(1)
+    else:
+        k = (v[:, None] >= e[None, :]).sum(1)
+    return k
+
+
+@pytest.mark.parametrize("closed", ["right", "left"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 2, 3, 7, 10, 20, 33, 100])
+def test_bin_index_at_and_around_edges(m, dtype, closed):
+    v = _near_edges(m, dtype)
+    assert torch.equal(bin_index(v, m, closed), _reference_bin(v, m, closed))
+
+
+@pytest.mark.skipif(not _kernels.HAVE_NUMBA, reason="numba missing")
+@pytest.mark.parametrize("closed", ["right", "left"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 3, 7, 10, 20, 33, 100])
+def test_kernel_bins_agree_with_bin_index(m, dtype, closed):
+    """The numba kernel's guess-and-correct binning equals bucketize at every edge neighbour."""
+    v = _near_edges(m, dtype)
+    v = torch.cat([v, torch.rand(2000, generator=torch.Generator().manual_seed(m)).to(dtype)])
+    p = v.view(1, 1, 1, -1)
+    y = torch.zeros(1, 1, v.numel(), dtype=torch.int64)
+    stats = bin_statistics(p, y, m, mode="exclusive", closed=closed)
+    expected = torch.bincount(bin_index(v, m, closed), minlength=m).double()
+    assert torch.equal(stats.count[0, 0], expected)
+    t = _bin_statistics_torch(p, y, None, torch.arange(1), None, m, closed)
+    assert torch.equal(t[0, 0, 0], expected)
+
+
+def test_convention_endpoints():
+    """p = 0 → bin 0, p = 1 → bin M-1, ties k/M go below when closed right and above when closed left."""
+    m = 4
+    v = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0, 0.1, 0.3], dtype=torch.float64)
+    assert bin_index(v, m, "right").tolist() == [0, 0, 1, 2, 3, 0, 1]
+    assert bin_index(v, m, "left").tolist() == [0, 1, 2, 3, 3, 0, 1]
+    with pytest.raises(ValueError, match="closed must be 'right' or 'left'"):
+        bin_index(v, m, "middle")
+
+
+def test_bin_edges_are_correctly_rounded():
+    for m in (3, 7, 10, 20):
+        e = bin_edges(m, torch.float32)
+        exact = [k / m for k in range(m + 1)]  # Python float64, then rounded once to float32
+        assert torch.equal(e, torch.tensor(exact, dtype=torch.float32))
+
+
+def test_sums_are_float64_of_the_input_values():
+    """Half-precision inputs: sum_p is the float64 sum of the half values (no intermediate rounding)."""
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        p1 = torch.rand(1, 1, 50, 40, generator=g).to(dtype)
+        p = torch.cat([1 - p1, p1], 1)
+        lab = torch.randint(0, 2, (1, 50, 40), generator=g)
+        stats = bin_statistics(p, lab, 10, check=False)
+        k = bin_index(p, 10).flatten(2)
+        ref = torch.zeros(1, 2, 10, dtype=torch.float64).scatter_add_(2, k, p.double().flatten(2))
+        assert torch.allclose(stats.sum_p, ref, rtol=1e-14, atol=1e-12)
+
+
+def test_target_layouts_agree():
+    """Label map (B, *S), (B, 1, *S) int or float, one-hot float/bool/uint8 all give the same sums."""
+    g = torch.Generator().manual_seed(1)
+    p = torch.softmax(torch.randn(2, 3, 6, 7, 5, generator=g), 1)
+    lab = torch.randint(0, 3, (2, 6, 7, 5), generator=g)
+    onehot = torch.nn.functional.one_hot(lab, 3).movedim(-1, 1)
+    ref = bin_statistics(p, lab, 12)
+    for y in (
+        lab[:, None],
+        lab[:, None].float(),
+        lab.to(torch.uint8),
+        onehot.float(),
+        onehot.bool(),
+        onehot.to(torch.uint8),
+    ):
+        s = bin_statistics(p, y, 12)
+        assert torch.equal(s.count, ref.count) and torch.equal(s.sum_y, ref.sum_y)
+        assert torch.allclose(s.sum_p, ref.sum_p, rtol=1e-12)
+    # 2D label map whose height equals the number of classes is still read as a label map
+    p2 = torch.softmax(torch.randn(1, 3, 3, 8, generator=g), 1)
+    lab2 = torch.randint(0, 3, (1, 3, 8), generator=g)
+    s2 = bin_statistics(p2, lab2, 5)
+    assert float(s2.count.sum()) == 3 * 24 and float(s2.sum_y.sum()) == 24
+
+
+def test_activation_and_background():
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(2, 4, 9, 8, generator=g, dtype=torch.float64)
+    lab = torch.randint(0, 4, (2, 9, 8), generator=g)
+    a = bin_statistics(z, lab, 10, activation="softmax")
+    b = bin_statistics(torch.softmax(z, 1), lab, 10)
+    assert torch.equal(a.count, b.count) and torch.allclose(a.sum_p, b.sum_p)
+    nb = bin_statistics(torch.softmax(z, 1), lab, 10, include_background=False)
+    assert nb.num_channels == 3
+    assert torch.equal(nb.count, b.count[:, 1:]) and torch.equal(nb.sum_y, b.sum_y[:, 1:])
+    s = bin_statistics(
+        z, (torch.rand(2, 4, 9, 8, generator=g) > 0.5).float(), 10, activation="sigmoid", mode="multilabel"
+    )
+    assert s.num_channels == 4 and float(s.count.sum()) == 2 * 4 * 72
+
+
+def test_masks_layouts_and_empty_mask():
+    g = torch.Generator().manual_seed(3)
+    p = torch.softmax(torch.randn(2, 3, 8, 8, generator=g), 1)
+    lab = torch.randint(0, 3, (2, 8, 8), generator=g)
+    mask = torch.rand(2, 8, 8, generator=g) > 0.5
+    a = bin_statistics(p, lab, 10, mask=mask)
+    for mk in (mask[:, None], mask.float(), mask.to(torch.uint8)):
+        b = bin_statistics(p, lab, 10, mask=mk)
+        assert torch.equal(a.count, b.count) and torch.allclose(a.sum_p, b.sum_p)
+    assert torch.equal(a.count.sum(-1), mask.sum((1, 2)).double()[:, None].expand(2, 3))
+    empty = bin_statistics(p, lab, 10, mask=torch.zeros(2, 8, 8, dtype=torch.bool))
+    assert float(empty.count.sum()) == 0
+    from segcal.functional.calibration import calibration_errors
+
+    assert all(torch.isnan(v).all() for v in calibration_errors(empty).values())
+
+
+def test_binstats_helpers_roundtrip():
+    g = torch.Generator().manual_seed(4)
+    p = torch.softmax(torch.randn(3, 2, 5, 5, generator=g), 1)
+    lab = torch.randint(0, 2, (3, 5, 5), generator=g)
+    s = bin_statistics(p, lab, 7)
+    r = BinStats.from_numpy(s.numpy())
+    assert torch.equal(r.count, s.count) and torch.equal(r.sum_p, s.sum_p) and torch.equal(r.sum_y, s.sum_y)
+    assert s.num_bins == 7 and s.num_channels == 2
+    assert torch.isnan(s.mean_p()[s.count == 0]).all() and not torch.isnan(s.mean_p()[s.count > 0]).any()
+    pooled = s.pooled()
+    assert pooled.count.shape == (1, 2, 7) and torch.equal(pooled.count, s.count.sum(0, keepdim=True))
+    assert torch.equal(BinStats.cat([s, s]).count, torch.cat([s.count, s.count]))
+    assert torch.equal((s + s).count, 2 * s.count)
+
+
+def test_hard_bin_sums_match_and_have_gradient():
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(2, 3, 6, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    p = torch.softmax(z, 1)
+    lab = torch.randint(0, 3, (2, 6, 6), generator=g)
+    y = torch.nn.functional.one_hot(lab, 3).movedim(-1, 1).double()
+    count, sp, sy = hard_bin_sums(p, y, 10)
+    ref = bin_statistics(p.detach(), lab, 10)
+    assert torch.equal(count, ref.count) and torch.allclose(sp, ref.sum_p) and torch.equal(sy, ref.sum_y)
+    sp.sum().backward()
+    assert z.grad is not None and torch.isfinite(z.grad).all()
+    # the requires_grad path of bin_statistics falls back to the torch kernel, same values
+    s = bin_statistics(p, lab, 10)
+    assert torch.equal(s.count, ref.count)
+
+
+def test_soft_bin_sums_triangular_kernel():
+    """Each voxel's weights sum to one and the weighted mean position is p (interior), gradcheck passes."""
+    m = 5
+    p = torch.tensor([0.05, 0.1, 0.3, 0.52, 0.9, 0.99], dtype=torch.float64).view(1, 1, 2, 3)
+    y = torch.ones_like(p)
+    w, _, swy = soft_bin_sums(p, y, m)
+    assert float(w.sum()) == pytest.approx(6.0)
+    assert torch.allclose(swy, w)
+    # centres 0.1, 0.3, ..., 0.9: 0.3 is the centre of bin 1; 0.52 is 0.02 above centre 0.5 → 0.9 / 0.1
+    w1, _, _ = soft_bin_sums(
+        torch.tensor([0.3], dtype=torch.float64).view(1, 1, 1, 1), torch.ones(1, 1, 1, 1), m
+    )
+    assert w1.flatten().tolist() == pytest.approx([0, 1, 0, 0, 0])
+    w2, _, _ = soft_bin_sums(
+        torch.tensor([0.52], dtype=torch.float64).view(1, 1, 1, 1), torch.ones(1, 1, 1, 1), m
+    )
+    assert w2.flatten().tolist() == pytest.approx([0, 0, 0.9, 0.1, 0])
+    q = torch.tensor([0.12, 0.33, 0.61, 0.77], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: soft_bin_sums(t.view(1, 1, 2, 2), y[..., :2, :2], m)[1], (q,))
+
+
+def test_chunk_boundaries_in_kernel():
+    """Rows longer than one kernel chunk (and not a multiple of it) are summed completely."""
+    n = (1 << 16) * 2 + 12345
+    g = torch.Generator().manual_seed(6)
+    p1 = torch.rand(1, 1, 1, n, generator=g, dtype=torch.float64)
+    p = torch.cat([1 - p1, p1], 1)
+    lab = torch.randint(0, 2, (1, 1, n), generator=g)
+    mask = torch.rand(1, 1, n, generator=g) > 0.1
+    s = bin_statistics(p, lab, 20, mask=mask)
+    t = _bin_statistics_torch(p, lab, None, torch.arange(2), mask, 20, "right")
+    assert torch.equal(s.count, t[:, :, 0]) and float(s.count[0, 0].sum()) == float(mask.sum())
+    assert torch.allclose(s.sum_p, t[:, :, 1], rtol=1e-12) and torch.equal(s.sum_y, t[:, :, 2])
+    assert np.isclose(float(s.sum_p.sum()), float((p * mask[:, None]).sum()), rtol=1e-12)
