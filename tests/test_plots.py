@@ -301,3 +301,27 @@ def test_bad_input(stats: BinStats, tmp_path) -> None:
     # a stored (N, C, 3, M) array works like the BinStats it came from
     fig = reliability_diagram(stats.numpy(), 0)
     assert _legend_values(fig.axes[0])["ECE"] == f"{float(calibration_errors(stats)['ece'][0, 0]):.4f}"
+
+
+def test_import_does_not_touch_pyplot(tmp_path) -> None:
+    """segcal.plots draws on detached Agg figures: importing and plotting never loads pyplot or a GUI."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np; import segcal.plots as P; "
+        "fig = P.ensemble_size_curve([1, 2], [0.1, 0.2], [0.0, 0.1], [0.2, 0.3], 'Dice'); "
+        f"P.save_figure(fig, {str(tmp_path / 'x.png')!r}); "
+        "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'; "
+        "assert type(fig.canvas).__name__ == 'FigureCanvasAgg'"
+    )
+    env = {"MPLBACKEND": "TkAgg", "DISPLAY": "", "PATH": "/usr/bin:/bin"}
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**env, "PYTHONPATH": ":".join(p for p in sys.path if p)},
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (tmp_path / "x.png").read_bytes()[:8] == PNG

@@ -243,7 +243,8 @@ def test_build_evaluation_report(runs: tuple[Path, Path]) -> None:
     figs = sorted(f.name for f in (run_a / "figures").glob("*.png"))
     assert "dataset_reliability_histogram.png" in figs and "dice_vs_ace.png" in figs
     assert {f"subject_spread_{c}.png" for c in CLASSES} <= set(figs)
-    assert sum(f.startswith("reliability_") for f in figs) == 3  # best, median, worst (5 distinct cases)
+    # pooled + best, median, worst (5 distinct cases)
+    assert sum(f.startswith("reliability_") for f in figs) == 4 and "reliability_pooled.png" in figs
     assert all((run_a / "figures" / f).read_bytes()[:8] == PNG for f in figs)
     assert len(p.imgs) == len(figs)
     # worst case by class-mean ACE, from the stored bins
