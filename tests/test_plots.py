@@ -253,6 +253,17 @@ def test_curves() -> None:
     ax = fig.axes[0]
     np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), [0.7, 0.75, 0.78, 0.79])
     assert ax.get_ylabel() == "Dice"
+    fig = ensemble_size_curve(
+        [1, 2],
+        [0.1, 0.2],
+        [0.0, 0.1],
+        [0.2, 0.3],
+        "ECE",
+        label="ensemble",
+        more={"MC dropout": ([0.3, 0.25], [0.2, 0.2], [0.4, 0.3])},
+    )
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["ensemble", "MC dropout"]
+    np.testing.assert_allclose(fig.axes[0].get_lines()[1].get_ydata(), [0.3, 0.25])
     t = np.linspace(0.1, 0.9, 9)
     mean = 1 - (t - 0.3) ** 2
     fig = threshold_curves(
