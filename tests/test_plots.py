@@ -253,6 +253,17 @@ def test_curves() -> None:
     ax = fig.axes[0]
     np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), [0.7, 0.75, 0.78, 0.79])
     assert ax.get_ylabel() == "Dice"
+    fig = ensemble_size_curve(
+        [1, 2],
+        [0.1, 0.2],
+        [0.0, 0.1],
+        [0.2, 0.3],
+        "ECE",
+        label="ensemble",
+        more={"MC dropout": ([0.3, 0.25], [0.2, 0.2], [0.4, 0.3])},
+    )
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["ensemble", "MC dropout"]
+    np.testing.assert_allclose(fig.axes[0].get_lines()[1].get_ydata(), [0.3, 0.25])
     t = np.linspace(0.1, 0.9, 9)
     mean = 1 - (t - 0.3) ** 2
     fig = threshold_curves(
@@ -301,3 +312,27 @@ def test_bad_input(stats: BinStats, tmp_path) -> None:
     # a stored (N, C, 3, M) array works like the BinStats it came from
     fig = reliability_diagram(stats.numpy(), 0)
     assert _legend_values(fig.axes[0])["ECE"] == f"{float(calibration_errors(stats)['ece'][0, 0]):.4f}"
+
+
+def test_import_does_not_touch_pyplot(tmp_path) -> None:
+    """segcal.plots draws on detached Agg figures: importing and plotting never loads pyplot or a GUI."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np; import segcal.plots as P; "
+        "fig = P.ensemble_size_curve([1, 2], [0.1, 0.2], [0.0, 0.1], [0.2, 0.3], 'Dice'); "
+        f"P.save_figure(fig, {str(tmp_path / 'x.png')!r}); "
+        "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'; "
+        "assert type(fig.canvas).__name__ == 'FigureCanvasAgg'"
+    )
+    env = {"MPLBACKEND": "TkAgg", "DISPLAY": "", "PATH": "/usr/bin:/bin"}
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**env, "PYTHONPATH": ":".join(p for p in sys.path if p)},
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (tmp_path / "x.png").read_bytes()[:8] == PNG

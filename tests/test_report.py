@@ -105,7 +105,20 @@ def test_render_html_escapes_and_embeds() -> None:
         Section(
             evil,
             "First **bold** and `code` and *it*.\n\n- item <b>one</b>\n- item two",
-            tables=[Table([{"name": evil, "value": 0.123456789, "n": 3, "missing": None}], caption=evil)],
+            tables=[
+                Table(
+                    [
+                        {
+                            "name": evil,
+                            "value": 0.123456789,
+                            "n": 3,
+                            "missing": None,
+                            "voxels": np.int64(1234567),
+                        }
+                    ],
+                    caption=evil,
+                )
+            ],
             figures=[ReportFigure(fig, caption=evil), (b"\x89PNG\r\n\x1a\n" + b"\x00" * 8, "raw bytes")],
         ),
         Section("Second", ["para one", "para <two>"], tables=[[{"a": 1, "b": float("nan")}]]),
@@ -115,7 +128,7 @@ def test_render_html_escapes_and_embeds() -> None:
     assert "<script>" not in out and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in out
     assert "<strong>bold</strong>" in out and "<code>code</code>" in out and "<em>it</em>" in out
     assert "<li>item &lt;b&gt;one&lt;/b&gt;</li>" in out
-    assert "0.1235" in out and "para &lt;two&gt;" in out
+    assert "0.1235" in out and "para &lt;two&gt;" in out and "<td>1234567</td>" in out
     assert len(p.imgs) == 2
     assert 'href="#s1"' in out and 'id="s2"' in out
     with pytest.raises(ValueError, match="PNG"):
@@ -243,7 +256,8 @@ def test_build_evaluation_report(runs: tuple[Path, Path]) -> None:
     figs = sorted(f.name for f in (run_a / "figures").glob("*.png"))
     assert "dataset_reliability_histogram.png" in figs and "dice_vs_ace.png" in figs
     assert {f"subject_spread_{c}.png" for c in CLASSES} <= set(figs)
-    assert sum(f.startswith("reliability_") for f in figs) == 3  # best, median, worst (5 distinct cases)
+    # pooled + best, median, worst (5 distinct cases)
+    assert sum(f.startswith("reliability_") for f in figs) == 4 and "reliability_pooled.png" in figs
     assert all((run_a / "figures" / f).read_bytes()[:8] == PNG for f in figs)
     assert len(p.imgs) == len(figs)
     # worst case by class-mean ACE, from the stored bins

@@ -1,7 +1,8 @@
 """Shared helpers for the figure functions: input coercion, figure creation and saving.
 
 Figures are created with :class:`matplotlib.figure.Figure` directly (no ``pyplot`` global state), and rendered
-with the Agg canvas, so plotting is safe in worker processes and on machines without a display.
+with the Agg canvas attached explicitly, so plotting is safe in worker processes and on machines without a
+display, and importing segcal never switches the user's global matplotlib backend.
 """
 
 from __future__ import annotations
@@ -9,10 +10,6 @@ from __future__ import annotations
 import io
 from collections.abc import Iterable
 from pathlib import Path
-
-import matplotlib
-
-matplotlib.use("Agg", force=False)  # never pick an interactive backend when segcal draws
 
 import numpy as np
 import torch

@@ -183,13 +183,22 @@ def ensemble_size_curve(
     metric_name: str,
     *,
     label: str | None = None,
+    more: Mapping[str, tuple[object, object, object]] | None = None,
     title: str | None = None,
 ) -> Figure:
-    """A metric vs the ensemble size with its confidence band (Ensembles Fig. 2)."""
+    """A metric vs the ensemble size with its confidence band (Ensembles Fig. 2).
+
+    ``more`` adds further named curves ``{name: (mean, ci_low, ci_high)}`` on the same sizes (e.g. MC dropout
+    samples next to ensemble members).
+    """
     x = _vec(sizes, "sizes")
     fig = new_figure(4.6, 3.6)
     ax = fig.add_subplot()
     _band(ax, x, mean, ci_low, ci_high, label or metric_name, "C0")
+    for i, (name, triple) in enumerate((more or {}).items(), start=1):
+        if len(triple) != 3:
+            raise ValueError(f"curve {name!r} must be (mean, ci_low, ci_high)")
+        _band(ax, x, *triple, str(name), f"C{i % 10}")
     ax.set_xlabel("number of ensemble members")
     ax.set_ylabel(metric_name)
     ax.set_xticks(x)

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from matplotlib.figure import Figure
 
 from segcal.plots._common import figure_to_png_bytes
@@ -107,8 +108,8 @@ def _fmt(value: Any, float_format: str) -> tuple[str, bool]:
         return "", False
     if isinstance(value, bool):
         return html.escape(str(value)), True
-    if isinstance(value, int):
-        return str(value), False
+    if isinstance(value, int | np.integer):
+        return str(int(value)), False
     try:
         f = float(value)
         is_num = not isinstance(value, str)

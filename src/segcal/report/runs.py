@@ -328,9 +328,16 @@ def build_evaluation_report(run_dir: str | Path, *, min_count: int = 1, max_case
         ace = _case_ace(stats)
         sec = Section(
             "Per-case reliability diagrams",
-            "Best, median and worst case by the class-averaged marginal ACE (mL1-ACE). Bars: observed "
+            "All cases pooled (the dataset-level, micro calibration), then the best, median and worst "
+            "case by the class-averaged marginal ACE (mL1-ACE). Bars: observed "
             "frequency per bin; hatched: the gap to the mean predicted probability; below: voxels "
             "per bin (log scale).",
+        )
+        pooled_fig = reliability_diagrams(
+            stats.pooled(), 0, class_names=names, min_count=min_count, title="all cases pooled"
+        )
+        sec.figures.append(
+            out_fig(pooled_fig, "reliability_pooled", "All cases pooled: bin sums merged over the dataset")
         )
         for label, i in _pick_cases(ace):
             fig = reliability_diagrams(
