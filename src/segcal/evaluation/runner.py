@@ -251,6 +251,8 @@ def _iter_local(todo: list[CaseFiles], config: EvalConfig, workers: int) -> Iter
     threads = max(1, (os.cpu_count() or 1) // workers)
     method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
     ctx = mp.get_context(method)
+    if method == "forkserver":  # import torch, numba kernels and the metric core once, fork the workers from it
+        ctx.set_forkserver_preload(["segcal.evaluation.runner", "segcal.functional", "segcal.io"])
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as ex:
         yield from _bounded(lambda f: ex.submit(evaluate_case_files, f, config), todo, 2 * workers, wait)
 

@@ -248,7 +248,7 @@ def read_numpy(path: str | Path, key: str | None = None) -> np.ndarray:
     try:
         obj = np.load(p, allow_pickle=False)
     except ValueError as exc:
-        raise CaseError(p, f"refusing to load a pickled/object array ({exc})") from None
+        raise CaseError(p, _value_problem(exc)) from None
     except (OSError, EOFError, zipfile.BadZipFile) as exc:
         raise CaseError(p, f"cannot read NumPy file (corrupt or truncated?): {exc}") from None
     if isinstance(obj, np.lib.npyio.NpzFile):
@@ -263,7 +263,7 @@ def read_numpy(path: str | Path, key: str | None = None) -> np.ndarray:
             try:
                 arr = obj[key]
             except ValueError as exc:
-                raise CaseError(p, f"refusing to load a pickled/object array under {key!r} ({exc})") from None
+                raise CaseError(p, f"array {key!r}: {_value_problem(exc)}") from None
             except (OSError, EOFError, zipfile.BadZipFile) as exc:
                 raise CaseError(p, f"cannot read array {key!r} (corrupt or truncated?): {exc}") from None
     else:
@@ -271,6 +271,12 @@ def read_numpy(path: str | Path, key: str | None = None) -> np.ndarray:
     if arr.dtype == object:
         raise CaseError(p, "object arrays are not supported")
     return arr
+
+
+def _value_problem(exc: ValueError) -> str:
+    if "pickle" in str(exc).lower():
+        return f"refusing to load a pickled/object array ({exc})"
+    return f"cannot read NumPy data (corrupt or truncated?): {exc}"
 
 
 def _check_prob_dtype(arr: np.ndarray, path: str | Path) -> np.ndarray:
@@ -292,7 +298,7 @@ def read_nnunet_probabilities(path: str | Path) -> np.ndarray:
     except CaseError:
         raise
     except ValueError as exc:
-        raise CaseError(p, f"refusing to load a pickled/object array ({exc})") from None
+        raise CaseError(p, _value_problem(exc)) from None
     except (OSError, EOFError, zipfile.BadZipFile, AttributeError) as exc:
         raise CaseError(p, f"unreadable nnU-Net file (corrupt or truncated?): {exc}") from None
     _check_prob_dtype(arr, p)
