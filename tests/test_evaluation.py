@@ -206,7 +206,7 @@ def test_dask_local_cluster_matches_in_process(tmp_path):
 
 def test_local_process_pool_matches_in_process(tmp_path):
     pred, lab, _ = write_nifti_dataset(tmp_path, 4, shape=(6, 5, 4))
-    cfg = EvalConfig(fmt="nifti")
+    cfg = EvalConfig(fmt="nifti", hd95=False)
     run_evaluation(pred, lab, tmp_path / "a", cfg, workers=0, progress=False)
     res = run_evaluation(pred, lab, tmp_path / "b", cfg, workers=2, progress=False)
     assert res.n_ok == 4

@@ -13,6 +13,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import resource
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -252,9 +253,28 @@ def _iter_local(todo: list[CaseFiles], config: EvalConfig, workers: int) -> Iter
     method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
     ctx = mp.get_context(method)
     if method == "forkserver":  # import torch, numba kernels and the metric core once, fork the workers from it
-        ctx.set_forkserver_preload(["segcal.evaluation.runner", "segcal.functional", "segcal.io"])
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as ex:
-        yield from _bounded(lambda f: ex.submit(evaluate_case_files, f, config), todo, 2 * workers, wait)
+        ctx.set_forkserver_preload(["segcal.evaluation.runner"])
+    # the fork server imports the preloaded modules before it learns our sys.path (CPython < 3.12), so it gets
+    # the parent's sys.path through PYTHONPATH while it starts
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    try:
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as ex:
+            futures = _bounded(lambda f: ex.submit(evaluate_case_files, f, config), todo, 2 * workers, wait)
+            first = next(futures, None)
+            _restore_env("PYTHONPATH", old)
+            if first is not None:
+                yield first
+            yield from futures
+    finally:
+        _restore_env("PYTHONPATH", old)
+
+
+def _restore_env(key: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(key, None)
+    else:
+        os.environ[key] = value
 
 
 def _bounded(submit: Callable[[CaseFiles], Any], todo: list[CaseFiles], window: int, waiter: Callable) -> Iterator[Any]:
