@@ -101,7 +101,7 @@ def evaluate(
             workers=workers, dask_address=dask, overwrite=overwrite, retry_failed=retry_failed,
         )
     except (ConfigMismatchError, CaseError, ValueError) as exc:
-        console.print(f"[red]error:[/] {exc}")
+        console.print(f"[red]error:[/] {exc}", soft_wrap=True)
         raise typer.Exit(1) from None
     for role, files in res.unmatched.items():
         console.print(f"[yellow]{len(files)} {role} file(s) without partner[/], e.g. {files[0]}")
@@ -119,7 +119,7 @@ def evaluate(
 
 
 def _print_summary(summary: dict[str, Any], res: Any) -> None:
-    table = Table(title=f"{res.out_dir}: {res.n_ok} ok, {res.n_failed} failed, {res.n_skipped} resumed")
+    table = Table(title=f"{res.out_dir}")
     table.add_column("class")
     cols = [("dice", "macro"), ("hd95", "macro"), ("ece", "macro"), ("ace", "macro"), ("mce", "macro"),
             ("ace", "pooled"), ("ece", "pooled")]
@@ -137,7 +137,10 @@ def _print_summary(summary: dict[str, Any], res: Any) -> None:
         table.add_row(cls, *cells)
     Console().print(table)
     for f in summary.get("failed", [])[:10]:
-        console.print(f"[red]failed[/] {f['case_id']}: {f['error']}")
+        console.print(f"[red]failed[/] {f['case_id']}: {f['error']}", soft_wrap=True)
+    console.print(
+        f"{res.n_ok} ok, {res.n_failed} failed, {res.n_skipped} resumed, {res.n_computed} computed", soft_wrap=True
+    )
 
 
 @app.command()
@@ -153,7 +156,7 @@ def compare(
     try:
         comp = compare_runs(list(runs), intersection=intersection)
     except ValueError as exc:
-        console.print(f"[red]error:[/] {exc}")
+        console.print(f"[red]error:[/] {exc}", soft_wrap=True)
         raise typer.Exit(1) from None
     files = write_comparison(comp, out)
     table = Table(title="comparison (B vs baseline A)")
