@@ -53,7 +53,13 @@ def write_nifti_dataset(
 
 
 def write_nnunet_dataset(
-    root: Path, n: int, *, seed: int = 0, shape=(12, 10, 8), num_classes: int = 4, spacing=(1.0, 1.5, 2.5),
+    root: Path,
+    n: int,
+    *,
+    seed: int = 0,
+    shape=(12, 10, 8),
+    num_classes: int = 4,
+    spacing=(1.0, 1.5, 2.5),
     dtype=np.float32,
 ) -> tuple[Path, Path, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """nnU-Net v2 layout: ``pred/case.npz`` (key probabilities, (C, z, y, x)) + ``labelsTr/case.nii.gz``."""

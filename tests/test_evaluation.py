@@ -1,4 +1,4 @@
-"""Dataset evaluation: known answers vs the metric core, regions, store resume, bad inputs, Dask, statistics."""
+"""Dataset evaluation: known answers vs the core, regions, resume, bad inputs, Dask, statistics."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from _eval_data import affine_for, write_nifti_dataset, write_nnunet_dataset
 
 import segcal.functional as F
+from _eval_data import affine_for, write_nifti_dataset, write_nnunet_dataset
 from segcal.evaluation import ConfigMismatchError, EvalConfig, ResultStore, run_evaluation
 from segcal.evaluation.compare import compare_runs
 from segcal.evaluation.statistics import (
@@ -103,7 +103,7 @@ def test_nnunet_regions_soft_reference_and_mask(tmp_path):
     mask_dir.mkdir()
     rng = np.random.default_rng(3)
     refs = {}
-    for cid, (probs, label) in data.items():
+    for cid, (_, label) in data.items():
         onehot = np.moveaxis(np.eye(4, dtype=np.float32)[label], -1, 0)
         soft = 0.8 * onehot + 0.2 * rng.dirichlet(np.ones(4), size=label.shape).transpose(3, 0, 1, 2)
         refs[cid] = soft.astype(np.float32)
@@ -112,10 +112,12 @@ def test_nnunet_regions_soft_reference_and_mask(tmp_path):
         m[1:8, 1:6, 1:4] = 1
         nib.save(nib.Nifti1Image(m, affine_for((1.0, 1.5, 2.5))), mask_dir / f"{cid}.nii.gz")
     names, regions = BRATS
-    cfg = EvalConfig(fmt="nnunet", num_bins=15, region_names=names, regions=regions, region="mask",
-                     soft_reference=True)
-    res = run_evaluation(pred, lab, tmp_path / "out", cfg, reference_dir=ref_dir, mask_dir=mask_dir, workers=0,
-                         progress=False)
+    cfg = EvalConfig(
+        fmt="nnunet", num_bins=15, region_names=names, regions=regions, region="mask", soft_reference=True
+    )
+    res = run_evaluation(
+        pred, lab, tmp_path / "out", cfg, reference_dir=ref_dir, mask_dir=mask_dir, workers=0, progress=False
+    )
     assert (res.n_ok, res.n_failed) == (2, 0), res.summary["failed"]
     rows = {(r["case_id"], r["class"]): r for r in _rows(tmp_path / "out")}
     for cid, (probs, label) in data.items():
@@ -125,8 +127,12 @@ def test_nnunet_regions_soft_reference_and_mask(tmp_path):
         m[1:8, 1:6, 1:4] = True
         st = F.bin_statistics(p, r, 15, regions=[list(x) for x in regions], mask=m[None])
         ce = F.calibration_errors(st)
-        mae = F.mean_absolute_error(F.region_probabilities(p, regions), F.region_targets(r, regions, 4),
-                                    mode="multilabel", mask=m[None])
+        mae = F.mean_absolute_error(
+            F.region_probabilities(p, regions),
+            F.region_targets(r, regions, 4),
+            mode="multilabel",
+            mask=m[None],
+        )
         y = torch.from_numpy(label.astype(np.int64))[None]
         dice = F.overlap_scores(F.confusion_counts(p, y, regions=regions, mask=m[None]))["dice"]
         for k, name in enumerate(names):
@@ -141,28 +147,40 @@ def _bad_dataset(tmp_path):
     aff = affine_for((1.0, 1.5, 2.5))
     probs, label = data["case001"]
     (pred / "case001.nii.gz").write_bytes((pred / "case001.nii.gz").read_bytes()[:200])  # truncated
-    nib.save(nib.Nifti1Image(np.zeros((8, 7, 5, 4), np.float32) + 0.25, aff), pred / "case002.nii.gz")  # shape
+    nib.save(
+        nib.Nifti1Image(np.zeros((8, 7, 5, 4), np.float32) + 0.25, aff), pred / "case002.nii.gz"
+    )  # shape
     bad = np.moveaxis(probs, 0, -1).copy()
     bad[0, 0, 0, 0] = np.nan
     nib.save(nib.Nifti1Image(bad, aff), pred / "case003.nii.gz")  # NaN
-    nib.save(nib.Nifti1Image(np.where(label > 0, 7, 0).astype(np.int16), aff), lab / "case004.nii.gz")  # range
+    nib.save(
+        nib.Nifti1Image(np.where(label > 0, 7, 0).astype(np.int16), aff), lab / "case004.nii.gz"
+    )  # range
     nib.save(nib.Nifti1Image(label, affine_for((2.0, 1.5, 2.5))), lab / "case005.nii.gz")  # spacing
     nib.save(nib.Nifti1Image(np.moveaxis(probs, 0, -1) * 2, aff), pred / "case006.nii.gz")  # outside [0, 1]
-    nib.save(nib.Nifti1Image(np.moveaxis(probs, 0, -1).astype(np.int16), aff), pred / "case007.nii.gz")  # dtype
+    nib.save(
+        nib.Nifti1Image(np.moveaxis(probs, 0, -1).astype(np.int16), aff), pred / "case007.nii.gz"
+    )  # dtype
     (pred / "case008.nii.gz").write_bytes(b"not a nifti")  # corrupt
     return pred, lab
 
 
 def test_bad_inputs_are_recorded_and_the_run_continues(tmp_path):
     pred, lab = _bad_dataset(tmp_path)
-    res = run_evaluation(pred, lab, tmp_path / "out", EvalConfig(fmt="nifti", hd95=False), workers=0,
-                         progress=False)
+    res = run_evaluation(
+        pred, lab, tmp_path / "out", EvalConfig(fmt="nifti", hd95=False), workers=0, progress=False
+    )
     assert (res.n_ok, res.n_failed) == (1, 8)
     errors = {f["case_id"]: f["error"] for f in res.summary["failed"]}
     expect = {
-        "case001": "cannot read NIfTI", "case002": "shape mismatch", "case003": "NaN/Inf",
-        "case004": "labels must lie in [0, 3]", "case005": "spacing/affine mismatch", "case006": "probabilities in [0, 1]",
-        "case007": "floating-point", "case008": "cannot read NIfTI",
+        "case001": "cannot read NIfTI",
+        "case002": "shape mismatch",
+        "case003": "NaN/Inf",
+        "case004": "labels must lie in [0, 3]",
+        "case005": "spacing/affine mismatch",
+        "case006": "probabilities in [0, 1]",
+        "case007": "floating-point",
+        "case008": "cannot read NIfTI",
     }
     for cid, text in expect.items():
         assert text in errors[cid], errors[cid]
@@ -170,8 +188,9 @@ def test_bad_inputs_are_recorded_and_the_run_continues(tmp_path):
     with open(tmp_path / "out" / "failed.csv") as fh:
         assert len(list(csv.DictReader(fh))) == 8
     # rerun: nothing recomputed, nothing duplicated
-    res2 = run_evaluation(pred, lab, tmp_path / "out", EvalConfig(fmt="nifti", hd95=False), workers=0,
-                          progress=False)
+    res2 = run_evaluation(
+        pred, lab, tmp_path / "out", EvalConfig(fmt="nifti", hd95=False), workers=0, progress=False
+    )
     assert res2.n_computed == 0 and res2.n_skipped == 9
     with ResultStore(tmp_path / "out", res2.summary["config"]) as store:
         assert set(store.compute_counts().values()) == {1}
@@ -179,12 +198,27 @@ def test_bad_inputs_are_recorded_and_the_run_continues(tmp_path):
 
 def test_config_change_is_refused_unless_overwrite(tmp_path):
     pred, lab, _ = write_nifti_dataset(tmp_path, 2, shape=(6, 5, 4))
-    run_evaluation(pred, lab, tmp_path / "out", EvalConfig(fmt="nifti", hd95=False), workers=0, progress=False)
+    run_evaluation(
+        pred, lab, tmp_path / "out", EvalConfig(fmt="nifti", hd95=False), workers=0, progress=False
+    )
     with pytest.raises(ConfigMismatchError, match="different configuration"):
-        run_evaluation(pred, lab, tmp_path / "out", EvalConfig(fmt="nifti", num_bins=5, hd95=False), workers=0,
-                       progress=False)
-    res = run_evaluation(pred, lab, tmp_path / "out", EvalConfig(fmt="nifti", num_bins=5, hd95=False), workers=0,
-                         progress=False, overwrite=True)
+        run_evaluation(
+            pred,
+            lab,
+            tmp_path / "out",
+            EvalConfig(fmt="nifti", num_bins=5, hd95=False),
+            workers=0,
+            progress=False,
+        )
+    res = run_evaluation(
+        pred,
+        lab,
+        tmp_path / "out",
+        EvalConfig(fmt="nifti", num_bins=5, hd95=False),
+        workers=0,
+        progress=False,
+        overwrite=True,
+    )
     assert res.n_computed == 2
     assert np.load(tmp_path / "out" / "bins.npz")["bin_stats"].shape[-1] == 5
 
@@ -194,14 +228,22 @@ def test_dask_local_cluster_matches_in_process(tmp_path):
     pred, lab, _ = write_nifti_dataset(tmp_path, 4, shape=(6, 5, 4))
     cfg = EvalConfig(fmt="nifti", hd95=False)
     run_evaluation(pred, lab, tmp_path / "a", cfg, workers=0, progress=False)
-    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp://",
-                                  host="127.0.0.1", dashboard_address=":0") as cluster:
-        res = run_evaluation(pred, lab, tmp_path / "b", cfg, dask_address=cluster.scheduler_address,
-                             progress=False)
+    with distributed.LocalCluster(
+        n_workers=1,
+        threads_per_worker=1,
+        processes=False,
+        protocol="tcp://",
+        host="127.0.0.1",
+        dashboard_address=":0",
+    ) as cluster:
+        res = run_evaluation(
+            pred, lab, tmp_path / "b", cfg, dask_address=cluster.scheduler_address, progress=False
+        )
     assert res.n_ok == 4
     assert (tmp_path / "a" / "cases.csv").read_text() == (tmp_path / "b" / "cases.csv").read_text()
-    np.testing.assert_array_equal(np.load(tmp_path / "a" / "bins.npz")["bin_stats"],
-                                  np.load(tmp_path / "b" / "bins.npz")["bin_stats"])
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "a" / "bins.npz")["bin_stats"], np.load(tmp_path / "b" / "bins.npz")["bin_stats"]
+    )
 
 
 def test_local_process_pool_matches_in_process(tmp_path):
@@ -220,7 +262,7 @@ def test_compare_runs(tmp_path):
     sharp = tmp_path / "sharp"
     sharp.mkdir()
     for cid, (probs, _) in data.items():
-        q = probs ** 3
+        q = probs**3
         q /= q.sum(0, keepdims=True)
         nib.save(nib.Nifti1Image(np.moveaxis(q, 0, -1), affine_for((1.0, 1.5, 2.5))), sharp / f"{cid}.nii.gz")
     run_evaluation(sharp, lab, tmp_path / "b", cfg, workers=0, progress=False)
@@ -274,7 +316,9 @@ def test_tests_match_scipy():
     assert wilcoxon_signed_rank(a, b) == pytest.approx(stats.wilcoxon(a, b).pvalue)
     assert rank_sum_test(a, b) == pytest.approx(stats.mannwhitneyu(a, b).pvalue)
     a[3] = np.nan  # dropped pairwise
-    assert wilcoxon_signed_rank(a, b) == pytest.approx(stats.wilcoxon(np.delete(a, 3), np.delete(b, 3)).pvalue)
+    assert wilcoxon_signed_rank(a, b) == pytest.approx(
+        stats.wilcoxon(np.delete(a, 3), np.delete(b, 3)).pvalue
+    )
 
 
 def test_bootstrap_and_summary():

@@ -8,8 +8,8 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-from _eval_data import affine_for, make_case, write_nifti_dataset, write_nnunet_dataset
 
+from _eval_data import affine_for, make_case, write_nifti_dataset, write_nnunet_dataset
 from segcal.io import (
     CaseError,
     CaseFiles,
@@ -65,6 +65,7 @@ def test_nnunet_axes_are_transposed_for_asymmetric_volume(tmp_path):
     cases, _ = match_cases(pred, lab)
     case = load_case(cases[0], "nnunet")
     probs, label = data["case000"]
+    np.testing.assert_array_equal(case.label, label)
     assert case.probabilities.shape == (4, 9, 7, 5)
     np.testing.assert_array_equal(case.probabilities, probs)
     assert case.probabilities[:, 8, 6, 4].tolist() == raw[:, 4, 6, 8].tolist()
@@ -132,7 +133,7 @@ def test_label_errors(tmp_path):
     with pytest.raises(CaseError, match="cannot read NIfTI"):
         read_label(tmp_path / "t.nii.gz")
     (tmp_path / "junk.nii.gz").write_bytes(b"junk")
-    with pytest.raises(CaseError, match="junk.nii.gz"):
+    with pytest.raises(CaseError, match=r"junk\.nii\.gz"):
         read_label(tmp_path / "junk.nii.gz")
 
 

@@ -28,7 +28,9 @@ def _margins(text: str) -> tuple[float, ...]:
     try:
         vals = tuple(float(x) for x in text.split(","))
     except ValueError:
-        raise typer.BadParameter(f"--bbox-margin-mm must be numbers separated by commas, got {text!r}") from None
+        raise typer.BadParameter(
+            f"--bbox-margin-mm must be numbers separated by commas, got {text!r}"
+        ) from None
     if not vals or any(v < 0 for v in vals):
         raise typer.BadParameter(f"--bbox-margin-mm must be non-negative, got {text!r}")
     return vals
@@ -36,9 +38,15 @@ def _margins(text: str) -> tuple[float, ...]:
 
 @app.command()
 def evaluate(
-    pred: Path = typer.Argument(..., help="Folder of predicted probability maps.", exists=True, file_okay=False),
-    labels: Path = typer.Argument(..., help="Folder of label maps (NIfTI or NumPy).", exists=True, file_okay=False),
-    out: Path = typer.Option(..., "-o", "--out", help="Output folder (results.sqlite, cases.csv, summary.json...)."),
+    pred: Path = typer.Argument(
+        ..., help="Folder of predicted probability maps.", exists=True, file_okay=False
+    ),
+    labels: Path = typer.Argument(
+        ..., help="Folder of label maps (NIfTI or NumPy).", exists=True, file_okay=False
+    ),
+    out: Path = typer.Option(
+        ..., "-o", "--out", help="Output folder (results.sqlite, cases.csv, summary.json...)."
+    ),
     fmt: str = typer.Option(
         "auto", "--format", help="Prediction format: auto, nifti (4D or one file per class), npy, nnunet."
     ),
@@ -48,18 +56,30 @@ def evaluate(
     ),
     include_background: bool = typer.Option(False, "--include-background", help="Also score class 0."),
     region: str = typer.Option("whole", "--region", help="Where metrics are computed: whole, bbox or mask."),
-    bbox_margin_mm: str = typer.Option("8,8,4", "--bbox-margin-mm", help="Bounding-box margins in mm per axis."),
-    mask_dir: Path | None = typer.Option(None, "--mask-dir", help="Folder of region masks (with --region mask)."),
+    bbox_margin_mm: str = typer.Option(
+        "8,8,4", "--bbox-margin-mm", help="Bounding-box margins in mm per axis."
+    ),
+    mask_dir: Path | None = typer.Option(
+        None, "--mask-dir", help="Folder of region masks (with --region mask)."
+    ),
     soft_ref: Path | None = typer.Option(
-        None, "--soft-ref", help="Folder of soft reference probability maps (calibration against them, plus MAE)."
+        None,
+        "--soft-ref",
+        help="Folder of soft reference probability maps (calibration against them, plus MAE).",
     ),
     workers: int | None = typer.Option(
         None, "--workers", min=0, help="Local worker processes (default: all cores; 0 = in this process)."
     ),
-    dask: str | None = typer.Option(None, "--dask", help="Address of an existing Dask scheduler (tcp://host:port)."),
-    no_hd95: bool = typer.Option(False, "--no-hd95", help="Skip the 95% Hausdorff distance (the slowest metric)."),
+    dask: str | None = typer.Option(
+        None, "--dask", help="Address of an existing Dask scheduler (tcp://host:port)."
+    ),
+    no_hd95: bool = typer.Option(
+        False, "--no-hd95", help="Skip the 95% Hausdorff distance (the slowest metric)."
+    ),
     no_report: bool = typer.Option(False, "--no-report", help="Do not build the HTML report."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Discard results of another configuration in OUT."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Discard results of another configuration in OUT."
+    ),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Recompute cases recorded as failed."),
 ) -> None:
     """Evaluate a folder of predictions against labels: per-case CSV, summary JSON, bin sums, report.
@@ -97,8 +117,16 @@ def evaluate(
     )
     try:
         res = run_evaluation(
-            pred, labels, out, config, reference_dir=soft_ref, mask_dir=mask_dir if region == "mask" else None,
-            workers=workers, dask_address=dask, overwrite=overwrite, retry_failed=retry_failed,
+            pred,
+            labels,
+            out,
+            config,
+            reference_dir=soft_ref,
+            mask_dir=mask_dir if region == "mask" else None,
+            workers=workers,
+            dask_address=dask,
+            overwrite=overwrite,
+            retry_failed=retry_failed,
         )
     except (ConfigMismatchError, CaseError, ValueError) as exc:
         console.print(f"[red]error:[/] {exc}", soft_wrap=True)
@@ -121,8 +149,15 @@ def evaluate(
 def _print_summary(summary: dict[str, Any], res: Any) -> None:
     table = Table(title=f"{res.out_dir}")
     table.add_column("class")
-    cols = [("dice", "macro"), ("hd95", "macro"), ("ece", "macro"), ("ace", "macro"), ("mce", "macro"),
-            ("ace", "pooled"), ("ece", "pooled")]
+    cols = [
+        ("dice", "macro"),
+        ("hd95", "macro"),
+        ("ece", "macro"),
+        ("ace", "macro"),
+        ("mce", "macro"),
+        ("ace", "pooled"),
+        ("ece", "pooled"),
+    ]
     for m, kind in cols:
         table.add_column(f"{m.upper()} ({kind})", justify="right")
     macro, pooled = summary.get("macro", {}), summary.get("pooled", {})
@@ -131,7 +166,11 @@ def _print_summary(summary: dict[str, Any], res: Any) -> None:
         for m, kind in cols:
             if kind == "macro":
                 s = macro.get(m, {}).get(cls)
-                cells.append("n/a" if s is None else f"{_fmt(s['mean'])} [{_fmt(s['ci_low'], 3)}, {_fmt(s['ci_high'], 3)}]")
+                cells.append(
+                    "n/a"
+                    if s is None
+                    else f"{_fmt(s['mean'])} [{_fmt(s['ci_low'], 3)}, {_fmt(s['ci_high'], 3)}]"
+                )
             else:
                 cells.append(_fmt(pooled.get(m, {}).get(cls)))
         table.add_row(cls, *cells)
@@ -139,7 +178,8 @@ def _print_summary(summary: dict[str, Any], res: Any) -> None:
     for f in summary.get("failed", [])[:10]:
         console.print(f"[red]failed[/] {f['case_id']}: {f['error']}", soft_wrap=True)
     console.print(
-        f"{res.n_ok} ok, {res.n_failed} failed, {res.n_skipped} resumed, {res.n_computed} computed", soft_wrap=True
+        f"{res.n_ok} ok, {res.n_failed} failed, {res.n_skipped} resumed, {res.n_computed} computed",
+        soft_wrap=True,
     )
 
 
@@ -147,7 +187,9 @@ def _print_summary(summary: dict[str, Any], res: Any) -> None:
 def compare(
     runs: list[Path] = typer.Argument(..., help="Evaluated run folders; the first is the baseline."),
     out: Path = typer.Option(..., "-o", "--out", help="Output folder (comparison.csv, comparison.json)."),
-    intersection: bool = typer.Option(False, "--intersection", help="Compare only the cases common to all runs."),
+    intersection: bool = typer.Option(
+        False, "--intersection", help="Compare only the cases common to all runs."
+    ),
     no_report: bool = typer.Option(False, "--no-report", help="Do not build the HTML comparison report."),
 ) -> None:
     """Paired statistics (Wilcoxon, rank-sum, effect sizes, Holm) of runs 2..n against run 1."""
@@ -160,14 +202,32 @@ def compare(
         raise typer.Exit(1) from None
     files = write_comparison(comp, out)
     table = Table(title="comparison (B vs baseline A)")
-    for col in ("run B", "metric", "class", "n", "mean A", "mean B", "change", "p Wilcoxon", "p Holm", "r_rb"):
+    for col in (
+        "run B",
+        "metric",
+        "class",
+        "n",
+        "mean A",
+        "mean B",
+        "change",
+        "p Wilcoxon",
+        "p Holm",
+        "r_rb",
+    ):
         table.add_column(col, justify="right" if col not in ("run B", "metric", "class") else "left")
     for r in comp["rows"]:
         if r["metric"] not in ("dice", "hd95", "ece", "ace", "mce", "brier", "nll", "top_label_ece"):
             continue
         table.add_row(
-            Path(r["run_b"]).name, r["metric"], r["class"], str(r["n"]), _fmt(r["mean_a"]), _fmt(r["mean_b"]),
-            format_change(r["relative_change"]), _fmt(r["wilcoxon_p"], 3), _fmt(r["wilcoxon_p_holm"], 3),
+            Path(r["run_b"]).name,
+            r["metric"],
+            r["class"],
+            str(r["n"]),
+            _fmt(r["mean_a"]),
+            _fmt(r["mean_b"]),
+            format_change(r["relative_change"]),
+            _fmt(r["wilcoxon_p"], 3),
+            _fmt(r["wilcoxon_p_holm"], 3),
             _fmt(r["rank_biserial"], 3),
         )
     Console().print(table)

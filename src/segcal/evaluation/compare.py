@@ -96,11 +96,18 @@ def compare_runs(run_dirs: list[str | Path], *, intersection: bool = False) -> d
                 rel = (mb - ma) / abs(ma) if ma not in (0.0,) and math.isfinite(ma) else float("nan")
                 rows.append(
                     {
-                        "run_a": str(dirs[0]), "run_b": str(d), "metric": metric, "class": cls,
+                        "run_a": str(dirs[0]),
+                        "run_b": str(d),
+                        "metric": metric,
+                        "class": cls,
                         "n": int((np.isfinite(a) & np.isfinite(b)).sum()),
-                        "mean_a": ma, "mean_b": mb, "relative_change": rel,
-                        "wilcoxon_p": wilcoxon_signed_rank(a, b), "ranksum_p": rank_sum_test(a, b),
-                        "rank_biserial": rank_biserial_paired(b, a), "cliffs_delta": cliffs_delta(b, a),
+                        "mean_a": ma,
+                        "mean_b": mb,
+                        "relative_change": rel,
+                        "wilcoxon_p": wilcoxon_signed_rank(a, b),
+                        "ranksum_p": rank_sum_test(a, b),
+                        "rank_biserial": rank_biserial_paired(b, a),
+                        "cliffs_delta": cliffs_delta(b, a),
                         "cohens_d": cohens_d_paired(b, a),
                     }
                 )
@@ -108,8 +115,15 @@ def compare_runs(run_dirs: list[str | Path], *, intersection: bool = False) -> d
         for r, p in zip(rows, adj, strict=True):
             r["wilcoxon_p_holm"] = float(p)
         out_rows += rows
-        pairs.append({"run_a": str(dirs[0]), "run_b": str(d), "n_cases": len(ids),
-                      "only_a": sorted(a_ids - b_ids), "only_b": sorted(b_ids - a_ids)})
+        pairs.append(
+            {
+                "run_a": str(dirs[0]),
+                "run_b": str(d),
+                "n_cases": len(ids),
+                "only_a": sorted(a_ids - b_ids),
+                "only_b": sorted(b_ids - a_ids),
+            }
+        )
     return {"runs": [str(d) for d in dirs], "pairs": pairs, "rows": out_rows}
 
 

@@ -2,8 +2,8 @@
 
 ``summary.json`` holds, per metric and class (and ``"mean"``: the per-case average over classes):
 
-* ``macro``: per-case values aggregated with :func:`~segcal.evaluation.statistics.summarize` (mean, std, median,
-  IQR, seeded bootstrap 95% CI of the mean);
+* ``macro``: per-case values aggregated with :func:`~segcal.evaluation.statistics.summarize` (mean, std,
+  median,  IQR, seeded bootstrap 95% CI of the mean);
 * ``pooled``: calibration errors from the bin sums merged over all cases (``BinStats.pooled()``) and overlap
   scores from the summed confusion counts.
 
@@ -51,8 +51,10 @@ def _rows(res: CaseResult) -> list[dict[str, Any]]:
     return rows
 
 
-def pooled_metrics(bins: np.ndarray, counts: np.ndarray, class_names: list[str]) -> dict[str, dict[str, float]]:
-    """Dataset-level metrics from merged sums: ``bins`` ``(N, C, 3, M)``, ``counts`` ``(N, C, 3)`` (tp, fp, fn)."""
+def pooled_metrics(
+    bins: np.ndarray, counts: np.ndarray, class_names: list[str]
+) -> dict[str, dict[str, float]]:
+    """Dataset-level metrics from merged sums: ``bins`` ``(N, C, 3, M)``, ``counts`` ``(N, C, 3)``."""
     from segcal.functional import BinStats, calibration_errors, overlap_scores
 
     pooled = BinStats.from_numpy(bins).pooled()
@@ -77,7 +79,11 @@ def write_outputs(
     results = store.results()
     ok = [r for r in results if r.status == "ok"]
     failed = [r for r in results if r.status != "ok"]
-    files = {"cases": out_dir / "cases.csv", "bins": out_dir / "bins.npz", "summary": out_dir / "summary.json"}
+    files = {
+        "cases": out_dir / "cases.csv",
+        "bins": out_dir / "bins.npz",
+        "summary": out_dir / "summary.json",
+    }
     with open(files["cases"], "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=_columns())
         w.writeheader()
@@ -93,15 +99,18 @@ def write_outputs(
     names_set = {tuple(r.class_names or []) for r in ok}
     if len(shapes) > 1 or len(names_set) > 1:
         raise ValueError(
-            f"cases have different numbers of classes or bins {sorted(shapes)}; evaluate them in separate runs"
+            f"cases have different numbers of classes or bins {sorted(shapes)}; "
+            "evaluate them in separate runs"
         )
     class_names = list(next(iter(names_set))) if names_set else []
     m = int(run_config.get("num_bins", 20))
     bins = np.stack([r.bins for r in ok]) if ok else np.zeros((0, len(class_names), 3, m))
     case_ids = np.array([r.case_id for r in ok], dtype=str)
     np.savez(
-        files["bins"], case_ids=case_ids.astype("U") if case_ids.size else np.zeros(0, dtype="U1"),
-        bin_stats=bins.astype(np.float64), class_names=np.array(class_names, dtype="U"),
+        files["bins"],
+        case_ids=case_ids.astype("U") if case_ids.size else np.zeros(0, dtype="U1"),
+        bin_stats=bins.astype(np.float64),
+        class_names=np.array(class_names, dtype="U"),
     )
 
     macro: dict[str, dict[str, Any]] = {}
@@ -116,7 +125,9 @@ def write_outputs(
         macro[k] = d
     for k in CASE_METRICS:
         macro[k] = {"case": summarize([r.metrics["per_case"][k] for r in ok])}
-    counts = np.array([r.metrics["counts"] for r in ok], dtype=np.float64).reshape(len(ok), len(class_names), 3)
+    counts = np.array([r.metrics["counts"] for r in ok], dtype=np.float64).reshape(
+        len(ok), len(class_names), 3
+    )
     summary = {
         "config": run_config,
         "n_cases": len(results),

@@ -1,9 +1,9 @@
 """Dataset evaluation runner (SPEC §1, §6, §7, §9).
 
 For each case the runner reads prediction and label (:mod:`segcal.io`), computes per-class metrics and the
-mergeable bin sums with the metric core (:mod:`segcal.functional`) on the chosen region, and commits the result
-to the run's :class:`~segcal.evaluation.store.ResultStore` as soon as the case is done. Cases stream one by
-one (constant memory: at most ``2 × workers`` cases in flight), on local worker processes
+mergeable bin sums with the metric core (:mod:`segcal.functional`) on the chosen region, and commits the
+result to the run's :class:`~segcal.evaluation.store.ResultStore` as soon as the case is done. Cases stream
+one by one (constant memory: at most ``2 × workers`` cases in flight), on local worker processes
 (:class:`concurrent.futures.ProcessPoolExecutor`, ``forkserver``/``spawn``) or on an existing Dask distributed
 cluster. A failing case is recorded with its error and the run goes on.
 """
@@ -39,7 +39,18 @@ __all__ = [
 
 #: per-class metric columns (in cases.csv order)
 CLASS_METRICS = (
-    "dice", "iou", "precision", "recall", "hd95", "ece", "ace", "mce", "ece_l2", "ace_l2", "brier", "mae",
+    "dice",
+    "iou",
+    "precision",
+    "recall",
+    "hd95",
+    "ece",
+    "ace",
+    "mce",
+    "ece_l2",
+    "ace_l2",
+    "brier",
+    "mae",
 )
 #: per-case metrics (one value per case, repeated on each class row of cases.csv)
 CASE_METRICS = ("nll", "top_label_ece", "top_label_mce")
@@ -100,7 +111,7 @@ def _nan_list(t: torch.Tensor) -> list[float]:
 def compute_case(case: Case, config: EvalConfig) -> CaseResult:
     """All metrics and bin sums of one case (raises ``ValueError`` / :class:`CaseError` on bad input).
 
-    Shapes: ``case.probabilities`` ``(C, *S)``, ``case.label`` ``(*S)``; the metric core receives ``(1, C, *S)``.
+    Shapes: ``case.probabilities`` ``(C, *S)``, ``case.label`` ``(*S)``; the core gets ``(1, C, *S)``.
     Calibration metrics, Brier, NLL, MAE and overlap counts use the region (whole / mask / dilated bbox); HD95
     is computed on the whole image (a distance between surfaces, in mm with the case's spacing).
     """
@@ -159,7 +170,9 @@ def compute_case(case: Case, config: EvalConfig) -> CaseResult:
     ib = config.include_background
     target = ref if ref is not None else label
     try:
-        stats = bin_statistics(probs, target, config.num_bins, include_background=ib, mask=mask, regions=regions)
+        stats = bin_statistics(
+            probs, target, config.num_bins, include_background=ib, mask=mask, regions=regions
+        )
     except ValueError as exc:
         raise CaseError(path, str(exc)) from None
     kw = {"mask": mask, "regions": regions, "check": False}
@@ -181,8 +194,11 @@ def compute_case(case: Case, config: EvalConfig) -> CaseResult:
     if ref is not None:
         if regions is not None:
             mae = mean_absolute_error(
-                region_probabilities(probs, regions), region_targets(ref, regions, c), mode="multilabel",
-                mask=mask, check=False,
+                region_probabilities(probs, regions),
+                region_targets(ref, regions, c),
+                mode="multilabel",
+                mask=mask,
+                check=False,
             )
         else:
             mae = mean_absolute_error(probs, ref, include_background=ib, mask=mask, check=False)
@@ -194,8 +210,14 @@ def compute_case(case: Case, config: EvalConfig) -> CaseResult:
         first = 0 if ib else 1
         names = [f"class_{k}" for k in range(first, c)]
     per_class = {
-        "dice": ov["dice"], "iou": ov["iou"], "precision": ov["precision"], "recall": ov["recall"], "hd95": hd,
-        **ce, "brier": brier, "mae": mae,
+        "dice": ov["dice"],
+        "iou": ov["iou"],
+        "precision": ov["precision"],
+        "recall": ov["recall"],
+        "hd95": hd,
+        **ce,
+        "brier": brier,
+        "mae": mae,
     }
     metrics = {
         "per_class": {k: _nan_list(v) for k, v in per_class.items()},
@@ -252,14 +274,18 @@ def _iter_local(todo: list[CaseFiles], config: EvalConfig, workers: int) -> Iter
     threads = max(1, (os.cpu_count() or 1) // workers)
     method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
     ctx = mp.get_context(method)
-    if method == "forkserver":  # import torch, numba kernels and the metric core once, fork the workers from it
+    if (
+        method == "forkserver"
+    ):  # import torch, numba kernels and the metric core once, fork the workers from it
         ctx.set_forkserver_preload(["segcal.evaluation.runner"])
     # the fork server imports the preloaded modules before it learns our sys.path (CPython < 3.12), so it gets
     # the parent's sys.path through PYTHONPATH while it starts
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     try:
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as ex:
+        with ProcessPoolExecutor(
+            workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)
+        ) as ex:
             futures = _bounded(lambda f: ex.submit(evaluate_case_files, f, config), todo, 2 * workers, wait)
             first = next(futures, None)
             _restore_env("PYTHONPATH", old)
@@ -277,7 +303,9 @@ def _restore_env(key: str, value: str | None) -> None:
         os.environ[key] = value
 
 
-def _bounded(submit: Callable[[CaseFiles], Any], todo: list[CaseFiles], window: int, waiter: Callable) -> Iterator[Any]:
+def _bounded(
+    submit: Callable[[CaseFiles], Any], todo: list[CaseFiles], window: int, waiter: Callable
+) -> Iterator[Any]:
     it = iter(todo)
     pending = set()
     for f in it:
@@ -333,7 +361,9 @@ def run_evaluation(
     from segcal.evaluation.outputs import write_outputs
 
     out = Path(out_dir)
-    cases, unmatched = match_cases(pred_dir, label_dir, config.fmt, reference_dir=reference_dir, mask_dir=mask_dir)
+    cases, unmatched = match_cases(
+        pred_dir, label_dir, config.fmt, reference_dir=reference_dir, mask_dir=mask_dir
+    )
     if config.region == "mask" and mask_dir is None:
         raise ValueError("region='mask' needs mask_dir (--mask-dir)")
     if config.soft_reference and reference_dir is None:
@@ -366,7 +396,15 @@ def run_evaluation(
         all_res = store.results()
     n_ok = sum(r.status == "ok" for r in all_res)
     return RunResult(
-        out, len(cases), n_ok, len(all_res) - n_ok, len(cases) - len(todo), n_computed, unmatched, files, summary
+        out,
+        len(cases),
+        n_ok,
+        len(all_res) - n_ok,
+        len(cases) - len(todo),
+        n_computed,
+        unmatched,
+        files,
+        summary,
     )
 
 
@@ -390,8 +428,13 @@ class _progress:
         )
 
         self.bar = Progress(
-            TextColumn("[bold]evaluate[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            TextColumn("[bold]evaluate[/]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
         )
         self.bar.__enter__()
         self.task = self.bar.add_task("cases", total=self.total, completed=self.completed, info="")

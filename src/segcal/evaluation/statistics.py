@@ -47,7 +47,9 @@ def bootstrap_ci(
     return float(lo), float(hi)
 
 
-def summarize(values: Sequence[float] | np.ndarray, *, n_resamples: int = 1000, seed: int = 0) -> dict[str, float]:
+def summarize(
+    values: Sequence[float] | np.ndarray, *, n_resamples: int = 1000, seed: int = 0
+) -> dict[str, float]:
     """mean, std (ddof=1), median, q1, q3, iqr, bootstrap 95% CI of the mean, n (finite) and n_nan."""
     x = np.asarray(values, dtype=np.float64)
     fin = x[np.isfinite(x)]
@@ -80,7 +82,7 @@ def _paired(a: Sequence[float], b: Sequence[float]) -> tuple[np.ndarray, np.ndar
 
 
 def wilcoxon_signed_rank(a: Sequence[float], b: Sequence[float]) -> float:
-    """Two-sided p-value of the Wilcoxon signed-rank test on paired samples (NaN if < 2 pairs or all equal)."""
+    """Two-sided p-value of the Wilcoxon signed-rank test on paired samples (NaN: < 2 pairs, all equal)."""
     x, y = _paired(a, b)
     if x.size < 2 or np.all(x == y):
         return float("nan")
@@ -98,7 +100,8 @@ def rank_sum_test(a: Sequence[float], b: Sequence[float]) -> float:
 
 
 def rank_biserial_paired(a: Sequence[float], b: Sequence[float]) -> float:
-    """Matched-pairs rank-biserial correlation: ``(R+ − R−) / (R+ + R−)`` over ranks of ``|a − b|`` (zeros dropped).
+    """Matched-pairs rank-biserial correlation: ``(R+ − R−) / (R+ + R−)`` over ranks of ``|a − b|``
+    (zeros dropped).
 
     Positive when ``a`` tends to exceed ``b``; in [−1, 1].
     """

@@ -85,7 +85,8 @@ class ResultStore:
                 self.conn.close()
                 raise ConfigMismatchError(
                     f"{self.out_dir} holds results of a different configuration "
-                    f"(stored: {old[0] if old else '?'}; now: {json.dumps(config, sort_keys=True, default=str)}). "
+                    f"(stored: {old[0] if old else '?'}; "
+                    f"now: {json.dumps(config, sort_keys=True, default=str)}). "
                     "Use another output folder, or --overwrite to discard the stored results."
                 )
         if overwrite or row is None or row[0] != self.hash:
@@ -93,7 +94,8 @@ class ResultStore:
                 self.conn.execute("DELETE FROM cases")
                 self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('config_hash', ?)", (self.hash,))
                 self.conn.execute(
-                    "INSERT OR REPLACE INTO meta VALUES ('config', ?)", (json.dumps(config, sort_keys=True, default=str),)
+                    "INSERT OR REPLACE INTO meta VALUES ('config', ?)",
+                    (json.dumps(config, sort_keys=True, default=str),),
                 )
 
     def close(self) -> None:
@@ -118,12 +120,13 @@ class ResultStore:
             blob, shape = arr.tobytes(), json.dumps(list(arr.shape))
         with self.conn:
             self.conn.execute(
-                """INSERT INTO cases (case_id, status, error, class_names, metrics, bins, bins_shape, config_hash,
-                       seconds, peak_rss_mb, n_computed, finished_at)
+                """INSERT INTO cases (case_id, status, error, class_names, metrics, bins, bins_shape,
+                       config_hash,                        seconds, peak_rss_mb, n_computed, finished_at)
                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?)
                    ON CONFLICT(case_id) DO UPDATE SET status=excluded.status, error=excluded.error,
                        class_names=excluded.class_names, metrics=excluded.metrics, bins=excluded.bins,
-                       bins_shape=excluded.bins_shape, seconds=excluded.seconds, peak_rss_mb=excluded.peak_rss_mb,
+                       bins_shape=excluded.bins_shape, seconds=excluded.seconds,
+                       peak_rss_mb=excluded.peak_rss_mb,
                        n_computed=cases.n_computed + 1, finished_at=excluded.finished_at""",
                 (
                     res.case_id,

@@ -34,8 +34,8 @@ def dilated_bbox_mask(
         background: the background label / channel index.
 
     Returns:
-        A mask of the input's type (``torch.bool`` tensor or ``bool`` ndarray) with shape ``(*S)``, clipped to the
-        image. A volume without foreground gives an all-False mask (metrics on it are NaN, never zero).
+        A mask of the input's type (``torch.bool`` tensor or ``bool`` ndarray) with shape ``(*S)``, clipped to
+        the image. A volume without foreground gives an all-False mask (metrics on it are NaN, never zero).
     """
     n_sp = len(spacing)
     is_torch = isinstance(label_or_onehot, torch.Tensor)
@@ -47,9 +47,12 @@ def dilated_bbox_mask(
         fg = (arr[keep] >= 0.5).any(0)
     else:
         raise ValueError(
-            f"label_or_onehot must be (*S) or (C, *S) with {n_sp} spatial dims (len(spacing)), got shape {arr.shape}"
+            f"label_or_onehot must be (*S) or (C, *S) with {n_sp} spatial dims (len(spacing)), "
+            f"got shape {arr.shape}"
         )
-    margins = [float(margin_mm)] * n_sp if isinstance(margin_mm, int | float) else [float(m) for m in margin_mm]
+    margins = (
+        [float(margin_mm)] * n_sp if isinstance(margin_mm, int | float) else [float(m) for m in margin_mm]
+    )
     if len(margins) != n_sp:
         raise ValueError(f"margin_mm has {len(margins)} values but there are {n_sp} spatial dims")
     if any(s <= 0 for s in spacing) or any(m < 0 for m in margins):

@@ -126,16 +126,20 @@ def detect_format(pred_dir: str | Path) -> Literal["nifti", "npy", "nnunet"]:
     folder = Path(pred_dir)
     files = _data_files(folder, (*NIFTI_SUFFIXES, *NUMPY_SUFFIXES))
     has_npz = any(p.name.endswith(".npz") for p in files)
-    nnunet_marks = (folder / "plans.json").exists() or (folder / "dataset.json").exists() or any(folder.glob("*.pkl"))
+    nnunet_marks = (
+        (folder / "plans.json").exists() or (folder / "dataset.json").exists() or any(folder.glob("*.pkl"))
+    )
     if has_npz and nnunet_marks:
         return "nnunet"
-    if any(p.name.endswith(NIFTI_SUFFIXES) for p in files) and not any(p.name.endswith(NUMPY_SUFFIXES) for p in files):
+    if any(p.name.endswith(NIFTI_SUFFIXES) for p in files) and not any(
+        p.name.endswith(NUMPY_SUFFIXES) for p in files
+    ):
         return "nifti"
     return "npy"
 
 
 def _group(files: Sequence[Path], by_channel: bool) -> dict[str, list[Path]]:
-    """Files by case id; with ``by_channel`` the ``_0000`` suffix is split off and files of one case grouped."""
+    """Files by case id; with ``by_channel`` the ``_0000`` suffix is split off (files grouped)."""
     groups: dict[str, list[tuple[int, Path]]] = {}
     for p in files:
         if by_channel:
@@ -177,16 +181,22 @@ def match_cases(
     any_suffix = (*NIFTI_SUFFIXES, *NUMPY_SUFFIXES)
     pred_files = _data_files(Path(pred_dir), pred_suffixes)
     labels = _group(_data_files(Path(label_dir), any_suffix), by_channel=False)
-    # NIfTI predictions: case_0000, case_0001 ... are per-class files of one case, unless the label has that stem
+    # NIfTI: case_0000, case_0001 ... are per-class files of one case (unless a label has that stem)
     by_stem = _group(pred_files, by_channel=False)
     if fmt == "nifti" and not all(k in labels for k in by_stem):
         preds = _group(pred_files, by_channel=True)
     else:
         preds = {(k if k in labels else case_id_from_path(k + ".npy")[0]): v for k, v in by_stem.items()}
-    refs = _group(_data_files(Path(reference_dir), any_suffix), by_channel=True) if reference_dir is not None else None
+    refs = (
+        _group(_data_files(Path(reference_dir), any_suffix), by_channel=True)
+        if reference_dir is not None
+        else None
+    )
     if refs is not None and fmt != "nifti":
         refs = _group(_data_files(Path(reference_dir), any_suffix), by_channel=False)  # type: ignore[arg-type]
-    masks = _group(_data_files(Path(mask_dir), any_suffix), by_channel=False) if mask_dir is not None else None
+    masks = (
+        _group(_data_files(Path(mask_dir), any_suffix), by_channel=False) if mask_dir is not None else None
+    )
     unmatched: dict[str, list[str]] = {"prediction": [], "label": [], "reference": [], "mask": []}
     cases: list[CaseFiles] = []
     for cid in sorted(preds):
@@ -224,7 +234,7 @@ def match_cases(
 
 
 def read_nifti(path: str | Path) -> tuple[np.ndarray, tuple[float, ...], np.ndarray]:
-    """``(data, spacing, affine)`` of a NIfTI file; data in its stored dtype and axis order ``(x, y, z[, t])``."""
+    """``(data, spacing, affine)`` of a NIfTI file; data as stored, axes ``(x, y, z[, t])``."""
     import nibabel as nib
 
     p = Path(path)
@@ -234,7 +244,9 @@ def read_nifti(path: str | Path) -> tuple[np.ndarray, tuple[float, ...], np.ndar
         img = nib.load(str(p))
         data = np.asanyarray(img.dataobj)
     except Exception as exc:  # nibabel raises many types for corrupt / truncated files
-        raise CaseError(p, f"cannot read NIfTI file (corrupt or truncated?): {type(exc).__name__}: {exc}") from None
+        raise CaseError(
+            p, f"cannot read NIfTI file (corrupt or truncated?): {type(exc).__name__}: {exc}"
+        ) from None
     n_sp = min(3, data.ndim)
     spacing = tuple(float(z) for z in img.header.get_zooms()[:n_sp])
     return data, spacing, np.asarray(img.affine, dtype=np.float64)
@@ -256,7 +268,9 @@ def read_numpy(path: str | Path, key: str | None = None) -> np.ndarray:
             keys = list(obj.files)
             if key is None:
                 if len(keys) != 1:
-                    raise CaseError(p, f"archive holds arrays {keys}; expected exactly one (or the key 'probabilities')")
+                    raise CaseError(
+                        p, f"archive holds arrays {keys}; expected exactly one (or the key 'probabilities')"
+                    )
                 key = keys[0]
             if key not in keys:
                 raise CaseError(p, f"archive has no key {key!r} (keys: {keys})")
@@ -286,14 +300,16 @@ def _check_prob_dtype(arr: np.ndarray, path: str | Path) -> np.ndarray:
 
 
 def read_nnunet_probabilities(path: str | Path) -> np.ndarray:
-    """nnU-Net v2 ``case.npz`` (key ``probabilities``, axes ``(C, z, y, x)``) → ``(C, x, y, z)`` label order."""
+    """nnU-Net v2 ``case.npz`` (key ``probabilities``, axes ``(C, z, y, x)``) → ``(C, x, y, z)``."""
     p = Path(path)
     if not p.exists():
         raise CaseError(p, "file not found")
     try:
         with np.load(p, allow_pickle=False) as z:
             if "probabilities" not in z.files:
-                raise CaseError(p, f"not an nnU-Net probability file: no key 'probabilities' (keys: {list(z.files)})")
+                raise CaseError(
+                    p, f"not an nnU-Net probability file: no key 'probabilities' (keys: {list(z.files)})"
+                )
             arr = z["probabilities"]
     except CaseError:
         raise
@@ -380,7 +396,9 @@ def read_label(path: str | Path) -> tuple[np.ndarray, tuple[float, ...] | None, 
         if not np.isfinite(data).all():
             raise CaseError(p, "label map contains NaN/Inf")
         if not np.array_equal(data, np.round(data)):
-            raise CaseError(p, f"label map must hold integer class indices, got non-integral values ({data.dtype})")
+            raise CaseError(
+                p, f"label map must hold integer class indices, got non-integral values ({data.dtype})"
+            )
         data = data.astype(np.int64)
     elif not np.issubdtype(data.dtype, np.integer):
         raise CaseError(p, f"label map must be an integer array, got dtype {data.dtype}")
@@ -395,7 +413,9 @@ def read_mask(path: str | Path) -> np.ndarray:
     return data != 0
 
 
-def _same_geometry(sp_a: Sequence[float], aff_a: np.ndarray | None, sp_b: Sequence[float], aff_b: np.ndarray | None) -> bool:
+def _same_geometry(
+    sp_a: Sequence[float], aff_a: np.ndarray | None, sp_b: Sequence[float], aff_b: np.ndarray | None
+) -> bool:
     if len(sp_a) != len(sp_b) or not np.allclose(sp_a, sp_b, atol=GEOMETRY_ATOL):
         return False
     if aff_a is not None and aff_b is not None and not np.allclose(aff_a, aff_b, atol=GEOMETRY_ATOL):
@@ -410,7 +430,8 @@ def load_case(files: CaseFiles, fmt: Literal["nifti", "npy", "nnunet"]) -> Case:
     label, l_sp, l_aff = read_label(files.label)
     if probs.ndim != label.ndim + 1:
         raise CaseError(
-            pred_path, f"probabilities {probs.shape} (C, *S) do not fit the label {label.shape} of {files.label}"
+            pred_path,
+            f"probabilities {probs.shape} (C, *S) do not fit the label {label.shape} of {files.label}",
         )
     if probs.shape[1:] != label.shape:
         hint = " (nnU-Net files are (C, z, y, x) against the label's (x, y, z))" if fmt == "nnunet" else ""
@@ -422,17 +443,21 @@ def load_case(files: CaseFiles, fmt: Literal["nifti", "npy", "nnunet"]) -> Case:
     if p_sp is not None and l_sp is not None and not _same_geometry(p_sp, p_aff, l_sp, l_aff):
         raise CaseError(
             pred_path,
-            f"spacing/affine mismatch with label {files.label}: spacing {tuple(round(s, 4) for s in p_sp)} vs "
+            f"spacing/affine mismatch with label {files.label}: "
+            f"spacing {tuple(round(s, 4) for s in p_sp)} vs "
             f"{tuple(round(s, 4) for s in l_sp)}",
         )
     spacing = l_sp or p_sp or (1.0,) * label.ndim
     affine = l_aff if l_aff is not None else p_aff
     reference = None
     if files.reference:
-        reference, r_sp, r_aff = read_probabilities(files.reference, "nifti" if files.reference[0].endswith(
-            NIFTI_SUFFIXES) else "npy")
+        reference, r_sp, r_aff = read_probabilities(
+            files.reference, "nifti" if files.reference[0].endswith(NIFTI_SUFFIXES) else "npy"
+        )
         if reference.shape != probs.shape:
-            raise CaseError(files.reference[0], f"soft reference shape {reference.shape} != prediction {probs.shape}")
+            raise CaseError(
+                files.reference[0], f"soft reference shape {reference.shape} != prediction {probs.shape}"
+            )
         if r_sp is not None and not _same_geometry(r_sp, r_aff, spacing, affine):
             raise CaseError(files.reference[0], f"spacing/affine mismatch with label {files.label}")
     mask = None
