@@ -24,7 +24,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from segcal.evaluation._fast import HAVE_NUMBA, fused_case_pass
 from segcal.evaluation.store import CaseResult, ResultStore
+from segcal.functional.calibration import EPS
+from segcal.functional.inputs import PROB_ATOL
 from segcal.io import Case, CaseError, CaseFiles, load_case, match_cases
 
 __all__ = [
@@ -143,15 +146,17 @@ def compute_case(case: Case, config: EvalConfig) -> CaseResult:
     if label.dtype not in (torch.uint8, torch.int16, torch.int32, torch.int64):
         label = label.to(torch.int64)
     c = probs.shape[1]
-    try:
-        check_target(label, probs.shape, "exclusive", name="label")
-    except ValueError as exc:
-        raise CaseError(case.paths.get("label", [None])[0], str(exc)) from None
     ref = None
     if case.reference is not None:
         ref = torch.from_numpy(np.ascontiguousarray(case.reference.astype(np.float32, copy=False)))[None]
     if config.soft_reference and ref is None:
         raise CaseError(path, "a soft reference map is required (--soft-ref) but none was read")
+    fast = HAVE_NUMBA and ref is None and config.regions is None and c > 1
+    if not fast:
+        try:
+            check_target(label, probs.shape, "exclusive", name="label")
+        except ValueError as exc:
+            raise CaseError(case.paths.get("label", [None])[0], str(exc)) from None
 
     if config.region == "whole":
         mask = None
@@ -169,19 +174,38 @@ def compute_case(case: Case, config: EvalConfig) -> CaseResult:
     regions = [list(r) for r in config.regions] if config.regions is not None else None
     ib = config.include_background
     target = ref if ref is not None else label
-    try:
-        stats = bin_statistics(
-            probs, target, config.num_bins, include_background=ib, mask=mask, regions=regions
+    first = 0 if ib else 1
+    if fast:
+        mask_np = mask[0].numpy() if mask is not None else None
+        conf, correct, counts_np, sq, info = fused_case_pass(probs[0].numpy(), case.label, mask_np, EPS)
+        _raise_invalid(info, c, path, case.paths.get("label", [None])[0])
+        stats = bin_statistics(probs, label, config.num_bins, include_background=ib, mask=mask, check=False)
+        top = bin_statistics(
+            torch.from_numpy(conf)[None, None],
+            torch.from_numpy(correct)[None, None],
+            config.num_bins,
+            mode="multilabel",
+            mask=mask,
+            check=False,
         )
-    except ValueError as exc:
-        raise CaseError(path, str(exc)) from None
-    kw = {"mask": mask, "regions": regions, "check": False}
+        n_in = info["n_in_mask"]
+        counts = torch.from_numpy(counts_np[first:])[None]
+        brier = torch.from_numpy(sq[first:] / n_in if n_in > 0 else np.full(c - first, np.nan))[None]
+        nll = torch.tensor([info["nll_sum"] / n_in if n_in > 0 else float("nan")], dtype=torch.float64)
+    else:
+        try:
+            stats = bin_statistics(
+                probs, target, config.num_bins, include_background=ib, mask=mask, regions=regions
+            )
+        except ValueError as exc:
+            raise CaseError(path, str(exc)) from None
+        kw = {"mask": mask, "regions": regions, "check": False}
+        counts = confusion_counts(probs, label, include_background=ib, **kw)  # type: ignore[arg-type]
+        brier = brier_score(probs, target, include_background=ib, **kw)  # type: ignore[arg-type]
+        nll = negative_log_likelihood(probs, target, **kw)  # type: ignore[arg-type]
+        top = top_label_statistics(probs, label, config.num_bins, mask=mask, check=False)
     ce = calibration_errors(stats)
-    counts = confusion_counts(probs, label, include_background=ib, **kw)  # type: ignore[arg-type]
     ov = overlap_scores(counts)
-    brier = brier_score(probs, target, include_background=ib, **kw)  # type: ignore[arg-type]
-    nll = negative_log_likelihood(probs, target, **kw)  # type: ignore[arg-type]
-    top = top_label_statistics(probs, label, config.num_bins, mask=mask, check=False)
     top_ce = calibration_errors(top)
     n_out = stats.num_channels
     nan = torch.full((1, n_out), float("nan"), dtype=torch.float64)
@@ -207,7 +231,6 @@ def compute_case(case: Case, config: EvalConfig) -> CaseResult:
     if config.region_names is not None:
         names = list(config.region_names)
     else:
-        first = 0 if ib else 1
         names = [f"class_{k}" for k in range(first, c)]
     per_class = {
         "dice": ov["dice"],
@@ -234,6 +257,29 @@ def compute_case(case: Case, config: EvalConfig) -> CaseResult:
     return CaseResult(
         case.case_id, "ok", None, names, metrics, stats.numpy()[0], time.perf_counter() - t0, _peak_rss_mb()
     )
+
+
+def _raise_invalid(info: dict[str, float], c: int, pred_path: str | None, label_path: str | None) -> None:
+    """The core's validation (SPEC §9) from the fused pass's statistics, with segcal.functional's messages."""
+    if info["n_nonfinite"] > 0:
+        raise CaseError(pred_path, f"prediction contains {int(info['n_nonfinite'])} NaN/Inf values")
+    lo, hi = info["p_min"], info["p_max"]
+    if lo < -PROB_ATOL or hi > 1 + PROB_ATOL:
+        raise CaseError(
+            pred_path, f"prediction must hold probabilities in [0, 1] but spans [{lo:.4g}, {hi:.4g}]"
+        )
+    if info["max_sum_dev"] > PROB_ATOL * max(1, c):
+        raise CaseError(
+            pred_path,
+            "prediction: exclusive mode needs class probabilities that sum to 1 over the channel axis, "
+            f"max deviation is {info['max_sum_dev']:.4g}",
+        )
+    l_lo, l_hi = int(info["label_min"]), int(info["label_max"])
+    if l_lo < 0 or l_hi >= c:
+        raise CaseError(
+            label_path,
+            f"label: labels must lie in [0, {c - 1}] for {c} classes, found values in [{l_lo}, {l_hi}]",
+        )
 
 
 def evaluate_case_files(files: CaseFiles, config: EvalConfig) -> CaseResult:
