@@ -1,0 +1,242 @@
+"""``segcal evaluate`` and ``segcal compare`` (SPEC §7)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from segcal.cli import app
+
+console = Console(stderr=True)
+
+#: exit code when some cases failed (their errors are in summary.json / failed.csv)
+EXIT_FAILED_CASES = 2
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "n/a"
+    return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
+
+
+def _margins(text: str) -> tuple[float, ...]:
+    try:
+        vals = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(
+            f"--bbox-margin-mm must be numbers separated by commas, got {text!r}"
+        ) from None
+    if not vals or any(v < 0 for v in vals):
+        raise typer.BadParameter(f"--bbox-margin-mm must be non-negative, got {text!r}")
+    return vals
+
+
+@app.command()
+def evaluate(
+    pred: Path = typer.Argument(
+        ..., help="Folder of predicted probability maps.", exists=True, file_okay=False
+    ),
+    labels: Path = typer.Argument(
+        ..., help="Folder of label maps (NIfTI or NumPy).", exists=True, file_okay=False
+    ),
+    out: Path = typer.Option(
+        ..., "-o", "--out", help="Output folder (results.sqlite, cases.csv, summary.json...)."
+    ),
+    fmt: str = typer.Option(
+        "auto", "--format", help="Prediction format: auto, nifti (4D or one file per class), npy, nnunet."
+    ),
+    bins: int = typer.Option(20, "--bins", min=1, help="Number of equal-width probability bins M."),
+    regions: str | None = typer.Option(
+        None, "--regions", help='Region channels from label sums, e.g. "ET=3;TC=1,3;WT=1,2,3" (BraTS).'
+    ),
+    include_background: bool = typer.Option(False, "--include-background", help="Also score class 0."),
+    region: str = typer.Option("whole", "--region", help="Where metrics are computed: whole, bbox or mask."),
+    bbox_margin_mm: str = typer.Option(
+        "8,8,4", "--bbox-margin-mm", help="Bounding-box margins in mm per axis."
+    ),
+    mask_dir: Path | None = typer.Option(
+        None, "--mask-dir", help="Folder of region masks (with --region mask)."
+    ),
+    soft_ref: Path | None = typer.Option(
+        None,
+        "--soft-ref",
+        help="Folder of soft reference probability maps (calibration against them, plus MAE).",
+    ),
+    workers: int | None = typer.Option(
+        None, "--workers", min=0, help="Local worker processes (default: all cores; 0 = in this process)."
+    ),
+    dask: str | None = typer.Option(
+        None, "--dask", help="Address of an existing Dask scheduler (tcp://host:port)."
+    ),
+    no_hd95: bool = typer.Option(
+        False, "--no-hd95", help="Skip the 95% Hausdorff distance (the slowest metric)."
+    ),
+    no_report: bool = typer.Option(False, "--no-report", help="Do not build the HTML report."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Discard results of another configuration in OUT."
+    ),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Recompute cases recorded as failed."),
+) -> None:
+    """Evaluate a folder of predictions against labels: per-case CSV, summary JSON, bin sums, report.
+
+    Resumable: rerunning the same command skips the cases already in OUT. Exit code 2 if any case failed.
+    """
+    from segcal.evaluation import ConfigMismatchError, EvalConfig, run_evaluation
+    from segcal.functional.regions import parse_region_spec
+    from segcal.io import CaseError, detect_format
+
+    if fmt not in ("auto", "nifti", "npy", "nnunet"):
+        raise typer.BadParameter(f"--format must be auto, nifti, npy or nnunet, got {fmt!r}")
+    if region not in ("whole", "bbox", "mask"):
+        raise typer.BadParameter(f"--region must be whole, bbox or mask, got {region!r}")
+    if region == "mask" and mask_dir is None:
+        raise typer.BadParameter("--region mask needs --mask-dir")
+    names = groups = None
+    if regions:
+        try:
+            n, g = parse_region_spec(regions)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+        names, groups = tuple(n), tuple(tuple(x) for x in g)
+    resolved = detect_format(pred) if fmt == "auto" else fmt
+    config = EvalConfig(
+        fmt=resolved,  # type: ignore[arg-type]
+        num_bins=bins,
+        region_names=names,
+        regions=groups,
+        include_background=include_background,
+        region=region,  # type: ignore[arg-type]
+        bbox_margin_mm=_margins(bbox_margin_mm),
+        hd95=not no_hd95,
+        soft_reference=soft_ref is not None,
+    )
+    try:
+        res = run_evaluation(
+            pred,
+            labels,
+            out,
+            config,
+            reference_dir=soft_ref,
+            mask_dir=mask_dir if region == "mask" else None,
+            workers=workers,
+            dask_address=dask,
+            overwrite=overwrite,
+            retry_failed=retry_failed,
+        )
+    except (ConfigMismatchError, CaseError, ValueError) as exc:
+        console.print(f"[red]error:[/] {exc}", soft_wrap=True)
+        raise typer.Exit(1) from None
+    for role, files in res.unmatched.items():
+        console.print(f"[yellow]{len(files)} {role} file(s) without partner[/], e.g. {files[0]}")
+    _print_summary(res.summary, res)
+    if not no_report:
+        try:
+            from segcal.report import build_evaluation_report
+        except ImportError:
+            console.print("[yellow]segcal.report is not available; no HTML report written[/]")
+        else:
+            path = build_evaluation_report(Path(out))
+            console.print(f"report: {path}")
+    if res.n_failed:
+        raise typer.Exit(EXIT_FAILED_CASES)
+
+
+def _print_summary(summary: dict[str, Any], res: Any) -> None:
+    table = Table(title=f"{res.out_dir}")
+    table.add_column("class")
+    cols = [
+        ("dice", "macro"),
+        ("hd95", "macro"),
+        ("ece", "macro"),
+        ("ace", "macro"),
+        ("mce", "macro"),
+        ("ace", "pooled"),
+        ("ece", "pooled"),
+    ]
+    for m, kind in cols:
+        table.add_column(f"{m.upper()} ({kind})", justify="right")
+    macro, pooled = summary.get("macro", {}), summary.get("pooled", {})
+    for cls in [*summary.get("class_names", []), "mean"]:
+        cells = []
+        for m, kind in cols:
+            if kind == "macro":
+                s = macro.get(m, {}).get(cls)
+                cells.append(
+                    "n/a"
+                    if s is None
+                    else f"{_fmt(s['mean'])} [{_fmt(s['ci_low'], 3)}, {_fmt(s['ci_high'], 3)}]"
+                )
+            else:
+                cells.append(_fmt(pooled.get(m, {}).get(cls)))
+        table.add_row(cls, *cells)
+    Console().print(table)
+    for f in summary.get("failed", [])[:10]:
+        console.print(f"[red]failed[/] {f['case_id']}: {f['error']}", soft_wrap=True)
+    console.print(
+        f"{res.n_ok} ok, {res.n_failed} failed, {res.n_skipped} resumed, {res.n_computed} computed",
+        soft_wrap=True,
+    )
+
+
+@app.command()
+def compare(
+    runs: list[Path] = typer.Argument(..., help="Evaluated run folders; the first is the baseline."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output folder (comparison.csv, comparison.json)."),
+    intersection: bool = typer.Option(
+        False, "--intersection", help="Compare only the cases common to all runs."
+    ),
+    no_report: bool = typer.Option(False, "--no-report", help="Do not build the HTML comparison report."),
+) -> None:
+    """Paired statistics (Wilcoxon, rank-sum, effect sizes, Holm) of runs 2..n against run 1."""
+    from segcal.evaluation.compare import compare_runs, format_change, write_comparison
+
+    try:
+        comp = compare_runs(list(runs), intersection=intersection)
+    except ValueError as exc:
+        console.print(f"[red]error:[/] {exc}", soft_wrap=True)
+        raise typer.Exit(1) from None
+    files = write_comparison(comp, out)
+    table = Table(title="comparison (B vs baseline A)")
+    for col in (
+        "run B",
+        "metric",
+        "class",
+        "n",
+        "mean A",
+        "mean B",
+        "change",
+        "p Wilcoxon",
+        "p Holm",
+        "r_rb",
+    ):
+        table.add_column(col, justify="right" if col not in ("run B", "metric", "class") else "left")
+    for r in comp["rows"]:
+        if r["metric"] not in ("dice", "hd95", "ece", "ace", "mce", "brier", "nll", "top_label_ece"):
+            continue
+        table.add_row(
+            Path(r["run_b"]).name,
+            r["metric"],
+            r["class"],
+            str(r["n"]),
+            _fmt(r["mean_a"]),
+            _fmt(r["mean_b"]),
+            format_change(r["relative_change"]),
+            _fmt(r["wilcoxon_p"], 3),
+            _fmt(r["wilcoxon_p_holm"], 3),
+            _fmt(r["rank_biserial"], 3),
+        )
+    Console().print(table)
+    console.print(f"written: {files['csv']}, {files['json']}")
+    if not no_report:
+        try:
+            from segcal.report import build_comparison_report
+        except ImportError:
+            console.print("[yellow]segcal.report is not available; no HTML report written[/]")
+        else:
+            path = build_comparison_report([Path(r) for r in runs], Path(out), comp)
+            console.print(f"report: {path}")

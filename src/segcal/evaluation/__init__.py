@@ -1,0 +1,17 @@
+"""Dataset evaluation: runner, resumable store, outputs, statistics and comparison (SPEC §1, §6, §7, §9)."""
+
+from segcal.evaluation.compare import compare_runs
+from segcal.evaluation.runner import EvalConfig, RunResult, compute_case, evaluate_case_files, run_evaluation
+from segcal.evaluation.store import CaseResult, ConfigMismatchError, ResultStore
+
+__all__ = [
+    "CaseResult",
+    "ConfigMismatchError",
+    "EvalConfig",
+    "ResultStore",
+    "RunResult",
+    "compare_runs",
+    "compute_case",
+    "evaluate_case_files",
+    "run_evaluation",
+]

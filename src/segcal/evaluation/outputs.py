@@ -1,0 +1,165 @@
+"""Run outputs: ``cases.csv`` (case × class rows), ``bins.npz`` (per-case bin sums) and ``summary.json``.
+
+``summary.json`` holds, per metric and class (and ``"mean"``: the per-case average over classes):
+
+* ``macro``: per-case values aggregated with :func:`~segcal.evaluation.statistics.summarize` (mean, std,
+  median,  IQR, seeded bootstrap 95% CI of the mean);
+* ``pooled``: calibration errors from the bin sums merged over all cases (``BinStats.pooled()``) and overlap
+  scores from the summed confusion counts.
+
+``bins.npz`` (read by :mod:`segcal.report` and :mod:`segcal.plots`): ``case_ids`` ``(N,)`` unicode,
+``bin_stats`` ``(N, C, 3, M)`` float64 (count, Σp, Σy), ``class_names`` ``(C,)`` unicode; no pickled objects.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from segcal.evaluation.statistics import summarize
+from segcal.evaluation.store import CaseResult, ResultStore
+
+__all__ = ["load_cases_csv", "pooled_metrics", "write_outputs"]
+
+
+def _columns() -> list[str]:
+    from segcal.evaluation.runner import CASE_METRICS, CLASS_METRICS
+
+    return ["case_id", "class", *CLASS_METRICS, *CASE_METRICS, "tp", "fp", "fn", "n_voxels"]
+
+
+def _rows(res: CaseResult) -> list[dict[str, Any]]:
+    from segcal.evaluation.runner import CASE_METRICS, CLASS_METRICS
+
+    m = res.metrics or {}
+    rows = []
+    for i, name in enumerate(res.class_names or []):
+        row: dict[str, Any] = {"case_id": res.case_id, "class": name}
+        for k in CLASS_METRICS:
+            row[k] = m["per_class"][k][i]
+        for k in CASE_METRICS:
+            row[k] = m["per_case"][k]
+        row["tp"], row["fp"], row["fn"] = m["counts"][i]
+        row["n_voxels"] = m["n_voxels"][i]
+        rows.append(row)
+    return rows
+
+
+def pooled_metrics(
+    bins: np.ndarray, counts: np.ndarray, class_names: list[str]
+) -> dict[str, dict[str, float]]:
+    """Dataset-level metrics from merged sums: ``bins`` ``(N, C, 3, M)``, ``counts`` ``(N, C, 3)``."""
+    from segcal.functional import BinStats, calibration_errors, overlap_scores
+
+    pooled = BinStats.from_numpy(bins).pooled()
+    ce = calibration_errors(pooled)
+    ov = overlap_scores(torch.as_tensor(counts, dtype=torch.float64).sum(0, keepdim=True))
+    out: dict[str, dict[str, float]] = {}
+    for k, v in {**ce, **ov}.items():
+        vals = v[0].tolist()
+        d = dict(zip(class_names, vals, strict=True))
+        fin = [x for x in vals if math.isfinite(x)]
+        d["mean"] = float(np.mean(fin)) if fin else float("nan")
+        out[k] = d
+    return out
+
+
+def write_outputs(
+    store: ResultStore, out_dir: Path, run_config: dict[str, Any], unmatched: dict[str, list[str]]
+) -> tuple[dict[str, Path], dict[str, Any]]:
+    """Write ``cases.csv``, ``bins.npz``, ``summary.json`` (and ``failed.csv``) from the store's ok cases."""
+    from segcal.evaluation.runner import CASE_METRICS, CLASS_METRICS
+
+    results = store.results()
+    ok = [r for r in results if r.status == "ok"]
+    failed = [r for r in results if r.status != "ok"]
+    files = {
+        "cases": out_dir / "cases.csv",
+        "bins": out_dir / "bins.npz",
+        "summary": out_dir / "summary.json",
+    }
+    with open(files["cases"], "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=_columns())
+        w.writeheader()
+        for r in ok:
+            w.writerows(_rows(r))
+    files["failed"] = out_dir / "failed.csv"
+    with open(files["failed"], "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["case_id", "error"])
+        w.writerows([(r.case_id, r.error) for r in failed])
+
+    shapes = {r.bins.shape for r in ok if r.bins is not None}
+    names_set = {tuple(r.class_names or []) for r in ok}
+    if len(shapes) > 1 or len(names_set) > 1:
+        raise ValueError(
+            f"cases have different numbers of classes or bins {sorted(shapes)}; "
+            "evaluate them in separate runs"
+        )
+    class_names = list(next(iter(names_set))) if names_set else []
+    m = int(run_config.get("num_bins", 20))
+    bins = np.stack([r.bins for r in ok]) if ok else np.zeros((0, len(class_names), 3, m))
+    case_ids = np.array([r.case_id for r in ok], dtype=str)
+    np.savez(
+        files["bins"],
+        case_ids=case_ids.astype("U") if case_ids.size else np.zeros(0, dtype="U1"),
+        bin_stats=bins.astype(np.float64),
+        class_names=np.array(class_names, dtype="U"),
+    )
+
+    macro: dict[str, dict[str, Any]] = {}
+    for k in CLASS_METRICS:
+        vals = np.array([r.metrics["per_class"][k] for r in ok], dtype=np.float64).reshape(len(ok), -1)
+        if vals.size and np.isnan(vals).all():
+            continue  # metric not computed in this run (e.g. MAE without soft reference, --no-hd95)
+        d = {name: summarize(vals[:, i]) for i, name in enumerate(class_names)}
+        with np.errstate(all="ignore"):
+            case_mean = np.array([np.nanmean(v) if np.isfinite(v).any() else np.nan for v in vals])
+        d["mean"] = summarize(case_mean)
+        macro[k] = d
+    for k in CASE_METRICS:
+        macro[k] = {"case": summarize([r.metrics["per_case"][k] for r in ok])}
+    counts = np.array([r.metrics["counts"] for r in ok], dtype=np.float64).reshape(
+        len(ok), len(class_names), 3
+    )
+    summary = {
+        "config": run_config,
+        "n_cases": len(results),
+        "n_ok": len(ok),
+        "n_failed": len(failed),
+        "failed": [{"case_id": r.case_id, "error": r.error} for r in failed],
+        "unmatched": unmatched,
+        "class_names": class_names,
+        "macro": macro,
+        "pooled": pooled_metrics(bins, counts, class_names) if ok else {},
+    }
+    with open(files["summary"], "w") as fh:
+        json.dump(_finite(summary), fh, indent=2)
+    return files, summary
+
+
+def _finite(obj: Any) -> Any:
+    """NaN/Inf → None so that summary.json is strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def load_cases_csv(path: str | Path) -> dict[tuple[str, str], dict[str, float]]:
+    """``(case_id, class) → {metric: value}`` from a run's ``cases.csv`` (empty cells → NaN)."""
+    out = {}
+    with open(path, newline="") as fh:
+        for row in csv.DictReader(fh):
+            key = (row.pop("case_id"), row.pop("class"))
+            out[key] = {k: float(v) if v not in ("", None) else float("nan") for k, v in row.items()}
+    return out

@@ -1,0 +1,171 @@
+"""Resumable, loss-free result store: one SQLite file (WAL) per run folder, one transaction per finished case.
+
+A run killed at any point (even SIGKILL) leaves every committed case intact; rerunning the same command skips
+them. Each row counts how many times its case was computed (``n_computed``) so tests can prove that finished
+cases are never recomputed. The run configuration's hash is stored once; opening the store with another
+configuration is refused unless ``overwrite`` is set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["CaseResult", "ConfigMismatchError", "ResultStore", "config_hash"]
+
+DB_NAME = "results.sqlite"
+
+
+class ConfigMismatchError(RuntimeError):
+    """The output folder holds results of a different configuration."""
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of a configuration."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass
+class CaseResult:
+    """One case's outcome: ``metrics`` rows per class, ``bins`` ``(C, 3, M)`` float64 (``None`` if failed)."""
+
+    case_id: str
+    status: str  # "ok" | "failed"
+    error: str | None = None
+    class_names: list[str] | None = None
+    metrics: dict[str, Any] | None = None
+    bins: np.ndarray | None = None
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS cases (
+    case_id TEXT PRIMARY KEY,
+    status TEXT NOT NULL CHECK (status IN ('ok', 'failed')),
+    error TEXT,
+    class_names TEXT,
+    metrics TEXT,
+    bins BLOB,
+    bins_shape TEXT,
+    config_hash TEXT NOT NULL,
+    seconds REAL,
+    peak_rss_mb REAL,
+    n_computed INTEGER NOT NULL DEFAULT 1,
+    finished_at REAL
+);
+"""
+
+
+class ResultStore:
+    """SQLite store in ``out_dir/results.sqlite``."""
+
+    def __init__(self, out_dir: str | Path, config: dict[str, Any], *, overwrite: bool = False) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.out_dir / DB_NAME
+        self.config = config
+        self.hash = config_hash(config)
+        self.conn = sqlite3.connect(self.path, timeout=60)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=NORMAL")
+        self.conn.executescript(_SCHEMA)
+        row = self.conn.execute("SELECT value FROM meta WHERE key='config_hash'").fetchone()
+        if row is not None and row[0] != self.hash:
+            if not overwrite:
+                old = self.conn.execute("SELECT value FROM meta WHERE key='config'").fetchone()
+                self.conn.close()
+                raise ConfigMismatchError(
+                    f"{self.out_dir} holds results of a different configuration "
+                    f"(stored: {old[0] if old else '?'}; "
+                    f"now: {json.dumps(config, sort_keys=True, default=str)}). "
+                    "Use another output folder, or --overwrite to discard the stored results."
+                )
+        if overwrite or row is None or row[0] != self.hash:
+            with self.conn:
+                self.conn.execute("DELETE FROM cases")
+                self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('config_hash', ?)", (self.hash,))
+                self.conn.execute(
+                    "INSERT OR REPLACE INTO meta VALUES ('config', ?)",
+                    (json.dumps(config, sort_keys=True, default=str),),
+                )
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> ResultStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def finished(self, *, include_failed: bool = True) -> set[str]:
+        """Ids of cases already recorded (``ok``, and ``failed`` unless ``include_failed`` is False)."""
+        q = "SELECT case_id FROM cases" + ("" if include_failed else " WHERE status='ok'")
+        return {r[0] for r in self.conn.execute(q)}
+
+    def put(self, res: CaseResult) -> None:
+        """Record one case in its own transaction (a recomputed case increments ``n_computed``)."""
+        blob = shape = None
+        if res.bins is not None:
+            arr = np.ascontiguousarray(res.bins, dtype=np.float64)
+            blob, shape = arr.tobytes(), json.dumps(list(arr.shape))
+        with self.conn:
+            self.conn.execute(
+                """INSERT INTO cases (case_id, status, error, class_names, metrics, bins, bins_shape,
+                       config_hash,                        seconds, peak_rss_mb, n_computed, finished_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?)
+                   ON CONFLICT(case_id) DO UPDATE SET status=excluded.status, error=excluded.error,
+                       class_names=excluded.class_names, metrics=excluded.metrics, bins=excluded.bins,
+                       bins_shape=excluded.bins_shape, seconds=excluded.seconds,
+                       peak_rss_mb=excluded.peak_rss_mb,
+                       n_computed=cases.n_computed + 1, finished_at=excluded.finished_at""",
+                (
+                    res.case_id,
+                    res.status,
+                    res.error,
+                    json.dumps(res.class_names) if res.class_names is not None else None,
+                    json.dumps(res.metrics, allow_nan=True) if res.metrics is not None else None,
+                    blob,
+                    shape,
+                    self.hash,
+                    res.seconds,
+                    res.peak_rss_mb,
+                    time.time(),
+                ),
+            )
+
+    def results(self) -> list[CaseResult]:
+        """All recorded cases, sorted by case id."""
+        out = []
+        for row in self.conn.execute(
+            "SELECT case_id, status, error, class_names, metrics, bins, bins_shape, seconds, peak_rss_mb "
+            "FROM cases ORDER BY case_id"
+        ):
+            cid, status, err, names, metrics, blob, shape, sec, rss = row
+            bins = np.frombuffer(blob, dtype=np.float64).reshape(json.loads(shape)).copy() if blob else None
+            out.append(
+                CaseResult(
+                    cid,
+                    status,
+                    err,
+                    json.loads(names) if names else None,
+                    json.loads(metrics) if metrics else None,
+                    bins,
+                    sec or 0.0,
+                    rss or 0.0,
+                )
+            )
+        return out
+
+    def compute_counts(self) -> dict[str, int]:
+        """``case_id → n_computed``."""
+        return dict(self.conn.execute("SELECT case_id, n_computed FROM cases"))
