@@ -173,7 +173,7 @@ def test_folder_data_npz_and_nifti_and_cli_train(tmp_path):
     assert (tmp_path / "run" / "best.pt").is_file()
     cfg_path.write_text("epochs: 1\nmodle: {}\n")
     bad = CliRunner().invoke(app, ["train", str(cfg_path)])
-    assert bad.exit_code == 2 and "modle" in bad.output
+    assert bad.exit_code == 2 and "'modle'" in " ".join(bad.output.split())
 
 
 def test_bad_labels_and_channels_are_rejected(tmp_path):

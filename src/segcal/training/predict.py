@@ -82,12 +82,12 @@ def sliding_window_logits(
 
 
 def enable_mc_dropout(model: nn.Module) -> int:
-    """Put every dropout layer in train mode (the rest stays in eval); returns how many were switched."""
+    """Put every dropout layer in train mode (the rest stays in eval); returns how many have ``p > 0``."""
     n = 0
     for m in model.modules():
         if isinstance(m, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)):
             m.train()
-            n += 1
+            n += int(m.p > 0)
     return n
 
 
@@ -243,32 +243,34 @@ def predict_files(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    from rich.progress import track
+    from rich.progress import Progress
 
-    it = track(files, description="predicting") if progress else files
-    for f in it:
-        image, affine = read_image(f, spatial_dims)
-        x = torch.from_numpy(image)[None].to(device)
-        probs, logits = predict_probabilities(models, x, return_logits=True, **kwargs)
-        p = probs[0].cpu().numpy().astype(dtype)
-        name = _output_name(f)
-        if output_format == "npz":
-            arrays = {"probabilities": p}
-            if save_logits:
-                arrays["logits"] = logits[0].cpu().numpy().astype(dtype)
-            target = out / f"{name}.npz"
-            np.savez_compressed(target, **arrays)
-        else:
-            aff = affine if affine is not None else np.eye(4)
-            vol = np.moveaxis(p, 0, -1).astype(np.float32)
-            if spatial_dims == 2:
-                vol = vol[:, :, None, :]  # (X, Y, 1, C): keeps a 3D geometry for the 2D slice
-            target = out / f"{name}.nii.gz"
-            nib.save(nib.Nifti1Image(vol, aff), str(target))
-            if save_logits:
-                lg = np.moveaxis(logits[0].cpu().numpy(), 0, -1).astype(np.float32)
+    with Progress(disable=not progress) as bar:
+        task = bar.add_task("predicting", total=len(files))
+        for f in files:
+            image, affine = read_image(f, spatial_dims)
+            x = torch.from_numpy(image)[None].to(device)
+            probs, logits = predict_probabilities(models, x, return_logits=True, **kwargs)
+            p = probs[0].cpu().numpy().astype(dtype)
+            name = _output_name(f)
+            if output_format == "npz":
+                arrays = {"probabilities": p}
+                if save_logits:
+                    arrays["logits"] = logits[0].cpu().numpy().astype(dtype)
+                target = out / f"{name}.npz"
+                np.savez_compressed(target, **arrays)
+            else:
+                aff = affine if affine is not None else np.eye(4)
+                vol = np.moveaxis(p, 0, -1).astype(np.float32)
                 if spatial_dims == 2:
-                    lg = lg[:, :, None, :]
-                nib.save(nib.Nifti1Image(lg, aff), str(out / f"{name}_logits.nii.gz"))
-        written.append(target)
+                    vol = vol[:, :, None, :]  # (X, Y, 1, C): keeps a 3D geometry for the 2D slice
+                target = out / f"{name}.nii.gz"
+                nib.save(nib.Nifti1Image(vol, aff), str(target))
+                if save_logits:
+                    lg = np.moveaxis(logits[0].cpu().numpy(), 0, -1).astype(np.float32)
+                    if spatial_dims == 2:
+                        lg = lg[:, :, None, :]
+                    nib.save(nib.Nifti1Image(lg, aff), str(out / f"{name}_logits.nii.gz"))
+            written.append(target)
+            bar.advance(task)
     return written
