@@ -9,7 +9,7 @@ import numpy as np
 
 
 def synthetic_squares(n: int, size: int = 16, seed: int = 0, noise: float = 0.3):
-    """Images ``(n, 1, size, size)`` float32 of a bright square plus noise; labels ``(n, size, size)`` int64."""
+    """Images ``(n, 1, size, size)`` float32: a bright square plus noise; labels ``(n, size, size)`` int64."""
     rng = np.random.default_rng(seed)
     labels = np.zeros((n, size, size), dtype=np.int64)
     for i in range(n):
@@ -22,7 +22,7 @@ def synthetic_squares(n: int, size: int = 16, seed: int = 0, noise: float = 0.3)
     return images, labels
 
 
-FALLBACK_SOURCE = '''
+FALLBACK_SOURCE = """
 import sys, types
 def _install():
     try:
@@ -41,7 +41,7 @@ def _install():
     mod.loss_from_string = loss_from_string
     sys.modules["segcal.losses"] = mod
 _install()
-'''
+"""
 
 
 def install_loss_fallback(monkeypatch) -> None:

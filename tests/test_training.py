@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from _training_utils import install_loss_fallback, synthetic_squares
 
+from _training_utils import install_loss_fallback, synthetic_squares
 from segcal.training import (
     TrainConfig,
     config_from_dict,
@@ -36,8 +36,15 @@ def _threads_and_loss(monkeypatch):
 
 
 def _cfg(tmp_path, **kw):
-    cfg = {"epochs": 3, "output_dir": str(tmp_path / "run"), "progress": False, "model": dict(TINY),
-           "data": {"batch_size": 8}, "optim": {"lr": 0.01}, "loss": "dice"}
+    cfg = {
+        "epochs": 3,
+        "output_dir": str(tmp_path / "run"),
+        "progress": False,
+        "model": dict(TINY),
+        "data": {"batch_size": 8},
+        "optim": {"lr": 0.01},
+        "loss": "dice",
+    }
     for k, v in kw.items():
         if isinstance(v, dict):
             cfg[k] = {**cfg.get(k, {}), **v}
@@ -126,16 +133,22 @@ def test_rng_state_roundtrip_through_weights_only_checkpoint(tmp_path):
 
 
 def test_config_schema_rejects_unknown_keys_with_valid_list(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown config key\(s\) 'epochz' in the top level; valid keys: .*epochs"):
+    with pytest.raises(
+        ValueError, match=r"unknown config key\(s\) 'epochz' in the top level; valid keys: .*epochs"
+    ):
         config_from_dict({"epochz": 3})
-    with pytest.raises(ValueError, match=r"'chanels' in section 'model'; valid keys: spatial_dims, .*channels"):
+    with pytest.raises(
+        ValueError, match=r"'chanels' in section 'model'; valid keys: spatial_dims, .*channels"
+    ):
         config_from_dict({"model": {"chanels": [4, 8]}})
-    with pytest.raises(ValueError, match="model.strides needs"):
+    with pytest.raises(ValueError, match=r"model\.strides needs"):
         config_from_dict({"model": {"channels": [4, 8, 16], "strides": [2]}})
-    with pytest.raises(ValueError, match="data.batch_size must be an integer"):
+    with pytest.raises(ValueError, match=r"data\.batch_size must be an integer"):
         config_from_dict({"data": {"batch_size": "8"}})
     with pytest.raises(ValueError, match="multiples of 4"):
-        config_from_dict({"model": {"channels": [4, 8, 16], "strides": [2, 2]}, "data": {"patch_size": [18, 16]}})
+        config_from_dict(
+            {"model": {"channels": [4, 8, 16], "strides": [2, 2]}, "data": {"patch_size": [18, 16]}}
+        )
     p = tmp_path / "c.yaml"
     p.write_text("loss: dice+ce\nepochs: 2\nmodel: {channels: [4, 8], strides: [2], dropout: 0.1}\n")
     cfg = load_config(p)
@@ -160,7 +173,9 @@ def test_folder_data_npz_and_nifti_and_cli_train(tmp_path):
         np.savez(tr / f"c{i}.npz", image=x[i], label=y[i])
     for i in range(4, 6):  # validation as NIfTI pairs, 2D slices stored (X, Y, 1)
         nib.save(nib.Nifti1Image(x[i, 0, :, :, None], np.eye(4)), str(va / f"c{i}_image.nii.gz"))
-        nib.save(nib.Nifti1Image(y[i, :, :, None].astype(np.int16), np.eye(4)), str(va / f"c{i}_label.nii.gz"))
+        nib.save(
+            nib.Nifti1Image(y[i, :, :, None].astype(np.int16), np.eye(4)), str(va / f"c{i}_label.nii.gz")
+        )
     names, imgs, labs = read_folder(va, 2)
     assert names == ["c4", "c5"] and imgs[0].shape == (1, 16, 16) and labs[1].dtype == np.int64
     np.testing.assert_array_equal(labs[0], y[4])
@@ -182,3 +197,13 @@ def test_bad_labels_and_channels_are_rejected(tmp_path):
         train(_cfg(tmp_path, epochs=1), (x, y * 2), None, resume=False)
     with pytest.raises(ValueError, match="in_channels"):
         train(_cfg(tmp_path, epochs=1), (np.concatenate([x, x], 1), y), None, resume=False)
+
+
+def test_3d_patches_train_and_validate(tmp_path):
+    rng = np.random.default_rng(0)
+    y = np.zeros((3, 12, 12, 10), np.int64)
+    y[:, 3:8, 4:9, 2:7] = 1
+    x = (y[:, None] + 0.3 * rng.standard_normal(y[:, None].shape)).astype(np.float32)
+    cfg = _cfg(tmp_path, epochs=1, model={"spatial_dims": 3}, data={"patch_size": [8, 8, 8], "batch_size": 3})
+    res = train(cfg, (x, y), (x[:1], y[:1]), resume=False)
+    assert res.epochs_run == 1 and 0.0 <= res.history[0]["val_dice"] <= 1.0

@@ -1,4 +1,4 @@
-"""DDP: two CPU processes on gloo via ``torch.distributed.run`` end with identical weights and one checkpoint."""
+"""DDP: two CPU processes on gloo via ``torch.distributed.run`` end with identical weights."""
 
 from __future__ import annotations
 
@@ -50,9 +50,21 @@ def test_ddp_two_cpu_processes_gloo(tmp_path):
     script = tmp_path / "ddp_train.py"
     script.write_text(SCRIPT.format(tests=tests, out=str(tmp_path)))
     src = str(Path(__file__).parents[1] / "src")
-    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script)]
+    env = {
+        **os.environ,
+        "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        str(script),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     w0 = torch.load(tmp_path / "rank0.pt", weights_only=True)

@@ -6,9 +6,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from _training_utils import synthetic_squares
 from typer.testing import CliRunner
 
+from _training_utils import synthetic_squares
 from segcal.cli import app
 from segcal.training import (
     build_model,
@@ -21,8 +21,17 @@ from segcal.training import (
 
 
 def _checkpoint(path, seed=0, dropout=0.0, out_channels=3):
-    cfg = config_from_dict({"model": {"channels": [4, 8], "strides": [2], "num_res_units": 1,
-                                      "dropout": dropout, "out_channels": out_channels}})
+    cfg = config_from_dict(
+        {
+            "model": {
+                "channels": [4, 8],
+                "strides": [2],
+                "num_res_units": 1,
+                "dropout": dropout,
+                "out_channels": out_channels,
+            }
+        }
+    )
     torch.manual_seed(seed)
     model = build_model(cfg.model)
     torch.save({"model": model.state_dict(), "config": cfg.to_dict()}, path)
@@ -59,15 +68,17 @@ def test_temperature_and_calibrator_hook(tmp_path):
     x = torch.from_numpy(synthetic_squares(2, 16, seed=3)[0])
     with torch.no_grad():
         logits = m(x)
-    torch.testing.assert_close(predict_probabilities(m, x, temperature=2.0), torch.softmax(logits / 2, 1),
-                               atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        predict_probabilities(m, x, temperature=2.0), torch.softmax(logits / 2, 1), atol=1e-6, rtol=1e-5
+    )
 
     class Half:
         def transform(self, z):
             return torch.softmax(z * 0.5, 1)
 
-    torch.testing.assert_close(predict_probabilities(m, x, calibrator=Half()), torch.softmax(logits / 2, 1),
-                               atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        predict_probabilities(m, x, calibrator=Half()), torch.softmax(logits / 2, 1), atol=1e-6, rtol=1e-5
+    )
     with pytest.raises(ValueError, match="temperature"):
         predict_probabilities(m, x, temperature=0.0)
     with pytest.raises(TypeError, match="transform"):
@@ -112,7 +123,9 @@ def test_predict_files_nifti_affine_and_npz_shapes(tmp_path):
     nib.save(nib.Nifti1Image(x[0, 0, :, :, None], affine), str(inp / "case0_image.nii.gz"))
     np.savez(inp / "case1.npz", image=x[1, 0])
     # NIfTI output
-    written = predict_files(tmp_path / "a.pt", inp, tmp_path / "out_nii", output_format="nifti", save_logits=True)
+    written = predict_files(
+        tmp_path / "a.pt", inp, tmp_path / "out_nii", output_format="nifti", save_logits=True
+    )
     assert sorted(p.name for p in written) == ["case0.nii.gz", "case1.nii.gz"]
     img = nib.load(str(tmp_path / "out_nii" / "case0.nii.gz"))
     np.testing.assert_allclose(img.affine, affine)
@@ -124,8 +137,21 @@ def test_predict_files_nifti_affine_and_npz_shapes(tmp_path):
     np.testing.assert_allclose(np.moveaxis(data[:, :, 0], -1, 0), ref, atol=1e-5)
     assert (tmp_path / "out_nii" / "case0_logits.nii.gz").is_file()
     # npz output through the CLI, float16
-    res = CliRunner().invoke(app, ["predict", str(inp), "-o", str(tmp_path / "out_npz"), "-c", str(tmp_path / "a.pt"),
-                                   "--float16", "--save-logits", "--temperature", "1.5"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "predict",
+            str(inp),
+            "-o",
+            str(tmp_path / "out_npz"),
+            "-c",
+            str(tmp_path / "a.pt"),
+            "--float16",
+            "--save-logits",
+            "--temperature",
+            "1.5",
+        ],
+    )
     assert res.exit_code == 0, res.output
     with np.load(tmp_path / "out_npz" / "case1.npz", allow_pickle=False) as z:
         p, lg = z["probabilities"], z["logits"]
@@ -143,6 +169,7 @@ def test_predict_bad_inputs(tmp_path):
     np.savez(tmp_path / "bad.npz", img=np.zeros((16, 16), np.float32))
     with pytest.raises(ValueError, match=r"bad\.npz: missing key 'image'"):
         predict_files(tmp_path / "a.pt", tmp_path / "bad.npz", tmp_path / "o")
-    res = CliRunner().invoke(app, ["predict", str(tmp_path / "bad.npz"), "-o", str(tmp_path / "o"),
-                                   "-c", str(tmp_path / "a.pt")])
+    res = CliRunner().invoke(
+        app, ["predict", str(tmp_path / "bad.npz"), "-o", str(tmp_path / "o"), "-c", str(tmp_path / "a.pt")]
+    )
     assert res.exit_code == 2 and "missing key 'image'" in " ".join(res.output.split())

@@ -10,8 +10,8 @@ A config file looks like::
     data: {train_dir: data/train, val_dir: data/val, batch_size: 8, patch_size: null}
     optim: {lr: 0.001}
 
-Every section is optional; missing keys take the defaults below. An unknown key anywhere raises a ``ValueError``
-that names the key, its section and the valid keys.
+Every section is optional; missing keys take the defaults below. An unknown key anywhere raises a
+``ValueError`` that names the key, its section and the valid keys.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ class ModelConfig:
             raise ValueError(f"model.spatial_dims must be 2 or 3, got {self.spatial_dims}")
         if len(self.strides) != len(self.channels) - 1:
             raise ValueError(
-                f"model.strides needs len(channels) - 1 = {len(self.channels) - 1} entries, got {len(self.strides)}"
+                f"model.strides needs len(channels) - 1 = {len(self.channels) - 1} entries, "
+                f"got {len(self.strides)}"
             )
         if self.in_channels < 1 or self.out_channels < 2:
             raise ValueError("model.in_channels must be >= 1 and model.out_channels >= 2 (softmax classes)")
@@ -65,10 +66,10 @@ class DataConfig:
     """Where the data come from and how batches are drawn.
 
     ``train_dir`` / ``val_dir``: folders of ``<case>.npz`` (keys ``image`` ``(C_in, *S)`` or ``(*S)`` and
-    ``label`` ``(*S)``) or NIfTI pairs ``<case>_image.nii[.gz]`` + ``<case>_label.nii[.gz]``. Leave them empty when
-    arrays are passed to :func:`segcal.training.train` directly. ``patch_size``: random patches of this size are
-    drawn for training (and used as the sliding-window size for validation); ``null`` trains on whole images
-    (2D slices), zero-padded to a multiple of the strides' product.
+    ``label`` ``(*S)``) or NIfTI pairs ``<case>_image.nii[.gz]`` + ``<case>_label.nii[.gz]``. Leave them empty
+    when arrays are passed to :func:`segcal.training.train` directly. ``patch_size``: random patches of this
+    size are drawn for training (and used as the sliding-window size for validation); ``null`` trains on whole
+    images (2D slices), zero-padded to a multiple of the strides' product.
     """
 
     train_dir: str | None = None

@@ -1,8 +1,8 @@
 """Training data: in-memory arrays or folders of ``.npz`` / NIfTI cases, with seeded random patches.
 
-Images are ``(C_in, *S)`` float32 per case, labels ``(*S)`` int64. Random patch offsets are drawn from a generator
-seeded by ``(seed, epoch, index)``, so a batch does not depend on worker processes, DDP ranks or the global RNG
-(which keeps resumed runs bit-identical to uninterrupted ones).
+Images are ``(C_in, *S)`` float32 per case, labels ``(*S)`` int64. Random patch offsets are drawn from a
+generator seeded by ``(seed, epoch, index)``, so a batch does not depend on worker processes, DDP ranks or the
+global RNG (which keeps resumed runs bit-identical to uninterrupted ones).
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ def read_image(path: str | Path, spatial_dims: int | None = None) -> tuple[np.nd
     """Read one image for training/prediction: returns ``(image (C_in, *S) float32, affine or None)``.
 
     ``.npz`` files need the key ``image`` with shape ``(C_in, *S)`` or ``(*S)``; NIfTI files hold ``(*S)`` or
-    ``(*S, C_in)`` (channels last, as written by most tools) and keep their affine. With ``spatial_dims`` given,
-    a missing channel axis is added and trailing singleton NIfTI axes are dropped.
+    ``(*S, C_in)`` (channels last, as written by most tools) and keep their affine. With ``spatial_dims``
+    given, a missing channel axis is added and trailing singleton NIfTI axes are dropped.
     """
     path = Path(path)
     if not path.is_file():
@@ -84,7 +84,7 @@ def _npz_array(path: Path, key: str) -> np.ndarray:
 
 
 def read_case(path: str | Path, spatial_dims: int) -> tuple[np.ndarray, np.ndarray]:
-    """Read one training case: ``.npz`` with ``image``/``label`` or ``<case>_image.nii*`` (label next to it)."""
+    """One training case: ``.npz`` with ``image``/``label`` or ``<case>_image.nii*`` (label next to it)."""
     path = Path(path)
     if path.suffix == ".npz":
         image, _ = read_image(path, spatial_dims)
@@ -117,7 +117,7 @@ def read_case(path: str | Path, spatial_dims: int) -> tuple[np.ndarray, np.ndarr
 def read_folder(
     folder: str | Path, spatial_dims: int
 ) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
-    """All cases of a folder (``*.npz`` and ``*_image.nii[.gz]``), sorted by name: ``(names, images, labels)``."""
+    """All cases (``*.npz``, ``*_image.nii[.gz]``) of a folder, sorted: ``(names, images, labels)``."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"data folder not found: {folder}")
@@ -166,13 +166,13 @@ def _pad_to(x: torch.Tensor, shape: Sequence[int], value: float = 0.0) -> torch.
 
 
 class SegmentationDataset(Dataset):
-    """Cases ``images[i] (C_in, *S)`` / ``labels[i] (*S)`` → ``(image, label)`` patches or padded whole images.
+    """Cases ``images[i] (C_in, *S)`` / ``labels[i] (*S)`` → ``(image, label)`` patches or padded images.
 
     Args:
         images: sequence (or stacked array ``(N, C_in, *S)``) of images.
         labels: sequence (or stacked array ``(N, *S)``) of integer label maps.
-        patch_size: random patch size, or ``None`` for whole images zero-padded to a multiple of ``size_factor``.
-        size_factor: spatial sizes of whole images are padded to a multiple of this (the UNet strides product).
+        patch_size: random patch size, or ``None`` for whole images zero-padded to ``size_factor``.
+        size_factor: whole images are padded to a multiple of this (the UNet strides' product).
         seed: base seed; the patch of case ``i`` in epoch ``e`` depends only on ``(seed, e, i)``.
         same_shape: require equal shapes for whole-image batches (off for validation sets read one by one).
     """

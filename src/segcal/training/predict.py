@@ -1,9 +1,10 @@
 """Prediction: sliding-window inference, MC dropout, checkpoint ensembles, temperature or a calibrator.
 
 Per image ``(1, C_in, *S)`` each pass gives logits ``(1, C, *S)``; they are turned into probabilities by
-``calibrator.transform(logits)`` when a calibrator is given (any object with that method, e.g. the segcal.posthoc
-calibrators), otherwise by ``softmax(logits / T)`` (temperature scaling, PostHoc; ``T = 1`` is plain softmax).
-The probabilities of MC-dropout passes (running mean) and of ensemble members (Ensembles eq. 6) are averaged.
+``calibrator.transform(logits)`` when a calibrator is given (any object with that method, e.g. the
+segcal.posthoc calibrators), otherwise by ``softmax(logits / T)`` (temperature scaling, PostHoc;
+``T = 1`` is plain softmax). The probabilities of MC-dropout passes (running mean) and of ensemble members
+(Ensembles eq. 6) are averaged.
 """
 
 from __future__ import annotations
@@ -228,7 +229,8 @@ def predict_files(
     Inputs: ``.npz`` (key ``image``, ``(C_in, *S)`` or ``(*S)``) or NIfTI (``(*S)`` / ``(*S, C_in)``).
     ``output_format="npz"`` writes ``<case>.npz`` with ``probabilities`` ``(C, *S)`` (and ``logits``);
     ``"nifti"`` writes ``<case>.nii.gz`` with ``(*S, C)`` probabilities and the input's affine (identity for
-    ``.npz`` inputs), plus ``<case>_logits.nii.gz``. Other keyword arguments go to :func:`predict_probabilities`.
+    ``.npz`` inputs), plus ``<case>_logits.nii.gz``. Other keyword arguments go to
+    :func:`predict_probabilities`.
     """
     import nibabel as nib
 

@@ -1,14 +1,14 @@
 """MONAI UNet training: Adam, validation Dice each epoch, best checkpoint, deterministic seeds, resume, DDP.
 
-Checkpoints (``torch.save`` of plain dicts of tensors/numbers, loadable with ``torch.load(weights_only=True)``):
+Checkpoints (``torch.save`` of plain dicts of tensors/numbers; ``torch.load(weights_only=True)`` reads them):
 
 * ``last.pt``: ``model``, ``optimizer``, ``epoch`` (number of finished epochs), ``best_dice``, ``best_epoch``,
-  ``rng`` (torch / numpy / python states stored as tensors) and ``config``; rewritten atomically after each epoch.
-* ``best.pt``: ``model``, ``epoch``, ``val_dice``, ``config`` of the best validation mean Dice (foreground classes).
+  ``rng`` (torch / numpy / python states stored as tensors) and ``config``; rewritten atomically each epoch.
+* ``best.pt``: ``model``, ``epoch``, ``val_dice``, ``config`` of the best validation mean Dice (foreground).
 
-``metrics.csv`` gets one row per epoch (epoch, train_loss, val_dice, best_dice, lr, seconds). When launched with
-``torchrun`` (``WORLD_SIZE > 1``), the model is wrapped in ``DistributedDataParallel`` (gloo on CPU, nccl on
-CUDA), each rank sees a :class:`~torch.utils.data.DistributedSampler` shard, validation Dice sums are
+``metrics.csv`` gets one row per epoch (epoch, train_loss, val_dice, best_dice, lr, seconds). When launched
+with ``torchrun`` (``WORLD_SIZE > 1``), the model is wrapped in ``DistributedDataParallel`` (gloo on CPU, nccl
+on CUDA), each rank sees a :class:`~torch.utils.data.DistributedSampler` shard, validation Dice sums are
 all-reduced, and only rank 0 writes files.
 """
 
@@ -70,8 +70,8 @@ def build_model(cfg: ModelConfig | dict[str, Any]) -> nn.Module:
 def build_loss(spec: str) -> nn.Module:
     """Loss from a string via ``segcal.losses.loss_from_string(spec, softmax=True, to_onehot_y=True)``.
 
-    The loss receives logits ``(B, C, *S)`` and integer labels ``(B, 1, *S)`` (MONAI convention). The import is
-    lazy so this module works without ``segcal.losses``; pass ``loss_fn=`` to :func:`train` to use any other loss.
+    The loss receives logits ``(B, C, *S)`` and integer labels ``(B, 1, *S)`` (MONAI convention). The import
+    is lazy so this module works without ``segcal.losses``; pass ``loss_fn=`` for another loss.
     """
     try:
         from segcal.losses import loss_from_string
@@ -84,9 +84,9 @@ def build_loss(spec: str) -> nn.Module:
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
-    """Seed ``random``, ``numpy`` and ``torch``; with ``deterministic`` ask torch for deterministic kernels."""
+    """Seed ``random``, ``numpy`` and ``torch``; ``deterministic`` asks torch for deterministic kernels."""
     random.seed(seed)
-    np.random.seed(seed % 2**32)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 (legacy global RNG, seeded for third-party code)
     torch.manual_seed(seed)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -97,7 +97,7 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
 
 def get_rng_state() -> dict[str, torch.Tensor]:
     """torch / numpy / python RNG states as tensors (so ``torch.load(weights_only=True)`` can read them)."""
-    np_state = np.random.get_state()
+    np_state = np.random.get_state()  # noqa: NPY002
     py_state = random.getstate()
     out = {
         "torch": torch.get_rng_state(),
@@ -115,7 +115,7 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
     """Inverse of :func:`get_rng_state`."""
     torch.set_rng_state(state["torch"].cpu())
     meta = state["numpy_meta"].tolist()
-    np.random.set_state(
+    np.random.set_state(  # noqa: NPY002
         (
             "MT19937",
             state["numpy_keys"].numpy().astype(np.uint32),
@@ -160,10 +160,10 @@ def validation_dice(
     overlap: float = 0.25,
     include_background: bool = False,
 ) -> tuple[float, int]:
-    """Sum over ``indices`` of per-image mean Dice (argmax prediction, ``segcal.functional.overlap``), and count.
+    """Sum over ``indices`` of per-image mean Dice (argmax, ``segcal.functional.overlap``), and the count.
 
-    Whole images are run through sliding-window inference with ``roi_size`` (default: the image size rounded up
-    to a multiple of ``size_factor``; the window pads and crops back). Returns ``(sum, n)`` so ranks can merge.
+    Whole images go through sliding-window inference with ``roi_size`` (default: the image size rounded up to
+    a multiple of ``size_factor``; the window pads and crops back). Returns ``(sum, n)`` so ranks can merge.
     """
     from monai.inferers import sliding_window_inference
 
@@ -240,9 +240,10 @@ def train(
         val_data: same for validation; defaults to ``config.data.val_dir``; without it the training loss picks
             the "best" checkpoint (lowest loss, reported as ``-loss``).
         resume: continue from ``output_dir/last.pt`` when it exists (model, optimizer, epoch, RNG states).
-        stop_after_epoch: stop after this many finished epochs (as if killed after that checkpoint); the config's
+        stop_after_epoch: stop after this many finished epochs (as if killed after that checkpoint); the
+            config's
             ``epochs`` stays the schedule, so a later ``resume`` finishes the run.
-        loss_fn: override the loss built from ``config.loss`` (called as ``loss_fn(logits, labels[:, None])``).
+        loss_fn: override the loss built from ``config.loss`` (called ``loss_fn(logits, labels[:, None])``).
         on_epoch_end: called as ``on_epoch_end(finished_epochs, model, optimizer)`` after each checkpoint.
     """
     cfg = config if isinstance(config, TrainConfig) else config_from_dict(config)
@@ -330,14 +331,14 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 loss = criterion(net(img), lab[:, None])
                 if not torch.isfinite(loss.detach()):
-                    raise FloatingPointError(f"epoch {epoch + 1}: loss is {float(loss.detach())} (not finite)")
+                    raise FloatingPointError(
+                        f"epoch {epoch + 1}: loss is {float(loss.detach())} (not finite)"
+                    )
                 loss.backward()
                 optimizer.step()
                 lv = float(loss.detach())
                 loss_sum += torch.tensor([lv * img.shape[0], img.shape[0]], dtype=torch.float64)
-                progress.update(
-                    task, advance=1, description=f"epoch {epoch + 1}/{cfg.epochs} loss {lv:.4f}"
-                )
+                progress.update(task, advance=1, description=f"epoch {epoch + 1}/{cfg.epochs} loss {lv:.4f}")
             if distributed:
                 dist.all_reduce(loss_sum)
             train_loss = float(loss_sum[0] / loss_sum[1])
