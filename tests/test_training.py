@@ -207,3 +207,58 @@ def test_3d_patches_train_and_validate(tmp_path):
     cfg = _cfg(tmp_path, epochs=1, model={"spatial_dims": 3}, data={"patch_size": [8, 8, 8], "batch_size": 3})
     res = train(cfg, (x, y), (x[:1], y[:1]), resume=False)
     assert res.epochs_run == 1 and 0.0 <= res.history[0]["val_dice"] <= 1.0
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+import torch
+torch.set_num_threads(1)
+sys.path.insert(0, {tests!r})
+from _training_utils import synthetic_squares
+from monai.losses import DiceLoss
+from segcal.training import train
+
+x, y = synthetic_squares(8, 16, seed=6)
+def die(epoch, model, opt):
+    if epoch == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # hard kill right after the epoch-2 checkpoint
+train({cfg!r}, (x, y), (x[:2], y[:2]), resume=False, loss_fn=DiceLoss(softmax=True, to_onehot_y=True),
+      on_epoch_end=die)
+"""
+
+
+def test_resume_after_sigkill_in_subprocess(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from monai.losses import DiceLoss
+
+    x, y = synthetic_squares(8, 16, seed=6)
+    cfg = _cfg(tmp_path / "k", epochs=3, model={"dropout": 0.1})
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_SCRIPT.format(tests=str(Path(__file__).parent), cfg=cfg))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert load_checkpoint(tmp_path / "k" / "run" / "last.pt")["epoch"] == 2
+    loss = DiceLoss(softmax=True, to_onehot_y=True)
+    resumed = train(cfg, (x, y), (x[:2], y[:2]), resume=True, loss_fn=loss)
+    assert [h["epoch"] for h in resumed.history] == [3]
+    full = train(
+        _cfg(tmp_path / "f", epochs=3, model={"dropout": 0.1}),
+        (x, y),
+        (x[:2], y[:2]),
+        resume=False,
+        loss_fn=loss,
+    )
+    _assert_same_state(_state(resumed.model), _state(full.model))
+
+
+def test_resume_with_mismatched_config_is_rejected(tmp_path):
+    x, y = synthetic_squares(4, 16)
+    train(_cfg(tmp_path, epochs=1), (x, y), None, resume=False)
+    with pytest.raises(ValueError, match=r"last\.pt: cannot resume, the checkpoint does not match"):
+        train(_cfg(tmp_path, epochs=2, model={"channels": [4, 16]}), (x, y), None, resume=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -38,6 +39,13 @@ def train_command(
     except (ValueError, FileNotFoundError, ImportError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     table = Table(title=f"training finished: {result.output_dir}")
     for col in ("epoch", "train_loss", "val_dice", "seconds"):
         table.add_column(col, justify="right")

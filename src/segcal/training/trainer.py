@@ -212,7 +212,7 @@ def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
     return torch.device(cfg.device)
 
 
-def _load_data(cfg: TrainConfig, data: ArrayPair | None, folder: str | None, what: str):
+def _load_data(cfg: TrainConfig, data: ArrayPair | None, folder: str | None):
     if data is not None:
         return data
     if folder:
@@ -259,10 +259,10 @@ def train(
     is_main = rank == 0
     seed_everything(cfg.seed, cfg.deterministic)
 
-    tr = _load_data(cfg, train_data, cfg.data.train_dir, "train")
+    tr = _load_data(cfg, train_data, cfg.data.train_dir)
     if tr is None:
         raise ValueError("no training data: pass train_data=(images, labels) or set data.train_dir")
-    va = _load_data(cfg, val_data, cfg.data.val_dir, "val")
+    va = _load_data(cfg, val_data, cfg.data.val_dir)
     factor = cfg.model.size_factor
     train_ds = SegmentationDataset(tr[0], tr[1], cfg.data.patch_size, factor, cfg.seed)
     # validation takes whole, unpadded images of any shape (sliding window)
@@ -292,8 +292,14 @@ def train(
     start_epoch, best_dice, best_epoch = 0, -math.inf, -1
     if resume and last_path.is_file():
         ckpt = load_checkpoint(last_path, map_location="cpu")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise ValueError(
+                f"{last_path}: cannot resume, the checkpoint does not match this config "
+                f"(use another output_dir or resume=False / --no-resume): {exc}"
+            ) from exc
         start_epoch = int(ckpt["epoch"])
         best_dice, best_epoch = float(ckpt["best_dice"]), int(ckpt["best_epoch"])
         set_rng_state(ckpt["rng"])
