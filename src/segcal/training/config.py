@@ -77,12 +77,11 @@ class DataConfig:
     patch_size: list[int] | None = None
     batch_size: int = 4
     num_workers: int = 0
-    val_batch_size: int = 1
     sw_overlap: float = 0.25
 
     def validate(self) -> None:
-        if self.batch_size < 1 or self.val_batch_size < 1:
-            raise ValueError("data.batch_size and data.val_batch_size must be >= 1")
+        if self.batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
         if self.num_workers < 0:
             raise ValueError("data.num_workers must be >= 0")
         if self.patch_size is not None and any(p < 1 for p in self.patch_size):
