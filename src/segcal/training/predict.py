@@ -1,0 +1,278 @@
+"""Prediction: sliding-window inference, MC dropout, checkpoint ensembles, temperature or a calibrator.
+
+Per image ``(1, C_in, *S)`` each pass gives logits ``(1, C, *S)``; they are turned into probabilities by
+``calibrator.transform(logits)`` when a calibrator is given (any object with that method, e.g. the
+segcal.posthoc calibrators), otherwise by ``softmax(logits / T)`` (temperature scaling, PostHoc;
+``T = 1`` is plain softmax). The probabilities of MC-dropout passes (running mean) and of ensemble members
+(Ensembles eq. 6) are averaged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from segcal.training.data import read_image
+from segcal.training.trainer import build_model, load_checkpoint
+
+__all__ = [
+    "Calibrator",
+    "enable_mc_dropout",
+    "load_model",
+    "mc_dropout_probabilities",
+    "predict_files",
+    "predict_probabilities",
+    "sliding_window_logits",
+]
+
+
+class Calibrator(Protocol):
+    """Anything with ``transform(logits (B, C, *S)) -> probabilities (B, C, *S)``."""
+
+    def transform(self, logits: torch.Tensor) -> torch.Tensor: ...
+
+
+def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """UNet from a segcal checkpoint (``best.pt`` / ``last.pt``; config and weights inside), in eval mode."""
+    ckpt = load_checkpoint(checkpoint)
+    if "config" not in ckpt or "model" not in ckpt:
+        raise ValueError(
+            f"{checkpoint}: not a segcal training checkpoint (needs 'config' and 'model' entries)"
+        )
+    model = build_model(ckpt["config"]["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise ValueError(f"{checkpoint}: weights do not match the stored model config: {exc}") from exc
+    return model.to(device).eval()
+
+
+def _size_factor(model: nn.Module) -> int:
+    strides = getattr(model, "strides", None) or (1,)
+    f = 1
+    for s in strides:
+        f *= int(s) if not isinstance(s, Sequence) else int(max(s))
+    return f
+
+
+@torch.no_grad()
+def sliding_window_logits(
+    model: nn.Module,
+    image: torch.Tensor,
+    roi_size: Sequence[int] | None = None,
+    overlap: float = 0.25,
+    sw_batch_size: int = 4,
+) -> torch.Tensor:
+    """Logits ``(B, C, *S)`` of ``image (B, C_in, *S)`` by ``monai.inferers.sliding_window_inference``.
+
+    ``roi_size`` defaults to the image size rounded up to a multiple of the UNet strides' product (one padded
+    window); windows are blended with constant weights and cropped back to ``*S``.
+    """
+    from monai.inferers import sliding_window_inference
+
+    if roi_size is None:
+        f = _size_factor(model)
+        roi_size = tuple(-(-s // f) * f for s in image.shape[2:])
+    out = sliding_window_inference(image, tuple(roi_size), sw_batch_size, model, overlap=overlap)
+    return torch.as_tensor(out).float()
+
+
+def enable_mc_dropout(model: nn.Module) -> int:
+    """Put every dropout layer in train mode (the rest stays in eval); returns how many have ``p > 0``."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)):
+            m.train()
+            n += int(m.p > 0)
+    return n
+
+
+def mc_dropout_probabilities(
+    model: nn.Module,
+    image: torch.Tensor,
+    infer: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    to_probs: Callable[[torch.Tensor], torch.Tensor],
+    samples: int,
+) -> torch.Tensor:
+    """Mean probability of ``samples`` passes with dropout active (running mean, memory of one map).
+
+    Minimal MC dropout (PostHoc, Ensembles); ``segcal.posthoc.mc_dropout`` can be plugged into
+    :func:`predict_probabilities` through ``mc_fn`` with this same signature.
+    """
+    if samples < 1:
+        raise ValueError(f"mc samples must be >= 1, got {samples}")
+    was = model.training
+    model.eval()
+    if enable_mc_dropout(model) == 0:
+        raise ValueError("MC dropout needs a model with dropout layers (train with model.dropout > 0)")
+    mean = None
+    try:
+        for t in range(samples):
+            p = to_probs(infer(model, image))
+            mean = p if mean is None else mean + (p - mean) / (t + 1)
+    finally:
+        model.train(was)
+    assert mean is not None
+    return mean
+
+
+def predict_probabilities(
+    models: nn.Module | Sequence[nn.Module],
+    image: torch.Tensor,
+    *,
+    roi_size: Sequence[int] | None = None,
+    overlap: float = 0.25,
+    mc_samples: int = 0,
+    temperature: float = 1.0,
+    calibrator: Calibrator | None = None,
+    mc_fn: Callable[..., torch.Tensor] | None = None,
+    return_logits: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Probabilities ``(B, C, *S)`` for ``image (B, C_in, *S)`` from one model or an ensemble.
+
+    Args:
+        models: one network or several (deep ensemble: probabilities averaged, Ensembles eq. 6).
+        roi_size: sliding-window size (default: whole image, padded to the strides' product).
+        mc_samples: ``T > 0`` runs T passes with dropout active per model and averages them.
+        temperature: logits are divided by ``T`` before the softmax (ignored when ``calibrator`` is given).
+        calibrator: object with ``transform(logits) -> probabilities`` applied to each pass's logits.
+        mc_fn: replacement for :func:`mc_dropout_probabilities` (same signature).
+        return_logits: also return logits: the raw logits for one model without MC dropout, otherwise
+            ``log(mean probability)`` (softmax of it gives the averaged probabilities back).
+    """
+    if temperature <= 0 or not np.isfinite(temperature):
+        raise ValueError(f"temperature must be a positive number, got {temperature}")
+    members = [models] if isinstance(models, nn.Module) else list(models)
+    if not members:
+        raise ValueError("need at least one model")
+    if calibrator is not None and not callable(getattr(calibrator, "transform", None)):
+        raise TypeError("calibrator must have a transform(logits) -> probabilities method")
+
+    def to_probs(logits: torch.Tensor) -> torch.Tensor:
+        if calibrator is not None:
+            return torch.as_tensor(calibrator.transform(logits)).float()
+        return torch.softmax(logits / temperature, 1)
+
+    def infer(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return sliding_window_logits(m, x, roi_size, overlap)
+
+    mean, raw = None, None
+    for k, m in enumerate(members):
+        m.eval()
+        if mc_samples > 0:
+            p = (mc_fn or mc_dropout_probabilities)(m, image, infer, to_probs, mc_samples)
+        else:
+            logits = infer(m, image)
+            raw = logits if len(members) == 1 else None
+            p = to_probs(logits)
+        mean = p if mean is None else mean + (p - mean) / (k + 1)
+    assert mean is not None
+    if not return_logits:
+        return mean
+    logits_out = (
+        raw
+        if raw is not None and calibrator is None and temperature == 1.0
+        else torch.log(mean.clamp_min(torch.finfo(mean.dtype).tiny))
+    )
+    return mean, logits_out
+
+
+def _output_name(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii", ".npz"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return name[:-6] if name.endswith("_image") else name
+
+
+def _input_files(inputs: str | Path | Sequence[str | Path]) -> list[Path]:
+    items = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    files: list[Path] = []
+    for it in items:
+        p = Path(it)
+        if p.is_dir():
+            files += sorted(
+                f
+                for f in p.iterdir()
+                if (f.suffix == ".npz" or f.name.endswith((".nii", ".nii.gz")))
+                and not f.name.endswith(("_label.nii", "_label.nii.gz"))
+            )
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"input not found: {p}")
+    if not files:
+        raise ValueError(f"no input images (*.npz, *.nii, *.nii.gz) in {items}")
+    return files
+
+
+def predict_files(
+    checkpoints: str | Path | Sequence[str | Path],
+    inputs: str | Path | Sequence[str | Path],
+    output_dir: str | Path,
+    *,
+    output_format: str = "npz",
+    dtype: str = "float32",
+    save_logits: bool = False,
+    device: str = "cpu",
+    progress: bool = False,
+    **kwargs: Any,
+) -> list[Path]:
+    """Predict every input image and write one file per case into ``output_dir``.
+
+    Inputs: ``.npz`` (key ``image``, ``(C_in, *S)`` or ``(*S)``) or NIfTI (``(*S)`` / ``(*S, C_in)``).
+    ``output_format="npz"`` writes ``<case>.npz`` with ``probabilities`` ``(C, *S)`` (and ``logits``);
+    ``"nifti"`` writes ``<case>.nii.gz`` with ``(*S, C)`` probabilities and the input's affine (identity for
+    ``.npz`` inputs), plus ``<case>_logits.nii.gz``. Other keyword arguments go to
+    :func:`predict_probabilities`.
+    """
+    import nibabel as nib
+
+    if output_format not in ("npz", "nifti"):
+        raise ValueError(f"output_format must be 'npz' or 'nifti', got {output_format!r}")
+    if dtype not in ("float16", "float32"):
+        raise ValueError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
+    ckpts = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
+    models = [load_model(c, device) for c in ckpts]
+    spatial_dims = int(getattr(models[0], "dimensions", 2))
+    files = _input_files(inputs)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    from rich.progress import Progress
+
+    with Progress(disable=not progress) as bar:
+        task = bar.add_task("predicting", total=len(files))
+        for f in files:
+            image, affine = read_image(f, spatial_dims)
+            x = torch.from_numpy(image)[None].to(device)
+            probs, logits = predict_probabilities(models, x, return_logits=True, **kwargs)
+            p = probs[0].cpu().numpy().astype(dtype)
+            name = _output_name(f)
+            if output_format == "npz":
+                arrays = {"probabilities": p}
+                if save_logits:
+                    arrays["logits"] = logits[0].cpu().numpy().astype(dtype)
+                target = out / f"{name}.npz"
+                np.savez_compressed(target, **arrays)
+            else:
+                aff = affine if affine is not None else np.eye(4)
+                vol = np.moveaxis(p, 0, -1).astype(np.float32)
+                if spatial_dims == 2:
+                    vol = vol[:, :, None, :]  # (X, Y, 1, C): keeps a 3D geometry for the 2D slice
+                target = out / f"{name}.nii.gz"
+                nib.save(nib.Nifti1Image(vol, aff), str(target))
+                if save_logits:
+                    lg = np.moveaxis(logits[0].cpu().numpy(), 0, -1).astype(np.float32)
+                    if spatial_dims == 2:
+                        lg = lg[:, :, None, :]
+                    nib.save(nib.Nifti1Image(lg, aff), str(out / f"{name}_logits.nii.gz"))
+            written.append(target)
+            bar.advance(task)
+    return written
