@@ -89,14 +89,19 @@ class _FolderVolumes:
 
 @app.command()
 def calibrate(
-    method: Method = typer.Option(Method.ts, "--method", help="ts (temperature), vector (per-class / Platt) or "
-                                  "aux (k×k(×k) conv on the logits)."),
+    method: Method = typer.Option(
+        Method.ts,
+        "--method",
+        help="ts (temperature), vector (per-class / Platt) or aux (k×k(×k) conv on the logits).",
+    ),
     val_pred: Path = typer.Option(..., "--val-pred", help="Folder of validation logits (C, *spatial)."),
     val_labels: Path = typer.Option(..., "--val-labels", help="Folder of validation label maps (*spatial)."),
     apply_to: Path = typer.Option(..., "--apply-to", help="Folder of logits to calibrate."),
     output: Path = typer.Option(..., "-o", "--output", help="Output folder for calibrated probabilities."),
     mode: str = typer.Option("exclusive", help="exclusive (softmax) or multilabel (sigmoid)."),
-    max_voxels: int = typer.Option(200_000, help="Random voxels per validation volume for ts/vector (0 = all)."),
+    max_voxels: int = typer.Option(
+        200_000, help="Random voxels per validation volume for ts/vector (0 = all)."
+    ),
     kernel_size: int = typer.Option(5, help="Kernel size of the aux conv."),
     epochs: int = typer.Option(20, help="Epochs for the aux conv."),
     seed: int = typer.Option(0, help="Seed of voxel subsampling / training."),
@@ -126,7 +131,7 @@ def calibrate(
         targets = list_cases(apply_to)
         output.mkdir(parents=True, exist_ok=True)
         task = progress.add_task("calibrating", total=len(targets))
-        for case, path in targets.items():
+        for _case, path in targets.items():
             z = torch.from_numpy(read_case(path, "logits").astype(np.float32))[None]
             try:
                 probs = cal.transform(z)[0].numpy()

@@ -24,7 +24,7 @@ __all__ = ["default_thresholds", "pick_threshold", "threshold_counts", "threshol
 
 def default_thresholds(step: float = 0.05) -> torch.Tensor:
     """``T`` in ``[0.05, 0.95]`` with the given step (19 values by default), float64."""
-    n = int(round(0.9 / step)) + 1
+    n = round(0.9 / step) + 1
     return torch.linspace(0.05, 0.95, n, dtype=torch.float64)
 
 
@@ -50,8 +50,9 @@ def threshold_counts(
     if not 0 <= class_index < c:
         raise ValueError(f"class_index {class_index} is outside [0, {c - 1}] for {c} channels")
     per_t = [
-        confusion_counts(probs, target, activation=activation, mode=mode, mask=mask, threshold=float(t),
-                         check=(i == 0))[:, class_index]
+        confusion_counts(
+            probs, target, activation=activation, mode=mode, mask=mask, threshold=float(t), check=(i == 0)
+        )[:, class_index]
         for i, t in enumerate(ts)
     ]
     return torch.stack(per_t, dim=1)
@@ -82,7 +83,11 @@ def threshold_curves(
     idx = torch.randint(0, b, (n_bootstrap, b), generator=gen)
     alpha = (1 - confidence) / 2
     out: dict[str, torch.Tensor] = {"threshold": ts}
-    for name, fn in (("recall", recall_from_counts), ("precision", precision_from_counts), ("dice", dice_from_counts)):
+    for name, fn in (
+        ("recall", recall_from_counts),
+        ("precision", precision_from_counts),
+        ("dice", dice_from_counts),
+    ):
         per_case = fn(counts.to(torch.float64))  # (B, T)
         out[name] = per_case.mean(0)
         boot = per_case[idx].mean(1)  # (n_bootstrap, T)
@@ -125,7 +130,9 @@ def pick_threshold(
     if min_recall is not None:
         ok = torch.nonzero(curves["recall"] >= min_recall).flatten()
         if ok.numel() == 0:
-            raise ValueError(f"no threshold reaches recall {min_recall} (max {float(curves['recall'].max()):.3f})")
+            raise ValueError(
+                f"no threshold reaches recall {min_recall} (max {float(curves['recall'].max()):.3f})"
+            )
         return float(ts[ok.max()])
     if min_precision is not None:
         ok = torch.nonzero(curves["precision"] >= min_precision).flatten()
@@ -135,4 +142,3 @@ def pick_threshold(
             )
         return float(ts[ok.min()])
     return float(ts[int(torch.argmax(curves["dice"]))])
-

@@ -51,7 +51,9 @@ def entropy_map(probs: torch.Tensor, mode: Mode = "exclusive", eps: float = EPS)
     return -(probs * q.log()).sum(1, keepdim=True)
 
 
-def mutual_information(mean_probs: torch.Tensor, mean_entropy: torch.Tensor, mode: Mode = "exclusive") -> torch.Tensor:
+def mutual_information(
+    mean_probs: torch.Tensor, mean_entropy: torch.Tensor, mode: Mode = "exclusive"
+) -> torch.Tensor:
     """BALD mutual information ``H(E[p]) − E[H(p)]`` from the mean probability over samples and the mean of
     the per-sample entropies (:func:`entropy_map`); clamped at 0 against round-off."""
     return (entropy_map(mean_probs, mode) - mean_entropy).clamp_min(0)
@@ -81,8 +83,9 @@ def segment_mean_entropy(
     return out
 
 
-def pearsonr(x: Sequence[float] | torch.Tensor | np.ndarray, y: Sequence[float] | torch.Tensor | np.ndarray
-             ) -> tuple[float, float]:
+def pearsonr(
+    x: Sequence[float] | torch.Tensor | np.ndarray, y: Sequence[float] | torch.Tensor | np.ndarray
+) -> tuple[float, float]:
     """Pearson correlation ``r`` and two-sided p-value (t-test with ``n − 2`` degrees of freedom)."""
     a = np.asarray(x, dtype=np.float64).ravel()
     b = np.asarray(y, dtype=np.float64).ravel()
@@ -104,8 +107,9 @@ def pearsonr(x: Sequence[float] | torch.Tensor | np.ndarray, y: Sequence[float] 
     return r, float(2 * stats.t.sf(abs(t), n - 2))
 
 
-def pearson_logit_dice(uncertainty: Sequence[float] | torch.Tensor, dice: Sequence[float] | torch.Tensor,
-                       eps: float = 1e-3) -> tuple[float, float]:
+def pearson_logit_dice(
+    uncertainty: Sequence[float] | torch.Tensor, dice: Sequence[float] | torch.Tensor, eps: float = 1e-3
+) -> tuple[float, float]:
     """Pearson ``(r, p)`` between per-case uncertainty and ``logit(Dice)`` (Dice clipped into [eps, 1 − eps];
     Ensembles §3.4). Cases with a NaN uncertainty (empty predicted segment) are dropped."""
     u = np.asarray(uncertainty, dtype=np.float64).ravel()
@@ -145,7 +149,9 @@ def ood_score(
     raise ValueError(f"kind must be 'segment_entropy', 'max_probability' or 'mean_entropy', got {kind!r}")
 
 
-def auroc(scores_positive: Sequence[float] | torch.Tensor, scores_negative: Sequence[float] | torch.Tensor) -> float:
+def auroc(
+    scores_positive: Sequence[float] | torch.Tensor, scores_negative: Sequence[float] | torch.Tensor
+) -> float:
     """Area under the ROC curve for "positive scores higher", exactly, via the Mann–Whitney U statistic.
 
     ``AUROC = (R⁺ − n⁺(n⁺ + 1)/2) / (n⁺ n⁻)`` with ``R⁺`` the sum of mid-ranks of the positives in the pooled

@@ -49,7 +49,10 @@ def _as_volume(item: Any, index: int) -> Volume:
     mask = item[2] if len(item) == 3 else None
     logits = torch.as_tensor(logits)
     target = torch.as_tensor(target)
-    if logits.ndim in (3, 4):  # (C, *spatial) -> (1, C, *spatial)
+    # (C, H, W) and (C, H, W, D) with a label map (H, W, D) are single volumes -> (1, C, *spatial);
+    # other 4-D inputs are read as a 2-D batch (B, C, H, W) (pass 3-D one-hot targets with a batch axis).
+    unbatched = logits.ndim == 3 or (logits.ndim == 4 and tuple(target.shape) == tuple(logits.shape[1:]))
+    if unbatched:
         logits = logits.unsqueeze(0)
         target = target.unsqueeze(0)
         if mask is not None:
@@ -86,7 +89,11 @@ def is_reiterable(data: Any) -> bool:
 
 
 def validate_volume(
-    logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None, mode: Mode, num_classes: int | None,
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor | None,
+    mode: Mode,
+    num_classes: int | None,
     index: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Check one volume and return ``(logits float32, one-hot target float32 (B, C, *S), mask bool (B, *S))``."""
@@ -115,8 +122,11 @@ def validate_volume(
 
 
 def flatten_voxels(
-    logits: torch.Tensor, onehot: torch.Tensor, mask: torch.Tensor | None,
-    max_voxels: int | None, generator: torch.Generator | None,
+    logits: torch.Tensor,
+    onehot: torch.Tensor,
+    mask: torch.Tensor | None,
+    max_voxels: int | None,
+    generator: torch.Generator | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B, C, *S)`` → ``(N, C)`` logits and targets, keeping masked voxels and at most ``max_voxels``."""
     c = logits.shape[1]
@@ -211,7 +221,9 @@ class Calibrator:
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "num_classes_"):
-            raise NotFittedError(f"{type(self).__name__} is not fitted yet: call fit(...) before transform/save")
+            raise NotFittedError(
+                f"{type(self).__name__} is not fitted yet: call fit(...) before transform/save"
+            )
 
     def _fit(self, data: Any, targets: Any, mask: Any) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -239,7 +251,7 @@ def _read_payload(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"calibrator file not found: {path}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - report any unreadable file the same way
+    except Exception as exc:
         raise ValueError(f"{path}: not a segcal calibrator file ({exc})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path}: not a segcal calibrator file (missing format tag {FORMAT!r})")

@@ -103,13 +103,19 @@ class AuxiliaryConvCalibrator(Calibrator):
 
     def _transform(self, logits: torch.Tensor) -> torch.Tensor:
         if logits.ndim - 2 != self.spatial_dims_:
-            raise ValueError(f"logits must be {self.spatial_dims_}D like the fitting data, got {logits.ndim - 2}D")
+            raise ValueError(
+                f"logits must be {self.spatial_dims_}D like the fitting data, got {logits.ndim - 2}D"
+            )
         return self.conv_(logits)
 
     def _config(self) -> dict[str, Any]:
         return {
-            **super()._config(), "kernel_size": self.kernel_size, "epochs": self.epochs, "lr": self.lr,
-            "seed": self.seed, "spatial_dims_": self.spatial_dims_,
+            **super()._config(),
+            "kernel_size": self.kernel_size,
+            "epochs": self.epochs,
+            "lr": self.lr,
+            "seed": self.seed,
+            "spatial_dims_": self.spatial_dims_,
         }
 
     @classmethod
@@ -132,7 +138,9 @@ class AuxiliaryConvCalibrator(Calibrator):
 def _final_layer_name(network: nn.Module) -> str:
     name = None
     for n, m in network.named_modules():
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)):
+        if isinstance(
+            m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
+        ):
             name = n
     if name is None:
         raise ValueError("network has no convolution or linear layer to fine-tune")
@@ -153,8 +161,12 @@ class LastLayerFineTuner(Calibrator):
     method = "lastlayer"
 
     def __init__(
-        self, network: nn.Module | None = None, mode: str = "exclusive", layer_name: str | None = None,
-        epochs: int = 5, lr: float = 1e-3,
+        self,
+        network: nn.Module | None = None,
+        mode: str = "exclusive",
+        layer_name: str | None = None,
+        epochs: int = 5,
+        lr: float = 1e-3,
     ) -> None:
         super().__init__(mode)  # type: ignore[arg-type]
         self.network = network
@@ -229,7 +241,9 @@ class LastLayerFineTuner(Calibrator):
     @classmethod
     def _from_config(cls, config: dict[str, Any]) -> Calibrator:
         if config.get("network") is None:
-            raise ValueError("LastLayerFineTuner.load(path, network=net) needs the network to put the layer into")
+            raise ValueError(
+                "LastLayerFineTuner.load(path, network=net) needs the network to put the layer into"
+            )
         return super()._from_config(config)
 
     def _state(self) -> dict[str, torch.Tensor]:

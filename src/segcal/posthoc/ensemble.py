@@ -137,8 +137,12 @@ def ensemble_size_study(
             idx = rng.choice(n, size=m, replace=False)
             p = ensemble_probabilities([members[i] for i in idx], mode)
             values["nll"].append(float(negative_log_likelihood(p, target, mode=mode).mean()))
-            counts = confusion_counts(p, target, mode=mode, include_background=False if mode == "exclusive"
-                                      and p.shape[1] > 1 else True)
+            counts = confusion_counts(
+                p,
+                target,
+                mode=mode,
+                include_background=False if mode == "exclusive" and p.shape[1] > 1 else True,
+            )
             values["dice"].append(float(dice_from_counts(counts).mean()))
         out[m] = {
             k: (float(np.mean(v)), float(np.quantile(v, alpha)), float(np.quantile(v, 1 - alpha)))

@@ -99,7 +99,7 @@ def insert_dropout_unet(
 
 
 @contextmanager
-def _sampling(model: nn.Module, on: bool = True):  # noqa: ANN202
+def _sampling(model: nn.Module, on: bool = True):
     drops = [m for m in model.modules() if isinstance(m, MCDropout)]
     old = [d.sampling for d in drops]
     for d in drops:
@@ -121,6 +121,7 @@ def retrain_after_dropout(
     """Retrain only the layers that execute after the first inserted :class:`MCDropout` (forward order,
     found with hooks on one batch), dropout active, other weights frozen. ``loader`` yields
     ``(image, target, ...)``; returns the mean loss per epoch."""
+
     def batches() -> Iterable[Any]:
         return loader() if callable(loader) else loader
 
@@ -131,8 +132,11 @@ def retrain_after_dropout(
     except StopIteration:
         raise ValueError("retrain_after_dropout: the loader is empty") from None
     order: list[nn.Module] = []
-    hooks = [m.register_forward_hook(lambda mod, i, o: order.append(mod))
-             for m in model.modules() if len(list(m.children())) == 0]
+    hooks = [
+        m.register_forward_hook(lambda mod, i, o: order.append(mod))
+        for m in model.modules()
+        if len(list(m.children())) == 0
+    ]
     with torch.no_grad():
         model.eval()
         model(first[0])
@@ -141,7 +145,7 @@ def retrain_after_dropout(
     idx = next((k for k, m in enumerate(order) if isinstance(m, MCDropout)), None)
     if idx is None:
         raise ValueError("the model has no MCDropout: call insert_dropout / insert_dropout_unet first")
-    trainable = {id(m): m for m in order[idx + 1:]}
+    trainable = {id(m): m for m in order[idx + 1 :]}
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
     for prm in model.parameters():
         prm.requires_grad_(False)
@@ -221,4 +225,9 @@ def mc_predict(
     mean = sum_p / n_samples
     exp_h = sum_h / n_samples
     ent = entropy_map(mean, mode)
-    return {"mean": mean, "entropy": ent, "mutual_information": (ent - exp_h).clamp_min(0), "expected_entropy": exp_h}
+    return {
+        "mean": mean,
+        "entropy": ent,
+        "mutual_information": (ent - exp_h).clamp_min(0),
+        "expected_entropy": exp_h,
+    }

@@ -57,7 +57,9 @@ class _VoxelScaling(Calibrator):
 
     def _fit(self, data: Any, targets: Any, mask: Any) -> None:
         if self.max_voxels_per_volume is not None and self.max_voxels_per_volume < 1:
-            raise ValueError(f"max_voxels_per_volume must be a positive integer, got {self.max_voxels_per_volume}")
+            raise ValueError(
+                f"max_voxels_per_volume must be a positive integer, got {self.max_voxels_per_volume}"
+            )
         gen = torch.Generator().manual_seed(int(self.seed))
         stream = (
             self.max_voxels_per_volume is None and is_reiterable(data) and not isinstance(data, torch.Tensor)
@@ -88,8 +90,13 @@ class _VoxelScaling(Calibrator):
 
         params = self._init_params(num_classes)
         opt = torch.optim.LBFGS(
-            params, lr=1.0, max_iter=self.max_iter, line_search_fn="strong_wolfe",
-            tolerance_grad=1e-7, tolerance_change=1e-10, history_size=20,
+            params,
+            lr=1.0,
+            max_iter=self.max_iter,
+            line_search_fn="strong_wolfe",
+            tolerance_grad=1e-7,
+            tolerance_change=1e-10,
+            history_size=20,
         )
         denom = float(n_total * (num_classes if self.mode == "multilabel" else 1))
 
