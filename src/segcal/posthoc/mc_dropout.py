@@ -61,7 +61,7 @@ def insert_dropout(model: nn.Module, module_names: Sequence[str], p: float = 0.5
 
 def _unet_levels(model: nn.Module) -> tuple[list[str], str]:
     """Names of MONAI UNet decoder blocks (top → bottom) and the bottom block."""
-    from monai.networks.blocks import SkipConnection
+    from monai.networks.layers import SkipConnection
 
     if not hasattr(model, "model") or not isinstance(model.model, nn.Sequential):
         raise TypeError("insert_dropout_unet expects a monai.networks.nets.UNet (with a .model Sequential)")
