@@ -8,6 +8,7 @@ Folders hold one file per case, matched by file stem: logits ``(C, *spatial)`` a
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
 
@@ -71,6 +72,9 @@ class _FolderVolumes:
     def __len__(self) -> int:
         return len(self.cases)
 
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return (self[i] for i in range(len(self.cases)))
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         case = self.cases[i]
         z = read_case(self.pred[case], "logits").astype(np.float32)
@@ -126,7 +130,12 @@ def calibrate(
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
         task = progress.add_task(f"fitting {method.value} on {len(cases)} cases", total=None)
-        cal.fit(volumes)
+        try:
+            cal.fit(volumes)
+        except (ValueError, TypeError) as exc:
+            progress.stop()
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(1) from None
         progress.update(task, total=1, completed=1)
         targets = list_cases(apply_to)
         output.mkdir(parents=True, exist_ok=True)
@@ -136,7 +145,9 @@ def calibrate(
             try:
                 probs = cal.transform(z)[0].numpy()
             except ValueError as exc:
-                raise typer.BadParameter(f"{path}: {exc}") from None
+                progress.stop()
+                console.print(f"[red]error:[/red] {path}: {exc}")
+                raise typer.Exit(1) from None
             write_case(path, output, probs)
             progress.advance(task)
     if save_calibrator is not None:
