@@ -138,6 +138,8 @@ def flatten_voxels(
     if max_voxels is not None and z.shape[0] > max_voxels:
         idx = torch.randperm(z.shape[0], generator=generator)[:max_voxels]
         z, y = z[idx], y[idx]
+    if bool(((y == 0) | (y == 1)).all()):
+        y = y.to(torch.uint8)  # hard one-hot / multi-hot targets are held as bytes
     return z.contiguous(), y.contiguous()
 
 

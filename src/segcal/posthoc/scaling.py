@@ -31,7 +31,7 @@ class _VoxelScaling(Calibrator):
         max_voxels_per_volume: int | None = None,
         seed: int = 0,
         max_iter: int = 50,
-        chunk_size: int = 1 << 20,
+        chunk_size: int = 1 << 18,
     ) -> None:
         super().__init__(mode)  # type: ignore[arg-type]
         self.max_voxels_per_volume = max_voxels_per_volume
