@@ -2,8 +2,10 @@
 
 Each setting runs in a fresh subprocess that generates ``n`` volumes of 96³ voxels × 4 classes lazily (a
 generator: only one volume exists at a time), fits ``TemperatureScaling(max_voxels_per_volume=...)`` and
-reports the peak resident set size (``resource.getrusage``) and the fit time. Peak RSS must stay below 2 GB and
-must not grow with the number of volumes beyond the held subsample (``max_voxels × n × C × 5`` bytes: float32 logits, uint8 targets).
+reports the peak resident set size (``resource.getrusage``) and the fit time. Peak RSS must stay below 2
+GB and
+must not grow with the number of volumes beyond the held subsample (``max_voxels × n × C × 5`` bytes:
+float32 logits, uint8 targets).
 
 Run: ``PYTHONPATH=src python benchmarks/bench_posthoc.py``
 """
@@ -43,20 +45,30 @@ print(json.dumps({"volumes": n, "peak_rss_mb": peak / 1024, "rss_before_fit_mb":
 
 
 def run(n: int, size: int = 96, max_voxels: int = 50_000) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, str(n), str(size), str(max_voxels)],
-                         check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(n), str(size), str(max_voxels)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     rows = [run(n) for n in (10, 50)]
-    print(f"{'volumes':>8} {'peak RSS MB':>12} {'RSS before MB':>14} {'fit s':>8} {'T':>7} {'held voxels':>12}")
+    print(
+        f"{'volumes':>8} {'peak RSS MB':>12} {'RSS before MB':>14} {'fit s':>8} {'T':>7} {'held voxels':>12}"
+    )
     for r in rows:
-        print(f"{r['volumes']:>8} {r['peak_rss_mb']:>12.0f} {r['rss_before_fit_mb']:>14.0f} {r['fit_s']:>8.1f} "
-              f"{r['temperature']:>7.3f} {r['held_voxels']:>12}")
+        print(
+            f"{r['volumes']:>8} {r['peak_rss_mb']:>12.0f} {r['rss_before_fit_mb']:>14.0f} {r['fit_s']:>8.1f} "
+            f"{r['temperature']:>7.3f} {r['held_voxels']:>12}"
+        )
     growth = rows[1]["peak_rss_mb"] - rows[0]["peak_rss_mb"]
-    print(f"peak RSS growth 10 -> 50 volumes: {growth:.0f} MB (held subsample grows by "
-          f"{40 * 50_000 * (4 * 4 + 4) / 2**20:.0f} MB: float32 logits + uint8 targets)")
+    print(
+        f"peak RSS growth 10 -> 50 volumes: {growth:.0f} MB (held subsample grows by "
+        f"{40 * 50_000 * (4 * 4 + 4) / 2**20:.0f} MB: float32 logits + uint8 targets)"
+    )
     assert all(r["peak_rss_mb"] < 2048 for r in rows), "peak RSS above 2 GB"
 
 

@@ -20,9 +20,11 @@ def smooth_logits(n: int, c: int, shape: tuple[int, ...], seed: int, amplitude: 
     return z
 
 
-def phantom(n: int = 6, c: int = 3, shape: tuple[int, ...] = (40, 40), seed: int = 0, mode: str = "exclusive"
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Calibrated logits and sampled labels (exclusive: ``(n, *shape)`` int64; multilabel: ``(n, c, *shape)``)."""
+def phantom(
+    n: int = 6, c: int = 3, shape: tuple[int, ...] = (40, 40), seed: int = 0, mode: str = "exclusive"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Calibrated logits and sampled labels (exclusive: ``(n, *shape)`` int64; multilabel: ``(n, c,
+    *shape)``)."""
     z = smooth_logits(n, c, shape, seed)
     g = torch.Generator().manual_seed(seed + 1000)
     if mode == "exclusive":

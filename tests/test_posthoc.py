@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from posthoc_helpers import phantom
 
+from posthoc_helpers import phantom
 from segcal.functional.binning import bin_statistics
 from segcal.functional.calibration import calibration_error, negative_log_likelihood
 from segcal.posthoc import (
@@ -101,7 +101,7 @@ def test_platt_binary_two_parameters() -> None:
     ],
     ids=["ts", "vector", "aux"],
 )
-def test_calibrators_improve_miscalibrated_and_keep_calibrated(make) -> None:  # noqa: ANN001
+def test_calibrators_improve_miscalibrated_and_keep_calibrated(make) -> None:
     zv, yv = phantom(n=6, c=3, shape=(40, 40), seed=7)
     zt, yt = phantom(n=6, c=3, shape=(40, 40), seed=8)
     for factor in (2.5, 0.4):  # over- and under-confident
@@ -152,7 +152,7 @@ def test_last_layer_finetuner_trains_only_last_conv() -> None:
     assert _nll(tuner.transform(images), y) < before
 
 
-def test_save_load_roundtrip_and_wrong_method(tmp_path) -> None:  # noqa: ANN001
+def test_save_load_roundtrip_and_wrong_method(tmp_path) -> None:
     z, y = phantom(n=2, c=3, shape=(24, 24), seed=12)
     ts = TemperatureScaling().fit(z * 2, y)
     vs = VectorScaling().fit(z * 2, y)
@@ -180,7 +180,7 @@ def test_bad_input() -> None:
         TemperatureScaling().transform(z)
     with pytest.raises(NotFittedError):
         VectorScaling().save("never.pt")
-    with pytest.raises(ValueError, match="does not match|shape"):
+    with pytest.raises(ValueError, match=r"does not match|shape"):
         TemperatureScaling().fit(z, y[:, :8])
     with pytest.raises(ValueError, match="labels must lie"):
         TemperatureScaling().fit(z, y + 3)

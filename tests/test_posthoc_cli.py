@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from posthoc_helpers import phantom
 from typer.testing import CliRunner
 
+from posthoc_helpers import phantom
 from segcal.cli import app
 from segcal.posthoc import TemperatureScaling, load_calibrator
 
 
-def _invoke(args: list[str]):  # noqa: ANN202
+def _invoke(args: list[str]):
     # Typer runs a lone command without its name; with several commands the name is needed
     if len(app.registered_commands) + len(app.registered_groups) == 1:
         args = args[1:]
     return CliRunner().invoke(app, args)
 
 
-def _write(folder, z, y=None, fmt="npy"):  # noqa: ANN001, ANN202
+def _write(folder, z, y=None, fmt="npy"):
     folder.mkdir()
     for i in range(z.shape[0]):
         if fmt == "npy":
@@ -35,15 +35,31 @@ def _write(folder, z, y=None, fmt="npy"):  # noqa: ANN001, ANN202
 
 
 @pytest.mark.parametrize("method", ["ts", "vector", "aux"])
-def test_calibrate_cli(tmp_path, method) -> None:  # noqa: ANN001
+def test_calibrate_cli(tmp_path, method) -> None:
     zv, yv = phantom(n=4, c=3, shape=(24, 24), seed=40)
     zt, _ = phantom(n=2, c=3, shape=(24, 24), seed=41)
     lab = _write(tmp_path / "val", zv * 2, yv)
     _write(tmp_path / "test", zt * 2, fmt="npz")
     out = tmp_path / "out"
-    args = ["calibrate", "--method", method, "--val-pred", str(tmp_path / "val"), "--val-labels", str(lab),
-            "--apply-to", str(tmp_path / "test"), "-o", str(out), "--epochs", "3", "--max-voxels", "0",
-            "--save-calibrator", str(tmp_path / "cal.pt")]
+    args = [
+        "calibrate",
+        "--method",
+        method,
+        "--val-pred",
+        str(tmp_path / "val"),
+        "--val-labels",
+        str(lab),
+        "--apply-to",
+        str(tmp_path / "test"),
+        "-o",
+        str(out),
+        "--epochs",
+        "3",
+        "--max-voxels",
+        "0",
+        "--save-calibrator",
+        str(tmp_path / "cal.pt"),
+    ]
     res = _invoke(args)
     assert res.exit_code == 0, res.output
     files = sorted(p.name for p in out.iterdir())
@@ -59,15 +75,37 @@ def test_calibrate_cli(tmp_path, method) -> None:  # noqa: ANN001
         assert cal.temperature_ == pytest.approx(ref, rel=1e-6)
 
 
-def test_calibrate_cli_errors(tmp_path) -> None:  # noqa: ANN001
+def test_calibrate_cli_errors(tmp_path) -> None:
     zv, yv = phantom(n=2, c=3, shape=(16, 16), seed=42)
     lab = _write(tmp_path / "val", zv, yv)
     np.save(lab / "case1.npy", np.zeros((8, 8), dtype=np.int16))  # wrong spatial shape
     _write(tmp_path / "test", zv)
-    res = _invoke(["calibrate", "--val-pred", str(tmp_path / "val"), "--val-labels", str(lab),
-                                   "--apply-to", str(tmp_path / "test"), "-o", str(tmp_path / "o")])
+    res = _invoke(
+        [
+            "calibrate",
+            "--val-pred",
+            str(tmp_path / "val"),
+            "--val-labels",
+            str(lab),
+            "--apply-to",
+            str(tmp_path / "test"),
+            "-o",
+            str(tmp_path / "o"),
+        ]
+    )
     assert res.exit_code != 0
     assert "case1" in str(res.exception) + res.output
-    res = _invoke(["calibrate", "--val-pred", str(tmp_path / "nope"), "--val-labels", str(lab),
-                                   "--apply-to", str(tmp_path / "test"), "-o", str(tmp_path / "o")])
+    res = _invoke(
+        [
+            "calibrate",
+            "--val-pred",
+            str(tmp_path / "nope"),
+            "--val-labels",
+            str(lab),
+            "--apply-to",
+            str(tmp_path / "test"),
+            "-o",
+            str(tmp_path / "o"),
+        ]
+    )
     assert res.exit_code != 0

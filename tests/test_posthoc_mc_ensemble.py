@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from posthoc_helpers import phantom
 
+from posthoc_helpers import phantom
 from segcal.functional.calibration import negative_log_likelihood
 from segcal.posthoc import (
     MCDropout,
@@ -92,14 +92,16 @@ def test_retrain_after_dropout_only_moves_later_layers() -> None:
     y = torch.randint(0, 3, (2, 16, 16))
     first_down = dict(net.named_parameters())["model.0.conv.weight"].detach().clone()
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
-    losses = retrain_after_dropout(net, [(x, y)], lambda z, t: torch.nn.functional.cross_entropy(z, t), epochs=3,
-                                   lr=1e-2)
+    losses = retrain_after_dropout(
+        net, [(x, y)], lambda z, t: torch.nn.functional.cross_entropy(z, t), epochs=3, lr=1e-2
+    )
     assert len(losses) == 3
     after = dict(net.named_parameters())
     assert torch.equal(after["model.0.conv.weight"], first_down)  # encoder before the dropout stays frozen
     moved = [n for n in before if not torch.equal(before[n], after[n])]
-    assert moved and all(n.startswith(("model.1.submodule.1.submodule", "model.1.submodule.2", "model.2"))
-                         for n in moved)
+    assert moved and all(
+        n.startswith(("model.1.submodule.1.submodule", "model.1.submodule.2", "model.2")) for n in moved
+    )
     assert all(p.requires_grad for p in net.parameters())
 
 
@@ -118,7 +120,7 @@ def test_ensemble_identical_members_equal_member_and_complementary_lower_nll() -
         ensemble_probabilities([p, p[:, :, :8]])
 
 
-def test_average_models_and_folders(tmp_path) -> None:  # noqa: ANN001
+def test_average_models_and_folders(tmp_path) -> None:
     x = torch.randn(1, 1, 16, 16)
     nets = [_unet(), _unet()]
     assert torch.allclose(average_models(nets, x), torch.softmax(nets[0](x), 1).detach(), atol=1e-6)

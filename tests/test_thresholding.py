@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from posthoc_helpers import phantom
 
+from posthoc_helpers import phantom
 from segcal.functional.overlap import confusion_counts, dice_from_counts
 from segcal.functional.thresholding import (
     default_thresholds,

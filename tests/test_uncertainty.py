@@ -72,7 +72,7 @@ def test_pearson_matches_scipy() -> None:
     assert r == pytest.approx(ref.statistic, rel=1e-10)
     assert p == pytest.approx(ref.pvalue, rel=1e-6)
     dice = 1 / (1 + np.exp(-y))
-    r2, p2 = pearson_logit_dice(x, dice, eps=1e-9)
+    r2, _ = pearson_logit_dice(x, dice, eps=1e-9)
     assert r2 == pytest.approx(ref.statistic, rel=1e-6)
     with pytest.raises(ValueError, match="at least 3"):
         pearsonr([1, 2], [1, 2])

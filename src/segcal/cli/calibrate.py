@@ -111,7 +111,8 @@ def calibrate(
     seed: int = typer.Option(0, help="Seed of voxel subsampling / training."),
     save_calibrator: Path | None = typer.Option(None, help="Also save the fitted calibrator to this file."),
 ) -> None:
-    """Fit a calibrator on validation logits + labels, then write calibrated probability maps for --apply-to."""
+    """Fit a calibrator on validation logits + labels, then write calibrated probability maps for
+    --apply-to."""
     console = Console()
     pred = list_cases(val_pred)
     labels = list_cases(val_labels)

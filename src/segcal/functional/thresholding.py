@@ -1,7 +1,9 @@
 """Probability thresholding (DSC++ §2.5): a voxel is foreground of class ``k`` if ``p_k ≥ T``.
 
-:func:`threshold_counts` gives per-case confusion counts for every ``T`` (streamable: concatenate the counts of
-several volumes along the case axis), :func:`threshold_curves` turns them into recall / precision / Dice curves
+:func:`threshold_counts` gives per-case confusion counts for every ``T`` (streamable: concatenate the
+counts of
+several volumes along the case axis), :func:`threshold_curves` turns them into recall / precision / Dice
+curves
 (mean over cases) with a seeded case-bootstrap 95% CI, and :func:`pick_threshold` chooses an operating point.
 """
 

@@ -41,7 +41,8 @@ def binary_entropy(p: torch.Tensor, eps: float = EPS) -> torch.Tensor:
 def entropy_map(probs: torch.Tensor, mode: Mode = "exclusive", eps: float = EPS) -> torch.Tensor:
     """Voxel entropy of probabilities ``(B, C, *spatial)``.
 
-    Exclusive: ``−Σ_c p_c ln p_c`` → ``(B, 1, *spatial)`` (a single channel is taken as ``p(foreground)``, binary
+    Exclusive: ``−Σ_c p_c ln p_c`` → ``(B, 1, *spatial)`` (a single channel is taken as
+    ``p(foreground)``, binary
     entropy). Multilabel: per-channel binary entropy → ``(B, C, *spatial)``.
     """
     mode = check_mode(mode)
@@ -66,7 +67,8 @@ def segment_mean_entropy(
     threshold: float | None = None,
     eps: float = EPS,
 ) -> torch.Tensor:
-    """Mean binary entropy of ``p_k`` inside the predicted segment ``Ŝ_k`` (Ensembles eq. 7), ``(B, C')`` float64.
+    """Mean binary entropy of ``p_k`` inside the predicted segment ``Ŝ_k`` (Ensembles eq. 7), ``(B,
+    C')`` float64.
 
     ``Ŝ_k`` is ``argmax == k`` (exclusive) or ``p_k ≥ threshold`` (multilabel, default 0.5). NaN where the
     predicted segment is empty. The background channel is dropped unless ``include_background`` (exclusive).
@@ -127,7 +129,8 @@ def ood_score(
 ) -> torch.Tensor:
     """Per-case OOD / failure score ``(B,)`` float64 — higher means more anomalous.
 
-    * ``"segment_entropy"``: mean over foreground classes of :func:`segment_mean_entropy` (empty segments skipped;
+    * ``"segment_entropy"``: mean over foreground classes of :func:`segment_mean_entropy` (empty
+      segments skipped;
       a case with no predicted foreground scores the maximum ``ln 2``);
     * ``"max_probability"``: ``1 − mean_voxels max_c p_c``;
     * ``"mean_entropy"``: mean voxel entropy (:func:`entropy_map`).
@@ -176,7 +179,8 @@ def choose_threshold(
 ) -> float:
     """Score threshold flagging ``score ≥ t`` as positive (failure / OOD), chosen on validation data.
 
-    ``"youden"`` maximises ``J = sensitivity + specificity − 1``; ``"sensitivity"`` takes the largest threshold
+    ``"youden"`` maximises ``J = sensitivity + specificity − 1``; ``"sensitivity"`` takes the largest
+    threshold
     whose sensitivity reaches ``target_sensitivity``. Candidates are the observed scores.
     """
     s = np.asarray(scores, dtype=np.float64).ravel()

@@ -43,7 +43,8 @@ class NotFittedError(RuntimeError):
 def _as_volume(item: Any, index: int) -> Volume:
     if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
         raise TypeError(
-            f"volume {index}: expected a tuple (logits, target) or (logits, target, mask), got {type(item).__name__}"
+            f"volume {index}: expected a tuple (logits, target) or (logits, target, mask), "
+            f"got {type(item).__name__}"
         )
     logits, target = item[0], item[1]
     mask = item[2] if len(item) == 3 else None
@@ -96,7 +97,8 @@ def validate_volume(
     num_classes: int | None,
     index: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Check one volume and return ``(logits float32, one-hot target float32 (B, C, *S), mask bool (B, *S))``."""
+    """Check one volume and return ``(logits float32, one-hot target float32 (B, C, *S), mask bool (B,
+    *S))``."""
     where = f"volume {index}: "
     try:
         check_prediction(logits, "logits")
@@ -185,7 +187,8 @@ class Calibrator:
         return self.fit(data, targets).transform(data)
 
     def save(self, path: str | Path) -> None:
-        """Write the fitted calibrator to ``path`` (torch file of tensors + JSON config, no pickled objects)."""
+        """Write the fitted calibrator to ``path`` (torch file of tensors + JSON config, no pickled
+        objects)."""
         self._check_fitted()
         payload = {
             "format": FORMAT,
@@ -203,8 +206,10 @@ class Calibrator:
         if cls.method and payload["method"] != cls.method:
             other = _REGISTRY.get(payload["method"])
             raise ValueError(
-                f"{path}: file was saved by {other.__name__ if other else '?'} (method {payload['method']!r}), "
-                f"not {cls.__name__} (method {cls.method!r}); use segcal.posthoc.load_calibrator to load any method"
+                f"{path}: file was saved by {other.__name__ if other else '?'} "
+                f"(method {payload['method']!r}), "
+                f"not {cls.__name__} (method {cls.method!r}); "
+                "use segcal.posthoc.load_calibrator to load any method"
             )
         target_cls = cls if cls.method else _REGISTRY[payload["method"]]
         config = json.loads(payload["config"])

@@ -71,7 +71,8 @@ class AuxiliaryConvCalibrator(Calibrator):
     def _fit(self, data: Any, targets: Any, mask: Any) -> None:
         if self.epochs > 1 and not is_reiterable(data):
             raise TypeError(
-                "AuxiliaryConvCalibrator with epochs > 1 needs re-iterable data (a tensor, a list of volumes or a "
+                "AuxiliaryConvCalibrator with epochs > 1 needs re-iterable data "
+                "(a tensor, a list of volumes or a "
                 "callable returning a fresh iterable), not a one-shot generator"
             )
         torch.manual_seed(self.seed)

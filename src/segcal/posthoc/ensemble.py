@@ -58,7 +58,8 @@ def average_models(
 
 
 def load_array(path: str | Path, key: str = "probabilities") -> np.ndarray:
-    """Read one ``.npy`` or ``.npz`` array (no pickle). For ``.npz`` use ``key`` or the single stored array."""
+    """Read one ``.npy`` or ``.npz`` array (no pickle). For ``.npz`` use ``key`` or the single stored
+    array."""
     path = Path(path)
     if path.suffix == ".npy":
         return np.load(path, allow_pickle=False)
@@ -115,9 +116,11 @@ def ensemble_size_study(
     """Metrics of ensembles of ``M`` members drawn without replacement from ``members`` (each
     ``(B, C, *spatial)`` probabilities), ``n_resamples`` random subsets per ``M``.
 
-    Metrics per subset: mean over cases of the NLL (:func:`negative_log_likelihood`) and of the foreground Dice
+    Metrics per subset: mean over cases of the NLL (:func:`negative_log_likelihood`) and of the
+    foreground Dice
     (exclusive: classes 1..C−1 averaged; multilabel: all channels). Returns
-    ``{M: {"nll": (mean, lo, hi), "dice": (mean, lo, hi)}}`` where ``lo, hi`` are the percentile interval of the
+    ``{M: {"nll": (mean, lo, hi), "dice": (mean, lo, hi)}}`` where ``lo, hi`` are the percentile
+    interval of the
     resampled subsets (``confidence``; degenerate when ``M`` equals the number of members).
     """
     mode = check_mode(mode)

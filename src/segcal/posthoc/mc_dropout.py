@@ -84,7 +84,8 @@ def insert_dropout_unet(
 ) -> list[str]:
     """Insert :class:`MCDropout` into a trained MONAI ``UNet`` in place; returns the wrapped module names.
 
-    ``"decoder"`` (MC-Decoder): before every up-path block, i.e. on the concatenated skip + upsampled features.
+    ``"decoder"`` (MC-Decoder): before every up-path block, i.e. on the concatenated skip + upsampled
+    features.
     ``"center"`` (MC-Center): before the bottom block and the deepest up-path block.
     """
     ups, bottom = _unet_levels(model)
@@ -193,7 +194,8 @@ def mc_predict(
 
     Returns:
         ``{"mean": (B, C, *S), "entropy": H(E[p]), "mutual_information": H(E[p]) − E[H(p)],
-        "expected_entropy": E[H(p)]}``; entropies are ``(B, 1, *S)`` (exclusive) or ``(B, C, *S)`` (multilabel).
+        "expected_entropy": E[H(p)]}``;
+        entropies are ``(B, 1, *S)`` (exclusive) or ``(B, C, *S)`` (multilabel).
         Only running sums are kept (memory of two outputs, not ``T``).
     """
     mode = check_mode(mode)

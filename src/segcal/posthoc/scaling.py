@@ -6,7 +6,8 @@
 
 Multilabel outputs use ``sigmoid`` and the mean binary cross-entropy. Fitting streams: each L-BFGS closure
 loops over voxel chunks and accumulates the loss gradient with ``backward`` per chunk, so memory is bounded by
-one chunk plus the held voxels. With ``max_voxels_per_volume`` only a seeded random subsample of each volume is
+one chunk plus the held voxels. With ``max_voxels_per_volume`` only a seeded random subsample of each
+volume is
 held (at most ``max_voxels_per_volume × n_volumes`` voxels); without it a re-iterable source (list or factory
 callable) is re-read in every closure, and a one-shot generator is held in memory once.
 """
@@ -165,7 +166,8 @@ class VectorScaling(_VoxelScaling):
     """Per-class scale and bias: ``q = softmax(w ⊙ z + b)`` — a diagonal 1×1 convolution on the logits.
 
     With ``mode="multilabel"`` and one channel this is binary Platt scaling (2 parameters). Learned
-    attributes: ``scale_`` ``(C,)``, ``bias_`` ``(C,)`` (float64). In exclusive mode the bias is only defined up
+    attributes: ``scale_`` ``(C,)``, ``bias_`` ``(C,)`` (float64). In exclusive mode the bias is only
+    defined up
     to a constant added to every class; ``bias_`` is returned centred (mean zero) without changing ``q``.
     """
 
