@@ -103,6 +103,17 @@ def test_retrain_after_dropout_only_moves_later_layers() -> None:
         n.startswith(("model.1.submodule.1.submodule", "model.1.submodule.2", "model.2")) for n in moved
     )
     assert all(p.requires_grad for p in net.parameters())
+    seen = []
+
+    def counting_loss(z, t):
+        seen.append(1)
+        return torch.nn.functional.cross_entropy(z, t)
+
+    gen = ((x, y) for _ in range(2))
+    retrain_after_dropout(net, gen, counting_loss, epochs=1)
+    assert len(seen) == 2  # the traced first batch is not lost
+    with pytest.raises(TypeError, match="re-iterable"):
+        retrain_after_dropout(net, ((x, y) for _ in range(2)), counting_loss, epochs=2)
 
 
 def test_ensemble_identical_members_equal_member_and_complementary_lower_nll() -> None:

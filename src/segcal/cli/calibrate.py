@@ -83,6 +83,8 @@ class _FolderVolumes:
             if not np.all(y == np.round(y)):
                 raise ValueError(f"{self.labels[case]}: labels must be integers")
             y = y.astype(np.int64)
+        if y.shape == z.shape:  # multi-hot (multilabel) labels (C, *spatial)
+            return torch.from_numpy(z)[None], torch.from_numpy(y.astype(np.float32))[None]
         if z.shape[1:] != y.shape:
             raise ValueError(
                 f"case {case}: logits {self.pred[case].name} have spatial shape {z.shape[1:]} but labels "

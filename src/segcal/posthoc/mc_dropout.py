@@ -12,6 +12,7 @@ Ensembles §2.2; Gal & Ghahramani 2016).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -123,15 +124,19 @@ def retrain_after_dropout(
     found with hooks on one batch), dropout active, other weights frozen. ``loader`` yields
     ``(image, target, ...)``; returns the mean loss per epoch."""
 
-    def batches() -> Iterable[Any]:
-        return loader() if callable(loader) else loader
-
-    if epochs > 1 and not callable(loader) and iter(loader) is loader:
+    one_shot = not callable(loader) and iter(loader) is loader
+    if epochs > 1 and one_shot:
         raise TypeError("epochs > 1 needs a re-iterable loader (a DataLoader, a list or a factory callable)")
     try:
-        first = next(iter(batches()))
+        first = next(iter(loader() if callable(loader) else loader))
     except StopIteration:
         raise ValueError("retrain_after_dropout: the loader is empty") from None
+
+    def batches() -> Iterable[Any]:
+        if one_shot:  # the traced first batch was taken from the generator: put it back
+            return itertools.chain([first], loader)
+        return loader() if callable(loader) else loader
+
     order: list[nn.Module] = []
     hooks = [
         m.register_forward_hook(lambda mod, i, o: order.append(mod))
