@@ -1,0 +1,37 @@
+"""Post-hoc calibration (SPEC §3): calibrators with ``fit``/``transform``, MC dropout and deep ensembles."""
+
+from segcal.posthoc._base import Calibrator, NotFittedError, load_calibrator
+from segcal.posthoc.conv import AuxiliaryConvCalibrator, LastLayerFineTuner
+from segcal.posthoc.ensemble import (
+    average_models,
+    average_prediction_folders,
+    ensemble_probabilities,
+    ensemble_size_study,
+)
+from segcal.posthoc.mc_dropout import (
+    MCDropout,
+    insert_dropout,
+    insert_dropout_unet,
+    mc_predict,
+    retrain_after_dropout,
+)
+from segcal.posthoc.scaling import TemperatureScaling, VectorScaling
+
+__all__ = [
+    "AuxiliaryConvCalibrator",
+    "Calibrator",
+    "LastLayerFineTuner",
+    "MCDropout",
+    "NotFittedError",
+    "TemperatureScaling",
+    "VectorScaling",
+    "average_models",
+    "average_prediction_folders",
+    "ensemble_probabilities",
+    "ensemble_size_study",
+    "insert_dropout",
+    "insert_dropout_unet",
+    "load_calibrator",
+    "mc_predict",
+    "retrain_after_dropout",
+]

@@ -1,0 +1,278 @@
+"""Shared machinery of the post-hoc calibrators: input streaming, voxel subsampling, validation, save/load.
+
+Data accepted by ``fit``
+------------------------
+* a logits tensor ``(B, C, *spatial)`` together with ``targets`` (label map ``(B, *spatial)`` /
+  ``(B, 1, *spatial)`` or one-hot / multi-hot ``(B, C, *spatial)``);
+* an iterable of volumes ``(logits, target)`` or ``(logits, target, mask)``; each ``logits`` is
+  ``(C, *spatial)`` or ``(1, C, *spatial)`` (a batch ``(B, C, *spatial)`` also works). Volumes are read one at
+  a time and never concatenated. A list/tuple or a zero-argument callable returning a fresh iterable is
+  *re-iterable* and can be streamed several times; a one-shot generator is read once.
+
+Files
+-----
+``save(path)`` writes one ``torch.save`` file holding a plain dict of tensors and strings
+(``{"format", "version", "method", "config" (JSON text), "state" (dict of tensors)}``); ``load`` reads it with
+``torch.load(weights_only=True)`` (no arbitrary pickle) and refuses a file written by another method.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from segcal.functional.inputs import Mode, check_mode, check_prediction, check_target, target_to_onehot
+
+__all__ = ["Calibrator", "NotFittedError", "iter_volumes", "load_calibrator"]
+
+FORMAT = "segcal-calibrator"
+VERSION = 1
+_REGISTRY: dict[str, type[Calibrator]] = {}
+
+Volume = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+
+
+class NotFittedError(RuntimeError):
+    """A calibrator was used before :meth:`Calibrator.fit`."""
+
+
+def _as_volume(item: Any, index: int) -> Volume:
+    if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
+        raise TypeError(
+            f"volume {index}: expected a tuple (logits, target) or (logits, target, mask), "
+            f"got {type(item).__name__}"
+        )
+    logits, target = item[0], item[1]
+    mask = item[2] if len(item) == 3 else None
+    logits = torch.as_tensor(logits)
+    target = torch.as_tensor(target)
+    # (C, H, W) and (C, H, W, D) with a label map (H, W, D) are single volumes -> (1, C, *spatial);
+    # other 4-D inputs are read as a 2-D batch (B, C, H, W) (pass 3-D one-hot targets with a batch axis).
+    unbatched = logits.ndim == 3 or (logits.ndim == 4 and tuple(target.shape) == tuple(logits.shape[1:]))
+    if unbatched:
+        logits = logits.unsqueeze(0)
+        target = target.unsqueeze(0)
+        if mask is not None:
+            mask = torch.as_tensor(mask).unsqueeze(0)
+    if mask is not None:
+        mask = torch.as_tensor(mask)
+    return logits, target, mask
+
+
+def iter_volumes(data: Any, targets: Any = None, masks: Any = None) -> Iterator[Volume]:
+    """Yield ``(logits (B, C, *S), target, mask | None)`` from a tensor or an iterable of volumes."""
+    if isinstance(data, torch.Tensor):
+        if targets is None:
+            raise ValueError("fit(logits, targets): targets are required when logits are given as a tensor")
+        yield data, torch.as_tensor(targets), None if masks is None else torch.as_tensor(masks)
+        return
+    if targets is not None:
+        raise ValueError("targets must be None when data is an iterable of (logits, target[, mask]) volumes")
+    source = data() if callable(data) else data
+    if not isinstance(source, Iterable):
+        raise TypeError(f"data must be a logits tensor or an iterable of volumes, got {type(data).__name__}")
+    for i, item in enumerate(source):
+        yield _as_volume(item, i)
+
+
+def is_reiterable(data: Any) -> bool:
+    """True if ``data`` can be streamed more than once (tensor, sequence or factory callable)."""
+    if isinstance(data, (torch.Tensor, Sequence)) or callable(data):
+        return True
+    try:
+        return iter(data) is not data  # a container (e.g. a DataLoader), not a one-shot iterator
+    except TypeError:
+        return False
+
+
+def validate_volume(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor | None,
+    mode: Mode,
+    num_classes: int | None,
+    index: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Check one volume and return ``(logits float32, one-hot target float32 (B, C, *S), mask bool (B,
+    *S))``."""
+    where = f"volume {index}: "
+    try:
+        check_prediction(logits, "logits")
+    except (ValueError, TypeError) as exc:
+        raise type(exc)(where + str(exc)) from None
+    c = logits.shape[1]
+    if num_classes is not None and c != num_classes:
+        raise ValueError(f"{where}logits have {c} classes but the calibrator expects {num_classes}")
+    try:
+        check_target(target, logits.shape, mode)
+    except (ValueError, TypeError) as exc:
+        raise type(exc)(where + str(exc)) from None
+    onehot = target_to_onehot(target, c, dtype=torch.float32)
+    if mask is not None:
+        m = mask[:, 0] if (mask.ndim == logits.ndim and mask.shape[1] == 1) else mask
+        if tuple(m.shape) != (logits.shape[0], *logits.shape[2:]):
+            raise ValueError(
+                f"{where}mask shape {tuple(mask.shape)} does not match the logits' batch and spatial shape "
+                f"{(logits.shape[0], *logits.shape[2:])}"
+            )
+        mask = m.bool()
+    return logits.float(), onehot, mask
+
+
+def flatten_voxels(
+    logits: torch.Tensor,
+    onehot: torch.Tensor,
+    mask: torch.Tensor | None,
+    max_voxels: int | None,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, C, *S)`` → ``(N, C)`` logits and targets, keeping masked voxels and at most ``max_voxels``."""
+    c = logits.shape[1]
+    z = logits.movedim(1, -1).reshape(-1, c)
+    y = onehot.movedim(1, -1).reshape(-1, c)
+    if mask is not None:
+        keep = mask.reshape(-1)
+        z, y = z[keep], y[keep]
+    if max_voxels is not None and z.shape[0] > max_voxels:
+        idx = torch.randperm(z.shape[0], generator=generator)[:max_voxels]
+        z, y = z[idx], y[idx]
+    if bool(((y == 0) | (y == 1)).all()):
+        y = y.to(torch.uint8)  # hard one-hot / multi-hot targets are held as bytes
+    return z.contiguous(), y.contiguous()
+
+
+class Calibrator:
+    """Base class: scikit-learn-like ``fit`` / ``transform``; learned attributes end with ``_``.
+
+    Subclasses set ``method`` and implement ``_fit``, ``_transform``, ``_config`` and ``_state`` /
+    ``_set_state``.
+    """
+
+    method: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.method:
+            _REGISTRY[cls.method] = cls
+
+    def __init__(self, mode: Mode = "exclusive") -> None:
+        self.mode = mode
+
+    # ----------------------------------------------------------------------------------------- public API
+    def fit(self, data: Any, targets: Any = None, mask: Any = None) -> Calibrator:
+        """Learn the calibration map from validation logits; returns ``self``."""
+        self.mode = check_mode(self.mode)
+        self._fit(data, targets, mask)
+        return self
+
+    def transform(self, logits: torch.Tensor) -> torch.Tensor:
+        """Calibrated probabilities ``(B, C, *spatial)`` from logits ``(B, C, *spatial)``."""
+        self._check_fitted()
+        check_prediction(logits, "logits")
+        if logits.shape[1] != self.num_classes_:
+            raise ValueError(
+                f"logits have {logits.shape[1]} classes but the calibrator was fitted on {self.num_classes_}"
+            )
+        with torch.no_grad():
+            z = self._transform(logits.float())
+        return torch.softmax(z, 1) if self.mode == "exclusive" else torch.sigmoid(z)
+
+    def fit_transform(self, data: Any, targets: Any = None) -> torch.Tensor:
+        if not isinstance(data, torch.Tensor):
+            raise TypeError("fit_transform needs a logits tensor")
+        return self.fit(data, targets).transform(data)
+
+    def save(self, path: str | Path) -> None:
+        """Write the fitted calibrator to ``path`` (torch file of tensors + JSON config, no pickled
+        objects)."""
+        self._check_fitted()
+        payload = {
+            "format": FORMAT,
+            "version": VERSION,
+            "method": self.method,
+            "config": json.dumps(self._config()),
+            "state": {k: v.detach().cpu().contiguous() for k, v in self._state().items()},
+        }
+        torch.save(payload, Path(path))
+
+    @classmethod
+    def load(cls, path: str | Path, **kwargs: Any) -> Calibrator:
+        """Read a calibrator written by :meth:`save`; raises ``ValueError`` for a file of another method."""
+        payload = _read_payload(path)
+        if cls.method and payload["method"] != cls.method:
+            other = _REGISTRY.get(payload["method"])
+            raise ValueError(
+                f"{path}: file was saved by {other.__name__ if other else '?'} "
+                f"(method {payload['method']!r}), "
+                f"not {cls.__name__} (method {cls.method!r}); "
+                "use segcal.posthoc.load_calibrator to load any method"
+            )
+        target_cls = cls if cls.method else _REGISTRY[payload["method"]]
+        config = json.loads(payload["config"])
+        config.update(kwargs)
+        obj = target_cls._from_config(config)
+        obj._set_state(payload["state"])
+        return obj
+
+    # ----------------------------------------------------------------------------------------- internals
+    @classmethod
+    def _from_config(cls, config: dict[str, Any]) -> Calibrator:
+        num_classes = config.pop("num_classes_")
+        obj = cls(**config)
+        obj.num_classes_ = num_classes
+        return obj
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "num_classes_"):
+            raise NotFittedError(
+                f"{type(self).__name__} is not fitted yet: call fit(...) before transform/save"
+            )
+
+    def _fit(self, data: Any, targets: Any, mask: Any) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _transform(self, logits: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _config(self) -> dict[str, Any]:
+        return {"mode": self.mode, "num_classes_": self.num_classes_}
+
+    def _state(self) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _set_state(self, state: dict[str, torch.Tensor]) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        fitted = "fitted" if hasattr(self, "num_classes_") else "not fitted"
+        return f"{type(self).__name__}(mode={self.mode!r}, {fitted})"
+
+
+def _read_payload(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"calibrator file not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path}: not a segcal calibrator file ({exc})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a segcal calibrator file (missing format tag {FORMAT!r})")
+    if payload.get("version") != VERSION:
+        raise ValueError(f"{path}: unsupported calibrator file version {payload.get('version')}")
+    if payload.get("method") not in _REGISTRY:
+        raise ValueError(f"{path}: unknown calibration method {payload.get('method')!r}")
+    return payload
+
+
+def load_calibrator(path: str | Path, **kwargs: Any) -> Calibrator:
+    """Load any calibrator saved with :meth:`Calibrator.save` (the method is read from the file)."""
+    payload = _read_payload(path)
+    return _REGISTRY[payload["method"]].load(path, **kwargs)
+
+
+ChunkSource = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]

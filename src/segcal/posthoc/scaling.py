@@ -1,0 +1,202 @@
+"""Voxel-wise scaling calibrators fitted by full-batch L-BFGS on the NLL (PostHoc §2.1, Guo et al. 2017).
+
+* :class:`TemperatureScaling` — ``q = softmax(z / T)`` (one scalar ``T > 0``, fitted as ``log T``);
+* :class:`VectorScaling` — ``q = softmax(w ⊙ z + b)`` with per-class ``w, b`` (a diagonal 1×1 convolution);
+  with one sigmoid channel (``mode="multilabel"``, ``C = 1``) this is Platt scaling with 2 parameters.
+
+Multilabel outputs use ``sigmoid`` and the mean binary cross-entropy. Fitting streams: each L-BFGS closure
+loops over voxel chunks and accumulates the loss gradient with ``backward`` per chunk, so memory is bounded by
+one chunk plus the held voxels. With ``max_voxels_per_volume`` only a seeded random subsample of each
+volume is
+held (at most ``max_voxels_per_volume × n_volumes`` voxels); without it a re-iterable source (list or factory
+callable) is re-read in every closure, and a one-shot generator is held in memory once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from segcal.posthoc._base import Calibrator, flatten_voxels, is_reiterable, iter_volumes, validate_volume
+
+__all__ = ["TemperatureScaling", "VectorScaling"]
+
+
+class _VoxelScaling(Calibrator):
+    def __init__(
+        self,
+        mode: str = "exclusive",
+        max_voxels_per_volume: int | None = None,
+        seed: int = 0,
+        max_iter: int = 50,
+        chunk_size: int = 1 << 18,
+    ) -> None:
+        super().__init__(mode)  # type: ignore[arg-type]
+        self.max_voxels_per_volume = max_voxels_per_volume
+        self.seed = seed
+        self.max_iter = max_iter
+        self.chunk_size = chunk_size
+
+    # --- parameters, to be provided by subclasses
+    def _init_params(self, num_classes: int) -> list[torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _apply(self, z: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def _store(self, params: list[torch.Tensor]) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # --- fitting
+    def _chunks(self, rows: tuple[torch.Tensor, torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        z, y = rows
+        for s in range(0, z.shape[0], self.chunk_size):
+            yield z[s : s + self.chunk_size], y[s : s + self.chunk_size]
+
+    def _fit(self, data: Any, targets: Any, mask: Any) -> None:
+        if self.max_voxels_per_volume is not None and self.max_voxels_per_volume < 1:
+            raise ValueError(
+                f"max_voxels_per_volume must be a positive integer, got {self.max_voxels_per_volume}"
+            )
+        gen = torch.Generator().manual_seed(int(self.seed))
+        stream = (
+            self.max_voxels_per_volume is None and is_reiterable(data) and not isinstance(data, torch.Tensor)
+        )
+        num_classes: int | None = None
+        n_total = 0
+        cache: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for i, (lg, tg, mk) in enumerate(iter_volumes(data, targets, mask)):
+            lg, y, mk = validate_volume(lg, tg, mk, self.mode, num_classes, i)
+            num_classes = lg.shape[1]
+            rows = flatten_voxels(lg, y, mk, self.max_voxels_per_volume, gen)
+            n_total += rows[0].shape[0]
+            if not stream:
+                cache.append(rows)
+        if num_classes is None:
+            raise ValueError("fit received no volumes")
+        if n_total == 0:
+            raise ValueError("fit received no voxels (empty masks?)")
+
+        def source() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            if stream:
+                for i, (lg, tg, mk) in enumerate(iter_volumes(data, targets, mask)):
+                    lg, y, mk = validate_volume(lg, tg, mk, self.mode, num_classes, i)
+                    yield from self._chunks(flatten_voxels(lg, y, mk, None, None))
+            else:
+                for rows in cache:
+                    yield from self._chunks(rows)
+
+        params = self._init_params(num_classes)
+        opt = torch.optim.LBFGS(
+            params,
+            lr=1.0,
+            max_iter=self.max_iter,
+            line_search_fn="strong_wolfe",
+            tolerance_grad=1e-7,
+            tolerance_change=1e-10,
+            history_size=20,
+        )
+        denom = float(n_total * (num_classes if self.mode == "multilabel" else 1))
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            total = torch.zeros((), dtype=torch.float64)
+            for z, y in source():
+                zz = self._apply(z.double(), params)
+                if self.mode == "exclusive":
+                    loss = -(y.double() * torch.log_softmax(zz, 1)).sum()
+                else:
+                    loss = F.binary_cross_entropy_with_logits(zz, y.double(), reduction="sum")
+                loss = loss / denom
+                loss.backward()
+                total += loss.detach()
+            return total
+
+        opt.step(closure)
+        self.num_classes_ = num_classes
+        self.n_voxels_ = n_total
+        self._store([p.detach() for p in params])
+
+
+class TemperatureScaling(_VoxelScaling):
+    """One temperature ``T``: ``q = softmax(z / T)`` (or ``sigmoid(z / T)``), fitted by minimising the NLL.
+
+    Args:
+        mode: ``"exclusive"`` (softmax, CE) or ``"multilabel"`` (sigmoid, BCE).
+        max_voxels_per_volume: seeded random subsample of voxels per volume (``None`` = all).
+        seed: seed of the subsampling.
+        max_iter: L-BFGS iterations.
+        chunk_size: voxels per chunk in each closure.
+
+    Learned attributes: ``temperature_`` (float), ``num_classes_``, ``n_voxels_``.
+
+    Example:
+        >>> ts = TemperatureScaling().fit(val_logits, val_labels)   # (B, C, H, W), (B, H, W)
+        >>> probs = ts.transform(test_logits)
+    """
+
+    method = "temperature"
+
+    def _init_params(self, num_classes: int) -> list[torch.Tensor]:
+        return [torch.zeros((), dtype=torch.float64, requires_grad=True)]
+
+    def _apply(self, z: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+        return z * torch.exp(-params[0])
+
+    def _store(self, params: list[torch.Tensor]) -> None:
+        self.temperature_ = float(torch.exp(params[0]))
+
+    def _transform(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits / self.temperature_
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        return {"temperature": torch.tensor(self.temperature_, dtype=torch.float64)}
+
+    def _set_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.temperature_ = float(state["temperature"])
+
+    def _config(self) -> dict[str, Any]:
+        return {**super()._config(), "max_voxels_per_volume": self.max_voxels_per_volume, "seed": self.seed}
+
+
+class VectorScaling(_VoxelScaling):
+    """Per-class scale and bias: ``q = softmax(w ⊙ z + b)`` — a diagonal 1×1 convolution on the logits.
+
+    With ``mode="multilabel"`` and one channel this is binary Platt scaling (2 parameters). Learned
+    attributes: ``scale_`` ``(C,)``, ``bias_`` ``(C,)`` (float64). In exclusive mode the bias is only
+    defined up
+    to a constant added to every class; ``bias_`` is returned centred (mean zero) without changing ``q``.
+    """
+
+    method = "vector"
+
+    def _init_params(self, num_classes: int) -> list[torch.Tensor]:
+        return [
+            torch.ones(num_classes, dtype=torch.float64, requires_grad=True),
+            torch.zeros(num_classes, dtype=torch.float64, requires_grad=True),
+        ]
+
+    def _apply(self, z: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+        return z * params[0] + params[1]
+
+    def _store(self, params: list[torch.Tensor]) -> None:
+        self.scale_ = params[0].clone()
+        b = params[1].clone()
+        self.bias_ = b - b.mean() if self.mode == "exclusive" else b
+
+    def _transform(self, logits: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (logits.ndim - 2)
+        return logits * self.scale_.float().view(shape) + self.bias_.float().view(shape)
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        return {"scale": self.scale_, "bias": self.bias_}
+
+    def _set_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.scale_ = state["scale"].to(torch.float64)
+        self.bias_ = state["bias"].to(torch.float64)
+
+    def _config(self) -> dict[str, Any]:
+        return {**super()._config(), "max_voxels_per_volume": self.max_voxels_per_volume, "seed": self.seed}
