@@ -122,10 +122,10 @@ class TverskyLoss(SegmentationLoss):
 
 
 class TverskyPlusPlusLoss(TverskyLoss):
-    """Tversky++: :class:`TverskyLoss` with the FP/FN terms raised to ``gamma`` (default 2)."""
+    """Tversky++: :class:`TverskyLoss` with the FP/FN terms raised to ``fpfn_gamma`` (default 2)."""
 
-    def __init__(self, *, gamma: float = 2.0, **kwargs) -> None:
-        super().__init__(fpfn_gamma=gamma, **kwargs)
+    def __init__(self, *, fpfn_gamma: float = 2.0, **kwargs) -> None:
+        super().__init__(fpfn_gamma=fpfn_gamma, **kwargs)
 
 
 class DSCPlusPlusLoss(TverskyLoss):
