@@ -168,7 +168,7 @@ def asymmetric_focal_terms(
     p = log_probs.exp()
     shape = [1, -1] + [1] * (log_probs.ndim - 2)
     rare_b = rare.view(shape)
-    w = torch.where(rare_b, torch.full_like(p, delta), (1 - delta) * (1 - p).clamp_min(0).pow(gamma))
+    w = torch.where(rare_b, torch.full_like(p, delta), (1 - delta) * (1 - p).clamp_min(1e-12).pow(gamma))
     out = w * ce
     return out.mean(_spatial_dims(out, False))
 
@@ -235,7 +235,7 @@ def hard_calibration_error(
     The bin assignment is piecewise constant, so the gradient flows through ``e_k`` only:
     ``∂ACE/∂p_i = sign(e_k − o_k) / (n_k K⁺)`` for ``p_i`` in bin ``k`` and ``K⁺`` non-empty bins.
     """
-    count, sum_p, sum_y = hard_bin_sums(probs, target, num_bins, closed)
+    count, sum_p, sum_y = hard_bin_sums(probs.contiguous(), target, num_bins, closed)
     return _reduce_bins(count, sum_p, sum_y, count > 0, reduction)
 
 
@@ -285,7 +285,7 @@ def focal_terms(
     """
     if not multilabel:
         logp = log_probabilities(x, activation, eps)
-        loss = -(1 - logp.exp()).clamp_min(0).pow(gamma) * logp * target
+        loss = -(1 - logp.exp()).clamp_min(1e-12).pow(gamma) * logp * target
         if alpha is not None:
             a = torch.as_tensor(alpha, dtype=loss.dtype, device=loss.device)
             if a.ndim == 0:
@@ -300,7 +300,7 @@ def focal_terms(
         p = x.clamp(eps, 1 - eps)
         ce = -(target * p.log() + (1 - target) * (1 - p).log())
         pt = target * p + (1 - target) * (1 - p)
-        loss = (1 - pt).clamp_min(0).pow(gamma) * ce
+        loss = (1 - pt).clamp_min(1e-12).pow(gamma) * ce
     if alpha is not None:
         a = torch.as_tensor(alpha, dtype=loss.dtype, device=loss.device)
         if a.ndim == 0:
