@@ -102,7 +102,14 @@ def test_hard_ace_analytic_gradient():
     ace.sum().backward()
     k_plus = 3
     expected = torch.tensor(
-        [-1 / (2 * k_plus), -1 / (2 * k_plus), 1 / (3 * k_plus), 1 / (3 * k_plus), 1 / (3 * k_plus), -1 / k_plus],
+        [
+            -1 / (2 * k_plus),
+            -1 / (2 * k_plus),
+            1 / (3 * k_plus),
+            1 / (3 * k_plus),
+            1 / (3 * k_plus),
+            -1 / k_plus,
+        ],
         dtype=torch.float64,
     )
     torch.testing.assert_close(pt.grad.reshape(-1), expected)
@@ -123,7 +130,9 @@ def test_hard_ace_matches_metric_core():
     p = torch.softmax(x, 1)
     stats = bin_statistics(p, y, 20, include_background=True)
     for variant, red in [("ace", "average"), ("ece", "expected"), ("mce", "maximum")]:
-        loss = HardL1ACELoss(variant=variant, softmax=True, to_onehot_y=True, reduction="none")(x, y.unsqueeze(1))
+        loss = HardL1ACELoss(variant=variant, softmax=True, to_onehot_y=True, reduction="none")(
+            x, y.unsqueeze(1)
+        )
         torch.testing.assert_close(loss.double(), calibration_error(stats, red), rtol=1e-5, atol=1e-6)
 
 

@@ -76,12 +76,16 @@ def test_dice_class_weight_matches_monai():
     torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize(("reduction", "alpha", "gamma"), [("mean", None, 2.0), ("sum", 0.25, 2.0), ("none", None, 1.5)])
+@pytest.mark.parametrize(
+    ("reduction", "alpha", "gamma"), [("mean", None, 2.0), ("sum", 0.25, 2.0), ("none", None, 1.5)]
+)
 @pytest.mark.parametrize("use_softmax", [True, False])
 def test_focal_matches_monai(reduction, alpha, gamma, use_softmax):
     x, lab, multi = _data(3)
     y = _onehot(lab, 3) if use_softmax else multi
-    ours = FocalLoss(gamma=gamma, alpha=alpha, reduction=reduction, softmax=use_softmax, sigmoid=not use_softmax)
+    ours = FocalLoss(
+        gamma=gamma, alpha=alpha, reduction=reduction, softmax=use_softmax, sigmoid=not use_softmax
+    )
     ref = ml.FocalLoss(gamma=gamma, alpha=alpha, reduction=reduction, use_softmax=use_softmax)
     a, b = ours(x, y), ref(x, y)
     if reduction == "none":
@@ -90,9 +94,12 @@ def test_focal_matches_monai(reduction, alpha, gamma, use_softmax):
     torch.testing.assert_close(a, b.double(), rtol=1e-5, atol=1e-6)
     # sigmoid focal with include_background=False and class weights (same channel convention as MONAI)
     if not use_softmax and reduction != "none":
-        ours = FocalLoss(gamma=gamma, sigmoid=True, include_background=False, weight=[1.0, 2.0], reduction=reduction)
-        ref = ml.FocalLoss(gamma=gamma, use_softmax=False, include_background=False, weight=[1.0, 2.0],
-                           reduction=reduction)
+        ours = FocalLoss(
+            gamma=gamma, sigmoid=True, include_background=False, weight=[1.0, 2.0], reduction=reduction
+        )
+        ref = ml.FocalLoss(
+            gamma=gamma, use_softmax=False, include_background=False, weight=[1.0, 2.0], reduction=reduction
+        )
         torch.testing.assert_close(ours(x, y), ref(x, y).double(), rtol=1e-5, atol=1e-6)
 
 

@@ -145,7 +145,7 @@ def test_parser_builds_modules_and_passes_common_kwargs():
     comp = loss_from_string("dice:1,ce:1,ace(num_bins=10):0.3", softmax=True, to_onehot_y=True)
     assert isinstance(comp, CompositeLoss)
     assert comp.weights == [1.0, 1.0, 0.3]
-    dice, ce, ace = comp.losses
+    dice, _ce, ace = comp.losses
     assert dice.softmax and dice.to_onehot_y and ace.num_bins == 10
     single = loss_from_string("dscpp(gamma=3)", sigmoid=True, include_background=False)
     assert isinstance(single, DSCPlusPlusLoss) and single.gamma == 3.0 and single.sigmoid
@@ -157,9 +157,15 @@ def test_parser_builds_modules_and_passes_common_kwargs():
     parts = comp.last_components
     torch.testing.assert_close(v, parts["dice"] + parts["ce"] + 0.3 * parts["ace"])
     # Python composition
-    py = CompositeLoss([(1.0, DiceLoss(softmax=True, to_onehot_y=True)), (2.0, HardL1ACELoss(softmax=True,
-                                                                                            to_onehot_y=True))])
-    ref = DiceLoss(softmax=True, to_onehot_y=True)(x, y) + 2 * HardL1ACELoss(softmax=True, to_onehot_y=True)(x, y)
+    py = CompositeLoss(
+        [
+            (1.0, DiceLoss(softmax=True, to_onehot_y=True)),
+            (2.0, HardL1ACELoss(softmax=True, to_onehot_y=True)),
+        ]
+    )
+    ref = DiceLoss(softmax=True, to_onehot_y=True)(x, y) + 2 * HardL1ACELoss(softmax=True, to_onehot_y=True)(
+        x, y
+    )
     torch.testing.assert_close(py(x, y), ref)
 
 
