@@ -32,8 +32,8 @@ def _ace(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float(calibration_error(stats, "average").nanmean())
 
 
-@pytest.mark.parametrize("cls", [HardL1ACELoss, SoftL1ACELoss])
-def test_ace_loss_descent_halves_marginal_ace(cls):
+@pytest.mark.parametrize(("cls", "steps"), [(HardL1ACELoss, 60), (SoftL1ACELoss, 150)])
+def test_ace_loss_descent_halves_marginal_ace(cls, steps):
     torch.manual_seed(0)
     q, labels, logits0 = _phantom()
     ace_q = _ace(q.clamp_min(1e-6).log(), labels)
@@ -42,7 +42,7 @@ def test_ace_loss_descent_halves_marginal_ace(cls):
     logits = logits0.clone().requires_grad_(True)
     loss = cls(softmax=True, to_onehot_y=True)
     opt = torch.optim.Adam([logits], lr=0.05)
-    for _ in range(150):
+    for _ in range(steps):
         opt.zero_grad()
         loss(logits, labels.unsqueeze(1)).backward()
         opt.step()
