@@ -1,0 +1,165 @@
+"""Forward+backward time and peak memory of segcal's losses next to MONAI's DiceLoss.
+
+Run: ``PYTHONPATH=src python benchmarks/bench_losses.py [--shape 2 4 96 96 96] [--repeats 5] [--device cpu]``
+
+Each loss runs in a fresh subprocess (``torch.set_num_threads(2)``) so that peak memory is measured as the
+``resource.getrusage(RUSAGE_SELF).ru_maxrss`` increase over the state after the inputs were built (on CUDA:
+``torch.cuda.max_memory_allocated``). Timings are the median of ``--repeats`` runs after one warm-up.
+
+``hard_ace_loop`` is the same hard-binned mL1-ACE written the way the published reference code is structured
+(Python loops over images, classes and bins with boolean masks), to show the speed-up of the vectorised loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+LOSSES = ["monai_dice", "dice", "dscpp", "hard_ace", "soft_ace", "hard_ace_loop"]
+
+
+def reference_loop_hard_ace(logits, labels, num_bins: int = 20):
+    """mL1-ACE with Python loops over batch, class and bin (structure of the published reference code)."""
+    import torch
+
+    probs = torch.softmax(logits, 1)
+    b, c = probs.shape[:2]
+    onehot = torch.nn.functional.one_hot(labels[:, 0].long(), c).movedim(-1, 1).to(probs.dtype)
+    edges = torch.linspace(0, 1, num_bins + 1, dtype=probs.dtype, device=probs.device)
+    total = probs.new_zeros(())
+    for i in range(b):
+        for j in range(c):
+            p, y = probs[i, j].reshape(-1), onehot[i, j].reshape(-1)
+            gaps = []
+            for k in range(num_bins):
+                lo, hi = edges[k], edges[k + 1]
+                m = (p > lo) & (p <= hi) if k > 0 else (p <= hi)
+                if m.any():
+                    gaps.append((p[m].mean() - y[m].mean()).abs())
+            total = total + torch.stack(gaps).mean()
+    return total / (b * c)
+
+
+def _build(name: str):
+    from segcal.losses import DiceLoss, DSCPlusPlusLoss, HardL1ACELoss, SoftL1ACELoss
+
+    kw = dict(softmax=True, to_onehot_y=True)
+    if name == "monai_dice":
+        from monai.losses import DiceLoss as MonaiDice
+
+        return MonaiDice(**kw)
+    if name == "dice":
+        return DiceLoss(**kw)
+    if name == "dscpp":
+        return DSCPlusPlusLoss(**kw)
+    if name == "hard_ace":
+        return HardL1ACELoss(**kw)
+    if name == "soft_ace":
+        return SoftL1ACELoss(**kw)
+    if name == "hard_ace_loop":
+        return reference_loop_hard_ace
+    raise ValueError(f"unknown loss {name!r}; choose from {LOSSES}")
+
+
+def run_one(name: str, shape: list[int], repeats: int, device: str, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        from segcal.functional import _kernels
+
+        _kernels.set_threads(threads)
+    except Exception:  # pragma: no cover - numba missing
+        pass
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(*shape, generator=g).to(device)
+    labels = torch.randint(0, shape[1], (shape[0], 1, *shape[2:]), generator=g).to(device)
+    loss = _build(name)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def step() -> None:
+        x = logits.detach().clone().requires_grad_(True)
+        v = loss(x, labels)
+        v.backward()
+        sync()
+
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step()  # warm-up (and the peak-memory run)
+    if device.startswith("cuda"):
+        peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024  # KiB on Linux
+    times = []
+    for _ in range(repeats if name != "hard_ace_loop" else max(1, repeats // 2)):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return {"loss": name, "time_s": statistics.median(times), "peak_mb": peak_mb}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", type=int, nargs="+", default=[2, 4, 96, 96, 96])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--losses", nargs="+", default=LOSSES)
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args.one, args.shape, args.repeats, args.device, args.threads)))
+        return
+    results = {}
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [
+            os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"),
+            env.get("PYTHONPATH", ""),
+        ]
+    )
+    for name in args.losses:
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--one",
+            name,
+            "--shape",
+            *map(str, args.shape),
+            "--repeats",
+            str(args.repeats),
+            "--device",
+            args.device,
+            "--threads",
+            str(args.threads),
+        ]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+        if out.returncode != 0:
+            print(f"{name}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
+            continue
+        results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    ref = results.get("monai_dice")
+    print(f"shape={tuple(args.shape)} device={args.device} threads={args.threads} repeats={args.repeats}")
+    print(f"{'loss':<15}{'fwd+bwd [s]':>13}{'x MONAI Dice':>14}{'peak [MiB]':>12}{'x MONAI Dice':>14}")
+    for name, r in results.items():
+        tr = r["time_s"] / ref["time_s"] if ref else float("nan")
+        mr = r["peak_mb"] / ref["peak_mb"] if ref and ref["peak_mb"] > 0 else float("nan")
+        print(f"{name:<15}{r['time_s']:>13.4f}{tr:>14.2f}{r['peak_mb']:>12.1f}{mr:>14.2f}")
+    if "hard_ace" in results and "hard_ace_loop" in results:
+        print(
+            f"speed-up of vectorised hard ACE over the loop reference: "
+            f"{results['hard_ace_loop']['time_s'] / results['hard_ace']['time_s']:.1f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()

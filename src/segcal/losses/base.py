@@ -1,0 +1,188 @@
+"""Shared MONAI-style argument handling for every segcal loss module.
+
+A loss gets ``input`` ``(B, C, *spatial)`` (logits with ``softmax=True`` / ``sigmoid=True``, otherwise
+probabilities, or what ``other_act`` maps to probabilities) and ``target``: a label map ``(B, 1, *spatial)`` /
+``(B, *spatial)`` with ``to_onehot_y=True``, else a one-hot / multi-hot / soft map ``(B, C, *spatial)``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+from torch import nn
+
+Reduction = Literal["none", "mean", "sum"]
+
+__all__ = ["Reduction", "SegmentationLoss"]
+
+
+class SegmentationLoss(nn.Module):
+    """Base class: activation, one-hot encoding, background removal, class weights and reduction.
+
+    Args:
+        include_background: keep channel 0 (exclusive mode). Default True (SPEC §0: losses keep it).
+        to_onehot_y: the target is a label map; one-hot encode it to ``C`` channels.
+        sigmoid: apply a sigmoid to ``input`` (multilabel: independent, possibly overlapping channels).
+        softmax: apply a softmax over channels to ``input`` (exclusive classes).
+        other_act: any other callable mapping ``input`` to probabilities (e.g. ``torch.exp`` for log-probs).
+        weight: class weights, a scalar or one value per kept class (after ``include_background``); multiplies
+            the per-class term before the reduction, as in MONAI.
+        reduction: ``"mean"`` (over images and classes), ``"sum"`` or ``"none"`` (the ``(B, C)`` terms).
+        mode: ``"exclusive"`` or ``"multilabel"`` if no activation says which (default: ``"multilabel"`` with
+            ``sigmoid=True``, else ``"exclusive"``).
+    """
+
+    def __init__(
+        self,
+        include_background: bool = True,
+        to_onehot_y: bool = False,
+        sigmoid: bool = False,
+        softmax: bool = False,
+        other_act: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        weight: Sequence[float] | float | torch.Tensor | None = None,
+        reduction: Reduction | str = "mean",
+        mode: Literal["exclusive", "multilabel"] | None = None,
+    ) -> None:
+        super().__init__()
+        if sigmoid and softmax:
+            raise ValueError("sigmoid=True and softmax=True are mutually exclusive")
+        if other_act is not None and (sigmoid or softmax):
+            raise ValueError("other_act cannot be combined with sigmoid=True or softmax=True")
+        if other_act is not None and not callable(other_act):
+            raise TypeError(f"other_act must be callable, got {type(other_act).__name__}")
+        if reduction not in ("none", "mean", "sum"):
+            raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+        if mode is None:
+            mode = "multilabel" if sigmoid else "exclusive"
+        if mode not in ("exclusive", "multilabel"):
+            raise ValueError(f"mode must be 'exclusive' or 'multilabel', got {mode!r}")
+        if softmax and mode == "multilabel":
+            raise ValueError("softmax=True implies mode='exclusive'")
+        self.include_background = bool(include_background)
+        self.to_onehot_y = bool(to_onehot_y)
+        self.sigmoid = bool(sigmoid)
+        self.softmax = bool(softmax)
+        self.other_act = other_act
+        self.reduction = reduction
+        self.mode = mode
+        if weight is not None:
+            w = torch.as_tensor(weight, dtype=torch.float32)
+            if w.ndim > 1:
+                raise ValueError(f"weight must be a scalar or a 1-D sequence, got shape {tuple(w.shape)}")
+            if bool((w < 0).any()) or not bool(torch.isfinite(w).all()):
+                raise ValueError("weight values must be finite and >= 0")
+            self.register_buffer("class_weight", w, persistent=False)
+        else:
+            self.class_weight = None
+
+    # -- helpers ---------------------------------------------------------------------------------------------
+    @property
+    def activation(self) -> Literal["softmax", "sigmoid"] | None:
+        return "softmax" if self.softmax else ("sigmoid" if self.sigmoid else None)
+
+    @staticmethod
+    def _check_input(input: torch.Tensor) -> None:
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+        if not input.is_floating_point():
+            raise TypeError(
+                f"input must be a floating-point tensor (logits or probabilities), got {input.dtype}"
+            )
+        if input.ndim not in (4, 5):
+            raise ValueError(
+                f"input must be (B, C, *spatial) with 2 or 3 spatial dims, got {tuple(input.shape)}"
+            )
+
+    @staticmethod
+    def _as_compute(input: torch.Tensor) -> torch.Tensor:
+        # half inputs (AMP) are computed in float32; float64 is kept (gradcheck)
+        return input.float() if input.dtype in (torch.float16, torch.bfloat16) else input
+
+    def _onehot(self, target: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
+        """Target as ``(B, C, *spatial)`` in ``input``'s dtype (before background removal)."""
+        if not isinstance(target, torch.Tensor):
+            raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+        b, c = input.shape[:2]
+        if target.shape[0] != b:
+            raise ValueError(f"target has batch size {target.shape[0]} but input has {b}")
+        if self.to_onehot_y and c == 1:
+            warnings.warn("single channel prediction, `to_onehot_y=True` ignored.", stacklevel=3)
+        elif self.to_onehot_y:
+            lab = self._labels(target, input)
+            onehot = torch.zeros_like(input)
+            return onehot.scatter_(1, lab.unsqueeze(1), 1.0)
+        if target.ndim == input.ndim - 1 and c == 1:
+            target = target.unsqueeze(1)
+        if tuple(target.shape) != tuple(input.shape):
+            raise ValueError(
+                f"target shape {tuple(target.shape)} does not match input shape {tuple(input.shape)}; "
+                "pass to_onehot_y=True for a label map"
+            )
+        return target.to(input.dtype)
+
+    @staticmethod
+    def _labels(target: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
+        """Integer label map ``(B, *spatial)`` from a ``(B, 1, *spatial)`` / ``(B, *spatial)`` target."""
+        b, _, *spatial = input.shape
+        if tuple(target.shape) not in ((b, *spatial), (b, 1, *spatial)):
+            raise ValueError(
+                f"to_onehot_y=True needs a label map {(b, 1, *spatial)} or {(b, *spatial)}, "
+                f"got target shape {tuple(target.shape)}"
+            )
+        lab = target[:, 0] if target.ndim == input.ndim else target
+        if lab.is_floating_point():
+            lab = lab.round()
+        return lab.long()
+
+    def _select(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.include_background:
+            return xs
+        if xs[0].shape[1] == 1:
+            warnings.warn("single channel prediction, `include_background=False` ignored.", stacklevel=3)
+            return xs
+        return tuple(x[:, 1:] for x in xs)
+
+    def prepare(self, input: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(probs, onehot)``, both ``(B, C', *spatial)`` after activation and channel selection."""
+        self._check_input(input)
+        x = self._as_compute(input)
+        y = self._onehot(target, x)
+        if self.sigmoid:
+            p = torch.sigmoid(x)
+        elif self.softmax:
+            if x.shape[1] == 1:
+                warnings.warn("single channel prediction, `softmax=True` ignored.", stacklevel=3)
+                p = x
+            else:
+                p = torch.softmax(x, 1)
+        elif self.other_act is not None:
+            p = self.other_act(x)
+        else:
+            p = x
+        p, y = self._select(p, y)
+        return p, y
+
+    def reduce(self, f: torch.Tensor) -> torch.Tensor:
+        """Apply class weights to ``(B, C)`` terms and the reduction."""
+        if self.class_weight is not None:
+            w = self.class_weight.to(device=f.device, dtype=f.dtype)
+            if w.ndim == 1 and w.numel() != f.shape[1]:
+                raise ValueError(
+                    f"weight has {w.numel()} values but the loss has {f.shape[1]} classes; with "
+                    "include_background=False the weights must not include class 0"
+                )
+            f = f * w
+        if self.reduction == "mean":
+            return f.mean()
+        if self.reduction == "sum":
+            return f.sum()
+        return f
+
+    def extra_repr(self) -> str:
+        return (
+            f"include_background={self.include_background}, to_onehot_y={self.to_onehot_y}, "
+            f"activation={self.activation}, reduction={self.reduction!r}"
+        )
