@@ -213,3 +213,5 @@ def test_argument_validation():
         DiceLoss()(torch.zeros(2, 3, 4, 4, dtype=torch.long), torch.zeros(2, 3, 4, 4))
     with pytest.raises(ValueError, match="classes"):
         DiceLoss(softmax=True, to_onehot_y=True, weight=[1.0, 2.0])(x, torch.zeros(2, 1, 4, 4))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\]"):
+        HardL1ACELoss(softmax=True, to_onehot_y=True)(x, torch.full((2, 1, 4, 4), 3))
