@@ -118,7 +118,7 @@ def test_torch_compile_cpu():
     g = torch.Generator().manual_seed(4)
     x = torch.randn(1, 3, 6, 6, generator=g)
     y = torch.randint(0, 3, (1, 1, 6, 6), generator=g)
-    loss = loss_from_string("dice+ace", softmax=True, to_onehot_y=True)
+    loss = HardL1ACELoss(softmax=True, to_onehot_y=True)
     compiled = torch.compile(loss, backend="inductor", dynamic=False)
     xe, xc = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     ve, vc = loss(xe, y), compiled(xc, y)
