@@ -118,7 +118,7 @@ def test_torch_compile_cpu():
     g = torch.Generator().manual_seed(4)
     x = torch.randn(1, 3, 6, 6, generator=g)
     y = torch.randint(0, 3, (1, 1, 6, 6), generator=g)
-    loss = loss_from_string("dice+ace", softmax=True, to_onehot_y=True)
+    loss = HardL1ACELoss(softmax=True, to_onehot_y=True)
     compiled = torch.compile(loss, backend="inductor", dynamic=False)
     xe, xc = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     ve, vc = loss(xe, y), compiled(xc, y)
@@ -213,3 +213,5 @@ def test_argument_validation():
         DiceLoss()(torch.zeros(2, 3, 4, 4, dtype=torch.long), torch.zeros(2, 3, 4, 4))
     with pytest.raises(ValueError, match="classes"):
         DiceLoss(softmax=True, to_onehot_y=True, weight=[1.0, 2.0])(x, torch.zeros(2, 1, 4, 4))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\]"):
+        HardL1ACELoss(softmax=True, to_onehot_y=True)(x, torch.full((2, 1, 4, 4), 3))

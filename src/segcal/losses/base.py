@@ -135,7 +135,14 @@ class SegmentationLoss(nn.Module):
         lab = target[:, 0] if target.ndim == input.ndim else target
         if lab.is_floating_point():
             lab = lab.round()
-        return lab.long()
+        lab = lab.long()
+        c = input.shape[1]
+        lo, hi = torch.aminmax(lab)
+        if int(lo) < 0 or int(hi) >= c:
+            raise ValueError(
+                f"target labels must lie in [0, {c - 1}] for {c} channels, found [{int(lo)}, {int(hi)}]"
+            )
+        return lab
 
     def _select(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.include_background:
