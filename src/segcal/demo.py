@@ -86,8 +86,8 @@ class DemoSize:
     mc_samples: int = 10
 
 
-FULL = DemoSize(n_subjects=14, split=(8, 3, 3), slices_per_subject=16, epochs=8, channels=(8, 16, 32, 64))
-QUICK = DemoSize(n_subjects=6, split=(3, 1, 2), slices_per_subject=10, epochs=4, channels=(8, 16, 32, 64))
+FULL = DemoSize(n_subjects=14, split=(8, 3, 3), slices_per_subject=16, epochs=30, channels=(8, 16, 32, 64))
+QUICK = DemoSize(n_subjects=6, split=(3, 1, 2), slices_per_subject=10, epochs=15, channels=(8, 16, 32, 64))
 
 
 def _case_ids(split) -> list[str]:
