@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from html import unescape
 from pathlib import Path
 
 import pytest
@@ -72,7 +73,7 @@ def test_quick_demo_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     findings = {f["key"]: f for f in summary["findings"]}
     assert set(findings) == {"dice_overconfident", "hard_ace_lowers_ace", "soft_ace_lowers_ace",
                              "dscpp_lowers_nll", "ensemble_nll", "shift_calibration", "shift_entropy"}
-    html = (out / "report.html").read_text()
+    html = unescape((out / "report.html").read_text())
     for f in findings.values():
         assert f["text"] and f["claim"] in html
     # robust at the quick size (asserted with slack): ensembling helps NLL and the shifted set raises the
