@@ -51,8 +51,8 @@ def check_mode(mode: str) -> Mode:
     return mode  # type: ignore[return-value]
 
 
-def check_prediction(pred: torch.Tensor, name: str = "prediction") -> None:
-    """Shape, dtype and finiteness of a ``(B, C, *spatial)`` prediction tensor."""
+def check_prediction(pred: torch.Tensor, name: str = "prediction", finite: bool = True) -> None:
+    """Shape, dtype and (with ``finite``) finiteness of a ``(B, C, *spatial)`` prediction tensor."""
     if not isinstance(pred, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(pred).__name__}")
     if not pred.is_floating_point():
@@ -63,7 +63,7 @@ def check_prediction(pred: torch.Tensor, name: str = "prediction") -> None:
         )
     if pred.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(pred.shape)})")
-    if not bool(torch.isfinite(pred).all()):
+    if finite and not bool(torch.isfinite(pred).all()):
         n_bad = int((~torch.isfinite(pred)).sum())
         raise ValueError(f"{name} contains {n_bad} NaN/Inf values")
 
