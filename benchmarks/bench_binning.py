@@ -71,8 +71,14 @@ def timeit(fn: Callable[[], object], repeats: int, sync: Callable[[], None] = la
     return statistics.median(times)
 
 
-def _memory_child(threads: int, small: bool) -> None:
-    """Runs in a fresh process: prints JSON with the RSS high-water mark before/after bin_statistics."""
+def _memory_child(threads: int, folder: str) -> None:
+    """Runs in a fresh process: prints JSON with the RSS high-water mark before/after bin_statistics.
+
+    The input is read from ``.npy`` files (no temporaries while loading), after the kernels are loaded, so
+    ``after - before`` is the extra peak memory of ``bin_statistics`` itself.
+    """
+    import numpy as np
+
     torch.set_num_threads(threads)
     from segcal.functional import _kernels
     from segcal.functional.binning import bin_statistics
@@ -80,22 +86,28 @@ def _memory_child(threads: int, small: bool) -> None:
     _kernels.set_threads(threads)
     tiny_p, tiny_l = make_case((1, 4, 8, 8, 8))
     bin_statistics(tiny_p, tiny_l, NUM_BINS)  # load the compiled kernels before measuring
-    p, lab = make_case((1, 4, 96, 96, 60) if small else SHAPE)
+    p = torch.from_numpy(np.load(os.path.join(folder, "p.npy"), allow_pickle=False))
+    lab = torch.from_numpy(np.load(os.path.join(folder, "lab.npy"), allow_pickle=False))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     bin_statistics(p, lab, NUM_BINS)
-    after_checked = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"input_bytes": p.numel() * p.element_size() + lab.numel() * lab.element_size(),
-                      "before_kb": before, "after_kb": after_checked}))
+                      "before_kb": before, "after_kb": after}))
 
 
-def memory_report(threads: int, small: bool) -> dict[str, float]:
+def memory_report(p: torch.Tensor, lab: torch.Tensor, threads: int) -> dict[str, float]:
+    import tempfile
+
+    import numpy as np
+
     env = dict(os.environ)
     src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", "--threads", str(threads)]
-    if small:
-        cmd.append("--small")
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    with tempfile.TemporaryDirectory() as folder:
+        np.save(os.path.join(folder, "p.npy"), p.numpy())
+        np.save(os.path.join(folder, "lab.npy"), lab.numpy())
+        cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", folder, "--threads", str(threads)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -107,10 +119,10 @@ def main() -> None:
     ap.add_argument("--small", action="store_true", help="a (1, 4, 96, 96, 60) case for a quick check")
     ap.add_argument("--skip-reference", action="store_true", help="skip MONAI and torchmetrics")
     ap.add_argument("--skip-memory", action="store_true")
-    ap.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:
-        _memory_child(args.threads, args.small)
+        _memory_child(args.threads, args.memory_child)
         return
 
     torch.set_num_threads(args.threads)
@@ -150,7 +162,9 @@ def main() -> None:
     lab64 = lab.long()
     rows["plain read p.sum()"] = timeit(lambda: p.sum(), r)
     rows["segcal bin_statistics"] = timeit(lambda: bin_statistics(p, lab, NUM_BINS), r)
-    rows["segcal bin_statistics check=False"] = timeit(lambda: bin_statistics(p, lab, NUM_BINS, check=False), r)
+    rows["segcal bin_statistics check=False"] = timeit(
+        lambda: bin_statistics(p, lab, NUM_BINS, check=False), r
+    )
     rows["segcal bin_statistics + calibration_errors"] = timeit(
         lambda: calibration_errors(bin_statistics(p, lab, NUM_BINS)), r
     )
@@ -195,13 +209,13 @@ def main() -> None:
     print(f"ratio segcal/plain read: {seg / plain:.1f}x (validated), {seg_nc / plain:.1f}x (check=False)")
     if "MONAI CalibrationErrorMetric (ACE)" in rows:
         mon = rows["MONAI CalibrationErrorMetric (ACE)"]
-        print(f"ratio MONAI/segcal: {mon / rows['segcal bin_statistics + calibration_errors']:.1f}x "
+        seg_all = rows["segcal bin_statistics + calibration_errors"]
+        print(f"ratio MONAI/segcal: {mon / seg_all:.1f}x "
               f"(MONAI excluding its one-hot input vs segcal bin_statistics + all five errors)")
         tmv = rows["torchmetrics MulticlassCalibrationError (top-label)"]
         print(f"ratio torchmetrics/segcal top-label: {tmv / rows['segcal top-label ECE']:.1f}x")
     if not args.skip_memory:
-        del p, lab, lab64
-        mem = memory_report(args.threads, args.small)
+        mem = memory_report(p, lab, args.threads)
         extra = (mem["after_kb"] - mem["before_kb"]) * 1024
         print(f"extra peak memory of bin_statistics (fresh process, ru_maxrss): {extra / 2**20:.1f} MiB "
               f"= {extra / mem['input_bytes']:.3f} x input size ({mem['input_bytes'] / 2**20:.0f} MiB)")
