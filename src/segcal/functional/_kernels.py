@@ -5,17 +5,17 @@ probabilities and the sum of targets. Work is split into chunks of voxels proces
 keeps small local histograms (int32 counts, float64 sums) that are merged exactly at the end: counts are exact
 integers, sums are float64 whatever the input dtype.
 
-* :func:`_hist_voxels` (exclusive mode with a label map, the common case) walks the voxels once and handles all
-  channels of a voxel together, so the label is read once per voxel. With ``validate`` it also computes, in the
-  same pass, what :func:`segcal.functional.inputs.check_probabilities` checks (min, max, number of NaN/Inf,
-  largest deviation of the channel sum from 1), so validated input costs a single read of the tensor.
+* :func:`_hist_voxels` (exclusive mode with a label map, the common case) walks the voxels once and handles
+  all channels of a voxel together, so the label is read once per voxel. With ``validate`` it also computes,
+  in the same pass, what :func:`segcal.functional.inputs.check_probabilities` checks (min, max, number of
+  NaN/Inf, largest deviation of the channel sum from 1), so validated input costs a single read of the tensor.
 * :func:`_hist_dense` handles one-hot / multi-hot / soft targets row by row (image x channel), with two
   interleaved histograms so runs of voxels in the same bin do not serialise on one memory location.
 
 Bin of ``p`` (after clamping into [0, 1], SPEC §0): the ``k`` with ``edges[k] < p <= edges[k + 1]``
 (``closed="right"``) or ``edges[k] <= p < edges[k + 1]`` (``closed="left"``), clamped to ``[0, M - 1]``;
-``edges`` are the correctly rounded ``k / M`` in the input dtype. The guess ``int(p * M)`` is within one of the
-answer and is corrected branch-free with two comparisons against padded edge tables ``lo``/``hi``.
+``edges`` are the correctly rounded ``k / M`` in the input dtype. The guess ``int(p * M)`` is within one of
+the answer and is corrected branch-free with two comparisons against padded edge tables ``lo``/``hi``.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ except Exception:  # pragma: no cover - exercised only where numba is missing
 
 #: voxels per parallel task; local int32 counts cannot overflow (<= _CHUNK per bin)
 _CHUNK = 1 << 16
+#: voxels per block inside a chunk (bins are computed for a block, then scattered)
+_BLOCK = 512
 
 
 def edge_tables(edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -65,6 +67,11 @@ if HAVE_NUMBA:
 
         out: (B, C - first, 3, M) float64, accumulated. vstats: (B * n_chunks, 4) float64 receives per task
         (min, max, number of NaN/Inf, max |sum_c p - 1|) over all voxels and channels (mask ignored).
+
+        Per block of ``_BLOCK`` voxels and channel: phase 1 computes the bins into a small buffer (a simple
+        loop LLVM can vectorise), phase 2 scatters into two interleaved histograms (lane = voxel parity, so
+        runs of voxels in one bin do not serialise); counts and label hits share one int32 table
+        (index ``2k + hit``).
         """
         nb, nc, s = p.shape
         m = out.shape[3]
@@ -72,41 +79,59 @@ if HAVE_NUMBA:
         n_chunks = (s + _CHUNK - 1) // _CHUNK
         n_tasks = nb * n_chunks
         partial = np.zeros((n_tasks, kc, 3, m))
+        mf = np.float64(m)
         for t in prange(n_tasks):
             b = t // n_chunks
             s0 = (t % n_chunks) * _CHUNK
             s1 = min(s, s0 + _CHUNK)
-            hc = np.zeros((kc, m), np.int32)
-            hy = np.zeros((kc, m), np.int32)
-            hp = np.zeros((kc, m))
+            hc = np.zeros((kc, 4 * m), np.int32)  # [lane][2k + hit]
+            hp = np.zeros((kc, 2 * m))  # [lane][k]
+            kbuf = np.empty(_BLOCK, np.int64)
+            vbuf = np.empty(_BLOCK, np.float64)
             vmin = np.inf
             vmax = -np.inf
             nbad = 0
             dev = 0.0
-            for i in range(s0, s1):
+            for i0 in range(s0, s1, _BLOCK):
+                i1 = min(s1, i0 + _BLOCK)
+                n = i1 - i0
                 if validate:
-                    tot = 0.0
-                    for c in range(nc):
-                        v = p[b, c, i]
-                        tot += v
-                        vmin = min(vmin, v)
-                        vmax = max(vmax, v)
-                        nbad += not np.isfinite(v)
-                    dev = max(dev, abs(tot - 1.0))
-                if use_mask and mask[b, i] == 0:
-                    continue
-                lb = lab[b, i]
+                    for i in range(i0, i1):
+                        tot = 0.0
+                        for c in range(nc):
+                            v = p[b, c, i]
+                            tot += v
+                            vmin = min(vmin, v)
+                            vmax = max(vmax, v)
+                            nbad += not np.isfinite(v)
+                        dev = max(dev, abs(tot - 1.0))
+                lb = lab[b, i0:i1]
                 for c in range(first, nc):
-                    v = _clamp01(p[b, c, i])
-                    k = _bin_of(v, lo, hi, m, right)
-                    hc[c - first, k] += 1
-                    hy[c - first, k] += np.int32(lb == c)
-                    hp[c - first, k] += v
+                    pc = p[b, c, i0:i1]
+                    for j in range(n):  # phase 1: bins
+                        v = min(max(np.float64(pc[j]), 0.0), 1.0)
+                        k = min(max(np.int64(v * mf), 0), m - 1)
+                        if right:
+                            k = k - np.int64(v <= lo[k]) + np.int64(v > hi[k])
+                        else:
+                            k = k - np.int64(v < lo[k]) + np.int64(v >= hi[k])
+                        kbuf[j] = min(max(k, 0), m - 1)  # memory safe even for NaN without validation
+                        vbuf[j] = v
+                    h = hc[c - first]
+                    hs = hp[c - first]
+                    for j in range(n):  # phase 2: scatter
+                        if use_mask and mask[b, i0 + j] == 0:
+                            continue
+                        k = kbuf[j]
+                        ln = j & 1
+                        h[ln * 2 * m + 2 * k + np.int64(lb[j] == c)] += 1
+                        hs[ln * m + k] += vbuf[j]
             for c in range(kc):
                 for k in range(m):
-                    partial[t, c, 0, k] = hc[c, k]
-                    partial[t, c, 1, k] = hp[c, k]
-                    partial[t, c, 2, k] = hy[c, k]
+                    n1 = hc[c, 2 * k + 1] + hc[c, 2 * m + 2 * k + 1]
+                    partial[t, c, 0, k] = hc[c, 2 * k] + hc[c, 2 * m + 2 * k] + n1
+                    partial[t, c, 1, k] = hp[c, k] + hp[c, m + k]
+                    partial[t, c, 2, k] = n1
             vstats[t, 0] = vmin
             vstats[t, 1] = vmax
             vstats[t, 2] = nbad

@@ -81,7 +81,9 @@ class BinStats:
 
     def __add__(self, other: BinStats) -> BinStats:
         if self.count.shape != other.count.shape:
-            raise ValueError(f"cannot add BinStats of shapes {tuple(self.count.shape)} and {tuple(other.count.shape)}")
+            raise ValueError(
+                f"cannot add BinStats of shapes {tuple(self.count.shape)} and {tuple(other.count.shape)}"
+            )
         return BinStats(self.count + other.count, self.sum_p + other.sum_p, self.sum_y + other.sum_y)
 
     @staticmethod
@@ -122,7 +124,9 @@ class BinStats:
         return BinStats(t[:, :, 0].clone(), t[:, :, 1].clone(), t[:, :, 2].clone())
 
 
-def bin_edges(num_bins: int, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> torch.Tensor:
+def bin_edges(
+    num_bins: int, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
+) -> torch.Tensor:
     """The ``M + 1`` edges ``k / M``, correctly rounded in ``dtype``."""
     _check_num_bins(num_bins)
     return (torch.arange(num_bins + 1, dtype=torch.float64) / num_bins).to(dtype=dtype, device=device)
@@ -254,12 +258,14 @@ def bin_statistics(
     else:
         class_ids = torch.arange(first, c, dtype=torch.int64)
         dy = dense_y[:, first:] if dense_y is not None else None
-        out = _bin_statistics_torch(probs[:, first:].detach(), labels, dy, class_ids, mask_t, num_bins, closed)
+        out = _bin_statistics_torch(
+            probs[:, first:].detach(), labels, dy, class_ids, mask_t, num_bins, closed
+        )
     return BinStats(out[:, :, 0], out[:, :, 1], out[:, :, 2])
 
 
 def _raise_from_kernel_stats(vstats: np.ndarray, c: int, mode: Mode, name: str = "prediction") -> None:
-    """The checks of :func:`~segcal.functional.inputs.check_probabilities`, from the kernel's one-pass stats."""
+    """The checks of :func:`~segcal.functional.inputs.check_probabilities`, from the kernel's stats."""
     n_bad = int(vstats[:, 2].sum())
     if n_bad:
         raise ValueError(f"{name} contains {n_bad} NaN/Inf values")
@@ -328,7 +334,9 @@ def _bin_statistics_numba(
         if lab_np is not None:
             n_tasks = b * ((s + _kernels._CHUNK - 1) // _kernels._CHUNK)
             vstats = np.zeros((n_tasks, 4))
-            _kernels._hist_voxels(p_np, lab_np, first, mask_np, use_mask, lo, hi, right, validate, out, vstats)
+            _kernels._hist_voxels(
+                p_np, lab_np, first, mask_np, use_mask, lo, hi, right, validate, out, vstats
+            )
         else:
             _kernels._hist_dense(p_np, y_t.numpy(), first, mask_np, use_mask, lo, hi, right, out)  # type: ignore[union-attr]
     else:
@@ -341,11 +349,15 @@ def _bin_statistics_numba(
                 o = out[bi : bi + 1, ci - first : ci - first + 1]
                 if lab_np is not None:
                     ids = np.array([ci], np.int64)
-                    _kernels._hist_labels(row[0], lab_np[bi : bi + 1], ids, m_row, use_mask, lo, hi, right, o[0])
+                    _kernels._hist_labels(
+                        row[0], lab_np[bi : bi + 1], ids, m_row, use_mask, lo, hi, right, o[0]
+                    )
                 else:
                     y_row = dense_y.reshape(b, c, s)[bi, ci]  # type: ignore[union-attr]
                     y_row = y_row.to(torch.uint8) if y_row.dtype == torch.bool else y_row.float()
-                    _kernels._hist_dense(row, y_row.reshape(1, 1, s).numpy(), 0, m_row, use_mask, lo, hi, right, o)
+                    _kernels._hist_dense(
+                        row, y_row.reshape(1, 1, s).numpy(), 0, m_row, use_mask, lo, hi, right, o
+                    )
     return torch.from_numpy(out).to(probs.device), vstats
 
 

@@ -68,7 +68,9 @@ def check_prediction(pred: torch.Tensor, name: str = "prediction", finite: bool 
         raise ValueError(f"{name} contains {n_bad} NaN/Inf values")
 
 
-def check_probabilities(probs: torch.Tensor, mode: Mode, name: str = "prediction", atol: float = PROB_ATOL) -> None:
+def check_probabilities(
+    probs: torch.Tensor, mode: Mode, name: str = "prediction", atol: float = PROB_ATOL
+) -> None:
     """Range (and, in exclusive mode, sum-to-one) check of a probability tensor ``(B, C, *spatial)``."""
     check_prediction(probs, name)
     lo, hi = float(probs.detach().min()), float(probs.detach().max())
@@ -108,7 +110,9 @@ def to_probabilities(
         check_prediction(pred, name)
     if activation == "softmax":
         if mode == "multilabel":
-            raise ValueError("activation='softmax' implies mode='exclusive'; use 'sigmoid' for multilabel outputs")
+            raise ValueError(
+                "activation='softmax' implies mode='exclusive'; use 'sigmoid' for multilabel outputs"
+            )
         return torch.softmax(pred, dim=1)
     if activation == "sigmoid":
         return torch.sigmoid(pred)
@@ -117,7 +121,9 @@ def to_probabilities(
     return pred.clamp(0.0, 1.0)
 
 
-def as_label_map(target: torch.Tensor, spatial_shape: Sequence[int], name: str = "target") -> torch.Tensor | None:
+def as_label_map(
+    target: torch.Tensor, spatial_shape: Sequence[int], name: str = "target"
+) -> torch.Tensor | None:
     """Return ``target`` as an integer label map ``(B, *spatial)`` if it is one, else ``None``.
 
     Accepted label maps: integer tensors ``(B, *spatial)`` or ``(B, 1, *spatial)``, and floating tensors of shape
@@ -156,7 +162,9 @@ def check_target(target: torch.Tensor, pred_shape: Sequence[int], mode: Mode, na
             raise ValueError(f"{name} is empty")
         lo, hi = int(lab.min()), int(lab.max())
         if lo < 0 or hi >= c:
-            raise ValueError(f"{name}: labels must lie in [0, {c - 1}] for {c} classes, found values in [{lo}, {hi}]")
+            raise ValueError(
+                f"{name}: labels must lie in [0, {c - 1}] for {c} classes, found values in [{lo}, {hi}]"
+            )
         if mode == "multilabel" and c > 1:
             raise ValueError(
                 f"{name}: a label map cannot describe overlapping multilabel channels; "
@@ -175,7 +183,9 @@ def check_target(target: torch.Tensor, pred_shape: Sequence[int], mode: Mode, na
         raise ValueError(f"{name} contains NaN/Inf values")
     lo, hi = float(t.min()), float(t.max())
     if lo < 0 or hi > 1 + 1e-6:
-        raise ValueError(f"{name}: one-hot, multi-hot or soft targets must lie in [0, 1], found [{lo:.4g}, {hi:.4g}]")
+        raise ValueError(
+            f"{name}: one-hot, multi-hot or soft targets must lie in [0, 1], found [{lo:.4g}, {hi:.4g}]"
+        )
 
 
 def target_to_onehot(

@@ -127,12 +127,12 @@ def iou_from_counts(counts: torch.Tensor) -> torch.Tensor:
 
 
 def precision_from_counts(counts: torch.Tensor) -> torch.Tensor:
-    tp, fp, fn, e = _split(counts)
+    tp, fp, _fn, e = _split(counts)
     return _ratio(tp, tp + fp, e)
 
 
 def recall_from_counts(counts: torch.Tensor) -> torch.Tensor:
-    tp, fp, fn, e = _split(counts)
+    tp, _fp, fn, e = _split(counts)
     return _ratio(tp, tp + fn, e)
 
 
@@ -202,4 +202,3 @@ def hausdorff_distance_95(
             ).to(torch.float64)
         out = torch.where(both.cpu(), hd.cpu(), out)
     return out
-
