@@ -80,7 +80,7 @@ def check_probabilities(
             "pass activation='softmax' or 'sigmoid' if these are logits"
         )
     if mode == "exclusive" and probs.shape[1] > 1:
-        s = probs.sum(dim=1, dtype=torch.float32)
+        s = probs.detach().sum(dim=1, dtype=torch.float32)
         err = float((s - 1).abs().max())
         if err > atol * max(1, probs.shape[1]):
             raise ValueError(
