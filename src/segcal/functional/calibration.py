@@ -26,7 +26,9 @@ from segcal.functional.binning import BinStats, Closed, bin_statistics
 from segcal.functional.inputs import (
     Activation,
     Mode,
+    as_label_map,
     check_mode,
+    check_probabilities,
     check_target,
     region_probabilities,
     region_targets,
@@ -118,20 +120,32 @@ def top_label_statistics(
     accuracy = ``(p >= 0.5) == y`` → ``(B, C, M)``, one binary top-label curve per channel.
     """
     mode = check_mode(mode)
-    probs = to_probabilities(pred, activation, mode, check=check)
+    if activation is None and isinstance(pred, torch.Tensor):
+        # no clamped copy of the input: the confidences are clamped by bin_statistics (after validation)
+        if check:
+            check_probabilities(pred, mode)
+        probs = pred
+    else:
+        probs = to_probabilities(pred, activation, mode, check=check)
     if check:
         check_target(target, probs.shape, mode)
     c = probs.shape[1]
+    spatial = probs.shape[2:]
     if mode == "exclusive" and c > 1:
         conf, arg = probs.max(dim=1, keepdim=True)
-        onehot_arg = torch.zeros_like(probs, dtype=torch.float32).scatter_(1, arg, 1.0)
-        # hard labels: 1 if the predicted class is the label; soft targets: its reference probability
-        onehot_y = target_to_onehot(target, c, spatial_shape=probs.shape[2:])
-        correct = (onehot_y * onehot_arg).sum(1, keepdim=True)
+        onehot_like = target.ndim == probs.ndim and target.shape[1] == c
+        lab = None if onehot_like else as_label_map(target, spatial)
+        if lab is not None:  # hard labels: 1 if the predicted class is the label
+            correct = arg == lab.unsqueeze(1)
+        else:  # one-hot / soft targets: the reference probability of the predicted class
+            correct = target.gather(1, arg)
+            if correct.dtype not in (torch.bool, torch.uint8):
+                correct = correct.to(torch.float32)
     else:
-        y = target_to_onehot(target, c, spatial_shape=probs.shape[2:]).to(torch.float32)
-        conf = torch.maximum(probs, 1 - probs)
-        correct = ((probs >= 0.5).to(torch.float32) * y + (probs < 0.5).to(torch.float32) * (1 - y))
+        y = target_to_onehot(target, c, spatial_shape=spatial).to(torch.float32)
+        pc = probs.clamp(0.0, 1.0)
+        conf = torch.maximum(pc, 1 - pc)
+        correct = (pc >= 0.5).to(torch.float32) * y + (pc < 0.5).to(torch.float32) * (1 - y)
     return bin_statistics(conf, correct, num_bins, mode="multilabel", mask=mask, closed=closed, check=False)
 
 
