@@ -145,6 +145,64 @@ if HAVE_NUMBA:
                         out[b, c, q, k] += partial[b * n_chunks + j, c, q, k]
 
     @njit(parallel=True, nogil=True, boundscheck=False, cache=True)
+    def _hist_top_label(p, lab, mask, use_mask, lo, hi, right, validate, out, vstats):  # pragma: no cover
+        """Top-label bins, exclusive mode with a label map: confidence ``max_c p`` (first maximum, as
+        ``torch.max``), hit = ``argmax == label``. p: (B, C, S); lab: (B, S); out: (B, 1, 3, M) accumulated;
+        vstats as in :func:`_hist_voxels`."""
+        nb, nc, s = p.shape
+        m = out.shape[3]
+        n_chunks = (s + _CHUNK - 1) // _CHUNK
+        n_tasks = nb * n_chunks
+        partial = np.zeros((n_tasks, 3, m))
+        for t in prange(n_tasks):
+            b = t // n_chunks
+            s0 = (t % n_chunks) * _CHUNK
+            s1 = min(s, s0 + _CHUNK)
+            hc = np.zeros(4 * m, np.int32)
+            hp = np.zeros(2 * m)
+            vmin = np.inf
+            vmax = -np.inf
+            nbad = 0
+            dev = 0.0
+            for i in range(s0, s1):
+                best = p[b, 0, i]
+                arg = 0
+                tot = 0.0
+                for c in range(nc):
+                    v = p[b, c, i]
+                    if validate:
+                        tot += v
+                        vmin = min(vmin, v)
+                        vmax = max(vmax, v)
+                        nbad += not np.isfinite(v)
+                    if v > best:
+                        best = v
+                        arg = c
+                if validate:
+                    dev = max(dev, abs(tot - 1.0))
+                if use_mask and mask[b, i] == 0:
+                    continue
+                conf = min(max(np.float64(best), 0.0), 1.0)
+                k = _bin_of(conf, lo, hi, m, right)
+                ln = i & 1
+                hc[ln * 2 * m + 2 * k + np.int64(lab[b, i] == arg)] += 1
+                hp[ln * m + k] += conf
+            for k in range(m):
+                n1 = hc[2 * k + 1] + hc[2 * m + 2 * k + 1]
+                partial[t, 0, k] = hc[2 * k] + hc[2 * m + 2 * k] + n1
+                partial[t, 1, k] = hp[k] + hp[m + k]
+                partial[t, 2, k] = n1
+            vstats[t, 0] = vmin
+            vstats[t, 1] = vmax
+            vstats[t, 2] = nbad
+            vstats[t, 3] = dev
+        for b in prange(nb):
+            for j in range(n_chunks):
+                for q in range(3):
+                    for k in range(m):
+                        out[b, 0, q, k] += partial[b * n_chunks + j, q, k]
+
+    @njit(parallel=True, nogil=True, boundscheck=False, cache=True)
     def _hist_labels(p, lab, class_ids, mask, use_mask, lo, hi, right, out):  # pragma: no cover - compiled
         """Row variant (used for half-precision inputs converted one row at a time).
 

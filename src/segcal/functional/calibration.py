@@ -20,14 +20,25 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
 import torch
 
-from segcal.functional.binning import BinStats, Closed, bin_statistics
+from segcal.functional import _kernels
+from segcal.functional.binning import (
+    BinStats,
+    Closed,
+    _check_num_bins,
+    _prepare_mask,
+    _raise_from_kernel_stats,
+    bin_edges,
+    bin_statistics,
+)
 from segcal.functional.inputs import (
     Activation,
     Mode,
     as_label_map,
     check_mode,
+    check_prediction,
     check_probabilities,
     check_target,
     region_probabilities,
@@ -120,6 +131,9 @@ def top_label_statistics(
     accuracy = ``(p >= 0.5) == y`` → ``(B, C, M)``, one binary top-label curve per channel.
     """
     mode = check_mode(mode)
+    fast = _top_label_numba(pred, target, num_bins, activation, mode, mask, closed, check)
+    if fast is not None:
+        return fast
     if activation is None and isinstance(pred, torch.Tensor):
         # no clamped copy of the input: the confidences are clamped by bin_statistics (after validation)
         if check:
@@ -147,6 +161,60 @@ def top_label_statistics(
         conf = torch.maximum(pc, 1 - pc)
         correct = (pc >= 0.5).to(torch.float32) * y + (pc < 0.5).to(torch.float32) * (1 - y)
     return bin_statistics(conf, correct, num_bins, mode="multilabel", mask=mask, closed=closed, check=False)
+
+
+def _top_label_numba(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    num_bins: int,
+    activation: Activation,
+    mode: Mode,
+    mask: torch.Tensor | None,
+    closed: Closed,
+    check: bool,
+) -> BinStats | None:
+    """One fused numba pass (validate, max/argmax, bin) for float32/float64 CPU probabilities with a label
+    map in exclusive mode; ``None`` when the input does not qualify (the torch path then handles it)."""
+    if not (
+        _kernels.HAVE_NUMBA
+        and isinstance(pred, torch.Tensor)
+        and isinstance(target, torch.Tensor)
+        and activation is None
+        and mode == "exclusive"
+        and pred.ndim in (4, 5)
+        and pred.shape[1] > 1
+        and pred.device.type == "cpu"
+        and pred.dtype in (torch.float32, torch.float64)
+        and not pred.requires_grad
+        and closed in ("right", "left")
+    ):
+        return None
+    b, c, *spatial = pred.shape
+    if target.ndim == pred.ndim and target.shape[1] == c:
+        return None  # one-hot / soft target
+    _check_num_bins(num_bins)
+    if check:
+        check_prediction(pred, finite=False)
+        check_target(target, pred.shape, mode)
+    lab = as_label_map(target, spatial)
+    if lab is None:
+        return None
+    mask_t = _prepare_mask(mask, b, spatial)
+    s = int(np.prod(spatial))
+    if lab.dtype not in (torch.uint8, torch.int16, torch.int32, torch.int64):
+        lab = lab.to(torch.int64)
+    lo, hi = _kernels.edge_tables(bin_edges(num_bins, pred.dtype).numpy())
+    use_mask = mask_t is not None
+    mask_np = mask_t.reshape(b, s).numpy().view(np.uint8) if use_mask else np.zeros((1, 1), np.uint8)
+    out = np.zeros((b, 1, 3, num_bins))
+    vstats = np.zeros((b * ((s + _kernels._CHUNK - 1) // _kernels._CHUNK), 4))
+    p_np = pred.reshape(b, c, s).numpy()
+    lab_np = lab.reshape(b, s).numpy()
+    _kernels._hist_top_label(p_np, lab_np, mask_np, use_mask, lo, hi, closed == "right", check, out, vstats)
+    if check:
+        _raise_from_kernel_stats(vstats, c, mode)
+    t = torch.from_numpy(out)
+    return BinStats(t[:, :, 0], t[:, :, 1], t[:, :, 2])
 
 
 def _voxel_weights(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
