@@ -214,3 +214,23 @@ def test_chunk_boundaries_in_kernel():
     assert torch.equal(s.count, t[:, :, 0]) and float(s.count[0, 0].sum()) == float(mask.sum())
     assert torch.allclose(s.sum_p, t[:, :, 1], rtol=1e-12) and torch.equal(s.sum_y, t[:, :, 2])
     assert np.isclose(float(s.sum_p.sum()), float((p * mask[:, None]).sum()), rtol=1e-12)
+
+
+@pytest.mark.parametrize("closed", ["right", "left"])
+def test_top_label_fused_kernel_matches_torch_path(closed):
+    """Label-map top-label statistics (fused numba kernel) equal the one-hot path (torch max + gather)."""
+    from segcal.functional.calibration import top_label_statistics
+
+    g = torch.Generator().manual_seed(7)
+    for dtype in (torch.float32, torch.float64):
+        p = torch.softmax(torch.randn(2, 4, 9, 7, 5, generator=g) * 2, 1).to(dtype)
+        p[:, :, 0] = torch.tensor([0.25, 0.25, 0.5, 0.0], dtype=dtype).view(1, 4, 1, 1)  # ties at k/M
+        p[:, :, 1] = torch.tensor([0.4, 0.4, 0.1, 0.1], dtype=dtype).view(1, 4, 1, 1)  # argmax tie: first
+        lab = torch.randint(0, 4, (2, 9, 7, 5), generator=g)
+        onehot = torch.nn.functional.one_hot(lab, 4).movedim(-1, 1)
+        mask = torch.rand(2, 9, 7, 5, generator=g) > 0.2
+        for mk in (None, mask):
+            a = top_label_statistics(p, lab, 10, mask=mk, closed=closed)
+            b = top_label_statistics(p, onehot, 10, mask=mk, closed=closed)
+            assert torch.equal(a.count, b.count) and torch.equal(a.sum_y, b.sum_y)
+            assert torch.allclose(a.sum_p, b.sum_p, rtol=1e-12)

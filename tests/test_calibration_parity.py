@@ -275,14 +275,12 @@ def test_binary_marginal_ece_matches_netcal():
 
 # --- numba vs pure-torch path
 def _both_paths(p, labels, dense, mask, m, closed, first=0):
-    c = p.shape[1]
-    probs = p[:, first:]
-    dy = dense[:, first:] if dense is not None else None
-    ids = torch.arange(first, c)
     from segcal.functional.binning import _bin_statistics_numba
 
-    a = _bin_statistics_numba(probs, labels, dy, ids, mask, m, closed)
-    t = _bin_statistics_torch(probs, labels, dy, ids, mask, m, closed)
+    c = p.shape[1]
+    dy = dense[:, first:] if dense is not None else None
+    a, _ = _bin_statistics_numba(p, labels, dense, first, mask, m, closed)
+    t = _bin_statistics_torch(p[:, first:], labels, dy, torch.arange(first, c), mask, m, closed)
     return a, t
 
 

@@ -143,7 +143,7 @@ def test_nnunet_regions_soft_reference_and_mask(tmp_path):
 
 
 def _bad_dataset(tmp_path):
-    pred, lab, data = write_nifti_dataset(tmp_path, 9, shape=(8, 7, 6))
+    pred, lab, data = write_nifti_dataset(tmp_path, 10, shape=(8, 7, 6))
     aff = affine_for((1.0, 1.5, 2.5))
     probs, label = data["case001"]
     (pred / "case001.nii.gz").write_bytes((pred / "case001.nii.gz").read_bytes()[:200])  # truncated
@@ -162,6 +162,7 @@ def _bad_dataset(tmp_path):
         nib.Nifti1Image(np.moveaxis(probs, 0, -1).astype(np.int16), aff), pred / "case007.nii.gz"
     )  # dtype
     (pred / "case008.nii.gz").write_bytes(b"not a nifti")  # corrupt
+    nib.save(nib.Nifti1Image(np.moveaxis(probs, 0, -1) * 0.9, aff), pred / "case009.nii.gz")  # sums to 0.9
     return pred, lab
 
 
@@ -170,7 +171,7 @@ def test_bad_inputs_are_recorded_and_the_run_continues(tmp_path):
     res = run_evaluation(
         pred, lab, tmp_path / "out", EvalConfig(fmt="nifti", hd95=False), workers=0, progress=False
     )
-    assert (res.n_ok, res.n_failed) == (1, 8)
+    assert (res.n_ok, res.n_failed) == (1, 9)
     errors = {f["case_id"]: f["error"] for f in res.summary["failed"]}
     expect = {
         "case001": "cannot read NIfTI",
@@ -181,17 +182,18 @@ def test_bad_inputs_are_recorded_and_the_run_continues(tmp_path):
         "case006": "probabilities in [0, 1]",
         "case007": "floating-point",
         "case008": "cannot read NIfTI",
+        "case009": "sum to 1",
     }
     for cid, text in expect.items():
         assert text in errors[cid], errors[cid]
         assert f"{cid}.nii.gz" in errors[cid]
     with open(tmp_path / "out" / "failed.csv") as fh:
-        assert len(list(csv.DictReader(fh))) == 8
+        assert len(list(csv.DictReader(fh))) == 9
     # rerun: nothing recomputed, nothing duplicated
     res2 = run_evaluation(
         pred, lab, tmp_path / "out", EvalConfig(fmt="nifti", hd95=False), workers=0, progress=False
     )
-    assert res2.n_computed == 0 and res2.n_skipped == 9
+    assert res2.n_computed == 0 and res2.n_skipped == 10
     with ResultStore(tmp_path / "out", res2.summary["config"]) as store:
         assert set(store.compute_counts().values()) == {1}
 
@@ -272,9 +274,9 @@ def test_compare_runs(tmp_path):
     b = [float(r["ace"]) for r in _rows(tmp_path / "b") if r["class"] == "class_1"]
     r = rows[("ace", "class_1")]
     assert r["mean_a"] == pytest.approx(np.mean(a)) and r["mean_b"] == pytest.approx(np.mean(b))
-    assert r["relative_change"] == pytest.approx((np.mean(b) - np.mean(a)) / np.mean(a))
-    assert r["wilcoxon_p"] == pytest.approx(wilcoxon_signed_rank(a, b))
-    assert r["wilcoxon_p_holm"] >= r["wilcoxon_p"]
+    assert r["rel_change"] == pytest.approx((np.mean(b) - np.mean(a)) / np.mean(a))
+    assert r["p_wilcoxon"] == pytest.approx(wilcoxon_signed_rank(a, b))
+    assert r["p_holm"] >= r["p_wilcoxon"]
     assert ("nll", "case") in rows and ("ace", "mean") in rows
     (tmp_path / "b" / "cases.csv").write_text(
         "\n".join(ln for ln in (tmp_path / "b" / "cases.csv").read_text().splitlines() if "case003" not in ln)

@@ -227,6 +227,7 @@ train({cfg!r}, (x, y), (x[:2], y[:2]), resume=False, loss_fn=DiceLoss(softmax=Tr
 """
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_in_subprocess(tmp_path):
     import os
     import signal

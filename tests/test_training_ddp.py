@@ -10,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 
 SCRIPT = textwrap.dedent(
@@ -45,6 +46,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_gloo(tmp_path):
     tests = str(Path(__file__).parent)
     script = tmp_path / "ddp_train.py"

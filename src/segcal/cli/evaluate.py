@@ -225,10 +225,10 @@ def compare(
             str(r["n"]),
             _fmt(r["mean_a"]),
             _fmt(r["mean_b"]),
-            format_change(r["relative_change"]),
-            _fmt(r["wilcoxon_p"], 3),
-            _fmt(r["wilcoxon_p_holm"], 3),
-            _fmt(r["rank_biserial"], 3),
+            format_change(r["rel_change"]),
+            _fmt(r["p_wilcoxon"], 3),
+            _fmt(r["p_holm"], 3),
+            _fmt(r["effect_size"], 3),
         )
     Console().print(table)
     console.print(f"written: {files['csv']}, {files['json']}")

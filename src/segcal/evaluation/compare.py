@@ -4,6 +4,9 @@ Every run after the first is compared with the first (the baseline), per metric 
 per-case class average (``"mean"``): means, relative change of the mean (``(B − A) / |A|``), paired Wilcoxon
 signed-rank and rank-sum p-values, matched-pairs rank-biserial correlation, Cliff's delta, paired Cohen's d,
 and Holm-corrected Wilcoxon p-values over all metric × class rows of that pair.
+
+Row keys: ``run_a, run_b, metric, class, n, mean_a, mean_b, rel_change, p_wilcoxon, p_ranksum, effect_size``
+(matched-pairs rank-biserial of B vs A), ``cliffs_delta, cohens_d, p_holm``.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from segcal.evaluation.statistics import (
 
 __all__ = ["compare_runs", "write_comparison"]
 
-_SKIP = {"tp", "fp", "fn", "n_voxels"}
+_SKIP = {"tp", "fp", "fn", "n_voxels", "status", "error"}
 
 
 def _table(run_dir: Path) -> tuple[dict[str, dict[str, dict[str, float]]], list[str], list[str]]:
@@ -103,17 +106,17 @@ def compare_runs(run_dirs: list[str | Path], *, intersection: bool = False) -> d
                         "n": int((np.isfinite(a) & np.isfinite(b)).sum()),
                         "mean_a": ma,
                         "mean_b": mb,
-                        "relative_change": rel,
-                        "wilcoxon_p": wilcoxon_signed_rank(a, b),
-                        "ranksum_p": rank_sum_test(a, b),
-                        "rank_biserial": rank_biserial_paired(b, a),
+                        "rel_change": rel,
+                        "p_wilcoxon": wilcoxon_signed_rank(a, b),
+                        "p_ranksum": rank_sum_test(a, b),
+                        "effect_size": rank_biserial_paired(b, a),
                         "cliffs_delta": cliffs_delta(b, a),
                         "cohens_d": cohens_d_paired(b, a),
                     }
                 )
-        adj = holm([r["wilcoxon_p"] for r in rows])
+        adj = holm([r["p_wilcoxon"] for r in rows])
         for r, p in zip(rows, adj, strict=True):
-            r["wilcoxon_p_holm"] = float(p)
+            r["p_holm"] = float(p)
         out_rows += rows
         pairs.append(
             {

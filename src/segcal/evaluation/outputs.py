@@ -31,7 +31,18 @@ __all__ = ["load_cases_csv", "pooled_metrics", "write_outputs"]
 def _columns() -> list[str]:
     from segcal.evaluation.runner import CASE_METRICS, CLASS_METRICS
 
-    return ["case_id", "class", *CLASS_METRICS, *CASE_METRICS, "tp", "fp", "fn", "n_voxels"]
+    return [
+        "case_id",
+        "class",
+        "status",
+        *CLASS_METRICS,
+        *CASE_METRICS,
+        "tp",
+        "fp",
+        "fn",
+        "n_voxels",
+        "error",
+    ]
 
 
 def _rows(res: CaseResult) -> list[dict[str, Any]]:
@@ -40,7 +51,7 @@ def _rows(res: CaseResult) -> list[dict[str, Any]]:
     m = res.metrics or {}
     rows = []
     for i, name in enumerate(res.class_names or []):
-        row: dict[str, Any] = {"case_id": res.case_id, "class": name}
+        row: dict[str, Any] = {"case_id": res.case_id, "class": name, "status": "ok", "error": ""}
         for k in CLASS_METRICS:
             row[k] = m["per_class"][k][i]
         for k in CASE_METRICS:
@@ -87,8 +98,12 @@ def write_outputs(
     with open(files["cases"], "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=_columns())
         w.writeheader()
-        for r in ok:
-            w.writerows(_rows(r))
+        for r in results:  # failed cases: one row with status "failed" and the error, metrics empty
+            w.writerows(
+                _rows(r)
+                if r.status == "ok"
+                else [{"case_id": r.case_id, "class": "", "status": "failed", "error": r.error}]
+            )
     files["failed"] = out_dir / "failed.csv"
     with open(files["failed"], "w", newline="") as fh:
         w = csv.writer(fh)
@@ -156,10 +171,13 @@ def _finite(obj: Any) -> Any:
 
 
 def load_cases_csv(path: str | Path) -> dict[tuple[str, str], dict[str, float]]:
-    """``(case_id, class) → {metric: value}`` from a run's ``cases.csv`` (empty cells → NaN)."""
+    """``(case_id, class) → {metric: value}`` of the ok rows of a run's ``cases.csv`` (empty cells → NaN)."""
     out = {}
     with open(path, newline="") as fh:
         for row in csv.DictReader(fh):
+            if row.pop("status", "ok") != "ok":
+                continue
+            row.pop("error", None)
             key = (row.pop("case_id"), row.pop("class"))
             out[key] = {k: float(v) if v not in ("", None) else float("nan") for k, v in row.items()}
     return out

@@ -29,10 +29,13 @@ import torch
 
 from segcal.functional import _kernels
 from segcal.functional.inputs import (
+    PROB_ATOL,
     Activation,
     Mode,
     as_label_map,
     check_mode,
+    check_prediction,
+    check_probabilities,
     check_target,
     region_probabilities,
     region_targets,
@@ -78,7 +81,9 @@ class BinStats:
 
     def __add__(self, other: BinStats) -> BinStats:
         if self.count.shape != other.count.shape:
-            raise ValueError(f"cannot add BinStats of shapes {tuple(self.count.shape)} and {tuple(other.count.shape)}")
+            raise ValueError(
+                f"cannot add BinStats of shapes {tuple(self.count.shape)} and {tuple(other.count.shape)}"
+            )
         return BinStats(self.count + other.count, self.sum_p + other.sum_p, self.sum_y + other.sum_y)
 
     @staticmethod
@@ -191,18 +196,36 @@ def bin_statistics(
     Returns:
         :class:`BinStats` with tensors ``(B, C', M)`` float64 on ``pred``'s device, ``C'`` the kept channels.
 
-    Uses a fused, parallel numba kernel on CPU and vectorised ``bincount`` on other devices; no Python loop over
-    images or classes. Extra memory is bounded by a fraction of the input (labels are never expanded to one-hot
-    on CPU).
+    Uses a fused, parallel numba kernel on CPU and vectorised ``bincount`` on other devices; no Python loop
+    over images or classes. On CPU, float32/float64 probabilities with a label map are validated and clamped
+    in the same single pass as the binning; no copy of the input is made (labels are never expanded to
+    one-hot), so the extra memory is a few histograms per thread.
     """
     mode = check_mode(mode)
     _check_num_bins(num_bins)
     if closed not in ("right", "left"):
         raise ValueError(f"closed must be 'right' or 'left', got {closed!r}")
-    probs = to_probabilities(pred, activation, "exclusive" if regions is not None else mode, check=check)
+    # Fast path: float32/float64 probabilities on CPU are validated and clamped inside the numba kernel (one
+    # read of the tensor, no clamped copy); everything else goes through the torch checks first.
+    fused = (
+        isinstance(pred, torch.Tensor)
+        and activation is None
+        and regions is None
+        and _kernels.HAVE_NUMBA
+        and pred.device.type == "cpu"
+        and pred.dtype in (torch.float32, torch.float64)
+        and not pred.requires_grad
+    )
+    pmode = "exclusive" if regions is not None else mode
+    if fused:
+        if check:
+            check_prediction(pred, finite=False)
+        probs = pred
+    else:
+        probs = to_probabilities(pred, activation, pmode, check=check)
     b, c, *spatial = probs.shape
     if check:
-        check_target(target, probs.shape, "exclusive" if regions is not None else mode)
+        check_target(target, probs.shape, pmode)
     mask_t = _prepare_mask(mask, b, spatial)
 
     if regions is not None:  # region channels sum softmax classes; the result is multilabel
@@ -219,82 +242,123 @@ def bin_statistics(
     first = 0 if (include_background or mode != "exclusive") else 1
     if first == 1 and c < 2:
         raise ValueError("include_background=False needs at least 2 channels")
-
-    if labels is not None:
-        dense_y = None
-    else:
+    dense_y = None
+    if labels is None:
         dense_y = target if target.shape[1] == c else target.expand(b, c, *spatial)
-    probs = probs[:, first:]
-    if dense_y is not None:
-        dense_y = dense_y[:, first:]
-    class_ids = torch.arange(first, c, dtype=torch.int64)
 
-    if probs.device.type == "cpu" and _kernels.HAVE_NUMBA and not probs.requires_grad:
-        out = _bin_statistics_numba(probs, labels, dense_y, class_ids, mask_t, num_bins, closed)
+    if fused:
+        validate = check and labels is not None and mode == "exclusive"
+        if check and not validate:  # dense targets / multilabel: torch checks (no clamped copy is made)
+            check_probabilities(probs, mode)
+        out, vstats = _bin_statistics_numba(probs, labels, dense_y, first, mask_t, num_bins, closed, validate)
+        if validate:
+            _raise_from_kernel_stats(vstats, c, mode)
+    elif probs.device.type == "cpu" and _kernels.HAVE_NUMBA and not probs.requires_grad:
+        out, _ = _bin_statistics_numba(probs, labels, dense_y, first, mask_t, num_bins, closed, False)
     else:
-        out = _bin_statistics_torch(probs.detach(), labels, dense_y, class_ids, mask_t, num_bins, closed)
+        class_ids = torch.arange(first, c, dtype=torch.int64)
+        dy = dense_y[:, first:] if dense_y is not None else None
+        out = _bin_statistics_torch(
+            probs[:, first:].detach(), labels, dy, class_ids, mask_t, num_bins, closed
+        )
     return BinStats(out[:, :, 0], out[:, :, 1], out[:, :, 2])
+
+
+def _raise_from_kernel_stats(vstats: np.ndarray, c: int, mode: Mode, name: str = "prediction") -> None:
+    """The checks of :func:`~segcal.functional.inputs.check_probabilities`, from the kernel's stats."""
+    n_bad = int(vstats[:, 2].sum())
+    if n_bad:
+        raise ValueError(f"{name} contains {n_bad} NaN/Inf values")
+    lo, hi = float(vstats[:, 0].min()), float(vstats[:, 1].max())
+    if lo < -PROB_ATOL or hi > 1 + PROB_ATOL:
+        raise ValueError(
+            f"{name} must hold probabilities in [0, 1] but spans [{lo:.4g}, {hi:.4g}]; "
+            "pass activation='softmax' or 'sigmoid' if these are logits"
+        )
+    err = float(vstats[:, 3].max())
+    if mode == "exclusive" and c > 1 and err > PROB_ATOL * max(1, c):
+        raise ValueError(
+            f"{name}: exclusive mode needs class probabilities that sum to 1 over the channel axis, "
+            f"max deviation is {err:.4g}; use mode='multilabel' for independent sigmoid channels"
+        )
+
+
+def _numba_view(x: torch.Tensor, b: int, c: int, s: int) -> np.ndarray:
+    """``(B, C, S)`` NumPy view of ``x`` (no copy when the spatial dims can be flattened)."""
+    x = x.reshape(b, c, s)
+    if x.dtype == torch.bool:
+        x = x.view(torch.uint8)
+    return x.numpy()
 
 
 def _bin_statistics_numba(
     probs: torch.Tensor,
     labels: torch.Tensor | None,
     dense_y: torch.Tensor | None,
-    class_ids: torch.Tensor,
+    first: int,
     mask: torch.Tensor | None,
     num_bins: int,
     closed: Closed,
-) -> torch.Tensor:
+    validate: bool = False,
+) -> tuple[torch.Tensor, np.ndarray | None]:
+    """Numba path. ``probs`` / ``dense_y`` are the full ``(B, C, *spatial)`` tensors; channels ``first:`` are
+    binned. Returns ``(B, C - first, 3, M)`` float64 and, with ``validate`` (label maps only), the kernel's
+    per-task (min, max, #NaN/Inf, max |sum - 1|) over every voxel and channel."""
     b, c = probs.shape[:2]
     s = int(np.prod(probs.shape[2:]))
-    out = np.zeros((b * c, 3, num_bins))
+    kc = c - first
+    out = np.zeros((b, kc, 3, num_bins))
     right = closed == "right"
-    mask_np = mask.reshape(b, s).numpy().view(np.uint8) if mask is not None else np.zeros((1, 1), np.uint8)
     use_mask = mask is not None
+    mask_np = mask.reshape(b, s).numpy().view(np.uint8) if use_mask else np.zeros((1, 1), np.uint8)  # type: ignore[union-attr]
     native = probs.dtype in (torch.float32, torch.float64)
-    # float16/bfloat16: convert one image-channel row at a time, so the extra memory stays at one row
-    row_groups = [slice(None)] if native else [slice(r, r + 1) for r in range(b * c)]
-    p_rows_all = probs.reshape(b * c, s)
+    # edges rounded in the input dtype (ties at k/M resolved as in float16/bfloat16), then widened exactly
+    edges = bin_edges(num_bins, probs.dtype).to(probs.dtype if native else torch.float32).numpy()
+    lo, hi = _kernels.edge_tables(edges)
+    lab_np = None
     if labels is not None:
-        lab_np = labels.reshape(b, s)
-        if lab_np.dtype not in (torch.uint8, torch.int16, torch.int32, torch.int64):
-            lab_np = lab_np.to(torch.int64)
-        lab_np = lab_np.contiguous().numpy()
-    else:
-        y_rows_all = dense_y.reshape(b * c, s)  # type: ignore[union-attr]
-        if y_rows_all.dtype == torch.bool:
-            y_rows_all = y_rows_all.view(torch.uint8)
-    for rows in row_groups:
-        p_rows = p_rows_all[rows]
-        if not native:
-            p_rows = p_rows.float()
-        p_np = p_rows.contiguous().numpy()
-        # edges rounded in the input dtype (ties at k/M resolved as in float16/bfloat16), then widened exactly
-        edges = bin_edges(num_bins, probs.dtype).to(probs.dtype if native else torch.float32).numpy()
-        o = out[rows]
-        if labels is not None:
-            if native:
-                _kernels._hist_labels(p_np, lab_np, class_ids.numpy(), mask_np, use_mask, edges, right, o)
-            else:
-                r = rows.start
-                ids = class_ids[r % c : r % c + 1].numpy()
-                lab_row = lab_np[r // c : r // c + 1]
-                m_row = mask_np[r // c : r // c + 1] if use_mask else mask_np
-                _kernels._hist_labels(p_np, lab_row, ids, m_row, use_mask, edges, right, o)
+        lab_t = labels.reshape(b, s)
+        if lab_t.dtype not in (torch.uint8, torch.int16, torch.int32, torch.int64):
+            lab_t = lab_t.to(torch.int64)
+        lab_np = lab_t.numpy()
+    y_t = None
+    if dense_y is not None:
+        y_t = dense_y.reshape(b, c, s)
+        if y_t.dtype == torch.bool:
+            y_t = y_t.view(torch.uint8)
+        elif y_t.dtype in (torch.float16, torch.bfloat16):
+            y_t = None if not native else y_t.float()  # half targets with half probs: converted per row below
+    vstats = None
+    if native:
+        p_np = _numba_view(probs, b, c, s)
+        if lab_np is not None:
+            n_tasks = b * ((s + _kernels._CHUNK - 1) // _kernels._CHUNK)
+            vstats = np.zeros((n_tasks, 4))
+            _kernels._hist_voxels(
+                p_np, lab_np, first, mask_np, use_mask, lo, hi, right, validate, out, vstats
+            )
         else:
-            y_rows = y_rows_all[rows]
-            if y_rows.dtype in (torch.float16, torch.bfloat16):
-                y_rows = y_rows.float()
-            y_np = y_rows.contiguous().numpy()
-            if native:
-                _kernels._hist_dense(p_np, y_np, mask_np, use_mask, c, edges, right, o)
-            else:
-                r = rows.start
-                m_row = mask_np[r // c : r // c + 1] if use_mask else mask_np
-                _kernels._hist_dense(p_np, y_np, m_row, use_mask, 1, edges, right, o)
-        if not native:
-            out[rows] = o
-    return torch.from_numpy(out.reshape(b, c, 3, num_bins)).to(probs.device)
+            _kernels._hist_dense(p_np, y_t.numpy(), first, mask_np, use_mask, lo, hi, right, out)  # type: ignore[union-attr]
+    else:
+        # float16/bfloat16: convert one image-channel row at a time, so the extra memory stays at one row
+        p3 = probs.reshape(b, c, s)
+        for bi in range(b):
+            m_row = mask_np[bi : bi + 1] if use_mask else mask_np
+            for ci in range(first, c):
+                row = p3[bi, ci].float().reshape(1, 1, s).numpy()
+                o = out[bi : bi + 1, ci - first : ci - first + 1]
+                if lab_np is not None:
+                    ids = np.array([ci], np.int64)
+                    _kernels._hist_labels(
+                        row[0], lab_np[bi : bi + 1], ids, m_row, use_mask, lo, hi, right, o[0]
+                    )
+                else:
+                    y_row = dense_y.reshape(b, c, s)[bi, ci]  # type: ignore[union-attr]
+                    y_row = y_row.to(torch.uint8) if y_row.dtype == torch.bool else y_row.float()
+                    _kernels._hist_dense(
+                        row, y_row.reshape(1, 1, s).numpy(), 0, m_row, use_mask, lo, hi, right, o
+                    )
+    return torch.from_numpy(out).to(probs.device), vstats
 
 
 _TORCH_CHUNK = 1 << 22
@@ -324,7 +388,7 @@ def _bin_statistics_torch(
     step = max(1, _TORCH_CHUNK // max(1, b * c))
     for s0 in range(0, s, step):
         sl = slice(s0, min(s, s0 + step))
-        pc = p[:, :, sl]
+        pc = p[:, :, sl].clamp(0.0, 1.0)  # clamped after validation (SPEC §0); contiguous chunk
         key = bin_index(pc, num_bins, closed) + offs
         if msk is not None:
             key = torch.where(msk[:, :, sl], key, n_out)

@@ -20,13 +20,26 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
 import torch
 
-from segcal.functional.binning import BinStats, Closed, bin_statistics
+from segcal.functional import _kernels
+from segcal.functional.binning import (
+    BinStats,
+    Closed,
+    _check_num_bins,
+    _prepare_mask,
+    _raise_from_kernel_stats,
+    bin_edges,
+    bin_statistics,
+)
 from segcal.functional.inputs import (
     Activation,
     Mode,
+    as_label_map,
     check_mode,
+    check_prediction,
+    check_probabilities,
     check_target,
     region_probabilities,
     region_targets,
@@ -118,21 +131,90 @@ def top_label_statistics(
     accuracy = ``(p >= 0.5) == y`` → ``(B, C, M)``, one binary top-label curve per channel.
     """
     mode = check_mode(mode)
-    probs = to_probabilities(pred, activation, mode, check=check)
+    fast = _top_label_numba(pred, target, num_bins, activation, mode, mask, closed, check)
+    if fast is not None:
+        return fast
+    if activation is None and isinstance(pred, torch.Tensor):
+        # no clamped copy of the input: the confidences are clamped by bin_statistics (after validation)
+        if check:
+            check_probabilities(pred, mode)
+        probs = pred
+    else:
+        probs = to_probabilities(pred, activation, mode, check=check)
     if check:
         check_target(target, probs.shape, mode)
     c = probs.shape[1]
+    spatial = probs.shape[2:]
     if mode == "exclusive" and c > 1:
         conf, arg = probs.max(dim=1, keepdim=True)
-        onehot_arg = torch.zeros_like(probs, dtype=torch.float32).scatter_(1, arg, 1.0)
-        # hard labels: 1 if the predicted class is the label; soft targets: its reference probability
-        onehot_y = target_to_onehot(target, c, spatial_shape=probs.shape[2:])
-        correct = (onehot_y * onehot_arg).sum(1, keepdim=True)
+        onehot_like = target.ndim == probs.ndim and target.shape[1] == c
+        lab = None if onehot_like else as_label_map(target, spatial)
+        if lab is not None:  # hard labels: 1 if the predicted class is the label
+            correct = arg == lab.unsqueeze(1)
+        else:  # one-hot / soft targets: the reference probability of the predicted class
+            correct = target.gather(1, arg)
+            if correct.dtype not in (torch.bool, torch.uint8):
+                correct = correct.to(torch.float32)
     else:
-        y = target_to_onehot(target, c, spatial_shape=probs.shape[2:]).to(torch.float32)
-        conf = torch.maximum(probs, 1 - probs)
-        correct = ((probs >= 0.5).to(torch.float32) * y + (probs < 0.5).to(torch.float32) * (1 - y))
+        y = target_to_onehot(target, c, spatial_shape=spatial).to(torch.float32)
+        pc = probs.clamp(0.0, 1.0)
+        conf = torch.maximum(pc, 1 - pc)
+        correct = (pc >= 0.5).to(torch.float32) * y + (pc < 0.5).to(torch.float32) * (1 - y)
     return bin_statistics(conf, correct, num_bins, mode="multilabel", mask=mask, closed=closed, check=False)
+
+
+def _top_label_numba(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    num_bins: int,
+    activation: Activation,
+    mode: Mode,
+    mask: torch.Tensor | None,
+    closed: Closed,
+    check: bool,
+) -> BinStats | None:
+    """One fused numba pass (validate, max/argmax, bin) for float32/float64 CPU probabilities with a label
+    map in exclusive mode; ``None`` when the input does not qualify (the torch path then handles it)."""
+    if not (
+        _kernels.HAVE_NUMBA
+        and isinstance(pred, torch.Tensor)
+        and isinstance(target, torch.Tensor)
+        and activation is None
+        and mode == "exclusive"
+        and pred.ndim in (4, 5)
+        and pred.shape[1] > 1
+        and pred.device.type == "cpu"
+        and pred.dtype in (torch.float32, torch.float64)
+        and not pred.requires_grad
+        and closed in ("right", "left")
+    ):
+        return None
+    b, c, *spatial = pred.shape
+    if target.ndim == pred.ndim and target.shape[1] == c:
+        return None  # one-hot / soft target
+    _check_num_bins(num_bins)
+    if check:
+        check_prediction(pred, finite=False)
+        check_target(target, pred.shape, mode)
+    lab = as_label_map(target, spatial)
+    if lab is None:
+        return None
+    mask_t = _prepare_mask(mask, b, spatial)
+    s = int(np.prod(spatial))
+    if lab.dtype not in (torch.uint8, torch.int16, torch.int32, torch.int64):
+        lab = lab.to(torch.int64)
+    lo, hi = _kernels.edge_tables(bin_edges(num_bins, pred.dtype).numpy())
+    use_mask = mask_t is not None
+    mask_np = mask_t.reshape(b, s).numpy().view(np.uint8) if use_mask else np.zeros((1, 1), np.uint8)
+    out = np.zeros((b, 1, 3, num_bins))
+    vstats = np.zeros((b * ((s + _kernels._CHUNK - 1) // _kernels._CHUNK), 4))
+    p_np = pred.reshape(b, c, s).numpy()
+    lab_np = lab.reshape(b, s).numpy()
+    _kernels._hist_top_label(p_np, lab_np, mask_np, use_mask, lo, hi, closed == "right", check, out, vstats)
+    if check:
+        _raise_from_kernel_stats(vstats, c, mode)
+    t = torch.from_numpy(out)
+    return BinStats(t[:, :, 0], t[:, :, 1], t[:, :, 2])
 
 
 def _voxel_weights(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:

@@ -52,8 +52,14 @@ def check_mode(mode: str) -> Mode:
     return mode  # type: ignore[return-value]
 
 
-def check_prediction(pred: torch.Tensor, name: str = "prediction") -> tuple[float, float]:
-    """Shape, dtype and finiteness of a ``(B, C, *spatial)`` prediction tensor; returns its ``(min, max)``."""
+def check_prediction(
+    pred: torch.Tensor, name: str = "prediction", finite: bool = True
+) -> tuple[float, float] | None:
+    """Shape, dtype and (with ``finite``) finiteness of a ``(B, C, *spatial)`` prediction tensor.
+
+    Returns its ``(min, max)`` when ``finite`` (one fused pass), else ``None`` (a caller that validates values
+    itself, like the fused numba kernel, skips the pass).
+    """
     if not isinstance(pred, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(pred).__name__}")
     if not pred.is_floating_point():
@@ -64,8 +70,10 @@ def check_prediction(pred: torch.Tensor, name: str = "prediction") -> tuple[floa
         )
     if pred.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(pred.shape)})")
+    if not finite:
+        return None
     # one fused min/max pass: NaN propagates into it and Inf shows as an infinite bound
-    lo_t, hi_t = torch.aminmax(pred)
+    lo_t, hi_t = torch.aminmax(pred.detach())
     lo, hi = float(lo_t), float(hi_t)
     if not (math.isfinite(lo) and math.isfinite(hi)):
         n_nan = int(torch.isnan(pred).sum())
@@ -89,7 +97,7 @@ def check_probabilities(
             "pass activation='softmax' or 'sigmoid' if these are logits"
         )
     if mode == "exclusive" and probs.shape[1] > 1:
-        s_lo, s_hi = torch.aminmax(probs.sum(dim=1, dtype=torch.float32))
+        s_lo, s_hi = torch.aminmax(probs.detach().sum(dim=1, dtype=torch.float32))
         err = max(abs(float(s_lo) - 1), abs(float(s_hi) - 1))
         if err > atol * max(1, probs.shape[1]):
             raise ValueError(
@@ -118,7 +126,9 @@ def to_probabilities(
     value_range = check_prediction(pred, name) if check else None
     if activation == "softmax":
         if mode == "multilabel":
-            raise ValueError("activation='softmax' implies mode='exclusive'; use 'sigmoid' for multilabel outputs")
+            raise ValueError(
+                "activation='softmax' implies mode='exclusive'; use 'sigmoid' for multilabel outputs"
+            )
         return torch.softmax(pred, dim=1)
     if activation == "sigmoid":
         return torch.sigmoid(pred)
@@ -130,7 +140,9 @@ def to_probabilities(
     return pred.clamp(0.0, 1.0)
 
 
-def as_label_map(target: torch.Tensor, spatial_shape: Sequence[int], name: str = "target") -> torch.Tensor | None:
+def as_label_map(
+    target: torch.Tensor, spatial_shape: Sequence[int], name: str = "target"
+) -> torch.Tensor | None:
     """Return ``target`` as an integer label map ``(B, *spatial)`` if it is one, else ``None``.
 
     Accepted label maps: integer tensors ``(B, *spatial)`` or ``(B, 1, *spatial)``, and floating tensors of shape
@@ -169,7 +181,9 @@ def check_target(target: torch.Tensor, pred_shape: Sequence[int], mode: Mode, na
             raise ValueError(f"{name} is empty")
         lo, hi = int(lab.min()), int(lab.max())
         if lo < 0 or hi >= c:
-            raise ValueError(f"{name}: labels must lie in [0, {c - 1}] for {c} classes, found values in [{lo}, {hi}]")
+            raise ValueError(
+                f"{name}: labels must lie in [0, {c - 1}] for {c} classes, found values in [{lo}, {hi}]"
+            )
         if mode == "multilabel" and c > 1:
             raise ValueError(
                 f"{name}: a label map cannot describe overlapping multilabel channels; "
@@ -188,7 +202,9 @@ def check_target(target: torch.Tensor, pred_shape: Sequence[int], mode: Mode, na
         raise ValueError(f"{name} contains NaN/Inf values")
     lo, hi = float(t.min()), float(t.max())
     if lo < 0 or hi > 1 + 1e-6:
-        raise ValueError(f"{name}: one-hot, multi-hot or soft targets must lie in [0, 1], found [{lo:.4g}, {hi:.4g}]")
+        raise ValueError(
+            f"{name}: one-hot, multi-hot or soft targets must lie in [0, 1], found [{lo:.4g}, {hi:.4g}]"
+        )
 
 
 def target_to_onehot(

@@ -202,4 +202,3 @@ def hausdorff_distance_95(
             ).to(torch.float64)
         out = torch.where(both.cpu(), hd.cpu(), out)
     return out
-

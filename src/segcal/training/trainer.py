@@ -274,18 +274,23 @@ def train(
     c_in = train_ds.images[0].shape[0]
     if c_in != cfg.model.in_channels:
         raise ValueError(f"images have {c_in} channel(s) but model.in_channels is {cfg.model.in_channels}")
-    max_label = max(int(lb.max()) for lb in train_ds.labels)
-    if max_label >= cfg.model.out_channels or min(int(lb.min()) for lb in train_ds.labels) < 0:
-        raise ValueError(
-            f"training labels must be in [0, {cfg.model.out_channels - 1}] "
-            f"(model.out_channels={cfg.model.out_channels}), found max {max_label}"
-        )
+    for what, ds in (("training", train_ds), ("validation", val_ds)):
+        if ds is None:
+            continue
+        lo, hi = min(int(lb.min()) for lb in ds.labels), max(int(lb.max()) for lb in ds.labels)
+        if hi >= cfg.model.out_channels or lo < 0:
+            raise ValueError(
+                f"{what} labels must be in [0, {cfg.model.out_channels - 1}] "
+                f"(model.out_channels={cfg.model.out_channels}), found [{lo}, {hi}]"
+            )
 
     model = build_model(cfg.model).to(device)
     optimizer = torch.optim.Adam(
         model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas)
     )
     criterion = loss_fn if loss_fn is not None else build_loss(cfg.loss)
+    if isinstance(criterion, nn.Module):
+        criterion = criterion.to(device)  # class weights and other buffers
 
     out = Path(cfg.output_dir)
     last_path, best_path, csv_path = out / "last.pt", out / "best.pt", out / "metrics.csv"

@@ -1,0 +1,3 @@
+from segcal.cli import main
+
+main()
