@@ -30,7 +30,7 @@ def test_tempered_reference_predictors() -> None:
 
 def _row(run_b: str, metric: str, a: float, b: float, cls: str = "mean") -> dict:
     return {"run_a": "runs/dice", "run_b": f"runs/{run_b}", "metric": metric, "class": cls, "mean_a": a,
-            "mean_b": b, "relative_change": (b - a) / a, "wilcoxon_p": 0.01}
+            "mean_b": b, "rel_change": (b - a) / a, "p_wilcoxon": 0.01}
 
 
 def test_compute_findings_from_numbers() -> None:

@@ -162,7 +162,7 @@ def compute_findings(results: dict) -> list[dict]:
         "dice_overconfident",
         "Dice-only training is more over-confident than CE (higher ACE, fitted temperature > 1)",
         ace_dice > ace_ce and t_dice > 1.0 and t_dice > t_ce,
-        f"ACE (class mean) Dice {ace_dice:.4f} vs CE {ace_ce:.4f} (Wilcoxon p={r['wilcoxon_p']:.3g}); fitted "
+        f"ACE (class mean) Dice {ace_dice:.4f} vs CE {ace_ce:.4f} (Wilcoxon p={r['p_wilcoxon']:.3g}); fitted "
         f"temperature Dice T={t_dice:.2f}, CE T={t_ce:.2f}" if r else "CE run missing",
     )
     # 2. Dice + mL1-ACE lowers marginal ACE vs Dice (hard and soft)
@@ -175,8 +175,8 @@ def compute_findings(results: dict) -> list[dict]:
             f"{label}_ace_lowers_ace",
             f"Adding {label} mL1-ACE to Dice lowers marginal ACE",
             r["mean_b"] < r["mean_a"],
-            f"Dice+{label} ACE changed ACE by {_pct(r['relative_change'])} vs Dice "
-            f"({r['mean_a']:.4f} → {r['mean_b']:.4f}, p={r['wilcoxon_p']:.3g}); Dice changed by "
+            f"Dice+{label} ACE changed ACE by {_pct(r['rel_change'])} vs Dice "
+            f"({r['mean_a']:.4f} → {r['mean_b']:.4f}, p={r['p_wilcoxon']:.3g}); Dice changed by "
             f"{100 * (rd['mean_b'] - rd['mean_a']):+.1f} pt",
         )
     # 3. DSC++ lowers NLL vs Dice
@@ -186,8 +186,8 @@ def compute_findings(results: dict) -> list[dict]:
             "dscpp_lowers_nll",
             "DSC++ lowers NLL vs Dice",
             r["mean_b"] < r["mean_a"],
-            f"NLL Dice {r['mean_a']:.4f} → DSC++ {r['mean_b']:.4f} ({_pct(r['relative_change'])}, "
-            f"p={r['wilcoxon_p']:.3g})",
+            f"NLL Dice {r['mean_a']:.4f} → DSC++ {r['mean_b']:.4f} ({_pct(r['rel_change'])}, "
+            f"p={r['p_wilcoxon']:.3g})",
         )
     # 4. ensembling lowers NLL as M grows
     study = results["ensemble_study"]
@@ -208,8 +208,8 @@ def compute_findings(results: dict) -> list[dict]:
         "shift_calibration",
         "Calibration is worse on the shifted set",
         r is not None and r["mean_b"] > r["mean_a"],
-        f"Dice model ACE test {r['mean_a']:.4f} → shifted {r['mean_b']:.4f} ({_pct(r['relative_change'])}, "
-        f"p={r['wilcoxon_p']:.3g})" if r else "shifted run missing",
+        f"Dice model ACE test {r['mean_a']:.4f} → shifted {r['mean_b']:.4f} ({_pct(r['rel_change'])}, "
+        f"p={r['p_wilcoxon']:.3g})" if r else "shifted run missing",
     )
     add(
         "shift_entropy",
