@@ -1,11 +1,60 @@
-"""The first-version demo runs end to end on the embedded data and measures what it should."""
+"""``segcal demo --quick`` runs end to end, writes its reports and measures the papers' findings.
+
+The quick run trains ten tiny UNets for a few epochs, so only the findings that are robust at that size are
+asserted to hold; every finding must be computed, carry numbers and appear in the report (docs/demo.md says
+which ones held in the measured full and quick runs).
+"""
 
 from __future__ import annotations
 
 import json
+import math
+from html import unescape
 from pathlib import Path
 
 import pytest
+import torch
+
+from segcal.demo import compute_findings, reference_predictors, tempered
+
+
+def test_tempered_reference_predictors() -> None:
+    soft = torch.softmax(torch.randn(2, 4, 8, 8, dtype=torch.float64), 1)
+    preds = {p.name: p.probs for p in reference_predictors(soft)}
+    assert torch.equal(preds["reference"], soft)
+    assert torch.allclose(preds["sharpened"], tempered(soft, 0.5))
+    # sharpening raises the max probability, smoothing lowers it
+    assert (preds["sharpened"].amax(1) >= soft.amax(1) - 1e-9).all()
+    assert (preds["smoothed"].amax(1) <= soft.amax(1) + 1e-9).all()
+
+
+def _row(run_b: str, metric: str, a: float, b: float, cls: str = "mean") -> dict:
+    return {"run_a": "runs/dice", "run_b": f"runs/{run_b}", "metric": metric, "class": cls, "mean_a": a,
+            "mean_b": b, "rel_change": (b - a) / a, "p_wilcoxon": 0.01}
+
+
+def test_compute_findings_from_numbers() -> None:
+    results = {
+        "comparison_test": {"rows": [
+            _row("ce", "ace", 0.10, 0.05), _row("dice+hard_ace", "ace", 0.10, 0.062),
+            _row("dice+hard_ace", "dice", 0.80, 0.797), _row("dice+soft_ace", "ace", 0.10, 0.12),
+            _row("dice+soft_ace", "dice", 0.80, 0.79), _row("dscpp", "nll", 0.5, 0.3, "case"),
+        ]},
+        "comparison_shift": {"rows": [_row("dice_shifted", "ace", 0.10, 0.2)]},
+        "temperatures": {"dice": 1.8, "ce": 1.05},
+        "ensemble_study": {1: {"nll": (0.5, 0.4, 0.6)}, 2: {"nll": (0.45, 0.4, 0.5)},
+                           3: {"nll": (0.44, 0.4, 0.5)}},
+        "entropy": {"test": 0.1, "shifted": 0.2},
+    }
+    f = {x["key"]: x for x in compute_findings(results)}
+    assert f["dice_overconfident"]["held"] and "T=1.80" in f["dice_overconfident"]["text"]
+    assert f["hard_ace_lowers_ace"]["held"] and "-38%" in f["hard_ace_lowers_ace"]["text"]
+    assert "-0.3 pt" in f["hard_ace_lowers_ace"]["text"]
+    assert not f["soft_ace_lowers_ace"]["held"]
+    assert f["dscpp_lowers_nll"]["held"] and f["ensemble_nll"]["held"]
+    assert f["shift_calibration"]["held"] and f["shift_entropy"]["held"]
+    results["ensemble_study"][3] = {"nll": (0.6, 0.5, 0.7)}
+    assert not {x["key"]: x for x in compute_findings(results)}["ensemble_nll"]["held"]
 
 
 @pytest.mark.slow
@@ -19,17 +68,26 @@ def test_quick_demo_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     res = CliRunner().invoke(app, ["demo", "--quick", "--output", str(out)])
     assert res.exit_code == 0, res.output
     summary = json.loads((out / "summary.json").read_text())
-    preds = summary["predictors"]
-    assert set(preds) == {"reference", "sharpened", "smoothed"}
-    soft = {k: v["soft reference"] for k, v in preds.items()}
-    for cls in summary["classes"]:
-        # scored against the known probabilities, the reference is calibrated and tempering is not
-        assert soft["reference"]["ace"][cls] < 0.02
-        assert soft["sharpened"]["ace"][cls] > 2 * soft["reference"]["ace"][cls] + 0.02
-        assert soft["smoothed"]["ace"][cls] > 2 * soft["reference"]["ace"][cls] + 0.02
-    # the cross-entropy to the reference is minimised by the reference itself
-    assert soft["reference"]["nll"] < soft["sharpened"]["nll"]
-    assert soft["reference"]["nll"] < soft["smoothed"]["nll"]
-    pngs = sorted(out.glob("reliability_*.png"))
-    assert len(pngs) == 9 and all(p.stat().st_size > 5000 for p in pngs)
-    assert "Calibration on the test slices" in res.output
+    assert set(summary["training"]) >= {"dice", "ce", "dice+ce", "dice+hard_ace", "dice+soft_ace", "dscpp"}
+    assert len([k for k in summary["training"] if k.startswith("dice_member")]) == 4
+    findings = {f["key"]: f for f in summary["findings"]}
+    assert set(findings) == {"dice_overconfident", "hard_ace_lowers_ace", "soft_ace_lowers_ace",
+                             "dscpp_lowers_nll", "ensemble_nll", "shift_calibration", "shift_entropy"}
+    html = unescape((out / "report.html").read_text())
+    for f in findings.values():
+        assert f["text"] and f["claim"] in html
+    # robust at the quick size (asserted with slack): ensembling helps NLL and the shifted set raises the
+    # segment entropy of the Dice model; the other findings are computed and reported (see docs/demo.md)
+    nll = [summary["ensemble_study"][str(m)]["nll"][0] for m in range(1, 6)]
+    assert nll[-1] < nll[0]
+    assert summary["segment_entropy"]["shifted"] > summary["segment_entropy"]["test"]
+    for name in ("compare", "compare_shift"):
+        assert (out / name / "report.html").stat().st_size > 10_000
+        assert (out / name / "comparison.csv").is_file()
+    for run in summary["runs"].values():
+        assert (Path(run) / "cases.csv").is_file()
+    assert all(math.isfinite(t) and t > 0 for t in summary["temperatures"].values())
+    ref = summary["reference_predictors"]
+    soft = {k: v["soft reference"] for k, v in ref.items()}
+    for cls in soft["reference"]["ace"]:
+        assert soft["reference"]["ace"][cls] < 0.02 < soft["sharpened"]["ace"][cls]

@@ -132,12 +132,13 @@ def _read_cases(path: Path) -> list[dict[str, Any]]:
         raise FileNotFoundError(f"{path}: cases.csv is missing (run `segcal evaluate` first)")
     with path.open(newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
-        missing = {"case_id", "class", "status"} - set(reader.fieldnames or ())
+        missing = {"case_id", "class"} - set(reader.fieldnames or ())
         if missing:
             raise ValueError(f"{path}: missing column(s) {sorted(missing)}")
         rows = []
         for r in reader:
             row: dict[str, Any] = dict(r)
+            row.setdefault("status", "ok")  # segcal evaluate writes only ok cases (failed ones: failed.csv)
             for m in _METRIC_COLUMNS:
                 if m in row:
                     row[m] = _to_float(row[m])
