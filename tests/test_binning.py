@@ -234,3 +234,38 @@ def test_top_label_fused_kernel_matches_torch_path(closed):
             b = top_label_statistics(p, onehot, 10, mask=mk, closed=closed)
             assert torch.equal(a.count, b.count) and torch.equal(a.sum_y, b.sum_y)
             assert torch.allclose(a.sum_p, b.sum_p, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_kernel_validation_and_saturated_inputs(dtype):
+    """The fused label-map kernel: saturated (exact 0 / 1) probabilities and every lane / chunk tail bin like
+    the torch path; tiny excursions outside [0, 1] within tolerance are clamped, real problems (NaN in a channel
+    that is not binned, values out of range, sums off 1) raise the precise error."""
+    g = torch.Generator().manual_seed(11)
+    n = (1 << 16) + 7  # one full chunk plus a tail that is not a multiple of the lane count
+    p = torch.softmax(torch.randn(2, 3, 1, n, generator=g, dtype=torch.float64) * 40, 1).to(dtype)
+    p[:, :, 0, :9] = torch.tensor([1.0, 0.0, 0.0], dtype=dtype).view(1, 3, 1)  # exact 0 and 1
+    lab = torch.randint(0, 3, (2, 1, n), generator=g)
+    for include_background in (True, False):
+        s = bin_statistics(p, lab, 20, include_background=include_background)
+        first = 0 if include_background else 1
+        t = _bin_statistics_torch(p[:, first:], lab, None, torch.arange(first, 3), None, 20, "right")
+        assert torch.equal(s.count, t[:, :, 0]) and torch.equal(s.sum_y, t[:, :, 2])
+        assert torch.allclose(s.sum_p, t[:, :, 1], rtol=1e-12)
+    q = p.clone()
+    q[0, 1, 0, 5] = -1e-7  # within tolerance: accepted and clamped to 0
+    q[0, 0, 0, 5] += 1e-7
+    s = bin_statistics(q, lab, 20)
+    assert float(s.count[0, 1, 0]) == float(bin_statistics(p, lab, 20).count[0, 1, 0])
+    bad = p.clone()
+    bad[1, 0, 0, 3] = float("nan")  # background channel, not binned with include_background=False
+    with pytest.raises(ValueError, match="NaN"):
+        bin_statistics(bad, lab, 20, include_background=False)
+    bad = p.clone()
+    bad[0, 2, 0, n - 1] = 1.5
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        bin_statistics(bad, lab, 20)
+    bad = p.clone()
+    bad[1, :, 0, 0] = 0.2
+    with pytest.raises(ValueError, match="sum to 1"):
+        bin_statistics(bad, lab, 20)

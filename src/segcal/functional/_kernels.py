@@ -2,20 +2,20 @@
 
 One pass over the probabilities computes, per image, channel and bin, the voxel count, the sum of
 probabilities and the sum of targets. Work is split into chunks of voxels processed in parallel; each chunk
-keeps small local histograms (int32 counts, float64 sums) that are merged exactly at the end: counts are exact
+keeps small local histograms (integer counts, float64 sums) that are merged exactly at the end: counts are exact
 integers, sums are float64 whatever the input dtype.
 
-* :func:`_hist_voxels` (exclusive mode with a label map, the common case) walks the voxels once and handles
-  all channels of a voxel together, so the label is read once per voxel. With ``validate`` it also computes,
-  in the same pass, what :func:`segcal.functional.inputs.check_probabilities` checks (min, max, number of
-  NaN/Inf, largest deviation of the channel sum from 1), so validated input costs a single read of the tensor.
+* :func:`_hist_voxels` (exclusive mode with a label map, the common case) walks each chunk once per channel
+  (contiguous rows) into four interleaved histograms. With ``validate`` it also counts, chunk by chunk while
+  the rows are in cache, the values outside [0, 1] or NaN and the largest deviation of the channel sum from
+  1; only when one of them is off does the caller run the precise (slower) checks that name the problem.
 * :func:`_hist_dense` handles one-hot / multi-hot / soft targets row by row (image x channel), with two
   interleaved histograms so runs of voxels in the same bin do not serialise on one memory location.
 
 Bin of ``p`` (after clamping into [0, 1], SPEC §0): the ``k`` with ``edges[k] < p <= edges[k + 1]``
 (``closed="right"``) or ``edges[k] <= p < edges[k + 1]`` (``closed="left"``), clamped to ``[0, M - 1]``;
-``edges`` are the correctly rounded ``k / M`` in the input dtype. The guess ``int(p * M)`` is within one of
-the answer and is corrected branch-free with two comparisons against padded edge tables ``lo``/``hi``.
+``edges`` are the correctly rounded ``k / M`` in the input dtype. ``floor(p * M)`` is corrected branch-free
+against the padded edge tables ``lo``/``hi`` (one comparison for ``closed="right"``, see :func:`_bin_of`).
 """
 
 from __future__ import annotations
@@ -32,16 +32,24 @@ except Exception:  # pragma: no cover - exercised only where numba is missing
 
 #: voxels per parallel task; local int32 counts cannot overflow (<= _CHUNK per bin)
 _CHUNK = 1 << 16
-#: voxels per block inside a chunk (bins are computed for a block, then scattered)
-_BLOCK = 512
+#: interleaved histograms per task (a power of two)
+_LANES = 4
 
 
 def edge_tables(edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``lo[k] = edges[k]`` with ``lo[0] = -inf`` and ``hi[k] = edges[k + 1]`` with ``hi[M - 1] = +inf``."""
-    lo = edges[:-1].copy()
-    hi = edges[1:].copy()
+    """Padded edge tables for :func:`_bin_of`, of length ``P`` = the smallest power of two > ``M``.
+
+    ``lo[k] = edges[k]`` for ``1 <= k < M``, ``lo[0] = -inf`` and ``lo[k] = +inf`` for ``k >= M``;
+    ``hi[k] = edges[k + 1]`` for ``k < M - 1`` and ``+inf`` from ``M - 1`` on. The power-of-two length lets
+    the kernels clamp an index with a mask instead of a (mispredicted) branch.
+    """
+    m = len(edges) - 1
+    size = 1 << int(m).bit_length()  # > m
+    lo = np.full(size, np.inf, dtype=edges.dtype)
+    hi = np.full(size, np.inf, dtype=edges.dtype)
     lo[0] = -np.inf
-    hi[-1] = np.inf
+    lo[1:m] = edges[1:m]
+    hi[: m - 1] = edges[1:m]
     return lo, hi
 
 
@@ -49,29 +57,83 @@ if HAVE_NUMBA:
 
     @njit(inline="always", nogil=True, boundscheck=False)
     def _bin_of(v, lo, hi, m, right):  # pragma: no cover - compiled
-        k = np.int64(v * m)
-        k = min(max(k, 0), m - 1)
+        """Bin of ``v`` (already clamped into [0, 1]) in ``[0, M - 1]``, as an unsigned index.
+
+        ``floor(v * M)`` (masked to the table length, so a NaN that survived the clamp with validation off
+        lands in a valid bin) is the bin of the exact real edges; the edges rounded in the input dtype differ
+        from those only for ``v`` exactly at a rounded edge, so for ``closed="right"`` one comparison
+        (``v <= lo[k]``) corrects it, which also maps ``v = 1`` (``k = M``, ``lo[M] = +inf``) into bin ``M - 1``
+        (``v * M`` is monotone in ``v`` and exact for float32 and narrower inputs; for float64 it may round up
+        to the next integer, which the same comparison catches). ``closed="left"`` uses both comparisons.
+        Branch-free: no mispredictions on saturated (0 / 1) probabilities.
+        """
+        k = np.int64(v * m) & (lo.shape[0] - 1)
         if right:
-            k = k - np.int64(v <= lo[k]) + np.int64(v > hi[k])
-        else:
-            k = k - np.int64(v < lo[k]) + np.int64(v >= hi[k])
-        return min(max(k, 0), m - 1)  # keeps memory safe even for NaN when validation is off
+            return np.uint64(k - np.int64(v <= lo[k]))
+        return np.uint64(k + np.int64(v >= hi[k]) - np.int64(v < lo[k]))
 
     @njit(inline="always", nogil=True)
     def _clamp01(v):  # pragma: no cover - compiled
         return min(max(v, 0.0), 1.0)
 
+    @njit(nogil=True, boundscheck=False, cache=True)
+    def _row_check(pc, tot):  # pragma: no cover - compiled
+        """Adds row ``pc`` (n,) to the channel sums ``tot`` (n,); returns how many of its values are outside
+        [0, 1] or NaN (a vectorisable loop: no serial min / max chain)."""
+        nout = 0
+        for i in range(pc.shape[0]):
+            w = np.float64(pc[i])
+            tot[i] += w
+            nout += not (w >= 0.0 and w <= 1.0)
+        return nout
+
+    @njit(nogil=True, boundscheck=False, cache=True)
+    def _row_hist(pc, lb, lc, mk, use_mask, lo, hi, m, right, hc, hp, validate, tot):  # pragma: no cover
+        """One contiguous row ``pc`` (n,) with labels ``lb`` (n,) into ``hc`` (L, 2M) int64 (index ``2k + hit``,
+        hit = ``lb == lc``) and ``hp`` (L, M) float64, both reset first; lane = voxel index mod L.
+
+        With ``validate``, also adds the row to ``tot`` (n,) (channel sums) and returns the number of values
+        outside [0, 1] or NaN (mask ignored, :func:`_row_check`); otherwise returns 0.
+        """
+        hc[:] = 0
+        hp[:] = 0.0
+        n = pc.shape[0]
+        nout = _row_check(pc, tot) if validate else 0
+        if use_mask:
+            for i in range(n):
+                if mk[i] != 0:
+                    v = min(max(np.float64(pc[i]), 0.0), 1.0)
+                    k = _bin_of(v, lo, hi, m, right)
+                    r = np.uint64(i & (_LANES - 1))
+                    hc[r, np.uint64(2) * k + np.uint64(lb[i] == lc)] += 1
+                    hp[r, k] += v
+            return nout
+        nr = n // _LANES * _LANES
+        for i0 in range(0, nr, _LANES):
+            for r in range(_LANES):
+                v = min(max(np.float64(pc[i0 + r]), 0.0), 1.0)
+                k = _bin_of(v, lo, hi, m, right)
+                hc[r, np.uint64(2) * k + np.uint64(lb[i0 + r] == lc)] += 1
+                hp[r, k] += v
+        for i in range(nr, n):
+            v = min(max(np.float64(pc[i]), 0.0), 1.0)
+            k = _bin_of(v, lo, hi, m, right)
+            hc[0, np.uint64(2) * k + np.uint64(lb[i] == lc)] += 1
+            hp[0, k] += v
+        return nout
+
     @njit(parallel=True, nogil=True, boundscheck=False, cache=True)
     def _hist_voxels(p, lab, first, mask, use_mask, lo, hi, right, validate, out, vstats):  # pragma: no cover
         """Exclusive mode, label map. p: (B, C, S) float; lab: (B, S) int; mask: (B, S) uint8.
 
-        out: (B, C - first, 3, M) float64, accumulated. vstats: (B * n_chunks, 4) float64 receives per task
-        (min, max, number of NaN/Inf, max |sum_c p - 1|) over all voxels and channels (mask ignored).
+        out: (B, C - first, 3, M) float64, accumulated. vstats: (B * n_chunks, 2) float64 receives per task
+        (number of values outside [0, 1] or NaN, max |sum_c p - 1|) over all voxels and channels (mask
+        ignored); the caller re-checks precisely (and names the problem) only when one of them is off.
 
-        Per block of ``_BLOCK`` voxels and channel: phase 1 computes the bins into a small buffer (a simple
-        loop LLVM can vectorise), phase 2 scatters into two interleaved histograms (lane = voxel parity, so
-        runs of voxels in one bin do not serialise); counts and label hits share one int32 table
-        (index ``2k + hit``).
+        A task is one image and one chunk of ``_CHUNK`` voxels; it walks the chunk once per channel (rows are
+        contiguous) into ``_LANES`` interleaved histograms (lane = voxel index mod ``_LANES``), so runs of
+        voxels in one bin do not serialise on one memory location. Counts and label hits share one int64
+        table (index ``2k + hit``). With ``validate`` the channel sums are accumulated in a chunk buffer.
         """
         nb, nc, s = p.shape
         m = out.shape[3]
@@ -79,63 +141,41 @@ if HAVE_NUMBA:
         n_chunks = (s + _CHUNK - 1) // _CHUNK
         n_tasks = nb * n_chunks
         partial = np.zeros((n_tasks, kc, 3, m))
-        mf = np.float64(m)
         for t in prange(n_tasks):
             b = t // n_chunks
             s0 = (t % n_chunks) * _CHUNK
             s1 = min(s, s0 + _CHUNK)
-            hc = np.zeros((kc, 4 * m), np.int32)  # [lane][2k + hit]
-            hp = np.zeros((kc, 2 * m))  # [lane][k]
-            kbuf = np.empty(_BLOCK, np.int64)
-            vbuf = np.empty(_BLOCK, np.float64)
-            vmin = np.inf
-            vmax = -np.inf
-            nbad = 0
-            dev = 0.0
-            for i0 in range(s0, s1, _BLOCK):
-                i1 = min(s1, i0 + _BLOCK)
-                n = i1 - i0
-                if validate:
-                    for i in range(i0, i1):
-                        tot = 0.0
-                        for c in range(nc):
-                            v = p[b, c, i]
-                            tot += v
-                            vmin = min(vmin, v)
-                            vmax = max(vmax, v)
-                            nbad += not np.isfinite(v)
-                        dev = max(dev, abs(tot - 1.0))
-                lb = lab[b, i0:i1]
-                for c in range(first, nc):
-                    pc = p[b, c, i0:i1]
-                    for j in range(n):  # phase 1: bins
-                        v = min(max(np.float64(pc[j]), 0.0), 1.0)
-                        k = min(max(np.int64(v * mf), 0), m - 1)
-                        if right:
-                            k = k - np.int64(v <= lo[k]) + np.int64(v > hi[k])
-                        else:
-                            k = k - np.int64(v < lo[k]) + np.int64(v >= hi[k])
-                        kbuf[j] = min(max(k, 0), m - 1)  # memory safe even for NaN without validation
-                        vbuf[j] = v
-                    h = hc[c - first]
-                    hs = hp[c - first]
-                    for j in range(n):  # phase 2: scatter
-                        if use_mask and mask[b, i0 + j] == 0:
-                            continue
-                        k = kbuf[j]
-                        ln = j & 1
-                        h[ln * 2 * m + 2 * k + np.int64(lb[j] == c)] += 1
-                        hs[ln * m + k] += vbuf[j]
-            for c in range(kc):
+            n = s1 - s0
+            hc = np.zeros((_LANES, 2 * m), np.int64)
+            hp = np.zeros((_LANES, m))
+            tot = np.zeros(n if validate else 1)
+            nout = 0
+            lb = lab[b, s0:s1]
+            mk = mask[b, s0:s1] if use_mask else mask[0, 0:1]
+            for c in range(nc):
+                pc = p[b, c, s0:s1]
+                if c < first:
+                    if validate:
+                        nout += _row_check(pc, tot)
+                    continue
+                nout += _row_hist(pc, lb, lb.dtype.type(c), mk, use_mask, lo, hi, m, right, hc, hp, validate, tot)
                 for k in range(m):
-                    n1 = hc[c, 2 * k + 1] + hc[c, 2 * m + 2 * k + 1]
-                    partial[t, c, 0, k] = hc[c, 2 * k] + hc[c, 2 * m + 2 * k] + n1
-                    partial[t, c, 1, k] = hp[c, k] + hp[c, m + k]
-                    partial[t, c, 2, k] = n1
-            vstats[t, 0] = vmin
-            vstats[t, 1] = vmax
-            vstats[t, 2] = nbad
-            vstats[t, 3] = dev
+                    n0 = 0
+                    n1 = 0
+                    sp = 0.0
+                    for r in range(_LANES):
+                        n0 += hc[r, 2 * k]
+                        n1 += hc[r, 2 * k + 1]
+                        sp += hp[r, k]
+                    partial[t, c - first, 0, k] = n0 + n1
+                    partial[t, c - first, 1, k] = sp
+                    partial[t, c - first, 2, k] = n1
+            dev = 0.0
+            if validate:
+                for i in range(n):
+                    dev = max(dev, abs(tot[i] - 1.0))
+            vstats[t, 0] = nout
+            vstats[t, 1] = dev
         for bc in prange(nb * kc):
             b = bc // kc
             c = bc % kc
