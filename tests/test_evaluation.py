@@ -79,6 +79,7 @@ def test_runner_equals_metric_core(tmp_path, region):
         hd = F.hausdorff_distance_95(p, y, include_background=False, spacing=(1.0, 1.5, 2.5))
         brier = F.brier_score(p, y, include_background=False, mask=mask)
         nll = F.negative_log_likelihood(p, y, mask=mask)
+        top = F.calibration_errors(F.top_label_statistics(p, y, 10, mask=mask))
         for k in range(3):
             r = rows[(cid, f"class_{k + 1}")]
             assert float(r["ace"]) == pytest.approx(float(ce["ace"][0, k]), rel=1e-12)
@@ -88,6 +89,8 @@ def test_runner_equals_metric_core(tmp_path, region):
             assert float(r["hd95"]) == pytest.approx(float(hd[0, k]), rel=1e-9)
             assert float(r["brier"]) == pytest.approx(float(brier[0, k]), rel=1e-12)
             assert float(r["nll"]) == pytest.approx(float(nll[0]), rel=1e-12)
+            assert float(r["top_label_ece"]) == pytest.approx(float(top["ece"][0, 0]), rel=1e-12)
+            assert float(r["top_label_mce"]) == pytest.approx(float(top["mce"][0, 0]), rel=1e-12)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     pooled = F.calibration_errors(F.BinStats.from_numpy(bins["bin_stats"]).pooled())
     assert summary["pooled"]["ace"]["class_2"] == pytest.approx(float(pooled["ace"][0, 1]))

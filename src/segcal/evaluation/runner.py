@@ -119,6 +119,8 @@ def compute_case(case: Case, config: EvalConfig) -> CaseResult:
     is computed on the whole image (a distance between surfaces, in mm with the case's spacing).
     """
     from segcal.functional import (
+        BinStats,
+        bin_edges,
         bin_statistics,
         brier_score,
         calibration_errors,
@@ -177,17 +179,11 @@ def compute_case(case: Case, config: EvalConfig) -> CaseResult:
     first = 0 if ib else 1
     if fast:
         mask_np = mask[0].numpy() if mask is not None else None
-        conf, correct, counts_np, sq, info = fused_case_pass(probs[0].numpy(), case.label, mask_np, EPS)
+        edges = bin_edges(config.num_bins, probs.dtype).numpy()
+        counts_np, sq, top_np, info = fused_case_pass(probs[0].numpy(), case.label, mask_np, EPS, edges)
         _raise_invalid(info, c, path, case.paths.get("label", [None])[0])
         stats = bin_statistics(probs, label, config.num_bins, include_background=ib, mask=mask, check=False)
-        top = bin_statistics(
-            torch.from_numpy(conf)[None, None],
-            torch.from_numpy(correct)[None, None],
-            config.num_bins,
-            mode="multilabel",
-            mask=mask,
-            check=False,
-        )
+        top = BinStats(*torch.from_numpy(top_np)[None, None].unbind(2))
         n_in = info["n_in_mask"]
         counts = torch.from_numpy(counts_np[first:])[None]
         brier = torch.from_numpy(sq[first:] / n_in if n_in > 0 else np.full(c - first, np.nan))[None]
