@@ -1,8 +1,8 @@
 """``segcal demo --quick`` runs end to end, writes its reports and measures the papers' findings.
 
-The quick run trains ten tiny UNets for a few epochs, so only the findings that are robust at that size are
-asserted to hold; every finding must be computed, carry numbers and appear in the report (docs/demo.md says
-which ones held in the measured full and quick runs).
+The quick run trains ten tiny UNets for 20 short epochs, so only the findings that held with a wide margin at
+that size are asserted (as directions); every finding must be computed, carry numbers and appear in the
+report (docs/demo.md says which ones held in the measured full and quick runs).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from segcal.demo import _row as _cmp_row
 from segcal.demo import compute_findings, reference_predictors, tempered
 
 
@@ -76,11 +77,25 @@ def test_quick_demo_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     html = unescape((out / "report.html").read_text())
     for f in findings.values():
         assert f["text"] and f["claim"] in html
-    # robust at the quick size (asserted with slack): ensembling helps NLL and the shifted set raises the
-    # segment entropy of the Dice model; the other findings are computed and reported (see docs/demo.md)
+    # the findings that held with a wide margin in the measured quick run (docs/demo.md, "Measured results")
+    # are asserted as directions, with slack against those margins; Dice + soft ACE and calibration on the
+    # shifted set are only computed and reported (smaller or less stable effects at this size)
     nll = [summary["ensemble_study"][str(m)]["nll"][0] for m in range(1, 6)]
-    assert nll[-1] < nll[0]
-    assert summary["segment_entropy"]["shifted"] > summary["segment_entropy"]["test"]
+    assert nll[-1] < 0.95 * nll[0]  # measured -29 %
+    assert summary["segment_entropy"]["shifted"] > summary["segment_entropy"]["test"]  # measured +7 %
+    temps = summary["temperatures"]
+    assert temps["dice"] > temps["ce"]  # measured T 1.27 vs 0.71
+    cmp = json.loads((out / "compare" / "comparison.json").read_text())
+
+    def means(run: str, metric: str, cls: str = "mean") -> tuple[float, float]:
+        row = _cmp_row(cmp, run, metric, cls)
+        return row["mean_a"], row["mean_b"]
+
+    ace_dice, ace_ce = means("ce", "ace")
+    assert ace_dice > ace_ce  # measured 0.195 vs 0.154
+    assert means("dice+hard_ace", "ace")[1] < ace_dice  # measured -26 %
+    nll_dice, nll_dscpp = means("dscpp", "nll", "case")
+    assert nll_dscpp < nll_dice  # measured -21 %
     for name in ("compare", "compare_shift"):
         assert (out / name / "report.html").stat().st_size > 10_000
         assert (out / name / "comparison.csv").is_file()

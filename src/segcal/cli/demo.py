@@ -15,7 +15,7 @@ def demo(
     quick: bool = typer.Option(False, "--quick", help="Smaller task and fewer epochs (CI, ~2-3 min on 2 cores)."),
     seed: int = typer.Option(0, help="Seed of the pseudo-subjects, the networks and every resampling."),
     bins: int = typer.Option(20, help="Number of equal-width probability bins."),
-    epochs: int | None = typer.Option(None, help="Training epochs per model (default: 30 full, 15 quick)."),
+    epochs: int | None = typer.Option(None, help="Training epochs per model (default: 20 full, 20 quick)."),
 ) -> None:
     """Train small 2D UNets (CE, Dice, Dice+CE, Dice+hard/soft mL1-ACE, DSC++) on the embedded MNI152 tissue
     task, fit temperature scaling, build a Dice ensemble and MC dropout, evaluate on test and a shifted set.
