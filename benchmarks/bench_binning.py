@@ -33,6 +33,10 @@ import time
 import warnings
 from collections.abc import Callable
 
+# Like the `segcal` command: idle OpenMP threads sleep rather than spin (torch's pool and numba's are separate
+# and steal each other's cores otherwise). Same setting for every peer in this run; override by exporting it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import torch
 
 SHAPE = (1, 4, 240, 240, 155)
@@ -143,7 +147,8 @@ def main() -> None:
     p, lab = make_case(shape)
     mb = p.numel() * p.element_size() / 2**20
     print(f"case {tuple(p.shape)} float32 ({mb:.0f} MiB) + uint8 labels, M={NUM_BINS}, "
-          f"torch threads {torch.get_num_threads()}, numba threads {args.threads}, repeats {args.repeats}")
+          f"torch threads {torch.get_num_threads()}, numba threads {args.threads}, repeats {args.repeats}, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
     rows: dict[str, float] = {}
     r = args.repeats
 
