@@ -304,12 +304,20 @@ def test_numba_and_torch_paths_identical(dtype, closed):
         for msk in (None, mask):
             for first in (0, 1):
                 a, t = _both_paths(p, labels, dy, msk, m, closed, first)
-                assert torch.equal(a[:, :, 0], t[:, :, 0])  # counts exact
-                assert torch.allclose(a, t, rtol=1e-12, atol=1e-9)
+                _assert_same_sums(a, t, fixed_point=labels is not None and dtype == torch.float32)
     # and bin_statistics routes to the numba kernel on CPU: same as the torch path
     stats = bin_statistics(p, lab, m, closed=closed)
     t = _bin_statistics_torch(p, lab, None, torch.arange(3), None, m, closed)
-    assert torch.allclose(torch.stack([stats.count, stats.sum_p, stats.sum_y], 2), t, rtol=1e-12, atol=1e-9)
+    _assert_same_sums(torch.stack([stats.count, stats.sum_p, stats.sum_y], 2), t, dtype == torch.float32)
+
+
+def _assert_same_sums(a: torch.Tensor, t: torch.Tensor, fixed_point: bool) -> None:
+    """``(..., 3, M)`` sums of two paths: counts and target sums equal, probability sums equal to float64
+    rounding, or within the documented resolution of the float32 label-map kernel (``count * 2**-31``)."""
+    assert torch.equal(a[..., 0, :], t[..., 0, :])  # counts exact
+    assert torch.allclose(a[..., 2, :], t[..., 2, :], rtol=1e-12, atol=1e-9)
+    bound = 1e-9 + 1e-12 * t[..., 1, :].abs() + (t[..., 0, :] * 2.0**-31 if fixed_point else 0.0)
+    assert bool(((a[..., 1, :] - t[..., 1, :]).abs() <= bound).all())
 
 
 def test_half_precision_ties_are_resolved_in_input_dtype():

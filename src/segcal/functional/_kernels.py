@@ -2,23 +2,31 @@
 
 One pass over the probabilities computes, per image, channel and bin, the voxel count, the sum of
 probabilities and the sum of targets. Work is split into chunks of voxels processed in parallel; each chunk
-keeps small local histograms (integer counts, float64 sums) that are merged exactly at the end: counts are exact
-integers, sums are float64 whatever the input dtype.
+keeps small local histograms that are merged at the end: counts are exact integers.
 
-* :func:`_hist_voxels` (exclusive mode with a label map, the common case) walks each chunk once per channel
-  (contiguous rows) into four interleaved histograms. With ``validate`` it also counts, chunk by chunk while
-  the rows are in cache, the values outside [0, 1] or NaN and the largest deviation of the channel sum from
-  1; only when one of them is off does the caller run the precise (slower) checks that name the problem.
-* :func:`_hist_dense` handles one-hot / multi-hot / soft targets row by row (image x channel), with two
-  interleaved histograms so runs of voxels in the same bin do not serialise on one memory location.
+* :func:`_hist_voxels` (exclusive mode with a label map and float32 / float64 probabilities, the common case)
+  walks each chunk in L1-sized blocks. Per block and channel, pass 1 (vectorised) clamps, validates and bins
+  every value without a table lookup and writes a packed ``(slot, q)`` word; pass 2 scatters the words into
+  eight interleaved lane histograms of packed ``count | fixed-point sum`` int64 entries (one memory update
+  per value). Float32 sums are exact integer sums of ``round(p * 2**30)`` (within 4.7e-10 per voxel of the
+  exact sum, independent of voxel order and thread count); float64 inputs keep float64 sums. The validation
+  counts values outside [0, 1] or NaN and voxels whose channel sum is off; only when one is non-zero does the
+  caller run the precise (slower) checks that name the problem.
+* :func:`_hist_labels` (half-precision rows converted to float32, or bin counts whose edges the division of
+  pass 1 does not reproduce) and :func:`_hist_dense` (one-hot / multi-hot / soft targets) walk rows with the
+  table-corrected bin of :func:`_bin_of` and float64 sums, with two interleaved histograms so runs of voxels in
+  the same bin do not serialise on one memory location.
 
 Bin of ``p`` (after clamping into [0, 1], SPEC §0): the ``k`` with ``edges[k] < p <= edges[k + 1]``
 (``closed="right"``) or ``edges[k] <= p < edges[k + 1]`` (``closed="left"``), clamped to ``[0, M - 1]``;
-``edges`` are the correctly rounded ``k / M`` in the input dtype. ``floor(p * M)`` is corrected branch-free
-against the padded edge tables ``lo``/``hi`` (one comparison for ``closed="right"``, see :func:`_bin_of`).
+``edges`` are the correctly rounded ``k / M`` in the input dtype. ``floor(p * M)`` is corrected by one
+comparison with an edge: computed by one division in :func:`_pack_loop`, looked up in the padded edge tables
+``lo``/``hi`` in :func:`_bin_of`.
 """
 
 from __future__ import annotations
+
+import sys
 
 import numpy as np
 
@@ -32,8 +40,29 @@ except Exception:  # pragma: no cover - exercised only where numba is missing
 
 #: voxels per parallel task; local int32 counts cannot overflow (<= _CHUNK per bin)
 _CHUNK = 1 << 16
-#: interleaved histograms per task (a power of two)
-_LANES = 4
+#: voxels per block of :func:`_hist_voxels` (its rows, channel sums and packed words stay in L1)
+_BLOCK = 2048
+#: interleaved lane histograms of :func:`_hist_voxels` (a power of two)
+_LANES = 8
+#: fixed-point probabilities of :func:`_hist_voxels`: ``q = round(p * 2**_QBITS)`` (fits an int32)
+_QBITS = 30
+_QSCALE_INV = 2.0**-_QBITS
+#: packed lane-histogram entry ``count << _CNT_SHIFT | sum of q``: per task a lane sees at most
+#: ``_CHUNK / _LANES + _LANES`` voxels, so the sum of q stays below ``2**(_QBITS + 14) < 2**_CNT_SHIFT``
+_CNT_SHIFT = 46
+_CNT_ONE = np.int64(1) << np.int64(_CNT_SHIFT)
+_LOW32 = np.int64(0xFFFFFFFF)
+assert (_CHUNK // _LANES + _LANES) * 2**_QBITS < 2**_CNT_SHIFT and _BLOCK % _LANES == 0
+
+
+def voxel_kernel_ok(num_bins: int, dtype: np.dtype) -> bool:
+    """The preconditions of :func:`_hist_voxels`: ``j / M`` computed by one division in ``dtype`` equals the
+    edges of :func:`~segcal.functional.binning.bin_edges` (``k / M`` rounded in float64, then in ``dtype``) for
+    every ``j`` (true for float64, and for float32 at least up to M = 200,000; checked per call, it costs
+    microseconds), and the machine is little-endian (pass 1 writes an int64 as two int32 halves)."""
+    j = np.arange(num_bins + 1)
+    edges_ok = np.array_equal(j.astype(dtype) / dtype.type(num_bins), (j / num_bins).astype(dtype))
+    return bool(edges_ok) and sys.byteorder == "little"
 
 
 def edge_tables(edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -76,68 +105,129 @@ if HAVE_NUMBA:
     def _clamp01(v):  # pragma: no cover - compiled
         return min(max(v, 0.0), 1.0)
 
-    @njit(nogil=True, boundscheck=False, cache=True)
-    def _row_check(pc, tot):  # pragma: no cover - compiled
-        """Adds row ``pc`` (n,) to the channel sums ``tot`` (n,); returns how many of its values are outside
-        [0, 1] or NaN (a vectorisable loop: no serial min / max chain)."""
-        nout = 0
+    @njit(inline="always", nogil=True, boundscheck=False, error_model="numpy")
+    def _row_validate(pc, tot, inr):  # pragma: no cover - compiled
+        """Adds row ``pc`` (n,) to the channel sums ``tot`` (n,) and clears ``inr[i]`` (n,) where ``pc[i]`` is
+        outside [0, 1] or NaN. Vectorised: element-wise stores only, no reduction."""
+        zero = pc.dtype.type(0.0)
+        one = pc.dtype.type(1.0)
         for i in range(pc.shape[0]):
-            w = np.float64(pc[i])
+            w = pc[i]
             tot[i] += w
-            nout += not (w >= 0.0 and w <= 1.0)
-        return nout
+            inr[i] &= np.uint8(w >= zero) & np.uint8(w <= one)
 
-    @njit(nogil=True, boundscheck=False, cache=True)
-    def _row_hist(pc, lb, lc, mk, use_mask, lo, hi, m, right, hc, hp, validate, tot):  # pragma: no cover
-        """One contiguous row ``pc`` (n,) with labels ``lb`` (n,) into ``hc`` (L, 2M) int64 (index ``2k + hit``,
-        hit = ``lb == lc``) and ``hp`` (L, M) float64, both reset first; lane = voxel index mod L.
+    @njit(inline="always", nogil=True, boundscheck=False, error_model="numpy")
+    def _pack_loop(pc, lb, lc, mk, m, right, pk, tot, inr):  # pragma: no cover - compiled
+        """Pass 1 (vectorised): per value ``i`` of row ``pc`` (n,) the packed word ``slot << 32 | q`` as the
+        int32 pair ``pk[2 i] = q``, ``pk[2 i + 1] = slot`` (an int64 on little-endian machines; two int32
+        stores vectorise where one int64 does not), with ``slot = 2 k + (lb == lc)`` (``k`` the bin; voxels
+        with ``mk == 0`` get the discard slot ``2 M``) and ``q = round(p * 2**_QBITS)``, ``p`` clamped into
+        [0, 1] (NaN -> 0). Also adds the raw value to the channel sums ``tot`` and clears ``inr[i]`` where
+        clamping changed it (outside [0, 1] or NaN): always, as a branch would cost more than the stores.
 
-        With ``validate``, also adds the row to ``tot`` (n,) (channel sums) and returns the number of values
-        outside [0, 1] or NaN (mask ignored, :func:`_row_check`); otherwise returns 0.
+        The bin needs no table: with ``j = int(p * M)`` (computed in the input dtype: ``floor`` of the exact
+        product, or one more when the product rounds up to an integer) and the edge ``e_j = j / M`` correctly
+        rounded in the input dtype (one IEEE division), ``k = j - (p <= e_j)`` for ``closed="right"`` (``j = 0``
+        excepted) is exactly the bin of the rounded edges: ``p <= e_j`` with ``p >= j / M`` only when ``p`` is
+        the edge itself, and a product rounded up to ``j`` means ``p < j / M``, hence ``p <= e_j``.
+        ``closed="left"`` adds the upper comparison ``p >= e_{j+1}`` (an edge rounded below ``(j + 1) / M``).
         """
-        hc[:] = 0
-        hp[:] = 0.0
-        n = pc.shape[0]
-        nout = _row_check(pc, tot) if validate else 0
-        if use_mask:
-            for i in range(n):
-                if mk[i] != 0:
-                    v = min(max(np.float64(pc[i]), 0.0), 1.0)
-                    k = _bin_of(v, lo, hi, m, right)
-                    r = np.uint64(i & (_LANES - 1))
-                    hc[r, np.uint64(2) * k + np.uint64(lb[i] == lc)] += 1
-                    hp[r, k] += v
-            return nout
+        dt = pc.dtype.type
+        zero = dt(0.0)
+        one = dt(1.0)
+        mf = dt(m)
+        qs = dt(2.0**_QBITS)
+        discard = np.int32(2 * m)
+        z32 = np.int32(0)
+        top = np.int32(m - 1)
+        for i in range(pc.shape[0]):
+            w = pc[i]
+            v = w if w > zero else zero  # NaN -> 0: every index below stays in range
+            v = v if v < one else one
+            tot[i] += w
+            inr[i] &= np.uint8(v == w)  # clamping changed it: outside [0, 1] or NaN
+            j = np.int32(v * mf)
+            if right:
+                k = j - (np.int32(v <= dt(j) / mf) & np.int32(j != z32))
+            else:
+                k = j - np.int32(v < dt(j) / mf) + np.int32(v >= dt(j + np.int32(1)) / mf)
+                k = k if k < top else top
+            slot = 2 * k + np.int32(lb[i] == lc)
+            slot = slot if mk[i] != 0 else discard
+            pk[2 * i] = np.int32(np.rint(v * qs))  # exact product, rounded half to even
+            pk[2 * i + 1] = slot
+
+    @njit(inline="always", nogil=True, boundscheck=False)
+    def _pack_row(pc, lb, lc, mk, m, right, pk, tot, inr):  # pragma: no cover - compiled
+        """:func:`_pack_loop` with ``right`` as a constant (a branch inside the loop stops its vectorisation;
+        ``closed="left"`` has two divisions and does not vectorise as well). No mask is an all-ones ``mk``:
+        one specialisation less to compile, for a few percent of the loop's time."""
+        if right:
+            _pack_loop(pc, lb, lc, mk, m, True, pk, tot, inr)
+        else:
+            _pack_loop(pc, lb, lc, mk, m, False, pk, tot, inr)
+
+    @njit(inline="always", nogil=True, boundscheck=False)
+    def _scatter_packed(pk, n, h):  # pragma: no cover - compiled
+        """Pass 2: adds ``1 << _CNT_SHIFT | q`` of each packed word ``pk[:n]`` to slot ``pk >> 32`` of lane
+        histogram ``h[i % _LANES]`` (``_LANES`` interleaved tables: a run of voxels in one bin does not
+        serialise on one memory location)."""
         nr = n // _LANES * _LANES
         for i0 in range(0, nr, _LANES):
             for r in range(_LANES):
-                v = min(max(np.float64(pc[i0 + r]), 0.0), 1.0)
-                k = _bin_of(v, lo, hi, m, right)
-                hc[r, np.uint64(2) * k + np.uint64(lb[i0 + r] == lc)] += 1
-                hp[r, k] += v
+                e = pk[i0 + r]
+                h[np.uint64(r), np.uint64(e >> np.int64(32))] += _CNT_ONE + (e & _LOW32)
         for i in range(nr, n):
-            v = min(max(np.float64(pc[i]), 0.0), 1.0)
-            k = _bin_of(v, lo, hi, m, right)
-            hc[0, np.uint64(2) * k + np.uint64(lb[i] == lc)] += 1
+            e = pk[i]
+            h[0, np.uint64(e >> np.int64(32))] += _CNT_ONE + (e & _LOW32)
+
+    @njit(inline="always", nogil=True, boundscheck=False)
+    def _scatter_exact(pk, pc, n, h, hp):  # pragma: no cover - compiled
+        """Pass 2 for float64 inputs: counts as in :func:`_scatter_packed` (``q`` ignored) and the clamped
+        probabilities summed in float64 into the lane tables ``hp`` (same slots)."""
+        zero = pc.dtype.type(0.0)
+        one = pc.dtype.type(1.0)
+        nr = n // _LANES * _LANES
+        for i0 in range(0, nr, _LANES):
+            for r in range(_LANES):
+                w = pc[i0 + r]
+                v = w if w > zero else zero
+                v = v if v < one else one
+                k = np.uint64(pk[i0 + r] >> np.int64(32))
+                h[np.uint64(r), k] += _CNT_ONE
+                hp[np.uint64(r), k] += v
+        for i in range(nr, n):
+            w = pc[i]
+            v = w if w > zero else zero
+            v = v if v < one else one
+            k = np.uint64(pk[i] >> np.int64(32))
+            h[0, k] += _CNT_ONE
             hp[0, k] += v
-        return nout
 
     @njit(parallel=True, nogil=True, boundscheck=False, cache=True)
-    def _hist_voxels(p, lab, first, mask, use_mask, lo, hi, right, validate, out, vstats):  # pragma: no cover
-        """Exclusive mode, label map. p: (B, C, S) float; lab: (B, S) int; mask: (B, S) uint8.
+    def _hist_voxels(p, lab, first, mask, use_mask, right, validate, thr, exact, out, vstats):  # pragma: no cover
+        """Exclusive mode, label map, float32/float64 probabilities. p: (B, C, S); lab: (B, S) int;
+        mask: (B, S) uint8. Requires :func:`voxel_kernel_ok` for ``M`` and the dtype.
 
         out: (B, C - first, 3, M) float64, accumulated. vstats: (B * n_chunks, 2) float64 receives per task
-        (number of values outside [0, 1] or NaN, max |sum_c p - 1|) over all voxels and channels (mask
-        ignored); the caller re-checks precisely (and names the problem) only when one of them is off.
+        (number of values outside [0, 1] or NaN, number of voxels whose channel sum is NaN or deviates from 1
+        by more than ``thr``) over all voxels and channels (mask ignored); the caller re-checks precisely (and
+        names the problem) only when one of them is non-zero.
 
-        A task is one image and one chunk of ``_CHUNK`` voxels; it walks the chunk once per channel (rows are
-        contiguous) into ``_LANES`` interleaved histograms (lane = voxel index mod ``_LANES``), so runs of
-        voxels in one bin do not serialise on one memory location. Counts and label hits share one int64
-        table (index ``2k + hit``). With ``validate`` the channel sums are accumulated in a chunk buffer.
+        A task is one image and one chunk of ``_CHUNK`` voxels, walked in blocks of ``_BLOCK`` voxels (a
+        block's rows, channel sums and packed words stay in L1); per block and channel: pass 1
+        (:func:`_pack_row`, vectorised: clamp, validation, bin) and pass 2 (:func:`_scatter_packed`) into the
+        channel's lane histograms of packed ``count << _CNT_SHIFT | sum q`` int64 entries, unpacked once per
+        task (channels before ``first`` are only validated, :func:`_row_validate`).
+        Counts are exact. Sums of probabilities: with ``exact`` (float64 inputs) float64 sums
+        (:func:`_scatter_exact`); otherwise exact integer sums of ``q = round(p * 2**_QBITS)``, i.e. within
+        ``2**-(_QBITS + 1)`` (4.7e-10) per voxel of the exact sum, so a bin's mean confidence is within 4.7e-10,
+        and (integer sums) the result does not depend on the order of the voxels or the number of threads.
         """
         nb, nc, s = p.shape
         m = out.shape[3]
         kc = nc - first
+        width = 2 * m + 1  # slots 2k (miss), 2k + 1 (hit), 2M (discarded by the mask)
         n_chunks = (s + _CHUNK - 1) // _CHUNK
         n_tasks = nb * n_chunks
         partial = np.zeros((n_tasks, kc, 3, m))
@@ -145,44 +235,74 @@ if HAVE_NUMBA:
             b = t // n_chunks
             s0 = (t % n_chunks) * _CHUNK
             s1 = min(s, s0 + _CHUNK)
-            n = s1 - s0
-            hc = np.zeros((_LANES, 2 * m), np.int64)
-            hp = np.zeros((_LANES, m))
-            tot = np.zeros(n if validate else 1)
+            h = np.zeros((kc, _LANES, width), np.int64)
+            hp = np.zeros((kc, _LANES, width) if exact else (1, 1, 1))
+            pk32 = np.empty(2 * _BLOCK, np.int32)
+            pk = pk32.view(np.int64)
+            tot = np.zeros(_BLOCK, p.dtype)
+            inr = np.empty(_BLOCK, np.uint8)
+            ones = np.ones(_BLOCK, np.uint8)
+            one = p.dtype.type(1.0)
+            th = p.dtype.type(thr)
             nout = 0
-            lb = lab[b, s0:s1]
-            mk = mask[b, s0:s1] if use_mask else mask[0, 0:1]
-            for c in range(nc):
-                pc = p[b, c, s0:s1]
-                if c < first:
-                    if validate:
-                        nout += _row_check(pc, tot)
-                    continue
-                nout += _row_hist(pc, lb, lb.dtype.type(c), mk, use_mask, lo, hi, m, right, hc, hp, validate, tot)
+            nbad = 0
+            for a0 in range(s0, s1, _BLOCK):
+                a1 = min(s1, a0 + _BLOCK)
+                n = a1 - a0
+                lb = lab[b, a0:a1]
+                mk = mask[b, a0:a1] if use_mask else ones[:n]
+                tot[:] = 0.0  # (pass 1 always fills them: a branch there costs more than the stores)
+                inr[:] = 1
+                for c in range(nc):
+                    pc = p[b, c, a0:a1]
+                    if c < first:
+                        if validate:
+                            _row_validate(pc, tot[:n], inr[:n])
+                    else:
+                        _pack_row(pc, lb, lb.dtype.type(c), mk, m, right, pk32, tot, inr)
+                        if exact:
+                            _scatter_exact(pk, pc, n, h[c - first], hp[c - first])
+                        else:
+                            _scatter_packed(pk, n, h[c - first])
+                if validate:
+                    for i in range(n):
+                        d = tot[i] - one
+                        nout += np.int32(1) - np.int32(inr[i])
+                        nbad += np.int32(d > th) | np.int32(d < -th) | np.int32(d != d)
+            for c in range(kc):
                 for k in range(m):
                     n0 = 0
                     n1 = 0
+                    q = 0
                     sp = 0.0
                     for r in range(_LANES):
-                        n0 += hc[r, 2 * k]
-                        n1 += hc[r, 2 * k + 1]
-                        sp += hp[r, k]
-                    partial[t, c - first, 0, k] = n0 + n1
-                    partial[t, c - first, 1, k] = sp
-                    partial[t, c - first, 2, k] = n1
-            dev = 0.0
-            if validate:
-                for i in range(n):
-                    dev = max(dev, abs(tot[i] - 1.0))
+                        e0 = h[c, r, 2 * k]
+                        e1 = h[c, r, 2 * k + 1]
+                        n0 += e0 >> _CNT_SHIFT
+                        n1 += e1 >> _CNT_SHIFT
+                        q += (e0 & (_CNT_ONE - 1)) + (e1 & (_CNT_ONE - 1))
+                        if exact:
+                            sp += hp[c, r, 2 * k] + hp[c, r, 2 * k + 1]
+                    partial[t, c, 0, k] = n0 + n1
+                    partial[t, c, 1, k] = sp if exact else q  # q: an integer < 2**53, exact in float64
+                    partial[t, c, 2, k] = n1
             vstats[t, 0] = nout
-            vstats[t, 1] = dev
+            vstats[t, 1] = nbad
         for bc in prange(nb * kc):
             b = bc // kc
             c = bc % kc
-            for j in range(n_chunks):
-                for q in range(3):
-                    for k in range(m):
-                        out[b, c, q, k] += partial[b * n_chunks + j, c, q, k]
+            for k in range(m):
+                acc0 = 0.0
+                acc1 = 0.0
+                acc2 = 0.0
+                for j in range(n_chunks):
+                    acc0 += partial[b * n_chunks + j, c, 0, k]
+                    acc1 += partial[b * n_chunks + j, c, 1, k]
+                    acc2 += partial[b * n_chunks + j, c, 2, k]
+                # fixed-point sums of q add exactly (below 2**53, i.e. sums of p below 2**23 per image and bin)
+                out[b, c, 0, k] += acc0
+                out[b, c, 1, k] += acc1 if exact else acc1 * _QSCALE_INV
+                out[b, c, 2, k] += acc2
 
     @njit(parallel=True, nogil=True, boundscheck=False, cache=True)
     def _hist_top_label(p, lab, mask, use_mask, lo, hi, right, validate, out, vstats):  # pragma: no cover

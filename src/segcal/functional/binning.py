@@ -251,7 +251,7 @@ def bin_statistics(
         if check and not validate:  # dense targets / multilabel: torch checks (no clamped copy is made)
             check_probabilities(probs, mode)
         out, vstats = _bin_statistics_numba(probs, labels, dense_y, first, mask_t, num_bins, closed, validate)
-        if validate and (vstats[:, 0].sum() > 0 or not vstats[:, 1].max() <= PROB_ATOL * max(1, c)):
+        if validate and vstats is not None and vstats.sum() > 0:
             check_probabilities(probs, mode)  # something is off: the precise checks name the problem
     elif probs.device.type == "cpu" and _kernels.HAVE_NUMBA and not probs.requires_grad:
         out, _ = _bin_statistics_numba(probs, labels, dense_y, first, mask_t, num_bins, closed, False)
@@ -303,7 +303,8 @@ def _bin_statistics_numba(
 ) -> tuple[torch.Tensor, np.ndarray | None]:
     """Numba path. ``probs`` / ``dense_y`` are the full ``(B, C, *spatial)`` tensors; channels ``first:`` are
     binned. Returns ``(B, C - first, 3, M)`` float64 and, with ``validate`` (label maps only), the kernel's
-    per-task (number of values outside [0, 1] or NaN, max |sum - 1|) over every voxel and channel."""
+    per-task (number of values outside [0, 1] or NaN, number of voxels whose channel sum is off) over every
+    voxel and channel (``None`` where the precise checks already ran)."""
     b, c = probs.shape[:2]
     s = int(np.prod(probs.shape[2:]))
     kc = c - first
@@ -331,12 +332,22 @@ def _bin_statistics_numba(
     vstats = None
     if native:
         p_np = _numba_view(probs, b, c, s)
-        if lab_np is not None:
+        if lab_np is not None and _kernels.voxel_kernel_ok(num_bins, p_np.dtype):
             n_tasks = b * ((s + _kernels._CHUNK - 1) // _kernels._CHUNK)
             vstats = np.zeros((n_tasks, 2))
+            thr = PROB_ATOL * max(1, c)
+            exact = p_np.dtype == np.float64  # float64 sums; float32: fixed-point sums (see the kernel)
             _kernels._hist_voxels(
-                p_np, lab_np, first, mask_np, use_mask, lo, hi, right, validate, out, vstats
+                p_np, lab_np, first, mask_np, use_mask, right, validate, thr, exact, out, vstats
             )
+        elif lab_np is not None:  # a bin count whose edges the division does not reproduce: table lookups
+            if validate:
+                check_probabilities(probs, "exclusive")
+            rows = p_np.reshape(b * c, s)
+            ids = np.arange(c, dtype=np.int64)
+            full = np.zeros((b * c, 3, num_bins))
+            _kernels._hist_labels(rows, lab_np, ids, mask_np, use_mask, lo, hi, right, full)
+            out += full.reshape(b, c, 3, num_bins)[:, first:]
         else:
             _kernels._hist_dense(p_np, y_t.numpy(), first, mask_np, use_mask, lo, hi, right, out)  # type: ignore[union-attr]
     else:
