@@ -303,3 +303,34 @@ def test_float32_fixed_point_sums_are_bounded_exact_and_order_free():
     finally:
         _kernels.set_threads(before)
     assert torch.equal(s.sum_p, s_one.sum_p)
+
+
+def test_divided_edges_equal_tabulated_edges():
+    """The precondition of the table-free bin of the label-map kernel: ``float32(j) / float32(M)`` (one
+    correctly rounded division) equals ``bin_edges`` (k / M rounded in float64, then float32) for every j and
+    every M up to 5,000 (checked offline up to 200,000); float64 trivially."""
+    assert all(_kernels.voxel_kernel_ok(m, np.dtype(np.float32)) for m in range(1, 5001))
+    assert all(_kernels.voxel_kernel_ok(m, np.dtype(np.float64)) for m in (1, 3, 7, 10, 20, 100, 999))
+    for m in (1, 7, 20, 1000):
+        e = bin_edges(m, torch.float32).numpy()
+        j = np.arange(m + 1)
+        assert np.array_equal(j.astype(np.float32) / np.float32(m), e)
+
+
+def test_table_fallback_when_divided_edges_differ(monkeypatch):
+    """Where the precondition fails (never seen for M <= 200,000, but checked per call) the label-map path
+    falls back to the table kernel with the torch checks: same statistics, same errors."""
+    g = torch.Generator().manual_seed(13)
+    p = torch.softmax(torch.randn(2, 3, 9, 8, 7, generator=g) * 3, 1)
+    lab = torch.randint(0, 3, (2, 9, 8, 7), generator=g)
+    mask = torch.rand(2, 9, 8, 7, generator=g) > 0.3
+    fast = [bin_statistics(p, lab, 20, mask=mk, include_background=bg) for mk in (None, mask) for bg in (1, 0)]
+    monkeypatch.setattr(_kernels, "voxel_kernel_ok", lambda m, dtype: False)
+    slow = [bin_statistics(p, lab, 20, mask=mk, include_background=bg) for mk in (None, mask) for bg in (1, 0)]
+    for a, b in zip(fast, slow, strict=True):
+        assert torch.equal(a.count, b.count) and torch.equal(a.sum_y, b.sum_y)
+        assert bool(((a.sum_p - b.sum_p).abs() <= a.count * 2.0**-31 + 1e-12).all())
+    bad = p.clone()
+    bad[0, 1, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        bin_statistics(bad, lab, 20)
