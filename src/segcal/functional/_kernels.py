@@ -12,6 +12,8 @@ keeps small local histograms that are merged at the end: counts are exact intege
   exact sum, independent of voxel order and thread count); float64 inputs keep float64 sums. The validation
   counts values outside [0, 1] or NaN and voxels whose channel sum is off; only when one is non-zero does the
   caller run the precise (slower) checks that name the problem.
+* :func:`_hist_top_label` folds the channel rows of a block into the maximum and argmax (vectorised), then runs
+  the confidences through the same two passes as one channel, with ``argmax == label`` as the hit.
 * :func:`_hist_labels` (half-precision rows converted to float32, or bin counts whose edges the division of
   pass 1 does not reproduce) and :func:`_hist_dense` (one-hot / multi-hot / soft targets) walk rows with the
   table-corrected bin of :func:`_bin_of` and float64 sums, with two interleaved histograms so runs of voxels in
@@ -204,6 +206,69 @@ if HAVE_NUMBA:
             h[0, k] += _CNT_ONE
             hp[0, k] += v
 
+    @njit(inline="always", nogil=True, boundscheck=False)
+    def _count_flagged(inr, n):  # pragma: no cover - compiled
+        """Number of voxels of a block with a value outside [0, 1] or NaN (``inr[i] == 0``)."""
+        nout = 0
+        for i in range(n):
+            nout += np.int32(1) - np.int32(inr[i])
+        return nout
+
+    @njit(inline="always", nogil=True, boundscheck=False)
+    def _count_sums_off(tot, n, thr):  # pragma: no cover - compiled
+        """Number of voxels of a block whose channel sum ``tot[i]`` is NaN or off 1 by more than ``thr``."""
+        one = tot.dtype.type(1.0)
+        th = tot.dtype.type(thr)
+        nbad = 0
+        for i in range(n):
+            d = tot[i] - one
+            nbad += np.int32(d > th) | np.int32(d < -th) | np.int32(d != d)
+        return nbad
+
+    @njit(inline="always", nogil=True, boundscheck=False)
+    def _unpack_lanes(h, hp, exact, dst):  # pragma: no cover - compiled
+        """Lane tables ``h`` (L, 2M + 1) packed int64 (and ``hp`` float64 sums with ``exact``) of one task and
+        channel into ``dst`` (3, M): count, sum of p (``exact``) or of q (an integer < 2**53, exact in
+        float64; scaled in :func:`_merge_partials`), number of hits."""
+        m = dst.shape[1]
+        for k in range(m):
+            n0 = 0
+            n1 = 0
+            q = 0
+            sp = 0.0
+            for r in range(_LANES):
+                e0 = h[r, 2 * k]
+                e1 = h[r, 2 * k + 1]
+                n0 += e0 >> _CNT_SHIFT
+                n1 += e1 >> _CNT_SHIFT
+                q += (e0 & (_CNT_ONE - 1)) + (e1 & (_CNT_ONE - 1))
+                if exact:
+                    sp += hp[r, 2 * k] + hp[r, 2 * k + 1]
+            dst[0, k] = n0 + n1
+            dst[1, k] = sp if exact else q
+            dst[2, k] = n1
+
+    @njit(inline="always", nogil=True, boundscheck=False)
+    def _merge_partials(partial, n_chunks, exact, out):  # pragma: no cover - compiled
+        """Adds the per-task sums ``partial`` (B * n_chunks, K, 3, M) into ``out`` (B, K, 3, M), summing the
+        chunks of each image first: fixed-point sums of q add exactly (below 2**53, i.e. sums of p below 2**23
+        per image and bin) and are scaled once."""
+        nb, kc, _, m = out.shape
+        for bc in range(nb * kc):  # a few thousand additions: serial
+            b = bc // kc
+            c = bc % kc
+            for k in range(m):
+                acc0 = 0.0
+                acc1 = 0.0
+                acc2 = 0.0
+                for j in range(n_chunks):
+                    acc0 += partial[b * n_chunks + j, c, 0, k]
+                    acc1 += partial[b * n_chunks + j, c, 1, k]
+                    acc2 += partial[b * n_chunks + j, c, 2, k]
+                out[b, c, 0, k] += acc0
+                out[b, c, 1, k] += acc1 if exact else acc1 * _QSCALE_INV
+                out[b, c, 2, k] += acc2
+
     @njit(parallel=True, nogil=True, boundscheck=False, cache=True)
     def _hist_voxels(p, lab, first, mask, use_mask, right, validate, thr, exact, out, vstats):  # pragma: no cover
         """Exclusive mode, label map, float32/float64 probabilities. p: (B, C, S); lab: (B, S) int;
@@ -242,8 +307,6 @@ if HAVE_NUMBA:
             tot = np.zeros(_BLOCK, p.dtype)
             inr = np.empty(_BLOCK, np.uint8)
             ones = np.ones(_BLOCK, np.uint8)
-            one = p.dtype.type(1.0)
-            th = p.dtype.type(thr)
             nout = 0
             nbad = 0
             for a0 in range(s0, s1, _BLOCK):
@@ -265,102 +328,90 @@ if HAVE_NUMBA:
                         else:
                             _scatter_packed(pk, n, h[c - first])
                 if validate:
-                    for i in range(n):
-                        d = tot[i] - one
-                        nout += np.int32(1) - np.int32(inr[i])
-                        nbad += np.int32(d > th) | np.int32(d < -th) | np.int32(d != d)
+                    nout += _count_flagged(inr, n)
+                    nbad += _count_sums_off(tot, n, thr)
             for c in range(kc):
-                for k in range(m):
-                    n0 = 0
-                    n1 = 0
-                    q = 0
-                    sp = 0.0
-                    for r in range(_LANES):
-                        e0 = h[c, r, 2 * k]
-                        e1 = h[c, r, 2 * k + 1]
-                        n0 += e0 >> _CNT_SHIFT
-                        n1 += e1 >> _CNT_SHIFT
-                        q += (e0 & (_CNT_ONE - 1)) + (e1 & (_CNT_ONE - 1))
-                        if exact:
-                            sp += hp[c, r, 2 * k] + hp[c, r, 2 * k + 1]
-                    partial[t, c, 0, k] = n0 + n1
-                    partial[t, c, 1, k] = sp if exact else q  # q: an integer < 2**53, exact in float64
-                    partial[t, c, 2, k] = n1
+                _unpack_lanes(h[c], hp[c] if exact else hp[0], exact, partial[t, c])
             vstats[t, 0] = nout
             vstats[t, 1] = nbad
-        for bc in prange(nb * kc):
-            b = bc // kc
-            c = bc % kc
-            for k in range(m):
-                acc0 = 0.0
-                acc1 = 0.0
-                acc2 = 0.0
-                for j in range(n_chunks):
-                    acc0 += partial[b * n_chunks + j, c, 0, k]
-                    acc1 += partial[b * n_chunks + j, c, 1, k]
-                    acc2 += partial[b * n_chunks + j, c, 2, k]
-                # fixed-point sums of q add exactly (below 2**53, i.e. sums of p below 2**23 per image and bin)
-                out[b, c, 0, k] += acc0
-                out[b, c, 1, k] += acc1 if exact else acc1 * _QSCALE_INV
-                out[b, c, 2, k] += acc2
+        _merge_partials(partial, n_chunks, exact, out)
+
+    @njit(inline="always", nogil=True, boundscheck=False, error_model="numpy")
+    def _row_argmax(pc, c, best, arg, tot, inr):  # pragma: no cover - compiled
+        """Folds channel ``c`` (row ``pc`` (n,)) into the running maximum ``best`` and its channel ``arg``
+        (strictly greater replaces: the first maximum wins, as ``torch.max``), and into the validation
+        buffers (see :func:`_row_validate`). Vectorised across voxels."""
+        zero = pc.dtype.type(0.0)
+        one = pc.dtype.type(1.0)
+        ci = np.int32(c)
+        for i in range(pc.shape[0]):
+            w = pc[i]
+            gt = w > best[i]
+            best[i] = w if gt else best[i]
+            arg[i] = ci if gt else arg[i]
+            tot[i] += w
+            inr[i] &= np.uint8(w >= zero) & np.uint8(w <= one)
 
     @njit(parallel=True, nogil=True, boundscheck=False, cache=True)
-    def _hist_top_label(p, lab, mask, use_mask, lo, hi, right, validate, out, vstats):  # pragma: no cover
+    def _hist_top_label(p, lab, mask, use_mask, right, validate, thr, exact, out, vstats):  # pragma: no cover
         """Top-label bins, exclusive mode with a label map: confidence ``max_c p`` (first maximum, as
-        ``torch.max``), hit = ``argmax == label``. p: (B, C, S); lab: (B, S); out: (B, 1, 3, M) accumulated;
-        vstats as in :func:`_hist_voxels`."""
+        ``torch.max``), hit = ``argmax == label``. p: (B, C, S) float32/float64; lab: (B, S) int; mask: (B, S)
+        uint8; out: (B, 1, 3, M) accumulated; vstats, ``exact`` and the fixed-point sums as in
+        :func:`_hist_voxels` (same preconditions). Per block: the channel rows fold into the maximum
+        (:func:`_row_argmax`, vectorised, with the validation), then the confidences go through the same
+        pass 1 / pass 2 as a channel of :func:`_hist_voxels`, with ``argmax == label`` as the hit. (A float32
+        value >= 2**-6 times 2**30 is already an integer, so its q is exact: top-label confidences, >= 1 / C,
+        are summed exactly for up to 64 classes.)"""
         nb, nc, s = p.shape
         m = out.shape[3]
+        width = 2 * m + 1
         n_chunks = (s + _CHUNK - 1) // _CHUNK
         n_tasks = nb * n_chunks
-        partial = np.zeros((n_tasks, 3, m))
+        partial = np.zeros((n_tasks, 1, 3, m))
         for t in prange(n_tasks):
             b = t // n_chunks
             s0 = (t % n_chunks) * _CHUNK
             s1 = min(s, s0 + _CHUNK)
-            hc = np.zeros(4 * m, np.int32)
-            hp = np.zeros(2 * m)
-            vmin = np.inf
-            vmax = -np.inf
+            h = np.zeros((_LANES, width), np.int64)
+            hp = np.zeros((_LANES, width) if exact else (1, 1))
+            pk32 = np.empty(2 * _BLOCK, np.int32)
+            pk = pk32.view(np.int64)
+            best = np.empty(_BLOCK, p.dtype)
+            arg = np.empty(_BLOCK, np.int32)
+            hit = np.empty(_BLOCK, np.uint8)
+            tot = np.empty(_BLOCK, p.dtype)
+            inr = np.empty(_BLOCK, np.uint8)
+            scratch_tot = np.empty(_BLOCK, p.dtype)  # pass 1's validation of the confidences is not needed
+            scratch_inr = np.empty(_BLOCK, np.uint8)
+            ones = np.ones(_BLOCK, np.uint8)
+            nout = 0
             nbad = 0
-            dev = 0.0
-            for i in range(s0, s1):
-                best = p[b, 0, i]
-                arg = 0
-                tot = 0.0
+            for a0 in range(s0, s1, _BLOCK):
+                a1 = min(s1, a0 + _BLOCK)
+                n = a1 - a0
+                lb = lab[b, a0:a1]
+                mk = mask[b, a0:a1] if use_mask else ones[:n]
+                best[:n] = -np.inf
+                arg[:] = 0
+                tot[:] = 0.0
+                inr[:] = 1
                 for c in range(nc):
-                    v = p[b, c, i]
-                    if validate:
-                        tot += v
-                        vmin = min(vmin, v)
-                        vmax = max(vmax, v)
-                        nbad += not np.isfinite(v)
-                    if v > best:
-                        best = v
-                        arg = c
+                    _row_argmax(p[b, c, a0:a1], c, best[:n], arg[:n], tot[:n], inr[:n])
+                for i in range(n):
+                    hit[i] = np.uint8(lb[i] == arg[i])
+                bn = best[:n]
+                _pack_row(bn, hit[:n], np.uint8(1), mk, m, right, pk32, scratch_tot, scratch_inr)
+                if exact:
+                    _scatter_exact(pk, bn, n, h, hp)
+                else:
+                    _scatter_packed(pk, n, h)
                 if validate:
-                    dev = max(dev, abs(tot - 1.0))
-                if use_mask and mask[b, i] == 0:
-                    continue
-                conf = min(max(np.float64(best), 0.0), 1.0)
-                k = _bin_of(conf, lo, hi, m, right)
-                ln = i & 1
-                hc[ln * 2 * m + 2 * k + np.int64(lab[b, i] == arg)] += 1
-                hp[ln * m + k] += conf
-            for k in range(m):
-                n1 = hc[2 * k + 1] + hc[2 * m + 2 * k + 1]
-                partial[t, 0, k] = hc[2 * k] + hc[2 * m + 2 * k] + n1
-                partial[t, 1, k] = hp[k] + hp[m + k]
-                partial[t, 2, k] = n1
-            vstats[t, 0] = vmin
-            vstats[t, 1] = vmax
-            vstats[t, 2] = nbad
-            vstats[t, 3] = dev
-        for b in prange(nb):
-            for j in range(n_chunks):
-                for q in range(3):
-                    for k in range(m):
-                        out[b, 0, q, k] += partial[b * n_chunks + j, q, k]
+                    nout += _count_flagged(inr, n)
+                    nbad += _count_sums_off(tot, n, thr)
+            _unpack_lanes(h, hp, exact, partial[t, 0])
+            vstats[t, 0] = nout
+            vstats[t, 1] = nbad
+        _merge_partials(partial, n_chunks, exact, out)
 
     @njit(parallel=True, nogil=True, boundscheck=False, cache=True)
     def _hist_labels(p, lab, class_ids, mask, use_mask, lo, hi, right, out):  # pragma: no cover - compiled

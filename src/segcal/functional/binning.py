@@ -264,25 +264,6 @@ def bin_statistics(
     return BinStats(out[:, :, 0], out[:, :, 1], out[:, :, 2])
 
 
-def _raise_from_kernel_stats(vstats: np.ndarray, c: int, mode: Mode, name: str = "prediction") -> None:
-    """The checks of :func:`~segcal.functional.inputs.check_probabilities`, from the kernel's stats."""
-    n_bad = int(vstats[:, 2].sum())
-    if n_bad:
-        raise ValueError(f"{name} contains {n_bad} NaN/Inf values")
-    lo, hi = float(vstats[:, 0].min()), float(vstats[:, 1].max())
-    if lo < -PROB_ATOL or hi > 1 + PROB_ATOL:
-        raise ValueError(
-            f"{name} must hold probabilities in [0, 1] but spans [{lo:.4g}, {hi:.4g}]; "
-            "pass activation='softmax' or 'sigmoid' if these are logits"
-        )
-    err = float(vstats[:, 3].max())
-    if mode == "exclusive" and c > 1 and err > PROB_ATOL * max(1, c):
-        raise ValueError(
-            f"{name}: exclusive mode needs class probabilities that sum to 1 over the channel axis, "
-            f"max deviation is {err:.4g}; use mode='multilabel' for independent sigmoid channels"
-        )
-
-
 def _numba_view(x: torch.Tensor, b: int, c: int, s: int) -> np.ndarray:
     """``(B, C, S)`` NumPy view of ``x`` (no copy when the spatial dims can be flattened)."""
     x = x.reshape(b, c, s)
