@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import csv
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -404,3 +405,25 @@ def test_report_renders_in_headless_chromium(runs: tuple[Path, Path], tmp_path: 
     for e in entries:
         complete, width = e.split("/")
         assert complete == "true" and int(width) > 100, e
+
+
+def test_load_run_parses_every_metric_column_of_the_evaluation(tmp_path: Path) -> None:
+    """The report reads cases.csv with the evaluation's own column list: every metric the runner writes
+    (including MAE and top-label MCE) comes back as a float, missing values as NaN."""
+    from segcal.evaluation.runner import CASE_METRICS, CLASS_METRICS
+    from segcal.report import load_run
+
+    metrics = [*CLASS_METRICS, *CASE_METRICS]
+    row = {"case_id": "c1", "class": "tumour", "status": "ok", "error": ""}
+    row.update({m: f"{0.01 * (i + 1):.4f}" for i, m in enumerate(metrics)})
+    row["mae"] = ""  # no soft reference for this case
+    with (tmp_path / "cases.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(row))
+        w.writeheader()
+        w.writerow(row)
+    (got,) = load_run(tmp_path).ok_rows
+    for i, m in enumerate(metrics):
+        assert isinstance(got[m], float), m
+        if m != "mae":
+            assert got[m] == pytest.approx(0.01 * (i + 1))
+    assert math.isnan(got["mae"])

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from segcal.evaluation.runner import CASE_METRICS, CLASS_METRICS
 from segcal.functional.binning import BinStats
 from segcal.functional.calibration import calibration_errors
 from segcal.plots import (
@@ -53,9 +54,12 @@ Per image and class, the predicted probabilities are split into M equal-width bi
   the uncertain voxels at object borders (ACE-MICCAI eq. 3).
 - **MCE** (maximum calibration error): the largest gap over non-empty bins (ACE-MICCAI eq. 4).
   `_l2` variants use the root mean squared gap. Empty bins are never counted as zero.
-- **Top-label ECE**: ECE of the confidence max_c p_c against the accuracy (argmax == label) (PostHoc eq. 3).
+- **Top-label ECE / MCE**: ECE / MCE of the confidence max_c p_c against the accuracy (argmax == label)
+  (PostHoc eq. 3).
 - **NLL**: mean negative log-likelihood of the labels, probabilities clipped to [ε, 1−ε] (Ensembles eq. 3).
 - **Brier**: mean squared difference between probability and one-hot label (Ensembles eq. 4).
+- **MAE** (with soft reference maps): mean absolute difference between the predicted probability and the
+  reference probability of the class.
 - **Dice**: 2|P∩G| / (|P|+|G|); **IoU** (Jaccard): |P∩G| / |P∪G|; precision and recall of the
   thresholded mask.
 - **HD95**: 95th percentile of the symmetric surface distance between prediction and ground truth, in
@@ -66,21 +70,8 @@ Per image and class, the predicted probabilities are split into M equal-width bi
 """
 
 _MACRO_FIELDS = ("mean", "std", "median", "iqr", "ci_low", "ci_high")
-_METRIC_COLUMNS = (
-    "dice",
-    "iou",
-    "precision",
-    "recall",
-    "hd95",
-    "ece",
-    "ace",
-    "mce",
-    "ece_l2",
-    "ace_l2",
-    "nll",
-    "brier",
-    "top_label_ece",
-)
+#: metric columns of cases.csv, in the evaluation's order (one definition: the evaluation runner's)
+_METRIC_COLUMNS = (*CLASS_METRICS, *CASE_METRICS)
 
 
 def glossary_section() -> Section:
