@@ -207,6 +207,17 @@ if HAVE_NUMBA:
             hp[0, k] += v
 
     @njit(inline="always", nogil=True, boundscheck=False)
+    def _bin_row(pc, lb, lc, mk, m, right, pk32, pk, tot, inr, exact, h, hp):  # pragma: no cover - compiled
+        """Both passes for one row ``pc`` (n,) of a block: :func:`_pack_row` into ``pk32`` (whose int64 view is
+        ``pk``), then :func:`_scatter_exact` (``exact``: float64 sums into ``hp``) or :func:`_scatter_packed`
+        into the lane tables ``h`` (L, 2M + 1)."""
+        _pack_row(pc, lb, lc, mk, m, right, pk32, tot, inr)
+        if exact:
+            _scatter_exact(pk, pc, pc.shape[0], h, hp)
+        else:
+            _scatter_packed(pk, pc.shape[0], h)
+
+    @njit(inline="always", nogil=True, boundscheck=False)
     def _count_flagged(inr, n):  # pragma: no cover - compiled
         """Number of voxels of a block with a value outside [0, 1] or NaN (``inr[i] == 0``)."""
         nout = 0
@@ -281,9 +292,9 @@ if HAVE_NUMBA:
 
         A task is one image and one chunk of ``_CHUNK`` voxels, walked in blocks of ``_BLOCK`` voxels (a
         block's rows, channel sums and packed words stay in L1); per block and channel: pass 1
-        (:func:`_pack_row`, vectorised: clamp, validation, bin) and pass 2 (:func:`_scatter_packed`) into the
-        channel's lane histograms of packed ``count << _CNT_SHIFT | sum q`` int64 entries, unpacked once per
-        task (channels before ``first`` are only validated, :func:`_row_validate`).
+        (:func:`_pack_row`, vectorised: clamp, validation, bin) and pass 2 (:func:`_scatter_packed`), both in
+        :func:`_bin_row`, into the channel's lane histograms of packed ``count << _CNT_SHIFT | sum q`` int64
+        entries, unpacked once per task (channels before ``first`` are only validated, :func:`_row_validate`).
         Counts are exact. Sums of probabilities: with ``exact`` (float64 inputs) float64 sums
         (:func:`_scatter_exact`); otherwise exact integer sums of ``q = round(p * 2**_QBITS)``, i.e. within
         ``2**-(_QBITS + 1)`` (4.7e-10) per voxel of the exact sum, so a bin's mean confidence is within 4.7e-10,
@@ -322,11 +333,8 @@ if HAVE_NUMBA:
                         if validate:
                             _row_validate(pc, tot[:n], inr[:n])
                     else:
-                        _pack_row(pc, lb, lb.dtype.type(c), mk, m, right, pk32, tot, inr)
-                        if exact:
-                            _scatter_exact(pk, pc, n, h[c - first], hp[c - first])
-                        else:
-                            _scatter_packed(pk, n, h[c - first])
+                        hpc = hp[c - first] if exact else hp[0]
+                        _bin_row(pc, lb, lb.dtype.type(c), mk, m, right, pk32, pk, tot, inr, exact, h[c - first], hpc)
                 if validate:
                     nout += _count_flagged(inr, n)
                     nbad += _count_sums_off(tot, n, thr)
@@ -399,12 +407,7 @@ if HAVE_NUMBA:
                     _row_argmax(p[b, c, a0:a1], c, best[:n], arg[:n], tot[:n], inr[:n])
                 for i in range(n):
                     hit[i] = np.uint8(lb[i] == arg[i])
-                bn = best[:n]
-                _pack_row(bn, hit[:n], np.uint8(1), mk, m, right, pk32, scratch_tot, scratch_inr)
-                if exact:
-                    _scatter_exact(pk, bn, n, h, hp)
-                else:
-                    _scatter_packed(pk, n, h)
+                _bin_row(best[:n], hit[:n], np.uint8(1), mk, m, right, pk32, pk, scratch_tot, scratch_inr, exact, h, hp)
                 if validate:
                     nout += _count_flagged(inr, n)
                     nbad += _count_sums_off(tot, n, thr)
