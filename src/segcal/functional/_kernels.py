@@ -10,8 +10,8 @@ keeps small local histograms that are merged at the end: counts are exact intege
   eight interleaved lane histograms of packed ``count | fixed-point sum`` int64 entries (one memory update
   per value). Float32 sums are exact integer sums of ``round(p * 2**30)`` (within 4.7e-10 per voxel of the
   exact sum, independent of voxel order and thread count); float64 inputs keep float64 sums. The validation
-  counts values outside [0, 1] or NaN and voxels whose channel sum is off; only when one is non-zero does the
-  caller run the precise (slower) checks that name the problem.
+  counts voxels whose channel sum is off 1 or that hold a value outside [0, 1] or NaN (summed as 8, so the sum
+  is off too); only when one is found does the caller run the precise (slower) checks that name the problem.
 * :func:`_hist_top_label` folds the channel rows of a block into the maximum and argmax (vectorised), then runs
   the confidences through the same two passes as one channel, with ``argmax == label`` as the hit.
 * :func:`_hist_labels` (half-precision rows converted to float32, or bin counts whose edges the division of
@@ -54,6 +54,8 @@ _QSCALE_INV = 2.0**-_QBITS
 _CNT_SHIFT = 46
 _CNT_ONE = np.int64(1) << np.int64(_CNT_SHIFT)
 _LOW32 = np.int64(0xFFFFFFFF)
+#: what the validation adds to a voxel's channel sum for a value outside [0, 1] or NaN (the sum is then off 1)
+_FLAGGED = 8.0
 assert (_CHUNK // _LANES + _LANES) * 2**_QBITS < 2**_CNT_SHIFT and _BLOCK % _LANES == 0
 
 
@@ -108,24 +110,25 @@ if HAVE_NUMBA:
         return min(max(v, 0.0), 1.0)
 
     @njit(inline="always", nogil=True, boundscheck=False, error_model="numpy")
-    def _row_validate(pc, tot, inr):  # pragma: no cover - compiled
-        """Adds row ``pc`` (n,) to the channel sums ``tot`` (n,) and clears ``inr[i]`` (n,) where ``pc[i]`` is
-        outside [0, 1] or NaN. Vectorised: element-wise stores only, no reduction."""
+    def _row_validate(pc, tot):  # pragma: no cover - compiled
+        """Adds row ``pc`` (n,) to the channel sums ``tot`` (n,), a value outside [0, 1] or NaN as
+        ``_FLAGGED`` (so that its voxel's sum is off; see :func:`_mark_sums_off`). Vectorised."""
         zero = pc.dtype.type(0.0)
         one = pc.dtype.type(1.0)
+        flagged = pc.dtype.type(_FLAGGED)
         for i in range(pc.shape[0]):
             w = pc[i]
-            tot[i] += w
-            inr[i] &= np.uint8(w >= zero) & np.uint8(w <= one)
+            ok = (w >= zero) & (w <= one)
+            tot[i] += w if ok else flagged
 
     @njit(inline="always", nogil=True, boundscheck=False, error_model="numpy")
-    def _pack_loop(pc, lb, lc, mk, m, right, pk, tot, inr):  # pragma: no cover - compiled
+    def _pack_loop(pc, lb, lc, mk, m, right, masked, pk, tot):  # pragma: no cover - compiled
         """Pass 1 (vectorised): per value ``i`` of row ``pc`` (n,) the packed word ``slot << 32 | q`` as the
         int32 pair ``pk[2 i] = q``, ``pk[2 i + 1] = slot`` (an int64 on little-endian machines; two int32
         stores vectorise where one int64 does not), with ``slot = 2 k + (lb == lc)`` (``k`` the bin; voxels
         with ``mk == 0`` get the discard slot ``2 M``) and ``q = round(p * 2**_QBITS)``, ``p`` clamped into
-        [0, 1] (NaN -> 0). Also adds the raw value to the channel sums ``tot`` and clears ``inr[i]`` where
-        clamping changed it (outside [0, 1] or NaN): always, as a branch would cost more than the stores.
+        [0, 1] (NaN -> 0). Also adds the value to the channel sums ``tot``, or ``_FLAGGED`` where clamping
+        changed it (outside [0, 1] or NaN): always, as a branch would cost more than the stores.
 
         The bin needs no table: with ``j = int(p * M)`` (computed in the input dtype: ``floor`` of the exact
         product, or one more when the product rounds up to an integer) and the edge ``e_j = j / M`` correctly
@@ -142,32 +145,39 @@ if HAVE_NUMBA:
         discard = np.int32(2 * m)
         z32 = np.int32(0)
         top = np.int32(m - 1)
+        flagged = dt(_FLAGGED)
         for i in range(pc.shape[0]):
             w = pc[i]
-            v = w if w > zero else zero  # NaN -> 0: every index below stays in range
-            v = v if v < one else one
-            tot[i] += w
-            inr[i] &= np.uint8(v == w)  # clamping changed it: outside [0, 1] or NaN
+            v = min(max(w, zero), one)
+            v = v if v == v else zero  # NaN -> 0: every index below stays in range
+            tot[i] += w if v == w else flagged
             j = np.int32(v * mf)
             if right:
-                k = j - (np.int32(v <= dt(j) / mf) & np.int32(j != z32))
+                k = np.int32(j - np.int32(v <= dt(j) / mf))
+                k = k if k > z32 else z32  # p = 0: bin 0
             else:
                 k = j - np.int32(v < dt(j) / mf) + np.int32(v >= dt(j + np.int32(1)) / mf)
                 k = k if k < top else top
             slot = 2 * k + np.int32(lb[i] == lc)
-            slot = slot if mk[i] != 0 else discard
+            if masked:
+                slot = slot if mk[i] != 0 else discard
             pk[2 * i] = np.int32(np.rint(v * qs))  # exact product, rounded half to even
             pk[2 * i + 1] = slot
 
     @njit(inline="always", nogil=True, boundscheck=False)
-    def _pack_row(pc, lb, lc, mk, m, right, pk, tot, inr):  # pragma: no cover - compiled
-        """:func:`_pack_loop` with ``right`` as a constant (a branch inside the loop stops its vectorisation;
-        ``closed="left"`` has two divisions and does not vectorise as well). No mask is an all-ones ``mk``:
-        one specialisation less to compile, for a few percent of the loop's time."""
+    def _pack_row(pc, lb, lc, mk, m, right, masked, pk, tot):  # pragma: no cover - compiled
+        """:func:`_pack_loop` with ``right`` and ``masked`` as constants (a branch inside the loop stops its
+        vectorisation; ``closed="left"`` has two divisions and does not vectorise as well). Without a mask,
+        ``mk`` is not read."""
         if right:
-            _pack_loop(pc, lb, lc, mk, m, True, pk, tot, inr)
+            if masked:
+                _pack_loop(pc, lb, lc, mk, m, True, True, pk, tot)
+            else:
+                _pack_loop(pc, lb, lc, mk, m, True, False, pk, tot)
+        elif masked:
+            _pack_loop(pc, lb, lc, mk, m, False, True, pk, tot)
         else:
-            _pack_loop(pc, lb, lc, mk, m, False, pk, tot, inr)
+            _pack_loop(pc, lb, lc, mk, m, False, False, pk, tot)
 
     @njit(inline="always", nogil=True, boundscheck=False)
     def _scatter_packed(pk, n, h):  # pragma: no cover - compiled
@@ -207,34 +217,27 @@ if HAVE_NUMBA:
             hp[0, k] += v
 
     @njit(inline="always", nogil=True, boundscheck=False)
-    def _bin_row(pc, lb, lc, mk, m, right, pk32, pk, tot, inr, exact, h, hp):  # pragma: no cover - compiled
+    def _bin_row(pc, lb, lc, mk, m, right, masked, pk32, pk, tot, exact, h, hp):  # pragma: no cover - compiled
         """Both passes for one row ``pc`` (n,) of a block: :func:`_pack_row` into ``pk32`` (whose int64 view is
         ``pk``), then :func:`_scatter_exact` (``exact``: float64 sums into ``hp``) or :func:`_scatter_packed`
         into the lane tables ``h`` (L, 2M + 1)."""
-        _pack_row(pc, lb, lc, mk, m, right, pk32, tot, inr)
+        _pack_row(pc, lb, lc, mk, m, right, masked, pk32, tot)
         if exact:
             _scatter_exact(pk, pc, pc.shape[0], h, hp)
         else:
             _scatter_packed(pk, pc.shape[0], h)
 
     @njit(inline="always", nogil=True, boundscheck=False)
-    def _count_flagged(inr, n):  # pragma: no cover - compiled
-        """Number of voxels of a block with a value outside [0, 1] or NaN (``inr[i] == 0``)."""
-        nout = 0
-        for i in range(n):
-            nout += np.int32(1) - np.int32(inr[i])
-        return nout
-
-    @njit(inline="always", nogil=True, boundscheck=False)
-    def _count_sums_off(tot, n, thr):  # pragma: no cover - compiled
-        """Number of voxels of a block whose channel sum ``tot[i]`` is NaN or off 1 by more than ``thr``."""
+    def _mark_sums_off(tot, n, thr, bad):  # pragma: no cover - compiled
+        """Sets ``bad[i]`` (n,) int32 where the channel sum ``tot[i]`` of a block's voxel is NaN or off 1 by more
+        than ``thr`` (``thr < 7``), which includes every voxel with a value outside [0, 1] or NaN: such a value
+        was summed as ``_FLAGGED`` = 8, so the sum is >= 8 (the others are in [0, 1]) or NaN. Element-wise
+        (vectorised; an integer reduction here would widen to int64 and cost twice as much); the caller
+        counts the marks once per task."""
         one = tot.dtype.type(1.0)
         th = tot.dtype.type(thr)
-        nbad = 0
         for i in range(n):
-            d = tot[i] - one
-            nbad += np.int32(d > th) | np.int32(d < -th) | np.int32(d != d)
-        return nbad
+            bad[i] |= np.int32(not (abs(tot[i] - one) <= th))
 
     @njit(inline="always", nogil=True, boundscheck=False)
     def _unpack_lanes(h, hp, exact, dst):  # pragma: no cover - compiled
@@ -285,10 +288,10 @@ if HAVE_NUMBA:
         """Exclusive mode, label map, float32/float64 probabilities. p: (B, C, S); lab: (B, S) int;
         mask: (B, S) uint8. Requires :func:`voxel_kernel_ok` for ``M`` and the dtype.
 
-        out: (B, C - first, 3, M) float64, accumulated. vstats: (B * n_chunks, 2) float64 receives per task
-        (number of values outside [0, 1] or NaN, number of voxels whose channel sum is NaN or deviates from 1
-        by more than ``thr``) over all voxels and channels (mask ignored); the caller re-checks precisely (and
-        names the problem) only when one of them is non-zero.
+        out: (B, C - first, 3, M) float64, accumulated. vstats: (B * n_chunks,) float64 receives per task the
+        number of voxels (mask ignored) with a value outside [0, 1] or NaN or whose channel sum is NaN or
+        deviates from 1 by more than ``thr`` (``thr < 7``, see :func:`_mark_sums_off`); the caller re-checks
+        precisely (and names the problem) only when one is non-zero.
 
         A task is one image and one chunk of ``_CHUNK`` voxels, walked in blocks of ``_BLOCK`` voxels (a
         block's rows, channel sums and packed words stay in L1); per block and channel: pass 1
@@ -316,49 +319,48 @@ if HAVE_NUMBA:
             pk32 = np.empty(2 * _BLOCK, np.int32)
             pk = pk32.view(np.int64)
             tot = np.zeros(_BLOCK, p.dtype)
-            inr = np.empty(_BLOCK, np.uint8)
-            ones = np.ones(_BLOCK, np.uint8)
-            nout = 0
-            nbad = 0
+            bad = np.zeros(_BLOCK, np.int32)
             for a0 in range(s0, s1, _BLOCK):
                 a1 = min(s1, a0 + _BLOCK)
                 n = a1 - a0
                 lb = lab[b, a0:a1]
-                mk = mask[b, a0:a1] if use_mask else ones[:n]
-                tot[:] = 0.0  # (pass 1 always fills them: a branch there costs more than the stores)
-                inr[:] = 1
+                mk = mask[b, a0:a1] if use_mask else mask[0, 0:0]  # not read without a mask
+                tot[:] = 0.0
                 for c in range(nc):
                     pc = p[b, c, a0:a1]
                     if c < first:
                         if validate:
-                            _row_validate(pc, tot[:n], inr[:n])
+                            _row_validate(pc, tot[:n])
                     else:
                         hpc = hp[c - first] if exact else hp[0]
-                        _bin_row(pc, lb, lb.dtype.type(c), mk, m, right, pk32, pk, tot, inr, exact, h[c - first], hpc)
+                        lc = lb.dtype.type(c)
+                        _bin_row(pc, lb, lc, mk, m, right, use_mask, pk32, pk, tot, exact, h[c - first], hpc)
                 if validate:
-                    nout += _count_flagged(inr, n)
-                    nbad += _count_sums_off(tot, n, thr)
+                    _mark_sums_off(tot, n, thr, bad)
+            nbad = 0
+            for i in range(_BLOCK):
+                nbad += bad[i]
             for c in range(kc):
                 _unpack_lanes(h[c], hp[c] if exact else hp[0], exact, partial[t, c])
-            vstats[t, 0] = nout
-            vstats[t, 1] = nbad
+            vstats[t] = nbad
         _merge_partials(partial, n_chunks, exact, out)
 
     @njit(inline="always", nogil=True, boundscheck=False, error_model="numpy")
-    def _row_argmax(pc, c, best, arg, tot, inr):  # pragma: no cover - compiled
+    def _row_argmax(pc, c, best, arg, tot):  # pragma: no cover - compiled
         """Folds channel ``c`` (row ``pc`` (n,)) into the running maximum ``best`` and its channel ``arg``
-        (strictly greater replaces: the first maximum wins, as ``torch.max``), and into the validation
-        buffers (see :func:`_row_validate`). Vectorised across voxels."""
+        (strictly greater replaces: the first maximum wins, as ``torch.max``), and into the channel sums
+        ``tot`` (as :func:`_row_validate`). Vectorised across voxels."""
         zero = pc.dtype.type(0.0)
         one = pc.dtype.type(1.0)
         ci = np.int32(c)
+        flagged = pc.dtype.type(_FLAGGED)
         for i in range(pc.shape[0]):
             w = pc[i]
             gt = w > best[i]
             best[i] = w if gt else best[i]
             arg[i] = ci if gt else arg[i]
-            tot[i] += w
-            inr[i] &= np.uint8(w >= zero) & np.uint8(w <= one)
+            ok = (w >= zero) & (w <= one)
+            tot[i] += w if ok else flagged
 
     @njit(parallel=True, nogil=True, boundscheck=False, cache=True)
     def _hist_top_label(p, lab, mask, use_mask, right, validate, thr, exact, out, vstats):  # pragma: no cover
@@ -388,32 +390,28 @@ if HAVE_NUMBA:
             arg = np.empty(_BLOCK, np.int32)
             hit = np.empty(_BLOCK, np.uint8)
             tot = np.empty(_BLOCK, p.dtype)
-            inr = np.empty(_BLOCK, np.uint8)
+            bad = np.zeros(_BLOCK, np.int32)
             scratch_tot = np.empty(_BLOCK, p.dtype)  # pass 1's validation of the confidences is not needed
-            scratch_inr = np.empty(_BLOCK, np.uint8)
-            ones = np.ones(_BLOCK, np.uint8)
-            nout = 0
-            nbad = 0
             for a0 in range(s0, s1, _BLOCK):
                 a1 = min(s1, a0 + _BLOCK)
                 n = a1 - a0
                 lb = lab[b, a0:a1]
-                mk = mask[b, a0:a1] if use_mask else ones[:n]
+                mk = mask[b, a0:a1] if use_mask else mask[0, 0:0]  # not read without a mask
                 best[:n] = -np.inf
                 arg[:] = 0
                 tot[:] = 0.0
-                inr[:] = 1
                 for c in range(nc):
-                    _row_argmax(p[b, c, a0:a1], c, best[:n], arg[:n], tot[:n], inr[:n])
+                    _row_argmax(p[b, c, a0:a1], c, best[:n], arg[:n], tot[:n])
                 for i in range(n):
                     hit[i] = np.uint8(lb[i] == arg[i])
-                _bin_row(best[:n], hit[:n], np.uint8(1), mk, m, right, pk32, pk, scratch_tot, scratch_inr, exact, h, hp)
+                _bin_row(best[:n], hit[:n], np.uint8(1), mk, m, right, use_mask, pk32, pk, scratch_tot, exact, h, hp)
                 if validate:
-                    nout += _count_flagged(inr, n)
-                    nbad += _count_sums_off(tot, n, thr)
+                    _mark_sums_off(tot, n, thr, bad)
+            nbad = 0
+            for i in range(_BLOCK):
+                nbad += bad[i]
             _unpack_lanes(h, hp, exact, partial[t, 0])
-            vstats[t, 0] = nout
-            vstats[t, 1] = nbad
+            vstats[t] = nbad
         _merge_partials(partial, n_chunks, exact, out)
 
     @njit(parallel=True, nogil=True, boundscheck=False, cache=True)

@@ -315,8 +315,8 @@ def _bin_statistics_numba(
         p_np = _numba_view(probs, b, c, s)
         if lab_np is not None and _kernels.voxel_kernel_ok(num_bins, p_np.dtype):
             n_tasks = b * ((s + _kernels._CHUNK - 1) // _kernels._CHUNK)
-            vstats = np.zeros((n_tasks, 2))
-            thr = PROB_ATOL * max(1, c)
+            vstats = np.zeros(n_tasks)
+            thr = min(PROB_ATOL * max(1, c), 6.0)  # < 7: a flagged value makes its voxel sum >= 8 (kernel)
             exact = p_np.dtype == np.float64  # float64 sums; float32: fixed-point sums (see the kernel)
             _kernels._hist_voxels(
                 p_np, lab_np, first, mask_np, use_mask, right, validate, thr, exact, out, vstats

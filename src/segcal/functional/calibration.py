@@ -208,9 +208,9 @@ def _top_label_numba(
     use_mask = mask_t is not None
     mask_np = mask_t.reshape(b, s).numpy().view(np.uint8) if use_mask else np.zeros((1, 1), np.uint8)
     out = np.zeros((b, 1, 3, num_bins))
-    vstats = np.zeros((b * ((s + _kernels._CHUNK - 1) // _kernels._CHUNK), 2))
+    vstats = np.zeros(b * ((s + _kernels._CHUNK - 1) // _kernels._CHUNK))
     lab_np = lab.reshape(b, s).numpy()
-    thr = PROB_ATOL * max(1, c)
+    thr = min(PROB_ATOL * max(1, c), 6.0)  # < 7: see _kernels._mark_sums_off
     exact = p_np.dtype == np.float64
     right = closed == "right"
     _kernels._hist_top_label(p_np, lab_np, mask_np, use_mask, right, check, thr, exact, out, vstats)
