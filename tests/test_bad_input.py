@@ -203,3 +203,35 @@ def test_soft_target_out_of_range_and_binstats_shapes():
         BinStats(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3))
     with pytest.raises(ValueError, match=r"expected a \(B, C, 3, M\) array"):
         BinStats.from_numpy(s.numpy()[:, :, :2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("closed", ["right", "left"])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("include_background", [True, False])
+def test_kernel_flags_out_of_range_values_whose_voxel_sums_to_one(dtype, closed, masked, include_background):
+    """The fused kernels validate with one channel-sum check per voxel (a value outside [0, 1] or NaN is summed
+    as 8): a voxel whose values are out of range but still sum to 1, or that holds a NaN, in any channel
+    (the background too, which is only validated when excluded), deep in a multi-chunk image, is caught by
+    every compiled variant (tie convention x mask x dtype)."""
+    g = torch.Generator().manual_seed(1)
+    p = torch.softmax(torch.randn(2, 3, 300, 250, generator=g, dtype=dtype), 1)  # 75,000 voxels: two chunks
+    lab = torch.randint(0, 3, (2, 300, 250), generator=g)
+    mask = torch.rand(2, 300, 250, generator=g) > 0.3 if masked else None
+    kw = {"closed": closed, "mask": mask}
+    bin_statistics(p, lab, 20, include_background=include_background, **kw)
+    top_label_statistics(p, lab, 20, **kw)
+    for ch in (0, 1):
+        shifted = p.clone()
+        shifted[1, ch, 290, 7] += 1.0  # > 1 ...
+        shifted[1, 2, 290, 7] -= 1.0  # ... and < 0: the voxel still sums to 1
+        with pytest.raises(ValueError, match=r"must hold probabilities in \[0, 1\]"):
+            bin_statistics(shifted, lab, 20, include_background=include_background, **kw)
+        with pytest.raises(ValueError, match=r"must hold probabilities in \[0, 1\]"):
+            top_label_statistics(shifted, lab, 20, **kw)
+        nan = p.clone()
+        nan[1, ch, 290, 7] = float("nan")
+        with pytest.raises(ValueError, match="prediction contains 1 NaN/Inf values"):
+            bin_statistics(nan, lab, 20, include_background=include_background, **kw)
+        with pytest.raises(ValueError, match="prediction contains 1 NaN/Inf values"):
+            top_label_statistics(nan, lab, 20, **kw)
