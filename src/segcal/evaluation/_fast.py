@@ -32,8 +32,8 @@ if HAVE_NUMBA:
         _LANES,
         _QSCALE_INV,
         _bin_row,
+        _block_argmax,
         _mark_sums_off,
-        _row_argmax,
         _unpack_lanes,
     )
 
@@ -99,7 +99,7 @@ if HAVE_NUMBA:
     @njit(nogil=True, boundscheck=False, cache=True)
     def _pass(p, lab, mask, use_mask, eps, blk, right, thr, exact, counts, sq, top, stats):  # pragma: no cover
         """p: (C, S) float32/float64; lab: (S,) int; mask: (S,) uint8. Blocks of ``_BLOCK`` voxels, each
-        class row walked by vectorised loops (:func:`~segcal.functional._kernels._row_argmax`,
+        class row walked by vectorised loops (:func:`~segcal.functional._kernels._block_argmax`,
         :func:`_row_label_terms`), then one scalar loop per voxel for the confusion matrix; the top-label
         confidences go through the core's two passes (:func:`~segcal.functional._kernels._bin_row`) with lane
         tables flushed every ``_CHUNK`` voxels, so ``top`` equals
@@ -148,14 +148,10 @@ if HAVE_NUMBA:
                 if use_mask:
                     for i in range(nb):
                         wgt[i] = 1.0 if mk[i] != 0 else 0.0
-                best[:nb] = -np.inf
-                arg[:nb] = 0
-                tot[:nb] = 0.0
+                _block_argmax(p, a0, a1, best, arg, tot)
                 py[:nb] = 1.0
                 for k in range(c):
-                    pc = p[k, a0:a1]
-                    _row_argmax(pc, k, best[:nb], arg[:nb], tot[:nb])
-                    _row_label_terms(pc, lb, k, use_mask, wgt[:nb], py[:nb], sqa[k, :nb])
+                    _row_label_terms(p[k, a0:a1], lb, k, use_mask, wgt[:nb], py[:nb], sqa[k, :nb])
                 _mark_sums_off(tot, nb, thr, bad)
                 lo_b = lb[0]
                 hi_b = lb[0]

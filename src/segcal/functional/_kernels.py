@@ -362,6 +362,18 @@ if HAVE_NUMBA:
             ok = (w >= zero) & (w <= one)
             tot[i] += w if ok else flagged
 
+    @njit(inline="always", nogil=True, boundscheck=False)
+    def _block_argmax(pb, a0, a1, best, arg, tot):  # pragma: no cover - compiled
+        """Voxels ``a0:a1`` of the channel rows ``pb`` (C, S): their maximum ``best``, its channel ``arg`` and
+        the channel sums ``tot`` (validation, see :func:`_row_validate`) into the first ``a1 - a0`` entries,
+        one vectorised :func:`_row_argmax` per channel."""
+        n = a1 - a0
+        best[:n] = -np.inf
+        arg[:n] = 0
+        tot[:n] = 0.0
+        for c in range(pb.shape[0]):
+            _row_argmax(pb[c, a0:a1], c, best[:n], arg[:n], tot[:n])
+
     @njit(parallel=True, nogil=True, boundscheck=False, cache=True)
     def _hist_top_label(p, lab, mask, use_mask, right, validate, thr, exact, out, vstats):  # pragma: no cover
         """Top-label bins, exclusive mode with a label map: confidence ``max_c p`` (first maximum, as
@@ -372,7 +384,7 @@ if HAVE_NUMBA:
         pass 1 / pass 2 as a channel of :func:`_hist_voxels`, with ``argmax == label`` as the hit. (A float32
         value >= 2**-6 times 2**30 is already an integer, so its q is exact: top-label confidences, >= 1 / C,
         are summed exactly for up to 64 classes.)"""
-        nb, nc, s = p.shape
+        nb, _, s = p.shape
         m = out.shape[3]
         width = 2 * m + 1
         n_chunks = (s + _CHUNK - 1) // _CHUNK
@@ -397,11 +409,7 @@ if HAVE_NUMBA:
                 n = a1 - a0
                 lb = lab[b, a0:a1]
                 mk = mask[b, a0:a1] if use_mask else mask[0, 0:0]  # not read without a mask
-                best[:n] = -np.inf
-                arg[:] = 0
-                tot[:] = 0.0
-                for c in range(nc):
-                    _row_argmax(p[b, c, a0:a1], c, best[:n], arg[:n], tot[:n])
+                _block_argmax(p[b], a0, a1, best, arg, tot)
                 for i in range(n):
                     hit[i] = np.uint8(lb[i] == arg[i])
                 _bin_row(best[:n], hit[:n], np.uint8(1), mk, m, right, use_mask, pk32, pk, scratch_tot, exact, h, hp)
