@@ -44,7 +44,6 @@ def test_bin_index_at_and_around_edges(m, dtype, closed):
     assert torch.equal(bin_index(v, m, closed), _reference_bin(v, m, closed))
 
 
-@pytest.mark.skipif(not _kernels.HAVE_NUMBA, reason="numba missing")
 @pytest.mark.parametrize("closed", ["right", "left"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 3, 7, 10, 20, 33, 100])

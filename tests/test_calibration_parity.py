@@ -29,7 +29,6 @@ import warnings
 import pytest
 import torch
 
-from segcal.functional import _kernels
 from segcal.functional.binning import _bin_statistics_torch, bin_statistics
 from segcal.functional.calibration import calibration_error, calibration_errors, top_label_statistics
 from segcal.functional.inputs import target_to_onehot
@@ -284,7 +283,6 @@ def _both_paths(p, labels, dense, mask, m, closed, first=0):
     return a, t
 
 
-@pytest.mark.skipif(not _kernels.HAVE_NUMBA, reason="numba missing")
 @pytest.mark.parametrize("closed", ["right", "left"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 def test_numba_and_torch_paths_identical(dtype, closed):

@@ -410,7 +410,7 @@ def test_report_renders_in_headless_chromium(runs: tuple[Path, Path], tmp_path: 
 def test_load_run_parses_every_metric_column_of_the_evaluation(tmp_path: Path) -> None:
     """The report reads cases.csv with the evaluation's own column list: every metric the runner writes
     (including MAE and top-label MCE) comes back as a float, missing values as NaN."""
-    from segcal.evaluation.runner import CASE_METRICS, CLASS_METRICS
+    from segcal.functional.scoring import CASE_METRICS, CLASS_METRICS
     from segcal.report import load_run
 
     metrics = [*CLASS_METRICS, *CASE_METRICS]

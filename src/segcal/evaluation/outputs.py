@@ -1,11 +1,14 @@
 """Run outputs: ``cases.csv`` (case × class rows), ``bins.npz`` (per-case bin sums) and ``summary.json``.
 
-``summary.json`` holds, per metric and class (and ``"mean"``: the per-case average over classes):
+Every value is derived from the stored per-case statistics by :func:`segcal.functional.scoring.image_metrics`
+and :func:`~segcal.functional.scoring.pooled_metrics`; the columns and keys follow the metric schema
+:data:`segcal.functional.scoring.METRICS`. ``summary.json`` holds, per metric and class (and ``"mean"``: the
+per-case average over classes; per-case metrics under ``"case"``):
 
 * ``macro``: per-case values aggregated with :func:`~segcal.evaluation.statistics.summarize` (mean, std,
-  median,  IQR, seeded bootstrap 95% CI of the mean);
-* ``pooled``: calibration errors from the bin sums merged over all cases (``BinStats.pooled()``) and overlap
-  scores from the summed confusion counts.
+  median, IQR, seeded bootstrap 95% CI of the mean);
+* ``pooled``: the dataset-level (micro) values from the statistics summed over all cases (calibration errors
+  from the merged bin sums, overlap scores from the summed confusion counts, Brier / NLL / MAE per voxel).
 
 ``bins.npz`` (read by :mod:`segcal.report` and :mod:`segcal.plots`): ``case_ids`` ``(N,)`` unicode,
 ``bin_stats`` ``(N, C, 3, M)`` float64 (count, Σp, Σy), ``class_names`` ``(C,)`` unicode; no pickled objects.
@@ -24,69 +27,93 @@ import torch
 
 from segcal.evaluation.statistics import summarize
 from segcal.evaluation.store import CaseResult, ResultStore
+from segcal.functional.scoring import CASE_METRICS, CLASS_METRICS, CaseStatistics, image_metrics, pooled_metrics
 
-__all__ = ["load_cases_csv", "pooled_metrics", "write_outputs"]
+__all__ = ["COLUMNS", "load_cases_csv", "write_outputs"]
 
-
-def _columns() -> list[str]:
-    from segcal.evaluation.runner import CASE_METRICS, CLASS_METRICS
-
-    return [
-        "case_id",
-        "class",
-        "status",
-        *CLASS_METRICS,
-        *CASE_METRICS,
-        "tp",
-        "fp",
-        "fn",
-        "n_voxels",
-        "error",
-    ]
+#: ``cases.csv`` columns: one row per case and class (a failed case: one row with its error)
+COLUMNS: tuple[str, ...] = (
+    "case_id", "class", "status", *CLASS_METRICS, *CASE_METRICS, "tp", "fp", "fn", "n_voxels", "error",
+)
 
 
-def _rows(res: CaseResult) -> list[dict[str, Any]]:
-    from segcal.evaluation.runner import CASE_METRICS, CLASS_METRICS
-
-    m = res.metrics or {}
+def _rows(case_id: str, names: list[str], values: dict[str, torch.Tensor], stats: CaseStatistics, i: int):
+    """The ``cases.csv`` rows of image ``i`` of ``stats`` (one per class)."""
     rows = []
-    for i, name in enumerate(res.class_names or []):
-        row: dict[str, Any] = {"case_id": res.case_id, "class": name, "status": "ok", "error": ""}
-        for k in CLASS_METRICS:
-            row[k] = m["per_class"][k][i]
-        for k in CASE_METRICS:
-            row[k] = m["per_case"][k]
-        row["tp"], row["fp"], row["fn"] = m["counts"][i]
-        row["n_voxels"] = m["n_voxels"][i]
+    n_vox = stats.bins[i, :, 0].sum(-1).tolist()
+    for k, name in enumerate(names):
+        row: dict[str, Any] = {"case_id": case_id, "class": name, "status": "ok", "error": ""}
+        row.update({m: float(values[m][i, k]) for m in CLASS_METRICS})
+        row.update({m: float(values[m][i, 0]) for m in CASE_METRICS})
+        row["tp"], row["fp"], row["fn"] = stats.counts[i, k].tolist()
+        row["n_voxels"] = n_vox[k]
         rows.append(row)
     return rows
 
 
-def pooled_metrics(
-    bins: np.ndarray, counts: np.ndarray, class_names: list[str]
-) -> dict[str, dict[str, float]]:
-    """Dataset-level metrics from merged sums: ``bins`` ``(N, C, 3, M)``, ``counts`` ``(N, C, 3)``."""
-    from segcal.functional import BinStats, calibration_errors, overlap_scores
+def _class_summary(values: np.ndarray, class_names: list[str]) -> dict[str, Any]:
+    """``{class: summarize(per-case values), "mean": summarize(per-case mean over classes)}``."""
+    d = {name: summarize(values[:, i]) for i, name in enumerate(class_names)}
+    with np.errstate(all="ignore"):
+        case_mean = np.array([np.nanmean(v) if np.isfinite(v).any() else np.nan for v in values])
+    d["mean"] = summarize(case_mean)
+    return d
 
-    pooled = BinStats.from_numpy(bins).pooled()
-    ce = calibration_errors(pooled)
-    ov = overlap_scores(torch.as_tensor(counts, dtype=torch.float64).sum(0, keepdim=True))
+
+def _pooled_summary(pooled: dict[str, torch.Tensor], class_names: list[str]) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
-    for k, v in {**ce, **ov}.items():
-        vals = v[0].tolist()
+    for k, v in pooled.items():
+        vals = v.tolist()
+        if not any(math.isfinite(x) for x in vals):
+            continue  # not computed in this run (e.g. MAE without a soft reference)
+        if k in CASE_METRICS:
+            out[k] = {"case": vals[0]}
+            continue
         d = dict(zip(class_names, vals, strict=True))
-        fin = [x for x in vals if math.isfinite(x)]
-        d["mean"] = float(np.mean(fin)) if fin else float("nan")
+        d["mean"] = float(np.mean([x for x in vals if math.isfinite(x)]))
         out[k] = d
     return out
+
+
+def _check_compatible(ok: list[CaseResult]) -> list[str]:
+    shapes = {r.bins.shape for r in ok if r.bins is not None}
+    names_set = {tuple(r.class_names or []) for r in ok}
+    if len(shapes) > 1 or len(names_set) > 1:
+        raise ValueError(
+            f"cases have different numbers of classes or bins {sorted(shapes)}; evaluate them in separate runs"
+        )
+    return list(next(iter(names_set))) if names_set else []
+
+
+def _write_cases_csv(path: Path, results: list[CaseResult], values: dict[str, torch.Tensor], stats: Any) -> None:
+    index = {}
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(COLUMNS))
+        w.writeheader()
+        for r in results:  # failed cases: one row with status "failed" and the error, metrics empty
+            if r.status == "ok":
+                i = index.setdefault(r.case_id, len(index))
+                w.writerows(_rows(r.case_id, r.class_names or [], values, stats, i))
+            else:
+                w.writerow({"case_id": r.case_id, "class": "", "status": "failed", "error": r.error})
+
+
+def _macro_summary(values: dict[str, torch.Tensor], class_names: list[str]) -> dict[str, dict[str, Any]]:
+    macro: dict[str, dict[str, Any]] = {}
+    for k in CLASS_METRICS:
+        vals = values[k].numpy().reshape(len(values[k]), -1)
+        if vals.size and np.isnan(vals).all():
+            continue  # metric not computed in this run (e.g. MAE without soft reference, --no-hd95)
+        macro[k] = _class_summary(vals, class_names)
+    for k in CASE_METRICS:
+        macro[k] = {"case": summarize(values[k][:, 0].tolist())}
+    return macro
 
 
 def write_outputs(
     store: ResultStore, out_dir: Path, run_config: dict[str, Any], unmatched: dict[str, list[str]]
 ) -> tuple[dict[str, Path], dict[str, Any]]:
-    """Write ``cases.csv``, ``bins.npz``, ``summary.json`` (and ``failed.csv``) from the store's ok cases."""
-    from segcal.evaluation.runner import CASE_METRICS, CLASS_METRICS
-
+    """Write ``cases.csv``, ``bins.npz``, ``summary.json`` (and ``failed.csv``) from the store's cases."""
     results = store.results()
     ok = [r for r in results if r.status == "ok"]
     failed = [r for r in results if r.status != "ok"]
@@ -94,54 +121,25 @@ def write_outputs(
         "cases": out_dir / "cases.csv",
         "bins": out_dir / "bins.npz",
         "summary": out_dir / "summary.json",
+        "failed": out_dir / "failed.csv",
     }
-    with open(files["cases"], "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=_columns())
-        w.writeheader()
-        for r in results:  # failed cases: one row with status "failed" and the error, metrics empty
-            w.writerows(
-                _rows(r)
-                if r.status == "ok"
-                else [{"case_id": r.case_id, "class": "", "status": "failed", "error": r.error}]
-            )
-    files["failed"] = out_dir / "failed.csv"
+    class_names = _check_compatible(ok)
+    stats = CaseStatistics.cat([r.statistics() for r in ok]) if ok else None
+    values = image_metrics(stats) if stats is not None else {}
+    _write_cases_csv(files["cases"], results, values, stats)
     with open(files["failed"], "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["case_id", "error"])
         w.writerows([(r.case_id, r.error) for r in failed])
 
-    shapes = {r.bins.shape for r in ok if r.bins is not None}
-    names_set = {tuple(r.class_names or []) for r in ok}
-    if len(shapes) > 1 or len(names_set) > 1:
-        raise ValueError(
-            f"cases have different numbers of classes or bins {sorted(shapes)}; "
-            "evaluate them in separate runs"
-        )
-    class_names = list(next(iter(names_set))) if names_set else []
     m = int(run_config.get("num_bins", 20))
-    bins = np.stack([r.bins for r in ok]) if ok else np.zeros((0, len(class_names), 3, m))
+    bins = stats.bins.numpy() if stats is not None else np.zeros((0, len(class_names), 3, m))
     case_ids = np.array([r.case_id for r in ok], dtype=str)
     np.savez(
         files["bins"],
         case_ids=case_ids.astype("U") if case_ids.size else np.zeros(0, dtype="U1"),
         bin_stats=bins.astype(np.float64),
         class_names=np.array(class_names, dtype="U"),
-    )
-
-    macro: dict[str, dict[str, Any]] = {}
-    for k in CLASS_METRICS:
-        vals = np.array([r.metrics["per_class"][k] for r in ok], dtype=np.float64).reshape(len(ok), -1)
-        if vals.size and np.isnan(vals).all():
-            continue  # metric not computed in this run (e.g. MAE without soft reference, --no-hd95)
-        d = {name: summarize(vals[:, i]) for i, name in enumerate(class_names)}
-        with np.errstate(all="ignore"):
-            case_mean = np.array([np.nanmean(v) if np.isfinite(v).any() else np.nan for v in vals])
-        d["mean"] = summarize(case_mean)
-        macro[k] = d
-    for k in CASE_METRICS:
-        macro[k] = {"case": summarize([r.metrics["per_case"][k] for r in ok])}
-    counts = np.array([r.metrics["counts"] for r in ok], dtype=np.float64).reshape(
-        len(ok), len(class_names), 3
     )
     summary = {
         "config": run_config,
@@ -151,8 +149,8 @@ def write_outputs(
         "failed": [{"case_id": r.case_id, "error": r.error} for r in failed],
         "unmatched": unmatched,
         "class_names": class_names,
-        "macro": macro,
-        "pooled": pooled_metrics(bins, counts, class_names) if ok else {},
+        "macro": _macro_summary(values, class_names) if ok else {},
+        "pooled": _pooled_summary(pooled_metrics(stats), class_names) if stats is not None else {},
     }
     with open(files["summary"], "w") as fh:
         json.dump(_finite(summary), fh, indent=2)

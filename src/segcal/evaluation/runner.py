@@ -13,7 +13,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import resource
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -24,15 +23,12 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from segcal.evaluation._fast import HAVE_NUMBA, fused_case_pass
 from segcal.evaluation.store import CaseResult, ResultStore
-from segcal.functional.calibration import EPS
-from segcal.functional.inputs import PROB_ATOL
+from segcal.functional.regions import dilated_bbox_mask
+from segcal.functional.scoring import TargetError, case_statistics
 from segcal.io import Case, CaseError, CaseFiles, load_case, match_cases
 
 __all__ = [
-    "CASE_METRICS",
-    "CLASS_METRICS",
     "EvalConfig",
     "RunResult",
     "compute_case",
@@ -40,26 +36,9 @@ __all__ = [
     "run_evaluation",
 ]
 
-#: per-class metric columns (in cases.csv order)
-CLASS_METRICS = (
-    "dice",
-    "iou",
-    "precision",
-    "recall",
-    "hd95",
-    "ece",
-    "ace",
-    "mce",
-    "ece_l2",
-    "ace_l2",
-    "brier",
-    "mae",
-)
-#: per-case metrics (one value per case, repeated on each class row of cases.csv)
-CASE_METRICS = ("nll", "top_label_ece", "top_label_mce")
-
-#: test hook: seconds to sleep after each case (lets fault-injection tests kill a run midway)
-_DELAY_ENV = "SEGCAL_EVAL_CASE_DELAY"
+#: version of what a stored case holds (:class:`~segcal.evaluation.store.CaseResult`); part of the run
+#: configuration, so a store written by another version is never resumed
+STATISTICS_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -107,185 +86,72 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _nan_list(t: torch.Tensor) -> list[float]:
-    return [float(v) for v in t.reshape(-1).tolist()]
+def _region_mask(case: Case, config: EvalConfig, label: torch.Tensor, path: str | None) -> torch.Tensor | None:
+    """The region every statistic but HD95 is restricted to: ``(1, *S)`` bool, or None for the whole image."""
+    if config.region == "whole":
+        return None
+    if config.region == "mask":
+        if case.mask is None:
+            raise CaseError(path, "region='mask' but no mask file was given for this case")
+        return torch.from_numpy(case.mask)[None]
+    margin = tuple(config.bbox_margin_mm)
+    n_sp = label.ndim - 1
+    if len(margin) != n_sp:
+        margin = (margin + margin[-1:] * n_sp)[:n_sp]
+    return dilated_bbox_mask(label[0], case.spacing, margin)[None]
 
 
 def compute_case(case: Case, config: EvalConfig) -> CaseResult:
-    """All metrics and bin sums of one case (raises ``ValueError`` / :class:`CaseError` on bad input).
+    """The statistics of every metric of one case (raises :class:`CaseError` naming the file on bad input).
 
-    Shapes: ``case.probabilities`` ``(C, *S)``, ``case.label`` ``(*S)``; the core gets ``(1, C, *S)``.
-    Calibration metrics, Brier, NLL, MAE and overlap counts use the region (whole / mask / dilated bbox); HD95
-    is computed on the whole image (a distance between surfaces, in mm with the case's spacing).
+    Shapes: ``case.probabilities`` ``(C, *S)``, ``case.label`` ``(*S)``; the core
+    (:func:`segcal.functional.scoring.case_statistics`) gets ``(1, C, *S)``. Calibration metrics, Brier, NLL,
+    MAE and overlap counts use the region (whole / mask / dilated bbox); HD95 is computed on the whole image (a
+    distance between surfaces, in mm with the case's spacing).
     """
-    from segcal.functional import (
-        BinStats,
-        bin_statistics,
-        brier_score,
-        calibration_errors,
-        confusion_counts,
-        hausdorff_distance_95,
-        mean_absolute_error,
-        negative_log_likelihood,
-        overlap_scores,
-        region_probabilities,
-        region_targets,
-        top_label_statistics,
-    )
-    from segcal.functional.inputs import check_target
-    from segcal.functional.regions import dilated_bbox_mask
-
-    path = case.paths.get("prediction", [None])[0]
+    pred_path = case.paths.get("prediction", [None])[0]
+    label_path = case.paths.get("label", [None])[0]
     t0 = time.perf_counter()
     p = case.probabilities
     if p.dtype != np.float64:
         p = p.astype(np.float32, copy=False)
     probs = torch.from_numpy(np.ascontiguousarray(p))[None]
     if case.label is None:
-        raise CaseError(path, "no label map")
+        raise CaseError(pred_path, "no label map")
     label = torch.from_numpy(np.ascontiguousarray(case.label))[None]
     if label.dtype not in (torch.uint8, torch.int16, torch.int32, torch.int64):
         label = label.to(torch.int64)
-    c = probs.shape[1]
     ref = None
     if case.reference is not None:
         ref = torch.from_numpy(np.ascontiguousarray(case.reference.astype(np.float32, copy=False)))[None]
     if config.soft_reference and ref is None:
-        raise CaseError(path, "a soft reference map is required (--soft-ref) but none was read")
-    fast = HAVE_NUMBA and ref is None and config.regions is None and c > 1
-    if not fast:
-        try:
-            check_target(label, probs.shape, "exclusive", name="label")
-        except ValueError as exc:
-            raise CaseError(case.paths.get("label", [None])[0], str(exc)) from None
-
-    if config.region == "whole":
-        mask = None
-    elif config.region == "mask":
-        if case.mask is None:
-            raise CaseError(path, "region='mask' but no mask file was given for this case")
-        mask = torch.from_numpy(case.mask)[None]
-    else:
-        margin = tuple(config.bbox_margin_mm)
-        n_sp = label.ndim - 1
-        if len(margin) != n_sp:
-            margin = (margin + margin[-1:] * n_sp)[:n_sp]
-        mask = dilated_bbox_mask(label[0], case.spacing, margin)[None]
-
-    regions = [list(r) for r in config.regions] if config.regions is not None else None
-    ib = config.include_background
-    target = ref if ref is not None else label
-    first = 0 if ib else 1
-    fused = None
-    if fast:
-        mask_np = mask[0].numpy() if mask is not None else None
-        fused = fused_case_pass(
-            probs[0].numpy(), case.label, mask_np, EPS, config.num_bins, sum_tol=PROB_ATOL * max(1, c)
+        raise CaseError(pred_path, "a soft reference map is required (--soft-ref) but none was read")
+    mask = _region_mask(case, config, label, pred_path)
+    try:
+        stats = case_statistics(
+            probs,
+            label,
+            config.num_bins,
+            include_background=config.include_background,
+            regions=[list(r) for r in config.regions] if config.regions is not None else None,
+            mask=mask,
+            reference=ref,
+            hd95=config.hd95,
+            spacing=case.spacing,
         )
-        if fused is None:  # a bin count the fused kernels do not cover: the separate core functions
-            try:
-                check_target(label, probs.shape, "exclusive", name="label")
-            except ValueError as exc:
-                raise CaseError(case.paths.get("label", [None])[0], str(exc)) from None
-    if fused is not None:
-        counts_np, sq, top_np, info = fused
-        _raise_invalid(info, c, path, case.paths.get("label", [None])[0])
-        stats = bin_statistics(probs, label, config.num_bins, include_background=ib, mask=mask, check=False)
-        top = BinStats(*torch.from_numpy(top_np)[None, None].unbind(2))
-        n_in = info["n_in_mask"]
-        counts = torch.from_numpy(counts_np[first:])[None]
-        brier = torch.from_numpy(sq[first:] / n_in if n_in > 0 else np.full(c - first, np.nan))[None]
-        nll = torch.tensor([info["nll_sum"] / n_in if n_in > 0 else float("nan")], dtype=torch.float64)
-    else:
-        try:
-            stats = bin_statistics(
-                probs, target, config.num_bins, include_background=ib, mask=mask, regions=regions
-            )
-        except ValueError as exc:
-            raise CaseError(path, str(exc)) from None
-        kw = {"mask": mask, "regions": regions, "check": False}
-        counts = confusion_counts(probs, label, include_background=ib, **kw)  # type: ignore[arg-type]
-        brier = brier_score(probs, target, include_background=ib, **kw)  # type: ignore[arg-type]
-        nll = negative_log_likelihood(probs, target, **kw)  # type: ignore[arg-type]
-        top = top_label_statistics(probs, label, config.num_bins, mask=mask, check=False)
-    ce = calibration_errors(stats)
-    ov = overlap_scores(counts)
-    top_ce = calibration_errors(top)
-    n_out = stats.num_channels
-    nan = torch.full((1, n_out), float("nan"), dtype=torch.float64)
-    if config.hd95:
-        hd = hausdorff_distance_95(
-            probs, label, include_background=ib, spacing=case.spacing, regions=regions, check=False
-        )
-    else:
-        hd = nan
-    if ref is not None:
-        if regions is not None:
-            mae = mean_absolute_error(
-                region_probabilities(probs, regions),
-                region_targets(ref, regions, c),
-                mode="multilabel",
-                mask=mask,
-                check=False,
-            )
-        else:
-            mae = mean_absolute_error(probs, ref, include_background=ib, mask=mask, check=False)
-    else:
-        mae = nan
+    except TargetError as exc:
+        raise CaseError(label_path, str(exc)) from None
+    except ValueError as exc:
+        raise CaseError(pred_path, str(exc)) from None
+    first = 0 if config.include_background or config.regions is not None else 1
     if config.region_names is not None:
         names = list(config.region_names)
     else:
-        names = [f"class_{k}" for k in range(first, c)]
-    per_class = {
-        "dice": ov["dice"],
-        "iou": ov["iou"],
-        "precision": ov["precision"],
-        "recall": ov["recall"],
-        "hd95": hd,
-        **ce,
-        "brier": brier,
-        "mae": mae,
-    }
-    metrics = {
-        "per_class": {k: _nan_list(v) for k, v in per_class.items()},
-        "per_case": {
-            "nll": float(nll[0]),
-            "top_label_ece": float(top_ce["ece"][0, 0]),
-            "top_label_mce": float(top_ce["mce"][0, 0]),
-        },
-        "counts": counts[0].tolist(),
-        "n_voxels": _nan_list(stats.count.sum(-1)),
-        "shape": list(case.label.shape),
-        "spacing": list(case.spacing),
-    }
-    return CaseResult(
-        case.case_id, "ok", None, names, metrics, stats.numpy()[0], time.perf_counter() - t0, _peak_rss_mb()
+        names = [f"class_{k}" for k in range(first, first + stats.bins.shape[1])]
+    return CaseResult.from_statistics(
+        case.case_id, names, stats, shape=list(case.label.shape), spacing=list(case.spacing),
+        seconds=time.perf_counter() - t0, peak_rss_mb=_peak_rss_mb(),
     )
-
-
-def _raise_invalid(info: dict[str, float], c: int, pred_path: str | None, label_path: str | None) -> None:
-    """The core's validation (SPEC §9) from the fused pass's statistics, with segcal.functional's messages.
-    The probability checks run only when the pass flagged voxels (``n_flagged``; it then adds the precise
-    statistics); a borderline flag that the precise checks clear raises nothing."""
-    if info["n_flagged"] > 0 and info["n_nonfinite"] > 0:
-        raise CaseError(pred_path, f"prediction contains {int(info['n_nonfinite'])} NaN/Inf values")
-    lo, hi = info.get("p_min", 0.0), info.get("p_max", 1.0)
-    if lo < -PROB_ATOL or hi > 1 + PROB_ATOL:
-        raise CaseError(
-            pred_path, f"prediction must hold probabilities in [0, 1] but spans [{lo:.4g}, {hi:.4g}]"
-        )
-    if info.get("max_sum_dev", 0.0) > PROB_ATOL * max(1, c):
-        raise CaseError(
-            pred_path,
-            "prediction: exclusive mode needs class probabilities that sum to 1 over the channel axis, "
-            f"max deviation is {info['max_sum_dev']:.4g}",
-        )
-    l_lo, l_hi = int(info["label_min"]), int(info["label_max"])
-    if l_lo < 0 or l_hi >= c:
-        raise CaseError(
-            label_path,
-            f"label: labels must lie in [0, {c - 1}] for {c} classes, found values in [{l_lo}, {l_hi}]",
-        )
 
 
 def evaluate_case_files(files: CaseFiles, config: EvalConfig) -> CaseResult:
@@ -302,20 +168,14 @@ def evaluate_case_files(files: CaseFiles, config: EvalConfig) -> CaseResult:
         res = CaseResult(files.case_id, "failed", f"{files.prediction[0]}: out of memory")
     res.seconds = time.perf_counter() - t0
     res.peak_rss_mb = _peak_rss_mb()
-    delay = float(os.environ.get(_DELAY_ENV, "0") or 0)
-    if delay > 0:
-        time.sleep(delay)
     return res
 
 
 def _init_worker(threads: int) -> None:
-    torch.set_num_threads(threads)
-    try:
-        import numba
+    from segcal.functional._kernels import set_threads
 
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    except Exception:  # numba missing or already initialised with fewer threads
-        pass
+    torch.set_num_threads(threads)
+    set_threads(threads)
 
 
 def _iter_local(todo: list[CaseFiles], config: EvalConfig, workers: int) -> Iterator[CaseResult]:
@@ -324,35 +184,12 @@ def _iter_local(todo: list[CaseFiles], config: EvalConfig, workers: int) -> Iter
             yield evaluate_case_files(f, config)
         return
     threads = max(1, (os.cpu_count() or 1) // workers)
+    # forkserver: workers start from a clean single-threaded server (torch / numba thread pools are not
+    # fork-safe), each with the parent's sys.path; they import segcal on their first case
     method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
     ctx = mp.get_context(method)
-    if (
-        method == "forkserver"
-    ):  # import torch, numba kernels and the metric core once, fork the workers from it
-        ctx.set_forkserver_preload(["segcal.evaluation.runner"])
-    # the fork server imports the preloaded modules before it learns our sys.path (CPython < 3.12), so it gets
-    # the parent's sys.path through PYTHONPATH while it starts
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    try:
-        with ProcessPoolExecutor(
-            workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)
-        ) as ex:
-            futures = _bounded(lambda f: ex.submit(evaluate_case_files, f, config), todo, 2 * workers, wait)
-            first = next(futures, None)
-            _restore_env("PYTHONPATH", old)
-            if first is not None:
-                yield first
-            yield from futures
-    finally:
-        _restore_env("PYTHONPATH", old)
-
-
-def _restore_env(key: str, value: str | None) -> None:
-    if value is None:
-        os.environ.pop(key, None)
-    else:
-        os.environ[key] = value
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as ex:
+        yield from _bounded(lambda f: ex.submit(evaluate_case_files, f, config), todo, 2 * workers, wait)
 
 
 def _bounded(
@@ -422,6 +259,7 @@ def run_evaluation(
         raise ValueError("soft_reference needs reference_dir (--soft-ref)")
     run_cfg = {
         **config.as_dict(),
+        "statistics": STATISTICS_VERSION,
         "pred_dir": str(Path(pred_dir).resolve()),
         "label_dir": str(Path(label_dir).resolve()),
         "reference_dir": str(Path(reference_dir).resolve()) if reference_dir else None,

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from segcal.functional.scoring import CaseStatistics
+
 __all__ = ["CaseResult", "ConfigMismatchError", "ResultStore", "config_hash"]
 
 DB_NAME = "results.sqlite"
@@ -34,7 +36,13 @@ def config_hash(config: dict[str, Any]) -> str:
 
 @dataclass
 class CaseResult:
-    """One case's outcome: ``metrics`` rows per class, ``bins`` ``(C, 3, M)`` float64 (``None`` if failed)."""
+    """One case's outcome (``None`` fields if failed).
+
+    ``metrics`` holds the case's :class:`~segcal.functional.scoring.CaseStatistics` other than the marginal bins
+    (``"stats"``: field -> nested lists, one image) and its ``shape`` / ``spacing``; ``bins`` ``(C, 3, M)``
+    float64 are the marginal bin sums. Every metric value is derived from these sums when the outputs are
+    written (:mod:`segcal.evaluation.outputs`), so a metric is defined in one place.
+    """
 
     case_id: str
     status: str  # "ok" | "failed"
@@ -44,6 +52,31 @@ class CaseResult:
     bins: np.ndarray | None = None
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
+
+    @classmethod
+    def from_statistics(
+        cls,
+        case_id: str,
+        class_names: list[str],
+        stats: CaseStatistics,
+        *,
+        shape: list[int],
+        spacing: list[float],
+        seconds: float = 0.0,
+        peak_rss_mb: float = 0.0,
+    ) -> CaseResult:
+        """An ``ok`` result from one image's statistics."""
+        arrays = stats.to_numpy()
+        bins = arrays.pop("bins")[0]
+        metrics = {"stats": {k: v[0].tolist() for k, v in arrays.items()}, "shape": shape, "spacing": spacing}
+        return cls(case_id, "ok", None, class_names, metrics, bins, seconds, peak_rss_mb)
+
+    def statistics(self) -> CaseStatistics:
+        """The stored statistics as a one-image :class:`~segcal.functional.scoring.CaseStatistics`."""
+        if self.metrics is None or self.bins is None:
+            raise ValueError(f"case {self.case_id} has no statistics (status {self.status})")
+        arrays = {k: np.asarray(v, dtype=np.float64)[None] for k, v in self.metrics["stats"].items()}
+        return CaseStatistics.from_numpy({**arrays, "bins": np.asarray(self.bins)[None]})
 
 
 _SCHEMA = """

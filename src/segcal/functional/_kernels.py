@@ -30,15 +30,9 @@ from __future__ import annotations
 
 import sys
 
+import numba
 import numpy as np
-
-try:  # numba is a hard dependency, but keep the pure-torch path importable if it breaks on a platform
-    import numba
-    from numba import njit, prange
-
-    HAVE_NUMBA = True
-except Exception:  # pragma: no cover - exercised only where numba is missing
-    HAVE_NUMBA = False
+from numba import njit, prange
 
 #: voxels per parallel task; local int32 counts cannot overflow (<= _CHUNK per bin)
 _CHUNK = 1 << 16
@@ -86,422 +80,420 @@ def edge_tables(edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return lo, hi
 
 
-if HAVE_NUMBA:
 
-    @njit(inline="always", nogil=True, boundscheck=False)
-    def _bin_of(v, lo, hi, m, right):  # pragma: no cover - compiled
-        """Bin of ``v`` (already clamped into [0, 1]) in ``[0, M - 1]``, as an unsigned index.
+@njit(inline="always", nogil=True, boundscheck=False)
+def _bin_of(v, lo, hi, m, right):  # pragma: no cover - compiled
+    """Bin of ``v`` (already clamped into [0, 1]) in ``[0, M - 1]``, as an unsigned index.
 
-        ``floor(v * M)`` (masked to the table length, so a NaN that survived the clamp with validation off
-        lands in a valid bin) is the bin of the exact real edges; the edges rounded in the input dtype differ
-        from those only for ``v`` exactly at a rounded edge, so for ``closed="right"`` one comparison
-        (``v <= lo[k]``) corrects it, which also maps ``v = 1`` (``k = M``, ``lo[M] = +inf``) into bin ``M - 1``
-        (``v * M`` is monotone in ``v`` and exact for float32 and narrower inputs; for float64 it may round up
-        to the next integer, which the same comparison catches). ``closed="left"`` uses both comparisons.
-        Branch-free: no mispredictions on saturated (0 / 1) probabilities.
-        """
-        k = np.int64(v * m) & (lo.shape[0] - 1)
+    ``floor(v * M)`` (masked to the table length, so a NaN that survived the clamp with validation off
+    lands in a valid bin) is the bin of the exact real edges; the edges rounded in the input dtype differ
+    from those only for ``v`` exactly at a rounded edge, so for ``closed="right"`` one comparison
+    (``v <= lo[k]``) corrects it, which also maps ``v = 1`` (``k = M``, ``lo[M] = +inf``) into bin ``M - 1``
+    (``v * M`` is monotone in ``v`` and exact for float32 and narrower inputs; for float64 it may round up
+    to the next integer, which the same comparison catches). ``closed="left"`` uses both comparisons.
+    Branch-free: no mispredictions on saturated (0 / 1) probabilities.
+    """
+    k = np.int64(v * m) & (lo.shape[0] - 1)
+    if right:
+        return np.uint64(k - np.int64(v <= lo[k]))
+    return np.uint64(k + np.int64(v >= hi[k]) - np.int64(v < lo[k]))
+
+@njit(inline="always", nogil=True)
+def _clamp01(v):  # pragma: no cover - compiled
+    return min(max(v, 0.0), 1.0)
+
+@njit(inline="always", nogil=True, boundscheck=False, error_model="numpy")
+def _row_validate(pc, tot):  # pragma: no cover - compiled
+    """Adds row ``pc`` (n,) to the channel sums ``tot`` (n,), a value outside [0, 1] or NaN as
+    ``_FLAGGED`` (so that its voxel's sum is off; see :func:`_mark_sums_off`). Vectorised."""
+    zero = pc.dtype.type(0.0)
+    one = pc.dtype.type(1.0)
+    flagged = pc.dtype.type(_FLAGGED)
+    for i in range(pc.shape[0]):
+        w = pc[i]
+        ok = (w >= zero) & (w <= one)
+        tot[i] += w if ok else flagged
+
+@njit(inline="always", nogil=True, boundscheck=False, error_model="numpy")
+def _pack_loop(pc, lb, lc, mk, m, right, masked, pk, tot):  # pragma: no cover - compiled
+    """Pass 1 (vectorised): per value ``i`` of row ``pc`` (n,) the packed word ``slot << 32 | q`` as the
+    int32 pair ``pk[2 i] = q``, ``pk[2 i + 1] = slot`` (an int64 on little-endian machines; two int32
+    stores vectorise where one int64 does not), with ``slot = 2 k + (lb == lc)`` (``k`` the bin; voxels
+    with ``mk == 0`` get the discard slot ``2 M``) and ``q = round(p * 2**_QBITS)``, ``p`` clamped into
+    [0, 1] (NaN -> 0). Also adds the value to the channel sums ``tot``, or ``_FLAGGED`` where clamping
+    changed it (outside [0, 1] or NaN): always, as a branch would cost more than the stores.
+
+    The bin needs no table: with ``j = int(p * M)`` (computed in the input dtype: ``floor`` of the exact
+    product, or one more when the product rounds up to an integer) and the edge ``e_j = j / M`` correctly
+    rounded in the input dtype (one IEEE division), ``k = j - (p <= e_j)`` for ``closed="right"`` (``j = 0``
+    excepted) is exactly the bin of the rounded edges: ``p <= e_j`` with ``p >= j / M`` only when ``p`` is
+    the edge itself, and a product rounded up to ``j`` means ``p < j / M``, hence ``p <= e_j``.
+    ``closed="left"`` adds the upper comparison ``p >= e_{j+1}`` (an edge rounded below ``(j + 1) / M``).
+    """
+    dt = pc.dtype.type
+    zero = dt(0.0)
+    one = dt(1.0)
+    mf = dt(m)
+    qs = dt(2.0**_QBITS)
+    discard = np.int32(2 * m)
+    z32 = np.int32(0)
+    top = np.int32(m - 1)
+    flagged = dt(_FLAGGED)
+    for i in range(pc.shape[0]):
+        w = pc[i]
+        v = min(max(w, zero), one)
+        v = v if v == v else zero  # NaN -> 0: every index below stays in range
+        tot[i] += w if v == w else flagged
+        j = np.int32(v * mf)
         if right:
-            return np.uint64(k - np.int64(v <= lo[k]))
-        return np.uint64(k + np.int64(v >= hi[k]) - np.int64(v < lo[k]))
-
-    @njit(inline="always", nogil=True)
-    def _clamp01(v):  # pragma: no cover - compiled
-        return min(max(v, 0.0), 1.0)
-
-    @njit(inline="always", nogil=True, boundscheck=False, error_model="numpy")
-    def _row_validate(pc, tot):  # pragma: no cover - compiled
-        """Adds row ``pc`` (n,) to the channel sums ``tot`` (n,), a value outside [0, 1] or NaN as
-        ``_FLAGGED`` (so that its voxel's sum is off; see :func:`_mark_sums_off`). Vectorised."""
-        zero = pc.dtype.type(0.0)
-        one = pc.dtype.type(1.0)
-        flagged = pc.dtype.type(_FLAGGED)
-        for i in range(pc.shape[0]):
-            w = pc[i]
-            ok = (w >= zero) & (w <= one)
-            tot[i] += w if ok else flagged
-
-    @njit(inline="always", nogil=True, boundscheck=False, error_model="numpy")
-    def _pack_loop(pc, lb, lc, mk, m, right, masked, pk, tot):  # pragma: no cover - compiled
-        """Pass 1 (vectorised): per value ``i`` of row ``pc`` (n,) the packed word ``slot << 32 | q`` as the
-        int32 pair ``pk[2 i] = q``, ``pk[2 i + 1] = slot`` (an int64 on little-endian machines; two int32
-        stores vectorise where one int64 does not), with ``slot = 2 k + (lb == lc)`` (``k`` the bin; voxels
-        with ``mk == 0`` get the discard slot ``2 M``) and ``q = round(p * 2**_QBITS)``, ``p`` clamped into
-        [0, 1] (NaN -> 0). Also adds the value to the channel sums ``tot``, or ``_FLAGGED`` where clamping
-        changed it (outside [0, 1] or NaN): always, as a branch would cost more than the stores.
-
-        The bin needs no table: with ``j = int(p * M)`` (computed in the input dtype: ``floor`` of the exact
-        product, or one more when the product rounds up to an integer) and the edge ``e_j = j / M`` correctly
-        rounded in the input dtype (one IEEE division), ``k = j - (p <= e_j)`` for ``closed="right"`` (``j = 0``
-        excepted) is exactly the bin of the rounded edges: ``p <= e_j`` with ``p >= j / M`` only when ``p`` is
-        the edge itself, and a product rounded up to ``j`` means ``p < j / M``, hence ``p <= e_j``.
-        ``closed="left"`` adds the upper comparison ``p >= e_{j+1}`` (an edge rounded below ``(j + 1) / M``).
-        """
-        dt = pc.dtype.type
-        zero = dt(0.0)
-        one = dt(1.0)
-        mf = dt(m)
-        qs = dt(2.0**_QBITS)
-        discard = np.int32(2 * m)
-        z32 = np.int32(0)
-        top = np.int32(m - 1)
-        flagged = dt(_FLAGGED)
-        for i in range(pc.shape[0]):
-            w = pc[i]
-            v = min(max(w, zero), one)
-            v = v if v == v else zero  # NaN -> 0: every index below stays in range
-            tot[i] += w if v == w else flagged
-            j = np.int32(v * mf)
-            if right:
-                k = np.int32(j - np.int32(v <= dt(j) / mf))
-                k = k if k > z32 else z32  # p = 0: bin 0
-            else:
-                k = j - np.int32(v < dt(j) / mf) + np.int32(v >= dt(j + np.int32(1)) / mf)
-                k = k if k < top else top
-            slot = 2 * k + np.int32(lb[i] == lc)
-            if masked:
-                slot = slot if mk[i] != 0 else discard
-            pk[2 * i] = np.int32(np.rint(v * qs))  # exact product, rounded half to even
-            pk[2 * i + 1] = slot
-
-    @njit(inline="always", nogil=True, boundscheck=False)
-    def _pack_row(pc, lb, lc, mk, m, right, masked, pk, tot):  # pragma: no cover - compiled
-        """:func:`_pack_loop` with ``right`` and ``masked`` as constants (a branch inside the loop stops its
-        vectorisation; ``closed="left"`` has two divisions and does not vectorise as well). Without a mask,
-        ``mk`` is not read."""
-        if right:
-            if masked:
-                _pack_loop(pc, lb, lc, mk, m, True, True, pk, tot)
-            else:
-                _pack_loop(pc, lb, lc, mk, m, True, False, pk, tot)
-        elif masked:
-            _pack_loop(pc, lb, lc, mk, m, False, True, pk, tot)
+            k = np.int32(j - np.int32(v <= dt(j) / mf))
+            k = k if k > z32 else z32  # p = 0: bin 0
         else:
-            _pack_loop(pc, lb, lc, mk, m, False, False, pk, tot)
+            k = j - np.int32(v < dt(j) / mf) + np.int32(v >= dt(j + np.int32(1)) / mf)
+            k = k if k < top else top
+        slot = 2 * k + np.int32(lb[i] == lc)
+        if masked:
+            slot = slot if mk[i] != 0 else discard
+        pk[2 * i] = np.int32(np.rint(v * qs))  # exact product, rounded half to even
+        pk[2 * i + 1] = slot
 
-    @njit(inline="always", nogil=True, boundscheck=False)
-    def _scatter_packed(pk, n, h):  # pragma: no cover - compiled
-        """Pass 2: adds ``1 << _CNT_SHIFT | q`` of each packed word ``pk[:n]`` to slot ``pk >> 32`` of lane
-        histogram ``h[i % _LANES]`` (``_LANES`` interleaved tables: a run of voxels in one bin does not
-        serialise on one memory location)."""
-        nr = n // _LANES * _LANES
-        for i0 in range(0, nr, _LANES):
-            for r in range(_LANES):
-                e = pk[i0 + r]
-                h[np.uint64(r), np.uint64(e >> np.int64(32))] += _CNT_ONE + (e & _LOW32)
-        for i in range(nr, n):
-            e = pk[i]
-            h[0, np.uint64(e >> np.int64(32))] += _CNT_ONE + (e & _LOW32)
+@njit(inline="always", nogil=True, boundscheck=False)
+def _pack_row(pc, lb, lc, mk, m, right, masked, pk, tot):  # pragma: no cover - compiled
+    """:func:`_pack_loop` with ``right`` and ``masked`` as constants (a branch inside the loop stops its
+    vectorisation; ``closed="left"`` has two divisions and does not vectorise as well). Without a mask,
+    ``mk`` is not read."""
+    if right:
+        if masked:
+            _pack_loop(pc, lb, lc, mk, m, True, True, pk, tot)
+        else:
+            _pack_loop(pc, lb, lc, mk, m, True, False, pk, tot)
+    elif masked:
+        _pack_loop(pc, lb, lc, mk, m, False, True, pk, tot)
+    else:
+        _pack_loop(pc, lb, lc, mk, m, False, False, pk, tot)
 
-    @njit(inline="always", nogil=True, boundscheck=False)
-    def _scatter_exact(pk, pc, n, h, hp):  # pragma: no cover - compiled
-        """Pass 2 for float64 inputs: counts as in :func:`_scatter_packed` (``q`` ignored) and the clamped
-        probabilities summed in float64 into the lane tables ``hp`` (same slots)."""
-        zero = pc.dtype.type(0.0)
-        one = pc.dtype.type(1.0)
-        nr = n // _LANES * _LANES
-        for i0 in range(0, nr, _LANES):
-            for r in range(_LANES):
-                w = pc[i0 + r]
-                v = w if w > zero else zero
-                v = v if v < one else one
-                k = np.uint64(pk[i0 + r] >> np.int64(32))
-                h[np.uint64(r), k] += _CNT_ONE
-                hp[np.uint64(r), k] += v
-        for i in range(nr, n):
-            w = pc[i]
+@njit(inline="always", nogil=True, boundscheck=False)
+def _scatter_packed(pk, n, h):  # pragma: no cover - compiled
+    """Pass 2: adds ``1 << _CNT_SHIFT | q`` of each packed word ``pk[:n]`` to slot ``pk >> 32`` of lane
+    histogram ``h[i % _LANES]`` (``_LANES`` interleaved tables: a run of voxels in one bin does not
+    serialise on one memory location)."""
+    nr = n // _LANES * _LANES
+    for i0 in range(0, nr, _LANES):
+        for r in range(_LANES):
+            e = pk[i0 + r]
+            h[np.uint64(r), np.uint64(e >> np.int64(32))] += _CNT_ONE + (e & _LOW32)
+    for i in range(nr, n):
+        e = pk[i]
+        h[0, np.uint64(e >> np.int64(32))] += _CNT_ONE + (e & _LOW32)
+
+@njit(inline="always", nogil=True, boundscheck=False)
+def _scatter_exact(pk, pc, n, h, hp):  # pragma: no cover - compiled
+    """Pass 2 for float64 inputs: counts as in :func:`_scatter_packed` (``q`` ignored) and the clamped
+    probabilities summed in float64 into the lane tables ``hp`` (same slots)."""
+    zero = pc.dtype.type(0.0)
+    one = pc.dtype.type(1.0)
+    nr = n // _LANES * _LANES
+    for i0 in range(0, nr, _LANES):
+        for r in range(_LANES):
+            w = pc[i0 + r]
             v = w if w > zero else zero
             v = v if v < one else one
-            k = np.uint64(pk[i] >> np.int64(32))
-            h[0, k] += _CNT_ONE
-            hp[0, k] += v
+            k = np.uint64(pk[i0 + r] >> np.int64(32))
+            h[np.uint64(r), k] += _CNT_ONE
+            hp[np.uint64(r), k] += v
+    for i in range(nr, n):
+        w = pc[i]
+        v = w if w > zero else zero
+        v = v if v < one else one
+        k = np.uint64(pk[i] >> np.int64(32))
+        h[0, k] += _CNT_ONE
+        hp[0, k] += v
 
-    @njit(inline="always", nogil=True, boundscheck=False)
-    def _bin_row(pc, lb, lc, mk, m, right, masked, pk32, pk, tot, exact, h, hp):  # pragma: no cover - compiled
-        """Both passes for one row ``pc`` (n,) of a block: :func:`_pack_row` into ``pk32`` (whose int64 view is
-        ``pk``), then :func:`_scatter_exact` (``exact``: float64 sums into ``hp``) or :func:`_scatter_packed`
-        into the lane tables ``h`` (L, 2M + 1)."""
-        _pack_row(pc, lb, lc, mk, m, right, masked, pk32, tot)
-        if exact:
-            _scatter_exact(pk, pc, pc.shape[0], h, hp)
-        else:
-            _scatter_packed(pk, pc.shape[0], h)
+@njit(inline="always", nogil=True, boundscheck=False)
+def _bin_row(pc, lb, lc, mk, m, right, masked, pk32, pk, tot, exact, h, hp):  # pragma: no cover - compiled
+    """Both passes for one row ``pc`` (n,) of a block: :func:`_pack_row` into ``pk32`` (whose int64 view is
+    ``pk``), then :func:`_scatter_exact` (``exact``: float64 sums into ``hp``) or :func:`_scatter_packed`
+    into the lane tables ``h`` (L, 2M + 1)."""
+    _pack_row(pc, lb, lc, mk, m, right, masked, pk32, tot)
+    if exact:
+        _scatter_exact(pk, pc, pc.shape[0], h, hp)
+    else:
+        _scatter_packed(pk, pc.shape[0], h)
 
-    @njit(inline="always", nogil=True, boundscheck=False)
-    def _mark_sums_off(tot, n, thr, bad):  # pragma: no cover - compiled
-        """Sets ``bad[i]`` (n,) int32 where the channel sum ``tot[i]`` of a block's voxel is NaN or off 1 by more
-        than ``thr`` (``thr < 7``), which includes every voxel with a value outside [0, 1] or NaN: such a value
-        was summed as ``_FLAGGED`` = 8, so the sum is >= 8 (the others are in [0, 1]) or NaN. Element-wise
-        (vectorised; an integer reduction here would widen to int64 and cost twice as much); the caller
-        counts the marks once per task."""
-        one = tot.dtype.type(1.0)
-        th = tot.dtype.type(thr)
-        for i in range(n):
-            bad[i] |= np.int32(not (abs(tot[i] - one) <= th))
+@njit(inline="always", nogil=True, boundscheck=False)
+def _mark_sums_off(tot, n, thr, bad):  # pragma: no cover - compiled
+    """Sets ``bad[i]`` (n,) int32 where the channel sum ``tot[i]`` of a block's voxel is NaN or off 1 by more
+    than ``thr`` (``thr < 7``), which includes every voxel with a value outside [0, 1] or NaN: such a value
+    was summed as ``_FLAGGED`` = 8, so the sum is >= 8 (the others are in [0, 1]) or NaN. Element-wise
+    (vectorised; an integer reduction here would widen to int64 and cost twice as much); the caller
+    counts the marks once per task."""
+    one = tot.dtype.type(1.0)
+    th = tot.dtype.type(thr)
+    for i in range(n):
+        bad[i] |= np.int32(not (abs(tot[i] - one) <= th))
 
-    @njit(inline="always", nogil=True, boundscheck=False)
-    def _unpack_lanes(h, hp, exact, dst):  # pragma: no cover - compiled
-        """Lane tables ``h`` (L, 2M + 1) packed int64 (and ``hp`` float64 sums with ``exact``) of one task and
-        channel into ``dst`` (3, M): count, sum of p (``exact``) or of q (an integer < 2**53, exact in
-        float64; scaled in :func:`_merge_partials`), number of hits."""
-        m = dst.shape[1]
+@njit(inline="always", nogil=True, boundscheck=False)
+def _unpack_lanes(h, hp, exact, dst):  # pragma: no cover - compiled
+    """Lane tables ``h`` (L, 2M + 1) packed int64 (and ``hp`` float64 sums with ``exact``) of one task and
+    channel into ``dst`` (3, M): count, sum of p (``exact``) or of q (an integer < 2**53, exact in
+    float64; scaled in :func:`_merge_partials`), number of hits."""
+    m = dst.shape[1]
+    for k in range(m):
+        n0 = 0
+        n1 = 0
+        q = 0
+        sp = 0.0
+        for r in range(_LANES):
+            e0 = h[r, 2 * k]
+            e1 = h[r, 2 * k + 1]
+            n0 += e0 >> _CNT_SHIFT
+            n1 += e1 >> _CNT_SHIFT
+            q += (e0 & (_CNT_ONE - 1)) + (e1 & (_CNT_ONE - 1))
+            if exact:
+                sp += hp[r, 2 * k] + hp[r, 2 * k + 1]
+        dst[0, k] = n0 + n1
+        dst[1, k] = sp if exact else q
+        dst[2, k] = n1
+
+@njit(inline="always", nogil=True, boundscheck=False)
+def _merge_partials(partial, n_chunks, exact, out):  # pragma: no cover - compiled
+    """Adds the per-task sums ``partial`` (B * n_chunks, K, 3, M) into ``out`` (B, K, 3, M), summing the
+    chunks of each image first: fixed-point sums of q add exactly (below 2**53, i.e. sums of p below 2**23
+    per image and bin) and are scaled once."""
+    nb, kc, _, m = out.shape
+    for bc in range(nb * kc):  # a few thousand additions: serial
+        b = bc // kc
+        c = bc % kc
         for k in range(m):
-            n0 = 0
-            n1 = 0
-            q = 0
-            sp = 0.0
-            for r in range(_LANES):
-                e0 = h[r, 2 * k]
-                e1 = h[r, 2 * k + 1]
-                n0 += e0 >> _CNT_SHIFT
-                n1 += e1 >> _CNT_SHIFT
-                q += (e0 & (_CNT_ONE - 1)) + (e1 & (_CNT_ONE - 1))
-                if exact:
-                    sp += hp[r, 2 * k] + hp[r, 2 * k + 1]
-            dst[0, k] = n0 + n1
-            dst[1, k] = sp if exact else q
-            dst[2, k] = n1
-
-    @njit(inline="always", nogil=True, boundscheck=False)
-    def _merge_partials(partial, n_chunks, exact, out):  # pragma: no cover - compiled
-        """Adds the per-task sums ``partial`` (B * n_chunks, K, 3, M) into ``out`` (B, K, 3, M), summing the
-        chunks of each image first: fixed-point sums of q add exactly (below 2**53, i.e. sums of p below 2**23
-        per image and bin) and are scaled once."""
-        nb, kc, _, m = out.shape
-        for bc in range(nb * kc):  # a few thousand additions: serial
-            b = bc // kc
-            c = bc % kc
-            for k in range(m):
-                acc0 = 0.0
-                acc1 = 0.0
-                acc2 = 0.0
-                for j in range(n_chunks):
-                    acc0 += partial[b * n_chunks + j, c, 0, k]
-                    acc1 += partial[b * n_chunks + j, c, 1, k]
-                    acc2 += partial[b * n_chunks + j, c, 2, k]
-                out[b, c, 0, k] += acc0
-                out[b, c, 1, k] += acc1 if exact else acc1 * _QSCALE_INV
-                out[b, c, 2, k] += acc2
-
-    @njit(parallel=True, nogil=True, boundscheck=False, cache=True)
-    def _hist_voxels(p, lab, first, mask, use_mask, right, validate, thr, exact, out, vstats):  # pragma: no cover
-        """Exclusive mode, label map, float32/float64 probabilities. p: (B, C, S); lab: (B, S) int;
-        mask: (B, S) uint8. Requires :func:`voxel_kernel_ok` for ``M`` and the dtype.
-
-        out: (B, C - first, 3, M) float64, accumulated. vstats: (B * n_chunks,) float64 receives per task the
-        number of voxels (mask ignored) with a value outside [0, 1] or NaN or whose channel sum is NaN or
-        deviates from 1 by more than ``thr`` (``thr < 7``, see :func:`_mark_sums_off`); the caller re-checks
-        precisely (and names the problem) only when one is non-zero.
-
-        A task is one image and one chunk of ``_CHUNK`` voxels, walked in blocks of ``_BLOCK`` voxels (a
-        block's rows, channel sums and packed words stay in L1); per block and channel: pass 1
-        (:func:`_pack_row`, vectorised: clamp, validation, bin) and pass 2 (:func:`_scatter_packed`), both in
-        :func:`_bin_row`, into the channel's lane histograms of packed ``count << _CNT_SHIFT | sum q`` int64
-        entries, unpacked once per task (channels before ``first`` are only validated, :func:`_row_validate`).
-        Counts are exact. Sums of probabilities: with ``exact`` (float64 inputs) float64 sums
-        (:func:`_scatter_exact`); otherwise exact integer sums of ``q = round(p * 2**_QBITS)``, i.e. within
-        ``2**-(_QBITS + 1)`` (4.7e-10) per voxel of the exact sum, so a bin's mean confidence is within 4.7e-10,
-        and (integer sums) the result does not depend on the order of the voxels or the number of threads.
-        """
-        nb, nc, s = p.shape
-        m = out.shape[3]
-        kc = nc - first
-        width = 2 * m + 1  # slots 2k (miss), 2k + 1 (hit), 2M (discarded by the mask)
-        n_chunks = (s + _CHUNK - 1) // _CHUNK
-        n_tasks = nb * n_chunks
-        partial = np.zeros((n_tasks, kc, 3, m))
-        for t in prange(n_tasks):
-            b = t // n_chunks
-            s0 = (t % n_chunks) * _CHUNK
-            s1 = min(s, s0 + _CHUNK)
-            h = np.zeros((kc, _LANES, width), np.int64)
-            hp = np.zeros((kc, _LANES, width) if exact else (1, 1, 1))
-            pk32 = np.empty(2 * _BLOCK, np.int32)
-            pk = pk32.view(np.int64)
-            tot = np.zeros(_BLOCK, p.dtype)
-            bad = np.zeros(_BLOCK, np.int32)
-            for a0 in range(s0, s1, _BLOCK):
-                a1 = min(s1, a0 + _BLOCK)
-                n = a1 - a0
-                lb = lab[b, a0:a1]
-                mk = mask[b, a0:a1] if use_mask else mask[0, 0:0]  # not read without a mask
-                tot[:] = 0.0
-                for c in range(nc):
-                    pc = p[b, c, a0:a1]
-                    if c < first:
-                        if validate:
-                            _row_validate(pc, tot[:n])
-                    else:
-                        hpc = hp[c - first] if exact else hp[0]
-                        lc = lb.dtype.type(c)
-                        _bin_row(pc, lb, lc, mk, m, right, use_mask, pk32, pk, tot, exact, h[c - first], hpc)
-                if validate:
-                    _mark_sums_off(tot, n, thr, bad)
-            nbad = 0
-            for i in range(_BLOCK):
-                nbad += bad[i]
-            for c in range(kc):
-                _unpack_lanes(h[c], hp[c] if exact else hp[0], exact, partial[t, c])
-            vstats[t] = nbad
-        _merge_partials(partial, n_chunks, exact, out)
-
-    @njit(inline="always", nogil=True, boundscheck=False, error_model="numpy")
-    def _row_argmax(pc, c, best, arg, tot):  # pragma: no cover - compiled
-        """Folds channel ``c`` (row ``pc`` (n,)) into the running maximum ``best`` and its channel ``arg``
-        (strictly greater replaces: the first maximum wins, as ``torch.max``), and into the channel sums
-        ``tot`` (as :func:`_row_validate`). Vectorised across voxels."""
-        zero = pc.dtype.type(0.0)
-        one = pc.dtype.type(1.0)
-        ci = np.int32(c)
-        flagged = pc.dtype.type(_FLAGGED)
-        for i in range(pc.shape[0]):
-            w = pc[i]
-            gt = w > best[i]
-            best[i] = w if gt else best[i]
-            arg[i] = ci if gt else arg[i]
-            ok = (w >= zero) & (w <= one)
-            tot[i] += w if ok else flagged
-
-    @njit(inline="always", nogil=True, boundscheck=False)
-    def _block_argmax(pb, a0, a1, best, arg, tot):  # pragma: no cover - compiled
-        """Voxels ``a0:a1`` of the channel rows ``pb`` (C, S): their maximum ``best``, its channel ``arg`` and
-        the channel sums ``tot`` (validation, see :func:`_row_validate`) into the first ``a1 - a0`` entries,
-        one vectorised :func:`_row_argmax` per channel."""
-        n = a1 - a0
-        best[:n] = -np.inf
-        arg[:n] = 0
-        tot[:n] = 0.0
-        for c in range(pb.shape[0]):
-            _row_argmax(pb[c, a0:a1], c, best[:n], arg[:n], tot[:n])
-
-    @njit(parallel=True, nogil=True, boundscheck=False, cache=True)
-    def _hist_top_label(p, lab, mask, use_mask, right, validate, thr, exact, out, vstats):  # pragma: no cover
-        """Top-label bins, exclusive mode with a label map: confidence ``max_c p`` (first maximum, as
-        ``torch.max``), hit = ``argmax == label``. p: (B, C, S) float32/float64; lab: (B, S) int; mask: (B, S)
-        uint8; out: (B, 1, 3, M) accumulated; vstats, ``exact`` and the fixed-point sums as in
-        :func:`_hist_voxels` (same preconditions). Per block: the channel rows fold into the maximum
-        (:func:`_row_argmax`, vectorised, with the validation), then the confidences go through the same
-        pass 1 / pass 2 as a channel of :func:`_hist_voxels`, with ``argmax == label`` as the hit. (A float32
-        value >= 2**-6 times 2**30 is already an integer, so its q is exact: top-label confidences, >= 1 / C,
-        are summed exactly for up to 64 classes.)"""
-        nb, _, s = p.shape
-        m = out.shape[3]
-        width = 2 * m + 1
-        n_chunks = (s + _CHUNK - 1) // _CHUNK
-        n_tasks = nb * n_chunks
-        partial = np.zeros((n_tasks, 1, 3, m))
-        for t in prange(n_tasks):
-            b = t // n_chunks
-            s0 = (t % n_chunks) * _CHUNK
-            s1 = min(s, s0 + _CHUNK)
-            h = np.zeros((_LANES, width), np.int64)
-            hp = np.zeros((_LANES, width) if exact else (1, 1))
-            pk32 = np.empty(2 * _BLOCK, np.int32)
-            pk = pk32.view(np.int64)
-            best = np.empty(_BLOCK, p.dtype)
-            arg = np.empty(_BLOCK, np.int32)
-            hit = np.empty(_BLOCK, np.uint8)
-            tot = np.empty(_BLOCK, p.dtype)
-            bad = np.zeros(_BLOCK, np.int32)
-            scratch_tot = np.empty(_BLOCK, p.dtype)  # pass 1's validation of the confidences is not needed
-            for a0 in range(s0, s1, _BLOCK):
-                a1 = min(s1, a0 + _BLOCK)
-                n = a1 - a0
-                lb = lab[b, a0:a1]
-                mk = mask[b, a0:a1] if use_mask else mask[0, 0:0]  # not read without a mask
-                _block_argmax(p[b], a0, a1, best, arg, tot)
-                for i in range(n):
-                    hit[i] = np.uint8(lb[i] == arg[i])
-                _bin_row(best[:n], hit[:n], np.uint8(1), mk, m, right, use_mask, pk32, pk, scratch_tot, exact, h, hp)
-                if validate:
-                    _mark_sums_off(tot, n, thr, bad)
-            nbad = 0
-            for i in range(_BLOCK):
-                nbad += bad[i]
-            _unpack_lanes(h, hp, exact, partial[t, 0])
-            vstats[t] = nbad
-        _merge_partials(partial, n_chunks, exact, out)
-
-    @njit(parallel=True, nogil=True, boundscheck=False, cache=True)
-    def _hist_labels(p, lab, class_ids, mask, use_mask, lo, hi, right, out):  # pragma: no cover - compiled
-        """Row variant (used for half-precision inputs converted one row at a time).
-
-        p: (R, S) float; lab: (B, S) int; rows r = b * C + c; out: (R, 3, M) float64 (accumulated).
-        """
-        n_rows, s = p.shape
-        c_count = class_ids.shape[0]
-        m = out.shape[2]
-        n_chunks = (s + _CHUNK - 1) // _CHUNK
-        partial = np.zeros((n_rows * n_chunks, 3, m))
-        for t in prange(n_rows * n_chunks):
-            r = t // n_chunks
-            b = r // c_count
-            cid = class_ids[r % c_count]
-            s0 = (t % n_chunks) * _CHUNK
-            s1 = min(s, s0 + _CHUNK)
-            hc = np.zeros(m, np.int32)
-            hy = np.zeros(m, np.int32)
-            hp = np.zeros(m)
-            for i in range(s0, s1):
-                if use_mask and mask[b, i] == 0:
-                    continue
-                v = _clamp01(p[r, i])
-                k = _bin_of(v, lo, hi, m, right)
-                hc[k] += 1
-                hy[k] += np.int32(lab[b, i] == cid)
-                hp[k] += v
-            for k in range(m):
-                partial[t, 0, k] = hc[k]
-                partial[t, 1, k] = hp[k]
-                partial[t, 2, k] = hy[k]
-        for r in prange(n_rows):
+            acc0 = 0.0
+            acc1 = 0.0
+            acc2 = 0.0
             for j in range(n_chunks):
-                for q in range(3):
-                    for k in range(m):
-                        out[r, q, k] += partial[r * n_chunks + j, q, k]
+                acc0 += partial[b * n_chunks + j, c, 0, k]
+                acc1 += partial[b * n_chunks + j, c, 1, k]
+                acc2 += partial[b * n_chunks + j, c, 2, k]
+            out[b, c, 0, k] += acc0
+            out[b, c, 1, k] += acc1 if exact else acc1 * _QSCALE_INV
+            out[b, c, 2, k] += acc2
 
-    @njit(parallel=True, nogil=True, boundscheck=False, cache=True)
-    def _hist_dense(p, y, first, mask, use_mask, lo, hi, right, out):  # pragma: no cover - compiled
-        """p, y: (B, C, S) (any strides); channels first.. are binned; mask: (B, S) uint8;
-        out: (B, C - first, 3, M) float64, accumulated."""
-        nb, nc, s = p.shape
-        m = out.shape[3]
-        kc = nc - first
-        n_chunks = (s + _CHUNK - 1) // _CHUNK
-        n_tasks = nb * kc * n_chunks
-        partial = np.zeros((n_tasks, 3, m))
-        for t in prange(n_tasks):
-            row = t // n_chunks
-            b = row // kc
-            c = first + row % kc
-            s0 = (t % n_chunks) * _CHUNK
-            s1 = min(s, s0 + _CHUNK)
-            hn = np.zeros((2, m), np.int32)
-            hp = np.zeros((2, m))
-            hy = np.zeros((2, m))
-            for i in range(s0, s1):
-                if use_mask and mask[b, i] == 0:
-                    continue
-                v = _clamp01(p[b, c, i])
-                k = _bin_of(v, lo, hi, m, right)
-                ln = i & 1  # two interleaved histograms: runs of voxels in one bin do not serialise
-                hn[ln, k] += 1
-                hp[ln, k] += v
-                hy[ln, k] += y[b, c, i]
-            for k in range(m):
-                partial[t, 0, k] = hn[0, k] + hn[1, k]
-                partial[t, 1, k] = hp[0, k] + hp[1, k]
-                partial[t, 2, k] = hy[0, k] + hy[1, k]
-        for row in prange(nb * kc):
-            b = row // kc
-            c = row % kc
-            for j in range(n_chunks):
-                for q in range(3):
-                    for k in range(m):
-                        out[b, c, q, k] += partial[row * n_chunks + j, q, k]
+@njit(parallel=True, nogil=True, boundscheck=False, cache=True)
+def _hist_voxels(p, lab, first, mask, use_mask, right, validate, thr, exact, out, vstats):  # pragma: no cover
+    """Exclusive mode, label map, float32/float64 probabilities. p: (B, C, S); lab: (B, S) int;
+    mask: (B, S) uint8. Requires :func:`voxel_kernel_ok` for ``M`` and the dtype.
+
+    out: (B, C - first, 3, M) float64, accumulated. vstats: (B * n_chunks,) float64 receives per task the
+    number of voxels (mask ignored) with a value outside [0, 1] or NaN or whose channel sum is NaN or
+    deviates from 1 by more than ``thr`` (``thr < 7``, see :func:`_mark_sums_off`); the caller re-checks
+    precisely (and names the problem) only when one is non-zero.
+
+    A task is one image and one chunk of ``_CHUNK`` voxels, walked in blocks of ``_BLOCK`` voxels (a
+    block's rows, channel sums and packed words stay in L1); per block and channel: pass 1
+    (:func:`_pack_row`, vectorised: clamp, validation, bin) and pass 2 (:func:`_scatter_packed`), both in
+    :func:`_bin_row`, into the channel's lane histograms of packed ``count << _CNT_SHIFT | sum q`` int64
+    entries, unpacked once per task (channels before ``first`` are only validated, :func:`_row_validate`).
+    Counts are exact. Sums of probabilities: with ``exact`` (float64 inputs) float64 sums
+    (:func:`_scatter_exact`); otherwise exact integer sums of ``q = round(p * 2**_QBITS)``, i.e. within
+    ``2**-(_QBITS + 1)`` (4.7e-10) per voxel of the exact sum, so a bin's mean confidence is within 4.7e-10,
+    and (integer sums) the result does not depend on the order of the voxels or the number of threads.
+    """
+    nb, nc, s = p.shape
+    m = out.shape[3]
+    kc = nc - first
+    width = 2 * m + 1  # slots 2k (miss), 2k + 1 (hit), 2M (discarded by the mask)
+    n_chunks = (s + _CHUNK - 1) // _CHUNK
+    n_tasks = nb * n_chunks
+    partial = np.zeros((n_tasks, kc, 3, m))
+    for t in prange(n_tasks):
+        b = t // n_chunks
+        s0 = (t % n_chunks) * _CHUNK
+        s1 = min(s, s0 + _CHUNK)
+        h = np.zeros((kc, _LANES, width), np.int64)
+        hp = np.zeros((kc, _LANES, width) if exact else (1, 1, 1))
+        pk32 = np.empty(2 * _BLOCK, np.int32)
+        pk = pk32.view(np.int64)
+        tot = np.zeros(_BLOCK, p.dtype)
+        bad = np.zeros(_BLOCK, np.int32)
+        for a0 in range(s0, s1, _BLOCK):
+            a1 = min(s1, a0 + _BLOCK)
+            n = a1 - a0
+            lb = lab[b, a0:a1]
+            mk = mask[b, a0:a1] if use_mask else mask[0, 0:0]  # not read without a mask
+            tot[:] = 0.0
+            for c in range(nc):
+                pc = p[b, c, a0:a1]
+                if c < first:
+                    if validate:
+                        _row_validate(pc, tot[:n])
+                else:
+                    hpc = hp[c - first] if exact else hp[0]
+                    lc = lb.dtype.type(c)
+                    _bin_row(pc, lb, lc, mk, m, right, use_mask, pk32, pk, tot, exact, h[c - first], hpc)
+            if validate:
+                _mark_sums_off(tot, n, thr, bad)
+        nbad = 0
+        for i in range(_BLOCK):
+            nbad += bad[i]
+        for c in range(kc):
+            _unpack_lanes(h[c], hp[c] if exact else hp[0], exact, partial[t, c])
+        vstats[t] = nbad
+    _merge_partials(partial, n_chunks, exact, out)
+
+@njit(inline="always", nogil=True, boundscheck=False, error_model="numpy")
+def _row_argmax(pc, c, best, arg, tot):  # pragma: no cover - compiled
+    """Folds channel ``c`` (row ``pc`` (n,)) into the running maximum ``best`` and its channel ``arg``
+    (strictly greater replaces: the first maximum wins, as ``torch.max``), and into the channel sums
+    ``tot`` (as :func:`_row_validate`). Vectorised across voxels."""
+    zero = pc.dtype.type(0.0)
+    one = pc.dtype.type(1.0)
+    ci = np.int32(c)
+    flagged = pc.dtype.type(_FLAGGED)
+    for i in range(pc.shape[0]):
+        w = pc[i]
+        gt = w > best[i]
+        best[i] = w if gt else best[i]
+        arg[i] = ci if gt else arg[i]
+        ok = (w >= zero) & (w <= one)
+        tot[i] += w if ok else flagged
+
+@njit(inline="always", nogil=True, boundscheck=False)
+def _block_argmax(pb, a0, a1, best, arg, tot):  # pragma: no cover - compiled
+    """Voxels ``a0:a1`` of the channel rows ``pb`` (C, S): their maximum ``best``, its channel ``arg`` and
+    the channel sums ``tot`` (validation, see :func:`_row_validate`) into the first ``a1 - a0`` entries,
+    one vectorised :func:`_row_argmax` per channel."""
+    n = a1 - a0
+    best[:n] = -np.inf
+    arg[:n] = 0
+    tot[:n] = 0.0
+    for c in range(pb.shape[0]):
+        _row_argmax(pb[c, a0:a1], c, best[:n], arg[:n], tot[:n])
+
+@njit(parallel=True, nogil=True, boundscheck=False, cache=True)
+def _hist_top_label(p, lab, mask, use_mask, right, validate, thr, exact, out, vstats):  # pragma: no cover
+    """Top-label bins, exclusive mode with a label map: confidence ``max_c p`` (first maximum, as
+    ``torch.max``), hit = ``argmax == label``. p: (B, C, S) float32/float64; lab: (B, S) int; mask: (B, S)
+    uint8; out: (B, 1, 3, M) accumulated; vstats, ``exact`` and the fixed-point sums as in
+    :func:`_hist_voxels` (same preconditions). Per block: the channel rows fold into the maximum
+    (:func:`_row_argmax`, vectorised, with the validation), then the confidences go through the same
+    pass 1 / pass 2 as a channel of :func:`_hist_voxels`, with ``argmax == label`` as the hit. (A float32
+    value >= 2**-6 times 2**30 is already an integer, so its q is exact: top-label confidences, >= 1 / C,
+    are summed exactly for up to 64 classes.)"""
+    nb, _, s = p.shape
+    m = out.shape[3]
+    width = 2 * m + 1
+    n_chunks = (s + _CHUNK - 1) // _CHUNK
+    n_tasks = nb * n_chunks
+    partial = np.zeros((n_tasks, 1, 3, m))
+    for t in prange(n_tasks):
+        b = t // n_chunks
+        s0 = (t % n_chunks) * _CHUNK
+        s1 = min(s, s0 + _CHUNK)
+        h = np.zeros((_LANES, width), np.int64)
+        hp = np.zeros((_LANES, width) if exact else (1, 1))
+        pk32 = np.empty(2 * _BLOCK, np.int32)
+        pk = pk32.view(np.int64)
+        best = np.empty(_BLOCK, p.dtype)
+        arg = np.empty(_BLOCK, np.int32)
+        hit = np.empty(_BLOCK, np.uint8)
+        tot = np.empty(_BLOCK, p.dtype)
+        bad = np.zeros(_BLOCK, np.int32)
+        scratch_tot = np.empty(_BLOCK, p.dtype)  # pass 1's validation of the confidences is not needed
+        for a0 in range(s0, s1, _BLOCK):
+            a1 = min(s1, a0 + _BLOCK)
+            n = a1 - a0
+            lb = lab[b, a0:a1]
+            mk = mask[b, a0:a1] if use_mask else mask[0, 0:0]  # not read without a mask
+            _block_argmax(p[b], a0, a1, best, arg, tot)
+            for i in range(n):
+                hit[i] = np.uint8(lb[i] == arg[i])
+            _bin_row(best[:n], hit[:n], np.uint8(1), mk, m, right, use_mask, pk32, pk, scratch_tot, exact, h, hp)
+            if validate:
+                _mark_sums_off(tot, n, thr, bad)
+        nbad = 0
+        for i in range(_BLOCK):
+            nbad += bad[i]
+        _unpack_lanes(h, hp, exact, partial[t, 0])
+        vstats[t] = nbad
+    _merge_partials(partial, n_chunks, exact, out)
+
+@njit(parallel=True, nogil=True, boundscheck=False, cache=True)
+def _hist_labels(p, lab, class_ids, mask, use_mask, lo, hi, right, out):  # pragma: no cover - compiled
+    """Row variant (used for half-precision inputs converted one row at a time).
+
+    p: (R, S) float; lab: (B, S) int; rows r = b * C + c; out: (R, 3, M) float64 (accumulated).
+    """
+    n_rows, s = p.shape
+    c_count = class_ids.shape[0]
+    m = out.shape[2]
+    n_chunks = (s + _CHUNK - 1) // _CHUNK
+    partial = np.zeros((n_rows * n_chunks, 3, m))
+    for t in prange(n_rows * n_chunks):
+        r = t // n_chunks
+        b = r // c_count
+        cid = class_ids[r % c_count]
+        s0 = (t % n_chunks) * _CHUNK
+        s1 = min(s, s0 + _CHUNK)
+        hc = np.zeros(m, np.int32)
+        hy = np.zeros(m, np.int32)
+        hp = np.zeros(m)
+        for i in range(s0, s1):
+            if use_mask and mask[b, i] == 0:
+                continue
+            v = _clamp01(p[r, i])
+            k = _bin_of(v, lo, hi, m, right)
+            hc[k] += 1
+            hy[k] += np.int32(lab[b, i] == cid)
+            hp[k] += v
+        for k in range(m):
+            partial[t, 0, k] = hc[k]
+            partial[t, 1, k] = hp[k]
+            partial[t, 2, k] = hy[k]
+    for r in prange(n_rows):
+        for j in range(n_chunks):
+            for q in range(3):
+                for k in range(m):
+                    out[r, q, k] += partial[r * n_chunks + j, q, k]
+
+@njit(parallel=True, nogil=True, boundscheck=False, cache=True)
+def _hist_dense(p, y, first, mask, use_mask, lo, hi, right, out):  # pragma: no cover - compiled
+    """p, y: (B, C, S) (any strides); channels first.. are binned; mask: (B, S) uint8;
+    out: (B, C - first, 3, M) float64, accumulated."""
+    nb, nc, s = p.shape
+    m = out.shape[3]
+    kc = nc - first
+    n_chunks = (s + _CHUNK - 1) // _CHUNK
+    n_tasks = nb * kc * n_chunks
+    partial = np.zeros((n_tasks, 3, m))
+    for t in prange(n_tasks):
+        row = t // n_chunks
+        b = row // kc
+        c = first + row % kc
+        s0 = (t % n_chunks) * _CHUNK
+        s1 = min(s, s0 + _CHUNK)
+        hn = np.zeros((2, m), np.int32)
+        hp = np.zeros((2, m))
+        hy = np.zeros((2, m))
+        for i in range(s0, s1):
+            if use_mask and mask[b, i] == 0:
+                continue
+            v = _clamp01(p[b, c, i])
+            k = _bin_of(v, lo, hi, m, right)
+            ln = i & 1  # two interleaved histograms: runs of voxels in one bin do not serialise
+            hn[ln, k] += 1
+            hp[ln, k] += v
+            hy[ln, k] += y[b, c, i]
+        for k in range(m):
+            partial[t, 0, k] = hn[0, k] + hn[1, k]
+            partial[t, 1, k] = hp[0, k] + hp[1, k]
+            partial[t, 2, k] = hy[0, k] + hy[1, k]
+    for row in prange(nb * kc):
+        b = row // kc
+        c = row % kc
+        for j in range(n_chunks):
+            for q in range(3):
+                for k in range(m):
+                    out[b, c, q, k] += partial[row * n_chunks + j, q, k]
 
 
 def set_threads(n: int) -> None:
     """Set the number of threads the numba kernels use (defaults to numba's, i.e. all cores)."""
-    if HAVE_NUMBA:
-        numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+    numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))

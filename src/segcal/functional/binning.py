@@ -211,7 +211,6 @@ def bin_statistics(
         isinstance(pred, torch.Tensor)
         and activation is None
         and regions is None
-        and _kernels.HAVE_NUMBA
         and pred.device.type == "cpu"
         and pred.dtype in (torch.float32, torch.float64)
         and not pred.requires_grad
@@ -253,7 +252,7 @@ def bin_statistics(
         out, vstats = _bin_statistics_numba(probs, labels, dense_y, first, mask_t, num_bins, closed, validate)
         if validate and vstats is not None and vstats.sum() > 0:
             check_probabilities(probs, mode)  # something is off: the precise checks name the problem
-    elif probs.device.type == "cpu" and _kernels.HAVE_NUMBA and not probs.requires_grad:
+    elif probs.device.type == "cpu" and not probs.requires_grad:
         out, _ = _bin_statistics_numba(probs, labels, dense_y, first, mask_t, num_bins, closed, False)
     else:
         class_ids = torch.arange(first, c, dtype=torch.int64)

@@ -175,8 +175,7 @@ def _top_label_numba(
     """One fused numba pass (validate, max/argmax, bin) for float32/float64 CPU probabilities with a label
     map in exclusive mode; ``None`` when the input does not qualify (the torch path then handles it)."""
     if not (
-        _kernels.HAVE_NUMBA
-        and isinstance(pred, torch.Tensor)
+        isinstance(pred, torch.Tensor)
         and isinstance(target, torch.Tensor)
         and activation is None
         and mode == "exclusive"
@@ -327,12 +326,3 @@ def mean_absolute_error(
     w = _voxel_weights(mask, probs)
     return select_channels(_masked_mean(err, w).unsqueeze(-1), include_background, mode)[..., 0]
 
-
-def marginal_statistics(
-    pred: torch.Tensor,
-    target: torch.Tensor,
-    num_bins: int = 20,
-    **kwargs: object,
-) -> BinStats:
-    """Alias of :func:`segcal.functional.binning.bin_statistics` (marginal = class-wise binning)."""
-    return bin_statistics(pred, target, num_bins, **kwargs)  # type: ignore[arg-type]

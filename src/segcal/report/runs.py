@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from segcal.evaluation.runner import CASE_METRICS, CLASS_METRICS
 from segcal.functional.binning import BinStats
 from segcal.functional.calibration import calibration_errors
+from segcal.functional.scoring import CASE_METRICS, CLASS_METRICS
 from segcal.plots import (
     dataset_reliability_comparison,
     dataset_reliability_histogram,

@@ -1,0 +1,395 @@
+"""Every metric of a case, in one place: the metric schema and the mergeable per-image statistics.
+
+One function, :func:`case_statistics`, computes for each image of a batch ``(B, C, *spatial)`` the sums every
+segcal metric derives from (a :class:`CaseStatistics`); :func:`image_metrics` and :func:`pooled_metrics` turn
+them into per-image and dataset-level (micro) values. The stateful metric
+(:class:`segcal.metrics.SegmentationCalibrationMetric`), the dataset runner (``segcal evaluate``) and the reports
+all go through these three functions, so a metric is defined once. :data:`METRICS` is the one schema (name,
+per class or per case, how it pools) from which ``MetricResult``, the ``cases.csv`` columns and ``summary.json``
+are derived.
+
+On CPU, for the common case (exclusive classes, a hard label map, no region channels, no soft reference)
+the confusion counts, Brier and NLL sums and the top-label bins come from one fused numba pass over the
+voxels (:mod:`segcal.functional._case_kernel`, sharing the binning kernels of
+:mod:`segcal.functional._kernels`); its results equal the separate functions' (tested at 1e-12 relative).
+
+Bins: ``M`` equal-width bins, bin ``k`` = ``(k/M, (k+1)/M]`` (``closed="right"``, see
+:mod:`segcal.functional.binning`). Metric definitions: marginal ECE/ACE/MCE and their L2 forms from
+:func:`~segcal.functional.calibration.calibration_errors` (Naeini et al. 2015; Nixon et al. 2019; the marginal
+class-wise form of Barfoot et al. 2024, docs/references.md), NLL and Brier as in Mehrtash et al. 2020
+(eqs. 3-4), overlap scores from the confusion counts, HD95 with MONAI's surface distances.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Literal
+
+import numpy as np
+import torch
+
+from segcal.functional.binning import BinStats, Closed, bin_statistics
+from segcal.functional.calibration import (
+    EPS,
+    brier_score,
+    calibration_errors,
+    mean_absolute_error,
+    negative_log_likelihood,
+    top_label_statistics,
+)
+from segcal.functional.inputs import (
+    PROB_ATOL,
+    Mode,
+    as_label_map,
+    check_mode,
+    check_target,
+    region_probabilities,
+    region_targets,
+)
+from segcal.functional.overlap import confusion_counts, hausdorff_distance_95, overlap_scores
+
+__all__ = [
+    "CASE_METRICS",
+    "CLASS_METRICS",
+    "METRICS",
+    "CaseStatistics",
+    "MetricSpec",
+    "TargetError",
+    "case_statistics",
+    "image_metrics",
+    "pooled_metrics",
+]
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One metric of the schema.
+
+    ``per``: ``"class"`` (one value per kept channel) or ``"case"`` (one value per image). ``source``: the
+    statistic it derives from. ``pooled``: whether a dataset-level (micro) value exists, computed from the
+    summed statistics of all images (HD95 has none: it is not a sum).
+    """
+
+    name: str
+    per: Literal["class", "case"]
+    source: Literal["counts", "bins", "top", "brier", "mae", "nll", "hd95"]
+    pooled: bool
+    description: str
+
+
+_CE = {
+    "ece": "expected calibration error (L1, bins weighted by their voxel count)",
+    "ace": "average calibration error (L1, non-empty bins weighted equally)",
+    "mce": "maximum calibration error over non-empty bins",
+    "ece_l2": "expected calibration error, L2 (root of the count-weighted mean squared gap)",
+    "ace_l2": "average calibration error, L2",
+}
+
+#: the metric schema, in ``cases.csv`` column order
+METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec("dice", "class", "counts", True, "Dice similarity coefficient of the argmax segmentation"),
+    MetricSpec("iou", "class", "counts", True, "intersection over union (Jaccard)"),
+    MetricSpec("precision", "class", "counts", True, "positive predictive value"),
+    MetricSpec("recall", "class", "counts", True, "sensitivity"),
+    MetricSpec("hd95", "class", "hd95", False, "95th-percentile Hausdorff distance (mm with the spacing)"),
+    *(MetricSpec(k, "class", "bins", True, f"marginal {v}") for k, v in _CE.items()),
+    MetricSpec("brier", "class", "brier", True, "mean squared error of the class probability"),
+    MetricSpec("mae", "class", "mae", True, "mean absolute error against a soft reference"),
+    MetricSpec("nll", "case", "nll", True, "mean negative log-likelihood of the target"),
+    *(MetricSpec(f"top_label_{k}", "case", "top", True, f"top-label {v}") for k, v in _CE.items()),
+)
+#: per-class metric names (in schema order)
+CLASS_METRICS: tuple[str, ...] = tuple(m.name for m in METRICS if m.per == "class")
+#: per-case metric names (in schema order)
+CASE_METRICS: tuple[str, ...] = tuple(m.name for m in METRICS if m.per == "case")
+
+
+class TargetError(ValueError):
+    """The target (label map or reference), not the prediction, is invalid."""
+
+
+@dataclass(frozen=True)
+class CaseStatistics:
+    """Per-image statistics that every metric derives from; all float64 tensors with images on axis 0.
+
+    ``bins`` ``(B, C, 3, M)`` marginal bin sums (count, Σp, Σy) of the kept channels; ``top`` ``(B, 1, 3, M)``
+    top-label bin sums; ``counts`` ``(B, C, 3)`` tp / fp / fn; ``brier_sum`` / ``mae_sum`` ``(B, C)`` sums of the
+    per-voxel squared / absolute errors (``mae_sum`` NaN without a soft reference); ``nll_sum`` ``(B,)``;
+    ``n_voxels`` ``(B,)`` voxels scored (inside the mask); ``hd95`` ``(B, C)`` (NaN when not computed).
+    Images merge by concatenation (:meth:`cat`); the pooled values sum over images.
+    """
+
+    bins: torch.Tensor
+    top: torch.Tensor
+    counts: torch.Tensor
+    brier_sum: torch.Tensor
+    mae_sum: torch.Tensor
+    nll_sum: torch.Tensor
+    n_voxels: torch.Tensor
+    hd95: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.bins.shape[0])
+
+    @property
+    def bin_stats(self) -> BinStats:
+        return BinStats(self.bins[:, :, 0], self.bins[:, :, 1], self.bins[:, :, 2])
+
+    @property
+    def top_label_stats(self) -> BinStats:
+        return BinStats(self.top[:, :, 0], self.top[:, :, 1], self.top[:, :, 2])
+
+    @staticmethod
+    def cat(parts: Sequence[CaseStatistics]) -> CaseStatistics:
+        """Stack the images of several statistics (the merge of per-image records)."""
+        if not parts:
+            raise ValueError("no statistics to concatenate")
+        return CaseStatistics(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in _FIELDS})
+
+    def select(self, i: int) -> CaseStatistics:
+        """Image ``i`` as a one-image statistics."""
+        return CaseStatistics(**{f.name: getattr(self, f.name)[i : i + 1] for f in _FIELDS})
+
+    def to_numpy(self) -> dict[str, np.ndarray]:
+        """Plain float64 arrays by field name (for storage)."""
+        return {f.name: getattr(self, f.name).cpu().numpy() for f in _FIELDS}
+
+    @staticmethod
+    def from_numpy(arrays: dict[str, np.ndarray]) -> CaseStatistics:
+        return CaseStatistics(**{f.name: torch.as_tensor(np.asarray(arrays[f.name], np.float64)) for f in _FIELDS})
+
+
+_FIELDS = fields(CaseStatistics)
+
+
+def _fused(
+    probs: torch.Tensor,
+    lab: torch.Tensor,
+    mask: torch.Tensor | None,
+    num_bins: int,
+    closed: Closed,
+    check: bool,
+) -> tuple[torch.Tensor, ...] | None:
+    """The fused CPU pass per image: ``(counts (B, C, 3), sq (B, C), top (B, 1, 3, M), nll_sum (B,), n (B,))``
+    over all classes, or None where the kernels do not apply (the caller uses the separate functions)."""
+    from segcal.functional._case_kernel import fused_case_pass
+
+    c = probs.shape[1]
+    out: list[tuple[np.ndarray, ...]] = []
+    for b in range(probs.shape[0]):
+        m = None if mask is None else mask[b].reshape(lab.shape[1:]).numpy()
+        res = fused_case_pass(
+            probs[b].numpy(), lab[b].numpy(), m, EPS, num_bins, closed, sum_tol=PROB_ATOL * max(1, c)
+        )
+        if res is None:
+            return None
+        counts, sq, top, info = res
+        if check:
+            _raise_invalid(info, c)
+        out.append((counts, sq, top[None], np.array(info["nll_sum"]), np.array(info["n_in_mask"])))
+    return tuple(torch.from_numpy(np.stack(col)).to(torch.float64) for col in zip(*out, strict=True))
+
+
+def _raise_invalid(info: dict[str, float], c: int) -> None:
+    """The core's validation from the fused pass's statistics, with :mod:`segcal.functional.inputs`' messages.
+    The probability checks run only when the pass flagged voxels (``n_flagged``; it then adds the precise
+    statistics); a borderline flag that the precise checks clear raises nothing."""
+    if info["n_flagged"] > 0 and info["n_nonfinite"] > 0:
+        raise ValueError(f"prediction contains {int(info['n_nonfinite'])} NaN/Inf values")
+    lo, hi = info.get("p_min", 0.0), info.get("p_max", 1.0)
+    if lo < -PROB_ATOL or hi > 1 + PROB_ATOL:
+        raise ValueError(f"prediction must hold probabilities in [0, 1] but spans [{lo:.4g}, {hi:.4g}]")
+    if info.get("max_sum_dev", 0.0) > PROB_ATOL * max(1, c):
+        raise ValueError(
+            "prediction: exclusive mode needs class probabilities that sum to 1 over the channel axis, "
+            f"max deviation is {info['max_sum_dev']:.4g}"
+        )
+    l_lo, l_hi = int(info["label_min"]), int(info["label_max"])
+    if l_lo < 0 or l_hi >= c:
+        raise TargetError(
+            f"label: labels must lie in [0, {c - 1}] for {c} classes, found values in [{l_lo}, {l_hi}]"
+        )
+
+
+def _fast_label_map(
+    probs: torch.Tensor, target: torch.Tensor, mode: Mode, regions: object, reference: object
+) -> torch.Tensor | None:
+    """The label map ``(B, *S)`` when the fused CPU pass applies, else None."""
+    if mode != "exclusive" or regions is not None or reference is not None or probs.shape[1] < 2:
+        return None
+    if probs.device.type != "cpu" or probs.dtype not in (torch.float32, torch.float64):
+        return None
+    if target.is_floating_point() or target.dtype == torch.bool or target.device.type != "cpu":
+        return None
+    lab = as_label_map(target, probs.shape[2:])
+    if lab is None or lab.shape[0] != probs.shape[0] or lab.numel() == 0:
+        return None
+    return lab.contiguous()
+
+
+def _top_label(
+    probs: torch.Tensor, target: torch.Tensor, num_bins: int, mode: Mode, mask: torch.Tensor | None, closed: Closed
+) -> torch.Tensor:
+    """Top-label bin sums ``(B, 1, 3, M)`` of the model's own classes; in multilabel mode the per-channel
+    binary curves (confidence ``max(p, 1 - p)``) are summed into one."""
+    top = top_label_statistics(probs, target, num_bins, mode=mode, mask=mask, closed=closed, check=False)
+    stacked = torch.stack([top.count, top.sum_p, top.sum_y], 2)
+    return stacked.sum(1, keepdim=True)
+
+
+def case_statistics(
+    probs: torch.Tensor,
+    target: torch.Tensor,
+    num_bins: int = 20,
+    *,
+    mode: Mode = "exclusive",
+    include_background: bool = False,
+    regions: Sequence[Sequence[int]] | None = None,
+    mask: torch.Tensor | None = None,
+    reference: torch.Tensor | None = None,
+    hd95: bool = False,
+    spacing: Sequence[float] | None = None,
+    closed: Closed = "right",
+    check: bool = True,
+) -> CaseStatistics:
+    """The statistics of every metric of each image of ``probs`` ``(B, C, *spatial)`` (probabilities).
+
+    Args:
+        target: label map ``(B, *spatial)`` / ``(B, 1, *spatial)`` or one-hot / multi-hot ``(B, C, *spatial)``;
+            the reference of the overlap counts, the top-label accuracy and HD95, and of the calibration
+            statistics unless ``reference`` is given.
+        num_bins: ``M`` equal-width bins, bin ``k`` = ``(k/M, (k+1)/M]`` (``closed="right"``).
+        mode: ``"exclusive"`` (softmax classes) or ``"multilabel"`` (independent channels).
+        include_background: keep channel 0 in exclusive mode.
+        regions: region channels summed from exclusive classes (e.g. BraTS ``[[3], [1, 3], [1, 2, 3]]``): the
+            class-wise metrics are computed on the region channels (multilabel); the top-label metrics stay on
+            the model's classes.
+        mask: ``(B, *spatial)`` bool region of interest; every statistic but HD95 is restricted to it.
+        reference: optional soft reference ``(B, C, *spatial)`` in [0, 1] (e.g. the mean of several
+            annotators): bins, Brier and NLL are computed against it, and the MAE is filled.
+        hd95: compute the 95th-percentile Hausdorff distance (whole image, ``spacing`` in mm).
+        check: validate the inputs (a bad target raises :class:`TargetError`, a bad prediction ``ValueError``).
+
+    Returns:
+        :class:`CaseStatistics` with ``B`` images.
+    """
+    mode = check_mode(mode)
+    eff: Mode = "exclusive" if regions is not None else mode
+    lab = _fast_label_map(probs, target, mode, regions, reference)
+    if check and lab is None:  # (the fused pass validates the label range itself)
+        _check_targets(probs, target, reference, eff)
+    ib = include_background
+    calib_target = reference if reference is not None else target
+    kw = {"mode": mode, "regions": regions, "mask": mask}
+    fused = _fused(probs.detach(), lab, mask, num_bins, closed, check) if lab is not None else None
+    if check and lab is not None and fused is None:
+        _check_targets(probs, target, reference, eff)
+    bins = bin_statistics(
+        probs, calib_target, num_bins, include_background=ib, closed=closed, check=check and fused is None, **kw
+    )
+    n_vox = bins.count[:, 0].sum(-1)
+    first = 0 if (ib or eff != "exclusive" or regions is not None) else 1
+    if fused is not None:
+        counts, sq, top, nll_sum, n_vox = fused
+        counts, brier_sum = counts[:, first:], sq[:, first:]
+    else:
+        counts = confusion_counts(probs, target, include_background=ib, check=False, **kw)
+        brier_sum = brier_score(probs, calib_target, include_background=ib, check=False, **kw) * n_vox[:, None]
+        nll_sum = negative_log_likelihood(probs, calib_target, check=False, **kw) * n_vox
+        top = _top_label(probs, target, num_bins, eff, mask, closed)
+    nan = torch.full(counts.shape[:2], float("nan"), dtype=torch.float64)
+    mae_sum = nan
+    if reference is not None:
+        mae = _mae(probs, reference, ib, mode, regions, mask)
+        mae_sum = mae * n_vox[:, None]
+    hd = nan
+    if hd95:
+        hd = hausdorff_distance_95(
+            probs, target, include_background=ib, mode=mode, spacing=spacing, regions=regions, check=False
+        )
+    return CaseStatistics(
+        bins=torch.stack([bins.count, bins.sum_p, bins.sum_y], 2).cpu(),
+        top=top.cpu(),
+        counts=counts.cpu(),
+        brier_sum=brier_sum.cpu(),
+        mae_sum=mae_sum.cpu(),
+        nll_sum=nll_sum.reshape(-1).cpu(),
+        n_voxels=n_vox.to(torch.float64).reshape(-1).cpu(),
+        hd95=hd.cpu(),
+    )
+
+
+def _check_targets(probs: torch.Tensor, target: torch.Tensor, reference: torch.Tensor | None, mode: Mode) -> None:
+    try:
+        check_target(target, probs.shape, mode, name="label")
+        if reference is not None:
+            check_target(reference, probs.shape, mode, name="reference")
+    except ValueError as exc:
+        raise TargetError(str(exc)) from None
+
+
+def _mae(
+    probs: torch.Tensor,
+    reference: torch.Tensor,
+    ib: bool,
+    mode: Mode,
+    regions: Sequence[Sequence[int]] | None,
+    mask: torch.Tensor | None,
+) -> torch.Tensor:
+    if regions is not None:
+        return mean_absolute_error(
+            region_probabilities(probs, regions),
+            region_targets(reference, regions, probs.shape[1]),
+            mode="multilabel",
+            mask=mask,
+            check=False,
+        )
+    return mean_absolute_error(probs, reference, mode=mode, include_background=ib, mask=mask, check=False)
+
+
+def _per_voxel(total: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """``total / n`` with NaN where no voxel was scored (``n`` broadcast over trailing axes)."""
+    n = n.reshape(n.shape + (1,) * (total.ndim - n.ndim))
+    return torch.where(n > 0, total / n.clamp_min(1), torch.nan)
+
+
+def _metric_values(
+    counts: torch.Tensor,
+    bins: BinStats,
+    top: BinStats,
+    sums: dict[str, torch.Tensor],
+    n: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    values = {**overlap_scores(counts), **calibration_errors(bins)}
+    values.update({f"top_label_{k}": v for k, v in calibration_errors(top).items()})
+    values["brier"] = _per_voxel(sums["brier_sum"], n)
+    values["mae"] = _per_voxel(sums["mae_sum"], n)
+    values["nll"] = _per_voxel(sums["nll_sum"], n)[:, None]
+    return values
+
+
+def image_metrics(stats: CaseStatistics) -> dict[str, torch.Tensor]:
+    """Per-image values of every metric of :data:`METRICS`: ``(B, C)`` per class, ``(B, 1)`` per case."""
+    sums = {"brier_sum": stats.brier_sum, "mae_sum": stats.mae_sum, "nll_sum": stats.nll_sum}
+    values = _metric_values(stats.counts, stats.bin_stats, stats.top_label_stats, sums, stats.n_voxels)
+    values["hd95"] = stats.hd95
+    return {m.name: values[m.name] for m in METRICS}
+
+
+def pooled_metrics(stats: CaseStatistics) -> dict[str, torch.Tensor]:
+    """Dataset-level (micro) values from the statistics summed over images: ``(C,)`` per class, ``(1,)`` per
+    case; metrics without a pooled form (HD95) are left out."""
+    sums = {
+        "brier_sum": stats.brier_sum.sum(0, keepdim=True),
+        "mae_sum": stats.mae_sum.sum(0, keepdim=True),
+        "nll_sum": stats.nll_sum.sum(0, keepdim=True),
+    }
+    values = _metric_values(
+        stats.counts.sum(0, keepdim=True),
+        stats.bin_stats.pooled(),
+        stats.top_label_stats.pooled(),
+        sums,
+        stats.n_voxels.sum(0, keepdim=True),
+    )
+    return {m.name: values[m.name][0] for m in METRICS if m.pooled}
