@@ -1,4 +1,4 @@
-"""Dataset evaluation runner (SPEC §1, §6, §7, §9).
+"""Dataset evaluation runner (``segcal evaluate``; docs/evaluation.md).
 
 For each case the runner reads prediction and label (:mod:`segcal.io`), computes per-class metrics and the
 mergeable bin sums with the metric core (:mod:`segcal.functional`) on the chosen region, and commits the
@@ -264,7 +264,7 @@ def compute_case(case: Case, config: EvalConfig) -> CaseResult:
 
 
 def _raise_invalid(info: dict[str, float], c: int, pred_path: str | None, label_path: str | None) -> None:
-    """The core's validation (SPEC §9) from the fused pass's statistics, with segcal.functional's messages.
+    """The core's input validation from the fused pass's statistics, with segcal.functional's messages.
     The probability checks run only when the pass flagged voxels (``n_flagged``; it then adds the precise
     statistics); a borderline flag that the precise checks clear raises nothing."""
     if info["n_flagged"] > 0 and info["n_nonfinite"] > 0:
