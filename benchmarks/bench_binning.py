@@ -1,4 +1,4 @@
-"""Benchmark of the binning core on one BraTS-sized case (issue #2).
+"""Benchmark of the binning core on one BraTS-sized case (results: docs/core-validation.md).
 
 Case: softmax probabilities ``(1, 4, 240, 240, 155)`` float32 (136 MiB) and a uint8 label map, M = 20 bins,
 2 torch threads and 2 numba threads. Prints the median wall time (>= 5 repeats after a warm-up; numba

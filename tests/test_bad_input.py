@@ -1,4 +1,4 @@
-"""Bad input (SPEC §9): one clear ValueError/TypeError that names the argument and the problem."""
+"""Bad input: one clear ValueError/TypeError that names the argument and the problem."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Unit tests of the binning core: bin convention and ties (SPEC §0), kernel paths, BinStats, loss sums."""
+"""Unit tests of the binning core: bins ``(k/M, (k+1)/M]`` and ties at k/M, kernel paths, BinStats, loss sums."""
 
 from __future__ import annotations
 

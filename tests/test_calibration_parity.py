@@ -1,4 +1,4 @@
-"""Parity of the calibration core with reference implementations (issue #2).
+"""Parity of the calibration core with reference implementations (summary: docs/core-validation.md).
 
 References: MONAI 1.6 ``calibration_binning`` / ``CalibrationErrorMetric``, torchmetrics
 ``MulticlassCalibrationError`` (top-label), netcal ``ECE``. Tolerances: 1e-6 absolute on float64 inputs,
@@ -187,7 +187,7 @@ def test_monai_dense_target_and_other_bin_counts():
 
 
 def test_monai_upper_neighbour_of_edge_differs_documented():
-    """The float32 value right above k/M: segcal puts it in bin k (SPEC), MONAI (inflated edges) in k-1."""
+    """The float32 value right above k/M: segcal puts it in bin k (by its convention), MONAI (inflated edges) in k-1."""
     m = 20
     v = torch.nextafter(torch.tensor(0.5, dtype=torch.float32), torch.tensor(1.0))
     p = torch.stack([1 - v.expand(1, 2, 2), v.expand(1, 2, 2)], dim=1)  # (1, 2, 2, 2)

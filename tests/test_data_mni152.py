@@ -70,7 +70,7 @@ def test_soft_reference(small: mni152.TissueDataset) -> None:
     brain = sp.labels > 0
     assert (brain.sum((1, 2)) > 500).all()  # every slice contains brain
     frac_soft = float((sp.soft.max(1)[brain] < 0.9).mean())
-    assert frac_soft > 0.6, frac_soft  # most brain voxels have an uncertain reference (DATA.md §A)
+    assert frac_soft > 0.6, frac_soft  # most brain voxels have an uncertain reference (docs/data.md)
     # T1 contrast: WM brighter than GM brighter than CSF
     means = [float(sp.images[:, 0][sp.labels == c].mean()) for c in (1, 2, 3)]
     assert means[0] < means[1] < means[2], means

@@ -1,4 +1,4 @@
-"""Overlap and boundary metrics vs MONAI, scikit-learn and an independent scipy HD95 (SPEC §1)."""
+"""Overlap and boundary metrics vs MONAI, scikit-learn and an independent scipy HD95."""
 
 from __future__ import annotations
 

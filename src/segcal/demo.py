@@ -1,9 +1,10 @@
-"""The ``segcal demo`` pipeline on the embedded MNI152 brain-tissue task (DATA.md §A).
+"""The ``segcal demo`` pipeline on the embedded MNI152 brain-tissue task (:mod:`segcal.data.mni152`).
 
-First version (foundation issue): evaluate, on the test pseudo-subjects, the calibration of probability
-predictors derived from the soft reference tissue maps — the reference itself, an over-confident sharpened
-version and an under-confident smoothed version — against the hard labels and against the soft reference.
-Everything printed or plotted is computed in the run.
+Reference section (:func:`reference_predictors`): evaluate, on the test pseudo-subjects, the calibration of
+probability predictors derived from the soft reference tissue maps — the reference itself, an over-confident
+sharpened version and an under-confident smoothed version — against the hard labels and against the soft
+reference. The full demo (:func:`run_full_demo`, docs/demo.md) trains and calibrates networks. Everything
+printed or plotted is computed in the run.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def tempered(probs: torch.Tensor, temperature: float, eps: float = 1e-6) -> torc
 
 
 def reference_predictors(soft: torch.Tensor) -> list[DemoPredictor]:
-    """The three predictors of the first demo, derived from soft reference maps ``(N, C, H, W)``."""
+    """The three predictors of the reference section, derived from soft reference maps ``(N, C, H, W)``."""
     return [
         DemoPredictor("reference", "the soft reference tissue maps themselves", soft),
         DemoPredictor("sharpened", "reference tempered with T = 0.5 (over-confident)", tempered(soft, 0.5)),
@@ -58,7 +59,7 @@ def _evaluate(pred: DemoPredictor, target: torch.Tensor, case_ids: list[str], nu
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Full demo (issue #6): train UNets with six losses, post-hoc calibration, ensembles, MC dropout, shift.
+# Full demo: train UNets with six losses, post-hoc calibration, ensembles, MC dropout, shift.
 # ------------------------------------------------------------------------------------------------------------
 
 #: (run name, loss string) of the trained models; "dice" is the baseline of every comparison.
@@ -405,7 +406,7 @@ def run_full_demo(
     _write_demo_report(output, summary, summaries, study, seg_ent, ds, probs, x_te, ids)
     timings["reports"] = time.perf_counter() - t
 
-    # the first demo's reference predictors (scored against hard labels and the soft reference)
+    # the reference section's predictors (scored against hard labels and the soft reference)
     t = time.perf_counter()
     summary["reference_predictors"] = _reference_section(ds.test, num_bins)
     timings["reference_predictors"] = time.perf_counter() - t

@@ -1,4 +1,4 @@
-"""``segcal evaluate`` and ``segcal compare`` (SPEC §7)."""
+"""``segcal evaluate`` and ``segcal compare`` (docs/evaluation.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Embedded demo data and synthetic test data (DATA.md).
+"""Embedded demo data and synthetic test data (docs/data.md).
 
 * :mod:`segcal.data.phantoms`: 2D/3D phantoms whose labels are sampled from a known probability map.
 * :mod:`segcal.data.mni152`: the offline MNI152 4-class brain-tissue task (soft reference labels,

@@ -1,7 +1,8 @@
-"""Offline MNI152 brain-tissue task with soft reference labels, pseudo-subjects and shifted sets (DATA.md §A).
+"""Offline MNI152 brain-tissue task with soft reference labels, pseudo-subjects and shifted sets.
 
 Reference: the ICBM152 2009 template shipped inside nilearn (no network): T1 image, grey-matter (GM) and
-white-matter (WM) probability maps and a brain mask, resampled by nilearn to 2 mm (99 × 117 × 95).
+white-matter (WM) probability maps and a brain mask, resampled by nilearn to 2 mm (99 × 117 × 95). Template:
+Fonov et al., NeuroImage 2009 and 2011; nilearn: Abraham et al. 2014 (docs/references.md).
 
 * 4 classes ``[background, CSF, GM, WM]``: ``CSF = clip(mask − GM − WM, 0, 1)``,
   ``background = clip(1 − CSF − GM − WM, 0, 1)``; the stack, normalised to sum to one, is the

@@ -1,4 +1,4 @@
-"""Synthetic 2D/3D segmentation phantoms with a *known* posterior (DATA.md §D).
+"""Synthetic 2D/3D segmentation phantoms with a *known* posterior (docs/data.md).
 
 Each phantom is a smooth probability map built from blurred shapes (ellipses / ellipsoids, small blobs,
 classes of very different size) plus a smooth random field that makes some interiors ambiguous. Labels are

@@ -1,4 +1,4 @@
-"""Dataset evaluation: runner, resumable store, outputs, statistics and comparison (SPEC §1, §6, §7, §9)."""
+"""Dataset evaluation: runner, resumable store, outputs, statistics and comparison (docs/evaluation.md)."""
 
 from segcal.evaluation.compare import compare_runs
 from segcal.evaluation.runner import EvalConfig, RunResult, compute_case, evaluate_case_files, run_evaluation

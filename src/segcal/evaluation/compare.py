@@ -1,9 +1,10 @@
-"""Statistical comparison of evaluated runs on the same cases (SPEC §1 "Comparisons", §7 ``segcal compare``).
+"""Statistical comparison of evaluated runs on the same cases (``segcal compare``).
 
 Every run after the first is compared with the first (the baseline), per metric and class and for the
 per-case class average (``"mean"``): means, relative change of the mean (``(B − A) / |A|``), paired Wilcoxon
 signed-rank and rank-sum p-values, matched-pairs rank-biserial correlation, Cliff's delta, paired Cohen's d,
-and Holm-corrected Wilcoxon p-values over all metric × class rows of that pair.
+and Holm-corrected Wilcoxon p-values over all metric × class rows of that pair (the tests and effect sizes
+are described in :mod:`segcal.evaluation.statistics`).
 
 Row keys: ``run_a, run_b, metric, class, n, mean_a, mean_b, rel_change, p_wilcoxon, p_ranksum, effect_size``
 (matched-pairs rank-biserial of B vs A), ``cliffs_delta, cohens_d, p_holm``.

@@ -1,4 +1,4 @@
-"""Dataset evaluation runner (SPEC §1, §6, §7, §9).
+"""Dataset evaluation runner (``segcal evaluate``; docs/evaluation.md).
 
 For each case the runner reads prediction and label (:mod:`segcal.io`), computes per-class metrics and the
 mergeable bin sums with the metric core (:mod:`segcal.functional`) on the chosen region, and commits the

@@ -1,4 +1,9 @@
-"""Dataset statistics (SPEC §1): summaries with bootstrap CI, paired / unpaired tests, effect sizes, Holm.
+"""Dataset statistics: summaries with bootstrap CI, paired / unpaired tests, effect sizes, Holm correction.
+
+Methods (full citations in docs/references.md, section Statistics): percentile bootstrap (Efron 1979),
+Wilcoxon signed-rank test (Wilcoxon 1945), rank-sum / Mann–Whitney U test (Mann & Whitney 1947),
+matched-pairs rank-biserial correlation (Kerby 2014), Cliff's delta (Cliff 1993), paired Cohen's d
+(Cohen 1988), Holm's step-down correction (Holm 1979).
 
 NaN values (undefined per-case metrics, e.g. HD95 with one empty mask) are dropped (pairwise for paired
 statistics) and their number is reported, never replaced by a number.

@@ -19,7 +19,7 @@ keeps small local histograms that are merged at the end: counts are exact intege
   table-corrected bin of :func:`_bin_of` and float64 sums, with two interleaved histograms so runs of voxels in
   the same bin do not serialise on one memory location.
 
-Bin of ``p`` (after clamping into [0, 1], SPEC §0): the ``k`` with ``edges[k] < p <= edges[k + 1]``
+Bin of ``p`` (after clamping into [0, 1]): the ``k`` with ``edges[k] < p <= edges[k + 1]``
 (``closed="right"``) or ``edges[k] <= p < edges[k + 1]`` (``closed="left"``), clamped to ``[0, M - 1]``;
 ``edges`` are the correctly rounded ``k / M`` in the input dtype. ``floor(p * M)`` is corrected by one
 comparison with an edge: computed by one division in :func:`_pack_loop`, looked up in the padded edge tables

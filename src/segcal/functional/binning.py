@@ -1,4 +1,4 @@
-"""The binning core: one formula, one place (SPEC §0).
+"""The binning core: one formula, one place.
 
 Every calibration quantity in segcal (marginal ECE/ACE/MCE, top-label ECE, reliability diagrams, dataset
 reliability histograms, pooled dataset metrics, the hard-binned mL1-ACE loss) derives from three **mergeable**
@@ -191,7 +191,7 @@ def bin_statistics(
         regions: build multilabel region channels by summing softmax classes, e.g. BraTS
             ``[[3], [1, 3], [1, 2, 3]]`` → ET, TC, WT; the target is mapped the same way.
         closed: tie convention at the edges ``k/M`` (see module docstring).
-        check: validate shapes, dtypes, ranges and NaN (SPEC §9). Disable only for already-validated input.
+        check: validate shapes, dtypes, ranges and NaN. Disable only for already-validated input.
 
     Returns:
         :class:`BinStats` with tensors ``(B, C', M)`` float64 on ``pred``'s device, ``C'`` the kept channels.
@@ -379,7 +379,7 @@ def _bin_statistics_torch(
     step = max(1, _TORCH_CHUNK // max(1, b * c))
     for s0 in range(0, s, step):
         sl = slice(s0, min(s, s0 + step))
-        pc = p[:, :, sl].clamp(0.0, 1.0)  # clamped after validation (SPEC §0); contiguous chunk
+        pc = p[:, :, sl].clamp(0.0, 1.0)  # clamped only after validation; contiguous chunk
         key = bin_index(pc, num_bins, closed) + offs
         if msk is not None:
             key = torch.where(msk[:, :, sl], key, n_out)

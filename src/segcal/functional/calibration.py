@@ -1,4 +1,4 @@
-"""Calibration metrics (SPEC §1), all derived from :class:`~segcal.functional.binning.BinStats`.
+"""Calibration metrics, all derived from :class:`~segcal.functional.binning.BinStats` (papers: docs/references.md).
 
 Per image ``b`` and channel ``c`` with, per non-empty bin ``k``, ``n_k`` voxels, expected frequency
 ``e_k = Σp / n_k`` and observed frequency ``o_k = Σy / n_k``:

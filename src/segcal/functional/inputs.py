@@ -1,4 +1,4 @@
-"""Input conventions shared by every metric, loss and calibrator (SPEC §0, §9).
+"""Input conventions shared by every metric, loss and calibrator: shapes, class modes, validation.
 
 Shapes
 ------
@@ -118,7 +118,7 @@ def to_probabilities(
 
     ``activation="softmax"`` applies a softmax over the channel axis, ``"sigmoid"`` an element-wise sigmoid,
     ``None`` takes ``pred`` as probabilities (validated when ``check``). Values are clamped into [0, 1] only after
-    validation (SPEC §0).
+    validation.
     """
     mode = check_mode(mode)
     if activation not in (None, "softmax", "sigmoid"):

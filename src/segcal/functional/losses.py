@@ -1,4 +1,4 @@
-"""Pure, differentiable loss terms on per-image tensors (SPEC §2).
+"""Pure, differentiable loss terms on per-image tensors.
 
 Every function takes probabilities ``probs`` ``(B, C, *spatial)`` and a one-hot / multi-hot / soft target
 ``target`` of the same shape (already activated, channel-selected and one-hot encoded by the
@@ -7,7 +7,7 @@ class). Nothing here loops over images or classes in Python.
 
 Calibration terms reuse the binning core (:func:`segcal.functional.binning.hard_bin_sums` and
 :func:`~segcal.functional.binning.soft_bin_sums`), so the bins of the losses are the bins of the metrics
-(``(k/M, (k+1)/M]``, SPEC §0).
+(``(k/M, (k+1)/M]``, ``p = 0`` in bin 0; see the README's Conventions).
 
 Notation (DSC++ paper, eq. 8-9, 16, 21): with ``p`` the probability of class ``c`` and ``y`` its target,
 ``TP = Σ p·y``, ``FP_γ = Σ (p·(1 − y))^γ``, ``FN_γ = Σ ((1 − p)·y)^γ``; ``γ = 1`` gives the plain terms.

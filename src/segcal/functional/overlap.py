@@ -1,4 +1,4 @@
-"""Overlap and boundary metrics (SPEC §1): Dice, IoU, precision, recall, HD95.
+"""Overlap and boundary metrics: Dice, IoU, precision, recall, HD95.
 
 Counts are computed from hard masks: the predicted class is ``argmax`` in exclusive mode and ``p >= threshold``
 in multilabel mode (and for probability-threshold sweeps). Per image ``b`` and class ``c`` the mergeable

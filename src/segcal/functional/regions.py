@@ -1,8 +1,8 @@
-"""Evaluation regions (SPEC §1): the dilated bounding box of the ground-truth foreground, region label maps.
+"""Evaluation regions: the dilated bounding box of the ground-truth foreground, region label maps.
 
-The Ensembles paper restricts its calibration metrics to the bounding box of the foreground dilated by
-8 mm in-plane and 2 slices out of plane; here the margin is given in mm per spatial axis and converted to
-voxels with the voxel spacing (``ceil(margin_mm / spacing)``).
+Mehrtash et al., IEEE TMI 2020 (docs/references.md) restrict their calibration metrics to the bounding box of
+the foreground dilated by 8 mm in-plane and 2 slices out of plane; here the margin is given in mm per spatial
+axis and converted to voxels with the voxel spacing (``ceil(margin_mm / spacing)``).
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
-"""Uncertainty maps, segment-level uncertainty, correlation with quality, OOD scores and failure flags
-(SPEC §4; Ensembles eq. 7; PostHoc §2.2).
+"""Uncertainty maps, segment-level uncertainty, correlation with quality, OOD scores and failure flags.
+
+Segment entropy and its correlation with ``logit(Dice)`` follow Mehrtash et al., IEEE TMI 2020 (eq. 7, Fig. 3);
+the mutual information of MC-dropout or ensemble samples is BALD (Houlsby et al. 2011; Gal & Ghahramani, ICML
+2016), with MC dropout as in Rousseau et al., ISBI 2021 (§2.2). Full citations in docs/references.md.
 
 All entropies use the natural logarithm; probabilities are clipped into ``[EPS, 1 − EPS]`` first.
 """
@@ -41,9 +44,8 @@ def binary_entropy(p: torch.Tensor, eps: float = EPS) -> torch.Tensor:
 def entropy_map(probs: torch.Tensor, mode: Mode = "exclusive", eps: float = EPS) -> torch.Tensor:
     """Voxel entropy of probabilities ``(B, C, *spatial)``.
 
-    Exclusive: ``−Σ_c p_c ln p_c`` → ``(B, 1, *spatial)`` (a single channel is taken as
-    ``p(foreground)``, binary
-    entropy). Multilabel: per-channel binary entropy → ``(B, C, *spatial)``.
+    Exclusive: ``−Σ_c p_c ln p_c`` → ``(B, 1, *spatial)`` (a single channel is taken as ``p(foreground)``,
+    binary entropy). Multilabel: per-channel binary entropy → ``(B, C, *spatial)``.
     """
     mode = check_mode(mode)
     if mode == "multilabel" or probs.shape[1] == 1:
@@ -67,8 +69,7 @@ def segment_mean_entropy(
     threshold: float | None = None,
     eps: float = EPS,
 ) -> torch.Tensor:
-    """Mean binary entropy of ``p_k`` inside the predicted segment ``Ŝ_k`` (Ensembles eq. 7), ``(B,
-    C')`` float64.
+    """Mean binary entropy of ``p_k`` inside the predicted segment ``Ŝ_k``, ``(B, C')`` float64 (Ensembles eq. 7).
 
     ``Ŝ_k`` is ``argmax == k`` (exclusive) or ``p_k ≥ threshold`` (multilabel, default 0.5). NaN where the
     predicted segment is empty. The background channel is dropped unless ``include_background`` (exclusive).
@@ -112,8 +113,10 @@ def pearsonr(
 def pearson_logit_dice(
     uncertainty: Sequence[float] | torch.Tensor, dice: Sequence[float] | torch.Tensor, eps: float = 1e-3
 ) -> tuple[float, float]:
-    """Pearson ``(r, p)`` between per-case uncertainty and ``logit(Dice)`` (Dice clipped into [eps, 1 − eps];
-    Ensembles §3.4). Cases with a NaN uncertainty (empty predicted segment) are dropped."""
+    """Pearson ``(r, p)`` between per-case uncertainty and ``logit(Dice)``, Dice clipped into [eps, 1 − eps].
+
+    As in Mehrtash et al., IEEE TMI 2020, Fig. 3 (docs/references.md). Cases with a NaN uncertainty (empty
+    predicted segment) are dropped."""
     u = np.asarray(uncertainty, dtype=np.float64).ravel()
     d = np.clip(np.asarray(dice, dtype=np.float64).ravel(), eps, 1 - eps)
     if u.shape != d.shape:
@@ -129,9 +132,8 @@ def ood_score(
 ) -> torch.Tensor:
     """Per-case OOD / failure score ``(B,)`` float64 — higher means more anomalous.
 
-    * ``"segment_entropy"``: mean over foreground classes of :func:`segment_mean_entropy` (empty
-      segments skipped;
-      a case with no predicted foreground scores the maximum ``ln 2``);
+    * ``"segment_entropy"``: mean over foreground classes of :func:`segment_mean_entropy` (empty segments
+      skipped; a case with no predicted foreground scores the maximum ``ln 2``);
     * ``"max_probability"``: ``1 − mean_voxels max_c p_c``;
     * ``"mean_entropy"``: mean voxel entropy (:func:`entropy_map`).
     """
@@ -179,8 +181,7 @@ def choose_threshold(
 ) -> float:
     """Score threshold flagging ``score ≥ t`` as positive (failure / OOD), chosen on validation data.
 
-    ``"youden"`` maximises ``J = sensitivity + specificity − 1``; ``"sensitivity"`` takes the largest
-    threshold
+    ``"youden"`` maximises ``J = sensitivity + specificity − 1``; ``"sensitivity"`` takes the largest threshold
     whose sensitivity reaches ``target_sensitivity``. Candidates are the observed scores.
     """
     s = np.asarray(scores, dtype=np.float64).ravel()

@@ -1,4 +1,4 @@
-"""Readers with geometry: NIfTI, NumPy ``.npy/.npz`` and nnU-Net v2 prediction folders (SPEC §6, §9).
+"""Readers with geometry: NIfTI, NumPy ``.npy/.npz`` and nnU-Net v2 prediction folders.
 
 Every array returned here is in **label order**: a probability map is ``(C, *S)`` with ``*S`` the spatial axes
 of the label file as it is stored (NIfTI ``(x, y, z)``). nnU-Net v2 writes ``case.npz`` (key

@@ -23,7 +23,7 @@ class SegmentationLoss(nn.Module):
     """Base class: activation, one-hot encoding, background removal, class weights and reduction.
 
     Args:
-        include_background: keep channel 0 (exclusive mode). Default True (SPEC §0: losses keep it).
+        include_background: keep channel 0 (exclusive mode). Default True (losses keep it; metrics drop it by default).
         to_onehot_y: the target is a label map; one-hot encode it to ``C`` channels.
         sigmoid: apply a sigmoid to ``input`` (multilabel: independent, possibly overlapping channels).
         softmax: apply a softmax over channels to ``input`` (exclusive classes).

@@ -1,7 +1,9 @@
-"""Calibration-aware auxiliary losses: hard- and soft-binned marginal L1 ACE/ECE/MCE (SPEC §2).
+"""Calibration-aware auxiliary losses: hard- and soft-binned marginal L1 ACE/ECE/MCE.
 
-References: Barfoot et al., "Average Calibration Error: A Differentiable Loss for Improved Reliability in
-Image Segmentation", MICCAI 2024 (hard binning, eq. 1-4), and the journal extension (soft binning).
+References (docs/references.md): Barfoot et al., "Average Calibration Error: A Differentiable Loss for Improved
+Reliability in Image Segmentation", MICCAI 2024 (hard binning, eq. 1-4), and its journal extension, Barfoot et
+al., "Average Calibration Losses for Reliable Uncertainty in Medical Image Segmentation", arXiv:2506.03942,
+2025 (soft binning).
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ class SegmentationCalibrationMetric:
     """Accumulates calibration and overlap statistics of segmentation predictions image by image.
 
     Args:
-        num_bins: equal-width bins on [0, 1], bin ``k`` = ``(k/M, (k+1)/M]`` (README, Conventions).
+        num_bins: equal-width bins on [0, 1], bin ``k`` = ``(k/M, (k+1)/M]``, ``p = 0`` in bin 0.
         activation: ``"softmax"`` / ``"sigmoid"`` when updates receive logits, ``None`` for probabilities.
         mode: ``"exclusive"`` or ``"multilabel"``.
         include_background: keep channel 0 in exclusive mode (default False, as in the papers' metrics).

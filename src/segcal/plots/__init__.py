@@ -1,6 +1,7 @@
 """Every segcal figure, drawn from bin statistics (:class:`segcal.functional.binning.BinStats`) or simple
-per-case arrays (SPEC §5). Functions return a :class:`matplotlib.figure.Figure`; :func:`save_figure` writes
-PNG and/or SVG. The Agg backend is used; no ``pyplot`` state is touched.
+per-case arrays; docs/report.md lists each figure with the paper figure it follows. Functions return a
+:class:`matplotlib.figure.Figure`; :func:`save_figure` writes PNG and/or SVG. The Agg backend is used; no
+``pyplot`` state is touched.
 """
 
 from segcal.plots._common import figure_to_png_bytes, save_figure

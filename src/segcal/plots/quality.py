@@ -1,4 +1,4 @@
-"""Quality figures from per-case or per-method arrays (SPEC §5).
+"""Quality figures from per-case or per-method arrays (paper short names: docs/references.md).
 
 * :func:`quality_scatter` — Dice vs a calibration error with the Pareto front (PostHoc Fig. 1).
 * :func:`entropy_dice_scatter` — segment entropy vs logit(Dice) with a regression line and Pearson r, p

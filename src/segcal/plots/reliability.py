@@ -1,4 +1,4 @@
-"""Reliability figures drawn from bin statistics only (SPEC §5).
+"""Reliability figures drawn from bin statistics only (paper short names: docs/references.md).
 
 * :func:`reliability_diagram` — one image, one class: observed frequency per bin, gap bars to the expected
   frequency, bin counts, ECE/ACE/MCE in the legend (ACE-MICCAI Fig. 1, Ensembles Fig. 4).

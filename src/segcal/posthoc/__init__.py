@@ -1,4 +1,4 @@
-"""Post-hoc calibration (SPEC §3): calibrators with ``fit``/``transform``, MC dropout and deep ensembles."""
+"""Post-hoc calibration: calibrators with ``fit``/``transform``, MC dropout and deep ensembles (docs/posthoc.md)."""
 
 from segcal.posthoc._base import Calibrator, NotFittedError, load_calibrator
 from segcal.posthoc.conv import AuxiliaryConvCalibrator, LastLayerFineTuner

@@ -1,4 +1,4 @@
-"""Learned convolutional calibrators (PostHoc §2.1): an auxiliary k×k(×k) conv on the logits, and
+"""Learned convolutional calibrators (PostHoc §2.2): an auxiliary k×k(×k) conv on the logits, and
 fine-tuning of the last layer of a trained network with all other weights frozen.
 """
 

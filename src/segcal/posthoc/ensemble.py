@@ -1,5 +1,6 @@
-"""Deep ensembles (Ensembles eq. 6): ``p(y | x) = (1/M) Σ_m p_m(y | x)`` — average of member probabilities,
-and the ensemble-size study of Ensembles §3 (metrics versus ``M`` with resampled member subsets, 95% CI).
+"""Deep ensembles: ``p(y | x) = (1/M) Σ_m p_m(y | x)``, the average of member probabilities (Mehrtash et al.,
+IEEE TMI 2020, eq. 6; Lakshminarayanan et al., NeurIPS 2017; see docs/references.md), and the ensemble-size
+study of Mehrtash et al. (Fig. 2): metrics versus ``M`` with resampled member subsets, 95% interval.
 """
 
 from __future__ import annotations
@@ -58,8 +59,7 @@ def average_models(
 
 
 def load_array(path: str | Path, key: str = "probabilities") -> np.ndarray:
-    """Read one ``.npy`` or ``.npz`` array (no pickle). For ``.npz`` use ``key`` or the single stored
-    array."""
+    """Read one ``.npy`` or ``.npz`` array (no pickle). For ``.npz`` use ``key`` or the single stored array."""
     path = Path(path)
     if path.suffix == ".npy":
         return np.load(path, allow_pickle=False)
@@ -116,12 +116,11 @@ def ensemble_size_study(
     """Metrics of ensembles of ``M`` members drawn without replacement from ``members`` (each
     ``(B, C, *spatial)`` probabilities), ``n_resamples`` random subsets per ``M``.
 
-    Metrics per subset: mean over cases of the NLL (:func:`negative_log_likelihood`) and of the
-    foreground Dice
-    (exclusive: classes 1..C−1 averaged; multilabel: all channels). Returns
-    ``{M: {"nll": (mean, lo, hi), "dice": (mean, lo, hi)}}`` where ``lo, hi`` are the percentile
-    interval of the
-    resampled subsets (``confidence``; degenerate when ``M`` equals the number of members).
+    Metrics per subset: mean over cases of the NLL (:func:`negative_log_likelihood`) and of the foreground
+    Dice (exclusive: classes 1..C−1 averaged; multilabel: all channels).
+
+    Returns ``{M: {"nll": (mean, lo, hi), "dice": (mean, lo, hi)}}`` where ``lo, hi`` are the percentile
+    interval of the resampled subsets (``confidence``; degenerate when ``M`` equals the number of members).
     """
     mode = check_mode(mode)
     n = len(members)

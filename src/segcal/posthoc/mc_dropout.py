@@ -1,5 +1,5 @@
 """Monte-Carlo dropout added to an already trained network (PostHoc §2.2 "MC-Decoder" / "MC-Center",
-Ensembles §2.2; Gal & Ghahramani 2016).
+Ensembles §VI-C; Gal & Ghahramani, ICML 2016; docs/references.md).
 
 * :func:`insert_dropout` wraps named submodules as ``Sequential(MCDropout(p), module)``;
 * :func:`insert_dropout_unet` picks the names for a MONAI :class:`~monai.networks.nets.UNet`: every decoder

@@ -1,15 +1,21 @@
-"""Voxel-wise scaling calibrators fitted by full-batch L-BFGS on the NLL (PostHoc §2.1, Guo et al. 2017).
+"""Voxel-wise scaling calibrators fitted by full-batch L-BFGS on the NLL.
+
+References (docs/references.md): Rousseau et al., ISBI 2021, §2.2 (Platt / vector scaling for segmentation);
+Guo et al., ICML 2017 (temperature scaling); Platt 1999.
 
 * :class:`TemperatureScaling` — ``q = softmax(z / T)`` (one scalar ``T > 0``, fitted as ``log T``);
 * :class:`VectorScaling` — ``q = softmax(w ⊙ z + b)`` with per-class ``w, b`` (a diagonal 1×1 convolution);
   with one sigmoid channel (``mode="multilabel"``, ``C = 1``) this is Platt scaling with 2 parameters.
 
-Multilabel outputs use ``sigmoid`` and the mean binary cross-entropy. Fitting streams: each L-BFGS closure
-loops over voxel chunks and accumulates the loss gradient with ``backward`` per chunk, so memory is bounded by
-one chunk plus the held voxels. With ``max_voxels_per_volume`` only a seeded random subsample of each
-volume is
-held (at most ``max_voxels_per_volume × n_volumes`` voxels); without it a re-iterable source (list or factory
-callable) is re-read in every closure, and a one-shot generator is held in memory once.
+Multilabel outputs use ``sigmoid`` and the mean binary cross-entropy.
+
+Fitting streams: each L-BFGS closure loops over voxel chunks and accumulates the loss gradient with
+``backward`` per chunk, so memory is bounded by one chunk plus the held voxels. Which voxels are held:
+
+* with ``max_voxels_per_volume``: a seeded random subsample of each volume (at most
+  ``max_voxels_per_volume × n_volumes`` voxels);
+* without it, a re-iterable source (list or factory callable): none; the source is re-read in every closure;
+* without it, a tensor or a one-shot generator: every voxel, read once and held in memory.
 """
 
 from __future__ import annotations
@@ -165,10 +171,11 @@ class TemperatureScaling(_VoxelScaling):
 class VectorScaling(_VoxelScaling):
     """Per-class scale and bias: ``q = softmax(w ⊙ z + b)`` — a diagonal 1×1 convolution on the logits.
 
-    With ``mode="multilabel"`` and one channel this is binary Platt scaling (2 parameters). Learned
-    attributes: ``scale_`` ``(C,)``, ``bias_`` ``(C,)`` (float64). In exclusive mode the bias is only
-    defined up
-    to a constant added to every class; ``bias_`` is returned centred (mean zero) without changing ``q``.
+    With ``mode="multilabel"`` and one channel this is binary Platt scaling (2 parameters).
+
+    Learned attributes: ``scale_`` ``(C,)``, ``bias_`` ``(C,)`` (float64). In exclusive mode the bias is only
+    defined up to a constant added to every class; ``bias_`` is returned centred (mean zero) without changing
+    ``q``.
     """
 
     method = "vector"

@@ -129,7 +129,7 @@ def _read_cases(path: Path) -> list[dict[str, Any]]:
         rows = []
         for r in reader:
             row: dict[str, Any] = dict(r)
-            row.setdefault("status", "ok")  # segcal evaluate writes only ok cases (failed ones: failed.csv)
+            row.setdefault("status", "ok")  # files without a status column; evaluate's rows carry "ok" / "failed"
             for m in _METRIC_COLUMNS:
                 if m in row:
                     row[m] = _to_float(row[m])

@@ -1,4 +1,4 @@
-"""MONAI-based training and prediction (SPEC §6): config-driven UNet training with resume and DDP, and
+"""MONAI-based training and prediction: config-driven UNet training with resume and DDP, and
 sliding-window prediction with MC dropout, ensembles and post-hoc temperature / calibrators."""
 
 from segcal.training.config import (
