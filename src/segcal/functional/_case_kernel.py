@@ -91,6 +91,79 @@ def _nll_hits(lb, c, arg, py, wgt, lo_eps, hi_eps, prod, hit):  # pragma: no cov
         prod[i] *= f if ok else 1.0
         hit[i] = np.uint8(y == arg[i])
 
+@njit(inline="always", nogil=True)
+def _block_buffers(p):  # pragma: no cover - compiled
+    """Scratch rows of ``_BLOCK`` voxels: max, channel sums, a second sums row and label likelihoods in the
+    probabilities' dtype; argmax and confusion cells (int32); top-label hits (uint8); mask weights (ones);
+    validation marks (int32 zeros); NLL likelihood products (ones: element-wise products of <= ``blk`` clamped
+    likelihoods, so no underflow)."""
+    return (
+        np.empty(_BLOCK, p.dtype),
+        np.empty(_BLOCK, p.dtype),
+        np.empty(_BLOCK, p.dtype),
+        np.empty(_BLOCK, p.dtype),
+        np.empty(_BLOCK, np.int32),
+        np.empty(_BLOCK, np.int32),
+        np.empty(_BLOCK, np.uint8),
+        np.ones(_BLOCK),
+        np.zeros(_BLOCK, np.int32),
+        np.ones(_BLOCK),
+    )
+
+
+@njit(inline="always", nogil=True, boundscheck=False)
+def _label_range(lb, lo, hi):  # pragma: no cover - compiled
+    """``(min(lo, min lb), max(hi, max lb))`` as int64 over a block's labels ``lb`` (n >= 1,)."""
+    lo_b = lb[0]
+    hi_b = lb[0]
+    for i in range(lb.shape[0]):
+        lo_b = min(lo_b, lb[i])
+        hi_b = max(hi_b, lb[i])
+    return min(lo, np.int64(lo_b)), max(hi, np.int64(hi_b))
+
+
+@njit(inline="always", nogil=True, boundscheck=False)
+def _flush_nll(prod, nll):  # pragma: no cover - compiled
+    """Subtracts the logs of the likelihood products ``prod`` from ``nll``, resets them to 1, returns ``nll``."""
+    for i in range(prod.shape[0]):
+        nll -= np.log(prod[i])
+        prod[i] = 1.0
+    return nll
+
+
+@njit(nogil=True, boundscheck=False)
+def _reduce_counts(lanes, sqa, counts, sq):  # pragma: no cover - compiled
+    """The end of the pass: the interleaved confusion cells ``lanes`` (L, C * (C + 1) + 1) into tp / fp / fn
+    ``counts`` (C, 3), the element-wise squared errors ``sqa`` (C, n) into ``sq`` (C,); returns the number of
+    voxels inside the mask."""
+    c = counts.shape[0]
+    conf = np.zeros((c, c + 1), np.int64)
+    for r in range(lanes.shape[0]):
+        for k in range(c):
+            for j in range(c + 1):
+                conf[k, j] += lanes[r, k * (c + 1) + j]
+    n_in = 0
+    for k in range(c):
+        sq[k] = sqa[k].sum()
+        npred = conf[k].sum()
+        nlab = conf[:, k].sum()
+        counts[k, 0] = conf[k, k]
+        counts[k, 1] = npred - conf[k, k]
+        counts[k, 2] = nlab - conf[k, k]
+        n_in += npred
+    return n_in
+
+
+@njit(inline="always", nogil=True)
+def _store_stats(stats, nll, n_in, n_bad, lab_lo, lab_hi):  # pragma: no cover - compiled
+    """``stats`` (5,) = NLL sum, voxels in the mask, flagged voxels, label min, label max."""
+    stats[0] = nll
+    stats[1] = n_in
+    stats[2] = n_bad
+    stats[3] = lab_lo
+    stats[4] = lab_hi
+
+
 @njit(nogil=True, boundscheck=False, cache=True)
 def _pass(p, lab, mask, use_mask, eps, blk, right, thr, exact, counts, sq, top, stats):  # pragma: no cover
     """p: (C, S) float32/float64; lab: (S,) int; mask: (S,) uint8. Blocks of ``_BLOCK`` voxels, each
@@ -112,24 +185,13 @@ def _pass(p, lab, mask, use_mask, eps, blk, right, thr, exact, counts, sq, top, 
     part = np.zeros((3, m))
     pk32 = np.empty(2 * _BLOCK, np.int32)
     pk = pk32.view(np.int64)
-    best = np.empty(_BLOCK, p.dtype)
-    arg = np.empty(_BLOCK, np.int32)
-    hit = np.empty(_BLOCK, np.uint8)
-    tot = np.empty(_BLOCK, p.dtype)
-    scratch_tot = np.empty(_BLOCK, p.dtype)
-    py = np.empty(_BLOCK, p.dtype)
-    wgt = np.ones(_BLOCK)
-    bad = np.zeros(_BLOCK, np.int32)
+    best, tot, scratch_tot, py, arg, idx, hit, wgt, bad, prod = _block_buffers(p)
     sqa = np.zeros((c, _BLOCK))
-    prod = np.ones(_BLOCK)  # NLL: element-wise products of <= blk clamped likelihoods (no underflow)
-    idx = np.empty(_BLOCK, np.int32)
     lanes = np.zeros((_LANES, c * (c + 1) + 1), np.int64)  # confusion cells (argmax, label), interleaved
     nll = 0.0
     n_prod = 0
     lab_lo = np.int64(1) << 62
     lab_hi = -(np.int64(1) << 62)
-    lo_eps = eps
-    hi_eps = 1.0 - eps
     for s0 in range(0, n, _CHUNK):
         s1 = min(n, s0 + _CHUNK)
         h[:] = 0
@@ -148,63 +210,23 @@ def _pass(p, lab, mask, use_mask, eps, blk, right, thr, exact, counts, sq, top, 
             for k in range(c):
                 _row_label_terms(p[k, a0:a1], lb, k, use_mask, wgt[:nb], py[:nb], sqa[k, :nb])
             _mark_sums_off(tot, nb, thr, bad)
-            lo_b = lb[0]
-            hi_b = lb[0]
-            for i in range(nb):
-                lo_b = min(lo_b, lb[i])
-                hi_b = max(hi_b, lb[i])
-            lab_lo = min(lab_lo, np.int64(lo_b))
-            lab_hi = max(lab_hi, np.int64(hi_b))
+            lab_lo, lab_hi = _label_range(lb, lab_lo, lab_hi)
             _pair_index(lb, c, arg[:nb], wgt[:nb], idx)
             _scatter_pairs(idx, nb, lanes)
-            _nll_hits(lb, c, arg[:nb], py[:nb], wgt[:nb], lo_eps, hi_eps, prod[:nb], hit[:nb])
+            _nll_hits(lb, c, arg[:nb], py[:nb], wgt[:nb], eps, 1.0 - eps, prod[:nb], hit[:nb])
             n_prod += 1
             if n_prod == blk:
-                for i in range(_BLOCK):
-                    nll -= np.log(prod[i])
-                    prod[i] = 1.0
+                nll = _flush_nll(prod, nll)
                 n_prod = 0
             _bin_row(best[:nb], hit[:nb], np.uint8(1), mk, m, right, use_mask, pk32, pk, scratch_tot, exact, h, hp)
         _unpack_lanes(h, hp, exact, part)
-        for k in range(m):
-            top[0, k] += part[0, k]
-            top[1, k] += part[1, k]
-            top[2, k] += part[2, k]
-    for i in range(_BLOCK):
-        nll -= np.log(prod[i])
+        top += part
+    nll = _flush_nll(prod, nll)
     if not exact:
         for k in range(m):
             top[1, k] *= _QSCALE_INV
-    conf = np.zeros((c, c + 1), np.int64)
-    for r in range(_LANES):
-        for k in range(c):
-            for j in range(c + 1):
-                conf[k, j] += lanes[r, k * (c + 1) + j]
-    n_in = 0
-    for k in range(c):
-        acc = 0.0
-        for i in range(_BLOCK):
-            acc += sqa[k, i]
-        sq[k] = acc
-        npred = 0
-        nlab = 0
-        for j in range(c + 1):
-            npred += conf[k, j]
-        for j in range(c):
-            nlab += conf[j, k]
-        counts[k, 0] = conf[k, k]
-        counts[k, 1] = npred - conf[k, k]
-        counts[k, 2] = nlab - conf[k, k]
-        n_in += npred
-    nbad = 0
-    for i in range(_BLOCK):
-        nbad += bad[i]
-    stats[0] = nll
-    stats[1] = n_in
-    stats[2] = nbad
-    stats[3] = lab_lo
-    stats[4] = lab_hi
-
+    n_in = _reduce_counts(lanes, sqa, counts, sq)
+    _store_stats(stats, nll, n_in, bad.sum(), lab_lo, lab_hi)
 
 def fused_case_pass(
     probs: np.ndarray,

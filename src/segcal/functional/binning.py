@@ -246,12 +246,7 @@ def bin_statistics(
         dense_y = target if target.shape[1] == c else target.expand(b, c, *spatial)
 
     if fused:
-        validate = check and labels is not None and mode == "exclusive"
-        if check and not validate:  # dense targets / multilabel: torch checks (no clamped copy is made)
-            check_probabilities(probs, mode)
-        out, vstats = _bin_statistics_numba(probs, labels, dense_y, first, mask_t, num_bins, closed, validate)
-        if validate and vstats is not None and vstats.sum() > 0:
-            check_probabilities(probs, mode)  # something is off: the precise checks name the problem
+        out = _validated_numba_bins(probs, labels, dense_y, first, mask_t, num_bins, closed, mode, check)
     elif probs.device.type == "cpu" and not probs.requires_grad:
         out, _ = _bin_statistics_numba(probs, labels, dense_y, first, mask_t, num_bins, closed, False)
     else:
@@ -261,6 +256,29 @@ def bin_statistics(
             probs[:, first:].detach(), labels, dy, class_ids, mask_t, num_bins, closed
         )
     return BinStats(out[:, :, 0], out[:, :, 1], out[:, :, 2])
+
+
+def _validated_numba_bins(
+    probs: torch.Tensor,
+    labels: torch.Tensor | None,
+    dense_y: torch.Tensor | None,
+    first: int,
+    mask: torch.Tensor | None,
+    num_bins: int,
+    closed: Closed,
+    mode: Mode,
+    check: bool,
+) -> torch.Tensor:
+    """The numba path on unclamped probabilities: with a label map in exclusive mode the kernel validates in
+    its single pass (the precise torch checks run only when it flags something, to name the problem); other
+    inputs are checked by torch first (no clamped copy is made)."""
+    validate = check and labels is not None and mode == "exclusive"
+    if check and not validate:
+        check_probabilities(probs, mode)
+    out, vstats = _bin_statistics_numba(probs, labels, dense_y, first, mask, num_bins, closed, validate)
+    if validate and vstats is not None and vstats.sum() > 0:
+        check_probabilities(probs, mode)
+    return out
 
 
 def _numba_view(x: torch.Tensor, b: int, c: int, s: int) -> np.ndarray:
@@ -287,69 +305,98 @@ def _bin_statistics_numba(
     voxel and channel (``None`` where the precise checks already ran)."""
     b, c = probs.shape[:2]
     s = int(np.prod(probs.shape[2:]))
-    kc = c - first
-    out = np.zeros((b, kc, 3, num_bins))
-    right = closed == "right"
+    out = np.zeros((b, c - first, 3, num_bins))
     use_mask = mask is not None
     mask_np = mask.reshape(b, s).numpy().view(np.uint8) if use_mask else np.zeros((1, 1), np.uint8)  # type: ignore[union-attr]
     native = probs.dtype in (torch.float32, torch.float64)
     # edges rounded in the input dtype (ties at k/M resolved as in float16/bfloat16), then widened exactly
     edges = bin_edges(num_bins, probs.dtype).to(probs.dtype if native else torch.float32).numpy()
-    lo, hi = _kernels.edge_tables(edges)
+    tables = _kernels.edge_tables(edges)
     lab_np = None
     if labels is not None:
         lab_t = labels.reshape(b, s)
         if lab_t.dtype not in (torch.uint8, torch.int16, torch.int32, torch.int64):
             lab_t = lab_t.to(torch.int64)
         lab_np = lab_t.numpy()
-    y_t = None
-    if dense_y is not None:
-        y_t = dense_y.reshape(b, c, s)
+    if not native:
+        _hist_half_rows(probs, lab_np, dense_y, first, mask_np, use_mask, tables, closed, out)
+        return torch.from_numpy(out).to(probs.device), None
+    vstats = _hist_native(probs, lab_np, dense_y, first, mask_np, use_mask, tables, closed, validate, out)
+    return torch.from_numpy(out).to(probs.device), vstats
+
+
+def _hist_native(
+    probs: torch.Tensor,
+    lab_np: np.ndarray | None,
+    dense_y: torch.Tensor | None,
+    first: int,
+    mask_np: np.ndarray,
+    use_mask: bool,
+    tables: tuple[np.ndarray, np.ndarray],
+    closed: Closed,
+    validate: bool,
+    out: np.ndarray,
+) -> np.ndarray | None:
+    """Float32 / float64 probabilities into ``out`` ``(B, C - first, 3, M)``; returns the validation counts of
+    the voxel kernel (label maps whose bin count it covers), else None."""
+    b, c = probs.shape[:2]
+    s = int(np.prod(probs.shape[2:]))
+    num_bins = out.shape[-1]
+    right = closed == "right"
+    p_np = _numba_view(probs, b, c, s)
+    if lab_np is None:
+        y_t = dense_y.reshape(b, c, s)  # type: ignore[union-attr]
         if y_t.dtype == torch.bool:
             y_t = y_t.view(torch.uint8)
         elif y_t.dtype in (torch.float16, torch.bfloat16):
-            y_t = None if not native else y_t.float()  # half targets with half probs: converted per row below
-    vstats = None
-    if native:
-        p_np = _numba_view(probs, b, c, s)
-        if lab_np is not None and _kernels.voxel_kernel_ok(num_bins, p_np.dtype):
-            n_tasks = b * ((s + _kernels._CHUNK - 1) // _kernels._CHUNK)
-            vstats = np.zeros(n_tasks)
-            thr = min(PROB_ATOL * max(1, c), 6.0)  # < 7: a flagged value makes its voxel sum >= 8 (kernel)
-            exact = p_np.dtype == np.float64  # float64 sums; float32: fixed-point sums (see the kernel)
-            _kernels._hist_voxels(
-                p_np, lab_np, first, mask_np, use_mask, right, validate, thr, exact, out, vstats
-            )
-        elif lab_np is not None:  # a bin count whose edges the division does not reproduce: table lookups
-            if validate:
-                check_probabilities(probs, "exclusive")
-            rows = p_np.reshape(b * c, s)
-            ids = np.arange(c, dtype=np.int64)
-            full = np.zeros((b * c, 3, num_bins))
-            _kernels._hist_labels(rows, lab_np, ids, mask_np, use_mask, lo, hi, right, full)
-            out += full.reshape(b, c, 3, num_bins)[:, first:]
-        else:
-            _kernels._hist_dense(p_np, y_t.numpy(), first, mask_np, use_mask, lo, hi, right, out)  # type: ignore[union-attr]
-    else:
-        # float16/bfloat16: convert one image-channel row at a time, so the extra memory stays at one row
-        p3 = probs.reshape(b, c, s)
-        for bi in range(b):
-            m_row = mask_np[bi : bi + 1] if use_mask else mask_np
-            for ci in range(first, c):
-                row = p3[bi, ci].float().reshape(1, 1, s).numpy()
-                o = out[bi : bi + 1, ci - first : ci - first + 1]
-                if lab_np is not None:
-                    ids = np.array([ci], np.int64)
-                    _kernels._hist_labels(
-                        row[0], lab_np[bi : bi + 1], ids, m_row, use_mask, lo, hi, right, o[0]
-                    )
-                else:
-                    y_row = dense_y.reshape(b, c, s)[bi, ci]  # type: ignore[union-attr]
-                    y_row = y_row.to(torch.uint8) if y_row.dtype == torch.bool else y_row.float()
-                    _kernels._hist_dense(
-                        row, y_row.reshape(1, 1, s).numpy(), 0, m_row, use_mask, lo, hi, right, o
-                    )
-    return torch.from_numpy(out).to(probs.device), vstats
+            y_t = y_t.float()
+        _kernels._hist_dense(p_np, y_t.numpy(), first, mask_np, use_mask, *tables, right, out)
+        return None
+    if _kernels.voxel_kernel_ok(num_bins, p_np.dtype):
+        vstats = np.zeros(b * ((s + _kernels._CHUNK - 1) // _kernels._CHUNK))
+        thr = min(PROB_ATOL * max(1, c), 6.0)  # < 7: a flagged value makes its voxel sum >= 8 (kernel)
+        exact = p_np.dtype == np.float64  # float64 sums; float32: fixed-point sums (see the kernel)
+        _kernels._hist_voxels(p_np, lab_np, first, mask_np, use_mask, right, validate, thr, exact, out, vstats)
+        return vstats
+    # a bin count whose edges the division does not reproduce: table lookups
+    if validate:
+        check_probabilities(probs, "exclusive")
+    full = np.zeros((b * c, 3, num_bins))
+    ids = np.arange(c, dtype=np.int64)
+    _kernels._hist_labels(p_np.reshape(b * c, s), lab_np, ids, mask_np, use_mask, *tables, right, full)
+    out += full.reshape(b, c, 3, num_bins)[:, first:]
+    return None
+
+
+def _hist_half_rows(
+    probs: torch.Tensor,
+    lab_np: np.ndarray | None,
+    dense_y: torch.Tensor | None,
+    first: int,
+    mask_np: np.ndarray,
+    use_mask: bool,
+    tables: tuple[np.ndarray, np.ndarray],
+    closed: Closed,
+    out: np.ndarray,
+) -> None:
+    """float16 / bfloat16 probabilities: converted one image-channel row at a time, so the extra memory stays
+    at one row."""
+    b, c = probs.shape[:2]
+    s = int(np.prod(probs.shape[2:]))
+    right = closed == "right"
+    p3 = probs.reshape(b, c, s)
+    for bi in range(b):
+        m_row = mask_np[bi : bi + 1] if use_mask else mask_np
+        for ci in range(first, c):
+            row = p3[bi, ci].float().reshape(1, 1, s).numpy()
+            o = out[bi : bi + 1, ci - first : ci - first + 1]
+            if lab_np is not None:
+                ids = np.array([ci], np.int64)
+                _kernels._hist_labels(row[0], lab_np[bi : bi + 1], ids, m_row, use_mask, *tables, right, o[0])
+            else:
+                y_row = dense_y.reshape(b, c, s)[bi, ci]  # type: ignore[union-attr]
+                y_row = y_row.to(torch.uint8) if y_row.dtype == torch.bool else y_row.float()
+                _kernels._hist_dense(row, y_row.reshape(1, 1, s).numpy(), 0, m_row, use_mask, *tables, right, o)
 
 
 _TORCH_CHUNK = 1 << 22

@@ -23,7 +23,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from segcal.functional import _kernels
+from segcal.functional import _kernels, inputs
 from segcal.functional.binning import (
     BinStats,
     Closed,
@@ -32,12 +32,10 @@ from segcal.functional.binning import (
     bin_statistics,
 )
 from segcal.functional.inputs import (
-    PROB_ATOL,
     Activation,
     Mode,
     as_label_map,
     check_mode,
-    check_prediction,
     check_probabilities,
     check_target,
     region_probabilities,
@@ -192,7 +190,7 @@ def _top_label_numba(
         return None  # one-hot / soft target
     _check_num_bins(num_bins)
     if check:
-        check_prediction(pred, finite=False)
+        inputs.check_prediction(pred, finite=False)
         check_target(target, pred.shape, mode)
     lab = as_label_map(target, spatial)
     if lab is None:
@@ -209,7 +207,7 @@ def _top_label_numba(
     out = np.zeros((b, 1, 3, num_bins))
     vstats = np.zeros(b * ((s + _kernels._CHUNK - 1) // _kernels._CHUNK))
     lab_np = lab.reshape(b, s).numpy()
-    thr = min(PROB_ATOL * max(1, c), 6.0)  # < 7: see _kernels._mark_sums_off
+    thr = min(inputs.PROB_ATOL * max(1, c), 6.0)  # < 7: see _kernels._mark_sums_off
     exact = p_np.dtype == np.float64
     right = closed == "right"
     _kernels._hist_top_label(p_np, lab_np, mask_np, use_mask, right, check, thr, exact, out, vstats)

@@ -54,6 +54,37 @@ def hard_prediction(probs: torch.Tensor, mode: Mode, threshold: float | None = N
     return probs >= (0.5 if threshold is None else threshold)
 
 
+def _hard_masks(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    activation: Activation,
+    mode: Mode,
+    regions: Sequence[Sequence[int]] | None,
+    threshold: float | None,
+    check: bool,
+) -> tuple[torch.Tensor, torch.Tensor, Mode]:
+    """Hard prediction and reference masks ``(B, C, *spatial)`` bool (region channels when ``regions`` is set,
+    then in multilabel mode) and the mode they are in. A boolean ``pred`` is taken as an already hard mask;
+    soft targets are binarised at 0.5."""
+    if pred.dtype == torch.bool:
+        if regions is not None:
+            raise ValueError("regions need probabilities, not a hard mask")
+        if check:
+            check_target(target, pred.shape, mode)
+        return pred, target_to_onehot(target, pred.shape[1], spatial_shape=pred.shape[2:]) >= 0.5, mode
+    probs = to_probabilities(pred, activation, "exclusive" if regions is not None else mode, check=check)
+    if check:
+        check_target(target, probs.shape, "exclusive" if regions is not None else mode)
+    c = probs.shape[1]
+    if regions is not None:
+        y = region_targets(target, regions, c, probs.shape[2:]) >= 0.5
+        probs = region_probabilities(probs, regions)
+        mode = "multilabel"
+    else:
+        y = target_to_onehot(target, c, spatial_shape=probs.shape[2:]) >= 0.5
+    return hard_prediction(probs, mode, threshold), y, mode
+
+
 def confusion_counts(
     pred: torch.Tensor,
     target: torch.Tensor,
@@ -71,27 +102,7 @@ def confusion_counts(
     ``pred`` are probabilities/logits ``(B, C, *spatial)``; a boolean ``pred`` is taken as an already hard mask.
     Soft targets are binarised at 0.5.
     """
-    mode = check_mode(mode)
-    if pred.dtype == torch.bool:
-        hard = pred
-        c = pred.shape[1]
-        if regions is not None:
-            raise ValueError("regions need probabilities, not a hard mask")
-        if check:
-            check_target(target, pred.shape, mode)
-        y = target_to_onehot(target, c, spatial_shape=pred.shape[2:]) >= 0.5
-    else:
-        probs = to_probabilities(pred, activation, "exclusive" if regions is not None else mode, check=check)
-        if check:
-            check_target(target, probs.shape, "exclusive" if regions is not None else mode)
-        c = probs.shape[1]
-        if regions is not None:
-            y = region_targets(target, regions, c, probs.shape[2:]) >= 0.5
-            probs = region_probabilities(probs, regions)
-            mode = "multilabel"
-        else:
-            y = target_to_onehot(target, c, spatial_shape=probs.shape[2:]) >= 0.5
-        hard = hard_prediction(probs, mode, threshold)
+    hard, y, mode = _hard_masks(pred, target, activation, check_mode(mode), regions, threshold, check)
     if mask is not None:
         m = mask[:, 0] if mask.ndim == hard.ndim else mask
         m = m.bool().unsqueeze(1)
@@ -165,22 +176,7 @@ def hausdorff_distance_95(
     """
     from monai.metrics import compute_hausdorff_distance
 
-    mode = check_mode(mode)
-    if pred.dtype == torch.bool:
-        hard = pred
-        y = target_to_onehot(target, pred.shape[1], spatial_shape=pred.shape[2:]) >= 0.5
-    else:
-        probs = to_probabilities(pred, activation, "exclusive" if regions is not None else mode, check=check)
-        if check:
-            check_target(target, probs.shape, "exclusive" if regions is not None else mode)
-        c = probs.shape[1]
-        if regions is not None:
-            y = region_targets(target, regions, c, probs.shape[2:]) >= 0.5
-            probs = region_probabilities(probs, regions)
-            mode = "multilabel"
-        else:
-            y = target_to_onehot(target, c, spatial_shape=probs.shape[2:]) >= 0.5
-        hard = hard_prediction(probs, mode, threshold)
+    hard, y, mode = _hard_masks(pred, target, activation, check_mode(mode), regions, threshold, check)
     hard = select_channels(hard, include_background, mode)
     y = select_channels(y, include_background, mode)
     n_sp = hard.ndim - 2
