@@ -13,9 +13,12 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import resource
+import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from collections import deque
+from collections.abc import Callable, Generator, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,7 +26,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from segcal.evaluation.store import CaseResult, ResultStore
+from segcal.evaluation.lock import RunLock
+from segcal.evaluation.store import CaseResult, ResultStore, input_fingerprint
 from segcal.functional.regions import dilated_bbox_mask
 from segcal.functional.scoring import TargetError, case_statistics
 from segcal.io import Case, CaseError, CaseFiles, load_case, match_cases
@@ -80,6 +84,10 @@ class RunResult:
     unmatched: dict[str, list[str]] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
+    #: stored cases recomputed because an input file changed
+    stale: list[str] = field(default_factory=list)
+    #: stored cases dropped because their input files vanished
+    vanished: list[str] = field(default_factory=list)
 
 
 def _peak_rss_mb() -> float:
@@ -171,43 +179,89 @@ def evaluate_case_files(files: CaseFiles, config: EvalConfig) -> CaseResult:
     return res
 
 
-def _init_worker(threads: int) -> None:
+#: why a case is failed when the process evaluating it died (a crash, a kill, the out-of-memory killer)
+WORKER_DIED = (
+    "the worker process died while evaluating this case, also when retried alone (likely out of memory, or "
+    "killed)"
+)
+
+
+def _init_worker(threads: int, parent_pid: int) -> None:
     from segcal.functional._kernels import set_threads
 
     torch.set_num_threads(threads)
     set_threads(threads)
+    threading.Thread(target=_exit_with_parent, args=(parent_pid, os.getppid()), daemon=True).start()
 
 
-def _iter_local(todo: list[CaseFiles], config: EvalConfig, workers: int) -> Iterator[CaseResult]:
-    if workers <= 0:  # in-process (debugging, tests)
-        for f in todo:
-            yield evaluate_case_files(f, config)
-        return
+def _exit_with_parent(parent_pid: int, ppid: int) -> None:
+    """Ends this worker once the run's process is gone (killed with ``SIGKILL`` it cannot stop its workers;
+    the fork server that started this worker exits with it, which changes our parent too)."""
+    while True:
+        time.sleep(0.5)
+        try:
+            os.kill(parent_pid, 0)
+        except ProcessLookupError:
+            os._exit(1)
+        if os.getppid() != ppid:
+            os._exit(1)
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
     threads = max(1, (os.cpu_count() or 1) // workers)
     # forkserver: workers start from a clean single-threaded server (torch / numba thread pools are not
     # fork-safe), each with the parent's sys.path; they import segcal on their first case
     method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
-    ctx = mp.get_context(method)
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as ex:
-        yield from _bounded(lambda f: ex.submit(evaluate_case_files, f, config), todo, 2 * workers, wait)
+    return ProcessPoolExecutor(
+        workers, mp_context=mp.get_context(method), initializer=_init_worker, initargs=(threads, os.getpid())
+    )
 
 
-def _bounded(
-    submit: Callable[[CaseFiles], Any], todo: list[CaseFiles], window: int, waiter: Callable
-) -> Iterator[Any]:
-    it = iter(todo)
-    pending = set()
-    for f in it:
-        pending.add(submit(f))
-        if len(pending) >= window:
-            break
-    while pending:
-        done, pending = waiter(pending, return_when=FIRST_COMPLETED)
-        for fut in done:
-            yield fut.result()
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.add(submit(nxt))
+def _iter_local(todo: list[CaseFiles], config: EvalConfig, workers: int) -> Iterator[CaseResult]:
+    """Results of ``todo`` in completion order, at most ``2 x workers`` cases in flight. When a worker dies, the
+    pool is restarted; each case that was in flight is then retried alone, so that only a case that kills its
+    worker again is recorded as failed (:data:`WORKER_DIED`) and every other case is computed."""
+    if workers <= 0:  # in-process (debugging, tests)
+        for f in todo:
+            yield evaluate_case_files(f, config)
+        return
+    queue = deque(todo)
+    while queue:
+        suspects = yield from _run_pool(queue, config, workers)
+        for f in suspects:
+            yield from _run_alone(f, config)
+
+
+def _run_pool(queue: deque[CaseFiles], config: EvalConfig, workers: int) -> Generator[CaseResult, None, list]:
+    """Runs cases from ``queue`` on a pool until it is empty (returns ``[]``) or a worker dies (returns the cases
+    that were in flight, to retry)."""
+    with _pool(workers) as ex:
+        in_flight: dict[Future, CaseFiles] = {}
+        while queue or in_flight:
+            while queue and len(in_flight) < 2 * workers:
+                f = queue.popleft()
+                in_flight[ex.submit(evaluate_case_files, f, config)] = f
+            done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            broken = False
+            for fut in done:
+                f = in_flight.pop(fut)
+                try:
+                    yield fut.result()
+                except BrokenProcessPool:
+                    broken = True
+                    in_flight[fut] = f
+            if broken:
+                ex.shutdown(wait=True, cancel_futures=True)
+                return list(in_flight.values())
+    return []
+
+
+def _run_alone(files: CaseFiles, config: EvalConfig) -> Iterator[CaseResult]:
+    with _pool(1) as ex:
+        try:
+            yield ex.submit(evaluate_case_files, files, config).result()
+        except BrokenProcessPool:
+            yield CaseResult(files.case_id, "failed", f"{files.prediction[0]}: {WORKER_DIED}")
 
 
 def _iter_dask(todo: list[CaseFiles], config: EvalConfig, address: str, window: int) -> Iterator[CaseResult]:
@@ -227,6 +281,31 @@ def _iter_dask(todo: list[CaseFiles], config: EvalConfig, address: str, window: 
                 ac.add(client.submit(evaluate_case_files, nxt, config, pure=False))
 
 
+@dataclass
+class _Plan:
+    """What a run has to do: the cases to compute (new, changed inputs, failed ones to retry), their input
+    fingerprints, and the stored cases whose inputs vanished."""
+
+    todo: list[CaseFiles]
+    fingerprints: dict[str, str]
+    n_resumed: int
+    stale: list[str]
+    vanished: list[str]
+
+
+def _case_paths(files: CaseFiles) -> list[str]:
+    return [*files.prediction, files.label, *(files.reference or []), *([files.mask] if files.mask else [])]
+
+
+def _plan(cases: list[CaseFiles], store: ResultStore, retry_failed: bool, hash_inputs: bool) -> _Plan:
+    prints = {c.case_id: input_fingerprint(_case_paths(c), content=hash_inputs) for c in cases}
+    stored = store.fingerprints(include_failed=not retry_failed)
+    stale = sorted(cid for cid, fp in stored.items() if cid in prints and fp != prints[cid])
+    vanished = sorted(set(store.fingerprints()) - set(prints))
+    todo = [c for c in cases if stored.get(c.case_id) != prints[c.case_id]]
+    return _Plan(todo, prints, len(cases) - len(todo), stale, vanished)
+
+
 def run_evaluation(
     pred_dir: str | Path,
     label_dir: str | Path,
@@ -239,6 +318,7 @@ def run_evaluation(
     dask_address: str | None = None,
     overwrite: bool = False,
     retry_failed: bool = False,
+    hash_inputs: bool = False,
     progress: bool = True,
     on_result: Callable[[CaseResult], None] | None = None,
 ) -> RunResult:
@@ -246,6 +326,11 @@ def run_evaluation(
 
     ``workers``: local processes (default: all cores; 0 = in this process). ``dask_address``: evaluate on that
     Dask scheduler instead. Writes ``results.sqlite``, ``cases.csv``, ``bins.npz`` and ``summary.json``.
+
+    Resume: a stored case is reused only if it was computed under the same configuration from the same input
+    files (path, size and modification time; with ``hash_inputs`` also their contents); a changed input is
+    recomputed and a stored case whose files vanished is dropped. The folder is locked for the whole run
+    (:class:`~segcal.evaluation.lock.RunLock`): a second run into it is refused with the holder's name.
     """
     from segcal.evaluation.outputs import write_outputs
 
@@ -266,18 +351,18 @@ def run_evaluation(
         "mask_dir": str(Path(mask_dir).resolve()) if mask_dir else None,
     }
     workers = (os.cpu_count() or 1) if workers is None else workers
-    with ResultStore(out, run_cfg, overwrite=overwrite) as store:
-        done = store.finished(include_failed=not retry_failed)
-        todo = [c for c in cases if c.case_id not in done]
+    with RunLock(out), ResultStore(out, run_cfg, overwrite=overwrite) as store:
+        plan = _plan(cases, store, retry_failed, hash_inputs)
+        store.drop(plan.vanished)
         n_computed = 0
         results: Iterable[CaseResult]
         if dask_address:
-            results = _iter_dask(todo, config, dask_address, 2 * max(1, workers))
+            results = _iter_dask(plan.todo, config, dask_address, 2 * max(1, workers))
         else:
-            results = _iter_local(todo, config, workers)
-        with _progress(progress, len(cases), len(cases) - len(todo)) as advance:
+            results = _iter_local(plan.todo, config, workers)
+        with _progress(progress, len(cases), plan.n_resumed) as advance:
             for res in results:
-                store.put(res)
+                store.put(res, plan.fingerprints[res.case_id])
                 n_computed += 1
                 advance(res)
                 if on_result is not None:
@@ -290,11 +375,13 @@ def run_evaluation(
         len(cases),
         n_ok,
         len(all_res) - n_ok,
-        len(cases) - len(todo),
+        plan.n_resumed,
         n_computed,
         unmatched,
         files,
         summary,
+        stale=plan.stale,
+        vanished=plan.vanished,
     )
 
 

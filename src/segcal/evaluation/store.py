@@ -20,7 +20,7 @@ import numpy as np
 
 from segcal.functional.scoring import CaseStatistics
 
-__all__ = ["CaseResult", "ConfigMismatchError", "ResultStore", "config_hash"]
+__all__ = ["CaseResult", "ConfigMismatchError", "ResultStore", "config_hash", "input_fingerprint"]
 
 DB_NAME = "results.sqlite"
 
@@ -32,6 +32,27 @@ class ConfigMismatchError(RuntimeError):
 def config_hash(config: dict[str, Any]) -> str:
     """SHA-256 of the canonical JSON of a configuration."""
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def input_fingerprint(paths: list[str], *, content: bool = False) -> str:
+    """Identity of a case's input files: SHA-256 over each file's absolute path, size and modification time
+    (nanoseconds), and with ``content`` of its bytes too (slower; catches a file rewritten within the
+    timestamp resolution with the same size). A missing file gives a fingerprint that matches nothing stored."""
+    h = hashlib.sha256()
+    for p in paths:
+        path = Path(p).resolve()
+        h.update(str(path).encode())
+        try:
+            st = path.stat()
+        except OSError:
+            h.update(b"missing")
+            continue
+        h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+        if content:
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()
 
 
 @dataclass
@@ -93,7 +114,8 @@ CREATE TABLE IF NOT EXISTS cases (
     seconds REAL,
     peak_rss_mb REAL,
     n_computed INTEGER NOT NULL DEFAULT 1,
-    finished_at REAL
+    finished_at REAL,
+    fingerprint TEXT
 );
 """
 
@@ -111,6 +133,10 @@ class ResultStore:
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=NORMAL")
         self.conn.executescript(_SCHEMA)
+        columns = {r[1] for r in self.conn.execute("PRAGMA table_info(cases)")}
+        if "fingerprint" not in columns:  # a store written before fingerprints: its rows are never resumed
+            with self.conn:
+                self.conn.execute("ALTER TABLE cases ADD COLUMN fingerprint TEXT")
         row = self.conn.execute("SELECT value FROM meta WHERE key='config_hash'").fetchone()
         if row is not None and row[0] != self.hash:
             if not overwrite:
@@ -141,12 +167,24 @@ class ResultStore:
         self.close()
 
     def finished(self, *, include_failed: bool = True) -> set[str]:
-        """Ids of cases already recorded (``ok``, and ``failed`` unless ``include_failed`` is False)."""
-        q = "SELECT case_id FROM cases" + ("" if include_failed else " WHERE status='ok'")
-        return {r[0] for r in self.conn.execute(q)}
+        """Ids of cases already recorded under this configuration (``ok``, and ``failed`` unless
+        ``include_failed`` is False)."""
+        return set(self.fingerprints(include_failed=include_failed))
 
-    def put(self, res: CaseResult) -> None:
-        """Record one case in its own transaction (a recomputed case increments ``n_computed``)."""
+    def fingerprints(self, *, include_failed: bool = True) -> dict[str, str | None]:
+        """``case_id -> fingerprint of its input files`` of the cases recorded under this configuration."""
+        q = "SELECT case_id, fingerprint FROM cases WHERE config_hash=?"
+        q += "" if include_failed else " AND status='ok'"
+        return dict(self.conn.execute(q, (self.hash,)))
+
+    def drop(self, case_ids: list[str]) -> None:
+        """Forget these cases (inputs that vanished), in one transaction."""
+        with self.conn:
+            self.conn.executemany("DELETE FROM cases WHERE case_id=?", [(c,) for c in case_ids])
+
+    def put(self, res: CaseResult, fingerprint: str | None = None) -> None:
+        """Record one case in its own transaction (a recomputed case increments ``n_computed``);
+        ``fingerprint`` identifies the input files it was computed from (:func:`input_fingerprint`)."""
         blob = shape = None
         if res.bins is not None:
             arr = np.ascontiguousarray(res.bins, dtype=np.float64)
@@ -154,13 +192,14 @@ class ResultStore:
         with self.conn:
             self.conn.execute(
                 """INSERT INTO cases (case_id, status, error, class_names, metrics, bins, bins_shape,
-                       config_hash,                        seconds, peak_rss_mb, n_computed, finished_at)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?)
+                       config_hash, seconds, peak_rss_mb, n_computed, finished_at, fingerprint)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?)
                    ON CONFLICT(case_id) DO UPDATE SET status=excluded.status, error=excluded.error,
                        class_names=excluded.class_names, metrics=excluded.metrics, bins=excluded.bins,
-                       bins_shape=excluded.bins_shape, seconds=excluded.seconds,
-                       peak_rss_mb=excluded.peak_rss_mb,
-                       n_computed=cases.n_computed + 1, finished_at=excluded.finished_at""",
+                       bins_shape=excluded.bins_shape, config_hash=excluded.config_hash,
+                       seconds=excluded.seconds, peak_rss_mb=excluded.peak_rss_mb,
+                       n_computed=cases.n_computed + 1, finished_at=excluded.finished_at,
+                       fingerprint=excluded.fingerprint""",
                 (
                     res.case_id,
                     res.status,
@@ -173,15 +212,17 @@ class ResultStore:
                     res.seconds,
                     res.peak_rss_mb,
                     time.time(),
+                    fingerprint,
                 ),
             )
 
     def results(self) -> list[CaseResult]:
-        """All recorded cases, sorted by case id."""
+        """All cases recorded under this configuration, sorted by case id."""
         out = []
         for row in self.conn.execute(
             "SELECT case_id, status, error, class_names, metrics, bins, bins_shape, seconds, peak_rss_mb "
-            "FROM cases ORDER BY case_id"
+            "FROM cases WHERE config_hash=? ORDER BY case_id",
+            (self.hash,),
         ):
             cid, status, err, names, metrics, blob, shape, sec, rss = row
             bins = np.frombuffer(blob, dtype=np.float64).reshape(json.loads(shape)).copy() if blob else None
