@@ -198,9 +198,9 @@ def test_sigkill_midway_then_resume_is_loss_free(tmp_path):
     pred, lab, _ = write_nifti_dataset(tmp_path, 30, shape=(6, 5, 4))
     out = tmp_path / "killed"
     args = ["evaluate", str(pred), str(lab), "-o", str(out), "--workers", "0", "--no-hd95", "--no-report"]
-    env = {**os.environ, "PYTHONPATH": SRC}
+    env = {**os.environ, "PYTHONPATH": SRC, "FAULT_CASE_DELAY": "0.15"}
     proc = subprocess.Popen(
-        [sys.executable, str(Path(__file__).with_name("_slow_cli.py")), "0.15", *args],
+        [sys.executable, str(Path(__file__).with_name("_faulty_cli.py")), *args],
         env=env,
         start_new_session=True,
         stdout=subprocess.DEVNULL,

@@ -87,6 +87,7 @@ def evaluate(
     Resumable: rerunning the same command skips the cases already in OUT. Exit code 2 if any case failed.
     """
     from segcal.evaluation import ConfigMismatchError, EvalConfig, run_evaluation
+    from segcal.evaluation.lock import RunLockedError
     from segcal.functional.regions import parse_region_spec
     from segcal.io import CaseError, detect_format
 
@@ -128,7 +129,7 @@ def evaluate(
             overwrite=overwrite,
             retry_failed=retry_failed,
         )
-    except (ConfigMismatchError, CaseError, ValueError) as exc:
+    except (ConfigMismatchError, RunLockedError, CaseError, ValueError) as exc:
         console.print(f"[red]error:[/] {exc}", soft_wrap=True)
         raise typer.Exit(1) from None
     for role, files in res.unmatched.items():

@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -75,14 +76,29 @@ def _pooled_summary(pooled: dict[str, torch.Tensor], class_names: list[str]) -> 
     return out
 
 
-def _check_compatible(ok: list[CaseResult]) -> list[str]:
-    shapes = {r.bins.shape for r in ok if r.bins is not None}
-    names_set = {tuple(r.class_names or []) for r in ok}
-    if len(shapes) > 1 or len(names_set) > 1:
-        raise ValueError(
-            f"cases have different numbers of classes or bins {sorted(shapes)}; evaluate them in separate runs"
+def _layout(r: CaseResult) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    return (tuple(r.bins.shape) if r.bins is not None else ()), tuple(r.class_names or [])
+
+
+def _fail_incompatible(store: ResultStore, ok: list[CaseResult]) -> list[CaseResult]:
+    """Cases whose classes or bins differ from the run's majority are recorded as failed, each with a message
+    naming it; the others are returned."""
+    layouts = Counter(_layout(r) for r in ok)
+    if len(layouts) <= 1:
+        return ok
+    (shape, names), n = layouts.most_common(1)[0]  # ties: the layout of the first case id
+    keep = []
+    for r in ok:
+        if _layout(r) == (shape, names):
+            keep.append(r)
+            continue
+        store.mark_failed(
+            r.case_id,
+            f"{r.case_id}: {len(r.class_names or [])} classes {list(r.class_names or [])} and bins of shape "
+            f"{list(_layout(r)[0])}, but {n} other cases of this run have {len(names)} classes {list(names)} and "
+            f"bins of shape {list(shape)}; evaluate it in a separate run",
         )
-    return list(next(iter(names_set))) if names_set else []
+    return keep
 
 
 def _write_cases_csv(path: Path, results: list[CaseResult], values: dict[str, torch.Tensor], stats: Any) -> None:
@@ -114,6 +130,7 @@ def write_outputs(
     store: ResultStore, out_dir: Path, run_config: dict[str, Any], unmatched: dict[str, list[str]]
 ) -> tuple[dict[str, Path], dict[str, Any]]:
     """Write ``cases.csv``, ``bins.npz``, ``summary.json`` (and ``failed.csv``) from the store's cases."""
+    _fail_incompatible(store, [r for r in store.results() if r.status == "ok"])
     results = store.results()
     ok = [r for r in results if r.status == "ok"]
     failed = [r for r in results if r.status != "ok"]
@@ -123,7 +140,7 @@ def write_outputs(
         "summary": out_dir / "summary.json",
         "failed": out_dir / "failed.csv",
     }
-    class_names = _check_compatible(ok)
+    class_names = list(ok[0].class_names or []) if ok else []
     stats = CaseStatistics.cat([r.statistics() for r in ok]) if ok else None
     values = image_metrics(stats) if stats is not None else {}
     _write_cases_csv(files["cases"], results, values, stats)

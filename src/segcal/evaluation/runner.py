@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from segcal.evaluation.lock import RunLock
-from segcal.evaluation.store import CaseResult, ResultStore, input_fingerprint
+from segcal.evaluation.store import CaseResult, ResultStore, input_fingerprint, same_inputs
 from segcal.functional.regions import dilated_bbox_mask
 from segcal.functional.scoring import TargetError, case_statistics
 from segcal.io import Case, CaseError, CaseFiles, load_case, match_cases
@@ -300,9 +300,9 @@ def _case_paths(files: CaseFiles) -> list[str]:
 def _plan(cases: list[CaseFiles], store: ResultStore, retry_failed: bool, hash_inputs: bool) -> _Plan:
     prints = {c.case_id: input_fingerprint(_case_paths(c), content=hash_inputs) for c in cases}
     stored = store.fingerprints(include_failed=not retry_failed)
-    stale = sorted(cid for cid, fp in stored.items() if cid in prints and fp != prints[cid])
+    stale = sorted(cid for cid, fp in stored.items() if cid in prints and not same_inputs(fp, prints[cid]))
     vanished = sorted(set(store.fingerprints()) - set(prints))
-    todo = [c for c in cases if stored.get(c.case_id) != prints[c.case_id]]
+    todo = [c for c in cases if not same_inputs(stored.get(c.case_id), prints[c.case_id])]
     return _Plan(todo, prints, len(cases) - len(todo), stale, vanished)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from segcal.functional.scoring import CaseStatistics
 
-__all__ = ["CaseResult", "ConfigMismatchError", "ResultStore", "config_hash", "input_fingerprint"]
+__all__ = ["CaseResult", "ConfigMismatchError", "ResultStore", "config_hash", "input_fingerprint", "same_inputs"]
 
 DB_NAME = "results.sqlite"
 
@@ -35,24 +35,41 @@ def config_hash(config: dict[str, Any]) -> str:
 
 
 def input_fingerprint(paths: list[str], *, content: bool = False) -> str:
-    """Identity of a case's input files: SHA-256 over each file's absolute path, size and modification time
-    (nanoseconds), and with ``content`` of its bytes too (slower; catches a file rewritten within the
-    timestamp resolution with the same size). A missing file gives a fingerprint that matches nothing stored."""
-    h = hashlib.sha256()
+    """Identity of a case's input files, as a JSON string: ``stat``, a SHA-256 over each file's absolute path,
+    size and modification time (nanoseconds), and with ``content`` also ``content``, a SHA-256 of their bytes
+    (slower; catches a file rewritten with the same size within the timestamp resolution). A missing file
+    gives a fingerprint that matches nothing stored. Compare two with :func:`same_inputs`."""
+    st_hash = hashlib.sha256()
+    c_hash = hashlib.sha256() if content else None
     for p in paths:
         path = Path(p).resolve()
-        h.update(str(path).encode())
+        st_hash.update(str(path).encode())
         try:
             st = path.stat()
         except OSError:
-            h.update(b"missing")
+            st_hash.update(b"missing")
             continue
-        h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
-        if content:
+        st_hash.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+        if c_hash is not None:
             with open(path, "rb") as fh:
                 for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
-    return h.hexdigest()
+                    c_hash.update(block)
+    return json.dumps({"stat": st_hash.hexdigest(), "content": c_hash.hexdigest() if c_hash else None})
+
+
+def same_inputs(stored: str | None, current: str) -> bool:
+    """Whether a stored case was computed from the current input files: same paths, sizes and times, and, when
+    ``current`` carries a content hash, the same contents (a stored case without one is not trusted then)."""
+    if stored is None:
+        return False
+    try:
+        old = json.loads(stored)
+    except ValueError:
+        return False
+    new = json.loads(current)
+    if old.get("stat") != new["stat"]:
+        return False
+    return new["content"] is None or old.get("content") == new["content"]
 
 
 @dataclass
@@ -181,6 +198,16 @@ class ResultStore:
         """Forget these cases (inputs that vanished), in one transaction."""
         with self.conn:
             self.conn.executemany("DELETE FROM cases WHERE case_id=?", [(c,) for c in case_ids])
+
+    def mark_failed(self, case_id: str, error: str) -> None:
+        """Turn a recorded case into a failed one (its inputs' fingerprint is kept: it is not recomputed until
+        they change)."""
+        with self.conn:
+            self.conn.execute(
+                "UPDATE cases SET status='failed', error=?, class_names=NULL, metrics=NULL, bins=NULL, "
+                "bins_shape=NULL WHERE case_id=?",
+                (error, case_id),
+            )
 
     def put(self, res: CaseResult, fingerprint: str | None = None) -> None:
         """Record one case in its own transaction (a recomputed case increments ``n_computed``);

@@ -1,0 +1,252 @@
+"""Fault injection for ``segcal evaluate``: stale and vanished inputs, concurrent runs, killed workers and a
+killed parent, cases with other classes. Each test proves nothing is lost, stale or mixed."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from _eval_data import affine_for, make_case, write_nifti_dataset
+from segcal.evaluation import EvalConfig, run_evaluation
+from segcal.evaluation.lock import RunLock, RunLockedError
+from segcal.evaluation.runner import WORKER_DIED
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+FAULTY = str(Path(__file__).with_name("_faulty_cli.py"))
+CFG = EvalConfig(fmt="nifti", hd95=False, num_bins=10)
+
+
+def _run(pred: Path, lab: Path, out: Path, **kw):  # type: ignore[no-untyped-def]
+    return run_evaluation(pred, lab, out, CFG, workers=0, progress=False, **kw)
+
+
+def _csv(out: Path) -> dict[tuple[str, str], dict[str, str]]:
+    with open(out / "cases.csv") as fh:
+        return {(r["case_id"], r["class"]): r for r in csv.DictReader(fh)}
+
+
+def _replace_prediction(pred: Path, cid: str, seed: int) -> None:
+    probs, _ = make_case(np.random.default_rng(seed), (12, 10, 8), 4)
+    nib.save(nib.Nifti1Image(np.moveaxis(probs, 0, -1), affine_for((1.0, 1.5, 2.5))), pred / f"{cid}.nii.gz")
+
+
+def test_a_changed_input_is_recomputed_and_equals_a_fresh_run(tmp_path: Path) -> None:
+    pred, lab, _ = write_nifti_dataset(tmp_path, 3)
+    out = tmp_path / "out"
+    _run(pred, lab, out)
+    before = _csv(out)
+    _replace_prediction(pred, "case001", seed=99)
+    res = _run(pred, lab, out)
+    assert (res.n_computed, res.n_skipped, res.stale) == (1, 2, ["case001"])
+    after = _csv(out)
+    assert after[("case001", "class_1")]["ace"] != before[("case001", "class_1")]["ace"]
+    assert after[("case000", "class_1")] == before[("case000", "class_1")]
+    fresh = tmp_path / "fresh"
+    _run(pred, lab, fresh)
+    assert (fresh / "cases.csv").read_text() == (out / "cases.csv").read_text()
+    a = json.loads((fresh / "summary.json").read_text())
+    b = json.loads((out / "summary.json").read_text())
+    assert a["macro"] == b["macro"] and a["pooled"] == b["pooled"]
+
+
+def test_content_hash_catches_a_rewrite_with_the_same_size_and_time(tmp_path: Path) -> None:
+    pred, lab = tmp_path / "pred", tmp_path / "labels"
+    pred.mkdir()
+    lab.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        probs, label = make_case(rng, (12, 10, 8), 4)
+        np.save(pred / f"case{i}.npy", probs)
+        np.save(lab / f"case{i}.npy", label)
+    cfg = EvalConfig(fmt="npy", hd95=False, num_bins=10)
+    out = tmp_path / "out"
+    run_evaluation(pred, lab, out, cfg, workers=0, progress=False, hash_inputs=True)
+    f = pred / "case0.npy"
+    st = f.stat()
+    np.save(f, make_case(np.random.default_rng(5), (12, 10, 8), 4)[0])  # same shape and dtype: same size
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_size == st.st_size
+    again = run_evaluation(pred, lab, out, cfg, workers=0, progress=False)
+    assert again.n_computed == 0  # path, size and time alone: looks unchanged
+    hashed = run_evaluation(pred, lab, out, cfg, workers=0, progress=False, hash_inputs=True)
+    assert hashed.stale == ["case0"] and hashed.n_computed == 1
+
+
+def test_a_vanished_case_is_dropped_from_every_output(tmp_path: Path) -> None:
+    pred, lab, _ = write_nifti_dataset(tmp_path, 3)
+    out = tmp_path / "out"
+    _run(pred, lab, out)
+    (pred / "case002.nii.gz").unlink()
+    (lab / "case002.nii.gz").unlink()
+    res = _run(pred, lab, out)
+    assert res.vanished == ["case002"] and res.n_computed == 0
+    assert {k[0] for k in _csv(out)} == {"case000", "case001"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_cases"] == 2
+    assert np.load(out / "bins.npz")["case_ids"].tolist() == ["case000", "case001"]
+
+
+def test_a_case_with_other_classes_fails_by_name_and_not_after_removal(tmp_path: Path) -> None:
+    pred, lab, _ = write_nifti_dataset(tmp_path, 4)
+    probs, label = make_case(np.random.default_rng(7), (12, 10, 8), 3)
+    aff = affine_for((1.0, 1.5, 2.5))
+    nib.save(nib.Nifti1Image(np.moveaxis(probs, 0, -1), aff), pred / "case003.nii.gz")
+    nib.save(nib.Nifti1Image(label, aff), lab / "case003.nii.gz")
+    res = _run(pred, lab, tmp_path / "out")
+    assert (res.n_ok, res.n_failed) == (3, 1)
+    (err,) = [f["error"] for f in res.summary["failed"]]
+    assert err.startswith("case003:") and "2 classes" in err and "3 classes" in err
+    assert res.summary["class_names"] == ["class_1", "class_2", "class_3"]
+    (pred / "case003.nii.gz").unlink()
+    (lab / "case003.nii.gz").unlink()
+    res = _run(pred, lab, tmp_path / "out")
+    assert (res.n_ok, res.n_failed, res.vanished) == (3, 0, ["case003"])
+
+
+def test_rows_of_another_configuration_are_never_read(tmp_path: Path) -> None:
+    pred, lab, _ = write_nifti_dataset(tmp_path, 2)
+    out = tmp_path / "out"
+    _run(pred, lab, out)
+    other = EvalConfig(fmt="nifti", hd95=False, num_bins=7)
+    res = run_evaluation(pred, lab, out, other, workers=0, progress=False, overwrite=True)
+    assert res.n_computed == 2
+    assert np.load(out / "bins.npz")["bin_stats"].shape[-1] == 7
+
+
+def test_a_second_run_into_a_locked_folder_is_refused_naming_the_holder(tmp_path: Path) -> None:
+    pred, lab, _ = write_nifti_dataset(tmp_path, 2)
+    out = tmp_path / "out"
+    with RunLock(out), pytest.raises(RunLockedError, match=f"pid {os.getpid()}"):
+        _run(pred, lab, out)
+    assert not (out / "cases.csv").exists()  # the refused run wrote nothing
+    assert _run(pred, lab, out).n_ok == 2  # released: the folder is usable again
+
+
+def _start(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, FAULTY, *args],
+        env={**os.environ, "PYTHONPATH": SRC, **env},
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for(predicate, timeout: float = 120.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def _session_pids(sid: int) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid and fields[0] != "Z":  # session id, not a zombie
+                pids.append(int(d.name))
+    return pids
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(d.name))
+    return out
+
+
+@pytest.mark.slow
+def test_a_concurrent_cli_run_is_refused_and_a_killed_holder_is_taken_over(tmp_path: Path) -> None:
+    pred, lab, _ = write_nifti_dataset(tmp_path, 30, shape=(6, 5, 4))
+    out = tmp_path / "out"
+    args = ["evaluate", str(pred), str(lab), "-o", str(out), "--workers", "0", "--no-hd95", "--no-report"]
+    first = _start(args, {"FAULT_CASE_DELAY": "1.0"})  # 30 s: still running when the second one starts
+    _wait_for(lambda: (out / "results.sqlite").exists() and (out / ".segcal.lock").stat().st_size > 0)
+    second = subprocess.run(
+        [sys.executable, "-m", "segcal.cli", *args, "--bins", "7", "--overwrite"],
+        env={**os.environ, "PYTHONPATH": SRC}, capture_output=True, text=True, timeout=300,
+    )
+    assert second.returncode == 1
+    assert f"pid {first.pid}" in second.stderr.replace("\n", "") and "Traceback" not in second.stderr
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    third = subprocess.run(
+        [sys.executable, "-m", "segcal.cli", *args], env={**os.environ, "PYTHONPATH": SRC},
+        capture_output=True, text=True, timeout=300,
+    )
+    assert third.returncode == 0, third.stderr[-2000:]
+    rows = _csv(out)
+    assert len({k[0] for k in rows}) == 30 and all(r["status"] == "ok" for r in rows.values())
+
+
+@pytest.mark.slow
+def test_a_case_that_kills_its_worker_is_recorded_and_the_run_finishes(tmp_path: Path) -> None:
+    pred, lab, _ = write_nifti_dataset(tmp_path, 6, shape=(6, 5, 4))
+    out = tmp_path / "out"
+    args = ["evaluate", str(pred), str(lab), "-o", str(out), "--workers", "2", "--no-hd95", "--no-report"]
+    proc = _start(args, {"FAULT_KILL_CASE": "case002"})
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 2, err[-3000:]  # some case failed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_ok"] == 5 and summary["n_failed"] == 1
+    (failed,) = summary["failed"]
+    assert failed["case_id"] == "case002" and WORKER_DIED in failed["error"]
+    assert "case002.nii.gz" in failed["error"]
+
+
+@pytest.mark.slow
+def test_sigkill_of_a_worker_midway_loses_nothing(tmp_path: Path) -> None:
+    pred, lab, _ = write_nifti_dataset(tmp_path, 16, shape=(6, 5, 4))
+    out = tmp_path / "out"
+    args = ["evaluate", str(pred), str(lab), "-o", str(out), "--workers", "2", "--no-hd95", "--no-report"]
+    proc = _start(args, {"FAULT_CASE_DELAY": "0.3"})
+    db = out / "results.sqlite"
+    _wait_for(lambda: db.exists() and db.stat().st_size > 0 and len(_workers(proc.pid)) >= 2)
+    os.kill(_workers(proc.pid)[0], signal.SIGKILL)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]  # the killed worker's cases were retried and computed
+    rows = _csv(out)
+    assert len({k[0] for k in rows}) == 16 and all(r["status"] == "ok" for r in rows.values())
+
+
+def _workers(parent: int) -> list[int]:
+    """The evaluation workers: grandchildren of the run through the fork server (or children with spawn)."""
+    found = []
+    for child in _children(parent):
+        grand = _children(child)
+        found += grand if grand else []
+    return sorted(found)
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_parent_leaves_no_process_behind(tmp_path: Path) -> None:
+    pred, lab, _ = write_nifti_dataset(tmp_path, 30, shape=(6, 5, 4))
+    out = tmp_path / "out"
+    args = ["evaluate", str(pred), str(lab), "-o", str(out), "--workers", "2", "--no-hd95", "--no-report"]
+    proc = _start(args, {"FAULT_CASE_DELAY": "0.5"})
+    _wait_for(lambda: len(_workers(proc.pid)) >= 2)
+    assert len(_session_pids(proc.pid)) >= 3
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    _wait_for(lambda: _session_pids(proc.pid) == [], timeout=30)
