@@ -235,3 +235,17 @@ def test_kernel_flags_out_of_range_values_whose_voxel_sums_to_one(dtype, closed,
             bin_statistics(nan, lab, 20, include_background=include_background, **kw)
         with pytest.raises(ValueError, match="prediction contains 1 NaN/Inf values"):
             top_label_statistics(nan, lab, 20, **kw)
+
+
+@pytest.mark.parametrize("bad", [True, 10**8, 10_001])
+def test_num_bins_bool_and_absurd_counts_are_refused(bad):
+    from segcal.evaluation import EvalConfig
+    from segcal.functional.binning import MAX_BINS
+
+    p = torch.full((1, 2, 4, 4), 0.5)
+    lab = torch.zeros(1, 4, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match=f"num_bins must be a positive integer.*{bad}"):
+        bin_statistics(p, lab, bad)
+    with pytest.raises(ValueError, match="num_bins"):
+        EvalConfig(num_bins=bad)
+    assert bin_statistics(p, lab, MAX_BINS).num_bins == MAX_BINS

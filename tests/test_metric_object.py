@@ -110,6 +110,8 @@ _DDP_SCRIPT = textwrap.dedent(
     sl = slice(0, 1) if rank == 0 else slice(1, 4)
     m.update(logits[sl], labels[sl], case_ids=[str(i) for i in range(4)][sl])
     m.sync()
+    m.sync()  # idempotent: a second sync must not duplicate the images
+    assert len(m) == 4, len(m)
     r = m.compute()
     ref = SegmentationCalibrationMetric(activation="softmax")
     ref.update(logits, labels, case_ids=[str(i) for i in range(4)])

@@ -28,6 +28,7 @@ import torch
 
 from segcal.evaluation.lock import RunLock
 from segcal.evaluation.store import CaseResult, ResultStore, input_fingerprint, same_inputs
+from segcal.functional.binning import check_num_bins
 from segcal.functional.regions import dilated_bbox_mask
 from segcal.functional.scoring import TargetError, case_statistics
 from segcal.io import Case, CaseError, CaseFiles, load_case, match_cases
@@ -64,8 +65,7 @@ class EvalConfig:
             raise ValueError(f"region must be whole, bbox or mask, got {self.region!r}")
         if (self.regions is None) != (self.region_names is None):
             raise ValueError("regions and region_names go together")
-        if not isinstance(self.num_bins, int) or self.num_bins < 1:
-            raise ValueError(f"num_bins must be a positive integer, got {self.num_bins!r}")
+        check_num_bins(self.num_bins)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

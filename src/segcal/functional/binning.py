@@ -45,11 +45,13 @@ from segcal.functional.inputs import (
 Closed = Literal["right", "left"]
 
 __all__ = [
+    "MAX_BINS",
     "BinStats",
     "Closed",
     "bin_edges",
     "bin_index",
     "bin_statistics",
+    "check_num_bins",
     "hard_bin_sums",
     "soft_bin_sums",
 ]
@@ -128,7 +130,7 @@ def bin_edges(
     num_bins: int, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
 ) -> torch.Tensor:
     """The ``M + 1`` edges ``k / M``, correctly rounded in ``dtype``."""
-    _check_num_bins(num_bins)
+    check_num_bins(num_bins)
     return (torch.arange(num_bins + 1, dtype=torch.float64) / num_bins).to(dtype=dtype, device=device)
 
 
@@ -143,9 +145,19 @@ def bin_index(probs: torch.Tensor, num_bins: int = 20, closed: Closed = "right")
     raise ValueError(f"closed must be 'right' or 'left', got {closed!r}")
 
 
-def _check_num_bins(num_bins: int) -> None:
-    if not isinstance(num_bins, int | np.integer) or num_bins < 1:
+#: the largest number of bins accepted: far above any use in calibration (10-100 bins), low enough that the
+#: per-thread histograms stay small (their memory grows with the number of bins)
+MAX_BINS = 10_000
+
+
+def check_num_bins(num_bins: object) -> None:
+    """Raise ``ValueError`` unless ``num_bins`` is an integer in ``[1, MAX_BINS]`` (a bool is not a count)."""
+    if isinstance(num_bins, bool) or not isinstance(num_bins, int | np.integer) or num_bins < 1:
         raise ValueError(f"num_bins must be a positive integer, got {num_bins!r}")
+    if num_bins > MAX_BINS:
+        raise ValueError(f"num_bins must be a positive integer of at most {MAX_BINS}, got {num_bins}")
+
+
 
 
 def _prepare_mask(mask: torch.Tensor | None, batch: int, spatial: Sequence[int]) -> torch.Tensor | None:
@@ -202,7 +214,7 @@ def bin_statistics(
     one-hot), so the extra memory is a few histograms per thread.
     """
     mode = check_mode(mode)
-    _check_num_bins(num_bins)
+    check_num_bins(num_bins)
     if closed not in ("right", "left"):
         raise ValueError(f"closed must be 'right' or 'left', got {closed!r}")
     # Fast path: float32/float64 probabilities on CPU are validated and clamped inside the numba kernel (one

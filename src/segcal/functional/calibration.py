@@ -27,9 +27,9 @@ from segcal.functional import _kernels, inputs
 from segcal.functional.binning import (
     BinStats,
     Closed,
-    _check_num_bins,
     _prepare_mask,
     bin_statistics,
+    check_num_bins,
 )
 from segcal.functional.inputs import (
     Activation,
@@ -188,7 +188,7 @@ def _top_label_numba(
     b, c, *spatial = pred.shape
     if target.ndim == pred.ndim and target.shape[1] == c:
         return None  # one-hot / soft target
-    _check_num_bins(num_bins)
+    check_num_bins(num_bins)
     if check:
         inputs.check_prediction(pred, finite=False)
         check_target(target, pred.shape, mode)
