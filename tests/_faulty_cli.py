@@ -6,8 +6,9 @@ by the library:
 * ``FAULT_KILL_CASE=ID``: the process evaluating case ``ID`` kills itself with ``SIGKILL`` (as the
   out-of-memory killer would).
 
-The runner's per-case function is wrapped at import; worker processes (forkserver / spawn) import this file as
-their main module, so they run the wrapped function too.
+Run as a script, it replaces the runner's per-case function by :func:`_faulty`; the runner submits that
+function to its workers, which import this file to find it (forkserver / spawn workers as their main module,
+Dask workers by name, with ``tests/`` on their path).
 """
 
 from __future__ import annotations
@@ -30,10 +31,9 @@ def _faulty(files, config):  # type: ignore[no-untyped-def]
     return res
 
 
-runner.evaluate_case_files = _faulty
-
 if __name__ == "__main__":
     from segcal.cli import main
 
+    runner.evaluate_case_files = _faulty
     sys.argv[0] = "segcal"
     main()

@@ -250,3 +250,59 @@ def test_sigkill_of_the_parent_leaves_no_process_behind(tmp_path: Path) -> None:
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     _wait_for(lambda: _session_pids(proc.pid) == [], timeout=30)
+
+
+def _dask_worker(address: str, env: dict[str, str]) -> subprocess.Popen:
+    """A real ``dask worker`` process started in another directory (``/``), with a nanny that restarts it."""
+    tests = str(Path(__file__).parent)
+    return subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--no-dashboard"],
+        cwd="/",
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([SRC, tests]), **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def test_dask_unreachable_scheduler_is_one_clear_error(tmp_path: Path) -> None:
+    from segcal.evaluation import DaskClusterError
+
+    pred, lab, _ = write_nifti_dataset(tmp_path, 1, shape=(6, 5, 4))
+    t0 = time.time()
+    with pytest.raises(DaskClusterError, match=r"cannot reach the Dask scheduler at tcp://127\.0\.0\.1:9"):
+        run_evaluation(pred, lab, tmp_path / "o", CFG, dask_address="tcp://127.0.0.1:9", dask_timeout=2)
+    assert time.time() - t0 < 60
+
+
+@pytest.mark.slow
+def test_dask_workers_elsewhere_no_worker_and_a_case_that_kills_its_worker(tmp_path: Path, monkeypatch) -> None:
+    import dask
+    import distributed
+
+    import _faulty_cli
+    import segcal.evaluation.runner as runner
+    from segcal.evaluation import DaskClusterError
+
+    pred, lab, _ = write_nifti_dataset(tmp_path, 4, shape=(6, 5, 4))
+    run_evaluation(pred, lab, tmp_path / "ref", CFG, workers=0, progress=False)
+    monkeypatch.setattr(runner, "evaluate_case_files", _faulty_cli._faulty)  # what the workers run
+    monkeypatch.chdir(tmp_path)  # relative folders: workers started in "/" must get absolute paths
+    with dask.config.set({"distributed.scheduler.allowed-failures": 1}), distributed.LocalCluster(
+        n_workers=0, processes=False, protocol="tcp://", host="127.0.0.1", dashboard_address=":0"
+    ) as cluster:
+        with pytest.raises(DaskClusterError, match="no worker joined"):
+            run_evaluation("pred", "labels", "out", CFG, dask_address=cluster.scheduler_address, dask_timeout=2,
+                           progress=False)
+        worker = _dask_worker(cluster.scheduler_address, {"FAULT_KILL_CASE": "case002"})
+        try:
+            res = run_evaluation("pred", "labels", "out", CFG, dask_address=cluster.scheduler_address,
+                                 dask_timeout=120, progress=False)
+        finally:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
+    assert (res.n_ok, res.n_failed) == (3, 1)
+    (failed,) = res.summary["failed"]
+    assert failed["case_id"] == "case002" and WORKER_DIED in failed["error"]
+    ref, got = _csv(tmp_path / "ref"), _csv(tmp_path / "out")
+    assert {k: v for k, v in ref.items() if k[0] != "case002"} == {k: v for k, v in got.items() if k[0] != "case002"}

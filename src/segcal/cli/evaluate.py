@@ -86,8 +86,13 @@ def evaluate(
 
     Resumable: rerunning the same command skips the cases already in OUT. Exit code 2 if any case failed.
     """
-    from segcal.evaluation import ConfigMismatchError, EvalConfig, run_evaluation
-    from segcal.evaluation.lock import RunLockedError
+    from segcal.evaluation import (
+        ConfigMismatchError,
+        DaskClusterError,
+        EvalConfig,
+        RunLockedError,
+        run_evaluation,
+    )
     from segcal.functional.regions import parse_region_spec
     from segcal.io import CaseError, detect_format
 
@@ -129,7 +134,7 @@ def evaluate(
             overwrite=overwrite,
             retry_failed=retry_failed,
         )
-    except (ConfigMismatchError, RunLockedError, CaseError, ValueError) as exc:
+    except (ConfigMismatchError, RunLockedError, DaskClusterError, CaseError, ValueError) as exc:
         console.print(f"[red]error:[/] {exc}", soft_wrap=True)
         raise typer.Exit(1) from None
     for role, files in res.unmatched.items():

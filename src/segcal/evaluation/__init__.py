@@ -1,14 +1,24 @@
 """Dataset evaluation: runner, resumable store, outputs, statistics and comparison (docs/evaluation.md)."""
 
 from segcal.evaluation.compare import compare_runs
-from segcal.evaluation.runner import EvalConfig, RunResult, compute_case, evaluate_case_files, run_evaluation
+from segcal.evaluation.lock import RunLockedError
+from segcal.evaluation.runner import (
+    DaskClusterError,
+    EvalConfig,
+    RunResult,
+    compute_case,
+    evaluate_case_files,
+    run_evaluation,
+)
 from segcal.evaluation.store import CaseResult, ConfigMismatchError, ResultStore
 
 __all__ = [
     "CaseResult",
     "ConfigMismatchError",
+    "DaskClusterError",
     "EvalConfig",
     "ResultStore",
+    "RunLockedError",
     "RunResult",
     "compare_runs",
     "compute_case",

@@ -34,6 +34,8 @@ from segcal.functional.scoring import TargetError, case_statistics
 from segcal.io import Case, CaseError, CaseFiles, load_case, match_cases
 
 __all__ = [
+    "WORKER_DIED",
+    "DaskClusterError",
     "EvalConfig",
     "RunResult",
     "compute_case",
@@ -264,21 +266,65 @@ def _run_alone(files: CaseFiles, config: EvalConfig) -> Iterator[CaseResult]:
             yield CaseResult(files.case_id, "failed", f"{files.prediction[0]}: {WORKER_DIED}")
 
 
-def _iter_dask(todo: list[CaseFiles], config: EvalConfig, address: str, window: int) -> Iterator[CaseResult]:
-    from distributed import Client, as_completed
+class DaskClusterError(RuntimeError):
+    """The Dask scheduler cannot be reached, or no worker joined it in time."""
 
-    with Client(address, timeout=30) as client:
+
+def _dask_client(address: str, timeout: float) -> Any:
+    """A client of the scheduler at ``address`` with at least one worker, or one clear :class:`DaskClusterError`."""
+    from distributed import Client
+
+    try:
+        client = Client(address, timeout=timeout)
+    except (OSError, TimeoutError) as exc:
+        raise DaskClusterError(
+            f"cannot reach the Dask scheduler at {address} within {timeout:g} s ({type(exc).__name__}); is it "
+            "running, and is the address (tcp://host:port) right?"
+        ) from None
+    try:
+        client.wait_for_workers(1, timeout=timeout)
+    except (OSError, TimeoutError):
+        client.close()
+        raise DaskClusterError(
+            f"no worker joined the Dask scheduler at {address} within {timeout:g} s; start workers with "
+            f"`dask worker {address}`"
+        ) from None
+    return client
+
+
+def _iter_dask(
+    todo: list[CaseFiles], config: EvalConfig, address: str, window: int, timeout: float = 30.0
+) -> Iterator[CaseResult]:
+    """Results of ``todo`` evaluated on a Dask cluster, at most ``window`` (or twice the worker threads) in
+    flight. Dask retries a case whose worker was lost; a case that keeps losing its worker, or raises on the
+    worker, is recorded as failed."""
+    from distributed import as_completed
+
+    with _dask_client(address, timeout) as client:
         n = max(1, sum(w.get("nthreads", 1) for w in client.scheduler_info().get("workers", {}).values()))
         it = iter(todo)
         first = [next(it) for _ in range(min(len(todo), max(window, 2 * n)))]
-        ac = as_completed([client.submit(evaluate_case_files, f, config, pure=False) for f in first])
+        by_key = {}
+        futures = []
+        for f in first:
+            fut = client.submit(evaluate_case_files, f, config, pure=False)
+            by_key[fut.key] = f
+            futures.append(fut)
+        ac = as_completed(futures)
         for fut in ac:
-            res = fut.result()
+            files = by_key.pop(fut.key)
+            try:
+                res = fut.result()
+            except Exception as exc:  # KilledWorker (the worker died too often) or an error on the worker
+                why = WORKER_DIED if type(exc).__name__ == "KilledWorker" else f"{type(exc).__name__}: {exc}"
+                res = CaseResult(files.case_id, "failed", f"{files.prediction[0]}: {why}")
             fut.release()
             yield res
             nxt = next(it, None)
             if nxt is not None:
-                ac.add(client.submit(evaluate_case_files, nxt, config, pure=False))
+                new = client.submit(evaluate_case_files, nxt, config, pure=False)
+                by_key[new.key] = nxt
+                ac.add(new)
 
 
 @dataclass
@@ -316,6 +362,7 @@ def run_evaluation(
     mask_dir: str | Path | None = None,
     workers: int | None = None,
     dask_address: str | None = None,
+    dask_timeout: float = 30.0,
     overwrite: bool = False,
     retry_failed: bool = False,
     hash_inputs: bool = False,
@@ -325,7 +372,8 @@ def run_evaluation(
     """Evaluate every matched case of a dataset into ``out_dir`` (resumable; see module docstring).
 
     ``workers``: local processes (default: all cores; 0 = in this process). ``dask_address``: evaluate on that
-    Dask scheduler instead. Writes ``results.sqlite``, ``cases.csv``, ``bins.npz`` and ``summary.json``.
+    Dask scheduler instead (:class:`DaskClusterError` when it cannot be reached, or no worker joins it, within
+    ``dask_timeout`` seconds). Writes ``results.sqlite``, ``cases.csv``, ``bins.npz`` and ``summary.json``.
 
     Resume: a stored case is reused only if it was computed under the same configuration from the same input
     files (path, size and modification time; with ``hash_inputs`` also their contents); a changed input is
@@ -335,6 +383,10 @@ def run_evaluation(
     from segcal.evaluation.outputs import write_outputs
 
     out = Path(out_dir)
+    # absolute paths: the cases may be read by workers started in another directory (Dask)
+    pred_dir, label_dir = Path(pred_dir).resolve(), Path(label_dir).resolve()
+    reference_dir = Path(reference_dir).resolve() if reference_dir else None
+    mask_dir = Path(mask_dir).resolve() if mask_dir else None
     cases, unmatched = match_cases(
         pred_dir, label_dir, config.fmt, reference_dir=reference_dir, mask_dir=mask_dir
     )
@@ -357,7 +409,7 @@ def run_evaluation(
         n_computed = 0
         results: Iterable[CaseResult]
         if dask_address:
-            results = _iter_dask(plan.todo, config, dask_address, 2 * max(1, workers))
+            results = _iter_dask(plan.todo, config, dask_address, 2 * max(1, workers), dask_timeout)
         else:
             results = _iter_local(plan.todo, config, workers)
         with _progress(progress, len(cases), plan.n_resumed) as advance:
