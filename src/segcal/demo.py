@@ -108,20 +108,24 @@ def _logits(model: torch.nn.Module, images: torch.Tensor, batch: int = 16) -> to
 def _write_predictions(folder: Path, probs: torch.Tensor, case_ids: list[str]) -> Path:
     import numpy as np
 
+    from segcal.io import write_numpy_probabilities
+
     folder.mkdir(parents=True, exist_ok=True)
     arr = probs.to(torch.float32).numpy()
     for cid, p in zip(case_ids, arr, strict=True):
         p = p / p.sum(0, keepdims=True)
-        np.savez(folder / f"{cid}.npz", probabilities=p.astype(np.float32))
+        write_numpy_probabilities(folder / f"{cid}.npz", p.astype(np.float32), compressed=False)
     return folder
 
 
 def _write_labels(folder: Path, labels, case_ids: list[str]) -> Path:
     import numpy as np
 
+    from segcal.io import write_numpy
+
     folder.mkdir(parents=True, exist_ok=True)
     for cid, y in zip(case_ids, labels, strict=True):
-        np.save(folder / f"{cid}.npy", np.asarray(y, dtype=np.int64))
+        write_numpy(folder / f"{cid}.npy", np.asarray(y, dtype=np.int64))
     return folder
 
 

@@ -22,9 +22,12 @@ module only handles the command line.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
+from typing import Any, TypeVar
 
+import numpy as np
 import torch
 import typer
 from rich.console import Console
@@ -42,8 +45,10 @@ from segcal.io import (
     match_cases,
     write_prediction_file,
 )
-from segcal.posthoc import AuxiliaryConvCalibrator, TemperatureScaling, VectorScaling
+from segcal.posthoc import AuxiliaryConvCalibrator, Calibrator, TemperatureScaling, VectorScaling
 from segcal.posthoc.folders import FolderVolumes, read_logits_file
+
+T = TypeVar("T")
 
 
 class Method(str, Enum):
@@ -92,6 +97,55 @@ def match_validation(val_pred: Path, val_labels: Path, fmt: FolderFormat) -> lis
     return cases
 
 
+def _make_calibrator(
+    method: Method, mode: str, max_voxels: int, kernel_size: int, epochs: int, seed: int
+) -> Calibrator:
+    """The calibrator of ``--method`` with the command's options."""
+    if method == Method.ts:
+        return TemperatureScaling(mode=mode, max_voxels_per_volume=max_voxels or None, seed=seed)
+    if method == Method.vector:
+        return VectorScaling(mode=mode, max_voxels_per_volume=max_voxels or None, seed=seed)
+    return AuxiliaryConvCalibrator(mode=mode, kernel_size=kernel_size, epochs=epochs, seed=seed)
+
+
+def _calibrated(cal: Calibrator, path: Path, fmt: FolderFormat) -> tuple[np.ndarray, Any]:
+    """``(calibrated probabilities (C, *S), meta)`` of one ``--apply-to`` file."""
+    z, meta = read_logits_file(path, fmt)
+    return cal.transform(torch.from_numpy(z)[None])[0].numpy(), meta
+
+
+def _run_or_exit(progress: Progress, console: Console, step: Callable[[], T], path: Path | None = None) -> T:
+    """``step()``; a ``ValueError`` / ``TypeError`` stops the progress bar, prints the message (prefixed by
+    ``path`` unless it is a :class:`segcal.io.CaseError`, which names its file) and exits with code 1."""
+    try:
+        return step()
+    except (ValueError, TypeError) as exc:
+        progress.stop()
+        msg = f"{path}: {exc}" if path is not None and not isinstance(exc, CaseError) else str(exc)
+        console.print(f"[red]error:[/red] {msg}", soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def _summary_table(
+    cal: Calibrator, val_fmt: str, apply_fmt: str, n_cases: int, n_targets: int, output: Path
+) -> Table:
+    """The fitted parameters and what was written."""
+    table = Table(title="segcal calibrate")
+    table.add_column("item")
+    table.add_column("value")
+    table.add_row("method", type(cal).__name__)
+    table.add_row("formats", f"validation {val_fmt}, apply-to {apply_fmt}")
+    table.add_row("validation cases", str(n_cases))
+    if hasattr(cal, "temperature_"):
+        table.add_row("temperature", f"{cal.temperature_:.4f}")
+    if hasattr(cal, "scale_"):
+        table.add_row("scale", ", ".join(f"{v:.3f}" for v in cal.scale_.tolist()))
+        table.add_row("bias", ", ".join(f"{v:.3f}" for v in cal.bias_.tolist()))
+    table.add_row("calibrated cases", str(n_targets))
+    table.add_row("output", str(output))
+    return table
+
+
 @app.command()
 def calibrate(
     method: Method = typer.Option(
@@ -124,53 +178,20 @@ def calibrate(
         raise typer.BadParameter(f"--mode {mode} needs npy logits; {val_fmt} folders hold softmax probabilities")
     cases = match_validation(val_pred, val_labels, val_fmt)
     targets = list_apply_cases(apply_to, apply_fmt)
-    volumes = FolderVolumes(cases, val_fmt)
-    if method == Method.ts:
-        cal = TemperatureScaling(mode=mode, max_voxels_per_volume=max_voxels or None, seed=seed)
-    elif method == Method.vector:
-        cal = VectorScaling(mode=mode, max_voxels_per_volume=max_voxels or None, seed=seed)
-    else:
-        cal = AuxiliaryConvCalibrator(mode=mode, kernel_size=kernel_size, epochs=epochs, seed=seed)
-
+    cal = _make_calibrator(method, mode, max_voxels, kernel_size, epochs, seed)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
         task = progress.add_task(f"fitting {method.value} on {len(cases)} {val_fmt} cases", total=None)
-        try:
-            cal.fit(volumes)
-        except (ValueError, TypeError) as exc:
-            progress.stop()
-            console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
-            raise typer.Exit(1) from None
+        _run_or_exit(progress, console, lambda: cal.fit(FolderVolumes(cases, val_fmt)))
         progress.update(task, total=1, completed=1)
         output.mkdir(parents=True, exist_ok=True)
         task = progress.add_task(f"calibrating ({apply_fmt})", total=len(targets))
         for path in targets.values():
-            try:
-                z, meta = read_logits_file(path, apply_fmt)
-                probs = cal.transform(torch.from_numpy(z)[None])[0].numpy()
-            except (ValueError, TypeError) as exc:
-                progress.stop()
-                msg = str(exc) if isinstance(exc, CaseError) else f"{path}: {exc}"
-                console.print(f"[red]error:[/red] {msg}", soft_wrap=True)
-                raise typer.Exit(1) from None
+            probs, meta = _run_or_exit(progress, console, lambda p=path: _calibrated(cal, p, apply_fmt), path)
             write_prediction_file(path, output, probs, apply_fmt, meta)
             progress.advance(task)
         if apply_fmt == "nnunet":
             copy_nnunet_side_files(apply_to, output)
     if save_calibrator is not None:
         cal.save(save_calibrator)
-
-    table = Table(title="segcal calibrate")
-    table.add_column("item")
-    table.add_column("value")
-    table.add_row("method", type(cal).__name__)
-    table.add_row("formats", f"validation {val_fmt}, apply-to {apply_fmt}")
-    table.add_row("validation cases", str(len(cases)))
-    if hasattr(cal, "temperature_"):
-        table.add_row("temperature", f"{cal.temperature_:.4f}")
-    if hasattr(cal, "scale_"):
-        table.add_row("scale", ", ".join(f"{v:.3f}" for v in cal.scale_.tolist()))
-        table.add_row("bias", ", ".join(f"{v:.3f}" for v in cal.bias_.tolist()))
-    table.add_row("calibrated cases", str(len(targets)))
-    table.add_row("output", str(output))
-    console.print(table)
+    console.print(_summary_table(cal, val_fmt, apply_fmt, len(cases), len(targets), output))

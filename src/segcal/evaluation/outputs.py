@@ -13,8 +13,6 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ import torch
 
 from segcal.evaluation.statistics import summarize
 from segcal.evaluation.store import CaseResult, ResultStore
+from segcal.io.runs import read_case_metrics, write_bins_npz, write_cases_csv, write_failed_csv, write_summary_json
 
 __all__ = ["load_cases_csv", "pooled_metrics", "write_outputs"]
 
@@ -95,20 +94,16 @@ def write_outputs(
         "bins": out_dir / "bins.npz",
         "summary": out_dir / "summary.json",
     }
-    with open(files["cases"], "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=_columns())
-        w.writeheader()
-        for r in results:  # failed cases: one row with status "failed" and the error, metrics empty
-            w.writerows(
-                _rows(r)
-                if r.status == "ok"
-                else [{"case_id": r.case_id, "class": "", "status": "failed", "error": r.error}]
-            )
+    case_rows: list[dict[str, Any]] = []
+    for r in results:  # failed cases: one row with status "failed" and the error, metrics empty
+        case_rows += (
+            _rows(r)
+            if r.status == "ok"
+            else [{"case_id": r.case_id, "class": "", "status": "failed", "error": r.error}]
+        )
+    write_cases_csv(files["cases"], case_rows, _columns())
     files["failed"] = out_dir / "failed.csv"
-    with open(files["failed"], "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["case_id", "error"])
-        w.writerows([(r.case_id, r.error) for r in failed])
+    write_failed_csv(files["failed"], [(r.case_id, r.error) for r in failed])
 
     shapes = {r.bins.shape for r in ok if r.bins is not None}
     names_set = {tuple(r.class_names or []) for r in ok}
@@ -120,13 +115,7 @@ def write_outputs(
     class_names = list(next(iter(names_set))) if names_set else []
     m = int(run_config.get("num_bins", 20))
     bins = np.stack([r.bins for r in ok]) if ok else np.zeros((0, len(class_names), 3, m))
-    case_ids = np.array([r.case_id for r in ok], dtype=str)
-    np.savez(
-        files["bins"],
-        case_ids=case_ids.astype("U") if case_ids.size else np.zeros(0, dtype="U1"),
-        bin_stats=bins.astype(np.float64),
-        class_names=np.array(class_names, dtype="U"),
-    )
+    write_bins_npz(files["bins"], [r.case_id for r in ok], bins, class_names)
 
     macro: dict[str, dict[str, Any]] = {}
     for k in CLASS_METRICS:
@@ -154,30 +143,11 @@ def write_outputs(
         "macro": macro,
         "pooled": pooled_metrics(bins, counts, class_names) if ok else {},
     }
-    with open(files["summary"], "w") as fh:
-        json.dump(_finite(summary), fh, indent=2)
+    write_summary_json(files["summary"], summary)
     return files, summary
 
 
-def _finite(obj: Any) -> Any:
-    """NaN/Inf → None so that summary.json is strict JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj
-
-
 def load_cases_csv(path: str | Path) -> dict[tuple[str, str], dict[str, float]]:
-    """``(case_id, class) → {metric: value}`` of the ok rows of a run's ``cases.csv`` (empty cells → NaN)."""
-    out = {}
-    with open(path, newline="") as fh:
-        for row in csv.DictReader(fh):
-            if row.pop("status", "ok") != "ok":
-                continue
-            row.pop("error", None)
-            key = (row.pop("case_id"), row.pop("class"))
-            out[key] = {k: float(v) if v not in ("", None) else float("nan") for k, v in row.items()}
-    return out
+    """``(case_id, class) → {metric: value}`` of the ok rows of a run's ``cases.csv`` (empty cells → NaN);
+    read by :func:`segcal.io.runs.read_case_metrics`."""
+    return read_case_metrics(path)

@@ -12,6 +12,7 @@ atomic (:func:`~segcal.io._atomic.atomic_write`).
 from __future__ import annotations
 
 import zipfile
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -43,7 +44,7 @@ PROBABILITIES_KEY = "probabilities"
 #: ``.npz`` key of a logits map ``(C, *S)``
 LOGITS_KEY = "logits"
 
-_UNREADABLE = (OSError, EOFError, zipfile.BadZipFile)
+_UNREADABLE = (OSError, EOFError, zipfile.BadZipFile, zlib.error)
 
 
 class UnreadableNumpyError(CaseError):
