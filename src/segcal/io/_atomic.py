@@ -4,7 +4,7 @@ The data are written to a hidden temporary file in the target directory (``.NAME
 reader of :mod:`segcal.io` takes for a data file), flushed and ``fsync``-ed, then moved onto the final name
 with :func:`os.replace`. A crash, a full disk or an exception in the middle of writing therefore never leaves a
 truncated file under the final name: the name holds either the previous file or the complete new one. On
-failure the temporary file is removed and the error re-raised (see docs/evaluation.md, "Outputs").
+failure the temporary file is removed and the error re-raised (see docs/evaluation.md, "Inputs").
 """
 
 from __future__ import annotations
