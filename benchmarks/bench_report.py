@@ -6,7 +6,6 @@ PYTHONPATH=src python benchmarks/bench_report.py --cases 200 --classes 3 --bins 
 from __future__ import annotations
 
 import argparse
-import csv
 import tempfile
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 
 from segcal.functional.binning import BinStats
 from segcal.functional.calibration import calibration_errors
+from segcal.io.runs import write_bins_npz, write_cases_csv
 from segcal.plots import dataset_reliability_histogram, reliability_diagram, subject_spread
 from segcal.report import build_evaluation_report
 
@@ -51,23 +51,19 @@ def main() -> None:
         errs = calibration_errors(stats)
         ids = [f"case_{i:04d}" for i in range(a.cases)]
         names = [f"class_{j}" for j in range(a.classes)]
-        with (run / "cases.csv").open("w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=["case_id", "class", "status", "dice", "ace", "ece", "mce"])
-            w.writeheader()
-            for i, cid in enumerate(ids):
-                for j, cn in enumerate(names):
-                    w.writerow(
-                        {
-                            "case_id": cid,
-                            "class": cn,
-                            "status": "ok",
-                            "dice": 0.8,
-                            **{k: float(errs[k][i, j]) for k in ("ace", "ece", "mce")},
-                        }
-                    )
-        np.savez(
-            run / "bins.npz", case_ids=np.array(ids), bin_stats=stats.numpy(), class_names=np.array(names)
-        )
+        rows = [
+            {
+                "case_id": cid,
+                "class": cn,
+                "status": "ok",
+                "dice": 0.8,
+                **{k: float(errs[k][i, j]) for k in ("ace", "ece", "mce")},
+            }
+            for i, cid in enumerate(ids)
+            for j, cn in enumerate(names)
+        ]
+        write_cases_csv(run / "cases.csv", rows, ["case_id", "class", "status", "dice", "ace", "ece", "mce"])
+        write_bins_npz(run / "bins.npz", ids, stats.numpy(), names)
         t = time.perf_counter()
         out = build_evaluation_report(run)
         print(

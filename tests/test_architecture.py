@@ -24,7 +24,7 @@ ALLOWED: dict[str, set[str]] = {
     "io": set(),
     "metrics": {"functional"},
     "losses": {"functional"},
-    "plots": {"functional"},
+    "plots": {"functional", "io"},
     "posthoc": {"functional", "io"},
     "evaluation": {"functional", "io"},
     "data": {"functional", "io"},

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from posthoc_helpers import smooth_logits
 from segcal.cli import app
-from segcal.cli.calibrate import probabilities_to_logits
+from segcal.posthoc.folders import probabilities_to_logits
 
 SHAPE = (12, 10, 8)  # (x, y, z)
 C = 3

@@ -109,20 +109,24 @@ def _logits(model: torch.nn.Module, images: torch.Tensor, batch: int = 16) -> to
 def _write_predictions(folder: Path, probs: torch.Tensor, case_ids: list[str]) -> Path:
     import numpy as np
 
+    from segcal.io import write_numpy_probabilities
+
     folder.mkdir(parents=True, exist_ok=True)
     arr = probs.to(torch.float32).numpy()
     for cid, p in zip(case_ids, arr, strict=True):
         p = p / p.sum(0, keepdims=True)
-        np.savez(folder / f"{cid}.npz", probabilities=p.astype(np.float32))
+        write_numpy_probabilities(folder / f"{cid}.npz", p.astype(np.float32), compressed=False)
     return folder
 
 
 def _write_labels(folder: Path, labels, case_ids: list[str]) -> Path:
     import numpy as np
 
+    from segcal.io import write_numpy
+
     folder.mkdir(parents=True, exist_ok=True)
     for cid, y in zip(case_ids, labels, strict=True):
-        np.save(folder / f"{cid}.npy", np.asarray(y, dtype=np.int64))
+        write_numpy(folder / f"{cid}.npy", np.asarray(y, dtype=np.int64))
     return folder
 
 
@@ -499,9 +503,9 @@ def _write_demo_report(output: Path, summary: dict, summaries: dict, study: dict
     ent = np.concatenate([seg_ent["dice"], seg_ent["dice_shifted"]])
     dice_case = []
     for name in ("dice", "dice_shifted"):
-        from segcal.evaluation.outputs import load_cases_csv
+        from segcal.io.runs import read_case_metrics
 
-        cases = load_cases_csv(Path(summary["runs"][name]) / "cases.csv")
+        cases = read_case_metrics(Path(summary["runs"][name]) / "cases.csv")
         dice_case.append(np.array([[cases[(cid, c)]["dice"] for c in classes] for cid in ids]))
     dice_all = np.concatenate(dice_case)
     groups = ["test"] * (len(ids) * len(classes)) + ["shifted"] * (len(ids) * len(classes))

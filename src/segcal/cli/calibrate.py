@@ -10,23 +10,22 @@ with :func:`segcal.io.detect_format`):
 * ``nnunet``: nnU-Net v2 prediction folders, ``case.npz`` with key ``"probabilities"`` ``(C, z, y, x)``,
   labels ``case.nii.gz`` ``(x, y, z)``.
 
-Probabilities are turned into logits as ``log(clip(p, 1e-7))``: ``softmax(log p) = p``, so the calibrators
-see exactly the model's distribution (a temperature ``T`` then gives ``p^(1/T) / Σ p^(1/T)``).
+Probabilities are turned into logits by :func:`segcal.posthoc.folders.probabilities_to_logits`.
 
 Outputs keep the format of the ``--apply-to`` folder: ``.npy`` (probabilities ``(C, *S)``) / ``.npz`` (key
 ``"probabilities"``) for ``npy``; NIfTI ``(x, y, z, C)`` float32 with the input's affine and header for
 ``nifti``; ``case.npz`` with key ``"probabilities"`` ``(C, z, y, x)`` float32 for ``nnunet`` (nnU-Net's
-``plans.json`` / ``dataset.json`` are copied; ``.pkl`` files are never read or written). Reading and writing
-live in :func:`read_apply_case` and :func:`write_case`.
+``plans.json`` / ``dataset.json`` are copied; ``.pkl`` files are never read or written). Reading lives in
+:mod:`segcal.posthoc.folders` and :mod:`segcal.io`, writing in :func:`segcal.io.write_prediction_file`; this
+module only handles the command line.
 """
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Iterator
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -37,25 +36,19 @@ from rich.table import Table
 
 from segcal.cli import app
 from segcal.io import (
-    NIFTI_SUFFIXES,
-    NUMPY_SUFFIXES,
     CaseError,
     CaseFiles,
+    FolderFormat,
+    copy_nnunet_side_files,
     detect_format,
-    load_case,
+    list_prediction_files,
     match_cases,
-    read_label,
-    read_nifti,
-    read_nnunet_probabilities,
-    read_numpy,
+    write_prediction_file,
 )
-from segcal.posthoc import AuxiliaryConvCalibrator, TemperatureScaling, VectorScaling
+from segcal.posthoc import AuxiliaryConvCalibrator, Calibrator, TemperatureScaling, VectorScaling
+from segcal.posthoc.folders import FolderVolumes, read_logits_file
 
-FolderFormat = Literal["nifti", "npy", "nnunet"]
-#: probabilities are clipped to this value before the log (``log(clip(p, EPS))`` are the logits)
-PROB_EPS = 1e-7
-#: nnU-Net side files copied to an nnU-Net-style output folder (JSON only; pickles are never touched)
-NNUNET_SIDE_FILES = ("plans.json", "dataset.json")
+T = TypeVar("T")
 
 
 class Method(str, Enum):
@@ -71,11 +64,6 @@ class InputFormat(str, Enum):
     nnunet = "nnunet"
 
 
-def probabilities_to_logits(p: np.ndarray) -> np.ndarray:
-    """``log(clip(p, 1e-7))`` as float32; ``softmax`` of the result gives back ``p`` (up to the clip)."""
-    return np.log(np.clip(p.astype(np.float32, copy=False), PROB_EPS, None))
-
-
 def resolve_format(folder: Path, fmt: InputFormat | str) -> FolderFormat:
     """The format of ``folder``: ``fmt`` itself, or detected by :func:`segcal.io.detect_format` for ``auto``."""
     fmt = InputFormat(fmt)
@@ -86,135 +74,13 @@ def resolve_format(folder: Path, fmt: InputFormat | str) -> FolderFormat:
     return detect_format(folder)
 
 
-def read_logits_npy(path: str | Path) -> np.ndarray:
-    """Logits ``(C, *S)`` from ``.npy`` or ``.npz`` (key ``"logits"`` or the single array); never unpickles."""
-    key = None
-    if str(path).endswith(".npz"):
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                key = "logits" if "logits" in z.files else None
-        except Exception:
-            key = None  # read_numpy reports the problem with the file name
-    arr = read_numpy(path, key)
-    if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
-        raise CaseError(path, f"logits must be a real numeric array, got dtype {arr.dtype}")
-    return arr.astype(np.float32, copy=False)
-
-
-def read_validation_case(files: CaseFiles, fmt: FolderFormat) -> tuple[np.ndarray, np.ndarray]:
-    """``(logits (C, *S) float32, target)`` of one validation case; target ``(*S)`` int64 or multi-hot
-    ``(C, *S)`` float32 (``npy`` only). Probability formats are converted with :func:`probabilities_to_logits`;
-    shapes, spacing and affine are cross-checked by :func:`segcal.io.load_case`."""
-    if fmt == "npy":
-        z = read_logits_npy(files.prediction[0])
-        y, _, _ = read_label(files.label)
-        if y.shape == z.shape:  # multi-hot (multilabel) labels (C, *spatial)
-            return z, y.astype(np.float32)
-        if z.shape[1:] != y.shape:
-            raise CaseError(
-                files.prediction[0],
-                f"case {files.case_id}: logits have spatial shape {z.shape[1:]} but labels "
-                f"{Path(files.label).name} have {y.shape}",
-            )
-        return z, y.astype(np.int64)
-    case = load_case(files, fmt)
-    assert case.label is not None
-    return probabilities_to_logits(case.probabilities), case.label.astype(np.int64)
-
-
 def list_apply_cases(folder: Path, fmt: FolderFormat) -> dict[str, Path]:
-    """Case id (file name without extension) → file, one prediction file per case, for ``--apply-to``."""
-    if not folder.is_dir():
-        raise typer.BadParameter(f"folder not found: {folder}")
-    suffixes = NIFTI_SUFFIXES if fmt == "nifti" else (".npz",) if fmt == "nnunet" else NUMPY_SUFFIXES
-    cases: dict[str, Path] = {}
-    for p in sorted(folder.iterdir()):
-        suf = next((s for s in suffixes if p.name.endswith(s)), None)
-        if p.is_file() and suf is not None:
-            cases[p.name[: -len(suf)]] = p
-    if not cases:
-        raise typer.BadParameter(f"{folder}: no {'/'.join(suffixes)} files found (format {fmt})")
-    return cases
-
-
-def read_apply_case(path: Path, fmt: FolderFormat) -> tuple[np.ndarray, Any]:
-    """``(logits (C, *S) float32, meta)`` of one file to calibrate; ``meta`` is what :func:`write_case`
-    needs to write the output in the same format (the NIfTI image for ``nifti``, else ``None``).
-
-    ``nifti``: a 4D ``(x, y, z, C)`` probability map (or a 3D binary foreground probability ``p`` → classes
-    ``[1 − p, p]``); ``nnunet``: ``(C, z, y, x)`` → ``(C, x, y, z)``; ``npy``: logits as stored.
-    """
-    if fmt == "npy":
-        return read_logits_npy(path), None
-    if fmt == "nnunet":
-        return probabilities_to_logits(read_nnunet_probabilities(path)), None
-    data, _, _ = read_nifti(path)  # raises CaseError naming the file when corrupt
-    if not np.issubdtype(data.dtype, np.floating):
-        raise CaseError(path, f"probabilities must be a floating-point array, got dtype {data.dtype}")
-    if data.ndim == 4:
-        probs = np.moveaxis(data, -1, 0)
-    elif data.ndim in (2, 3):
-        probs = np.stack([1 - data, data])
-    else:
-        raise CaseError(path, f"expected a 3D or 4D (x, y, z, C) probability map, got shape {data.shape}")
-    import nibabel as nib
-
-    return probabilities_to_logits(probs), nib.load(str(path))
-
-
-def write_case(src: Path, out_dir: Path, probs: np.ndarray, fmt: FolderFormat, meta: Any = None) -> Path:
-    """Write calibrated ``probs`` ``(C, *S)`` (label axis order) as ``out_dir / src.name`` in ``fmt``.
-
-    ``npy``: ``.npy`` array or ``.npz`` key ``"probabilities"``, ``(C, *S)``; ``nifti``: ``(x, y, z, C)``
-    float32 with the affine and header of the input image ``meta``; ``nnunet``: ``.npz`` key
-    ``"probabilities"`` ``(C, z, y, x)`` float32.
-    """
-    out = out_dir / src.name
-    probs = probs.astype(np.float32, copy=False)
-    if fmt == "nifti":
-        img = meta
-        header = img.header.copy()
-        header.set_data_dtype(np.float32)
-        new = type(img)(np.ascontiguousarray(np.moveaxis(probs, 0, -1)), img.affine, header)
-        new.header.set_slope_inter(1.0, 0.0)
-        new.to_filename(str(out))
-    elif fmt == "nnunet":
-        np.savez_compressed(
-            out, probabilities=np.ascontiguousarray(np.transpose(probs, (0, *range(probs.ndim - 1, 0, -1))))
-        )
-    elif src.suffix == ".npy":
-        np.save(out, probs)
-    else:
-        np.savez_compressed(out, probabilities=probs)
-    return out
-
-
-def copy_nnunet_side_files(src_dir: Path, out_dir: Path) -> list[str]:
-    """Copy nnU-Net's JSON side files (``plans.json``, ``dataset.json``) so the output is detected as
-    ``nnunet`` by ``segcal evaluate``; pickles are never copied."""
-    copied = []
-    for name in NNUNET_SIDE_FILES:
-        if (src_dir / name).is_file():
-            shutil.copyfile(src_dir / name, out_dir / name)
-            copied.append(name)
-    return copied
-
-
-class _FolderVolumes:
-    """Re-iterable ``(logits (1, C, *S), target (1, *S) or (1, C, *S))`` volumes read lazily from disk."""
-
-    def __init__(self, cases: list[CaseFiles], fmt: FolderFormat) -> None:
-        self.cases, self.fmt = cases, fmt
-
-    def __len__(self) -> int:
-        return len(self.cases)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return (self[i] for i in range(len(self.cases)))
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        z, y = read_validation_case(self.cases[i], self.fmt)
-        return torch.from_numpy(z)[None], torch.from_numpy(y)[None]
+    """Case name → file of the ``--apply-to`` folder (:func:`segcal.io.list_prediction_files`); a missing or
+    empty folder is a bad parameter."""
+    try:
+        return list_prediction_files(folder, fmt)
+    except (FileNotFoundError, ValueError) as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 def match_validation(val_pred: Path, val_labels: Path, fmt: FolderFormat) -> list[CaseFiles]:
@@ -229,6 +95,55 @@ def match_validation(val_pred: Path, val_labels: Path, fmt: FolderFormat) -> lis
     if not cases:
         raise typer.BadParameter(f"no validation cases found in {val_pred} (format {fmt})")
     return cases
+
+
+def _make_calibrator(
+    method: Method, mode: str, max_voxels: int, kernel_size: int, epochs: int, seed: int
+) -> Calibrator:
+    """The calibrator of ``--method`` with the command's options."""
+    if method == Method.ts:
+        return TemperatureScaling(mode=mode, max_voxels_per_volume=max_voxels or None, seed=seed)
+    if method == Method.vector:
+        return VectorScaling(mode=mode, max_voxels_per_volume=max_voxels or None, seed=seed)
+    return AuxiliaryConvCalibrator(mode=mode, kernel_size=kernel_size, epochs=epochs, seed=seed)
+
+
+def _calibrated(cal: Calibrator, path: Path, fmt: FolderFormat) -> tuple[np.ndarray, Any]:
+    """``(calibrated probabilities (C, *S), meta)`` of one ``--apply-to`` file."""
+    z, meta = read_logits_file(path, fmt)
+    return cal.transform(torch.from_numpy(z)[None])[0].numpy(), meta
+
+
+def _run_or_exit(progress: Progress, console: Console, step: Callable[[], T], path: Path | None = None) -> T:
+    """``step()``; a ``ValueError`` / ``TypeError`` stops the progress bar, prints the message (prefixed by
+    ``path`` unless it is a :class:`segcal.io.CaseError`, which names its file) and exits with code 1."""
+    try:
+        return step()
+    except (ValueError, TypeError) as exc:
+        progress.stop()
+        msg = f"{path}: {exc}" if path is not None and not isinstance(exc, CaseError) else str(exc)
+        console.print(f"[red]error:[/red] {msg}", soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def _summary_table(
+    cal: Calibrator, val_fmt: str, apply_fmt: str, n_cases: int, n_targets: int, output: Path
+) -> Table:
+    """The fitted parameters and what was written."""
+    table = Table(title="segcal calibrate")
+    table.add_column("item")
+    table.add_column("value")
+    table.add_row("method", type(cal).__name__)
+    table.add_row("formats", f"validation {val_fmt}, apply-to {apply_fmt}")
+    table.add_row("validation cases", str(n_cases))
+    if hasattr(cal, "temperature_"):
+        table.add_row("temperature", f"{cal.temperature_:.4f}")
+    if hasattr(cal, "scale_"):
+        table.add_row("scale", ", ".join(f"{v:.3f}" for v in cal.scale_.tolist()))
+        table.add_row("bias", ", ".join(f"{v:.3f}" for v in cal.bias_.tolist()))
+    table.add_row("calibrated cases", str(n_targets))
+    table.add_row("output", str(output))
+    return table
 
 
 @app.command()
@@ -263,53 +178,20 @@ def calibrate(
         raise typer.BadParameter(f"--mode {mode} needs npy logits; {val_fmt} folders hold softmax probabilities")
     cases = match_validation(val_pred, val_labels, val_fmt)
     targets = list_apply_cases(apply_to, apply_fmt)
-    volumes = _FolderVolumes(cases, val_fmt)
-    if method == Method.ts:
-        cal = TemperatureScaling(mode=mode, max_voxels_per_volume=max_voxels or None, seed=seed)
-    elif method == Method.vector:
-        cal = VectorScaling(mode=mode, max_voxels_per_volume=max_voxels or None, seed=seed)
-    else:
-        cal = AuxiliaryConvCalibrator(mode=mode, kernel_size=kernel_size, epochs=epochs, seed=seed)
-
+    cal = _make_calibrator(method, mode, max_voxels, kernel_size, epochs, seed)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
         task = progress.add_task(f"fitting {method.value} on {len(cases)} {val_fmt} cases", total=None)
-        try:
-            cal.fit(volumes)
-        except (ValueError, TypeError) as exc:
-            progress.stop()
-            console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
-            raise typer.Exit(1) from None
+        _run_or_exit(progress, console, lambda: cal.fit(FolderVolumes(cases, val_fmt)))
         progress.update(task, total=1, completed=1)
         output.mkdir(parents=True, exist_ok=True)
         task = progress.add_task(f"calibrating ({apply_fmt})", total=len(targets))
         for path in targets.values():
-            try:
-                z, meta = read_apply_case(path, apply_fmt)
-                probs = cal.transform(torch.from_numpy(z)[None])[0].numpy()
-            except (ValueError, TypeError) as exc:
-                progress.stop()
-                msg = str(exc) if isinstance(exc, CaseError) else f"{path}: {exc}"
-                console.print(f"[red]error:[/red] {msg}", soft_wrap=True)
-                raise typer.Exit(1) from None
-            write_case(path, output, probs, apply_fmt, meta)
+            probs, meta = _run_or_exit(progress, console, lambda p=path: _calibrated(cal, p, apply_fmt), path)
+            write_prediction_file(path, output, probs, apply_fmt, meta)
             progress.advance(task)
         if apply_fmt == "nnunet":
             copy_nnunet_side_files(apply_to, output)
     if save_calibrator is not None:
         cal.save(save_calibrator)
-
-    table = Table(title="segcal calibrate")
-    table.add_column("item")
-    table.add_column("value")
-    table.add_row("method", type(cal).__name__)
-    table.add_row("formats", f"validation {val_fmt}, apply-to {apply_fmt}")
-    table.add_row("validation cases", str(len(cases)))
-    if hasattr(cal, "temperature_"):
-        table.add_row("temperature", f"{cal.temperature_:.4f}")
-    if hasattr(cal, "scale_"):
-        table.add_row("scale", ", ".join(f"{v:.3f}" for v in cal.scale_.tolist()))
-        table.add_row("bias", ", ".join(f"{v:.3f}" for v in cal.bias_.tolist()))
-    table.add_row("calibrated cases", str(len(targets)))
-    table.add_row("output", str(output))
-    console.print(table)
+    console.print(_summary_table(cal, val_fmt, apply_fmt, len(cases), len(targets), output))

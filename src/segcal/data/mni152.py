@@ -33,8 +33,6 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from importlib import metadata
@@ -43,6 +41,8 @@ from typing import Literal
 
 import numpy as np
 from scipy import ndimage
+
+from segcal.io.numpy import read_npz, write_npz
 
 #: bump when the generator changes: old cache files are then ignored and rebuilt.
 VERSION = "mni152-tissue-1"
@@ -334,11 +334,10 @@ def _read_cache(path: Path, meta: str) -> dict[str, np.ndarray] | None:
     if not path.is_file():
         return None
     try:
-        with np.load(path, allow_pickle=False) as z:
-            if str(z["meta"]) != meta:
-                return None
-            arrays = {f"{s}_{k}": z[f"{s}_{k}"] for s in ("train", "val", "test") for k in _KEYS}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        if str(read_npz(path, ("meta",))["meta"]) != meta:
+            return None
+        arrays = read_npz(path, [f"{s}_{k}" for s in ("train", "val", "test") for k in _KEYS])
+    except ValueError:  # CaseError: unreadable, truncated or missing arrays
         return None
     for s in ("train", "val", "test"):
         n = arrays[f"{s}_images"].shape[0]
@@ -350,14 +349,7 @@ def _read_cache(path: Path, meta: str) -> dict[str, np.ndarray] | None:
 def _write_cache(path: Path, meta: str, arrays: dict[str, np.ndarray]) -> bool:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp.npz")
-        os.close(fd)
-        try:
-            np.savez_compressed(tmp, meta=np.array(meta), **arrays)
-            os.replace(tmp, path)  # atomic: readers never see a half-written file
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        write_npz(path, {"meta": np.array(meta), **arrays}, compressed=True)  # atomic: never half-written
     except OSError:
         return False
     return True

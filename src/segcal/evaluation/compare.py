@@ -12,15 +12,12 @@ Row keys: ``run_a, run_b, metric, class, n, mean_a, mean_b, rel_change, p_wilcox
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from segcal.evaluation.outputs import _finite, load_cases_csv
 from segcal.evaluation.statistics import (
     cliffs_delta,
     cohens_d_paired,
@@ -29,6 +26,7 @@ from segcal.evaluation.statistics import (
     rank_sum_test,
     wilcoxon_signed_rank,
 )
+from segcal.io.runs import read_case_metrics, write_csv, write_json
 
 __all__ = ["compare_runs", "write_comparison"]
 
@@ -39,7 +37,7 @@ def _table(run_dir: Path) -> tuple[dict[str, dict[str, dict[str, float]]], list[
     path = run_dir / "cases.csv"
     if not path.exists():
         raise ValueError(f"{run_dir}: no cases.csv (not an evaluated run folder?)")
-    rows = load_cases_csv(path)
+    rows = read_case_metrics(path)
     table: dict[str, dict[str, dict[str, float]]] = {}
     classes: list[str] = []
     metrics: list[str] = []
@@ -148,11 +146,6 @@ def write_comparison(comparison: dict[str, Any], out_dir: str | Path) -> dict[st
     out.mkdir(parents=True, exist_ok=True)
     files = {"csv": out / "comparison.csv", "json": out / "comparison.json"}
     rows = comparison["rows"]
-    with open(files["csv"], "w", newline="") as fh:
-        if rows:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-    with open(files["json"], "w") as fh:
-        json.dump(_finite(comparison), fh, indent=2)
+    write_csv(files["csv"], rows, list(rows[0]) if rows else [])
+    write_json(files["json"], comparison)
     return files

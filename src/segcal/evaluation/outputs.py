@@ -16,8 +16,6 @@ per-case average over classes; per-case metrics under ``"case"``):
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 from collections import Counter
 from pathlib import Path
@@ -29,8 +27,9 @@ import torch
 from segcal.evaluation.statistics import summarize
 from segcal.evaluation.store import CaseResult, ResultStore
 from segcal.functional.scoring import CASE_METRICS, CLASS_METRICS, CaseStatistics, image_metrics, pooled_metrics
+from segcal.io.runs import write_bins_npz, write_cases_csv, write_failed_csv, write_summary_json
 
-__all__ = ["COLUMNS", "load_cases_csv", "write_outputs"]
+__all__ = ["COLUMNS", "write_outputs"]
 
 #: ``cases.csv`` columns: one row per case and class (a failed case: one row with its error)
 COLUMNS: tuple[str, ...] = (
@@ -101,17 +100,17 @@ def _fail_incompatible(store: ResultStore, ok: list[CaseResult]) -> list[CaseRes
     return keep
 
 
-def _write_cases_csv(path: Path, results: list[CaseResult], values: dict[str, torch.Tensor], stats: Any) -> None:
-    index = {}
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(COLUMNS))
-        w.writeheader()
-        for r in results:  # failed cases: one row with status "failed" and the error, metrics empty
-            if r.status == "ok":
-                i = index.setdefault(r.case_id, len(index))
-                w.writerows(_rows(r.case_id, r.class_names or [], values, stats, i))
-            else:
-                w.writerow({"case_id": r.case_id, "class": "", "status": "failed", "error": r.error})
+def _case_rows(results: list[CaseResult], values: dict[str, torch.Tensor], stats: Any) -> list[dict[str, Any]]:
+    """The ``cases.csv`` rows: each ok case's class rows, a failed case as one row with its error."""
+    index: dict[str, int] = {}
+    rows: list[dict[str, Any]] = []
+    for r in results:
+        if r.status == "ok":
+            i = index.setdefault(r.case_id, len(index))
+            rows += _rows(r.case_id, r.class_names or [], values, stats, i)
+        else:
+            rows.append({"case_id": r.case_id, "class": "", "status": "failed", "error": r.error})
+    return rows
 
 
 def _macro_summary(values: dict[str, torch.Tensor], class_names: list[str]) -> dict[str, dict[str, Any]]:
@@ -143,21 +142,11 @@ def write_outputs(
     class_names = list(ok[0].class_names or []) if ok else []
     stats = CaseStatistics.cat([r.statistics() for r in ok]) if ok else None
     values = image_metrics(stats) if stats is not None else {}
-    _write_cases_csv(files["cases"], results, values, stats)
-    with open(files["failed"], "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["case_id", "error"])
-        w.writerows([(r.case_id, r.error) for r in failed])
-
+    write_cases_csv(files["cases"], _case_rows(results, values, stats), COLUMNS)
+    write_failed_csv(files["failed"], [(r.case_id, r.error or "") for r in failed])
     m = int(run_config.get("num_bins", 20))
     bins = stats.bins.numpy() if stats is not None else np.zeros((0, len(class_names), 3, m))
-    case_ids = np.array([r.case_id for r in ok], dtype=str)
-    np.savez(
-        files["bins"],
-        case_ids=case_ids.astype("U") if case_ids.size else np.zeros(0, dtype="U1"),
-        bin_stats=bins.astype(np.float64),
-        class_names=np.array(class_names, dtype="U"),
-    )
+    write_bins_npz(files["bins"], [r.case_id for r in ok], bins, class_names)
     summary = {
         "config": run_config,
         "n_cases": len(results),
@@ -169,30 +158,5 @@ def write_outputs(
         "macro": _macro_summary(values, class_names) if ok else {},
         "pooled": _pooled_summary(pooled_metrics(stats), class_names) if stats is not None else {},
     }
-    with open(files["summary"], "w") as fh:
-        json.dump(_finite(summary), fh, indent=2)
+    write_summary_json(files["summary"], summary)
     return files, summary
-
-
-def _finite(obj: Any) -> Any:
-    """NaN/Inf → None so that summary.json is strict JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-def load_cases_csv(path: str | Path) -> dict[tuple[str, str], dict[str, float]]:
-    """``(case_id, class) → {metric: value}`` of the ok rows of a run's ``cases.csv`` (empty cells → NaN)."""
-    out = {}
-    with open(path, newline="") as fh:
-        for row in csv.DictReader(fh):
-            if row.pop("status", "ok") != "ok":
-                continue
-            row.pop("error", None)
-            key = (row.pop("case_id"), row.pop("class"))
-            out[key] = {k: float(v) if v not in ("", None) else float("nan") for k, v in row.items()}
-    return out

@@ -17,6 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from segcal.functional.binning import BinStats
+from segcal.io import atomic_write
 
 __all__ = ["as_binstats", "figure_to_png_bytes", "new_figure", "save_figure", "select"]
 
@@ -85,6 +86,7 @@ def save_figure(
     out = []
     for f in formats:
         target = stem.parent / f"{stem.name}.{f}"
-        fig.savefig(target, format=f, dpi=dpi)
+        with atomic_write(target, "wb") as fh:
+            fig.savefig(fh, format=f, dpi=dpi)
         out.append(target)
     return out

@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import torch
 
 from segcal.functional.inputs import Mode, check_mode, check_prediction, check_target, target_to_onehot
+from segcal.io import atomic_write
 
 __all__ = ["Calibrator", "NotFittedError", "iter_volumes", "load_calibrator"]
 
@@ -197,7 +198,8 @@ class Calibrator:
             "config": json.dumps(self._config()),
             "state": {k: v.detach().cpu().contiguous() for k, v in self._state().items()},
         }
-        torch.save(payload, Path(path))
+        with atomic_write(path, "wb") as fh:
+            torch.save(payload, fh)
 
     @classmethod
     def load(cls, path: str | Path, **kwargs: Any) -> Calibrator:

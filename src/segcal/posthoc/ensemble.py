@@ -15,6 +15,7 @@ from torch import nn
 from segcal.functional.calibration import negative_log_likelihood
 from segcal.functional.inputs import Mode, check_mode, check_probabilities, check_target
 from segcal.functional.overlap import confusion_counts, dice_from_counts
+from segcal.io.numpy import read_numpy_array
 
 __all__ = [
     "average_models",
@@ -61,16 +62,9 @@ def average_models(
 def load_array(path: str | Path, key: str = "probabilities") -> np.ndarray:
     """Read one ``.npy`` or ``.npz`` array (no pickle). For ``.npz`` use ``key`` or the single stored array."""
     path = Path(path)
-    if path.suffix == ".npy":
-        return np.load(path, allow_pickle=False)
-    if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            if key in z.files:
-                return z[key]
-            if len(z.files) == 1:
-                return z[z.files[0]]
-            raise ValueError(f"{path}: expected key {key!r} or a single array, found {z.files}")
-    raise ValueError(f"{path}: unsupported file type {path.suffix!r} (expected .npy or .npz)")
+    if path.suffix not in (".npy", ".npz"):
+        raise ValueError(f"{path}: unsupported file type {path.suffix!r} (expected .npy or .npz)")
+    return read_numpy_array(path, key)
 
 
 def _case_files(folder: Path) -> dict[str, Path]:

@@ -13,8 +13,6 @@ Run folder layout (written by ``segcal evaluate``):
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,6 +23,8 @@ import numpy as np
 from segcal.functional.binning import BinStats
 from segcal.functional.calibration import calibration_errors
 from segcal.functional.scoring import CASE_METRICS, CLASS_METRICS
+from segcal.io import write_bytes, write_text
+from segcal.io.runs import read_run
 from segcal.plots import (
     dataset_reliability_comparison,
     dataset_reliability_histogram,
@@ -70,8 +70,11 @@ Per image and class, the predicted probabilities are split into M equal-width bi
 """
 
 _MACRO_FIELDS = ("mean", "std", "median", "iqr", "ci_low", "ci_high")
-#: metric columns of cases.csv, in the evaluation's order (one definition: the evaluation runner's)
-_METRIC_COLUMNS = (*CLASS_METRICS, *CASE_METRICS)
+
+
+def _metric_columns() -> tuple[str, ...]:
+    """Metric columns of cases.csv, in schema order (:data:`segcal.functional.scoring.METRICS`)."""
+    return (*CLASS_METRICS, *CASE_METRICS)
 
 
 def glossary_section() -> Section:
@@ -85,13 +88,20 @@ def glossary_section() -> Section:
 
 
 class RunData:
-    """The parsed content of one run folder (any missing optional file leaves its part ``None``)."""
+    """The parsed content of one run folder (any missing optional file leaves its part ``None``), read by
+    :func:`segcal.io.runs.read_run` with the metric columns parsed to floats."""
 
     def __init__(self, run_dir: Path) -> None:
-        self.run_dir = Path(run_dir)
-        self.cases = _read_cases(self.run_dir / "cases.csv")
-        self.summary = _read_summary(self.run_dir / "summary.json")
-        self.case_ids, self.stats, self.class_names = _read_bins(self.run_dir / "bins.npz")
+        run = read_run(run_dir, _metric_columns())
+        self.run_dir = run.run_dir
+        self.cases = run.cases
+        self.summary = run.summary
+        self.case_ids: list[str] | None = None
+        self.stats: BinStats | None = None
+        self.class_names: list[str] | None = None
+        if run.bins is not None:
+            self.case_ids, self.class_names = run.bins.case_ids, run.bins.class_names
+            self.stats = BinStats.from_numpy(run.bins.bin_stats)
 
     @property
     def ok_rows(self) -> list[dict[str, Any]]:
@@ -107,72 +117,6 @@ def load_run(run_dir: str | Path) -> RunData:
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder {run_dir} does not exist")
     return RunData(run_dir)
-
-
-def _to_float(v: str | None) -> float:
-    if v is None or v.strip() == "":
-        return math.nan
-    try:
-        return float(v)
-    except ValueError:
-        return math.nan
-
-
-def _read_cases(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: cases.csv is missing (run `segcal evaluate` first)")
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        missing = {"case_id", "class"} - set(reader.fieldnames or ())
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {sorted(missing)}")
-        rows = []
-        for r in reader:
-            row: dict[str, Any] = dict(r)
-            row.setdefault("status", "ok")  # files without a status column; evaluate's rows carry "ok" / "failed"
-            for m in _METRIC_COLUMNS:
-                if m in row:
-                    row[m] = _to_float(row[m])
-            rows.append(row)
-    return rows
-
-
-def _read_summary(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object at the top level")
-    return data
-
-
-def _read_bins(path: Path) -> tuple[list[str] | None, BinStats | None, list[str] | None]:
-    if not path.is_file():
-        return None, None, None
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            files = set(z.files)
-            missing = {"case_ids", "bin_stats", "class_names"} - files
-            if not missing:
-                ids, arr, names = z["case_ids"], z["bin_stats"], z["class_names"]
-    except (OSError, EOFError, ValueError) as exc:  # not a zip / truncated / would need pickle
-        raise ValueError(f"{path}: unreadable bins file ({exc})") from exc
-    except AttributeError as exc:  # a plain .npy array instead of an .npz archive
-        raise ValueError(f"{path}: expected an .npz archive with case_ids, bin_stats, class_names") from exc
-    if missing:
-        raise ValueError(f"{path}: missing array(s) {sorted(missing)}")
-    if arr.ndim != 4 or arr.shape[2] != 3:
-        raise ValueError(f"{path}: bin_stats must be (N, C, 3, M), got shape {arr.shape}")
-    if ids.shape != (arr.shape[0],) or names.shape != (arr.shape[1],):
-        raise ValueError(
-            f"{path}: case_ids {ids.shape} / class_names {names.shape} do not match bin_stats {arr.shape}"
-        )
-    if not np.isfinite(arr).all() or (arr[:, :, 0] < 0).any():
-        raise ValueError(f"{path}: bin_stats holds NaN/Inf or negative counts")
-    return [str(s) for s in ids], BinStats.from_numpy(arr), [str(s) for s in names]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -191,7 +135,7 @@ class _FigureWriter:
     def __call__(self, fig: Any, name: str, caption: str) -> ReportFigure:
         png = figure_to_png_bytes(fig)
         path = self.folder / f"{name}.png"
-        path.write_bytes(png)
+        write_bytes(path, png)
         self.paths.append(path)
         return ReportFigure(png, caption)
 
@@ -266,22 +210,13 @@ def _series_by_class(
 # ----------------------------------------------------------------------------------------------------
 
 
-def build_evaluation_report(run_dir: str | Path, *, min_count: int = 1, max_case_rows: int = 500) -> Path:
-    """Build ``run_dir/figures/*.png`` and ``run_dir/report.html`` for one evaluated run; returns the HTML
-    path.
+def _present(*sections: Section | None) -> list[Section]:
+    """The sections that were built (the optional ones return ``None`` when they have nothing to show)."""
+    return [s for s in sections if s is not None]
 
-    Figures: reliability diagrams of the best / median / worst case by mean marginal ACE, dataset reliability
-    histograms (per class + average, with the voxel-count strip), per-bin subject spread per class, Dice vs
-    ACE scatter. Failed cases are listed with their messages.
-    """
-    run = load_run(run_dir)
-    out_fig = _FigureWriter(run.run_dir / "figures")
-    ok, failed = run.ok_rows, run.failed_rows
-    n_cases = len({r["case_id"] for r in run.cases})
-    n_failed = len({r["case_id"] for r in failed})
-    classes = list(dict.fromkeys(str(r["class"]) for r in run.cases))
-    sections: list[Section] = []
 
+def _overview_section(run: RunData, n_cases: int, n_failed: int, classes: list[str]) -> Section:
+    """Run folder, case / failure / class counts, M, and the scalar entries of summary.json."""
     overview = [
         {"item": "run folder", "value": run.run_dir.name},
         {"item": "cases", "value": n_cases},
@@ -299,124 +234,161 @@ def build_evaluation_report(run_dir: str | Path, *, min_count: int = 1, max_case
         scal = _scalars(run.summary)
         if scal:
             sec.tables.append(Table(scal, "Run information (summary.json)"))
-    sections.append(sec)
+    return sec
 
-    if run.summary and (
-        isinstance(run.summary.get("macro"), Mapping) or isinstance(run.summary.get("pooled"), Mapping)
-    ):
-        sec = Section(
-            "Dataset summary",
-            "Macro values aggregate per-case metrics; pooled values come from the "
-            "bin sums merged over all cases.",
-        )
-        if isinstance(run.summary.get("macro"), Mapping):
-            sec.tables.append(_macro_table(run.summary["macro"]))
-        if isinstance(run.summary.get("pooled"), Mapping):
-            sec.tables.append(_pooled_table(run.summary["pooled"]))
-        sections.append(sec)
 
-    if run.stats is not None and run.stats.count.shape[0] > 0:
-        stats, names, ids = run.stats, run.class_names or [], run.case_ids or []
-        ace = _case_ace(stats)
-        sec = Section(
-            "Per-case reliability diagrams",
-            "All cases pooled (the dataset-level, micro calibration), then the best, median and worst "
-            "case by the class-averaged marginal ACE (mL1-ACE). Bars: observed "
-            "frequency per bin; hatched: the gap to the mean predicted probability; below: voxels "
-            "per bin (log scale).",
-        )
-        pooled_fig = reliability_diagrams(
-            stats.pooled(), 0, class_names=names, min_count=min_count, title="all cases pooled"
+def _dataset_summary_section(summary: Mapping[str, Any] | None) -> Section | None:
+    """Macro and pooled tables of summary.json (``None`` when it has neither)."""
+    if not summary or not (isinstance(summary.get("macro"), Mapping) or isinstance(summary.get("pooled"), Mapping)):
+        return None
+    sec = Section(
+        "Dataset summary",
+        "Macro values aggregate per-case metrics; pooled values come from the "
+        "bin sums merged over all cases.",
+    )
+    if isinstance(summary.get("macro"), Mapping):
+        sec.tables.append(_macro_table(summary["macro"]))
+    if isinstance(summary.get("pooled"), Mapping):
+        sec.tables.append(_pooled_table(summary["pooled"]))
+    return sec
+
+
+def _case_reliability_section(
+    stats: BinStats, names: list[str], ids: list[str], out_fig: _FigureWriter, min_count: int
+) -> Section:
+    """Reliability diagrams of all cases pooled, then of the best, median and worst case by mean ACE."""
+    ace = _case_ace(stats)
+    sec = Section(
+        "Per-case reliability diagrams",
+        "All cases pooled (the dataset-level, micro calibration), then the best, median and worst "
+        "case by the class-averaged marginal ACE (mL1-ACE). Bars: observed "
+        "frequency per bin; hatched: the gap to the mean predicted probability; below: voxels "
+        "per bin (log scale).",
+    )
+    pooled_fig = reliability_diagrams(
+        stats.pooled(), 0, class_names=names, min_count=min_count, title="all cases pooled"
+    )
+    sec.figures.append(
+        out_fig(pooled_fig, "reliability_pooled", "All cases pooled: bin sums merged over the dataset")
+    )
+    for label, i in _pick_cases(ace):
+        fig = reliability_diagrams(
+            stats,
+            i,
+            class_names=names,
+            min_count=min_count,
+            title=f"{label} case {ids[i]} (mean ACE {ace[i]:.4f})",
         )
         sec.figures.append(
-            out_fig(pooled_fig, "reliability_pooled", "All cases pooled: bin sums merged over the dataset")
-        )
-        for label, i in _pick_cases(ace):
-            fig = reliability_diagrams(
-                stats,
-                i,
-                class_names=names,
-                min_count=min_count,
-                title=f"{label} case {ids[i]} (mean ACE {ace[i]:.4f})",
-            )
-            sec.figures.append(
-                out_fig(
-                    fig,
-                    f"reliability_{label}_{_safe(ids[i])}",
-                    f"{label.capitalize()} case {ids[i]}: mean ACE {ace[i]:.4f}",
-                )
-            )
-        sections.append(sec)
-
-        fig = dataset_reliability_histogram(stats, names, min_count=min_count)
-        sections.append(
-            Section(
-                "Dataset reliability histograms",
-                "For each predicted-probability bin (x), the distribution over cases of the observed "
-                "frequency (y); every case adds one count per non-empty bin and each column sums to 1 "
-                "(ACE-MICCAI Fig. 2). Mass on the diagonal means good calibration. The strip shows the "
-                "voxels per bin over all cases.",
-                figures=[out_fig(fig, "dataset_reliability_histogram", "Dataset reliability histograms")],
+            out_fig(
+                fig,
+                f"reliability_{label}_{_safe(ids[i])}",
+                f"{label.capitalize()} case {ids[i]}: mean ACE {ace[i]:.4f}",
             )
         )
+    return sec
 
-        sec = Section(
-            "Subject-level spread per bin",
-            "Violins: per-case observed frequency in each bin (PostHoc Fig. 3); numbers above: cases "
-            "with voxels in the bin.",
-        )
-        for ci, name in enumerate(names):
-            fig = subject_spread(stats, ci, min_count=min_count, class_name=name)
-            sec.figures.append(out_fig(fig, f"subject_spread_{_safe(name)}", f"Subject spread: {name}"))
-        sections.append(sec)
-    else:
-        sections.append(
-            Section("Bin statistics", "No `bins.npz` in the run folder: reliability figures skipped.")
-        )
 
-    if ok and any(np.isfinite(r.get("dice", math.nan)) for r in ok):
-        labels, dice, ace_v = _series_by_class(ok, "dice", "ace")
-        fig = quality_scatter(
-            dice, ace_v, labels, pareto=True, calibration_name="ACE", title="Dice vs ACE per case"
-        )
-        sections.append(
-            Section(
-                "Segmentation quality vs calibration",
-                "One point per case and class; diamonds are class means; the dashed line is "
-                "the Pareto front of the class means.",
-                figures=[out_fig(fig, "dice_vs_ace", "Dice vs ACE per case")],
-            )
-        )
-
-    if ok:
-        cols = ["case_id", "class", *[m for m in _METRIC_COLUMNS if m in ok[0]]]
-        text = "" if len(ok) <= max_case_rows else f"First {max_case_rows} of {len(ok)} rows (see cases.csv)."
-        sections.append(Section("Per-case metrics", text, tables=[Table(ok[:max_case_rows], columns=cols)]))
-
-    if failed:
-        rows = [
-            {"case_id": r["case_id"], "class": r.get("class", ""), "error": r.get("error", "")}
-            for r in failed
-        ]
-        sections.append(
-            Section(
-                "Failed cases",
-                f"{n_failed} case(s) failed and are excluded from all statistics.",
-                tables=[Table(rows, columns=["case_id", "class", "error"])],
-            )
-        )
-
-    sections.append(glossary_section())
-    html_path = run.run_dir / "report.html"
-    html_path.write_text(
-        render_html(
-            f"segcal evaluation: {run.run_dir.name}",
-            sections,
-            subtitle=f"{n_cases} cases · {len(classes)} classes",
-        ),
-        encoding="utf-8",
+def _dataset_histogram_section(stats: BinStats, names: list[str], out_fig: _FigureWriter, min_count: int) -> Section:
+    """Dataset reliability histograms (per class and average, with the voxel-count strip)."""
+    fig = dataset_reliability_histogram(stats, names, min_count=min_count)
+    return Section(
+        "Dataset reliability histograms",
+        "For each predicted-probability bin (x), the distribution over cases of the observed "
+        "frequency (y); every case adds one count per non-empty bin and each column sums to 1 "
+        "(ACE-MICCAI Fig. 2). Mass on the diagonal means good calibration. The strip shows the "
+        "voxels per bin over all cases.",
+        figures=[out_fig(fig, "dataset_reliability_histogram", "Dataset reliability histograms")],
     )
-    return html_path
+
+
+def _subject_spread_section(stats: BinStats, names: list[str], out_fig: _FigureWriter, min_count: int) -> Section:
+    """Per-bin subject spread (violins) per class."""
+    sec = Section(
+        "Subject-level spread per bin",
+        "Violins: per-case observed frequency in each bin (PostHoc Fig. 3); numbers above: cases "
+        "with voxels in the bin.",
+    )
+    for ci, name in enumerate(names):
+        fig = subject_spread(stats, ci, min_count=min_count, class_name=name)
+        sec.figures.append(out_fig(fig, f"subject_spread_{_safe(name)}", f"Subject spread: {name}"))
+    return sec
+
+
+def _bin_sections(run: RunData, out_fig: _FigureWriter, min_count: int) -> list[Section]:
+    """The sections drawn from bins.npz, or one note that they were skipped."""
+    if run.stats is None or run.stats.count.shape[0] == 0:
+        return [Section("Bin statistics", "No `bins.npz` in the run folder: reliability figures skipped.")]
+    stats, names, ids = run.stats, run.class_names or [], run.case_ids or []
+    return [
+        _case_reliability_section(stats, names, ids, out_fig, min_count),
+        _dataset_histogram_section(stats, names, out_fig, min_count),
+        _subject_spread_section(stats, names, out_fig, min_count),
+    ]
+
+
+def _quality_section(ok: list[dict[str, Any]], out_fig: _FigureWriter) -> Section | None:
+    """Dice vs ACE per case and class (``None`` without any finite Dice)."""
+    if not (ok and any(np.isfinite(r.get("dice", math.nan)) for r in ok)):
+        return None
+    labels, dice, ace_v = _series_by_class(ok, "dice", "ace")
+    fig = quality_scatter(dice, ace_v, labels, pareto=True, calibration_name="ACE", title="Dice vs ACE per case")
+    return Section(
+        "Segmentation quality vs calibration",
+        "One point per case and class; diamonds are class means; the dashed line is "
+        "the Pareto front of the class means.",
+        figures=[out_fig(fig, "dice_vs_ace", "Dice vs ACE per case")],
+    )
+
+
+def _case_table_section(ok: list[dict[str, Any]], max_case_rows: int) -> Section | None:
+    """The per-case metric table (first ``max_case_rows`` ok rows; ``None`` without ok rows)."""
+    if not ok:
+        return None
+    cols = ["case_id", "class", *[m for m in _metric_columns() if m in ok[0]]]
+    text = "" if len(ok) <= max_case_rows else f"First {max_case_rows} of {len(ok)} rows (see cases.csv)."
+    return Section("Per-case metrics", text, tables=[Table(ok[:max_case_rows], columns=cols)])
+
+
+def _failed_section(failed: list[dict[str, Any]], n_failed: int) -> Section | None:
+    """The failed cases with their messages (``None`` if none failed)."""
+    if not failed:
+        return None
+    rows = [{"case_id": r["case_id"], "class": r.get("class", ""), "error": r.get("error", "")} for r in failed]
+    return Section(
+        "Failed cases",
+        f"{n_failed} case(s) failed and are excluded from all statistics.",
+        tables=[Table(rows, columns=["case_id", "class", "error"])],
+    )
+
+
+def build_evaluation_report(run_dir: str | Path, *, min_count: int = 1, max_case_rows: int = 500) -> Path:
+    """Build ``run_dir/figures/*.png`` and ``run_dir/report.html`` for one evaluated run; returns the HTML
+    path.
+
+    Figures: reliability diagrams of the best / median / worst case by mean marginal ACE, dataset reliability
+    histograms (per class + average, with the voxel-count strip), per-bin subject spread per class, Dice vs
+    ACE scatter. Failed cases are listed with their messages.
+    """
+    run = load_run(run_dir)
+    out_fig = _FigureWriter(run.run_dir / "figures")
+    ok, failed = run.ok_rows, run.failed_rows
+    n_cases = len({r["case_id"] for r in run.cases})
+    n_failed = len({r["case_id"] for r in failed})
+    classes = list(dict.fromkeys(str(r["class"]) for r in run.cases))
+    sections = [
+        _overview_section(run, n_cases, n_failed, classes),
+        *_present(_dataset_summary_section(run.summary)),
+        *_bin_sections(run, out_fig, min_count),
+        *_present(
+            _quality_section(ok, out_fig), _case_table_section(ok, max_case_rows), _failed_section(failed, n_failed)
+        ),
+        glossary_section(),
+    ]
+    html = render_html(
+        f"segcal evaluation: {run.run_dir.name}", sections, subtitle=f"{n_cases} cases · {len(classes)} classes"
+    )
+    return write_text(run.run_dir / "report.html", html)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -448,6 +420,101 @@ def _per_case_mean(rows: list[dict[str, Any]], metric: str) -> np.ndarray:
         return np.array([np.nanmean(v) if np.isfinite(v).any() else np.nan for v in by_case.values()])
 
 
+def _runs_section(names: list[str], runs: Sequence[RunData]) -> Section:
+    """One row per run: name, folder, cases, failed cases."""
+    rows = [
+        {
+            "run": n,
+            "folder": str(r.run_dir),
+            "cases": len({c["case_id"] for c in r.cases}),
+            "failed": len({c["case_id"] for c in r.failed_rows}),
+        }
+        for n, r in zip(names, runs, strict=True)
+    ]
+    return Section("Runs", tables=[Table(rows)])
+
+
+def _statistics_section(rows: list[dict[str, Any]], alpha: float) -> Section | None:
+    """The comparison rows, preferred columns first, Holm p-values below ``alpha`` highlighted."""
+    if not rows:
+        return None
+    preferred = [
+        "metric",
+        "class",
+        "run_a",
+        "run_b",
+        "mean_a",
+        "mean_b",
+        "rel_change",
+        "p_wilcoxon",
+        "p_holm",
+        "effect_size",
+    ]
+    present = list(dict.fromkeys(k for r in rows for k in r))
+    cols = [c for c in preferred if c in present] + [c for c in present if c not in preferred]
+    return Section(
+        "Statistical comparison",
+        "Paired Wilcoxon signed-rank tests on the cases common to both runs; p-values "
+        f"Holm-corrected over all metric/class pairs. Highlighted: Holm p < {alpha}.",
+        tables=[
+            Table(
+                rows,
+                columns=cols,
+                highlight=lambda c, v: c == "p_holm" and isinstance(v, int | float) and v < alpha,
+            )
+        ],
+    )
+
+
+def _comparison_reliability_section(
+    runs: Sequence[RunData], names: list[str], out_fig: _FigureWriter
+) -> Section | None:
+    """Dataset reliability histograms of the common cases, side by side (and their difference for two runs)."""
+    aligned = _aligned_stats(runs)
+    if aligned is None:
+        return None
+    common, stats = aligned
+    class_names = runs[0].class_names
+    sec = Section(
+        "Dataset reliability histograms",
+        f"Computed on the {len(common)} case(s) present in every run; one row per run.",
+    )
+    fig = dataset_reliability_comparison(stats, names, class_names, mode="side_by_side")
+    sec.figures.append(out_fig(fig, "dataset_reliability_side_by_side", "Dataset reliability histograms"))
+    if len(runs) == 2:
+        fig = dataset_reliability_comparison(stats, names, class_names, mode="difference")
+        sec.figures.append(
+            out_fig(
+                fig,
+                "dataset_reliability_difference",
+                f"Column fractions of {names[1]} minus {names[0]} (red: more cases)",
+            )
+        )
+    return sec
+
+
+def _comparison_quality_section(runs: Sequence[RunData], names: list[str], out_fig: _FigureWriter) -> Section | None:
+    """Dice vs ACE (class means) per case and run (``None`` without any finite Dice)."""
+    dice = [_per_case_mean(r.ok_rows, "dice") for r in runs]
+    ace = [_per_case_mean(r.ok_rows, "ace") for r in runs]
+    if not any(np.isfinite(d).any() for d in dice):
+        return None
+    fig = quality_scatter(
+        dice,
+        ace,
+        names,
+        pareto=True,
+        calibration_name="ACE (mean over classes)",
+        dice_name="Dice (mean over classes)",
+        title="Dice vs ACE per case and run",
+    )
+    return Section(
+        "Segmentation quality vs calibration",
+        "Small points: cases; diamonds: run means; dashed: Pareto front of the run means.",
+        figures=[out_fig(fig, "dice_vs_ace", "Dice vs ACE per run")],
+    )
+
+
 def build_comparison_report(
     run_dirs: Sequence[str | Path], out_dir: str | Path, comparison: Mapping[str, Any], *, alpha: float = 0.05
 ) -> Path:
@@ -466,97 +533,13 @@ def build_comparison_report(
     out_dir = Path(out_dir)
     out_fig = _FigureWriter(out_dir / "figures")
     sections = [
-        Section(
-            "Runs",
-            tables=[
-                Table(
-                    [
-                        {
-                            "run": n,
-                            "folder": str(r.run_dir),
-                            "cases": len({c["case_id"] for c in r.cases}),
-                            "failed": len({c["case_id"] for c in r.failed_rows}),
-                        }
-                        for n, r in zip(names, runs, strict=True)
-                    ]
-                )
-            ],
-        )
+        _runs_section(names, runs),
+        *_present(
+            _statistics_section(comparison.get("rows", []), alpha),
+            _comparison_reliability_section(runs, names, out_fig),
+            _comparison_quality_section(runs, names, out_fig),
+        ),
+        glossary_section(),
     ]
-
-    rows = comparison.get("rows", [])
-    if rows:
-        preferred = [
-            "metric",
-            "class",
-            "run_a",
-            "run_b",
-            "mean_a",
-            "mean_b",
-            "rel_change",
-            "p_wilcoxon",
-            "p_holm",
-            "effect_size",
-        ]
-        present = list(dict.fromkeys(k for r in rows for k in r))
-        cols = [c for c in preferred if c in present] + [c for c in present if c not in preferred]
-        sections.append(
-            Section(
-                "Statistical comparison",
-                "Paired Wilcoxon signed-rank tests on the cases common to both runs; p-values "
-                f"Holm-corrected over all metric/class pairs. Highlighted: Holm p < {alpha}.",
-                tables=[
-                    Table(
-                        rows,
-                        columns=cols,
-                        highlight=lambda c, v: c == "p_holm" and isinstance(v, int | float) and v < alpha,
-                    )
-                ],
-            )
-        )
-
-    aligned = _aligned_stats(runs)
-    if aligned is not None:
-        common, stats = aligned
-        class_names = runs[0].class_names
-        sec = Section(
-            "Dataset reliability histograms",
-            f"Computed on the {len(common)} case(s) present in every run; one row per run.",
-        )
-        fig = dataset_reliability_comparison(stats, names, class_names, mode="side_by_side")
-        sec.figures.append(out_fig(fig, "dataset_reliability_side_by_side", "Dataset reliability histograms"))
-        if len(runs) == 2:
-            fig = dataset_reliability_comparison(stats, names, class_names, mode="difference")
-            sec.figures.append(
-                out_fig(
-                    fig,
-                    "dataset_reliability_difference",
-                    f"Column fractions of {names[1]} minus {names[0]} (red: more cases)",
-                )
-            )
-        sections.append(sec)
-
-    dice = [_per_case_mean(r.ok_rows, "dice") for r in runs]
-    ace = [_per_case_mean(r.ok_rows, "ace") for r in runs]
-    if any(np.isfinite(d).any() for d in dice):
-        fig = quality_scatter(
-            dice,
-            ace,
-            names,
-            pareto=True,
-            calibration_name="ACE (mean over classes)",
-            dice_name="Dice (mean over classes)",
-            title="Dice vs ACE per case and run",
-        )
-        sections.append(
-            Section(
-                "Segmentation quality vs calibration",
-                "Small points: cases; diamonds: run means; dashed: Pareto front of the run means.",
-                figures=[out_fig(fig, "dice_vs_ace", "Dice vs ACE per run")],
-            )
-        )
-    sections.append(glossary_section())
     out_dir.mkdir(parents=True, exist_ok=True)
-    html_path = out_dir / "report.html"
-    html_path.write_text(render_html("segcal comparison: " + " vs ".join(names), sections), encoding="utf-8")
-    return html_path
+    return write_text(out_dir / "report.html", render_html("segcal comparison: " + " vs ".join(names), sections))

@@ -15,6 +15,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from segcal.io.nifti import read_nifti
+from segcal.io.numpy import read_npz
+
 __all__ = ["SegmentationDataset", "read_case", "read_folder", "read_image"]
 
 _NIFTI = re.compile(r"^(?P<case>.+?)(?:_(?P<kind>image|label))?\.nii(?:\.gz)?$")
@@ -41,14 +44,7 @@ def read_image(path: str | Path, spatial_dims: int | None = None) -> tuple[np.nd
         raise FileNotFoundError(f"image file not found: {path}")
     affine = None
     if path.name.endswith((".nii", ".nii.gz")):
-        import nibabel as nib
-
-        try:
-            img = nib.load(str(path))
-            arr = np.asarray(img.dataobj, dtype=np.float32)
-        except Exception as exc:  # nibabel raises many types for corrupt files
-            raise ValueError(f"{path}: cannot read NIfTI image: {exc}") from exc
-        affine = np.asarray(img.affine, dtype=np.float64)
+        arr, _, affine = read_nifti(path, dtype=np.float32)
         sd = spatial_dims if spatial_dims is not None else min(arr.ndim, 3)
         while arr.ndim > sd + 1 and arr.shape[-1] == 1:
             arr = arr[..., 0]
@@ -57,7 +53,7 @@ def read_image(path: str | Path, spatial_dims: int | None = None) -> tuple[np.nd
         elif arr.ndim == sd + 1:  # channels last in NIfTI (a 2D slice stored as (X, Y, 1) gives C_in = 1)
             arr = np.moveaxis(arr, -1, 0)
     elif path.suffix == ".npz":
-        arr = _npz_array(path, "image").astype(np.float32)
+        arr = read_npz(path, ("image",))["image"].astype(np.float32)
         if spatial_dims is not None and arr.ndim == spatial_dims:
             arr = arr[None]
     else:
@@ -71,24 +67,12 @@ def read_image(path: str | Path, spatial_dims: int | None = None) -> tuple[np.nd
     return arr, affine
 
 
-def _npz_array(path: Path, key: str) -> np.ndarray:
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if key not in z.files:
-                raise ValueError(f"{path}: missing key {key!r} (found {sorted(z.files)})")
-            return np.asarray(z[key])
-    except ValueError:
-        raise
-    except Exception as exc:
-        raise ValueError(f"{path}: cannot read .npz file: {exc}") from exc
-
-
 def read_case(path: str | Path, spatial_dims: int) -> tuple[np.ndarray, np.ndarray]:
     """One training case: ``.npz`` with ``image``/``label`` or ``<case>_image.nii*`` (label next to it)."""
     path = Path(path)
     if path.suffix == ".npz":
         image, _ = read_image(path, spatial_dims)
-        label = _npz_array(path, "label")
+        label = read_npz(path, ("label",))["label"]
     else:
         image, _ = read_image(path, spatial_dims)
         name = _case_name(path)
@@ -96,12 +80,7 @@ def read_case(path: str | Path, spatial_dims: int) -> tuple[np.ndarray, np.ndarr
         label_path = next((c for c in cands if c.is_file()), None)
         if label_path is None:
             raise FileNotFoundError(f"{path}: no label file {cands[0].name} next to the image")
-        import nibabel as nib
-
-        try:
-            label = np.asarray(nib.load(str(label_path)).dataobj)
-        except Exception as exc:
-            raise ValueError(f"{label_path}: cannot read NIfTI label: {exc}") from exc
+        label, _, _ = read_nifti(label_path)
         while label.ndim > spatial_dims and label.shape[-1] == 1:
             label = label[..., 0]
     if label.shape != image.shape[1:]:

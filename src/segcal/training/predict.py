@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from segcal.io import write_nifti, write_npz
 from segcal.training.data import read_image
 from segcal.training.trainer import build_model, load_checkpoint
 
@@ -232,8 +233,6 @@ def predict_files(
     ``.npz`` inputs), plus ``<case>_logits.nii.gz``. Other keyword arguments go to
     :func:`predict_probabilities`.
     """
-    import nibabel as nib
-
     if output_format not in ("npz", "nifti"):
         raise ValueError(f"output_format must be 'npz' or 'nifti', got {output_format!r}")
     if dtype not in ("float16", "float32"):
@@ -259,20 +258,18 @@ def predict_files(
                 arrays = {"probabilities": p}
                 if save_logits:
                     arrays["logits"] = logits[0].cpu().numpy().astype(dtype)
-                target = out / f"{name}.npz"
-                np.savez_compressed(target, **arrays)
+                target = write_npz(out / f"{name}.npz", arrays, compressed=True)
             else:
                 aff = affine if affine is not None else np.eye(4)
                 vol = np.moveaxis(p, 0, -1).astype(np.float32)
                 if spatial_dims == 2:
                     vol = vol[:, :, None, :]  # (X, Y, 1, C): keeps a 3D geometry for the 2D slice
-                target = out / f"{name}.nii.gz"
-                nib.save(nib.Nifti1Image(vol, aff), str(target))
+                target = write_nifti(out / f"{name}.nii.gz", vol, aff)
                 if save_logits:
                     lg = np.moveaxis(logits[0].cpu().numpy(), 0, -1).astype(np.float32)
                     if spatial_dims == 2:
                         lg = lg[:, :, None, :]
-                    nib.save(nib.Nifti1Image(lg, aff), str(out / f"{name}_logits.nii.gz"))
+                    write_nifti(out / f"{name}_logits.nii.gz", lg, aff)
             written.append(target)
             bar.advance(task)
     return written

@@ -1,0 +1,153 @@
+"""NIfTI files: paired readers and writers with affine and spacing (see docs/evaluation.md, "Inputs").
+
+Data keep the axes of the file, ``(x, y, z[, t])``; a probability map stored in NIfTI has its classes on the
+last axis, ``(x, y, z, C)``, and is returned by :func:`read_nifti_probabilities` as ``(C, x, y, z)`` (label
+order). Spacing is the voxel size in mm of the (up to three) spatial axes, read from the header zooms; the
+affine is the ``4 x 4`` voxel-to-world matrix. Read problems raise :class:`~segcal.io.case.CaseError` naming
+the file; writes are atomic (``.nii.gz`` gzip-compressed with level 1 and a zero timestamp, as nibabel does).
+"""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segcal.io._atomic import atomic_write
+from segcal.io.case import CaseError, check_probability_dtype, same_geometry
+
+__all__ = [
+    "NIFTI_SUFFIXES",
+    "read_nifti",
+    "read_nifti_image",
+    "read_nifti_probabilities",
+    "write_nifti",
+    "write_nifti_probabilities",
+]
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+#: gzip level of written ``.nii.gz`` files (nibabel's default)
+_GZIP_LEVEL = 1
+
+
+def read_nifti_image(path: str | Path) -> Any:
+    """The (lazily loaded) nibabel image of ``path``; :class:`CaseError` if missing or unreadable."""
+    import nibabel as nib
+
+    p = Path(path)
+    if not p.exists():
+        raise CaseError(p, "file not found")
+    try:
+        return nib.load(str(p))
+    except Exception as exc:  # nibabel raises many types for corrupt / truncated files
+        raise CaseError(p, f"cannot read NIfTI file (corrupt or truncated?): {type(exc).__name__}: {exc}") from None
+
+
+def read_nifti(
+    path: str | Path, dtype: np.dtype | type | None = None
+) -> tuple[np.ndarray, tuple[float, ...], np.ndarray]:
+    """``(data, spacing, affine)`` of a NIfTI file; data axes ``(x, y, z[, t])``, as stored (scaled by the
+    header's slope/intercept) or as ``dtype``; spacing of the first ``min(3, ndim)`` axes; affine float64."""
+    p = Path(path)
+    img = read_nifti_image(p)
+    try:
+        data = np.asanyarray(img.dataobj) if dtype is None else np.asarray(img.dataobj, dtype=dtype)
+    except Exception as exc:  # truncated data blocks fail only when read
+        raise CaseError(p, f"cannot read NIfTI file (corrupt or truncated?): {type(exc).__name__}: {exc}") from None
+    n_sp = min(3, data.ndim)
+    spacing = tuple(float(z) for z in img.header.get_zooms()[:n_sp])
+    return data, spacing, np.asarray(img.affine, dtype=np.float64)
+
+
+def nifti_to_probabilities(data: np.ndarray, path: str | Path) -> np.ndarray:
+    """``(C, *S)`` probabilities from one NIfTI array: ``(x, y, z, C)`` (classes last) or a 2D/3D foreground
+    probability ``p`` of a binary task (→ classes ``[1 − p, p]``)."""
+    if data.ndim == 4:
+        return np.moveaxis(data, -1, 0)
+    if data.ndim in (2, 3):
+        return np.stack([1 - data, data])
+    raise CaseError(path, f"expected a 3D or 4D (x, y, z, C) probability map, got shape {data.shape}")
+
+
+def read_nifti_probabilities(
+    paths: Sequence[str | Path],
+) -> tuple[np.ndarray, tuple[float, ...], np.ndarray]:
+    """Probability map ``(C, x, y, z)`` with its spacing and affine from NIfTI file(s).
+
+    One file: ``(x, y, z, C)`` (classes on the last axis) or a 3D foreground probability of a binary task
+    (→ ``[1 − p, p]``); several files ``case_0000, case_0001, ...``: one 3D map per class, all of the same
+    shape, spacing and affine.
+    """
+    if len(paths) == 0:
+        raise CaseError(None, "no prediction file")
+    arrays = []
+    spacing: tuple[float, ...] | None = None
+    affine: np.ndarray | None = None
+    for p in paths:
+        data, sp, aff = read_nifti(p)
+        check_probability_dtype(data, p)
+        if spacing is None:
+            spacing, affine, first = sp, aff, p
+        elif not same_geometry(sp, aff, spacing, affine):
+            raise CaseError(p, f"spacing/affine differ from the other class file {first}")
+        arrays.append(data)
+    assert spacing is not None and affine is not None
+    if len(arrays) == 1:
+        return nifti_to_probabilities(arrays[0], paths[0]), spacing, affine
+    shapes = {a.shape for a in arrays}
+    if len(shapes) != 1:
+        raise CaseError(paths[0], f"per-class probability files have different shapes {sorted(shapes)}")
+    return np.stack(arrays), spacing, affine
+
+
+def write_nifti(
+    path: str | Path,
+    data: np.ndarray,
+    affine: np.ndarray | None = None,
+    *,
+    spacing: Sequence[float] | None = None,
+    header: Any = None,
+) -> Path:
+    """Write ``data`` (axes ``(x, y, z[, t])``) as NIfTI (``.nii`` or gzip ``.nii.gz``) atomically.
+
+    The geometry is ``affine``, or ``diag(spacing, 1)`` when only ``spacing`` is given (identity when neither
+    is). With ``header`` (e.g. the header of the input image) a copy of it is used, with the data type set to
+    that of ``data`` and no intensity scaling (slope 1, intercept 0); a NIfTI-2 header gives a NIfTI-2 file.
+    :func:`read_nifti` reads back ``(data, spacing, affine)``.
+    """
+    import nibabel as nib
+
+    p = Path(path)
+    if not p.name.endswith(NIFTI_SUFFIXES):
+        raise ValueError(f"{p}: unsupported NIfTI file name (expected .nii or .nii.gz)")
+    if affine is None:
+        affine = np.eye(4)
+        if spacing is not None:
+            affine[: len(spacing), : len(spacing)] = np.diag([float(s) for s in spacing])
+    if header is None:
+        img = nib.Nifti1Image(data, affine)
+    else:
+        header = header.copy()
+        header.set_data_dtype(data.dtype)
+        klass = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+        img = klass(data, affine, header)
+        img.header.set_slope_inter(1.0, 0.0)
+    with atomic_write(p, "wb") as fh:
+        if p.name.endswith(".gz"):
+            with gzip.GzipFile(filename="", mode="wb", fileobj=fh, compresslevel=_GZIP_LEVEL, mtime=0) as gz:
+                img.to_stream(gz)
+        else:
+            img.to_stream(fh)
+    return p
+
+
+def write_nifti_probabilities(
+    path: str | Path, probs: np.ndarray, affine: np.ndarray | None = None, *, header: Any = None
+) -> Path:
+    """Probability map ``(C, x, y, z)`` (label order) as float32 NIfTI ``(x, y, z, C)`` (classes last), with
+    ``affine`` / ``header`` as in :func:`write_nifti`; :func:`read_nifti_probabilities` reads it back."""
+    vol = np.ascontiguousarray(np.moveaxis(probs.astype(np.float32, copy=False), 0, -1))
+    return write_nifti(path, vol, affine, header=header)
