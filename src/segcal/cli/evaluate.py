@@ -8,6 +8,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from segcal.cli import app
@@ -81,10 +82,21 @@ def evaluate(
         False, "--overwrite", help="Discard results of another configuration in OUT."
     ),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Recompute cases recorded as failed."),
+    hash_inputs: bool = typer.Option(
+        False,
+        "--hash-inputs",
+        help="Also fingerprint input files by content (SHA-256) when deciding what to resume; slower, catches "
+        "a file rewritten with the same size and time.",
+    ),
+    dask_timeout: float = typer.Option(
+        30.0, "--dask-timeout", min=0.1, help="Seconds to wait for the Dask scheduler and its first worker."
+    ),
 ) -> None:
     """Evaluate a folder of predictions against labels: per-case CSV, summary JSON, bin sums, report.
 
-    Resumable: rerunning the same command skips the cases already in OUT. Exit code 2 if any case failed.
+    Resumable: rerunning the same command reuses the cases already in OUT whose configuration and input files
+    are unchanged, recomputes changed ones and drops vanished ones. OUT is locked while the run uses it. Exit
+    code 2 if any case failed or none matched, 1 if the run could not start.
     """
     from segcal.evaluation import (
         ConfigMismatchError,
@@ -131,14 +143,16 @@ def evaluate(
             mask_dir=mask_dir if region == "mask" else None,
             workers=workers,
             dask_address=dask,
+            dask_timeout=dask_timeout,
             overwrite=overwrite,
             retry_failed=retry_failed,
+            hash_inputs=hash_inputs,
         )
     except (ConfigMismatchError, RunLockedError, DaskClusterError, CaseError, ValueError) as exc:
-        console.print(f"[red]error:[/] {exc}", soft_wrap=True)
+        console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(1) from None
     for role, files in res.unmatched.items():
-        console.print(f"[yellow]{len(files)} {role} file(s) without partner[/], e.g. {files[0]}")
+        console.print(f"[yellow]{len(files)} {role} file(s) without partner[/], e.g. {escape(str(files[0]))}")
     _print_summary(res.summary, res)
     if not no_report:
         try:
@@ -147,13 +161,15 @@ def evaluate(
             console.print("[yellow]segcal.report is not available; no HTML report written[/]")
         else:
             path = build_evaluation_report(Path(out))
-            console.print(f"report: {path}")
-    if res.n_failed:
+            console.print(f"report: {escape(str(path))}")
+    if res.n_cases == 0:
+        console.print(f"[red]no case matched[/] between {escape(str(pred))} and {escape(str(labels))}")
+    if res.n_failed or res.n_cases == 0:
         raise typer.Exit(EXIT_FAILED_CASES)
 
 
 def _print_summary(summary: dict[str, Any], res: Any) -> None:
-    table = Table(title=f"{res.out_dir}")
+    table = Table(title=escape(str(res.out_dir)))
     table.add_column("class")
     cols = [
         ("dice", "macro"),
@@ -179,12 +195,14 @@ def _print_summary(summary: dict[str, Any], res: Any) -> None:
                 )
             else:
                 cells.append(_fmt(pooled.get(m, {}).get(cls)))
-        table.add_row(cls, *cells)
+        table.add_row(escape(cls), *cells)
     Console().print(table)
     for f in summary.get("failed", [])[:10]:
-        console.print(f"[red]failed[/] {f['case_id']}: {f['error']}", soft_wrap=True)
+        console.print(f"[red]failed[/] {escape(f['case_id'])}: {escape(f['error'])}", soft_wrap=True)
+    extra = f", {len(res.stale)} recomputed (inputs changed)" if res.stale else ""
+    extra += f", {len(res.vanished)} dropped (inputs gone)" if res.vanished else ""
     console.print(
-        f"{res.n_ok} ok, {res.n_failed} failed, {res.n_skipped} resumed, {res.n_computed} computed",
+        f"{res.n_ok} ok, {res.n_failed} failed, {res.n_skipped} resumed, {res.n_computed} computed{extra}",
         soft_wrap=True,
     )
 
@@ -204,7 +222,7 @@ def compare(
     try:
         comp = compare_runs(list(runs), intersection=intersection)
     except ValueError as exc:
-        console.print(f"[red]error:[/] {exc}", soft_wrap=True)
+        console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(1) from None
     files = write_comparison(comp, out)
     table = Table(title="comparison (B vs baseline A)")
@@ -225,9 +243,9 @@ def compare(
         if r["metric"] not in ("dice", "hd95", "ece", "ace", "mce", "brier", "nll", "top_label_ece"):
             continue
         table.add_row(
-            Path(r["run_b"]).name,
+            escape(Path(r["run_b"]).name),
             r["metric"],
-            r["class"],
+            escape(r["class"]),
             str(r["n"]),
             _fmt(r["mean_a"]),
             _fmt(r["mean_b"]),
@@ -237,7 +255,7 @@ def compare(
             _fmt(r["effect_size"], 3),
         )
     Console().print(table)
-    console.print(f"written: {files['csv']}, {files['json']}")
+    console.print(f"written: {escape(str(files['csv']))}, {escape(str(files['json']))}")
     if not no_report:
         try:
             from segcal.report import build_comparison_report
@@ -245,4 +263,4 @@ def compare(
             console.print("[yellow]segcal.report is not available; no HTML report written[/]")
         else:
             path = build_comparison_report([Path(r) for r in runs], Path(out), comp)
-            console.print(f"report: {path}")
+            console.print(f"report: {escape(str(path))}")

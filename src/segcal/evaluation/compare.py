@@ -26,7 +26,7 @@ from segcal.evaluation.statistics import (
     rank_sum_test,
     wilcoxon_signed_rank,
 )
-from segcal.io.runs import read_case_metrics, write_csv, write_json
+from segcal.io.runs import read_bins_npz, read_case_metrics, write_csv, write_json
 
 __all__ = ["compare_runs", "write_comparison"]
 
@@ -50,12 +50,32 @@ def _table(run_dir: Path) -> tuple[dict[str, dict[str, dict[str, float]]], list[
     return table, classes, metrics
 
 
+def _num_bins(run_dir: Path) -> int | None:
+    """The run's number of bins, from ``bins.npz`` (None when the run has no bins file)."""
+    if not (run_dir / "bins.npz").exists():
+        return None
+    return int(read_bins_npz(run_dir / "bins.npz").bin_stats.shape[-1])
+
+
+def _check_bins(dirs: list[Path]) -> None:
+    bins = {d: _num_bins(d) for d in dirs}
+    known = {d: m for d, m in bins.items() if m is not None}
+    if len(set(known.values())) > 1:
+        listing = ", ".join(f"{d}: {m}" for d, m in known.items())
+        raise ValueError(
+            f"the runs were evaluated with different numbers of bins ({listing}); calibration errors from "
+            "different bins are not comparable: evaluate them with the same --bins"
+        )
+
+
 def compare_runs(run_dirs: list[str | Path], *, intersection: bool = False) -> dict[str, Any]:
-    """Compare runs 2..n against run 1; refuses different case sets unless ``intersection``."""
+    """Compare runs 2..n against run 1; refuses different case sets unless ``intersection``, and runs with
+    different classes or bins (checked before anything is computed or written)."""
     if len(run_dirs) < 2:
         raise ValueError("compare needs at least two run folders")
     dirs = [Path(d) for d in run_dirs]
     tables = [_table(d) for d in dirs]
+    _check_bins(dirs)
     base, base_classes, metrics = tables[0]
     out_rows: list[dict[str, Any]] = []
     pairs = []
