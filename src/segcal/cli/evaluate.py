@@ -135,13 +135,10 @@ def evaluate(
         console.print(f"[yellow]{len(files)} {role} file(s) without partner[/], e.g. {files[0]}")
     _print_summary(res.summary, res)
     if not no_report:
-        try:
-            from segcal.report import build_evaluation_report
-        except ImportError:
-            console.print("[yellow]segcal.report is not available; no HTML report written[/]")
-        else:
-            path = build_evaluation_report(Path(out))
-            console.print(f"report: {path}")
+        from segcal.report import build_evaluation_report
+
+        path = build_evaluation_report(Path(out))
+        console.print(f"report: {path}")
     if res.n_failed:
         raise typer.Exit(EXIT_FAILED_CASES)
 
@@ -233,10 +230,7 @@ def compare(
     Console().print(table)
     console.print(f"written: {files['csv']}, {files['json']}")
     if not no_report:
-        try:
-            from segcal.report import build_comparison_report
-        except ImportError:
-            console.print("[yellow]segcal.report is not available; no HTML report written[/]")
-        else:
-            path = build_comparison_report([Path(r) for r in runs], Path(out), comp)
-            console.print(f"report: {path}")
+        from segcal.report import build_comparison_report
+
+        path = build_comparison_report([Path(r) for r in runs], Path(out), comp)
+        console.print(f"report: {path}")

@@ -624,7 +624,9 @@ def _tensorboard(out: Path) -> SummaryWriter | None:
     """A TensorBoard writer under ``out/tensorboard``, or None when the optional ``tensorboard`` is missing."""
     try:
         from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard not installed: CSV only
+    except ModuleNotFoundError as exc:  # the optional tensorboard package is not installed: CSV only
+        if exc.name != "tensorboard":
+            raise
         return None
     return SummaryWriter(log_dir=str(out / "tensorboard"))
 
