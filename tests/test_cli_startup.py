@@ -4,14 +4,13 @@ or numba (the commands import them when they run). No timing here: ``benchmarks/
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+from _helpers import subprocess_env
+
 HEAVY = ("torch", "monai", "numba")
 
 # In a fresh interpreter: import the CLI, then ask every command for its help, and report what got imported.
@@ -40,9 +39,12 @@ print(json.dumps({{"commands": commands, "found": found}}))
     "level; remove this marker once it imports them inside the command function",
 )
 def test_help_imports_no_torch_monai_numba() -> None:
-    env = {**os.environ, "PYTHONPATH": SRC}
     proc = subprocess.run(
-        [sys.executable, "-c", _PROBE.format(heavy=HEAVY)], env=env, capture_output=True, text=True, check=False
+        [sys.executable, "-c", _PROBE.format(heavy=HEAVY)],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
