@@ -8,14 +8,21 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
-from _helpers import invoke_cli as _invoke
 from posthoc_helpers import smooth_logits
+from segcal.cli import app
 from segcal.cli.calibrate import probabilities_to_logits
 
 SHAPE = (12, 10, 8)  # (x, y, z)
 C = 3
 AFFINE = np.array([[0.8, 0, 0, -10.0], [0, 0.9, 0, 5.0], [0, 0, 2.5, 3.0], [0, 0, 0, 1]])
+
+
+def _invoke(args: list[str]):
+    if len(app.registered_commands) + len(app.registered_groups) == 1:
+        args = args[1:]
+    return CliRunner().invoke(app, args)
 
 
 def _cases(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -515,7 +515,7 @@ def run_full_demo(
                     "size": size.__dict__ | {"epochs": n_epochs}, "shift": list(shift)}
         summary = build_summary(settings, trained, preds, evals, comparisons)
         _write_demo_report(output, summary, evals.summaries, preds.study, preds.seg_ent, data.ids)
-    # the first demo's reference predictors (scored against hard labels and the soft reference)
+    # the reference section's predictors (scored against hard labels and the soft reference)
     with clock.stage("reference_predictors"):
         summary["reference_predictors"] = _reference_section(ds.test, num_bins)
     summary["seconds"] = clock.rounded()
