@@ -123,7 +123,7 @@ def memory_report(p: torch.Tensor, lab: torch.Tensor, threads: int) -> dict[str,
     return json.loads(out.strip().splitlines()[-1])
 
 
-def main() -> None:
+def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
@@ -132,88 +132,89 @@ def main() -> None:
     ap.add_argument("--skip-reference", action="store_true", help="skip MONAI and torchmetrics")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.memory_child:
-        _memory_child(args.threads, args.memory_child)
-        return
+    return ap.parse_args()
 
-    torch.set_num_threads(args.threads)
-    from segcal.functional import _kernels
+
+def bench_cuda(p: torch.Tensor, lab: torch.Tensor, r: int) -> None:
+    """segcal on the GPU against a plain read of the same tensor."""
+    from segcal.functional.binning import bin_statistics
+
+    if not torch.cuda.is_available():
+        print("CUDA requested but not available; nothing to do on GPU")
+        return
+    dev = torch.device("cuda")
+    pd, ld = p.to(dev), lab.to(dev)
+    sync = torch.cuda.synchronize
+    rows = {
+        "plain read p.sum() [cuda]": timeit(lambda: pd.sum(), r, sync),
+        "segcal bin_statistics [cuda]": timeit(lambda: bin_statistics(pd, ld, NUM_BINS), r, sync),
+        "segcal bin_statistics check=False [cuda]": timeit(
+            lambda: bin_statistics(pd, ld, NUM_BINS, check=False), r, sync
+        ),
+    }
+    for k, v in rows.items():
+        print(f"{k:<48s} {v * 1e3:10.1f} ms")
+    plain = rows["plain read p.sum() [cuda]"]
+    print(f"ratio segcal/plain read [cuda]: {rows['segcal bin_statistics [cuda]'] / plain:.1f}x "
+          f"(check=False: {rows['segcal bin_statistics check=False [cuda]'] / plain:.1f}x)")
+
+
+def bench_segcal(p: torch.Tensor, lab: torch.Tensor, r: int) -> dict[str, float]:
+    """segcal's CPU paths against a plain read of the same tensor."""
     from segcal.functional.binning import _bin_statistics_torch, bin_statistics
     from segcal.functional.calibration import calibration_error, calibration_errors, top_label_statistics
 
-    _kernels.set_threads(args.threads)
-    shape = (1, 4, 96, 96, 60) if args.small else SHAPE
-    p, lab = make_case(shape)
-    mb = p.numel() * p.element_size() / 2**20
-    print(f"case {tuple(p.shape)} float32 ({mb:.0f} MiB) + uint8 labels, M={NUM_BINS}, "
-          f"torch threads {torch.get_num_threads()}, numba threads {args.threads}, repeats {args.repeats}, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
-    rows: dict[str, float] = {}
-    r = args.repeats
-
-    if args.device == "cuda":
-        if not torch.cuda.is_available():
-            print("CUDA requested but not available; nothing to do on GPU")
-            return
-        dev = torch.device("cuda")
-        pd, ld = p.to(dev), lab.to(dev)
-        sync = torch.cuda.synchronize
-        rows["plain read p.sum() [cuda]"] = timeit(lambda: pd.sum(), r, sync)
-        rows["segcal bin_statistics [cuda]"] = timeit(lambda: bin_statistics(pd, ld, NUM_BINS), r, sync)
-        rows["segcal bin_statistics check=False [cuda]"] = timeit(
-            lambda: bin_statistics(pd, ld, NUM_BINS, check=False), r, sync
-        )
-        for k, v in rows.items():
-            print(f"{k:<48s} {v * 1e3:10.1f} ms")
-        plain = rows["plain read p.sum() [cuda]"]
-        print(f"ratio segcal/plain read [cuda]: {rows['segcal bin_statistics [cuda]'] / plain:.1f}x "
-              f"(check=False: {rows['segcal bin_statistics check=False [cuda]'] / plain:.1f}x)")
-        return
-
     ids = torch.arange(4)
     lab64 = lab.long()
-    rows["plain read p.sum()"] = timeit(lambda: p.sum(), r)
-    rows["segcal bin_statistics"] = timeit(lambda: bin_statistics(p, lab, NUM_BINS), r)
-    rows["segcal bin_statistics check=False"] = timeit(
-        lambda: bin_statistics(p, lab, NUM_BINS, check=False), r
-    )
-    rows["segcal bin_statistics + calibration_errors"] = timeit(
-        lambda: calibration_errors(bin_statistics(p, lab, NUM_BINS)), r
-    )
-    rows["segcal torch path (CUDA code) on CPU"] = timeit(
-        lambda: _bin_statistics_torch(p, lab64, None, ids, None, NUM_BINS, "right"), max(1, r // 2)
-    )
-    rows["segcal top-label ECE"] = timeit(
-        lambda: calibration_error(top_label_statistics(p, lab, NUM_BINS), "expected"), r
-    )
-    if not args.skip_reference:
-        from monai.metrics import CalibrationErrorMetric
-        from torchmetrics.classification import MulticlassCalibrationError
+    return {
+        "plain read p.sum()": timeit(lambda: p.sum(), r),
+        "segcal bin_statistics": timeit(lambda: bin_statistics(p, lab, NUM_BINS), r),
+        "segcal bin_statistics check=False": timeit(lambda: bin_statistics(p, lab, NUM_BINS, check=False), r),
+        "segcal bin_statistics + calibration_errors": timeit(
+            lambda: calibration_errors(bin_statistics(p, lab, NUM_BINS)), r
+        ),
+        "segcal torch path (CUDA code) on CPU": timeit(
+            lambda: _bin_statistics_torch(p, lab64, None, ids, None, NUM_BINS, "right"), max(1, r // 2)
+        ),
+        "segcal top-label ECE": timeit(
+            lambda: calibration_error(top_label_statistics(p, lab, NUM_BINS), "expected"), r
+        ),
+    }
 
-        def onehot() -> torch.Tensor:
-            return torch.nn.functional.one_hot(lab64, 4).movedim(-1, 1).float()
 
-        rows["one-hot conversion (for MONAI)"] = timeit(onehot, max(1, r // 2))
-        y_oh = onehot()
+def bench_peers(p: torch.Tensor, lab: torch.Tensor, r: int) -> dict[str, float]:
+    """MONAI's CalibrationErrorMetric and torchmetrics' MulticlassCalibrationError on the same case."""
+    from monai.metrics import CalibrationErrorMetric
+    from torchmetrics.classification import MulticlassCalibrationError
 
-        def monai_ace() -> torch.Tensor:
-            m = CalibrationErrorMetric(num_bins=NUM_BINS, calibration_reduction="average")
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                m(p, y_oh)
-                return m.aggregate()
+    lab64 = lab.long()
 
-        rows["MONAI CalibrationErrorMetric (ACE)"] = timeit(monai_ace, max(1, r // 2))
-        del y_oh
-        tm = MulticlassCalibrationError(num_classes=4, n_bins=NUM_BINS, norm="l1", validate_args=False)
+    def onehot() -> torch.Tensor:
+        return torch.nn.functional.one_hot(lab64, 4).movedim(-1, 1).float()
 
-        def tm_ece() -> torch.Tensor:
-            tm.reset()
-            return tm(p, lab64)
+    rows = {"one-hot conversion (for MONAI)": timeit(onehot, max(1, r // 2))}
+    y_oh = onehot()
 
-        rows["torchmetrics MulticlassCalibrationError (top-label)"] = timeit(tm_ece, max(1, r // 2))
+    def monai_ace() -> torch.Tensor:
+        m = CalibrationErrorMetric(num_bins=NUM_BINS, calibration_reduction="average")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m(p, y_oh)
+            return m.aggregate()
 
+    rows["MONAI CalibrationErrorMetric (ACE)"] = timeit(monai_ace, max(1, r // 2))
+    y_oh = torch.empty(0)  # free the one-hot copy before timing torchmetrics
+    tm = MulticlassCalibrationError(num_classes=4, n_bins=NUM_BINS, norm="l1", validate_args=False)
+
+    def tm_ece() -> torch.Tensor:
+        tm.reset()
+        return tm(p, lab64)
+
+    rows["torchmetrics MulticlassCalibrationError (top-label)"] = timeit(tm_ece, max(1, r // 2))
+    return rows
+
+
+def print_ratios(rows: dict[str, float]) -> None:
     print(f"{'':<52s} {'wall':>10s}    {'CPU (all threads)':>18s}")
     for (k, v), cpu in zip(rows.items(), CPU_TIMES.values(), strict=True):
         print(f"{k:<52s} {v * 1e3:10.1f} ms {cpu * 1e3:12.1f} ms")
@@ -228,6 +229,30 @@ def main() -> None:
               f"(MONAI excluding its one-hot input vs segcal bin_statistics + all five errors)")
         tmv = rows["torchmetrics MulticlassCalibrationError (top-label)"]
         print(f"ratio torchmetrics/segcal top-label: {tmv / rows['segcal top-label ECE']:.1f}x")
+
+
+def main() -> None:
+    args = _args()
+    if args.memory_child:
+        _memory_child(args.threads, args.memory_child)
+        return
+    torch.set_num_threads(args.threads)
+    from segcal.functional import _kernels
+
+    _kernels.set_threads(args.threads)
+    shape = (1, 4, 96, 96, 60) if args.small else SHAPE
+    p, lab = make_case(shape)
+    mb = p.numel() * p.element_size() / 2**20
+    print(f"case {tuple(p.shape)} float32 ({mb:.0f} MiB) + uint8 labels, M={NUM_BINS}, "
+          f"torch threads {torch.get_num_threads()}, numba threads {args.threads}, repeats {args.repeats}, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+    if args.device == "cuda":
+        bench_cuda(p, lab, args.repeats)
+        return
+    rows = bench_segcal(p, lab, args.repeats)
+    if not args.skip_reference:
+        rows.update(bench_peers(p, lab, args.repeats))
+    print_ratios(rows)
     if not args.skip_memory:
         mem = memory_report(p, lab, args.threads)
         extra = (mem["after_kb"] - mem["before_kb"]) * 1024

@@ -20,12 +20,10 @@ from typer.testing import CliRunner
 
 import segcal.functional as F
 from _eval_data import affine_for, write_nifti_dataset, write_nnunet_dataset
+from _helpers import SRC
 from segcal.cli import app
 
 runner = CliRunner()
-SRC = str(Path(__file__).resolve().parents[1] / "src")
-
-
 def _rows(out: Path) -> dict[tuple[str, str], dict[str, str]]:
     with open(out / "cases.csv") as fh:
         return {(r["case_id"], r["class"]): r for r in csv.DictReader(fh)}

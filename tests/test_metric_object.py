@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import segcal.functional as F
+from _helpers import SRC
 from segcal.metrics import SegmentationCalibrationMetric
 
 
@@ -128,7 +129,7 @@ _DDP_SCRIPT = textwrap.dedent(
 def test_sync_over_two_gloo_processes(tmp_path: Path) -> None:
     script = tmp_path / "ddp_metric.py"
     script.write_text(_DDP_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": SRC}
     with socket.socket() as sock:  # a free port, so parallel test workers do not collide
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

@@ -10,6 +10,7 @@ import torch
 from matplotlib.image import AxesImage
 from scipy import stats as sps
 
+from _helpers import PNG_MAGIC as PNG
 from segcal.functional import bin_statistics
 from segcal.functional.binning import BinStats
 from segcal.functional.calibration import calibration_errors
@@ -30,8 +31,6 @@ from segcal.plots import (
     threshold_curves,
 )
 from segcal.plots._common import select
-
-PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")

@@ -4,18 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
+from _helpers import invoke_cli as _invoke
 from posthoc_helpers import phantom
-from segcal.cli import app
 from segcal.posthoc import TemperatureScaling, load_calibrator
-
-
-def _invoke(args: list[str]):
-    # Typer runs a lone command without its name; with several commands the name is needed
-    if len(app.registered_commands) + len(app.registered_groups) == 1:
-        args = args[1:]
-    return CliRunner().invoke(app, args)
 
 
 def _write(folder, z, y=None, fmt="npy"):

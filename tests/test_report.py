@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from _helpers import PNG_MAGIC as PNG
 from segcal.functional import bin_statistics, confusion_counts, overlap_scores
 from segcal.functional.calibration import calibration_errors
 from segcal.plots import reliability_diagram
@@ -28,7 +29,6 @@ from segcal.report import (
     render_html,
 )
 
-PNG = b"\x89PNG\r\n\x1a\n"
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
 CLASSES = ["liver", "tumour"]
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from _helpers import SRC
 from _training_utils import install_loss_fallback, synthetic_squares
 from segcal.training import (
     TrainConfig,
@@ -26,12 +27,9 @@ TINY = {"channels": [4, 8], "strides": [2], "num_res_units": 1}
 
 
 @pytest.fixture(autouse=True)
-def _threads_and_loss(monkeypatch):
+def _threads_and_loss(monkeypatch, one_torch_thread):
     install_loss_fallback(monkeypatch)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     yield
-    torch.set_num_threads(n)
     torch.use_deterministic_algorithms(False)
 
 
@@ -241,7 +239,7 @@ def test_resume_after_sigkill_in_subprocess(tmp_path):
     cfg = _cfg(tmp_path / "k", epochs=3, model={"dropout": 0.1})
     script = tmp_path / "kill.py"
     script.write_text(KILL_SCRIPT.format(tests=str(Path(__file__).parent), cfg=cfg))
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert load_checkpoint(tmp_path / "k" / "run" / "last.pt")["epoch"] == 2

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from _helpers import SRC
+
 SCRIPT = textwrap.dedent(
     """
     import json, os, sys
@@ -51,10 +53,9 @@ def test_ddp_two_cpu_processes_gloo(tmp_path):
     tests = str(Path(__file__).parent)
     script = tmp_path / "ddp_train.py"
     script.write_text(SCRIPT.format(tests=tests, out=str(tmp_path)))
-    src = str(Path(__file__).parents[1] / "src")
     env = {
         **os.environ,
-        "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""),
         "OMP_NUM_THREADS": "1",
     }
     cmd = [

@@ -38,12 +38,7 @@ def _checkpoint(path, seed=0, dropout=0.0, out_channels=3):
     return model.eval()
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_sliding_window_matches_direct_forward_and_ensemble_average(tmp_path):

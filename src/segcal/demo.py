@@ -9,15 +9,34 @@ printed or plotted is computed in the run.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import itertools
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
+from rich.console import Console
+from rich.table import Table as RichTable
 
+from segcal.data.mni152 import TissueDataset, TissueSplit, load_tissue_dataset, make_shifted
+from segcal.evaluation import EvalConfig, compare_runs, run_evaluation
+from segcal.evaluation.compare import write_comparison
+from segcal.functional.uncertainty import segment_mean_entropy
+from segcal.io import write_numpy, write_numpy_probabilities, write_text
+from segcal.io.runs import read_case_metrics
 from segcal.metrics import MetricResult, SegmentationCalibrationMetric
+from segcal.plots import ensemble_size_curve, entropy_dice_scatter, quality_scatter
+from segcal.posthoc import TemperatureScaling, ensemble_probabilities, ensemble_size_study
+from segcal.posthoc.mc_dropout import insert_dropout_unet, mc_predict
+from segcal.report import build_comparison_report
+from segcal.report.html import ReportFigure, Section, Table, render_html
+from segcal.training import load_checkpoint, train
 
 TISSUE_CLASSES = ("background", "CSF", "GM", "WM")
 
@@ -95,7 +114,7 @@ FULL = DemoSize(n_subjects=14, split=(8, 3, 3), slices_per_subject=16, epochs=20
 QUICK = DemoSize(n_subjects=6, split=(3, 1, 2), slices_per_subject=10, epochs=20, channels=(8, 16, 32, 64))
 
 
-def _case_ids(split) -> list[str]:
+def _case_ids(split: TissueSplit) -> list[str]:
     return [f"s{int(s):02d}_z{int(z):03d}" for s, z in zip(split.subjects, split.slices, strict=True)]
 
 
@@ -109,8 +128,6 @@ def _logits(model: torch.nn.Module, images: torch.Tensor, batch: int = 16) -> to
 def _write_predictions(folder: Path, probs: torch.Tensor, case_ids: list[str]) -> Path:
     import numpy as np
 
-    from segcal.io import write_numpy_probabilities
-
     folder.mkdir(parents=True, exist_ok=True)
     arr = probs.to(torch.float32).numpy()
     for cid, p in zip(case_ids, arr, strict=True):
@@ -121,8 +138,6 @@ def _write_predictions(folder: Path, probs: torch.Tensor, case_ids: list[str]) -
 
 def _write_labels(folder: Path, labels, case_ids: list[str]) -> Path:
     import numpy as np
-
-    from segcal.io import write_numpy
 
     folder.mkdir(parents=True, exist_ok=True)
     for cid, y in zip(case_ids, labels, strict=True):
@@ -229,6 +244,233 @@ def compute_findings(results: dict) -> list[dict]:
     return findings
 
 
+@dataclass
+class DemoData:
+    """The demo's slices: the train / val / test splits, the shifted copy of the test split, test case ids."""
+
+    dataset: TissueDataset
+    shifted: TissueSplit
+    ids: list[str]
+
+    @property
+    def x_test(self) -> torch.Tensor:
+        return torch.as_tensor(self.dataset.test.images)
+
+    @property
+    def y_test(self) -> torch.Tensor:
+        return torch.as_tensor(self.dataset.test.labels)
+
+    @property
+    def x_shifted(self) -> torch.Tensor:
+        return torch.as_tensor(self.shifted.images)
+
+
+@dataclass
+class TrainedModels:
+    """The demo's networks (best validation checkpoint, eval mode, CPU) and one log entry per training run."""
+
+    models: dict[str, torch.nn.Module]
+    log: dict[str, dict[str, Any]]
+
+
+@dataclass
+class DemoPredictions:
+    """Test (and shifted) probability maps of every evaluated predictor, in evaluation order, and what was
+    measured while making them: fitted temperatures, the ensemble-size study, segment entropies."""
+
+    probs: dict[str, torch.Tensor]
+    temperatures: dict[str, float]
+    study: dict[int, dict[str, tuple[float, float, float]]]
+    entropy: dict[str, float]
+    seg_ent: dict[str, np.ndarray]
+
+
+@dataclass
+class DemoEvaluations:
+    """The evaluation run folder and summary of every predictor."""
+
+    run_dirs: dict[str, Path]
+    summaries: dict[str, dict[str, Any]]
+
+
+@dataclass
+class DemoComparisons:
+    """Every test predictor vs the Dice model, and the Dice model on test vs shifted."""
+
+    test: dict[str, Any]
+    shift: dict[str, Any]
+
+
+def load_demo_data(console: Console, size: DemoSize, seed: int, shift: tuple[str, int]) -> DemoData:
+    """The embedded MNI152 tissue slices (cached after the first run) and the shifted test set."""
+    with console.status("building the embedded MNI152 tissue data (cached after the first run)"):
+        ds = load_tissue_dataset(
+            n_subjects=size.n_subjects, split=size.split, seed=seed, slices_per_subject=size.slices_per_subject
+        )
+    shifted = make_shifted(ds.test, shift[0], shift[1], seed=seed)
+    return DemoData(dataset=ds, shifted=shifted, ids=_case_ids(ds.test))
+
+
+def _train_config(output: Path, size: DemoSize, n_epochs: int, name: str, loss: str, model_seed: int) -> dict:
+    """The :func:`segcal.training.train` config of one demo model."""
+    return {
+        "loss": loss,
+        "epochs": n_epochs,
+        "seed": model_seed,
+        "output_dir": str(output / "models" / name),
+        "progress": False,
+        "model": {"channels": list(size.channels), "strides": [2] * (len(size.channels) - 1),
+                  "num_res_units": 1, "out_channels": 4},
+        "data": {"batch_size": size.batch_size},
+        "optim": {"lr": size.lr},
+    }
+
+
+def train_models(
+    console: Console, data: DemoData, output: Path, size: DemoSize, n_epochs: int, seed: int
+) -> TrainedModels:
+    """One UNet per loss of :data:`LOSSES` (seed ``seed``) and the Dice ensemble's other members."""
+    ds = data.dataset
+    jobs = [(name, loss, seed) for name, loss in LOSSES]
+    jobs += [(f"dice_member{k}", "dice", seed + k) for k in range(1, size.ensemble_members)]
+    trained = TrainedModels(models={}, log={})
+    for name, loss, model_seed in jobs:
+        ts = time.perf_counter()
+        res = train(_train_config(output, size, n_epochs, name, loss, model_seed), (ds.train.images, ds.train.labels),
+                    (ds.val.images, ds.val.labels), resume=False)
+        # the best validation Dice checkpoint (train() returns the last epoch's weights)
+        best = load_checkpoint(res.output_dir / "best.pt")
+        res.model.load_state_dict(best["model"])
+        trained.models[name] = res.model.cpu().eval()
+        trained.log[name] = {"loss": loss, "seed": model_seed, "best_val_dice": float(res.best_dice),
+                             "best_epoch": int(res.best_epoch), "seconds": round(time.perf_counter() - ts, 1)}
+        console.print(f"  trained {name:<16} loss={loss:<14} val Dice {res.best_dice:.3f} "
+                      f"({trained.log[name]['seconds']} s)")
+    return trained
+
+
+def _softmax_logits(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(_logits(model, images), 1)
+
+
+def _member_probs(
+    models: dict[str, torch.nn.Module], first: torch.Tensor, images: torch.Tensor, n: int
+) -> list[torch.Tensor]:
+    """``first`` (the Dice model's probabilities) and those of ``dice_member1 .. dice_member{n-1}``."""
+    return [first] + [_softmax_logits(models[f"dice_member{k}"], images) for k in range(1, n)]
+
+
+def predict_all(models: dict[str, torch.nn.Module], data: DemoData, size: DemoSize, seed: int) -> DemoPredictions:
+    """Probabilities of every predictor, in this order: each loss and its temperature-scaled version, the Dice
+    ensemble, MC dropout, then on the shifted set the Dice model, its ensemble and Dice + hard mL1-ACE."""
+    x_te, x_sh, val = data.x_test, data.x_shifted, data.dataset.val
+    probs: dict[str, torch.Tensor] = {}
+    temperatures: dict[str, float] = {}
+    for name, _ in LOSSES:
+        lg = _logits(models[name], x_te)
+        probs[name] = torch.softmax(lg, 1)
+        ts_model = TemperatureScaling(max_voxels_per_volume=4000, seed=seed)
+        ts_model.fit(_logits(models[name], torch.as_tensor(val.images)), torch.as_tensor(val.labels))
+        temperatures[name] = float(ts_model.temperature_)
+        probs[f"{name}+ts"] = ts_model.transform(lg)
+    m = size.ensemble_members
+    members = _member_probs(models, probs["dice"], x_te, m)
+    probs[f"dice_ensemble{m}"] = ensemble_probabilities(members)
+    study = ensemble_size_study(members, data.y_test, sizes=list(range(1, m + 1)), n_resamples=10, seed=seed)
+    dropout_net = copy.deepcopy(models["dice"])
+    insert_dropout_unet(dropout_net, "decoder", p=0.2)
+    probs["dice_mc_dropout"] = mc_predict(dropout_net, x_te, n_samples=size.mc_samples, seed=seed)["mean"]
+    probs["dice_shifted"] = _softmax_logits(models["dice"], x_sh)
+    probs[f"dice_ensemble{m}_shifted"] = ensemble_probabilities(_member_probs(models, probs["dice_shifted"], x_sh, m))
+    probs["dice+hard_ace_shifted"] = _softmax_logits(models["dice+hard_ace"], x_sh)
+    seg_ent = {k: segment_mean_entropy(probs[k]).numpy() for k in ("dice", "dice_shifted")}
+    entropy = {"test": float(np.nanmean(seg_ent["dice"])), "shifted": float(np.nanmean(seg_ent["dice_shifted"]))}
+    return DemoPredictions(probs=probs, temperatures=temperatures, study=study, entropy=entropy, seg_ent=seg_ent)
+
+
+def evaluate_all(probs: dict[str, torch.Tensor], data: DemoData, output: Path, num_bins: int) -> DemoEvaluations:
+    """One :func:`segcal.evaluation.run_evaluation` run per predictor under ``output/runs/<name>``."""
+    label_dir = _write_labels(output / "labels", data.dataset.test.labels, data.ids)
+    cfg = EvalConfig(fmt="npy", num_bins=num_bins, hd95=False, region_names=("CSF", "GM", "WM"),
+                     regions=((1,), (2,), (3,)))
+    evals = DemoEvaluations(run_dirs={}, summaries={})
+    for name, p in probs.items():
+        pred_dir = _write_predictions(output / "predictions" / name, p, data.ids)
+        res = run_evaluation(pred_dir, label_dir, output / "runs" / name, cfg, workers=0, overwrite=True,
+                             progress=False)
+        evals.run_dirs[name] = output / "runs" / name
+        evals.summaries[name] = res.summary
+    return evals
+
+
+def _compare(run_dirs: dict[str, Path], names: list[str], out: Path) -> dict[str, Any]:
+    """``segcal compare`` of ``names`` (the first is the baseline) into ``out`` (tables and report)."""
+    comparison = compare_runs([run_dirs[n] for n in names])
+    write_comparison(comparison, out)
+    build_comparison_report([run_dirs[n] for n in names], out, {**comparison, "runs": names})
+    return comparison
+
+
+def compare_all(run_dirs: dict[str, Path], output: Path) -> DemoComparisons:
+    """Every test predictor vs Dice (``output/compare``) and Dice on test vs shifted (``output/compare_shift``)."""
+    test_runs = [n for n in run_dirs if not n.endswith("_shifted")]
+    return DemoComparisons(
+        test=_compare(run_dirs, test_runs, output / "compare"),
+        shift=_compare(run_dirs, ["dice", "dice_shifted"], output / "compare_shift"),
+    )
+
+
+def build_summary(
+    settings: dict[str, Any],
+    trained: TrainedModels,
+    preds: DemoPredictions,
+    evals: DemoEvaluations,
+    comparisons: DemoComparisons,
+) -> dict[str, Any]:
+    """``summary.json`` (without the reference predictors and timings): ``settings`` (quick, seed, num_bins,
+    epochs, size, shift), the findings, papers-style ``mean ± std`` tables and where each run is."""
+    findings = compute_findings({
+        "comparison_test": comparisons.test,
+        "comparison_shift": comparisons.shift,
+        "temperatures": preds.temperatures,
+        "ensemble_study": preds.study,
+        "entropy": preds.entropy,
+    })
+    classes = [c for c in evals.summaries["dice"]["macro"]["dice"] if c not in ("mean", "case")]
+    tables = {
+        name: {m: _mean_std(s, m, classes) for m in ("dice", "ece", "ace", "mce", "brier", "nll")}
+        for name, s in evals.summaries.items()
+    }
+    return {
+        **settings,
+        "classes": classes,
+        "training": trained.log,
+        "temperatures": preds.temperatures,
+        "ensemble_study": {str(m): v for m, v in preds.study.items()},
+        "segment_entropy": preds.entropy,
+        "findings": findings,
+        "tables": tables,
+        "runs": {n: str(d) for n, d in evals.run_dirs.items()},
+    }
+
+
+class _Stopwatch:
+    """Seconds per named stage, and the total since construction."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        yield
+        self.seconds[name] = time.perf_counter() - t
+
+    def rounded(self) -> dict[str, float]:
+        return {k: round(v, 1) for k, v in {**self.seconds, "total": time.perf_counter() - self.t0}.items()}
+
+
 def run_full_demo(
     output: Path,
     *,
@@ -244,186 +486,49 @@ def run_full_demo(
     ``runs/<run>/`` (evaluation runs), ``compare/report.html`` (test comparison vs Dice),
     ``compare_shift/report.html``, ``report.html`` (the demo report with findings), ``summary.json``.
     Returns the summary dict.
+
+    Stages: :func:`load_demo_data`, :func:`train_models`, :func:`predict_all`, :func:`evaluate_all`,
+    :func:`compare_all`, :func:`build_summary` and the report, then the reference predictors.
     """
-    import numpy as np
-    from rich.console import Console
-
-    from segcal.data.mni152 import load_tissue_dataset, make_shifted
-    from segcal.evaluation import EvalConfig, compare_runs, run_evaluation
-    from segcal.evaluation.compare import write_comparison
-    from segcal.functional.uncertainty import segment_mean_entropy
-    from segcal.posthoc import TemperatureScaling, ensemble_probabilities, ensemble_size_study
-    from segcal.posthoc.mc_dropout import insert_dropout_unet, mc_predict
-    from segcal.report import build_comparison_report
-    from segcal.training import load_checkpoint, train
-
     console = Console()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     size = QUICK if quick else FULL
     n_epochs = int(epochs) if epochs is not None else size.epochs
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    timings: dict[str, float] = {}
-
-    with console.status("building the embedded MNI152 tissue data (cached after the first run)"):
-        ds = load_tissue_dataset(
-            n_subjects=size.n_subjects, split=size.split, seed=seed, slices_per_subject=size.slices_per_subject
+    clock = _Stopwatch()
+    with clock.stage("data"):
+        data = load_demo_data(console, size, seed, shift)
+        ds = data.dataset
+        console.print(
+            f"[bold]segcal demo[/bold]{' --quick' if quick else ''}: train {len(ds.train.images)} / val "
+            f"{len(ds.val.images)} / test {len(data.ids)} slices of {tuple(data.x_test.shape[2:])}; shifted set = "
+            f"test with {shift[0]} severity {shift[1]}; {n_epochs} epochs, UNet {'-'.join(map(str, size.channels))}"
         )
-    shifted = make_shifted(ds.test, shift[0], shift[1], seed=seed)
-    x_tr, y_tr = ds.train.images, ds.train.labels
-    x_va, y_va = ds.val.images, ds.val.labels
-    x_te = torch.as_tensor(ds.test.images)
-    x_sh = torch.as_tensor(shifted.images)
-    y_te = torch.as_tensor(ds.test.labels)
-    ids = _case_ids(ds.test)
-    console.print(
-        f"[bold]segcal demo[/bold]{' --quick' if quick else ''}: train {len(x_tr)} / val {len(x_va)} / test "
-        f"{len(ids)} slices of {tuple(x_te.shape[2:])}; shifted set = test with {shift[0]} severity {shift[1]}; "
-        f"{n_epochs} epochs, UNet {'-'.join(map(str, size.channels))}"
-    )
-    timings["data"] = time.perf_counter() - t0
-
-    def config(name: str, loss: str, model_seed: int) -> dict:
-        return {
-            "loss": loss,
-            "epochs": n_epochs,
-            "seed": model_seed,
-            "output_dir": str(output / "models" / name),
-            "progress": False,
-            "model": {"channels": list(size.channels), "strides": [2] * (len(size.channels) - 1),
-                      "num_res_units": 1, "out_channels": 4},
-            "data": {"batch_size": size.batch_size},
-            "optim": {"lr": size.lr},
-        }
-
-    models: dict[str, torch.nn.Module] = {}
-    train_log: dict[str, dict] = {}
-    jobs = [(name, loss, seed) for name, loss in LOSSES]
-    jobs += [(f"dice_member{k}", "dice", seed + k) for k in range(1, size.ensemble_members)]
-    t = time.perf_counter()
-    for name, loss, model_seed in jobs:
-        ts = time.perf_counter()
-        res = train(config(name, loss, model_seed), (x_tr, y_tr), (x_va, y_va), resume=False)
-        # the best validation Dice checkpoint (train() returns the last epoch's weights)
-        best = load_checkpoint(res.output_dir / "best.pt")
-        res.model.load_state_dict(best["model"])
-        models[name] = res.model.cpu().eval()
-        train_log[name] = {"loss": loss, "seed": model_seed, "best_val_dice": float(res.best_dice),
-                           "best_epoch": int(res.best_epoch), "seconds": round(time.perf_counter() - ts, 1)}
-        console.print(f"  trained {name:<16} loss={loss:<14} val Dice {res.best_dice:.3f} "
-                      f"({train_log[name]['seconds']} s)")
-    timings["training"] = time.perf_counter() - t
-
-    # --- predictions ------------------------------------------------------------------------------------
-    t = time.perf_counter()
-    probs: dict[str, torch.Tensor] = {}
-    temperatures: dict[str, float] = {}
-    for name, _ in LOSSES:
-        lg = _logits(models[name], x_te)
-        probs[name] = torch.softmax(lg, 1)
-        ts_model = TemperatureScaling(max_voxels_per_volume=4000, seed=seed)
-        ts_model.fit(_logits(models[name], torch.as_tensor(x_va)), torch.as_tensor(y_va))
-        temperatures[name] = float(ts_model.temperature_)
-        probs[f"{name}+ts"] = ts_model.transform(lg)
-    members = [probs["dice"]] + [
-        torch.softmax(_logits(models[f"dice_member{k}"], x_te), 1) for k in range(1, size.ensemble_members)
-    ]
-    probs[f"dice_ensemble{size.ensemble_members}"] = ensemble_probabilities(members)
-    study = ensemble_size_study(members, y_te, sizes=list(range(1, size.ensemble_members + 1)),
-                                n_resamples=10, seed=seed)
-    import copy
-
-    dropout_net = copy.deepcopy(models["dice"])
-    insert_dropout_unet(dropout_net, "decoder", p=0.2)
-    probs["dice_mc_dropout"] = mc_predict(dropout_net, x_te, n_samples=size.mc_samples, seed=seed)["mean"]
-    probs["dice_shifted"] = torch.softmax(_logits(models["dice"], x_sh), 1)
-    shifted_members = [probs["dice_shifted"]] + [
-        torch.softmax(_logits(models[f"dice_member{k}"], x_sh), 1) for k in range(1, size.ensemble_members)
-    ]
-    probs[f"dice_ensemble{size.ensemble_members}_shifted"] = ensemble_probabilities(shifted_members)
-    probs["dice+hard_ace_shifted"] = torch.softmax(_logits(models["dice+hard_ace"], x_sh), 1)
-    entropy = {
-        "test": float(np.nanmean(segment_mean_entropy(probs["dice"]).numpy())),
-        "shifted": float(np.nanmean(segment_mean_entropy(probs["dice_shifted"]).numpy())),
-    }
-    seg_ent = {k: segment_mean_entropy(probs[k]).numpy() for k in ("dice", "dice_shifted")}
-    timings["prediction"] = time.perf_counter() - t
-
-    # --- evaluation runs (segcal.evaluation) -------------------------------------------------------------
-    t = time.perf_counter()
-    label_dir = _write_labels(output / "labels", ds.test.labels, ids)
-    cfg = EvalConfig(fmt="npy", num_bins=num_bins, hd95=False, region_names=("CSF", "GM", "WM"),
-                     regions=((1,), (2,), (3,)))
-    run_dirs: dict[str, Path] = {}
-    summaries: dict[str, dict] = {}
-    for name, p in probs.items():
-        pred_dir = _write_predictions(output / "predictions" / name, p, ids)
-        res = run_evaluation(pred_dir, label_dir, output / "runs" / name, cfg, workers=0, overwrite=True,
-                             progress=False)
-        run_dirs[name] = output / "runs" / name
-        summaries[name] = res.summary
-    timings["evaluation"] = time.perf_counter() - t
-
-    # --- comparisons and reports -------------------------------------------------------------------------
-    t = time.perf_counter()
-    test_runs = [n for n in probs if not n.endswith("_shifted")]
-    comparison_test = compare_runs([run_dirs[n] for n in test_runs])
-    write_comparison(comparison_test, output / "compare")
-    comparison_test_named = {**comparison_test, "runs": test_runs}
-    build_comparison_report([run_dirs[n] for n in test_runs], output / "compare", comparison_test_named)
-    shift_pairs = ["dice", "dice_shifted"]
-    comparison_shift = compare_runs([run_dirs[n] for n in shift_pairs])
-    write_comparison(comparison_shift, output / "compare_shift")
-    build_comparison_report([run_dirs[n] for n in shift_pairs], output / "compare_shift",
-                            {**comparison_shift, "runs": shift_pairs})
-    results = {
-        "comparison_test": comparison_test,
-        "comparison_shift": comparison_shift,
-        "temperatures": temperatures,
-        "ensemble_study": study,
-        "entropy": entropy,
-    }
-    findings = compute_findings(results)
-    classes = list(summaries["dice"]["macro"]["dice"].keys())
-    classes = [c for c in classes if c not in ("mean", "case")]
-    tables = {
-        name: {m: _mean_std(s, m, classes) for m in ("dice", "ece", "ace", "mce", "brier", "nll")}
-        for name, s in summaries.items()
-    }
-    summary = {
-        "quick": quick,
-        "seed": seed,
-        "num_bins": num_bins,
-        "epochs": n_epochs,
-        "size": size.__dict__ | {"epochs": n_epochs},
-        "shift": list(shift),
-        "classes": classes,
-        "training": train_log,
-        "temperatures": temperatures,
-        "ensemble_study": {str(m): v for m, v in study.items()},
-        "segment_entropy": entropy,
-        "findings": findings,
-        "tables": tables,
-        "runs": {n: str(d) for n, d in run_dirs.items()},
-    }
-    _write_demo_report(output, summary, summaries, study, seg_ent, ds, probs, x_te, ids)
-    timings["reports"] = time.perf_counter() - t
-
+    with clock.stage("training"):
+        trained = train_models(console, data, output, size, n_epochs, seed)
+    with clock.stage("prediction"):
+        preds = predict_all(trained.models, data, size, seed)
+    with clock.stage("evaluation"):
+        evals = evaluate_all(preds.probs, data, output, num_bins)
+    with clock.stage("reports"):
+        comparisons = compare_all(evals.run_dirs, output)
+        settings = {"quick": quick, "seed": seed, "num_bins": num_bins, "epochs": n_epochs,
+                    "size": size.__dict__ | {"epochs": n_epochs}, "shift": list(shift)}
+        summary = build_summary(settings, trained, preds, evals, comparisons)
+        _write_demo_report(output, summary, evals.summaries, preds.study, preds.seg_ent, data.ids)
     # the reference section's predictors (scored against hard labels and the soft reference)
-    t = time.perf_counter()
-    summary["reference_predictors"] = _reference_section(ds.test, num_bins)
-    timings["reference_predictors"] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - t0
-    summary["seconds"] = {k: round(v, 1) for k, v in timings.items()}
-    (output / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
-    _print_findings(console, findings, summary)
+    with clock.stage("reference_predictors"):
+        summary["reference_predictors"] = _reference_section(ds.test, num_bins)
+    summary["seconds"] = clock.rounded()
+    write_text(output / "summary.json", json.dumps(summary, indent=2, default=float))
+    _print_findings(console, summary["findings"])
     console.print(f"wrote {output / 'report.html'}, {output / 'compare' / 'report.html'} and "
                   f"{output / 'summary.json'} ({summary['seconds']['total']} s)")
     return summary
 
 
-def _reference_section(test, num_bins: int) -> dict:
+def _reference_section(test: TissueSplit, num_bins: int) -> dict:
     soft = torch.as_tensor(test.soft, dtype=torch.float64)
     labels = torch.as_tensor(test.labels)
     case_ids = _case_ids(test)
@@ -441,10 +546,8 @@ def _reference_section(test, num_bins: int) -> dict:
     return out
 
 
-def _print_findings(console, findings: list[dict], summary: dict) -> None:
-    from rich.table import Table
-
-    table = Table(title="Findings measured by this run")
+def _print_findings(console: Console, findings: list[dict]) -> None:
+    table = RichTable(title="Findings measured by this run")
     table.add_column("finding")
     table.add_column("held")
     table.add_column("numbers")
@@ -453,28 +556,30 @@ def _print_findings(console, findings: list[dict], summary: dict) -> None:
     console.print(table)
 
 
-def _write_demo_report(output: Path, summary: dict, summaries: dict, study: dict, seg_ent: dict, ds,
-                       probs: dict, x_te: torch.Tensor, ids: list[str]) -> Path:
-    """``output/report.html``: findings, papers-style tables, temperatures, ensemble curve, entropy scatter."""
-    import numpy as np
+# ------------------------------------------------------------------------------------------------------------
+# The demo report: one function per section.
+# ------------------------------------------------------------------------------------------------------------
 
-    from segcal.plots import ensemble_size_curve, entropy_dice_scatter, quality_scatter
-    from segcal.report.html import ReportFigure, Section, Table, render_html
 
-    classes = summary["classes"]
-    sections = []
+def _findings_section(summary: dict) -> Section:
     text = "\n".join(
         f"- **{'held' if f['held'] else 'did NOT hold'}**: {f['claim']}. {f['text']}." for f in summary["findings"]
     )
-    sections.append(Section(
+    return Section(
         "Findings (generated from this run's numbers)",
         text="Every number below was measured by this run (seed "
         f"{summary['seed']}, {summary['epochs']} epochs{', --quick' if summary['quick'] else ''}).\n\n" + text,
-    ))
+    )
+
+
+def _metric_sections(summary: dict, names: list[str]) -> list[Section]:
+    """One ``mean ± std`` table per metric, a row per model of ``names``."""
+    classes = summary["classes"]
+    sections = []
     for metric, title in (("dice", "Dice"), ("ace", "ACE"), ("ece", "ECE"), ("mce", "MCE"), ("brier", "Brier"),
                           ("nll", "NLL")):
         rows = []
-        for name in summaries:
+        for name in names:
             cells = summary["tables"][name][metric]
             row = {"model": name}
             if metric == "nll":
@@ -485,26 +590,36 @@ def _write_demo_report(output: Path, summary: dict, summaries: dict, study: dict
             rows.append(row)
         sections.append(Section(f"{title} on the test set (mean ± std over test slices)",
                                 tables=[Table(rows, caption=f"{title}: mean ± std per class and class average")]))
-    sections.append(Section(
+    return sections
+
+
+def _training_section(summary: dict) -> Section:
+    return Section(
         "Training and temperature scaling",
         text="Temperature fitted on the validation slices by minimising the NLL (T > 1: the model was "
         "over-confident).",
         tables=[Table([{"model": n, **{k: v for k, v in log.items()},
                         "fitted T": round(summary["temperatures"].get(n, float("nan")), 3)}
                        for n, log in summary["training"].items()], caption="training runs")],
-    ))
+    )
+
+
+def _ensemble_section(study: dict) -> Section:
     sizes = sorted(study)
     figs = []
     for metric in ("nll", "dice"):
         figs.append(ReportFigure(ensemble_size_curve(
             sizes, [study[m][metric][0] for m in sizes], [study[m][metric][1] for m in sizes],
             [study[m][metric][2] for m in sizes], metric.upper()), f"ensemble of M Dice models: {metric}"))
-    sections.append(Section("Deep ensemble of Dice models", figures=figs))
+    return Section("Deep ensemble of Dice models", figures=figs)
+
+
+def _entropy_section(summary: dict, seg_ent: dict[str, np.ndarray], ids: list[str]) -> Section:
+    """Per-case, per-class segment entropy vs Dice of the Dice model on the test and the shifted set."""
+    classes = summary["classes"]
     ent = np.concatenate([seg_ent["dice"], seg_ent["dice_shifted"]])
     dice_case = []
     for name in ("dice", "dice_shifted"):
-        from segcal.io.runs import read_case_metrics
-
         cases = read_case_metrics(Path(summary["runs"][name]) / "cases.csv")
         dice_case.append(np.array([[cases[(cid, c)]["dice"] for c in classes] for cid in ids]))
     dice_all = np.concatenate(dice_case)
@@ -512,25 +627,53 @@ def _write_demo_report(output: Path, summary: dict, summaries: dict, study: dict
     ok = np.isfinite(ent.reshape(-1)) & np.isfinite(dice_all.reshape(-1))
     fig = entropy_dice_scatter(ent.reshape(-1)[ok], dice_all.reshape(-1)[ok],
                                groups=[g for g, k in zip(groups, ok, strict=True) if k])
-    sections.append(Section("Segment entropy vs Dice, test and shifted", figures=[ReportFigure(fig, "")]))
+    return Section("Segment entropy vs Dice, test and shifted", figures=[ReportFigure(fig, "")])
+
+
+def _quality_section(summaries: dict[str, dict]) -> Section:
     test_names = [n for n in summaries if not n.endswith("_shifted")]
     fig = quality_scatter([summaries[n]["macro"]["dice"]["mean"]["mean"] for n in test_names],
                           [summaries[n]["macro"]["ace"]["mean"]["mean"] for n in test_names], test_names)
-    sections.append(Section("Dice vs ACE (class means)", figures=[ReportFigure(fig, "")]))
+    return Section("Dice vs ACE (class means)", figures=[ReportFigure(fig, "")])
+
+
+def _reference_predictors_section(summary: dict) -> list[Section]:
+    """The reference predictors' table when ``summary`` has them (empty list otherwise)."""
     ref = summary.get("reference_predictors")
-    if ref:
-        rows = [{"predictor": n, "against": a, "class": c, "ACE": e[a]["ace"][c], "NLL": e[a]["nll"]}
-                for n, e in ref.items() for a in ("hard labels", "soft reference") for c in e[a]["ace"]]
-        sections.append(Section("Reference predictors (soft reference maps, tempered)", tables=[Table(rows)]))
-    sections.append(Section(
+    if not ref:
+        return []
+    rows = [{"predictor": n, "against": a, "class": c, "ACE": e[a]["ace"][c], "NLL": e[a]["nll"]}
+            for n, e in ref.items() for a in ("hard labels", "soft reference") for c in e[a]["ace"]]
+    return [Section("Reference predictors (soft reference maps, tempered)", tables=[Table(rows)])]
+
+
+def _more_section() -> Section:
+    return Section(
         "More",
         text="Statistics tables and dataset reliability figures of every model: `compare/report.html`; "
         "Dice model on test vs shifted: `compare_shift/report.html`; per-run reports: `runs/<name>/`.",
-    ))
+    )
+
+
+def _write_demo_report(output: Path, summary: dict, summaries: dict[str, dict], study: dict,
+                       seg_ent: dict[str, np.ndarray], ids: list[str]) -> Path:
+    """``output/report.html``: findings, papers-style tables, temperatures, ensemble curve, entropy scatter."""
+    sections = [
+        _findings_section(summary),
+        *_metric_sections(summary, list(summaries)),
+        _training_section(summary),
+        _ensemble_section(study),
+        _entropy_section(summary, seg_ent, ids),
+        _quality_section(summaries),
+        *_reference_predictors_section(summary),
+        _more_section(),
+    ]
     html = render_html("segcal demo", sections)
     path = output / "report.html"
-    path.write_text(html, encoding="utf-8")
+    write_text(path, html)
     return path
+
+
 def run_demo(
     output: Path, *, quick: bool = False, seed: int = 0, num_bins: int = 20, epochs: int | None = None
 ) -> dict:

@@ -25,10 +25,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import numpy as np
-import torch
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -45,8 +43,11 @@ from segcal.io import (
     match_cases,
     write_prediction_file,
 )
-from segcal.posthoc import AuxiliaryConvCalibrator, Calibrator, TemperatureScaling, VectorScaling
-from segcal.posthoc.folders import FolderVolumes, read_logits_file
+
+if TYPE_CHECKING:  # the computing layers are imported when a command runs, so `--help` stays instant
+    import numpy as np
+
+    from segcal.posthoc import Calibrator
 
 T = TypeVar("T")
 
@@ -101,6 +102,8 @@ def _make_calibrator(
     method: Method, mode: str, max_voxels: int, kernel_size: int, epochs: int, seed: int
 ) -> Calibrator:
     """The calibrator of ``--method`` with the command's options."""
+    from segcal.posthoc import AuxiliaryConvCalibrator, TemperatureScaling, VectorScaling
+
     if method == Method.ts:
         return TemperatureScaling(mode=mode, max_voxels_per_volume=max_voxels or None, seed=seed)
     if method == Method.vector:
@@ -110,6 +113,10 @@ def _make_calibrator(
 
 def _calibrated(cal: Calibrator, path: Path, fmt: FolderFormat) -> tuple[np.ndarray, Any]:
     """``(calibrated probabilities (C, *S), meta)`` of one ``--apply-to`` file."""
+    import torch
+
+    from segcal.posthoc.folders import read_logits_file
+
     z, meta = read_logits_file(path, fmt)
     return cal.transform(torch.from_numpy(z)[None])[0].numpy(), meta
 
@@ -182,6 +189,8 @@ def calibrate(
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
         task = progress.add_task(f"fitting {method.value} on {len(cases)} {val_fmt} cases", total=None)
+        from segcal.posthoc.folders import FolderVolumes
+
         _run_or_exit(progress, console, lambda: cal.fit(FolderVolumes(cases, val_fmt)))
         progress.update(task, total=1, completed=1)
         output.mkdir(parents=True, exist_ok=True)

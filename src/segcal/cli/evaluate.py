@@ -155,13 +155,10 @@ def evaluate(
         console.print(f"[yellow]{len(files)} {role} file(s) without partner[/], e.g. {escape(str(files[0]))}")
     _print_summary(res.summary, res)
     if not no_report:
-        try:
-            from segcal.report import build_evaluation_report
-        except ImportError:
-            console.print("[yellow]segcal.report is not available; no HTML report written[/]")
-        else:
-            path = build_evaluation_report(Path(out))
-            console.print(f"report: {escape(str(path))}")
+        from segcal.report import build_evaluation_report
+
+        path = build_evaluation_report(Path(out))
+        console.print(f"report: {escape(str(path))}")
     if res.n_cases == 0:
         console.print(f"[red]no case matched[/] between {escape(str(pred))} and {escape(str(labels))}")
     if res.n_failed or res.n_cases == 0:
@@ -257,10 +254,7 @@ def compare(
     Console().print(table)
     console.print(f"written: {escape(str(files['csv']))}, {escape(str(files['json']))}")
     if not no_report:
-        try:
-            from segcal.report import build_comparison_report
-        except ImportError:
-            console.print("[yellow]segcal.report is not available; no HTML report written[/]")
-        else:
-            path = build_comparison_report([Path(r) for r in runs], Path(out), comp)
-            console.print(f"report: {escape(str(path))}")
+        from segcal.report import build_comparison_report
+
+        path = build_comparison_report([Path(r) for r in runs], Path(out), comp)
+        console.print(f"report: {escape(str(path))}")

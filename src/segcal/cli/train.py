@@ -36,7 +36,7 @@ def train_command(
             cfg.epochs = epochs
             cfg.validate()
         result = train(cfg, resume=resume)
-    except (ValueError, FileNotFoundError, ImportError) as exc:
+    except (ValueError, FileNotFoundError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
     finally:

@@ -320,10 +320,7 @@ def default_cache_dir() -> Path:
 
 
 def _nilearn_version() -> str:
-    try:
-        return metadata.version("nilearn")
-    except metadata.PackageNotFoundError:  # pragma: no cover - nilearn is a dependency
-        return "missing"
+    return metadata.version("nilearn")
 
 
 _KEYS = ("images", "soft", "subjects", "slices")

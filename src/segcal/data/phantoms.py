@@ -214,77 +214,18 @@ def make_phantom(
         (torch.Size([1, 3, 32, 32]), torch.Size([1, 32, 32]))
     """
     _check_args(shape, num_classes, batch, blur, mode, label_noise)
-    shape = tuple(int(s) for s in shape)
-    d = len(shape)
+    g = _Grid.of(shape)
     gen = torch.Generator().manual_seed(int(seed))
-    axes = [torch.arange(s, dtype=torch.float32) for s in shape]
-    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))  # (D, *S)
-    size = torch.tensor(shape, dtype=torch.float32)
-    smin = float(min(shape))
-
+    # the draws happen in this order (shapes and field, labels, image), so a seed keeps giving the same phantom
     if mode == "exclusive":
-        k = num_classes - 1
-        j = shapes_per_class + small_structures
-        # class size shrinks with the class index: class imbalance
-        scale = torch.linspace(0.22, 0.10, k) if k > 1 else torch.tensor([0.2])
-        radii = (0.6 + 0.8 * _rand(gen, batch, k, j, d)) * scale.view(1, k, 1, 1) * smin
-        centres = (0.2 + 0.6 * _rand(gen, batch, k, j, d)) * size
-        valid = torch.ones(k, j, dtype=torch.bool)
-        if small_structures > 0:
-            valid[:-1, shapes_per_class:] = False  # only the last class gets small blobs
-            radii[:, -1, shapes_per_class:] = 1.5 + 1.5 * _rand(gen, batch, small_structures, d)
-            centres[:, -1, shapes_per_class:] = (0.1 + 0.8 * _rand(gen, batch, small_structures, d)) * size
-        z = _shape_logits(grid, centres, radii, blur, valid)
-        if ambiguity > 0:
-            z = z + ambiguity * _smooth_field(gen, grid, batch, k, shape)
-        # stick-breaking, later classes on top: log p_c = logσ(z_c) + Σ_{c'>c} logσ(−z_c')
-        ls_pos, ls_neg = F.logsigmoid(z), F.logsigmoid(-z)
-        above = torch.flip(torch.cumsum(torch.flip(ls_neg, [1]), 1), [1]) - ls_neg  # Σ_{c'>c}
-        log_bg = ls_neg.sum(1, keepdim=True)
-        logp = torch.cat([log_bg, ls_pos + above], dim=1)
-        clean = logp.exp()
-    else:
-        k = num_classes
-        # nested chain: region c sits inside region c-1 (WT ⊃ TC ⊃ ET)
-        centre0 = (0.35 + 0.3 * _rand(gen, batch, 1, d)) * size
-        frac = (
-            torch.linspace(0.3, 0.3 * 0.55 ** (k - 1), k).view(1, k, 1) if k > 1 else torch.tensor([[[0.3]]])
+        clean, log_clean = _exclusive_maps(
+            gen, g, batch, num_classes, blur, ambiguity, shapes_per_class, small_structures
         )
-        radii = (0.8 + 0.4 * _rand(gen, batch, k, d)) * frac * smin
-        offsets = (_rand(gen, batch, k, d) - 0.5) * 0.5 * radii
-        offsets[:, 0] = 0.0
-        centres = centre0 + torch.cumsum(offsets, 1)
-        z = _shape_logits(grid, centres.unsqueeze(2), radii.unsqueeze(2), blur)
-        if ambiguity > 0:
-            z = z + ambiguity * _smooth_field(gen, grid, batch, k, shape)
-        log_p = torch.cumsum(F.logsigmoid(z), 1)  # log p_c = Σ_{c' ≤ c} log σ(z_c')
-        clean = log_p.exp()
-
-    if mode == "exclusive":
-        probs = (1 - label_noise) * clean + label_noise / num_classes if label_noise > 0 else clean
-        u = _rand(gen, batch, *shape).unsqueeze(1)
-        cdf = torch.cumsum(probs, 1)
-        labels = (u > cdf[:, :-1]).sum(1, dtype=torch.int64)  # inverse-CDF categorical draw
-        logits = probs.clamp_min(1e-30).log() if label_noise > 0 else logp
+        probs, labels, logits = _exclusive_labels(gen, g, clean, log_clean, label_noise)
     else:
-        u = _rand(gen, batch, *shape).unsqueeze(1)
-        labels = (u < clean).to(torch.int64)  # shared u → nested labels, marginal P(y_c = 1) = p_c
-        if label_noise > 0:
-            flip = _rand(gen, batch, k, *shape) < label_noise
-            labels = torch.where(flip, 1 - labels, labels)
-            probs = (1 - label_noise) * clean + label_noise * (1 - clean)
-            logits = torch.logit(probs.double(), eps=1e-12).float()
-        else:
-            probs = clean
-            # exact sigmoid logits of the product p_c: log p − log(1 − p), stable via log1p(−p)
-            logits = log_p - torch.log1p(-log_p.exp().clamp_max(1 - 1e-7))
-    # input image, drawn after the labels so that adding it changed no label
-    if mode == "exclusive":
-        mu = torch.arange(num_classes, dtype=torch.float32) / (num_classes - 1)
-    else:
-        mu = torch.full((num_classes,), 1.0 / num_classes)
-    image = (clean * mu.view(1, -1, *([1] * d))).sum(1, keepdim=True)
-    image = image + 0.1 * torch.randn(image.shape, generator=gen)
+        clean, log_clean = _nested_maps(gen, g, batch, num_classes, blur, ambiguity)
+        probs, labels, logits = _nested_labels(gen, g, clean, log_clean, label_noise)
+    image = _image(gen, g, clean, mode)
     return Phantom(
         probs.contiguous().to(device),
         labels.contiguous().to(device),
@@ -295,6 +236,126 @@ def make_phantom(
         float(label_noise),
         int(seed),
     )
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """The voxel grid of a phantom: ``shape`` ``S``, coordinates ``(D, *S)``, sizes and the smallest size."""
+
+    shape: tuple[int, ...]
+    coords: torch.Tensor
+    size: torch.Tensor
+    smin: float
+
+    @classmethod
+    def of(cls, shape: Sequence[int]) -> _Grid:
+        shape = tuple(int(s) for s in shape)
+        axes = [torch.arange(s, dtype=torch.float32) for s in shape]
+        coords = torch.stack(torch.meshgrid(*axes, indexing="ij"))  # (D, *S)
+        return cls(shape, coords, torch.tensor(shape, dtype=torch.float32), float(min(shape)))
+
+    @property
+    def d(self) -> int:
+        return len(self.shape)
+
+
+def _exclusive_maps(
+    gen: torch.Generator,
+    g: _Grid,
+    batch: int,
+    num_classes: int,
+    blur: float,
+    ambiguity: float,
+    shapes_per_class: int,
+    small_structures: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clean probabilities and their logs ``(B, C, *S)`` of exclusive classes (ellipses stacked by class)."""
+    d, size = g.d, g.size
+    k = num_classes - 1
+    j = shapes_per_class + small_structures
+    # class size shrinks with the class index: class imbalance
+    scale = torch.linspace(0.22, 0.10, k) if k > 1 else torch.tensor([0.2])
+    radii = (0.6 + 0.8 * _rand(gen, batch, k, j, d)) * scale.view(1, k, 1, 1) * g.smin
+    centres = (0.2 + 0.6 * _rand(gen, batch, k, j, d)) * size
+    valid = torch.ones(k, j, dtype=torch.bool)
+    if small_structures > 0:
+        valid[:-1, shapes_per_class:] = False  # only the last class gets small blobs
+        radii[:, -1, shapes_per_class:] = 1.5 + 1.5 * _rand(gen, batch, small_structures, d)
+        centres[:, -1, shapes_per_class:] = (0.1 + 0.8 * _rand(gen, batch, small_structures, d)) * size
+    z = _shape_logits(g.coords, centres, radii, blur, valid)
+    if ambiguity > 0:
+        z = z + ambiguity * _smooth_field(gen, g.coords, batch, k, g.shape)
+    # stick-breaking, later classes on top: log p_c = logσ(z_c) + Σ_{c'>c} logσ(−z_c')
+    ls_pos, ls_neg = F.logsigmoid(z), F.logsigmoid(-z)
+    above = torch.flip(torch.cumsum(torch.flip(ls_neg, [1]), 1), [1]) - ls_neg  # Σ_{c'>c}
+    log_bg = ls_neg.sum(1, keepdim=True)
+    logp = torch.cat([log_bg, ls_pos + above], dim=1)
+    return logp.exp(), logp
+
+
+def _nested_maps(
+    gen: torch.Generator, g: _Grid, batch: int, num_classes: int, blur: float, ambiguity: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clean probabilities and their logs ``(B, C, *S)`` of nested regions (multilabel)."""
+    d, size = g.d, g.size
+    k = num_classes
+    # nested chain: region c sits inside region c-1 (WT ⊃ TC ⊃ ET)
+    centre0 = (0.35 + 0.3 * _rand(gen, batch, 1, d)) * size
+    frac = (
+        torch.linspace(0.3, 0.3 * 0.55 ** (k - 1), k).view(1, k, 1) if k > 1 else torch.tensor([[[0.3]]])
+    )
+    radii = (0.8 + 0.4 * _rand(gen, batch, k, d)) * frac * g.smin
+    offsets = (_rand(gen, batch, k, d) - 0.5) * 0.5 * radii
+    offsets[:, 0] = 0.0
+    centres = centre0 + torch.cumsum(offsets, 1)
+    z = _shape_logits(g.coords, centres.unsqueeze(2), radii.unsqueeze(2), blur)
+    if ambiguity > 0:
+        z = z + ambiguity * _smooth_field(gen, g.coords, batch, k, g.shape)
+    log_p = torch.cumsum(F.logsigmoid(z), 1)  # log p_c = Σ_{c' ≤ c} log σ(z_c')
+    return log_p.exp(), log_p
+
+
+def _exclusive_labels(
+    gen: torch.Generator, g: _Grid, clean: torch.Tensor, logp: torch.Tensor, label_noise: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(probs, labels, logits)``: one categorical label per voxel, annotator noise folded into ``probs``."""
+    batch, num_classes = clean.shape[:2]
+    probs = (1 - label_noise) * clean + label_noise / num_classes if label_noise > 0 else clean
+    u = _rand(gen, batch, *g.shape).unsqueeze(1)
+    cdf = torch.cumsum(probs, 1)
+    labels = (u > cdf[:, :-1]).sum(1, dtype=torch.int64)  # inverse-CDF categorical draw
+    logits = probs.clamp_min(1e-30).log() if label_noise > 0 else logp
+    return probs, labels, logits
+
+
+def _nested_labels(
+    gen: torch.Generator, g: _Grid, clean: torch.Tensor, log_p: torch.Tensor, label_noise: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(probs, labels, logits)``: nested multi-hot labels, each flipped with probability ``label_noise``."""
+    batch, k = clean.shape[:2]
+    u = _rand(gen, batch, *g.shape).unsqueeze(1)
+    labels = (u < clean).to(torch.int64)  # shared u → nested labels, marginal P(y_c = 1) = p_c
+    if label_noise > 0:
+        flip = _rand(gen, batch, k, *g.shape) < label_noise
+        labels = torch.where(flip, 1 - labels, labels)
+        probs = (1 - label_noise) * clean + label_noise * (1 - clean)
+        logits = torch.logit(probs.double(), eps=1e-12).float()
+    else:
+        probs = clean
+        # exact sigmoid logits of the product p_c: log p − log(1 − p), stable via log1p(−p)
+        logits = log_p - torch.log1p(-log_p.exp().clamp_max(1 - 1e-7))
+    return probs, labels, logits
+
+
+def _image(gen: torch.Generator, g: _Grid, clean: torch.Tensor, mode: PhantomMode) -> torch.Tensor:
+    """The input image ``(B, 1, *S)``, drawn after the labels so that adding it changed no label."""
+    num_classes = clean.shape[1]
+    if mode == "exclusive":
+        mu = torch.arange(num_classes, dtype=torch.float32) / (num_classes - 1)
+    else:
+        mu = torch.full((num_classes,), 1.0 / num_classes)
+    image = (clean * mu.view(1, -1, *([1] * g.d))).sum(1, keepdim=True)
+    return image + 0.1 * torch.randn(image.shape, generator=gen)
 
 
 def temper(

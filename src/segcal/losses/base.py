@@ -37,6 +37,7 @@ class SegmentationLoss(nn.Module):
 
     def __init__(
         self,
+        *,
         include_background: bool = True,
         to_onehot_y: bool = False,
         sigmoid: bool = False,

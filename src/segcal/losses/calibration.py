@@ -35,6 +35,7 @@ def _variant(v: str) -> str:
 class _CalibrationLoss(SegmentationLoss):
     def __init__(
         self,
+        *,
         num_bins: int = 20,
         variant: Variant | str = "mL1-ACE",
         ignore_empty_classes: bool = False,
@@ -48,7 +49,14 @@ class _CalibrationLoss(SegmentationLoss):
         mode: Literal["exclusive", "multilabel"] | None = None,
     ) -> None:
         super().__init__(
-            include_background, to_onehot_y, sigmoid, softmax, other_act, weight, reduction, mode
+            include_background=include_background,
+            to_onehot_y=to_onehot_y,
+            sigmoid=sigmoid,
+            softmax=softmax,
+            other_act=other_act,
+            weight=weight,
+            reduction=reduction,
+            mode=mode,
         )
         if not isinstance(num_bins, int) or num_bins < 1:
             raise ValueError(f"num_bins must be a positive integer, got {num_bins!r}")
@@ -124,6 +132,7 @@ class SoftL1ACELoss(_CalibrationLoss):
 
     def __init__(
         self,
+        *,
         num_bins: int = 20,
         variant: Variant | str = "mL1-ACE",
         ignore_empty_classes: bool = False,
@@ -138,17 +147,17 @@ class SoftL1ACELoss(_CalibrationLoss):
         min_weight: float = 1e-3,
     ) -> None:
         super().__init__(
-            num_bins,
-            variant,
-            ignore_empty_classes,
-            include_background,
-            to_onehot_y,
-            sigmoid,
-            softmax,
-            other_act,
-            weight,
-            reduction,
-            mode,
+            num_bins=num_bins,
+            variant=variant,
+            ignore_empty_classes=ignore_empty_classes,
+            include_background=include_background,
+            to_onehot_y=to_onehot_y,
+            sigmoid=sigmoid,
+            softmax=softmax,
+            other_act=other_act,
+            weight=weight,
+            reduction=reduction,
+            mode=mode,
         )
         if not min_weight >= 0:
             raise ValueError(f"min_weight must be >= 0, got {min_weight!r}")

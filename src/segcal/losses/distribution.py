@@ -88,19 +88,28 @@ class CrossEntropyLoss(SegmentationLoss):
         if w is not None and w.ndim == 1 and w.numel() != c:
             raise ValueError(f"weight has {w.numel()} values but the input has {c} channels")
         if self.mode == "multilabel" or c == 1:
-            y = self._onehot(target, x)
-            if self.sigmoid:
-                per = F.binary_cross_entropy_with_logits(x, y, reduction="none")
-            else:
-                p = self.other_act(x) if self.other_act is not None else x
-                per = F.binary_cross_entropy(p.clamp(LOG_EPS, 1 - LOG_EPS), y, reduction="none")
-            if w is not None:
-                per = per * (w.view([1, -1] + [1] * (x.ndim - 2)) if w.ndim == 1 else w)
-            if self.reduction == "mean":
-                return per.mean()
-            if self.reduction == "sum":
-                return per.sum()
-            return per.flatten(1).mean(1)
+            return self._binary(x, target, w)
+        return self._exclusive(x, target, w)
+
+    def _binary(self, x: torch.Tensor, target: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+        """Binary cross-entropy per channel (multilabel or a single channel), weighted by ``w``."""
+        y = self._onehot(target, x)
+        if self.sigmoid:
+            per = F.binary_cross_entropy_with_logits(x, y, reduction="none")
+        else:
+            p = self.other_act(x) if self.other_act is not None else x
+            per = F.binary_cross_entropy(p.clamp(LOG_EPS, 1 - LOG_EPS), y, reduction="none")
+        if w is not None:
+            per = per * (w.view([1, -1] + [1] * (x.ndim - 2)) if w.ndim == 1 else w)
+        if self.reduction == "mean":
+            return per.mean()
+        if self.reduction == "sum":
+            return per.sum()
+        return per.flatten(1).mean(1)
+
+    def _exclusive(self, x: torch.Tensor, target: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+        """Categorical cross-entropy, label-weighted (label map) or a plain voxel mean (one-hot / soft)."""
+        c = x.shape[1]
         if self.other_act is not None:
             logp = self.other_act(x).clamp_min(LOG_EPS).log()
         else:

@@ -19,7 +19,7 @@ Files
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -160,7 +160,7 @@ class Calibrator:
         if cls.method:
             _REGISTRY[cls.method] = cls
 
-    def __init__(self, mode: Mode = "exclusive") -> None:
+    def __init__(self, *, mode: Mode = "exclusive") -> None:
         self.mode = mode
 
     # ----------------------------------------------------------------------------------------- public API
@@ -276,5 +276,3 @@ def load_calibrator(path: str | Path, **kwargs: Any) -> Calibrator:
     payload = _read_payload(path)
     return _REGISTRY[payload["method"]].load(path, **kwargs)
 
-
-ChunkSource = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]

@@ -49,7 +49,7 @@ class AuxiliaryConvCalibrator(Calibrator):
     def __init__(
         self, mode: str = "exclusive", kernel_size: int = 5, epochs: int = 20, lr: float = 1e-2, seed: int = 0
     ) -> None:
-        super().__init__(mode)  # type: ignore[arg-type]
+        super().__init__(mode=mode)  # type: ignore[arg-type]
         self.kernel_size = kernel_size
         self.epochs = epochs
         self.lr = lr
@@ -169,7 +169,7 @@ class LastLayerFineTuner(Calibrator):
         epochs: int = 5,
         lr: float = 1e-3,
     ) -> None:
-        super().__init__(mode)  # type: ignore[arg-type]
+        super().__init__(mode=mode)  # type: ignore[arg-type]
         self.network = network
         self.layer_name = layer_name
         self.epochs = epochs

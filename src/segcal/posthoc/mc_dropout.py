@@ -113,17 +113,8 @@ def _sampling(model: nn.Module, on: bool = True):
             d.sampling = o
 
 
-def retrain_after_dropout(
-    model: nn.Module,
-    loader: Iterable[Any],
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    epochs: int = 1,
-    lr: float = 1e-4,
-) -> list[float]:
-    """Retrain only the layers that execute after the first inserted :class:`MCDropout` (forward order,
-    found with hooks on one batch), dropout active, other weights frozen. ``loader`` yields
-    ``(image, target, ...)``; returns the mean loss per epoch."""
-
+def _peek(loader: Any, epochs: int) -> tuple[Any, Callable[[], Iterable[Any]]]:
+    """The first batch of ``loader`` (to trace the model) and a function giving one epoch's batches."""
     one_shot = not callable(loader) and iter(loader) is loader
     if epochs > 1 and one_shot:
         raise TypeError("epochs > 1 needs a re-iterable loader (a DataLoader, a list or a factory callable)")
@@ -137,6 +128,11 @@ def retrain_after_dropout(
             return itertools.chain([first], loader)
         return loader() if callable(loader) else loader
 
+    return first, batches
+
+
+def _modules_after_dropout(model: nn.Module, inputs: torch.Tensor) -> list[nn.Module]:
+    """Leaf modules that run after the first :class:`MCDropout` in one eval-mode forward pass of ``inputs``."""
     order: list[nn.Module] = []
     hooks = [
         m.register_forward_hook(lambda mod, i, o: order.append(mod))
@@ -145,13 +141,27 @@ def retrain_after_dropout(
     ]
     with torch.no_grad():
         model.eval()
-        model(first[0])
+        model(inputs)
     for h in hooks:
         h.remove()
     idx = next((k for k, m in enumerate(order) if isinstance(m, MCDropout)), None)
     if idx is None:
         raise ValueError("the model has no MCDropout: call insert_dropout / insert_dropout_unet first")
-    trainable = {id(m): m for m in order[idx + 1 :]}
+    return order[idx + 1 :]
+
+
+def retrain_after_dropout(
+    model: nn.Module,
+    loader: Iterable[Any],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    epochs: int = 1,
+    lr: float = 1e-4,
+) -> list[float]:
+    """Retrain only the layers that execute after the first inserted :class:`MCDropout` (forward order,
+    found with hooks on one batch), dropout active, other weights frozen. ``loader`` yields
+    ``(image, target, ...)``; returns the mean loss per epoch."""
+    first, batches = _peek(loader, epochs)
+    trainable = {id(m): m for m in _modules_after_dropout(model, first[0])}
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
     for prm in model.parameters():
         prm.requires_grad_(False)

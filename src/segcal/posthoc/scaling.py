@@ -20,7 +20,7 @@ Fitting streams: each L-BFGS closure loops over voxel chunks and accumulates the
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -40,7 +40,7 @@ class _VoxelScaling(Calibrator):
         max_iter: int = 50,
         chunk_size: int = 1 << 18,
     ) -> None:
-        super().__init__(mode)  # type: ignore[arg-type]
+        super().__init__(mode=mode)  # type: ignore[arg-type]
         self.max_voxels_per_volume = max_voxels_per_volume
         self.seed = seed
         self.max_iter = max_iter
@@ -62,11 +62,12 @@ class _VoxelScaling(Calibrator):
         for s in range(0, z.shape[0], self.chunk_size):
             yield z[s : s + self.chunk_size], y[s : s + self.chunk_size]
 
-    def _fit(self, data: Any, targets: Any, mask: Any) -> None:
-        if self.max_voxels_per_volume is not None and self.max_voxels_per_volume < 1:
-            raise ValueError(
-                f"max_voxels_per_volume must be a positive integer, got {self.max_voxels_per_volume}"
-            )
+    def _voxel_source(
+        self, data: Any, targets: Any, mask: Any
+    ) -> tuple[int, int, Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]]:
+        """One validating pass over the volumes: ``(num_classes, n_voxels, source)``, where ``source()`` yields
+        the ``(logits, target)`` voxel rows in chunks: the cached (subsampled) rows, or, for a re-iterable
+        input read in full, a fresh pass over it (nothing cached)."""
         gen = torch.Generator().manual_seed(int(self.seed))
         stream = (
             self.max_voxels_per_volume is None and is_reiterable(data) and not isinstance(data, torch.Tensor)
@@ -95,6 +96,14 @@ class _VoxelScaling(Calibrator):
                 for rows in cache:
                     yield from self._chunks(rows)
 
+        return num_classes, n_total, source
+
+    def _fit(self, data: Any, targets: Any, mask: Any) -> None:
+        if self.max_voxels_per_volume is not None and self.max_voxels_per_volume < 1:
+            raise ValueError(
+                f"max_voxels_per_volume must be a positive integer, got {self.max_voxels_per_volume}"
+            )
+        num_classes, n_total, source = self._voxel_source(data, targets, mask)
         params = self._init_params(num_classes)
         opt = torch.optim.LBFGS(
             params,

@@ -10,6 +10,12 @@ Checkpoints (``torch.save`` of plain dicts of tensors/numbers; ``torch.load(weig
 with ``torchrun`` (``WORLD_SIZE > 1``), the model is wrapped in ``DistributedDataParallel`` (gloo on CPU, nccl
 on CUDA), each rank sees a :class:`~torch.utils.data.DistributedSampler` shard, validation Dice sums are
 all-reduced, and only rank 0 writes files.
+
+:func:`train` runs named stages, each with a typed result: :func:`setup_distributed` (:class:`DistContext`),
+:func:`prepare_data` (:class:`TrainData`), :func:`build_parts` (:class:`TrainParts`), :func:`restore_checkpoint`
+(:class:`RunState`), :func:`open_run_folder`, :func:`make_loop` (:class:`EpochLoop`), then per epoch
+:func:`run_epoch` (:func:`train_epoch` and :func:`validate`, giving an :class:`EpochResult`) and, on rank 0,
+:func:`save_epoch`.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,6 +38,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from segcal.training.config import ModelConfig, TrainConfig, config_from_dict
 from segcal.training.data import SegmentationDataset, read_folder
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
+    from torch.utils.tensorboard import SummaryWriter
 
 __all__ = [
     "TrainResult",
@@ -45,7 +55,10 @@ __all__ = [
     "validation_dice",
 ]
 
+#: ``(images, labels)``: arrays ``(N, C_in, *S)`` / ``(N, *S)`` or sequences of per-case arrays
 ArrayPair = tuple[Any, Any]
+#: a loss called as ``loss_fn(logits (B, C, *S), labels (B, 1, *S))``
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def build_model(cfg: ModelConfig | dict[str, Any]) -> nn.Module:
@@ -70,16 +83,12 @@ def build_model(cfg: ModelConfig | dict[str, Any]) -> nn.Module:
 def build_loss(spec: str) -> nn.Module:
     """Loss from a string via ``segcal.losses.loss_from_string(spec, softmax=True, to_onehot_y=True)``.
 
-    The loss receives logits ``(B, C, *S)`` and integer labels ``(B, 1, *S)`` (MONAI convention). The import
-    is lazy so this module works without ``segcal.losses``; pass ``loss_fn=`` for another loss.
+    The loss receives logits ``(B, C, *S)`` and integer labels ``(B, 1, *S)`` (MONAI convention); pass
+    ``loss_fn=`` to :func:`train` for another loss. ``segcal.losses`` is imported here, not at module level, so
+    that importing :mod:`segcal.training` does not compile the numba kernels the losses depend on.
     """
-    try:
-        from segcal.losses import loss_from_string
-    except ImportError as exc:
-        raise ImportError(
-            f"loss {spec!r} needs segcal.losses.loss_from_string, which is not available ({exc}); "
-            "pass loss_fn= to segcal.training.train instead"
-        ) from exc
+    from segcal.losses import loss_from_string
+
     return loss_from_string(spec, softmax=True, to_onehot_y=True)
 
 
@@ -197,6 +206,108 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+# ------------------------------------------------------------------------------------------------------------
+# The stages of train(): each does one thing and hands a typed result to the next.
+# ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process runs: world size and rank (``torchrun`` environment) and its device."""
+
+    world: int
+    rank: int
+    device: torch.device
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0, the only process that writes files."""
+        return self.rank == 0
+
+
+@dataclass
+class TrainData:
+    """The training dataset (random patches) and the optional validation dataset (whole images)."""
+
+    train: SegmentationDataset
+    val: SegmentationDataset | None
+
+
+@dataclass
+class TrainParts:
+    """The model (unwrapped), its optimizer and the loss."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    criterion: nn.Module | LossFn
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """The files of a run folder."""
+
+    out: Path
+    last: Path
+    best: Path
+    csv: Path
+
+    @classmethod
+    def of(cls, output_dir: str | Path) -> RunPaths:
+        out = Path(output_dir)
+        return cls(out=out, last=out / "last.pt", best=out / "best.pt", csv=out / "metrics.csv")
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    """One finished epoch: ``epoch`` counts finished epochs (1-based), ``score`` picks the best checkpoint."""
+
+    epoch: int
+    train_loss: float
+    val_dice: float  # NaN without validation data
+    score: float  # val_dice, or -train_loss without validation data
+    seconds: float
+
+
+@dataclass
+class RunState:
+    """Progress of a run: finished epochs and the best score so far (restored by a resume)."""
+
+    start_epoch: int = 0
+    best_dice: float = -math.inf
+    best_epoch: int = -1
+
+    def update(self, result: EpochResult) -> bool:
+        """Record ``result``; True when it is a new best."""
+        improved = result.score > self.best_dice
+        if improved:
+            self.best_dice, self.best_epoch = result.score, result.epoch
+        return improved
+
+    def row(self, result: EpochResult, lr: float) -> dict[str, float]:
+        """The ``metrics.csv`` / :attr:`TrainResult.history` row of ``result``."""
+        return {
+            "epoch": result.epoch,
+            "train_loss": result.train_loss,
+            "val_dice": result.val_dice,
+            "best_dice": self.best_dice,
+            "lr": lr,
+            "seconds": result.seconds,
+        }
+
+
+@dataclass
+class EpochLoop:
+    """What every epoch iterates: the model as trained (DDP-wrapped when distributed), sampler and loader."""
+
+    net: nn.Module
+    sampler: DistributedSampler
+    loader: DataLoader
+
+
 def _dist_env() -> tuple[int, int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -212,13 +323,204 @@ def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
     return torch.device(cfg.device)
 
 
-def _load_data(cfg: TrainConfig, data: ArrayPair | None, folder: str | None):
+def setup_distributed(cfg: TrainConfig) -> DistContext:
+    """Read the ``torchrun`` environment, pick the device and join the process group when ``WORLD_SIZE > 1``."""
+    world, rank, local_rank = _dist_env()
+    ctx = DistContext(world=world, rank=rank, device=_device(cfg, local_rank))
+    if ctx.distributed and not dist.is_initialized():
+        if ctx.device.type == "cuda":
+            torch.cuda.set_device(ctx.device)
+        dist.init_process_group(backend="nccl" if ctx.device.type == "cuda" else "gloo")
+    return ctx
+
+
+def _load_data(cfg: TrainConfig, data: ArrayPair | None, folder: str | None) -> ArrayPair | None:
     if data is not None:
         return data
     if folder:
         _, images, labels = read_folder(folder, cfg.model.spatial_dims)
         return images, labels
     return None
+
+
+def prepare_data(cfg: TrainConfig, train_data: ArrayPair | None, val_data: ArrayPair | None) -> TrainData:
+    """The datasets from the given arrays or the config's folders, checked against the model's channels."""
+    tr = _load_data(cfg, train_data, cfg.data.train_dir)
+    if tr is None:
+        raise ValueError("no training data: pass train_data=(images, labels) or set data.train_dir")
+    va = _load_data(cfg, val_data, cfg.data.val_dir)
+    factor = cfg.model.size_factor
+    train_ds = SegmentationDataset(tr[0], tr[1], cfg.data.patch_size, factor, cfg.seed)
+    # validation takes whole, unpadded images of any shape (sliding window)
+    val_ds = SegmentationDataset(va[0], va[1], None, factor, cfg.seed, same_shape=False) if va is not None else None
+    data = TrainData(train=train_ds, val=val_ds)
+    _check_data(cfg, data)
+    return data
+
+
+def _check_data(cfg: TrainConfig, data: TrainData) -> None:
+    """Images must have ``model.in_channels`` channels and labels lie in ``[0, model.out_channels)``."""
+    c_in = data.train.images[0].shape[0]
+    if c_in != cfg.model.in_channels:
+        raise ValueError(f"images have {c_in} channel(s) but model.in_channels is {cfg.model.in_channels}")
+    for what, ds in (("training", data.train), ("validation", data.val)):
+        if ds is None:
+            continue
+        lo, hi = min(int(lb.min()) for lb in ds.labels), max(int(lb.max()) for lb in ds.labels)
+        if hi >= cfg.model.out_channels or lo < 0:
+            raise ValueError(
+                f"{what} labels must be in [0, {cfg.model.out_channels - 1}] "
+                f"(model.out_channels={cfg.model.out_channels}), found [{lo}, {hi}]"
+            )
+
+
+def build_parts(cfg: TrainConfig, device: torch.device, loss_fn: nn.Module | LossFn | None) -> TrainParts:
+    """The model on ``device``, its Adam optimizer and the loss (``loss_fn`` or the one of ``cfg.loss``)."""
+    model = build_model(cfg.model).to(device)
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas)
+    )
+    criterion = loss_fn if loss_fn is not None else build_loss(cfg.loss)
+    if isinstance(criterion, nn.Module):
+        criterion = criterion.to(device)  # class weights and other buffers
+    return TrainParts(model=model, optimizer=optimizer, criterion=criterion)
+
+
+def restore_checkpoint(paths: RunPaths, parts: TrainParts, resume: bool) -> RunState:
+    """Load ``last.pt`` into the model and optimizer and restore the RNG states (when resuming and it exists)."""
+    if not (resume and paths.last.is_file()):
+        return RunState()
+    ckpt = load_checkpoint(paths.last, map_location="cpu")
+    try:
+        parts.model.load_state_dict(ckpt["model"])
+        parts.optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise ValueError(
+            f"{paths.last}: cannot resume, the checkpoint does not match this config "
+            f"(use another output_dir or resume=False / --no-resume): {exc}"
+        ) from exc
+    set_rng_state(ckpt["rng"])
+    return RunState(
+        start_epoch=int(ckpt["epoch"]), best_dice=float(ckpt["best_dice"]), best_epoch=int(ckpt["best_epoch"])
+    )
+
+
+def open_run_folder(paths: RunPaths, finished_epochs: int) -> None:
+    """Create the run folder and drop ``metrics.csv`` rows after ``finished_epochs`` (a resume rewrites them)."""
+    paths.out.mkdir(parents=True, exist_ok=True)
+    _trim_csv(paths.csv, finished_epochs)
+
+
+def make_loop(cfg: TrainConfig, train_ds: SegmentationDataset, model: nn.Module, ctx: DistContext) -> EpochLoop:
+    """Wrap ``model`` in DDP when distributed; the shuffling sampler (one shard per rank) and the loader."""
+    net = model
+    if ctx.distributed:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
+        )
+    sampler = DistributedSampler(train_ds, num_replicas=ctx.world, rank=ctx.rank, shuffle=True, seed=cfg.seed)
+    loader = DataLoader(
+        train_ds,
+        batch_size=cfg.data.batch_size,
+        sampler=sampler,
+        num_workers=cfg.data.num_workers,
+        pin_memory=ctx.device.type == "cuda",
+    )
+    return EpochLoop(net=net, sampler=sampler, loader=loader)
+
+
+def train_epoch(
+    loop: EpochLoop, parts: TrainParts, ctx: DistContext, epoch: int, on_step: Callable[[float], None]
+) -> float:
+    """One optimisation pass over the loader; returns the sample-weighted mean loss over all ranks.
+
+    ``on_step(loss)`` is called after each optimizer step. A non-finite loss raises ``FloatingPointError``
+    naming the (1-based) epoch.
+    """
+    net = loop.net
+    net.train()
+    loss_sum = torch.zeros(2, dtype=torch.float64)
+    for img, lab in loop.loader:
+        img, lab = img.to(ctx.device, non_blocking=True), lab.to(ctx.device, non_blocking=True)
+        parts.optimizer.zero_grad(set_to_none=True)
+        loss = parts.criterion(net(img), lab[:, None])
+        if not torch.isfinite(loss.detach()):
+            raise FloatingPointError(f"epoch {epoch + 1}: loss is {float(loss.detach())} (not finite)")
+        loss.backward()
+        parts.optimizer.step()
+        lv = float(loss.detach())
+        loss_sum += torch.tensor([lv * img.shape[0], img.shape[0]], dtype=torch.float64)
+        on_step(lv)
+    if ctx.distributed:
+        dist.all_reduce(loss_sum)
+    return float(loss_sum[0] / loss_sum[1])
+
+
+def validate(cfg: TrainConfig, model: nn.Module, val_ds: SegmentationDataset, ctx: DistContext) -> float:
+    """Mean foreground Dice over the validation images; each rank scores every ``world``-th image."""
+    s, n = validation_dice(
+        model,
+        val_ds,
+        list(range(ctx.rank, len(val_ds), ctx.world)),
+        device=ctx.device,
+        roi_size=_roi(cfg),
+        size_factor=cfg.model.size_factor,
+        overlap=cfg.data.sw_overlap,
+        include_background=cfg.include_background_in_val,
+    )
+    vals = torch.tensor([s, n], dtype=torch.float64)
+    if ctx.distributed:
+        dist.all_reduce(vals)
+    return float(vals[0] / vals[1])
+
+
+def run_epoch(
+    cfg: TrainConfig,
+    epoch: int,
+    loop: EpochLoop,
+    data: TrainData,
+    parts: TrainParts,
+    ctx: DistContext,
+    on_step: Callable[[float], None],
+) -> EpochResult:
+    """Epoch ``epoch`` (0-based): reshuffle and redraw patches, train, validate."""
+    t0 = time.perf_counter()
+    loop.sampler.set_epoch(epoch)
+    data.train.set_epoch(epoch)
+    train_loss = train_epoch(loop, parts, ctx, epoch, on_step)
+    if data.val is not None:
+        val_dice = validate(cfg, parts.model, data.val, ctx)
+        score = val_dice
+    else:
+        val_dice, score = math.nan, -train_loss
+    return EpochResult(
+        epoch=epoch + 1, train_loss=train_loss, val_dice=val_dice, score=score, seconds=time.perf_counter() - t0
+    )
+
+
+def save_epoch(
+    cfg: TrainConfig, paths: RunPaths, parts: TrainParts, state: RunState, row: dict[str, float], improved: bool
+) -> None:
+    """Rank 0's files after an epoch: ``best.pt`` (when ``improved``), ``last.pt`` and a ``metrics.csv`` row."""
+    epoch = int(row["epoch"])
+    weights = {k: v.detach().cpu() for k, v in parts.model.state_dict().items()}
+    if improved:
+        _atomic_save(
+            {"model": weights, "epoch": epoch, "val_dice": state.best_dice, "config": cfg.to_dict()}, paths.best
+        )
+    _atomic_save(
+        {
+            "model": weights,
+            "optimizer": parts.optimizer.state_dict(),
+            "epoch": epoch,
+            "best_dice": state.best_dice,
+            "best_epoch": state.best_epoch,
+            "rng": get_rng_state(),
+            "config": cfg.to_dict(),
+        },
+        paths.last,
+    )
+    _append_csv(paths.csv, row)
 
 
 def train(
@@ -228,7 +530,7 @@ def train(
     *,
     resume: bool = True,
     stop_after_epoch: int | None = None,
-    loss_fn: nn.Module | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    loss_fn: nn.Module | LossFn | None = None,
     on_epoch_end: Callable[[int, nn.Module, torch.optim.Optimizer], None] | None = None,
 ) -> TrainResult:
     """Train a MONAI UNet as described by ``config``.
@@ -241,183 +543,51 @@ def train(
             the "best" checkpoint (lowest loss, reported as ``-loss``).
         resume: continue from ``output_dir/last.pt`` when it exists (model, optimizer, epoch, RNG states).
         stop_after_epoch: stop after this many finished epochs (as if killed after that checkpoint); the
-            config's
-            ``epochs`` stays the schedule, so a later ``resume`` finishes the run.
+            config's ``epochs`` stays the schedule, so a later ``resume`` finishes the run.
         loss_fn: override the loss built from ``config.loss`` (called ``loss_fn(logits, labels[:, None])``).
         on_epoch_end: called as ``on_epoch_end(finished_epochs, model, optimizer)`` after each checkpoint.
     """
     cfg = config if isinstance(config, TrainConfig) else config_from_dict(config)
     cfg.validate()
-    world, rank, local_rank = _dist_env()
-    distributed = world > 1
-    device = _device(cfg, local_rank)
-    if distributed and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend)
-    is_main = rank == 0
+    ctx = setup_distributed(cfg)
     seed_everything(cfg.seed, cfg.deterministic)
-
-    tr = _load_data(cfg, train_data, cfg.data.train_dir)
-    if tr is None:
-        raise ValueError("no training data: pass train_data=(images, labels) or set data.train_dir")
-    va = _load_data(cfg, val_data, cfg.data.val_dir)
-    factor = cfg.model.size_factor
-    train_ds = SegmentationDataset(tr[0], tr[1], cfg.data.patch_size, factor, cfg.seed)
-    # validation takes whole, unpadded images of any shape (sliding window)
-    val_ds = (
-        SegmentationDataset(va[0], va[1], None, factor, cfg.seed, same_shape=False)
-        if va is not None
-        else None
-    )
-    c_in = train_ds.images[0].shape[0]
-    if c_in != cfg.model.in_channels:
-        raise ValueError(f"images have {c_in} channel(s) but model.in_channels is {cfg.model.in_channels}")
-    for what, ds in (("training", train_ds), ("validation", val_ds)):
-        if ds is None:
-            continue
-        lo, hi = min(int(lb.min()) for lb in ds.labels), max(int(lb.max()) for lb in ds.labels)
-        if hi >= cfg.model.out_channels or lo < 0:
-            raise ValueError(
-                f"{what} labels must be in [0, {cfg.model.out_channels - 1}] "
-                f"(model.out_channels={cfg.model.out_channels}), found [{lo}, {hi}]"
-            )
-
-    model = build_model(cfg.model).to(device)
-    optimizer = torch.optim.Adam(
-        model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas)
-    )
-    criterion = loss_fn if loss_fn is not None else build_loss(cfg.loss)
-    if isinstance(criterion, nn.Module):
-        criterion = criterion.to(device)  # class weights and other buffers
-
-    out = Path(cfg.output_dir)
-    last_path, best_path, csv_path = out / "last.pt", out / "best.pt", out / "metrics.csv"
-    start_epoch, best_dice, best_epoch = 0, -math.inf, -1
-    if resume and last_path.is_file():
-        ckpt = load_checkpoint(last_path, map_location="cpu")
-        try:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise ValueError(
-                f"{last_path}: cannot resume, the checkpoint does not match this config "
-                f"(use another output_dir or resume=False / --no-resume): {exc}"
-            ) from exc
-        start_epoch = int(ckpt["epoch"])
-        best_dice, best_epoch = float(ckpt["best_dice"]), int(ckpt["best_epoch"])
-        set_rng_state(ckpt["rng"])
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        _trim_csv(csv_path, start_epoch)
-
-    net: nn.Module = model
-    if distributed:
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
-    loader = DataLoader(
-        train_ds,
-        batch_size=cfg.data.batch_size,
-        sampler=sampler,
-        num_workers=cfg.data.num_workers,
-        pin_memory=device.type == "cuda",
-    )
-    writer = _tensorboard(out) if (cfg.tensorboard and is_main) else None
+    data = prepare_data(cfg, train_data, val_data)
+    parts = build_parts(cfg, ctx.device, loss_fn)
+    paths = RunPaths.of(cfg.output_dir)
+    state = restore_checkpoint(paths, parts, resume)
+    if ctx.is_main:
+        open_run_folder(paths, state.start_epoch)
+    loop = make_loop(cfg, data.train, parts.model, ctx)
+    writer = _tensorboard(paths.out) if (cfg.tensorboard and ctx.is_main) else None
     history: list[dict[str, float]] = []
     last_epoch = cfg.epochs if stop_after_epoch is None else min(cfg.epochs, stop_after_epoch)
-    progress = _progress(cfg.progress and is_main)
+    progress = _progress(cfg.progress and ctx.is_main)
     with progress:
-        task = progress.add_task("training", total=max(0, last_epoch - start_epoch) * len(loader))
-        for epoch in range(start_epoch, last_epoch):
-            t0 = time.perf_counter()
-            sampler.set_epoch(epoch)
-            train_ds.set_epoch(epoch)
-            net.train()
-            loss_sum = torch.zeros(2, dtype=torch.float64)
-            for img, lab in loader:
-                img, lab = img.to(device, non_blocking=True), lab.to(device, non_blocking=True)
-                optimizer.zero_grad(set_to_none=True)
-                loss = criterion(net(img), lab[:, None])
-                if not torch.isfinite(loss.detach()):
-                    raise FloatingPointError(
-                        f"epoch {epoch + 1}: loss is {float(loss.detach())} (not finite)"
-                    )
-                loss.backward()
-                optimizer.step()
-                lv = float(loss.detach())
-                loss_sum += torch.tensor([lv * img.shape[0], img.shape[0]], dtype=torch.float64)
-                progress.update(task, advance=1, description=f"epoch {epoch + 1}/{cfg.epochs} loss {lv:.4f}")
-            if distributed:
-                dist.all_reduce(loss_sum)
-            train_loss = float(loss_sum[0] / loss_sum[1])
-            if val_ds is not None:
-                idx = list(range(rank, len(val_ds), world))
-                s, n = validation_dice(
-                    model,
-                    val_ds,
-                    idx,
-                    device=device,
-                    roi_size=_roi(cfg),
-                    size_factor=factor,
-                    overlap=cfg.data.sw_overlap,
-                    include_background=cfg.include_background_in_val,
-                )
-                vals = torch.tensor([s, n], dtype=torch.float64)
-                if distributed:
-                    dist.all_reduce(vals)
-                score = float(vals[0] / vals[1])
-            else:
-                score = -train_loss
-            improved = score > best_dice
-            if improved:
-                best_dice, best_epoch = score, epoch + 1
-            row = {
-                "epoch": epoch + 1,
-                "train_loss": train_loss,
-                "val_dice": score if val_ds is not None else math.nan,
-                "best_dice": best_dice,
-                "lr": optimizer.param_groups[0]["lr"],
-                "seconds": time.perf_counter() - t0,
-            }
+        task = progress.add_task("training", total=max(0, last_epoch - state.start_epoch) * len(loop.loader))
+        for epoch in range(state.start_epoch, last_epoch):
+
+            def on_step(loss: float, epoch: int = epoch) -> None:
+                progress.update(task, advance=1, description=f"epoch {epoch + 1}/{cfg.epochs} loss {loss:.4f}")
+
+            result = run_epoch(cfg, epoch, loop, data, parts, ctx, on_step)
+            improved = state.update(result)
+            row = state.row(result, parts.optimizer.param_groups[0]["lr"])
             history.append(row)
-            if is_main:
-                state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-                if improved:
-                    _atomic_save(
-                        {"model": state, "epoch": epoch + 1, "val_dice": score, "config": cfg.to_dict()},
-                        best_path,
-                    )
-                _atomic_save(
-                    {
-                        "model": state,
-                        "optimizer": optimizer.state_dict(),
-                        "epoch": epoch + 1,
-                        "best_dice": best_dice,
-                        "best_epoch": best_epoch,
-                        "rng": get_rng_state(),
-                        "config": cfg.to_dict(),
-                    },
-                    last_path,
-                )
-                _append_csv(csv_path, row)
-                if writer is not None:
-                    for k in ("train_loss", "val_dice"):
-                        writer.add_scalar(k, row[k], epoch + 1)
+            if ctx.is_main:
+                save_epoch(cfg, paths, parts, state, row, improved)
+                _log_tensorboard(writer, row)
             if on_epoch_end is not None:
-                on_epoch_end(epoch + 1, model, optimizer)
-            if distributed:
+                on_epoch_end(result.epoch, parts.model, parts.optimizer)
+            if ctx.distributed:
                 dist.barrier()
     if writer is not None:
         writer.close()
     return TrainResult(
-        model=model,
-        output_dir=out,
-        best_dice=best_dice,
-        best_epoch=best_epoch,
-        epochs_run=last_epoch - start_epoch,
+        model=parts.model,
+        output_dir=paths.out,
+        best_dice=state.best_dice,
+        best_epoch=state.best_epoch,
+        epochs_run=last_epoch - state.start_epoch,
         history=history,
     )
 
@@ -450,15 +620,24 @@ def _append_csv(path: Path, row: dict[str, float]) -> None:
         w.writerow(row)
 
 
-def _tensorboard(out: Path):
+def _tensorboard(out: Path) -> SummaryWriter | None:
+    """A TensorBoard writer under ``out/tensorboard``, or None when the optional ``tensorboard`` is missing."""
     try:
         from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard not installed: CSV only
+    except ModuleNotFoundError as exc:  # the optional tensorboard package is not installed: CSV only
+        if exc.name != "tensorboard":
+            raise
         return None
     return SummaryWriter(log_dir=str(out / "tensorboard"))
 
 
-def _progress(enabled: bool):
+def _log_tensorboard(writer: SummaryWriter | None, row: dict[str, float]) -> None:
+    if writer is not None:
+        for k in ("train_loss", "val_dice"):
+            writer.add_scalar(k, row[k], row["epoch"])
+
+
+def _progress(enabled: bool) -> Progress | _NullProgress:
     if not enabled:
         return _NullProgress()
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
