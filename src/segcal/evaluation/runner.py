@@ -10,6 +10,7 @@ cluster. A failing case is recorded with its error and the run goes on.
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing as mp
 import os
 import resource
@@ -296,35 +297,52 @@ def _iter_dask(
     todo: list[CaseFiles], config: EvalConfig, address: str, window: int, timeout: float = 30.0
 ) -> Iterator[CaseResult]:
     """Results of ``todo`` evaluated on a Dask cluster, at most ``window`` (or twice the worker threads) in
-    flight. Dask retries a case whose worker was lost; a case that keeps losing its worker, or raises on the
-    worker, is recorded as failed."""
+    flight. Dask retries a case whose worker was lost, but blames every case the worker held; so a case that
+    ends with ``KilledWorker`` is retried once more alone at the end, and recorded as failed
+    (:data:`WORKER_DIED`) only if it kills its worker again. An error raised on a worker fails its case."""
     from distributed import as_completed
 
     with _dask_client(address, timeout) as client:
         n = max(1, sum(w.get("nthreads", 1) for w in client.scheduler_info().get("workers", {}).values()))
         it = iter(todo)
-        first = [next(it) for _ in range(min(len(todo), max(window, 2 * n)))]
-        by_key = {}
-        futures = []
-        for f in first:
+        by_key: dict[str, CaseFiles] = {}
+
+        def submit(f: CaseFiles) -> Any:
             fut = client.submit(evaluate_case_files, f, config, pure=False)
             by_key[fut.key] = f
-            futures.append(fut)
-        ac = as_completed(futures)
+            return fut
+
+        suspects: list[CaseFiles] = []
+        ac = as_completed([submit(f) for f in itertools.islice(it, max(window, 2 * n))])
         for fut in ac:
             files = by_key.pop(fut.key)
-            try:
-                res = fut.result()
-            except Exception as exc:  # KilledWorker (the worker died too often) or an error on the worker
-                why = WORKER_DIED if type(exc).__name__ == "KilledWorker" else f"{type(exc).__name__}: {exc}"
-                res = CaseResult(files.case_id, "failed", f"{files.prediction[0]}: {why}")
-            fut.release()
-            yield res
+            res = _dask_result(fut, files)
+            if res is None:
+                suspects.append(files)
+            else:
+                yield res
             nxt = next(it, None)
             if nxt is not None:
-                new = client.submit(evaluate_case_files, nxt, config, pure=False)
-                by_key[new.key] = nxt
-                ac.add(new)
+                ac.add(submit(nxt))
+        for files in suspects:  # alone on the cluster: only a case that kills its worker again is failed
+            fut = submit(files)
+            res = _dask_result(fut, by_key.pop(fut.key))
+            yield res if res is not None else CaseResult(
+                files.case_id, "failed", f"{files.prediction[0]}: {WORKER_DIED}"
+            )
+
+
+def _dask_result(fut: Any, files: CaseFiles) -> CaseResult | None:
+    """The case's result; None when its worker was lost too often (``KilledWorker``); a failed result for an
+    error raised on the worker."""
+    try:
+        return fut.result()
+    except Exception as exc:  # KilledWorker, or an error on the worker
+        if type(exc).__name__ == "KilledWorker":
+            return None
+        return CaseResult(files.case_id, "failed", f"{files.prediction[0]}: {type(exc).__name__}: {exc}")
+    finally:
+        fut.release()
 
 
 @dataclass
