@@ -465,6 +465,7 @@ class _progress:
     def __enter__(self) -> Callable[[CaseResult], None]:
         if not self.enabled:
             return lambda res: None
+        from rich.markup import escape
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -488,7 +489,7 @@ class _progress:
 
         def advance(res: CaseResult) -> None:
             self.failed += res.status != "ok"
-            info = f"{res.case_id}" + (f" [red]{self.failed} failed[/]" if self.failed else "")
+            info = escape(res.case_id) + (f" [red]{self.failed} failed[/]" if self.failed else "")
             self.bar.update(self.task, advance=1, info=info)
 
         return advance

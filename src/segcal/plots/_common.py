@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.text import Text
 
 from segcal.functional.binning import BinStats
 from segcal.io import atomic_write
@@ -51,9 +52,20 @@ def _index(i: int, n: int, what: str) -> slice:
     return slice(i, i + 1)
 
 
+class LiteralTextFigure(Figure):
+    """A figure whose texts are drawn literally: case ids, class and run names are user data, so a ``$`` in
+    them is a dollar sign, never matplotlib math text (which would fail to parse, or change the name)."""
+
+    def draw(self, renderer: object) -> None:  # type: ignore[override]
+        for text in self.findobj(Text):
+            text.set_parse_math(False)
+        super().draw(renderer)  # type: ignore[arg-type]
+
+
 def new_figure(width: float, height: float) -> Figure:
-    """A detached figure with an Agg canvas (no pyplot registry, nothing to close)."""
-    fig = Figure(figsize=(width, height), layout="constrained")
+    """A detached figure with an Agg canvas (no pyplot registry, nothing to close); its texts are literal
+    (:class:`LiteralTextFigure`)."""
+    fig = LiteralTextFigure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
