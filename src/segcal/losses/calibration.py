@@ -9,7 +9,7 @@ al., "Average Calibration Losses for Reliable Uncertainty in Medical Image Segme
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -128,37 +128,13 @@ class SoftL1ACELoss(_CalibrationLoss):
 
     Args:
         min_weight: ``ε``, the smallest total weight a bin must hold to count (default ``1e-3``).
+        **kwargs: every argument of :class:`HardL1ACELoss` (``num_bins``, ``variant``, ``ignore_empty_classes``
+            and the MONAI-style ``include_background``, ``to_onehot_y``, ``sigmoid``, ``softmax``, ``other_act``,
+            ``weight``, ``reduction``, ``mode``).
     """
 
-    def __init__(
-        self,
-        *,
-        num_bins: int = 20,
-        variant: Variant | str = "mL1-ACE",
-        ignore_empty_classes: bool = False,
-        include_background: bool = True,
-        to_onehot_y: bool = False,
-        sigmoid: bool = False,
-        softmax: bool = False,
-        other_act: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        weight: Sequence[float] | float | torch.Tensor | None = None,
-        reduction: Reduction | str = "mean",
-        mode: Literal["exclusive", "multilabel"] | None = None,
-        min_weight: float = 1e-3,
-    ) -> None:
-        super().__init__(
-            num_bins=num_bins,
-            variant=variant,
-            ignore_empty_classes=ignore_empty_classes,
-            include_background=include_background,
-            to_onehot_y=to_onehot_y,
-            sigmoid=sigmoid,
-            softmax=softmax,
-            other_act=other_act,
-            weight=weight,
-            reduction=reduction,
-            mode=mode,
-        )
+    def __init__(self, *, min_weight: float = 1e-3, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         if not min_weight >= 0:
             raise ValueError(f"min_weight must be >= 0, got {min_weight!r}")
         self.min_weight = float(min_weight)

@@ -21,35 +21,24 @@ from typing import Any
 import torch
 from torch import nn
 
+from segcal.losses import overlap
 from segcal.losses.calibration import HardL1ACELoss, SoftL1ACELoss
 from segcal.losses.distribution import CrossEntropyLoss, FocalLoss
-from segcal.losses.overlap import (
-    AsymmetricUnifiedFocalLoss,
-    AsymmetricUnifiedFocalPlusPlusLoss,
-    ComboLoss,
-    ComboPlusPlusLoss,
-    DiceLoss,
-    DSCPlusPlusLoss,
-    FocalTverskyLoss,
-    FocalTverskyPlusPlusLoss,
-    TverskyLoss,
-    TverskyPlusPlusLoss,
-)
 
 __all__ = ["LOSS_REGISTRY", "CompositeLoss", "loss_from_string", "parse_loss_spec", "valid_loss_names"]
 
 #: canonical name -> (class, fixed keyword arguments)
 LOSS_REGISTRY: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
-    "dice": (DiceLoss, {}),
-    "dscpp": (DSCPlusPlusLoss, {}),
-    "tversky": (TverskyLoss, {}),
-    "tverskypp": (TverskyPlusPlusLoss, {}),
-    "focal_tversky": (FocalTverskyLoss, {}),
-    "focal_tverskypp": (FocalTverskyPlusPlusLoss, {}),
-    "combo": (ComboLoss, {}),
-    "combopp": (ComboPlusPlusLoss, {}),
-    "unified_focal": (AsymmetricUnifiedFocalLoss, {}),
-    "unified_focalpp": (AsymmetricUnifiedFocalPlusPlusLoss, {}),
+    "dice": (overlap.DiceLoss, {}),
+    "dscpp": (overlap.DSCPlusPlusLoss, {}),
+    "tversky": (overlap.TverskyLoss, {}),
+    "tverskypp": (overlap.TverskyPlusPlusLoss, {}),
+    "focal_tversky": (overlap.FocalTverskyLoss, {}),
+    "focal_tverskypp": (overlap.FocalTverskyPlusPlusLoss, {}),
+    "combo": (overlap.ComboLoss, {}),
+    "combopp": (overlap.ComboPlusPlusLoss, {}),
+    "unified_focal": (overlap.AsymmetricUnifiedFocalLoss, {}),
+    "unified_focalpp": (overlap.AsymmetricUnifiedFocalPlusPlusLoss, {}),
     "focal": (FocalLoss, {}),
     "ce": (CrossEntropyLoss, {}),
     "ace": (HardL1ACELoss, {}),

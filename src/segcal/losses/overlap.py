@@ -106,19 +106,19 @@ class TverskyLoss(SegmentationLoss):
         self.alpha, self.beta, self.fpfn_gamma = float(alpha), float(beta), float(fpfn_gamma)
         self.smooth_nr, self.smooth_dr, self.batch = float(smooth_nr), float(smooth_dr), bool(batch)
 
+    def _tversky_kwargs(self) -> dict[str, float | bool]:
+        return {
+            "alpha": self.alpha,
+            "beta": self.beta,
+            "fpfn_gamma": self.fpfn_gamma,
+            "smooth_nr": self.smooth_nr,
+            "smooth_dr": self.smooth_dr,
+            "batch": self.batch,
+        }
+
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         p, y = self.prepare(input, target)
-        f = tversky_terms(
-            p,
-            y,
-            alpha=self.alpha,
-            beta=self.beta,
-            fpfn_gamma=self.fpfn_gamma,
-            smooth_nr=self.smooth_nr,
-            smooth_dr=self.smooth_dr,
-            batch=self.batch,
-        )
-        return self.reduce(f)
+        return self.reduce(tversky_terms(p, y, **self._tversky_kwargs()))  # type: ignore[arg-type]
 
 
 class TverskyPlusPlusLoss(TverskyLoss):
@@ -147,49 +147,22 @@ class DSCPlusPlusLoss(TverskyLoss):
         self.gamma = float(gamma)
 
 
-class FocalTverskyLoss(SegmentationLoss):
+class FocalTverskyLoss(TverskyLoss):
     r"""Focal Tversky loss ``(1 − TI)^{1/γ}`` (DSC++ eq. 17); ``fpfn_gamma > 1`` gives Focal Tversky++.
 
-    Defaults (Table 2): ``α = 0.3`` (FP), ``β = 0.7`` (FN), ``γ = 4/3``.
+    Defaults (Table 2): ``α = 0.3`` (FP), ``β = 0.7`` (FN), ``γ = 4/3``; the other arguments are
+    :class:`TverskyLoss`'s.
     """
 
-    def __init__(
-        self,
-        *,
-        alpha: float = 0.3,
-        beta: float = 0.7,
-        gamma: float = 4.0 / 3.0,
-        fpfn_gamma: float = 1.0,
-        smooth_nr: float = 1e-5,
-        smooth_dr: float = 1e-5,
-        batch: bool = False,
-        **kwargs,
-    ) -> None:
+    def __init__(self, *, gamma: float = 4.0 / 3.0, **kwargs) -> None:
         super().__init__(**kwargs)
-        if gamma <= 0 or fpfn_gamma <= 0:
-            raise ValueError(f"gamma and fpfn_gamma must be > 0, got {gamma!r}, {fpfn_gamma!r}")
-        self.alpha, self.beta, self.gamma, self.fpfn_gamma = (
-            float(alpha),
-            float(beta),
-            float(gamma),
-            float(fpfn_gamma),
-        )
-        self.smooth_nr, self.smooth_dr, self.batch = float(smooth_nr), float(smooth_dr), bool(batch)
+        if gamma <= 0:
+            raise ValueError(f"gamma and fpfn_gamma must be > 0, got {gamma!r}, {self.fpfn_gamma!r}")
+        self.gamma = float(gamma)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         p, y = self.prepare(input, target)
-        f = focal_tversky_terms(
-            p,
-            y,
-            alpha=self.alpha,
-            beta=self.beta,
-            gamma=self.gamma,
-            fpfn_gamma=self.fpfn_gamma,
-            smooth_nr=self.smooth_nr,
-            smooth_dr=self.smooth_dr,
-            batch=self.batch,
-        )
-        return self.reduce(f)
+        return self.reduce(focal_tversky_terms(p, y, gamma=self.gamma, **self._tversky_kwargs()))  # type: ignore[arg-type]
 
 
 class FocalTverskyPlusPlusLoss(FocalTverskyLoss):
