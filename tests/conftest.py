@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+
+# As the segcal command line does (cli.main), before torch is imported: idle OpenMP threads sleep instead of
+# spin-waiting, so torch's and numba's pools do not steal each other's cores on small CI machines.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 import torch
