@@ -392,3 +392,20 @@ def test_writers_under_a_file_size_limit_leave_no_truncated_file(tmp_path: Path)
     assert res.stdout.split("\n")[:4] == expected, res.stdout
     assert _names(tmp_path) == ["small.npy"]
     np.testing.assert_array_equal(np.load(tmp_path / "small.npy"), np.ones((2, 64, 64), np.float32))
+
+
+def test_torch_file_round_trip_and_errors(tmp_path):
+    import torch
+
+    from segcal.io import CaseError
+    from segcal.io.torchfile import read_torch_file, write_torch_file
+
+    path = write_torch_file(tmp_path / "c.pt", {"w": torch.arange(3.0), "epoch": 2})
+    back = read_torch_file(path, "checkpoint")
+    assert back["epoch"] == 2 and torch.equal(back["w"], torch.arange(3.0))
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary file left
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(CaseError, match=r"list\.pt: not a segcal checkpoint"):
+        read_torch_file(tmp_path / "list.pt", "checkpoint")
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        read_torch_file(tmp_path / "none.pt", "checkpoint")

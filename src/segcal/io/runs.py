@@ -111,6 +111,12 @@ def write_csv(path: str | Path, rows: Iterable[Mapping[str, Any]], columns: Sequ
     return Path(path)
 
 
+def read_csv(path: str | Path) -> list[dict[str, str]]:
+    """The rows of a CSV table with a header line, as dicts of strings (the reader of :func:`write_csv`)."""
+    with Path(path).open(newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
 # -------------------------------------------------------------------------------------------- cases.csv
 
 

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import torch
 
 from segcal.functional.inputs import Mode, check_mode, check_prediction, check_target, target_to_onehot
-from segcal.io import atomic_write
+from segcal.io.torchfile import read_torch_file, write_torch_file
 
 __all__ = ["Calibrator", "NotFittedError", "iter_volumes", "load_calibrator"]
 
@@ -198,8 +198,7 @@ class Calibrator:
             "config": json.dumps(self._config()),
             "state": {k: v.detach().cpu().contiguous() for k, v in self._state().items()},
         }
-        with atomic_write(path, "wb") as fh:
-            torch.save(payload, fh)
+        write_torch_file(path, payload)
 
     @classmethod
     def load(cls, path: str | Path, **kwargs: Any) -> Calibrator:
@@ -256,13 +255,8 @@ class Calibrator:
 
 def _read_payload(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"calibrator file not found: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{path}: not a segcal calibrator file ({exc})") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    payload = read_torch_file(path, "calibrator file")
+    if payload.get("format") != FORMAT:
         raise ValueError(f"{path}: not a segcal calibrator file (missing format tag {FORMAT!r})")
     if payload.get("version") != VERSION:
         raise ValueError(f"{path}: unsupported calibrator file version {payload.get('version')}")

@@ -20,7 +20,6 @@ all-reduced, and only rank 0 writes files.
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import random
@@ -36,6 +35,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from segcal.io.runs import read_csv, write_csv
+from segcal.io.torchfile import read_torch_file, write_torch_file
 from segcal.training.config import ModelConfig, TrainConfig, config_from_dict
 from segcal.training.data import SegmentationDataset, read_folder
 
@@ -140,21 +141,7 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a segcal checkpoint safely (``weights_only=True``); errors name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:
-        raise ValueError(
-            f"{path}: cannot load checkpoint (corrupt, truncated or not a segcal checkpoint): {exc}"
-        ) from exc
-
-
-def _atomic_save(obj: dict[str, Any], path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    return read_torch_file(path, "checkpoint", map_location)
 
 
 @torch.no_grad()
@@ -505,10 +492,11 @@ def save_epoch(
     epoch = int(row["epoch"])
     weights = {k: v.detach().cpu() for k, v in parts.model.state_dict().items()}
     if improved:
-        _atomic_save(
-            {"model": weights, "epoch": epoch, "val_dice": state.best_dice, "config": cfg.to_dict()}, paths.best
+        write_torch_file(
+            paths.best, {"model": weights, "epoch": epoch, "val_dice": state.best_dice, "config": cfg.to_dict()}
         )
-    _atomic_save(
+    write_torch_file(
+        paths.last,
         {
             "model": weights,
             "optimizer": parts.optimizer.state_dict(),
@@ -518,7 +506,6 @@ def save_epoch(
             "rng": get_rng_state(),
             "config": cfg.to_dict(),
         },
-        paths.last,
     )
     _append_csv(paths.csv, row)
 
@@ -601,23 +588,15 @@ _FIELDS = ["epoch", "train_loss", "val_dice", "best_dice", "lr", "seconds"]
 
 def _trim_csv(path: Path, keep_epochs: int) -> None:
     """Drop rows after ``keep_epochs`` (a resumed run rewrites them) so the log has one row per epoch."""
-    if not path.is_file():
-        return
-    with path.open(newline="") as f:
-        rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= keep_epochs]
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=_FIELDS)
-        w.writeheader()
-        w.writerows(rows)
+    if path.is_file():
+        rows = [r for r in read_csv(path) if int(r["epoch"]) <= keep_epochs]
+        write_csv(path, rows, _FIELDS)
 
 
 def _append_csv(path: Path, row: dict[str, float]) -> None:
-    new = not path.is_file()
-    with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=_FIELDS)
-        if new:
-            w.writeheader()
-        w.writerow(row)
+    """Add one epoch's row; the file is rewritten atomically, so a crash never leaves half a row."""
+    rows = read_csv(path) if path.is_file() else []
+    write_csv(path, [*rows, row], _FIELDS)
 
 
 def _tensorboard(out: Path) -> SummaryWriter | None:
