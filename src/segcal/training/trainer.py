@@ -44,6 +44,8 @@ if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
 
 __all__ = [
+    "CheckpointError",
+    "CheckpointNotFoundError",
     "TrainResult",
     "build_loss",
     "build_model",
@@ -138,17 +140,30 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state(state["cuda"].cpu())
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (missing, unreadable, without a model config, or a config its weights
+    contradict); the message names the file and the problem."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A checkpoint path that is not a file (also a ``FileNotFoundError``)."""
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a segcal checkpoint safely (``weights_only=True``); errors name the file."""
+    """Load a segcal checkpoint safely (``weights_only=True``); errors (:class:`CheckpointError`) name the
+    file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise CheckpointNotFoundError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        raise ValueError(
+        raise CheckpointError(
             f"{path}: cannot load checkpoint (corrupt, truncated or not a segcal checkpoint): {exc}"
         ) from exc
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: not a segcal checkpoint (holds a {type(ckpt).__name__}, not a dict)")
+    return ckpt
 
 
 def _atomic_save(obj: dict[str, Any], path: Path) -> None:
