@@ -86,8 +86,16 @@ def predict_command(
     float16: bool = typer.Option(False, "--float16", help="Store .npz probabilities as float16."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
 ) -> None:
-    """Sliding-window prediction of probability maps (optional MC dropout, ensemble, temperature)."""
+    """Sliding-window prediction of probability maps (optional MC dropout, ensemble, temperature).
+
+    Exit codes: 1 when prediction cannot start or its output cannot be written (an unusable checkpoint, an
+    output folder that cannot be written); 2 for other errors (inputs, options).
+    """
+    from rich.markup import escape
+
+    from segcal.io import OutputError
     from segcal.training import predict_files
+    from segcal.training.trainer import CheckpointError
 
     try:
         written = predict_files(
@@ -104,6 +112,9 @@ def predict_command(
             mc_samples=mc_samples,
             temperature=temperature,
         )
+    except (CheckpointError, OutputError) as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(1) from None
     except (ValueError, FileNotFoundError, TypeError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc

@@ -14,7 +14,7 @@ file or wrong content; every writer is atomic (:func:`atomic_write`): a temporar
 moved onto the final name, so no truncated file is ever left under that name.
 """
 
-from segcal.io._atomic import atomic_write, copy_file, write_bytes, write_text
+from segcal.io._atomic import OutputError, atomic_write, copy_file, prepare_output_dir, write_bytes, write_text
 from segcal.io.case import GEOMETRY_ATOL, Case, CaseError, CaseFiles
 from segcal.io.matching import Format, case_id_from_path, detect_format, load_case, match_cases
 from segcal.io.nifti import (
@@ -63,6 +63,7 @@ __all__ = [
     "CaseFiles",
     "FolderFormat",
     "Format",
+    "OutputError",
     "atomic_write",
     "case_id_from_path",
     "copy_file",
@@ -71,6 +72,7 @@ __all__ = [
     "list_prediction_files",
     "load_case",
     "match_cases",
+    "prepare_output_dir",
     "read_label",
     "read_mask",
     "read_nifti",

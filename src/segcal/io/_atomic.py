@@ -17,10 +17,36 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, Literal
 
-__all__ = ["atomic_write", "copy_file", "write_bytes", "write_text"]
+__all__ = ["OutputError", "atomic_write", "copy_file", "prepare_output_dir", "write_bytes", "write_text"]
 
 #: longest final-name part kept in a temporary file name (file names are limited to 255 bytes)
 _MAX_NAME = 200
+
+
+class OutputError(OSError):
+    """A folder or file segcal cannot write (no permission, not a folder, disk full): ``path`` names it and
+    ``problem`` says why; the message is ``"PATH: PROBLEM"``."""
+
+    def __init__(self, path: str | Path, problem: str) -> None:
+        self.path = Path(path)
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")
+
+
+def prepare_output_dir(folder: str | Path) -> Path:
+    """Create ``folder`` (with its parents) and check that a file can be created in it, before any work is done;
+    :class:`OutputError` naming the folder otherwise (a path under a regular file, no write permission, ...)."""
+    p = Path(folder)
+    if p.exists() and not p.is_dir():
+        raise OutputError(p, "cannot write into the output folder: it is a file, not a folder")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = _temp_path(p / ".write-probe")
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(p, f"cannot write into the output folder: {exc.strerror or exc}") from None
+    return p
 
 
 def _temp_path(final: Path) -> Path:

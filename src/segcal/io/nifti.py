@@ -5,11 +5,17 @@ last axis, ``(x, y, z, C)``, and is returned by :func:`read_nifti_probabilities`
 order). Spacing is the voxel size in mm of the (up to three) spatial axes, read from the header zooms; the
 affine is the ``4 x 4`` voxel-to-world matrix. Read problems raise :class:`~segcal.io.case.CaseError` naming
 the file; writes are atomic (``.nii.gz`` gzip-compressed with level 1 and a zero timestamp, as nibabel does).
+
+Before any data is read the header is checked against the file (:mod:`segcal.io._sizes`): the data offset plus
+shape x item size must fit in a ``.nii`` file's size; for ``.nii.gz`` it must agree with the gzip trailer
+(ISIZE, the uncompressed size modulo 2**32; when it does not, the stream is counted) and fit in what deflate can
+expand the file to; and the data must not exceed the memory available.
 """
 
 from __future__ import annotations
 
 import gzip
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from segcal.io._atomic import atomic_write
+from segcal.io._sizes import check_fits_memory, claim, deflate_bound, human_bytes
 from segcal.io.case import CaseError, check_probability_dtype, same_geometry
 
 __all__ = [
@@ -31,19 +38,74 @@ __all__ = [
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 #: gzip level of written ``.nii.gz`` files (nibabel's default)
 _GZIP_LEVEL = 1
+#: chunk size when a gzip stream is counted
+_COUNT_CHUNK = 1 << 20
+_CORRUPT = "cannot read NIfTI file (corrupt or truncated?)"
+
+
+def _gzip_length(p: Path, limit: int) -> int:
+    """Uncompressed length of the gzip file ``p``, counted in chunks up to ``limit`` (nothing kept)."""
+    total = 0
+    try:
+        with gzip.open(p, "rb") as gz:
+            while total < limit:
+                chunk = gz.read(min(_COUNT_CHUNK, limit - total))
+                if not chunk:
+                    break
+                total += len(chunk)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise CaseError(p, f"{_CORRUPT}: {type(exc).__name__}: {exc}") from None
+    return total
+
+
+def _gzip_holds(p: Path, needed: int) -> tuple[int, str]:
+    """``(held, text)``: how many of the ``needed`` uncompressed bytes the gzip file ``p`` holds, and in words.
+    ``needed`` when the trailer's ISIZE agrees (modulo 2**32) and deflate can reach it; the deflate bound when
+    it cannot; else the counted length."""
+    size = p.stat().st_size
+    bound = deflate_bound(size)
+    if needed > bound:
+        return bound, f"a gzip file of {human_bytes(size)} cannot hold more than {human_bytes(bound)}"
+    with open(p, "rb") as fh:
+        fh.seek(max(size - 4, 0))
+        isize = int.from_bytes(fh.read(4), "little")
+    held = needed if isize == needed % 2**32 else _gzip_length(p, needed)
+    return held, f"the file holds {human_bytes(held)} uncompressed"
+
+
+def _check_sizes(p: Path, image: Any) -> None:
+    """Rule: the data offset + shape x item size of the image's data block fits in what the file holds
+    (``.nii``: its size; ``.nii.gz``: its uncompressed size), and the data fit in the memory available."""
+    proxy = image.dataobj
+    if not hasattr(proxy, "offset"):
+        return
+    nbytes, described = claim(proxy.shape, np.dtype(proxy.dtype))
+    offset = int(proxy.offset)
+    needed = offset + nbytes
+    if p.name.endswith(".gz"):
+        held, holds = _gzip_holds(p, needed)
+    else:
+        held = p.stat().st_size
+        holds = f"the file holds {human_bytes(held)}"
+    if held < needed:
+        raise CaseError(p, f"{_CORRUPT}: header claims {described} at offset {offset} but {holds}")
+    check_fits_memory(p, nbytes, described)
 
 
 def read_nifti_image(path: str | Path) -> Any:
-    """The (lazily loaded) nibabel image of ``path``; :class:`CaseError` if missing or unreadable."""
+    """The (lazily loaded) nibabel image of ``path``, its header checked against the file size and the memory
+    available before any data is read; :class:`CaseError` if missing, unreadable or impossible."""
     import nibabel as nib
 
     p = Path(path)
     if not p.exists():
         raise CaseError(p, "file not found")
     try:
-        return nib.load(str(p))
+        img = nib.load(str(p))
     except Exception as exc:  # nibabel raises many types for corrupt / truncated files
-        raise CaseError(p, f"cannot read NIfTI file (corrupt or truncated?): {type(exc).__name__}: {exc}") from None
+        raise CaseError(p, f"{_CORRUPT}: {type(exc).__name__}: {exc}") from None
+    _check_sizes(p, img)
+    return img
 
 
 def read_nifti(

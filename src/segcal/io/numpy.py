@@ -5,8 +5,11 @@ logits map likewise ``(C, *S)``. In an ``.npz`` archive probabilities are stored
 ``"probabilities"`` and logits under ``"logits"``; readers take that key, or the archive's only array.
 
 Nothing is ever pickled: readers load with ``allow_pickle=False`` and refuse object arrays, writers refuse
-object arrays. Every read problem raises :class:`~segcal.io.case.CaseError` naming the file; every write is
-atomic (:func:`~segcal.io._atomic.atomic_write`).
+object arrays. Before any data is read the headers are checked against the file (:mod:`segcal.io._sizes`): an
+``.npy`` header's shape x item size must equal the data bytes of the file, an ``.npz`` member's header must
+equal the member's uncompressed size (which deflate bounds by its compressed size), and no array may exceed
+the memory available. Every read problem raises :class:`~segcal.io.case.CaseError` naming the file; every write
+is atomic (:func:`~segcal.io._atomic.atomic_write`).
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ import zipfile
 import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
 from segcal.io._atomic import atomic_write
+from segcal.io._sizes import check_fits_memory, claim, deflate_bound, human_bytes
 from segcal.io.case import CaseError, check_probability_dtype
 
 __all__ = [
@@ -45,6 +50,14 @@ PROBABILITIES_KEY = "probabilities"
 LOGITS_KEY = "logits"
 
 _UNREADABLE = (OSError, EOFError, zipfile.BadZipFile, zlib.error)
+_NPY_MAGIC = np.lib.format.MAGIC_PREFIX
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
+#: header readers by format version; 3.0 has the layout of 2.0 (its header is UTF-8, the numbers ASCII)
+_HEADER_READERS = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+    (3, 0): np.lib.format.read_array_header_2_0,
+}
 
 
 class UnreadableNumpyError(CaseError):
@@ -68,16 +81,99 @@ def _value_problem(exc: ValueError) -> str:
     return f"cannot read NumPy data (corrupt or truncated?): {exc}"
 
 
+def _header_claim(fh: IO[bytes]) -> tuple[int, str] | None:
+    """``(nbytes, description)`` claimed by the ``.npy`` header at the start of ``fh`` (left just after the
+    header); ``None`` for object arrays and unknown versions, which ``np.load`` refuses itself."""
+    reader = _HEADER_READERS.get(np.lib.format.read_magic(fh))
+    if reader is None:
+        return None
+    shape, _, dtype = reader(fh)
+    return None if dtype.hasobject else claim(shape, dtype)
+
+
+def _check_npy(p: Path, fh: IO[bytes]) -> None:
+    """Rule: an ``.npy`` header's shape x item size equals the data bytes of the file and fits in memory."""
+    found = _header_claim(fh)
+    if found is None:
+        return
+    nbytes, described = found
+    held = p.stat().st_size - fh.tell()
+    if held != nbytes:
+        raise UnreadableNumpyError(
+            p, f"cannot read NumPy file (corrupt or truncated?): header claims {described} but the file holds "
+            f"{human_bytes(held)} of data"
+        )
+    check_fits_memory(p, nbytes, described)
+
+
+def _member_bound(info: zipfile.ZipInfo, archive_size: int) -> int | None:
+    """The most bytes a zip member can expand to (stored: its size; deflated: the deflate bound); ``None``
+    for other compressions."""
+    compressed = min(info.compress_size, archive_size)
+    if info.compress_type == zipfile.ZIP_STORED:
+        return compressed
+    return deflate_bound(compressed) if info.compress_type == zipfile.ZIP_DEFLATED else None
+
+
+def _check_member(p: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo, archive_size: int) -> None:
+    """Rule: a member's uncompressed size (``ZipInfo.file_size``) is one its compressed bytes can hold, and
+    its ``.npy`` header's shape x item size equals that size less the header."""
+    key = info.filename.removesuffix(".npy")
+    bound = _member_bound(info, archive_size)
+    if bound is not None and info.file_size > bound:
+        raise UnreadableNumpyError(
+            p, f"cannot read array {key!r} (corrupt or truncated?): the archive claims {human_bytes(info.file_size)}"
+            f" for it, more than its {human_bytes(info.compress_size)} of compressed data can hold"
+        )
+    with zf.open(info) as fh:
+        if fh.read(len(_NPY_MAGIC)) != _NPY_MAGIC:
+            check_fits_memory(p, info.file_size, f"{human_bytes(info.file_size)} for array {key!r}")
+            return
+        fh.seek(0)
+        found = _header_claim(fh)
+        held = info.file_size - fh.tell()
+    if found is None:
+        return
+    nbytes, described = found
+    if held != nbytes:
+        raise UnreadableNumpyError(
+            p, f"cannot read array {key!r} (corrupt or truncated?): header claims {described} but the archive "
+            f"holds {human_bytes(max(held, 0))} of data for it"
+        )
+    check_fits_memory(p, nbytes, f"{described} for array {key!r}")
+
+
+def _check_sizes(p: Path) -> None:
+    """Check the headers of ``p`` (``.npy`` or ``.npz``, told by content) before any data is read."""
+    with open(p, "rb") as fh:
+        magic = fh.read(len(_NPY_MAGIC))
+        fh.seek(0)
+        if magic == _NPY_MAGIC:
+            _check_npy(p, fh)
+            return
+    if magic[:4] in _ZIP_MAGICS:
+        archive_size = p.stat().st_size
+        with zipfile.ZipFile(p) as zf:
+            for info in zf.infolist():
+                _check_member(p, zf, info, archive_size)
+
+
 def _load(p: Path) -> np.ndarray | np.lib.npyio.NpzFile:
-    """``np.load(p, allow_pickle=False)`` with every failure turned into a :class:`CaseError`."""
+    """``np.load(p, allow_pickle=False)`` after the header checks, with every failure turned into a
+    :class:`CaseError`."""
     if not p.exists():
         raise CaseError(p, "file not found")
     try:
+        _check_sizes(p)
         return np.load(p, allow_pickle=False)
+    except CaseError:
+        raise
     except ValueError as exc:
         raise CaseError(p, _value_problem(exc)) from None
     except _UNREADABLE as exc:
         raise UnreadableNumpyError(p, f"cannot read NumPy file (corrupt or truncated?): {exc}") from None
+    except MemoryError:
+        raise CaseError(p, "not enough memory to read the file") from None
 
 
 def _member(p: Path, archive: np.lib.npyio.NpzFile, key: str) -> np.ndarray:
@@ -87,6 +183,8 @@ def _member(p: Path, archive: np.lib.npyio.NpzFile, key: str) -> np.ndarray:
         raise CaseError(p, f"array {key!r}: {_value_problem(exc)}") from None
     except _UNREADABLE as exc:
         raise UnreadableNumpyError(p, f"cannot read array {key!r} (corrupt or truncated?): {exc}") from None
+    except MemoryError:
+        raise CaseError(p, f"array {key!r}: not enough memory to read it") from None
 
 
 def _no_object(arr: np.ndarray, p: Path) -> np.ndarray:

@@ -7,6 +7,7 @@ probabilities, or what ``other_act`` maps to probabilities) and ``target``: a la
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Literal
@@ -97,6 +98,23 @@ class SegmentationLoss(nn.Module):
                 f"input must be (B, C, *spatial) with 2 or 3 spatial dims, got {tuple(input.shape)}"
             )
 
+    def _check_values(self, x: torch.Tensor) -> None:
+        """Rule: ``x`` is finite, and lies in [0, 1] unless an activation (``softmax``, ``sigmoid``,
+        ``other_act``) maps it to probabilities. One min/max reduction (NaN and ±Inf propagate into it), no copy;
+        ``ValueError`` naming the loss otherwise."""
+        if x.numel() == 0:
+            return
+        lo, hi = torch.stack(torch.aminmax(x.detach())).tolist()
+        name = type(self).__name__
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            n = int((~torch.isfinite(x.detach())).sum())
+            raise ValueError(f"{name}: input contains {n} NaN/Inf values")
+        if self.activation is None and self.other_act is None and (lo < 0 or hi > 1):
+            raise ValueError(
+                f"{name}: input spans [{lo:.4g}, {hi:.4g}]; without an activation it must hold probabilities "
+                "and got values outside [0, 1]: pass softmax=True or sigmoid=True for logits"
+            )
+
     @staticmethod
     def _as_compute(input: torch.Tensor) -> torch.Tensor:
         # half inputs (AMP) are computed in float32; float64 is kept (gradcheck)
@@ -154,10 +172,12 @@ class SegmentationLoss(nn.Module):
         return tuple(x[:, 1:] for x in xs)
 
     def prepare(self, input: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(probs, onehot)``, both ``(B, C', *spatial)`` after activation and channel selection."""
+        """``(probs, onehot)``, both ``(B, C', *spatial)`` after activation and channel selection; the input is
+        checked first (type, shape, target, then values: :meth:`_check_values`)."""
         self._check_input(input)
         x = self._as_compute(input)
         y = self._onehot(target, x)
+        self._check_values(x)
         if self.sigmoid:
             p = torch.sigmoid(x)
         elif self.softmax:

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import torch
 
+from segcal.functional.binning import check_num_bins
 from segcal.functional.losses import hard_calibration_error, soft_calibration_error
 from segcal.losses.base import Reduction, SegmentationLoss
 
@@ -58,9 +59,8 @@ class _CalibrationLoss(SegmentationLoss):
             reduction=reduction,
             mode=mode,
         )
-        if not isinstance(num_bins, int) or num_bins < 1:
-            raise ValueError(f"num_bins must be a positive integer, got {num_bins!r}")
-        self.num_bins = num_bins
+        check_num_bins(num_bins)  # an integer in [1, MAX_BINS]; a bool is not a count
+        self.num_bins = int(num_bins)
         self.variant = variant
         self._reduction_kind = _variant(variant)
         self.ignore_empty_classes = bool(ignore_empty_classes)

@@ -8,12 +8,18 @@ Grammar (whitespace ignored, names case-insensitive)::
 
 Examples: ``"dice+ace"``, ``"dice:1,ce:1,ace:0.3"``, ``"dscpp(gamma=2)+soft_ace"``, ``"0.5*focal+dsc++"``.
 A ``++`` right after a name is part of the name (``dsc++``, ``tversky++``). The weight defaults to 1.
+
+Rules (each violation is a ``ValueError`` naming the term): a weight is a finite number ``>= 0``; an argument
+value is a finite literal, a bool only where the loss's argument is annotated ``bool`` (``num_bins=True`` is
+refused, as ``num_bins`` above ``MAX_BINS`` is by :func:`~segcal.functional.binning.check_num_bins`); any error
+the loss's constructor raises is reported with the term's name.
 """
 
 from __future__ import annotations
 
 import ast
 import inspect
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -112,9 +118,10 @@ class CompositeLoss(nn.Module):
         if not items:
             raise ValueError("CompositeLoss needs at least one term")
         names: list[str] = []
-        for name, _, m in items:
+        for name, w, m in items:
             if not isinstance(m, nn.Module):
                 raise TypeError(f"term {name!r} is not a torch.nn.Module")
+            _check_weight(w, name)
             base, k = name, 2
             while name in names:
                 name = f"{base}_{k}"
@@ -139,6 +146,12 @@ class CompositeLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return " + ".join(f"{w:g}*{n}" for n, w in zip(self.names, self.weights, strict=True))
+
+
+def _check_weight(weight: float, term: str) -> None:
+    """Rule: a term's weight is a finite number ``>= 0`` (a negative weight would reward the loss)."""
+    if not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"loss term {term!r}: the weight must be a finite number >= 0, got {weight!r}")
 
 
 def _split_top(spec: str) -> list[str]:
@@ -201,6 +214,8 @@ def _parse_kwargs(text: str, term: str) -> dict[str, Any]:
                 out[kw.arg] = kw.value.id
             else:
                 raise ValueError(f"loss term {term!r}: value of {kw.arg!r} must be a literal") from None
+        if isinstance(out[kw.arg], float) and not math.isfinite(out[kw.arg]):
+            raise ValueError(f"loss term {term!r}: value of {kw.arg!r} must be finite, got {out[kw.arg]!r}")
     return out
 
 
@@ -231,25 +246,52 @@ def parse_loss_spec(spec: str) -> list[tuple[float, str, dict[str, Any]]]:
                     w *= float(m.group(key))
                 except ValueError:
                     raise ValueError(f"bad weight {m.group(key)!r} in loss term {raw!r}") from None
+        _check_weight(w, raw)
         terms.append((w, canon, _parse_kwargs(m.group("args") or "", raw)))
     return terms
 
 
-def _accepted(cls: type[nn.Module]) -> set[str] | None:
-    """Keyword names ``cls`` accepts (walking ``**kwargs`` up to :class:`SegmentationLoss`); None = any."""
-    names: set[str] = set()
+def _parameters(cls: type[nn.Module]) -> dict[str, inspect.Parameter]:
+    """Keyword parameters ``cls`` accepts by name, walking ``**kwargs`` up to :class:`SegmentationLoss` (the
+    most derived class's parameter wins)."""
+    found: dict[str, inspect.Parameter] = {}
     for klass in cls.__mro__:
         if klass in (nn.Module, object):
             break
         if "__init__" not in klass.__dict__:
             continue
         params = inspect.signature(klass.__init__).parameters
-        names |= {
-            n for n, p in params.items() if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
-        }
+        for n, p in params.items():
+            if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+                found.setdefault(n, p)
         if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
-            return names
-    return names
+            break
+    return found
+
+
+def _accepted(cls: type[nn.Module]) -> set[str] | None:
+    """Keyword names ``cls`` accepts (walking ``**kwargs`` up to :class:`SegmentationLoss`); None = any."""
+    return set(_parameters(cls))
+
+
+def _check_types(canon: str, cls: type[nn.Module], kwargs: Mapping[str, Any]) -> None:
+    """Rule: a bool goes only to an argument annotated ``bool`` (``num_bins=True`` is not a count)."""
+    params = _parameters(cls)
+    for key, value in kwargs.items():
+        annotation = params[key].annotation if key in params else inspect.Parameter.empty
+        if not isinstance(value, bool) or annotation is inspect.Parameter.empty:
+            continue
+        text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+        if "bool" not in text:
+            raise ValueError(f"loss term {canon!r}: {key} must be {text}, got the bool {value!r}")
+
+
+def _build(canon: str, cls: type[nn.Module], args: dict[str, Any]) -> nn.Module:
+    """``cls(**args)``, a constructor's ``TypeError`` / ``ValueError`` reported with the term's name."""
+    try:
+        return cls(**args)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"loss term {canon!r} ({cls.__name__}): {exc}") from None
 
 
 def loss_from_string(spec: str, **common_kwargs: Any) -> nn.Module:
@@ -271,6 +313,7 @@ def loss_from_string(spec: str, **common_kwargs: Any) -> nn.Module:
                 f"loss {canon!r} ({cls.__name__}) does not accept {unknown}; "
                 f"accepted: {sorted(accepted or [])}"
             )
+        _check_types(canon, cls, kwargs)
         args = {k: v for k, v in common_kwargs.items() if accepted is None or k in accepted}
         args.update(fixed)
         args.update(kwargs)
@@ -278,7 +321,7 @@ def loss_from_string(spec: str, **common_kwargs: Any) -> nn.Module:
         while name in built:
             name = f"{canon}_{k}"
             k += 1
-        built[name] = (w, cls(**args))
+        built[name] = (w, _build(canon, cls, args))
     if len(built) == 1:
         ((w, module),) = built.values()
         if w == 1.0:

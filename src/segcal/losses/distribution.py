@@ -35,6 +35,7 @@ class FocalLoss(SegmentationLoss):
         self._check_input(input)
         x = self._as_compute(input)
         y = self._onehot(target, x)
+        self._check_values(x)
         multilabel = self.mode == "multilabel" or x.shape[1] == 1
         act = self.activation
         if self.other_act is not None:
@@ -87,6 +88,7 @@ class CrossEntropyLoss(SegmentationLoss):
         w = None if self.class_weight is None else self.class_weight.to(x)
         if w is not None and w.ndim == 1 and w.numel() != c:
             raise ValueError(f"weight has {w.numel()} values but the input has {c} channels")
+        self._check_values(x)
         if self.mode == "multilabel" or c == 1:
             return self._binary(x, target, w)
         return self._exclusive(x, target, w)

@@ -261,6 +261,7 @@ class AsymmetricUnifiedFocalLoss(SegmentationLoss):
         self._check_input(input)
         x = self._as_compute(input)
         y = self._onehot(target, x)
+        self._check_values(x)
         c = x.shape[1]
         if self.mode == "multilabel" or c == 1:
             if self.sigmoid:

@@ -9,6 +9,13 @@ Data accepted by ``fit``
   a time and never concatenated. A list/tuple or a zero-argument callable returning a fresh iterable is
   *re-iterable* and can be streamed several times; a one-shot generator is read once.
 
+Checks after ``fit``
+-------------------
+Targets that hold a single class (every voxel one class; multilabel: every channel all positive or all
+negative) carry no information about calibration: the fit gives a ``UserWarning`` ("only one class present in
+the fitting targets; the fitted temperature is not meaningful"). A fit whose parameters come out non-finite
+(or a temperature that is not positive) diverged: ``ValueError``, and the calibrator stays unfitted.
+
 Files
 -----
 ``save(path)`` writes one ``torch.save`` file holding a plain dict of tensors and strings
@@ -19,6 +26,7 @@ Files
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -28,13 +36,16 @@ import torch
 from segcal.functional.inputs import Mode, check_mode, check_prediction, check_target, target_to_onehot
 from segcal.io.torchfile import read_torch_file, write_torch_file
 
-__all__ = ["Calibrator", "NotFittedError", "iter_volumes", "load_calibrator"]
+__all__ = ["DEGENERATE_TARGETS", "Calibrator", "NotFittedError", "TargetTally", "iter_volumes", "load_calibrator"]
 
 FORMAT = "segcal-calibrator"
 VERSION = 1
 _REGISTRY: dict[str, type[Calibrator]] = {}
 
 Volume = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+
+#: the warning of a fit on targets holding a single class (``what``: the fitted parameters)
+DEGENERATE_TARGETS = "only one class present in the fitting targets; the fitted {what} is not meaningful"
 
 
 class NotFittedError(RuntimeError):
@@ -146,6 +157,37 @@ def flatten_voxels(
     return z.contiguous(), y.contiguous()
 
 
+class TargetTally:
+    """Per-class target mass of the voxels a calibrator is fitted on (inside the masks), summed volume by
+    volume: enough to tell whether the targets hold more than one class."""
+
+    def __init__(self) -> None:
+        self.positive: torch.Tensor | None = None  # (C,) float64: Σ y per class
+        self.voxels = 0.0
+
+    def add(self, onehot: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Add targets ``(B, C, *S)`` (the voxels inside ``mask`` ``(B, *S)``) or voxel rows ``(N, C)``."""
+        y = onehot.detach()
+        if mask is not None:
+            m = mask.unsqueeze(1)
+            y = y * m.to(y.dtype)
+            self.voxels += float(mask.sum())
+        else:
+            self.voxels += float(y.numel() // max(y.shape[1], 1))
+        positive = y.sum([d for d in range(y.ndim) if d != 1], dtype=torch.float64)
+        self.positive = positive if self.positive is None else self.positive + positive
+
+    def single_class(self, mode: Mode) -> bool:
+        """Exclusive: fewer than two classes have any target mass; multilabel: no channel has both positive and
+        negative mass."""
+        if self.positive is None:
+            return False
+        present = self.positive > 0
+        if mode == "exclusive":
+            return int(present.sum()) < 2
+        return not bool((present & (self.positive < self.voxels)).any())
+
+
 class Calibrator:
     """Base class: scikit-learn-like ``fit`` / ``transform``; learned attributes end with ``_``.
 
@@ -154,6 +196,8 @@ class Calibrator:
     """
 
     method: ClassVar[str] = ""
+    #: what ``fit`` learns, in words (for the warnings of :meth:`_check_fit`)
+    fitted_what: ClassVar[str] = "calibration map"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -165,9 +209,11 @@ class Calibrator:
 
     # ----------------------------------------------------------------------------------------- public API
     def fit(self, data: Any, targets: Any = None, mask: Any = None) -> Calibrator:
-        """Learn the calibration map from validation logits; returns ``self``."""
+        """Learn the calibration map from validation logits; returns ``self``. A fit on single-class targets
+        warns, a diverged fit raises ``ValueError`` (:meth:`_check_fit`)."""
         self.mode = check_mode(self.mode)
-        self._fit(data, targets, mask)
+        tally = self._fit(data, targets, mask)
+        self._check_fit(tally)
         return self
 
     def transform(self, logits: torch.Tensor) -> torch.Tensor:
@@ -233,8 +279,27 @@ class Calibrator:
                 f"{type(self).__name__} is not fitted yet: call fit(...) before transform/save"
             )
 
-    def _fit(self, data: Any, targets: Any, mask: Any) -> None:  # pragma: no cover - abstract
+    def _fit(self, data: Any, targets: Any, mask: Any) -> TargetTally:  # pragma: no cover - abstract
+        """Fit and return the tally of the fitting targets."""
         raise NotImplementedError
+
+    def _diverged(self) -> list[str]:
+        """Names of fitted parameters that show a diverged fit: here the non-finite state tensors."""
+        return [k for k, v in self._state().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+    def _check_fit(self, tally: TargetTally) -> None:
+        """Rules after a fit: diverged parameters (:meth:`_diverged`) raise ``ValueError`` and leave the
+        calibrator unfitted; targets holding a single class give a ``UserWarning`` (:data:`DEGENERATE_TARGETS`)."""
+        bad = self._diverged()
+        if bad:
+            self.__dict__.pop("num_classes_", None)
+            raise ValueError(
+                f"{type(self).__name__}: the fit diverged (non-finite or out-of-range {', '.join(bad)}); check that "
+                "the fitting logits are finite and the targets hold more than one class"
+            )
+        if tally.single_class(self.mode):
+            name = type(self).__name__
+            warnings.warn(f"{name}: {DEGENERATE_TARGETS.format(what=self.fitted_what)}", UserWarning, stacklevel=3)
 
     def _transform(self, logits: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

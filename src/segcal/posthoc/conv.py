@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segcal.functional.inputs import check_mode, check_prediction, check_target, target_to_onehot
-from segcal.posthoc._base import Calibrator, is_reiterable, iter_volumes, validate_volume
+from segcal.posthoc._base import Calibrator, TargetTally, is_reiterable, iter_volumes, validate_volume
 
 __all__ = ["AuxiliaryConvCalibrator", "LastLayerFineTuner", "voxel_loss"]
 
@@ -45,6 +45,7 @@ class AuxiliaryConvCalibrator(Calibrator):
     """
 
     method = "auxconv"
+    fitted_what = "convolution"
 
     def __init__(
         self, mode: str = "exclusive", kernel_size: int = 5, epochs: int = 20, lr: float = 1e-2, seed: int = 0
@@ -68,7 +69,7 @@ class AuxiliaryConvCalibrator(Calibrator):
             conv.weight[centre] = torch.eye(num_classes)
         return conv
 
-    def _fit(self, data: Any, targets: Any, mask: Any) -> None:
+    def _fit(self, data: Any, targets: Any, mask: Any) -> TargetTally:
         if self.epochs > 1 and not is_reiterable(data):
             raise TypeError(
                 "AuxiliaryConvCalibrator with epochs > 1 needs re-iterable data "
@@ -79,9 +80,12 @@ class AuxiliaryConvCalibrator(Calibrator):
         conv: nn.Module | None = None
         opt: torch.optim.Optimizer | None = None
         num_classes: int | None = None
-        for _ in range(self.epochs):
+        tally = TargetTally()
+        for epoch in range(self.epochs):
             for i, (lg, tg, mk) in enumerate(iter_volumes(data, targets, mask)):
                 lg, y, mk = validate_volume(lg, tg, mk, self.mode, num_classes, i)
+                if epoch == 0:
+                    tally.add(y, mk)
                 if conv is None:
                     num_classes = lg.shape[1]
                     self.spatial_dims_ = lg.ndim - 2
@@ -101,6 +105,7 @@ class AuxiliaryConvCalibrator(Calibrator):
             p.requires_grad_(False)
         self.conv_ = conv
         self.num_classes_ = num_classes
+        return tally
 
     def _transform(self, logits: torch.Tensor) -> torch.Tensor:
         if logits.ndim - 2 != self.spatial_dims_:
@@ -160,6 +165,7 @@ class LastLayerFineTuner(Calibrator):
     """
 
     method = "lastlayer"
+    fitted_what = "last layer"
 
     def __init__(
         self,
@@ -201,7 +207,8 @@ class LastLayerFineTuner(Calibrator):
         net.eval()  # frozen normalisation statistics; only the last layer moves
         self.losses_ = []
         num_classes = None
-        for _ in range(self.epochs):
+        tally = TargetTally()
+        for epoch in range(self.epochs):
             total, n = 0.0, 0
             for i, batch in enumerate(data() if callable(data) else data):
                 image, target = batch[0], batch[1]
@@ -213,11 +220,13 @@ class LastLayerFineTuner(Calibrator):
                 y = target_to_onehot(target, num_classes, dtype=z.dtype)
                 if mk is not None and mk.ndim == z.ndim:
                     mk = mk[:, 0]
+                if epoch == 0:
+                    tally.add(y, None if mk is None else mk.bool())
                 opt.zero_grad()
                 loss = voxel_loss(z, y, mk, self.mode)
                 loss.backward()
                 opt.step()
-                total += float(loss)
+                total += float(loss.detach())
                 n += 1
             self.losses_.append(total / max(n, 1))
         for name, p in net.named_parameters():
@@ -225,6 +234,7 @@ class LastLayerFineTuner(Calibrator):
         if num_classes is None:
             raise ValueError("fit received no batches")
         self.num_classes_ = num_classes
+        self._check_fit(tally)
         return self
 
     def transform(self, images: torch.Tensor) -> torch.Tensor:  # type: ignore[override]

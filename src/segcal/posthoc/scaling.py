@@ -20,13 +20,21 @@ Fitting streams: each L-BFGS closure loops over voxel chunks and accumulates the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from segcal.posthoc._base import Calibrator, flatten_voxels, is_reiterable, iter_volumes, validate_volume
+from segcal.posthoc._base import (
+    Calibrator,
+    TargetTally,
+    flatten_voxels,
+    is_reiterable,
+    iter_volumes,
+    validate_volume,
+)
 
 __all__ = ["TemperatureScaling", "VectorScaling"]
 
@@ -63,11 +71,11 @@ class _VoxelScaling(Calibrator):
             yield z[s : s + self.chunk_size], y[s : s + self.chunk_size]
 
     def _voxel_source(
-        self, data: Any, targets: Any, mask: Any
+        self, data: Any, targets: Any, mask: Any, tally: TargetTally
     ) -> tuple[int, int, Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]]:
         """One validating pass over the volumes: ``(num_classes, n_voxels, source)``, where ``source()`` yields
         the ``(logits, target)`` voxel rows in chunks: the cached (subsampled) rows, or, for a re-iterable
-        input read in full, a fresh pass over it (nothing cached)."""
+        input read in full, a fresh pass over it (nothing cached). The fitted target rows go into ``tally``."""
         gen = torch.Generator().manual_seed(int(self.seed))
         stream = (
             self.max_voxels_per_volume is None and is_reiterable(data) and not isinstance(data, torch.Tensor)
@@ -79,6 +87,7 @@ class _VoxelScaling(Calibrator):
             lg, y, mk = validate_volume(lg, tg, mk, self.mode, num_classes, i)
             num_classes = lg.shape[1]
             rows = flatten_voxels(lg, y, mk, self.max_voxels_per_volume, gen)
+            tally.add(rows[1])
             n_total += rows[0].shape[0]
             if not stream:
                 cache.append(rows)
@@ -98,12 +107,13 @@ class _VoxelScaling(Calibrator):
 
         return num_classes, n_total, source
 
-    def _fit(self, data: Any, targets: Any, mask: Any) -> None:
+    def _fit(self, data: Any, targets: Any, mask: Any) -> TargetTally:
         if self.max_voxels_per_volume is not None and self.max_voxels_per_volume < 1:
             raise ValueError(
                 f"max_voxels_per_volume must be a positive integer, got {self.max_voxels_per_volume}"
             )
-        num_classes, n_total, source = self._voxel_source(data, targets, mask)
+        tally = TargetTally()
+        num_classes, n_total, source = self._voxel_source(data, targets, mask, tally)
         params = self._init_params(num_classes)
         opt = torch.optim.LBFGS(
             params,
@@ -134,6 +144,7 @@ class _VoxelScaling(Calibrator):
         self.num_classes_ = num_classes
         self.n_voxels_ = n_total
         self._store([p.detach() for p in params])
+        return tally
 
 
 class TemperatureScaling(_VoxelScaling):
@@ -154,6 +165,7 @@ class TemperatureScaling(_VoxelScaling):
     """
 
     method = "temperature"
+    fitted_what = "temperature"
 
     def _init_params(self, num_classes: int) -> list[torch.Tensor]:
         return [torch.zeros((), dtype=torch.float64, requires_grad=True)]
@@ -166,6 +178,11 @@ class TemperatureScaling(_VoxelScaling):
 
     def _transform(self, logits: torch.Tensor) -> torch.Tensor:
         return logits / self.temperature_
+
+    def _diverged(self) -> list[str]:
+        """The temperature must be finite and positive (``exp`` of the fitted ``log T`` can overflow or
+        underflow)."""
+        return [] if math.isfinite(self.temperature_) and self.temperature_ > 0 else ["temperature"]
 
     def _state(self) -> dict[str, torch.Tensor]:
         return {"temperature": torch.tensor(self.temperature_, dtype=torch.float64)}
@@ -188,6 +205,7 @@ class VectorScaling(_VoxelScaling):
     """
 
     method = "vector"
+    fitted_what = "vector scaling"
 
     def _init_params(self, num_classes: int) -> list[torch.Tensor]:
         return [

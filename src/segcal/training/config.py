@@ -27,6 +27,10 @@ from typing import Any
 __all__ = ["DataConfig", "ModelConfig", "OptimConfig", "TrainConfig", "config_from_dict", "load_config"]
 
 
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 @dataclass
 class ModelConfig:
     """MONAI ``UNet`` settings (ACE-MICCAI defaults: channels 8-16-32-64, strides 2)."""
@@ -41,8 +45,14 @@ class ModelConfig:
     norm: str = "INSTANCE"
 
     def validate(self) -> None:
+        """Rule: spatial_dims 2 or 3; channels and strides lists of positive integers (one stride fewer than
+        channels); at least one input channel and two classes; dropout in [0, 1)."""
         if self.spatial_dims not in (2, 3):
             raise ValueError(f"model.spatial_dims must be 2 or 3, got {self.spatial_dims}")
+        for key in ("channels", "strides"):
+            values = getattr(self, key)
+            if not isinstance(values, list | tuple) or not all(_positive_int(v) for v in values):
+                raise ValueError(f"model.{key} must be a list of positive integers, got {values!r}")
         if len(self.strides) != len(self.channels) - 1:
             raise ValueError(
                 f"model.strides needs len(channels) - 1 = {len(self.channels) - 1} entries, "

@@ -5,11 +5,19 @@ Per image ``(1, C_in, *S)`` each pass gives logits ``(1, C, *S)``; they are turn
 segcal.posthoc calibrators), otherwise by ``softmax(logits / T)`` (temperature scaling, PostHoc;
 ``T = 1`` is plain softmax). The probabilities of MC-dropout passes (running mean) and of ensemble members
 (Ensembles eq. 6) are averaged.
+
+Prediction refuses to start, with one error naming the file, when a checkpoint cannot be used
+(:class:`~segcal.training.trainer.CheckpointError`: unreadable, no ``model`` section in its config, a config its
+weights contradict, e.g. absurd ``channels``, checked before the network is built) or the output folder cannot
+be written (:class:`~segcal.io.OutputError`, probed before any prediction; a failed write later, e.g. a full
+disk, raises it too, naming the file).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -17,9 +25,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from segcal.io import write_nifti, write_npz
+from segcal.io import OutputError, prepare_output_dir, write_nifti, write_npz
+from segcal.training.config import ModelConfig
 from segcal.training.data import read_image
-from segcal.training.trainer import build_model, load_checkpoint
+from segcal.training.trainer import CheckpointError, build_model, load_checkpoint
 
 __all__ = [
     "Calibrator",
@@ -38,18 +47,59 @@ class Calibrator(Protocol):
     def transform(self, logits: torch.Tensor) -> torch.Tensor: ...
 
 
-def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """UNet from a segcal checkpoint (``best.pt`` / ``last.pt``; config and weights inside), in eval mode."""
-    ckpt = load_checkpoint(checkpoint)
+def _min_unet_weights(cfg: ModelConfig) -> int:
+    """A lower bound on the weights of the UNet of ``cfg``: its encoder alone holds one ``3^d`` convolution
+    from each channel count to the next (``in_channels → channels[0] → channels[1] ...``)."""
+    chans = [cfg.in_channels, *cfg.channels]
+    return sum(a * b for a, b in itertools.pairwise(chans)) * 3**cfg.spatial_dims
+
+
+def _model_config(checkpoint: str | Path, ckpt: dict[str, Any]) -> ModelConfig:
+    """The checkpoint's model config, checked against its weights before anything is built.
+
+    Rule: the config has a ``model`` section that is a valid :class:`ModelConfig`, and the weights stored in the
+    checkpoint are at least as many as that UNet must have (:func:`_min_unet_weights`); otherwise
+    :class:`CheckpointError` naming the file (absurd ``channels`` would otherwise allocate the network first).
+    """
     if "config" not in ckpt or "model" not in ckpt:
-        raise ValueError(
-            f"{checkpoint}: not a segcal training checkpoint (needs 'config' and 'model' entries)"
+        raise CheckpointError(f"{checkpoint}: not a segcal training checkpoint (needs 'config' and 'model' entries)")
+    section = ckpt["config"].get("model") if isinstance(ckpt["config"], dict) else None
+    if not isinstance(section, dict):
+        raise CheckpointError(
+            f"{checkpoint}: the checkpoint's config has no 'model' section (the UNet settings), so the network "
+            "cannot be rebuilt; use a checkpoint written by segcal train"
         )
-    model = build_model(ckpt["config"]["model"])
+    try:
+        cfg = ModelConfig(**section)
+        cfg.validate()
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{checkpoint}: invalid model config in the checkpoint: {exc}") from None
+    weights = ckpt["model"] if isinstance(ckpt["model"], dict) else {}
+    stored = sum(int(t.numel()) for t in weights.values() if isinstance(t, torch.Tensor))
+    needed = _min_unet_weights(cfg)
+    if needed > stored:
+        raise CheckpointError(
+            f"{checkpoint}: the model config (channels {cfg.channels}) needs at least {needed:,} weights but the "
+            f"checkpoint holds {stored:,}; the config does not belong to these weights"
+        )
+    return cfg
+
+
+def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """UNet from a segcal checkpoint (``best.pt`` / ``last.pt``; config and weights inside), in eval mode.
+
+    Every problem with the checkpoint is a :class:`CheckpointError` (a ``ValueError``) naming it.
+    """
+    ckpt = load_checkpoint(checkpoint)
+    cfg = _model_config(checkpoint, ckpt)
+    try:
+        model = build_model(cfg)
+    except (RuntimeError, MemoryError) as exc:
+        raise CheckpointError(f"{checkpoint}: cannot build the network of the stored model config: {exc}") from None
     try:
         model.load_state_dict(ckpt["model"])
-    except RuntimeError as exc:
-        raise ValueError(f"{checkpoint}: weights do not match the stored model config: {exc}") from exc
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{checkpoint}: weights do not match the stored model config: {exc}") from None
     return model.to(device).eval()
 
 
@@ -241,8 +291,7 @@ def predict_files(
     models = [load_model(c, device) for c in ckpts]
     spatial_dims = int(getattr(models[0], "dimensions", 2))
     files = _input_files(inputs)
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output_dir(output_dir)
     written: list[Path] = []
     from rich.progress import Progress
 
@@ -252,24 +301,42 @@ def predict_files(
             image, affine = read_image(f, spatial_dims)
             x = torch.from_numpy(image)[None].to(device)
             probs, logits = predict_probabilities(models, x, return_logits=True, **kwargs)
-            p = probs[0].cpu().numpy().astype(dtype)
-            name = _output_name(f)
-            if output_format == "npz":
-                arrays = {"probabilities": p}
-                if save_logits:
-                    arrays["logits"] = logits[0].cpu().numpy().astype(dtype)
-                target = write_npz(out / f"{name}.npz", arrays, compressed=True)
-            else:
-                aff = affine if affine is not None else np.eye(4)
-                vol = np.moveaxis(p, 0, -1).astype(np.float32)
-                if spatial_dims == 2:
-                    vol = vol[:, :, None, :]  # (X, Y, 1, C): keeps a 3D geometry for the 2D slice
-                target = write_nifti(out / f"{name}.nii.gz", vol, aff)
-                if save_logits:
-                    lg = np.moveaxis(logits[0].cpu().numpy(), 0, -1).astype(np.float32)
-                    if spatial_dims == 2:
-                        lg = lg[:, :, None, :]
-                    write_nifti(out / f"{name}_logits.nii.gz", lg, aff)
-            written.append(target)
+            case = _Prediction(_output_name(f), probs[0].cpu().numpy(), logits[0].cpu().numpy(), affine)
+            try:
+                written.append(_write_prediction(out, case, output_format, dtype, save_logits, spatial_dims))
+            except OSError as exc:
+                raise OutputError(out, f"cannot write the prediction of {case.name}: {exc.strerror or exc}") from None
             bar.advance(task)
     return written
+
+
+@dataclass
+class _Prediction:
+    """One predicted case: output name, probabilities and logits ``(C, *S)``, input affine (``None``: npz)."""
+
+    name: str
+    probs: np.ndarray
+    logits: np.ndarray
+    affine: np.ndarray | None
+
+
+def _write_prediction(
+    out: Path, case: _Prediction, output_format: str, dtype: str, save_logits: bool, spatial_dims: int
+) -> Path:
+    """Write one case as ``<name>.npz`` (``probabilities``, ``logits``) or ``<name>.nii.gz`` (``(*S, C)``, plus
+    ``<name>_logits.nii.gz``); returns the probability file."""
+    if output_format == "npz":
+        arrays = {"probabilities": case.probs.astype(dtype)}
+        if save_logits:
+            arrays["logits"] = case.logits.astype(dtype)
+        return write_npz(out / f"{case.name}.npz", arrays, compressed=True)
+    aff = case.affine if case.affine is not None else np.eye(4)
+
+    def volume(a: np.ndarray) -> np.ndarray:
+        vol = np.moveaxis(a, 0, -1).astype(np.float32)
+        return vol[:, :, None, :] if spatial_dims == 2 else vol  # (X, Y, 1, C): a 3D geometry for a 2D slice
+
+    target = write_nifti(out / f"{case.name}.nii.gz", volume(case.probs.astype(dtype)), aff)
+    if save_logits:
+        write_nifti(out / f"{case.name}_logits.nii.gz", volume(case.logits), aff)
+    return target

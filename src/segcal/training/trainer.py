@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from segcal.io import CaseError
 from segcal.io.runs import read_csv, write_csv
 from segcal.io.torchfile import read_torch_file, write_torch_file
 from segcal.training.config import ModelConfig, TrainConfig, config_from_dict
@@ -45,6 +46,8 @@ if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
 
 __all__ = [
+    "CheckpointError",
+    "CheckpointNotFoundError",
     "TrainResult",
     "build_loss",
     "build_model",
@@ -139,9 +142,24 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state(state["cuda"].cpu())
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (missing, unreadable, without a model config, or a config its weights
+    contradict); the message names the file and the problem."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A checkpoint path that is not a file (also a ``FileNotFoundError``)."""
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a segcal checkpoint safely (``weights_only=True``); errors name the file."""
-    return read_torch_file(path, "checkpoint", map_location)
+    """Load a segcal checkpoint safely (``weights_only=True``); errors (:class:`CheckpointError`) name the
+    file."""
+    try:
+        return read_torch_file(path, "checkpoint", map_location)
+    except FileNotFoundError as exc:
+        raise CheckpointNotFoundError(str(exc)) from None
+    except CaseError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 @torch.no_grad()
