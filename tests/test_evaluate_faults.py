@@ -306,3 +306,50 @@ def test_dask_workers_elsewhere_no_worker_and_a_case_that_kills_its_worker(tmp_p
     assert failed["case_id"] == "case002" and WORKER_DIED in failed["error"]
     ref, got = _csv(tmp_path / "ref"), _csv(tmp_path / "out")
     assert {k: v for k, v in ref.items() if k[0] != "case002"} == {k: v for k, v in got.items() if k[0] != "case002"}
+
+
+_FSIZE_RUN = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing us
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+from segcal.cli import main
+sys.argv = ["segcal", *sys.argv[2:]]
+main()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="needs RLIMIT_FSIZE and SIGXFSZ (Linux)")
+def test_a_file_size_limit_while_writing_outputs_leaves_no_truncated_file(tmp_path: Path) -> None:
+    """The report (embedded figures, larger than the limit) cannot be written: no report.html is left as if
+    complete, nor a temporary file; the rerun without the limit gives exactly a clean run's outputs."""
+    pred, lab, _ = write_nifti_dataset(tmp_path, 4)
+    out = tmp_path / "out"
+    args = ["evaluate", str(pred), str(lab), "-o", str(out), "--workers", "0", "--no-hd95", "--bins", "10"]
+    limited = subprocess.run(
+        [sys.executable, "-c", _FSIZE_RUN, str(96 * 1024), *args],
+        env={**os.environ, "PYTHONPATH": SRC}, capture_output=True, text=True, timeout=600,
+    )
+    assert limited.returncode != 0
+    assert not (out / "report.html").exists()
+    assert [p.name for p in out.iterdir() if p.name.endswith(".tmp")] == []
+    for name in ("cases.csv", "summary.json", "bins.npz"):  # small enough: complete, or absent
+        if (out / name).exists():
+            assert (out / name).stat().st_size < 96 * 1024
+    if (out / "summary.json").exists():
+        json.loads((out / "summary.json").read_text())  # complete: parses
+    again = subprocess.run(
+        [sys.executable, "-m", "segcal.cli", *args], env={**os.environ, "PYTHONPATH": SRC},
+        capture_output=True, text=True, timeout=600,
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    clean = tmp_path / "clean"
+    subprocess.run(
+        [sys.executable, "-m", "segcal.cli", *args[:4], str(clean), *args[5:]],
+        env={**os.environ, "PYTHONPATH": SRC}, capture_output=True, text=True, timeout=600, check=True,
+    )
+    assert (out / "cases.csv").read_text() == (clean / "cases.csv").read_text()
+    np.testing.assert_array_equal(np.load(out / "bins.npz")["bin_stats"], np.load(clean / "bins.npz")["bin_stats"])
+    a, b = json.loads((out / "summary.json").read_text()), json.loads((clean / "summary.json").read_text())
+    assert a["macro"] == b["macro"] and a["pooled"] == b["pooled"]
+    assert (out / "report.html").stat().st_size > 96 * 1024
