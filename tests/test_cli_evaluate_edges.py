@@ -75,3 +75,19 @@ def test_compare_runs_with_different_bins_is_refused_before_writing(tmp_path: Pa
     assert r.exit_code == 1, r.output
     assert "different numbers of bins" in " ".join(r.output.split()) and "Traceback" not in r.output
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_an_output_folder_inside_an_input_folder_is_refused(tmp_path: Path) -> None:
+    """Writing into an input folder would overwrite or mix the inputs (calibrate --apply-to X -o X) or make a
+    rerun read its own outputs as cases (evaluate -o PRED/out)."""
+    pred, lab, _ = write_nifti_dataset(tmp_path, 2)
+    before = sorted(p.name for p in pred.iterdir())
+    for out in (pred, pred / "out"):
+        r = _evaluate(pred, lab, out)
+        assert r.exit_code == 1, r.output
+        assert "input folder" in " ".join(r.output.split()) and "Traceback" not in r.output
+        r = runner.invoke(app, ["calibrate", "--val-pred", str(pred), "--val-labels", str(lab),
+                                "--apply-to", str(pred), "-o", str(out)])
+        assert r.exit_code == 2, r.output  # a bad parameter
+        assert "input folder" in " ".join(r.output.split())
+    assert sorted(p.name for p in pred.iterdir()) == before  # nothing written into the inputs

@@ -37,6 +37,7 @@ from segcal.io import (
     CaseError,
     CaseFiles,
     FolderFormat,
+    check_output_outside_inputs,
     copy_nnunet_side_files,
     detect_format,
     list_prediction_files,
@@ -179,6 +180,11 @@ def calibrate(
     """Fit a calibrator on validation predictions + labels, then write calibrated probability maps for
     --apply-to in the same format as its input."""
     console = Console()
+    try:
+        inputs = {"--apply-to": apply_to, "--val-pred": val_pred, "--val-labels": val_labels}
+        check_output_outside_inputs(output, inputs)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
     val_fmt = resolve_format(val_pred, fmt)
     apply_fmt = resolve_format(apply_to, fmt)
     if val_fmt != "npy" and mode != "exclusive":

@@ -32,7 +32,7 @@ from segcal.evaluation.store import CaseResult, ResultStore, input_fingerprint, 
 from segcal.functional.binning import check_num_bins
 from segcal.functional.regions import dilated_bbox_mask
 from segcal.functional.scoring import TargetError, case_statistics
-from segcal.io import Case, CaseError, CaseFiles, load_case, match_cases
+from segcal.io import Case, CaseError, CaseFiles, check_output_outside_inputs, load_case, match_cases
 
 __all__ = [
     "WORKER_DIED",
@@ -405,6 +405,9 @@ def run_evaluation(
     pred_dir, label_dir = Path(pred_dir).resolve(), Path(label_dir).resolve()
     reference_dir = Path(reference_dir).resolve() if reference_dir else None
     mask_dir = Path(mask_dir).resolve() if mask_dir else None
+    check_output_outside_inputs(
+        out, {"predictions": pred_dir, "labels": label_dir, "--soft-ref": reference_dir, "--mask-dir": mask_dir}
+    )
     cases, unmatched = match_cases(
         pred_dir, label_dir, config.fmt, reference_dir=reference_dir, mask_dir=mask_dir
     )

@@ -14,7 +14,15 @@ file or wrong content; every writer is atomic (:func:`atomic_write`): a temporar
 moved onto the final name, so no truncated file is ever left under that name.
 """
 
-from segcal.io._atomic import OutputError, atomic_write, copy_file, prepare_output_dir, write_bytes, write_text
+from segcal.io._atomic import (
+    OutputError,
+    atomic_write,
+    check_output_outside_inputs,
+    copy_file,
+    prepare_output_dir,
+    write_bytes,
+    write_text,
+)
 from segcal.io.case import GEOMETRY_ATOL, Case, CaseError, CaseFiles
 from segcal.io.matching import Format, case_id_from_path, detect_format, load_case, match_cases
 from segcal.io.nifti import (
@@ -66,6 +74,7 @@ __all__ = [
     "OutputError",
     "atomic_write",
     "case_id_from_path",
+    "check_output_outside_inputs",
     "copy_file",
     "copy_nnunet_side_files",
     "detect_format",

@@ -33,6 +33,23 @@ class OutputError(OSError):
         super().__init__(f"{path}: {problem}")
 
 
+def check_output_outside_inputs(output: str | Path, inputs: dict[str, str | Path | None]) -> None:
+    """Refuse an output folder equal to or inside an input folder (``inputs``: option name -> folder): writing
+    there would overwrite or mix the inputs, and a rerun would read its own outputs as inputs. ``ValueError``
+    naming both folders and the option."""
+    out = Path(output).resolve()
+    for option, folder in inputs.items():
+        if folder is None:
+            continue
+        src = Path(folder).resolve()
+        if out == src or src in out.parents:
+            where = "is" if out == src else "is inside"
+            raise ValueError(
+                f"the output folder {out} {where} the input folder {src} ({option}); choose an output folder "
+                "outside every input folder, so no input is overwritten or read back as input"
+            )
+
+
 def prepare_output_dir(folder: str | Path) -> Path:
     """Create ``folder`` (with its parents) and check that a file can be created in it, before any work is done;
     :class:`OutputError` naming the folder otherwise (a path under a regular file, no write permission, ...)."""
