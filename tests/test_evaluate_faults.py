@@ -150,30 +150,25 @@ def _wait_for(predicate, timeout: float = 120.0) -> None:  # type: ignore[no-unt
         time.sleep(0.05)
 
 
-def _session_pids(sid: int) -> list[int]:
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) == sid and fields[0] != "Z":  # session id, not a zombie
-                pids.append(int(d.name))
-    return pids
-
-
-def _children(pid: int) -> list[int]:
+def _processes() -> list[tuple[int, list[str]]]:
+    """``(pid, fields of /proc/pid/stat after the command name)`` of every process: state, ppid, pgrp, session."""
     out = []
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
-                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+                out.append((int(d.name), (d / "stat").read_text().rsplit(")", 1)[1].split()))
             except OSError:
                 continue
-            if int(fields[1]) == pid:
-                out.append(int(d.name))
     return out
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Live (not zombie) processes of session ``sid``."""
+    return [pid for pid, f in _processes() if int(f[3]) == sid and f[0] != "Z"]
+
+
+def _children(pid: int) -> list[int]:
+    return [child for child, f in _processes() if int(f[1]) == pid]
 
 
 @pytest.mark.slow
