@@ -28,3 +28,26 @@ def invoke_cli(args: Sequence[str]) -> Result:
     if len(app.registered_commands) + len(app.registered_groups) == 1:
         args = args[1:]
     return CliRunner().invoke(app, args)
+
+
+#: every loss name of the loss-string parser (one entry per loss module), for tests that run on all losses
+LOSS_NAMES = [
+    "dice",
+    "dscpp",
+    "tversky",
+    "tverskypp",
+    "focal_tversky",
+    "focal_tverskypp",
+    "combo",
+    "combopp",
+    "unified_focal",
+    "unified_focalpp",
+    "focal",
+    "ce",
+    "ace",
+    "ece",
+    "mce",
+    "soft_ace",
+    "soft_ece",
+    "soft_mce",
+]

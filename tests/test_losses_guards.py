@@ -8,22 +8,9 @@ import re
 import pytest
 import torch
 
+from _helpers import LOSS_NAMES
 from segcal.losses import CompositeLoss, DiceLoss, HardL1ACELoss, loss_from_string
 
-LOSS_STRINGS = [
-    "dice",
-    "dscpp",
-    "tversky",
-    "focal_tversky",
-    "combo",
-    "unified_focal",
-    "focal",
-    "ce",
-    "ace",
-    "ece",
-    "mce",
-    "soft_ace",
-]
 NO_ACTIVATION = "got values outside [0, 1]: pass softmax=True or sigmoid=True for logits"
 
 
@@ -32,7 +19,7 @@ def _data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(2, 3, 6, 5, generator=g) * 3, torch.randint(0, 3, (2, 1, 6, 5), generator=g)
 
 
-@pytest.mark.parametrize("spec", LOSS_STRINGS)
+@pytest.mark.parametrize("spec", LOSS_NAMES)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_every_loss_rejects_nan_and_inf_inputs(spec: str, bad: float) -> None:
     x, y = _data()
@@ -42,7 +29,7 @@ def test_every_loss_rejects_nan_and_inf_inputs(spec: str, bad: float) -> None:
         loss(x, y)
 
 
-@pytest.mark.parametrize("spec", LOSS_STRINGS)
+@pytest.mark.parametrize("spec", LOSS_NAMES)
 def test_every_loss_rejects_logits_without_an_activation(spec: str) -> None:
     x, y = _data()
     loss = loss_from_string(spec, to_onehot_y=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _helpers import LOSS_NAMES
 from segcal.losses import (
     CompositeLoss,
     DiceLoss,
@@ -16,27 +17,6 @@ from segcal.losses import (
     valid_loss_names,
 )
 
-ALL_LOSS_STRINGS = [
-    "dice",
-    "dscpp",
-    "tversky",
-    "tverskypp",
-    "focal_tversky",
-    "focal_tverskypp",
-    "combo",
-    "combopp",
-    "unified_focal",
-    "unified_focalpp",
-    "focal",
-    "ce",
-    "ace",
-    "ece",
-    "mce",
-    "soft_ace",
-    "soft_ece",
-    "soft_mce",
-]
-
 
 def _finite_loss_and_grad(loss, x, y):
     x = x.detach().clone().requires_grad_(True)
@@ -45,7 +25,7 @@ def _finite_loss_and_grad(loss, x, y):
     return bool(torch.isfinite(v).all()) and bool(torch.isfinite(x.grad).all())
 
 
-@pytest.mark.parametrize("spec", ALL_LOSS_STRINGS)
+@pytest.mark.parametrize("spec", LOSS_NAMES)
 def test_edge_cases_no_nan(spec):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 6, 5, 4, generator=g)  # 3D
@@ -100,7 +80,7 @@ def test_autocast_bfloat16_cpu():
     x = torch.randn(2, 3, 8, 8, 8, generator=g, requires_grad=True)
     y = torch.randint(0, 3, (2, 1, 8, 8, 8), generator=g)
     conv = torch.nn.Conv3d(3, 3, 1)
-    for spec in ALL_LOSS_STRINGS:
+    for spec in LOSS_NAMES:
         loss = loss_from_string(spec, softmax=True, to_onehot_y=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = conv(x)
