@@ -143,6 +143,19 @@ def _start(args: list[str], env: dict[str, str]) -> subprocess.Popen:
     )
 
 
+def _evaluate_args(pred: Path, lab: Path, out: Path, workers: int, *extra: str) -> list[str]:
+    """``segcal evaluate`` arguments without HD95 (the slowest metric, irrelevant to these faults)."""
+    return ["evaluate", str(pred), str(lab), "-o", str(out), "--workers", str(workers), "--no-hd95", *extra]
+
+
+def _segcal(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m segcal.cli *args`` in a fresh process on this checkout."""
+    return subprocess.run(
+        [sys.executable, "-m", "segcal.cli", *args], env={**os.environ, "PYTHONPATH": SRC},
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
 def _wait_for(predicate, timeout: float = 120.0) -> None:  # type: ignore[no-untyped-def]
     deadline = time.time() + timeout
     while not predicate():
@@ -175,21 +188,15 @@ def _children(pid: int) -> list[int]:
 def test_a_concurrent_cli_run_is_refused_and_a_killed_holder_is_taken_over(tmp_path: Path) -> None:
     pred, lab, _ = write_nifti_dataset(tmp_path, 30, shape=(6, 5, 4))
     out = tmp_path / "out"
-    args = ["evaluate", str(pred), str(lab), "-o", str(out), "--workers", "0", "--no-hd95", "--no-report"]
+    args = _evaluate_args(pred, lab, out, 0, "--no-report")
     first = _start(args, {"FAULT_CASE_DELAY": "1.0"})  # 30 s: still running when the second one starts
     _wait_for(lambda: (out / "results.sqlite").exists() and (out / ".segcal.lock").stat().st_size > 0)
-    second = subprocess.run(
-        [sys.executable, "-m", "segcal.cli", *args, "--bins", "7", "--overwrite"],
-        env={**os.environ, "PYTHONPATH": SRC}, capture_output=True, text=True, timeout=300,
-    )
+    second = _segcal([*args, "--bins", "7", "--overwrite"])
     assert second.returncode == 1
     assert f"pid {first.pid}" in second.stderr.replace("\n", "") and "Traceback" not in second.stderr
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
-    third = subprocess.run(
-        [sys.executable, "-m", "segcal.cli", *args], env={**os.environ, "PYTHONPATH": SRC},
-        capture_output=True, text=True, timeout=300,
-    )
+    third = _segcal(args)
     assert third.returncode == 0, third.stderr[-2000:]
     rows = _csv(out)
     assert len({k[0] for k in rows}) == 30 and all(r["status"] == "ok" for r in rows.values())
@@ -199,7 +206,7 @@ def test_a_concurrent_cli_run_is_refused_and_a_killed_holder_is_taken_over(tmp_p
 def test_a_case_that_kills_its_worker_is_recorded_and_the_run_finishes(tmp_path: Path) -> None:
     pred, lab, _ = write_nifti_dataset(tmp_path, 6, shape=(6, 5, 4))
     out = tmp_path / "out"
-    args = ["evaluate", str(pred), str(lab), "-o", str(out), "--workers", "2", "--no-hd95", "--no-report"]
+    args = _evaluate_args(pred, lab, out, 2, "--no-report")
     proc = _start(args, {"FAULT_KILL_CASE": "case002"})
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 2, err[-3000:]  # some case failed
@@ -214,7 +221,7 @@ def test_a_case_that_kills_its_worker_is_recorded_and_the_run_finishes(tmp_path:
 def test_sigkill_of_a_worker_midway_loses_nothing(tmp_path: Path) -> None:
     pred, lab, _ = write_nifti_dataset(tmp_path, 16, shape=(6, 5, 4))
     out = tmp_path / "out"
-    args = ["evaluate", str(pred), str(lab), "-o", str(out), "--workers", "2", "--no-hd95", "--no-report"]
+    args = _evaluate_args(pred, lab, out, 2, "--no-report")
     proc = _start(args, {"FAULT_CASE_DELAY": "0.3"})
     db = out / "results.sqlite"
     _wait_for(lambda: db.exists() and db.stat().st_size > 0 and len(_workers(proc.pid)) >= 2)
@@ -238,7 +245,7 @@ def _workers(parent: int) -> list[int]:
 def test_sigkill_of_the_parent_leaves_no_process_behind(tmp_path: Path) -> None:
     pred, lab, _ = write_nifti_dataset(tmp_path, 30, shape=(6, 5, 4))
     out = tmp_path / "out"
-    args = ["evaluate", str(pred), str(lab), "-o", str(out), "--workers", "2", "--no-hd95", "--no-report"]
+    args = _evaluate_args(pred, lab, out, 2, "--no-report")
     proc = _start(args, {"FAULT_CASE_DELAY": "0.5"})
     _wait_for(lambda: len(_workers(proc.pid)) >= 2)
     assert len(_session_pids(proc.pid)) >= 3
@@ -320,7 +327,7 @@ def test_a_file_size_limit_while_writing_outputs_leaves_no_truncated_file(tmp_pa
     complete, nor a temporary file; the rerun without the limit gives exactly a clean run's outputs."""
     pred, lab, _ = write_nifti_dataset(tmp_path, 4)
     out = tmp_path / "out"
-    args = ["evaluate", str(pred), str(lab), "-o", str(out), "--workers", "0", "--no-hd95", "--bins", "10"]
+    args = _evaluate_args(pred, lab, out, 0, "--bins", "10")
     limited = subprocess.run(
         [sys.executable, "-c", _FSIZE_RUN, str(96 * 1024), *args],
         env={**os.environ, "PYTHONPATH": SRC}, capture_output=True, text=True, timeout=600,
@@ -333,16 +340,10 @@ def test_a_file_size_limit_while_writing_outputs_leaves_no_truncated_file(tmp_pa
             assert (out / name).stat().st_size < 96 * 1024
     if (out / "summary.json").exists():
         json.loads((out / "summary.json").read_text())  # complete: parses
-    again = subprocess.run(
-        [sys.executable, "-m", "segcal.cli", *args], env={**os.environ, "PYTHONPATH": SRC},
-        capture_output=True, text=True, timeout=600,
-    )
+    again = _segcal(args, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     clean = tmp_path / "clean"
-    subprocess.run(
-        [sys.executable, "-m", "segcal.cli", *args[:4], str(clean), *args[5:]],
-        env={**os.environ, "PYTHONPATH": SRC}, capture_output=True, text=True, timeout=600, check=True,
-    )
+    assert _segcal(_evaluate_args(pred, lab, clean, 0, "--bins", "10"), timeout=600).returncode == 0
     assert (out / "cases.csv").read_text() == (clean / "cases.csv").read_text()
     np.testing.assert_array_equal(np.load(out / "bins.npz")["bin_stats"], np.load(clean / "bins.npz")["bin_stats"])
     a, b = json.loads((out / "summary.json").read_text()), json.loads((clean / "summary.json").read_text())
