@@ -79,25 +79,25 @@ def _layout(r: CaseResult) -> tuple[tuple[int, ...], tuple[str, ...]]:
     return (tuple(r.bins.shape) if r.bins is not None else ()), tuple(r.class_names or [])
 
 
-def _fail_incompatible(store: ResultStore, ok: list[CaseResult]) -> list[CaseResult]:
-    """Cases whose classes or bins differ from the run's majority are recorded as failed, each with a message
-    naming it; the others are returned."""
-    layouts = Counter(_layout(r) for r in ok)
+def _fail_incompatible(store: ResultStore, results: list[CaseResult]) -> list[CaseResult]:
+    """``results`` with every ok case whose classes or bins differ from the run's majority turned into a failed
+    case with a message naming it (also recorded in the store)."""
+    layouts = Counter(_layout(r) for r in results if r.status == "ok")
     if len(layouts) <= 1:
-        return ok
+        return results
     (shape, names), n = layouts.most_common(1)[0]  # ties: the layout of the first case id
-    keep = []
-    for r in ok:
-        if _layout(r) == (shape, names):
-            keep.append(r)
-            continue
-        store.mark_failed(
-            r.case_id,
-            f"{r.case_id}: {len(r.class_names or [])} classes {list(r.class_names or [])} and bins of shape "
-            f"{list(_layout(r)[0])}, but {n} other cases of this run have {len(names)} classes {list(names)} and "
-            f"bins of shape {list(shape)}; evaluate it in a separate run",
-        )
-    return keep
+    out = []
+    for r in results:
+        if r.status == "ok" and _layout(r) != (shape, names):
+            error = (
+                f"{r.case_id}: {len(r.class_names or [])} classes {list(r.class_names or [])} and bins of shape "
+                f"{list(_layout(r)[0])}, but {n} other cases of this run have {len(names)} classes {list(names)} "
+                f"and bins of shape {list(shape)}; evaluate it in a separate run"
+            )
+            store.mark_failed(r.case_id, error)
+            r = CaseResult(r.case_id, "failed", error, seconds=r.seconds, peak_rss_mb=r.peak_rss_mb)
+        out.append(r)
+    return out
 
 
 def _case_rows(results: list[CaseResult], values: dict[str, torch.Tensor], stats: Any) -> list[dict[str, Any]]:
@@ -129,8 +129,7 @@ def write_outputs(
     store: ResultStore, out_dir: Path, run_config: dict[str, Any], unmatched: dict[str, list[str]]
 ) -> tuple[dict[str, Path], dict[str, Any]]:
     """Write ``cases.csv``, ``bins.npz``, ``summary.json`` (and ``failed.csv``) from the store's cases."""
-    _fail_incompatible(store, [r for r in store.results() if r.status == "ok"])
-    results = store.results()
+    results = _fail_incompatible(store, store.results())
     ok = [r for r in results if r.status == "ok"]
     failed = [r for r in results if r.status != "ok"]
     files = {
