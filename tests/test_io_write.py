@@ -28,7 +28,7 @@ from segcal.io import (
     read_numpy,
     read_numpy_logits,
     read_numpy_probabilities,
-    read_prediction_file,
+    read_prediction,
     write_bytes,
     write_nifti,
     write_nifti_probabilities,
@@ -192,12 +192,15 @@ def test_prediction_file_roundtrip_in_every_format(tmp_path: Path, fmt: str) -> 
         path = write_nnunet_probabilities(src / "case.npz", probs)
     else:
         path = write_numpy_logits(src / "case.npz", np.log(probs))
-    arr, meta = read_prediction_file(path, fmt)  # type: ignore[arg-type]
-    np.testing.assert_allclose(arr, np.log(probs) if fmt == "npy" else probs, rtol=1e-6)
-    written = write_prediction_file(path, out, probs, fmt, meta)  # type: ignore[arg-type]
+    pred = read_prediction(path, fmt, prefer="logits")  # type: ignore[arg-type]
+    assert pred.kind == ("logits" if fmt == "npy" else "probabilities")
+    np.testing.assert_allclose(pred.values, np.log(probs) if fmt == "npy" else probs, rtol=1e-6)
+    written = write_prediction_file(path, out, probs, fmt, pred.meta, calibration="segcal calibrate --method ts")  # type: ignore[arg-type]
     assert written == out / path.name
-    again = read_numpy_probabilities(written) if fmt == "npy" else read_prediction_file(written, fmt)[0]  # type: ignore[arg-type]
-    np.testing.assert_array_equal(again, probs)
+    again = read_prediction(written, fmt)  # type: ignore[arg-type]
+    assert again.kind == "probabilities" and again.declared_by is not None
+    assert again.calibration == "segcal calibrate --method ts"
+    np.testing.assert_array_equal(again.values, probs)
     if fmt == "nifti":
         np.testing.assert_allclose(nib.load(written).affine, AFFINE)
 

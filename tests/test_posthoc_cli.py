@@ -51,11 +51,13 @@ def test_calibrate_cli(tmp_path, method) -> None:
         "0",
         "--save-calibrator",
         str(tmp_path / "cal.pt"),
+        "--pred-kind",
+        "logits",  # the validation .npy files cannot say it themselves
     ]
     res = _invoke(args)
     assert res.exit_code == 0, res.output
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["case0.npz", "case1.npz"]
+    assert files == ["case0.npz", "case1.npz", "segcal.json"]
     with np.load(out / "case0.npz") as f:
         probs = f["probabilities"]
     assert probs.shape == (3, 24, 24)
@@ -83,6 +85,8 @@ def test_calibrate_cli_errors(tmp_path) -> None:
             str(tmp_path / "test"),
             "-o",
             str(tmp_path / "o"),
+            "--pred-kind",
+            "logits",
         ]
     )
     assert res.exit_code != 0

@@ -92,7 +92,7 @@ def test_calibrate_nifti(tmp_path, data) -> None:
     res = _invoke(_args(tmp_path / "val", tmp_path / "lab", tmp_path / "test", out))
     assert res.exit_code == 0, res.output
     assert "nifti" in res.output
-    assert sorted(p.name for p in out.iterdir()) == ["case0.nii.gz", "case1.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == ["case0.nii.gz", "case1.nii.gz", "segcal.json"]
     probs = []
     for i in range(2):
         img = nib.load(str(out / f"case{i}.nii.gz"))
@@ -120,11 +120,12 @@ def test_calibrate_nnunet(tmp_path, data) -> None:
                         str(tmp_path / "cal.pt")))  # fmt: skip
     assert res.exit_code == 0, res.output
     assert "nnunet" in res.output
-    assert sorted(p.name for p in out.iterdir()) == ["case0.npz", "case1.npz", "dataset.json", "plans.json"]
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["case0.npz", "case1.npz", "dataset.json", "plans.json", "segcal.json"]
     probs = []
     for i in range(2):
         with np.load(out / f"case{i}.npz", allow_pickle=False) as f:
-            assert f.files == ["probabilities"]
+            assert f.files == ["probabilities", "segcal_calibration"]
             q = f["probabilities"]
         assert q.dtype == np.float32 and q.shape == (C, *SHAPE[::-1])  # (C, z, y, x)
         assert np.allclose(q.sum(0), 1, atol=1e-5)

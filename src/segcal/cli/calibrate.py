@@ -1,23 +1,23 @@
 """``segcal calibrate``: fit a post-hoc calibrator on validation predictions and write calibrated probabilities.
 
 Input folders use the formats of ``segcal evaluate`` (:mod:`segcal.io`; ``--format auto`` detects each folder
-with :func:`segcal.io.detect_format`):
+with :func:`segcal.io.detect_format`): ``npy`` (``.npz`` / ``.npy`` arrays ``(C, *S)``), ``nifti``
+(``(x, y, z, C)`` maps) and ``nnunet`` (``case.npz`` key ``"probabilities"`` ``(C, z, y, x)``). Labels are label
+maps ``(*S)`` (also the ``.npz`` training cases of ``segcal train``, key ``"label"``), or multi-hot ``(C, *S)``
+for ``--mode multilabel``.
 
-* ``npy``: one ``.npy`` / ``.npz`` **logits** file ``(C, *S)`` per case (npz: key ``"logits"`` or a single
-  array); labels ``(*S)`` integer maps (or multi-hot ``(C, *S)`` for ``--mode multilabel``);
-* ``nifti``: **probability** maps ``case.nii.gz`` ``(x, y, z, C)`` (validation cases may also use any layout
-  :func:`segcal.io.read_probabilities` reads) + NIfTI label maps ``(x, y, z)``;
-* ``nnunet``: nnU-Net v2 prediction folders, ``case.npz`` with key ``"probabilities"`` ``(C, z, y, x)``,
-  labels ``case.nii.gz`` ``(x, y, z)``.
+Every prediction file says whether it holds probabilities or logits (the prediction-file contract,
+:mod:`segcal.io.predictions`: npz key, NIfTI intent, ``segcal.json`` sidecar, or ``--pred-kind``); logits are
+used as stored, probabilities are converted by :func:`segcal.posthoc.folders.probabilities_to_logits` (a warning
+when saturated voxels make the fit unreliable); a file whose kind cannot be told is refused, and so is a file
+already calibrated by this command.
 
-Probabilities are turned into logits by :func:`segcal.posthoc.folders.probabilities_to_logits`.
-
-Outputs keep the format of the ``--apply-to`` folder: ``.npy`` (probabilities ``(C, *S)``) / ``.npz`` (key
-``"probabilities"``) for ``npy``; NIfTI ``(x, y, z, C)`` float32 with the input's affine and header for
-``nifti``; ``case.npz`` with key ``"probabilities"`` ``(C, z, y, x)`` float32 for ``nnunet`` (nnU-Net's
-``plans.json`` / ``dataset.json`` are copied; ``.pkl`` files are never read or written). Reading lives in
-:mod:`segcal.posthoc.folders` and :mod:`segcal.io`, writing in :func:`segcal.io.write_prediction_file`; this
-module only handles the command line.
+Outputs keep the format of the ``--apply-to`` folder and are declared as calibrated probabilities: ``.npz`` key
+``"probabilities"`` ``(C, *S)`` for ``npy`` (an ``.npy`` input is written as ``.npz``); NIfTI ``(x, y, z, C)``
+float32 with the input's affine and header for ``nifti``; ``case.npz`` ``(C, z, y, x)`` for ``nnunet`` (nnU-Net's
+``plans.json`` / ``dataset.json`` are copied; ``.pkl`` files are never read or written). Each file carries the
+calibration mark and the folder a ``segcal.json`` sidecar with the method and fitted parameters. Reading lives
+in :mod:`segcal.posthoc.folders` and :mod:`segcal.io`; this module only handles the command line.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from segcal.io import (
 if TYPE_CHECKING:  # the computing layers are imported when a command runs, so `--help` stays instant
     import numpy as np
 
+    from segcal.io import Prediction
     from segcal.posthoc import Calibrator
 
 T = TypeVar("T")
@@ -57,6 +58,12 @@ class Method(str, Enum):
     ts = "ts"
     vector = "vector"
     aux = "aux"
+
+
+class PredKind(str, Enum):
+    auto = "auto"
+    probabilities = "probabilities"
+    logits = "logits"
 
 
 class InputFormat(str, Enum):
@@ -112,14 +119,39 @@ def _make_calibrator(
     return AuxiliaryConvCalibrator(mode=mode, kernel_size=kernel_size, epochs=epochs, seed=seed)
 
 
-def _calibrated(cal: Calibrator, path: Path, fmt: FolderFormat) -> tuple[np.ndarray, Any]:
-    """``(calibrated probabilities (C, *S), meta)`` of one ``--apply-to`` file."""
+def _calibrated(cal: Calibrator, path: Path, fmt: FolderFormat, kind: str, mode: str) -> tuple[np.ndarray, Prediction]:
+    """``(calibrated probabilities (C, *S), the file as read)`` of one ``--apply-to`` file."""
     import torch
 
-    from segcal.posthoc.folders import read_logits_file
+    from segcal.posthoc.folders import read_logits
 
-    z, meta = read_logits_file(path, fmt)
-    return cal.transform(torch.from_numpy(z)[None])[0].numpy(), meta
+    z, pred, _ = read_logits(path, fmt, kind=kind, mode=mode)  # type: ignore[arg-type]
+    return cal.transform(torch.from_numpy(z)[None])[0].numpy(), pred
+
+
+def _fitted(cal: Calibrator) -> dict[str, Any]:
+    """The fitted parameters of ``cal`` as JSON numbers (temperature, or per-class scale and bias)."""
+    out: dict[str, Any] = {}
+    if hasattr(cal, "temperature_"):
+        out["temperature"] = float(cal.temperature_)
+    if hasattr(cal, "scale_"):
+        out["scale"] = [float(v) for v in cal.scale_.tolist()]
+        out["bias"] = [float(v) for v in cal.bias_.tolist()]
+    return out
+
+
+def calibration_record(cal: Calibrator, method: str, val_pred: Path, apply_to: Path) -> tuple[str, dict[str, Any]]:
+    """``(per-file mark, sidecar record)`` of a calibration: the mark is a short text starting with
+    ``"segcal calibrate"`` (it fits a NIfTI ``descrip``); the record names the method, the fitted parameters
+    and the source folders."""
+    from segcal.io.predictions import CALIBRATION_MARK
+
+    params = _fitted(cal)
+    mark = f"{CALIBRATION_MARK} --method {method}"
+    if "temperature" in params:
+        mark += f" T={params['temperature']:.4f}"
+    record = {"method": method, **params, "val_pred": str(val_pred.resolve()), "apply_to": str(apply_to.resolve())}
+    return mark, record
 
 
 def _run_or_exit(progress: Progress, console: Console, step: Callable[[], T], path: Path | None = None) -> T:
@@ -135,7 +167,7 @@ def _run_or_exit(progress: Progress, console: Console, step: Callable[[], T], pa
 
 
 def _summary_table(
-    cal: Calibrator, val_fmt: str, apply_fmt: str, n_cases: int, n_targets: int, output: Path
+    cal: Calibrator, val_fmt: str, apply_fmt: str, n_cases: int, n_targets: int, output: Path, saturation: float
 ) -> Table:
     """The fitted parameters and what was written."""
     table = Table(title="segcal calibrate")
@@ -149,9 +181,47 @@ def _summary_table(
     if hasattr(cal, "scale_"):
         table.add_row("scale", ", ".join(f"{v:.3f}" for v in cal.scale_.tolist()))
         table.add_row("bias", ", ".join(f"{v:.3f}" for v in cal.bias_.tolist()))
+    table.add_row("saturated validation voxels", f"{saturation:.2%}")
     table.add_row("calibrated cases", str(n_targets))
     table.add_row("output", str(output))
     return table
+
+
+def _warn_saturation(console: Console, saturation: float) -> None:
+    """One warning when more than ``SATURATION_WARN`` of the validation voxels were saturated probabilities."""
+    import math
+
+    from segcal.posthoc.folders import PROB_EPS, SATURATION_WARN
+
+    if saturation > SATURATION_WARN:
+        console.print(
+            f"[yellow]warning:[/yellow] {saturation:.1%} of the validation voxels are saturated (a class probability "
+            f"below {PROB_EPS:g}): converted to logits, their margins are cut at {-math.log(PROB_EPS):.1f}, "
+            "which biases the fit; fit on logits instead (segcal predict --save-logits writes them)",
+            soft_wrap=True,
+        )
+
+
+def _write_outputs(
+    progress: Progress, console: Console, cal: Calibrator, targets: dict[str, Path], opts: dict[str, Any]
+) -> None:
+    """Calibrate every ``--apply-to`` file into ``opts["output"]``, each marked, then the folder sidecar."""
+    from segcal.io import read_folder_info, write_folder_info
+
+    apply_fmt, output = opts["apply_fmt"], opts["output"]
+    mark, record = calibration_record(cal, opts["method"], opts["val_pred"], opts["apply_to"])
+    source = read_folder_info(opts["apply_to"])
+    task = progress.add_task(f"calibrating ({apply_fmt})", total=len(targets))
+    for path in targets.values():
+        probs, pred = _run_or_exit(
+            progress, console, lambda p=path: _calibrated(cal, p, apply_fmt, opts["kind"], opts["mode"]), path
+        )
+        sp = pred.spacing if apply_fmt == "npy" else None
+        write_prediction_file(path, output, probs, apply_fmt, pred.meta, calibration=mark, spacing=sp)
+        progress.advance(task)
+    if apply_fmt == "nnunet":
+        copy_nnunet_side_files(opts["apply_to"], output)
+    write_folder_info(output, source.merged(kind="probabilities", calibration=record))
 
 
 @app.command()
@@ -162,13 +232,19 @@ def calibrate(
         help="ts (temperature), vector (per-class / Platt) or aux (k×k(×k) conv on the logits).",
     ),
     val_pred: Path = typer.Option(
-        ..., "--val-pred", help="Folder of validation predictions (npy logits, NIfTI or nnU-Net probabilities)."
+        ..., "--val-pred", help="Folder of validation predictions (logits or probabilities, see --pred-kind)."
     ),
     val_labels: Path = typer.Option(..., "--val-labels", help="Folder of validation label maps (*spatial)."),
     apply_to: Path = typer.Option(..., "--apply-to", help="Folder of predictions to calibrate."),
     output: Path = typer.Option(..., "-o", "--output", help="Output folder for calibrated probabilities."),
     fmt: InputFormat = typer.Option(
-        InputFormat.auto, "--format", help="auto (detected per folder), nifti, npy (logits) or nnunet."
+        InputFormat.auto, "--format", help="auto (detected per folder), nifti, npy or nnunet."
+    ),
+    pred_kind: PredKind = typer.Option(
+        PredKind.auto,
+        "--pred-kind",
+        help="What undeclared prediction files hold: auto (declared by npz key / NIfTI intent / segcal.json, "
+        "else must be probabilities), probabilities or logits. Never overrides a declared kind.",
     ),
     mode: str = typer.Option("exclusive", help="exclusive (softmax) or multilabel (sigmoid)."),
     max_voxels: int = typer.Option(200_000, help="Random voxels per validation volume for ts/vector (0 = all)."),
@@ -178,17 +254,21 @@ def calibrate(
     save_calibrator: Path | None = typer.Option(None, help="Also save the fitted calibrator to this file."),
 ) -> None:
     """Fit a calibrator on validation predictions + labels, then write calibrated probability maps for
-    --apply-to in the same format as its input."""
+    --apply-to in the same format as its input.
+
+    Exit codes: 0 done; 1 a prediction file is unusable (unknown kind, already calibrated, unreadable; the
+    message names it); 2 bad options or folders.
+    """
     console = Console()
     try:
         inputs = {"--apply-to": apply_to, "--val-pred": val_pred, "--val-labels": val_labels}
         check_output_outside_inputs(output, inputs)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
+    if mode not in ("exclusive", "multilabel"):
+        raise typer.BadParameter(f"--mode must be exclusive or multilabel, got {mode!r}")
     val_fmt = resolve_format(val_pred, fmt)
     apply_fmt = resolve_format(apply_to, fmt)
-    if val_fmt != "npy" and mode != "exclusive":
-        raise typer.BadParameter(f"--mode {mode} needs npy logits; {val_fmt} folders hold softmax probabilities")
     cases = match_validation(val_pred, val_labels, val_fmt)
     targets = list_apply_cases(apply_to, apply_fmt)
     cal = _make_calibrator(method, mode, max_voxels, kernel_size, epochs, seed)
@@ -197,16 +277,14 @@ def calibrate(
         task = progress.add_task(f"fitting {method.value} on {len(cases)} {val_fmt} cases", total=None)
         from segcal.posthoc.folders import FolderVolumes
 
-        _run_or_exit(progress, console, lambda: cal.fit(FolderVolumes(cases, val_fmt)))
+        volumes = FolderVolumes(cases, val_fmt, kind=pred_kind.value, mode=mode)  # type: ignore[arg-type]
+        _run_or_exit(progress, console, lambda: cal.fit(volumes))
         progress.update(task, total=1, completed=1)
+        _warn_saturation(console, volumes.saturation)
         output.mkdir(parents=True, exist_ok=True)
-        task = progress.add_task(f"calibrating ({apply_fmt})", total=len(targets))
-        for path in targets.values():
-            probs, meta = _run_or_exit(progress, console, lambda p=path: _calibrated(cal, p, apply_fmt), path)
-            write_prediction_file(path, output, probs, apply_fmt, meta)
-            progress.advance(task)
-        if apply_fmt == "nnunet":
-            copy_nnunet_side_files(apply_to, output)
+        opts = {"apply_fmt": apply_fmt, "output": output, "method": method.value, "val_pred": val_pred,
+                "apply_to": apply_to, "kind": pred_kind.value, "mode": mode}
+        _write_outputs(progress, console, cal, targets, opts)
     if save_calibrator is not None:
         cal.save(save_calibrator)
-    console.print(_summary_table(cal, val_fmt, apply_fmt, len(cases), len(targets), output))
+    console.print(_summary_table(cal, val_fmt, apply_fmt, len(cases), len(targets), output, volumes.saturation))

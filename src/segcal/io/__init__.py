@@ -5,6 +5,8 @@
 * :mod:`segcal.io.nifti`: NIfTI data with spacing and affine;
 * :mod:`segcal.io.numpy`: ``.npy`` / ``.npz`` arrays (keys ``probabilities`` / ``logits``, never pickled);
 * :mod:`segcal.io.nnunet`: nnU-Net v2 ``case.npz`` probabilities ``(C, z, y, x)`` and side files;
+* :mod:`segcal.io.sidecar`: the folder sidecar ``segcal.json`` (kind, spacing, class names, calibration);
+* :mod:`segcal.io.predictions`: the prediction-file contract: probabilities or logits, and how that is known;
 * :mod:`segcal.io.volumes`: probability / label / mask files of any format, in label order ``(C, *S)``;
 * :mod:`segcal.io.matching`: case ids, format detection, :func:`match_cases`, :func:`load_case`;
 * :mod:`segcal.io.runs`: run-folder files (``cases.csv``, ``failed.csv``, ``bins.npz``, ``summary.json``).
@@ -51,12 +53,13 @@ from segcal.io.numpy import (
     write_numpy_logits,
     write_numpy_probabilities,
 )
+from segcal.io.predictions import KindOption, Prediction, calibration_mark, read_prediction
+from segcal.io.sidecar import SIDECAR_NAME, FolderInfo, PredictionKind, read_folder_info, write_folder_info
 from segcal.io.volumes import (
     FolderFormat,
     list_prediction_files,
     read_label,
     read_mask,
-    read_prediction_file,
     read_probabilities,
     write_prediction_file,
 )
@@ -66,13 +69,19 @@ __all__ = [
     "NIFTI_SUFFIXES",
     "NNUNET_SIDE_FILES",
     "NUMPY_SUFFIXES",
+    "SIDECAR_NAME",
     "Case",
     "CaseError",
     "CaseFiles",
     "FolderFormat",
+    "FolderInfo",
     "Format",
+    "KindOption",
     "OutputError",
+    "Prediction",
+    "PredictionKind",
     "atomic_write",
+    "calibration_mark",
     "case_id_from_path",
     "check_output_outside_inputs",
     "copy_file",
@@ -82,6 +91,7 @@ __all__ = [
     "load_case",
     "match_cases",
     "prepare_output_dir",
+    "read_folder_info",
     "read_label",
     "read_mask",
     "read_nifti",
@@ -93,9 +103,10 @@ __all__ = [
     "read_numpy_array",
     "read_numpy_logits",
     "read_numpy_probabilities",
-    "read_prediction_file",
+    "read_prediction",
     "read_probabilities",
     "write_bytes",
+    "write_folder_info",
     "write_nifti",
     "write_nifti_probabilities",
     "write_nnunet_probabilities",

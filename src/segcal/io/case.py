@@ -10,7 +10,16 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["GEOMETRY_ATOL", "Case", "CaseError", "CaseFiles", "check_probability_dtype", "same_geometry"]
+__all__ = [
+    "GEOMETRY_ATOL",
+    "Case",
+    "CaseError",
+    "CaseFiles",
+    "check_probability_dtype",
+    "same_geometry",
+    "shape_mismatch",
+    "to_label_grid",
+]
 
 #: tolerance on spacing (mm) and affine entries when prediction and label geometry are compared
 GEOMETRY_ATOL = 1e-3
@@ -77,3 +86,29 @@ def same_geometry(
     if aff_a is not None and aff_b is not None and not np.allclose(aff_a, aff_b, atol=GEOMETRY_ATOL):
         return False
     return True
+
+
+def to_label_grid(values: np.ndarray, label_shape: Sequence[int]) -> np.ndarray:
+    """``values`` ``(C, *S)`` on the label's grid: a 2D slice stored as NIfTI ``(X, Y, 1)`` and one stored as
+    ``(X, Y)`` are the same grid, so a singleton third spatial axis is dropped (or added) to match
+    ``label_shape``; any other shape is returned unchanged (the caller reports the mismatch)."""
+    spatial = tuple(values.shape[1:])
+    label_shape = tuple(label_shape)
+    if len(spatial) == 3 and len(label_shape) == 2 and spatial == (*label_shape, 1):
+        return values[..., 0]
+    if len(spatial) == 2 and len(label_shape) == 3 and label_shape == (*spatial, 1):
+        return values[..., None]
+    return values
+
+
+def shape_mismatch(
+    pred_path: str | Path, pred_spatial: Sequence[int], label_path: str | Path, label_shape: Sequence[int], fmt: str
+) -> CaseError:
+    """The error for a prediction whose spatial shape is not its label's, naming both files (with the axis-order
+    hint for nnU-Net files)."""
+    hint = " (nnU-Net files are (C, z, y, x) against the label's (x, y, z))" if fmt == "nnunet" else ""
+    return CaseError(
+        pred_path,
+        f"shape mismatch: probabilities have spatial shape {tuple(pred_spatial)}, label {label_path} has "
+        f"{tuple(label_shape)}{hint}",
+    )

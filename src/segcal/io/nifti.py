@@ -28,6 +28,9 @@ from segcal.io.case import CaseError, check_probability_dtype, same_geometry
 
 __all__ = [
     "NIFTI_SUFFIXES",
+    "nifti_declared_kind",
+    "nifti_description",
+    "nifti_to_probabilities",
     "read_nifti",
     "read_nifti_image",
     "read_nifti_probabilities",
@@ -172,12 +175,15 @@ def write_nifti(
     *,
     spacing: Sequence[float] | None = None,
     header: Any = None,
+    intent_name: str | None = None,
+    descrip: str | None = None,
 ) -> Path:
     """Write ``data`` (axes ``(x, y, z[, t])``) as NIfTI (``.nii`` or gzip ``.nii.gz``) atomically.
 
     The geometry is ``affine``, or ``diag(spacing, 1)`` when only ``spacing`` is given (identity when neither
     is). With ``header`` (e.g. the header of the input image) a copy of it is used, with the data type set to
     that of ``data`` and no intensity scaling (slope 1, intercept 0); a NIfTI-2 header gives a NIfTI-2 file.
+    ``intent_name`` (at most 16 bytes) and ``descrip`` (at most 80 bytes) set those header fields.
     :func:`read_nifti` reads back ``(data, spacing, affine)``.
     """
     import nibabel as nib
@@ -197,6 +203,10 @@ def write_nifti(
         klass = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
         img = klass(data, affine, header)
         img.header.set_slope_inter(1.0, 0.0)
+    if intent_name is not None:
+        img.header.set_intent(img.header.get_intent()[0], (), name=intent_name)
+    if descrip is not None:
+        img.header["descrip"] = descrip.encode("utf-8")[:80]
     with atomic_write(p, "wb") as fh:
         if p.name.endswith(".gz"):
             with gzip.GzipFile(filename="", mode="wb", fileobj=fh, compresslevel=_GZIP_LEVEL, mtime=0) as gz:
@@ -207,9 +217,31 @@ def write_nifti(
 
 
 def write_nifti_probabilities(
-    path: str | Path, probs: np.ndarray, affine: np.ndarray | None = None, *, header: Any = None
+    path: str | Path,
+    probs: np.ndarray,
+    affine: np.ndarray | None = None,
+    *,
+    header: Any = None,
+    kind: str = "probabilities",
+    descrip: str | None = None,
 ) -> Path:
-    """Probability map ``(C, x, y, z)`` (label order) as float32 NIfTI ``(x, y, z, C)`` (classes last), with
-    ``affine`` / ``header`` as in :func:`write_nifti`; :func:`read_nifti_probabilities` reads it back."""
+    """Probability (or, with ``kind="logits"``, logits) map ``(C, x, y, z)`` (label order) as float32 NIfTI
+    ``(x, y, z, C)`` (classes last), with ``affine`` / ``header`` as in :func:`write_nifti`; the header's
+    ``intent_name`` says what the file holds (:func:`nifti_declared_kind`). :func:`read_nifti_probabilities`
+    reads it back."""
     vol = np.ascontiguousarray(np.moveaxis(probs.astype(np.float32, copy=False), 0, -1))
-    return write_nifti(path, vol, affine, header=header)
+    return write_nifti(path, vol, affine, header=header, intent_name=kind, descrip=descrip)
+
+
+def nifti_declared_kind(image: Any) -> str | None:
+    """What a NIfTI prediction says it holds: its header's ``intent_name`` when that is ``"probabilities"`` or
+    ``"logits"`` (as segcal writes it), else ``None``."""
+    name = str(image.header.get_intent()[2]).strip()
+    return name if name in ("probabilities", "logits") else None
+
+
+def nifti_description(image: Any) -> str:
+    """The header's ``descrip`` text (``""`` when empty)."""
+    raw = image.header["descrip"]
+    raw = raw.item() if hasattr(raw, "item") else raw
+    return raw.decode("utf-8", "replace").strip() if isinstance(raw, bytes) else str(raw).strip()

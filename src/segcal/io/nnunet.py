@@ -16,7 +16,14 @@ import numpy as np
 
 from segcal.io._atomic import copy_file
 from segcal.io.case import CaseError, check_probability_dtype
-from segcal.io.numpy import PROBABILITIES_KEY, MissingKeyError, UnreadableNumpyError, read_npz, write_npz
+from segcal.io.numpy import (
+    PROBABILITIES_KEY,
+    MissingKeyError,
+    NumpyRecord,
+    UnreadableNumpyError,
+    read_numpy_record,
+    write_npz,
+)
 
 __all__ = [
     "NNUNET_SIDE_FILES",
@@ -24,6 +31,7 @@ __all__ = [
     "has_nnunet_side_files",
     "nnunet_to_label_order",
     "read_nnunet_probabilities",
+    "read_nnunet_record",
     "write_nnunet_probabilities",
 ]
 
@@ -37,26 +45,36 @@ def nnunet_to_label_order(arr: np.ndarray) -> np.ndarray:
     return np.transpose(arr, (0, *range(arr.ndim - 1, 0, -1)))
 
 
-def read_nnunet_probabilities(path: str | Path) -> np.ndarray:
-    """nnU-Net v2 ``case.npz`` (key ``probabilities``, axes ``(C, z, y, x)``) → ``(C, x, y, z)``."""
+def read_nnunet_record(path: str | Path) -> NumpyRecord:
+    """nnU-Net v2 ``case.npz`` (key ``probabilities``, axes ``(C, z, y, x)``) with its metadata entries; the
+    record's ``array`` is in label order ``(C, x, y, z)``."""
     p = Path(path)
     try:
-        arr = read_npz(p, (PROBABILITIES_KEY,))[PROBABILITIES_KEY]
+        rec = read_numpy_record(p, key=PROBABILITIES_KEY)
     except MissingKeyError as exc:
         raise CaseError(p, f"not an nnU-Net probability file: no key 'probabilities' (keys: {exc.keys})") from None
     except UnreadableNumpyError as exc:
         raise CaseError(p, f"unreadable nnU-Net file (corrupt or truncated?): {exc.problem}") from None
-    check_probability_dtype(arr, p)
-    if arr.ndim < 3:
-        raise CaseError(p, f"expected probabilities (C, z, y, x) or (C, y, x), got shape {arr.shape}")
-    return nnunet_to_label_order(arr)
+    check_probability_dtype(rec.array, p)
+    if rec.array.ndim < 3:
+        raise CaseError(p, f"expected probabilities (C, z, y, x) or (C, y, x), got shape {rec.array.shape}")
+    rec.array = nnunet_to_label_order(rec.array)
+    return rec
 
 
-def write_nnunet_probabilities(path: str | Path, probs: np.ndarray) -> Path:
+def read_nnunet_probabilities(path: str | Path) -> np.ndarray:
+    """nnU-Net v2 ``case.npz`` (key ``probabilities``, axes ``(C, z, y, x)``) → ``(C, x, y, z)``."""
+    return read_nnunet_record(path).array
+
+
+def write_nnunet_probabilities(
+    path: str | Path, probs: np.ndarray, extra: dict[str, np.ndarray] | None = None
+) -> Path:
     """Probability map ``(C, x, y, z)`` (label order) as nnU-Net's ``case.npz``: key ``"probabilities"``, axes
-    ``(C, z, y, x)``, float32, compressed; :func:`read_nnunet_probabilities` reads it back."""
+    ``(C, z, y, x)``, float32, compressed, plus the metadata entries ``extra`` (e.g. segcal's calibration
+    mark; nnU-Net reads only ``probabilities``); :func:`read_nnunet_probabilities` reads it back."""
     arr = np.ascontiguousarray(nnunet_to_label_order(probs.astype(np.float32, copy=False)))
-    return write_npz(path, {PROBABILITIES_KEY: arr}, compressed=True)
+    return write_npz(path, {PROBABILITIES_KEY: arr, **(extra or {})}, compressed=True)
 
 
 def has_nnunet_side_files(folder: str | Path) -> bool:

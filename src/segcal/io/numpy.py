@@ -2,7 +2,11 @@
 
 Arrays are stored as given: a probability map is ``(C, *S)`` with the spatial axes in the label's order, a
 logits map likewise ``(C, *S)``. In an ``.npz`` archive probabilities are stored under the key
-``"probabilities"`` and logits under ``"logits"``; readers take that key, or the archive's only array.
+``"probabilities"`` and logits under ``"logits"``, a label map under ``"label"``; readers take that key, or the
+archive's only data array. Two optional entries describe the case instead of holding values
+(:data:`METADATA_KEYS`): ``"spacing"``, the voxel size in mm over ``*S`` (NumPy files have no header for it), and
+``"segcal_calibration"``, which marks a file written by ``segcal calibrate`` (see docs/workflow.md, "The
+prediction-file contract").
 
 Nothing is ever pickled: readers load with ``allow_pickle=False`` and refuse object arrays, writers refuse
 object arrays. Before any data is read the headers are checked against the file (:mod:`segcal.io._sizes`): an
@@ -17,6 +21,7 @@ from __future__ import annotations
 import zipfile
 import zlib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
@@ -27,16 +32,22 @@ from segcal.io._sizes import check_fits_memory, claim, deflate_bound, human_byte
 from segcal.io.case import CaseError, check_probability_dtype
 
 __all__ = [
+    "CALIBRATION_KEY",
+    "LABEL_KEY",
     "LOGITS_KEY",
+    "METADATA_KEYS",
     "NUMPY_SUFFIXES",
     "PROBABILITIES_KEY",
+    "SPACING_KEY",
     "MissingKeyError",
+    "NumpyRecord",
     "UnreadableNumpyError",
     "read_npz",
     "read_numpy",
     "read_numpy_array",
     "read_numpy_logits",
     "read_numpy_probabilities",
+    "read_numpy_record",
     "write_npz",
     "write_numpy",
     "write_numpy_logits",
@@ -48,6 +59,14 @@ NUMPY_SUFFIXES = (".npy", ".npz")
 PROBABILITIES_KEY = "probabilities"
 #: ``.npz`` key of a logits map ``(C, *S)``
 LOGITS_KEY = "logits"
+#: ``.npz`` key of a label map ``(*S)`` (training cases also hold ``image``)
+LABEL_KEY = "label"
+#: ``.npz`` key of the voxel size in mm, a 1-D array over the spatial axes ``*S``
+SPACING_KEY = "spacing"
+#: ``.npz`` key marking a file written by ``segcal calibrate`` (a JSON text: method and fitted parameters)
+CALIBRATION_KEY = "segcal_calibration"
+#: ``.npz`` entries that describe a case rather than hold its values
+METADATA_KEYS = (SPACING_KEY, CALIBRATION_KEY)
 
 _UNREADABLE = (OSError, EOFError, zipfile.BadZipFile, zlib.error)
 _NPY_MAGIC = np.lib.format.MAGIC_PREFIX
@@ -193,26 +212,78 @@ def _no_object(arr: np.ndarray, p: Path) -> np.ndarray:
     return arr
 
 
-def _read(path: str | Path, key: str | None, prefer: str | None) -> np.ndarray:
-    """The array of ``path``: ``.npy`` as stored; ``.npz`` under ``key`` (required), else under ``prefer``
-    when present, else the archive's only array."""
+def _pick_key(p: Path, keys: list[str], key: str | None, prefer: Sequence[str]) -> str:
+    """The archive key to read: ``key`` (required), else the first of ``prefer`` present, else the archive's
+    only array that is not case metadata (:data:`METADATA_KEYS`)."""
+    if key is None:
+        key = next((k for k in prefer if k in keys), None)
+    if key is None:
+        data = [k for k in keys if k not in METADATA_KEYS]
+        if len(data) != 1:
+            hint = " or ".join(repr(k) for k in prefer) or repr(PROBABILITIES_KEY)
+            raise CaseError(p, f"archive holds arrays {keys}; expected exactly one (or the key {hint})")
+        key = data[0]
+    if key not in keys:
+        raise MissingKeyError(p, f"archive has no key {key!r} (keys: {keys})", keys)
+    return key
+
+
+def _spacing_entry(p: Path, archive: np.lib.npyio.NpzFile) -> tuple[float, ...] | None:
+    """The voxel size stored under :data:`SPACING_KEY`: a 1-D array of 1 to 3 finite positive numbers."""
+    if SPACING_KEY not in archive.files:
+        return None
+    sp = _member(p, archive, SPACING_KEY)
+    ok = sp.ndim == 1 and 1 <= sp.size <= 3 and np.issubdtype(sp.dtype, np.number)
+    if not ok or not (np.isfinite(sp).all() and (sp > 0).all()):
+        raise CaseError(p, f"{SPACING_KEY!r} must be 1 to 3 positive voxel sizes in mm, got {sp.tolist()!r}")
+    return tuple(float(v) for v in sp)
+
+
+def _calibration_entry(p: Path, archive: np.lib.npyio.NpzFile) -> str | None:
+    if CALIBRATION_KEY not in archive.files:
+        return None
+    mark = _member(p, archive, CALIBRATION_KEY)
+    return str(mark.reshape(-1)[0]) if mark.size else ""
+
+
+@dataclass
+class NumpyRecord:
+    """One array of a NumPy file with what the file says about it.
+
+    Attributes:
+        array: the data, as stored.
+        key: the ``.npz`` key it was read from (``None`` for ``.npy``).
+        keys: every key of the archive (empty for ``.npy``).
+        spacing: voxel size in mm from the archive's ``spacing`` entry, else ``None``.
+        calibration: the archive's ``segcal_calibration`` entry (a JSON text), set on files written by
+            ``segcal calibrate``, else ``None``.
+    """
+
+    array: np.ndarray
+    key: str | None = None
+    keys: list[str] = field(default_factory=list)
+    spacing: tuple[float, ...] | None = None
+    calibration: str | None = None
+
+
+def read_numpy_record(path: str | Path, prefer: Sequence[str] = (), *, key: str | None = None) -> NumpyRecord:
+    """The data array of ``path`` with its metadata: ``.npy`` as stored; ``.npz`` under ``key`` (required), else
+    under the first of ``prefer`` that the archive has, else the archive's only array besides the metadata
+    entries ``spacing`` and ``segcal_calibration``. Never unpickles."""
     p = Path(path)
     obj = _load(p)
     if not isinstance(obj, np.lib.npyio.NpzFile):
-        return _no_object(obj, p)
+        return NumpyRecord(_no_object(obj, p))
     with obj:
         keys = list(obj.files)
-        if key is None:
-            if prefer is not None and prefer in keys:
-                key = prefer
-            elif len(keys) != 1:
-                hint = prefer if prefer is not None else PROBABILITIES_KEY
-                raise CaseError(p, f"archive holds arrays {keys}; expected exactly one (or the key {hint!r})")
-            else:
-                key = keys[0]
-        if key not in keys:
-            raise MissingKeyError(p, f"archive has no key {key!r} (keys: {keys})", keys)
-        return _no_object(_member(p, obj, key), p)
+        chosen = _pick_key(p, keys, key, prefer)
+        array = _no_object(_member(p, obj, chosen), p)
+        return NumpyRecord(array, chosen, keys, _spacing_entry(p, obj), _calibration_entry(p, obj))
+
+
+def _read(path: str | Path, key: str | None, prefer: str | None) -> np.ndarray:
+    """The array of ``path`` (:func:`read_numpy_record`)."""
+    return read_numpy_record(path, () if prefer is None else (prefer,), key=key).array
 
 
 def read_numpy(path: str | Path, key: str | None = None) -> np.ndarray:

@@ -17,20 +17,21 @@ import numpy as np
 from segcal.io.case import CaseError, check_probability_dtype
 from segcal.io.nifti import (
     NIFTI_SUFFIXES,
-    nifti_to_probabilities,
     read_nifti,
-    read_nifti_image,
     read_nifti_probabilities,
     write_nifti_probabilities,
 )
-from segcal.io.nnunet import read_nnunet_probabilities, write_nnunet_probabilities
+from segcal.io.nnunet import write_nnunet_probabilities
 from segcal.io.numpy import (
+    CALIBRATION_KEY,
+    LABEL_KEY,
     NUMPY_SUFFIXES,
-    read_numpy,
-    read_numpy_logits,
-    read_numpy_probabilities,
-    write_numpy_probabilities,
+    PROBABILITIES_KEY,
+    SPACING_KEY,
+    read_numpy_record,
+    write_npz,
 )
+from segcal.io.predictions import read_prediction
 
 __all__ = [
     "FolderFormat",
@@ -38,7 +39,6 @@ __all__ = [
     "prediction_suffixes",
     "read_label",
     "read_mask",
-    "read_prediction_file",
     "read_probabilities",
     "write_prediction_file",
 ]
@@ -54,32 +54,45 @@ def prediction_suffixes(fmt: FolderFormat) -> tuple[str, ...]:
 def read_probabilities(
     paths: Sequence[str | Path], fmt: FolderFormat
 ) -> tuple[np.ndarray, tuple[float, ...] | None, np.ndarray | None]:
-    """Probability map ``(C, *S)`` with its spacing/affine (``None`` when the format has no geometry).
+    """Probability map ``(C, *S)`` with its spacing/affine (``None`` when the files hold no geometry).
 
     * ``nifti``: one 4D file ``(x, y, z, C)`` (classes on the last axis), one 3D file (foreground probability
       of a binary task → ``[1 − p, p]``), or several 3D files ``case_0000, case_0001, ...`` one per class;
     * ``npy``: one ``.npy`` / ``.npz`` array ``(C, *S)`` in the label's axis order (npz: key ``probabilities``
-      or the only array);
+      or the only data array; the voxel size from the entry ``spacing`` when present);
     * ``nnunet``: ``case.npz`` from ``nnUNetv2_predict --save_probabilities``.
+
+    A file that declares logits (:mod:`segcal.io.predictions`) is refused: these readers score probabilities.
     """
     if len(paths) == 0:
         raise CaseError(None, "no prediction file")
-    if fmt == "nnunet":
-        return read_nnunet_probabilities(paths[0]), None, None
-    if fmt == "npy":
-        return read_numpy_probabilities(paths[0]), None, None
-    if fmt != "nifti":
+    if fmt not in ("nifti", "npy", "nnunet"):
         raise ValueError(f"unknown format {fmt!r}")
-    return read_nifti_probabilities(paths)
+    if fmt == "nifti" and len(paths) > 1:
+        return read_nifti_probabilities(paths)
+    pred = read_prediction(paths[0], fmt, prefer="probabilities")
+    if pred.kind == "logits":
+        raise CaseError(
+            paths[0], f"holds logits (declared by {pred.declared_by}), not probabilities; write the probability "
+            "map (segcal predict writes both, `segcal calibrate` writes calibrated probabilities)"
+        )
+    check_probability_dtype(pred.values, paths[0])
+    return pred.values, pred.spacing, pred.affine
 
 
 def read_label(path: str | Path) -> tuple[np.ndarray, tuple[float, ...] | None, np.ndarray | None]:
-    """Integer label map ``(*S)`` with spacing and affine (``None`` for NumPy files)."""
+    """Integer label map ``(*S)`` with spacing and affine.
+
+    NIfTI: the data, header spacing and affine. NumPy: an ``.npy`` array, or an ``.npz`` key ``label`` (so the
+    training cases of ``segcal train``, which hold ``image`` and ``label``, serve as label files) or its only
+    data array; spacing from the entry ``spacing`` when present, else ``None``; affine ``None``.
+    """
     p = str(path)
     if p.endswith(NIFTI_SUFFIXES):
         data, sp, aff = read_nifti(p)
-    else:
-        data, sp, aff = read_numpy(p), None, None
+    else:  # a label file, or a training case (.npz with "image" and "label")
+        rec = read_numpy_record(p, (LABEL_KEY,))
+        data, sp, aff = rec.array, rec.spacing, None
     if data.ndim == 4 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.dtype == bool:
@@ -123,38 +136,36 @@ def list_prediction_files(folder: str | Path, fmt: FolderFormat) -> dict[str, Pa
     return cases
 
 
-def read_prediction_file(path: str | Path, fmt: FolderFormat) -> tuple[np.ndarray, Any]:
-    """``(array (C, *S), meta)`` of one prediction file, in label order; ``meta`` is what
-    :func:`write_prediction_file` needs to write a file of the same format (the NIfTI image for ``nifti``,
-    else ``None``).
-
-    ``npy``: **logits** as stored, float32 (:func:`~segcal.io.numpy.read_numpy_logits`); ``nifti``:
-    probabilities from a 4D ``(x, y, z, C)`` map (or a 3D binary foreground probability ``p`` → classes
-    ``[1 − p, p]``); ``nnunet``: probabilities ``(C, z, y, x)`` → ``(C, x, y, z)``.
-    """
-    if fmt == "npy":
-        return read_numpy_logits(path), None
-    if fmt == "nnunet":
-        return read_nnunet_probabilities(path), None
-    image = read_nifti_image(path)
-    data, _, _ = read_nifti(path)  # raises CaseError naming the file when corrupt
-    check_probability_dtype(data, path)
-    return nifti_to_probabilities(data, path), image
-
-
 def write_prediction_file(
-    src: str | Path, out_dir: str | Path, probs: np.ndarray, fmt: FolderFormat, meta: Any = None
+    src: str | Path,
+    out_dir: str | Path,
+    probs: np.ndarray,
+    fmt: FolderFormat,
+    meta: Any = None,
+    *,
+    calibration: str | None = None,
+    spacing: Sequence[float] | None = None,
 ) -> Path:
-    """Write probabilities ``probs`` ``(C, *S)`` (label axis order) as ``out_dir / src.name`` in ``fmt``.
+    """Write probabilities ``probs`` ``(C, *S)`` (label axis order) as ``out_dir / src.name`` in ``fmt``, declared
+    as probabilities (:mod:`segcal.io.predictions`).
 
-    ``npy``: ``.npy`` array or ``.npz`` key ``"probabilities"``, ``(C, *S)`` float32 (compressed); ``nifti``:
-    ``(x, y, z, C)`` float32 with the affine and header of the input image ``meta``; ``nnunet``: ``.npz`` key
-    ``"probabilities"`` ``(C, z, y, x)`` float32.
+    ``npy``: ``.npz`` key ``"probabilities"`` (an ``.npy`` source name is written as ``.npz``, the only NumPy
+    file that can say what it holds), ``(C, *S)`` float32, compressed, with the entry ``spacing`` when given;
+    ``nifti``: ``(x, y, z, C)`` float32 with the affine and header of the input image ``meta`` and the
+    ``intent_name`` ``"probabilities"``; ``nnunet``: ``.npz`` key ``"probabilities"`` ``(C, z, y, x)`` float32.
+    ``calibration`` (a text) marks the file as written by ``segcal calibrate``: the ``.npz`` entry
+    ``"segcal_calibration"``, or the NIfTI ``descrip``.
     """
-    out = Path(out_dir) / Path(src).name
+    name = Path(src).name
+    if fmt == "npy" and name.endswith(".npy"):
+        name = name[: -len(".npy")] + ".npz"
+    out = Path(out_dir) / name
     probs = probs.astype(np.float32, copy=False)
     if fmt == "nifti":
-        return write_nifti_probabilities(out, probs, meta.affine, header=meta.header)
+        return write_nifti_probabilities(out, probs, meta.affine, header=meta.header, descrip=calibration)
+    extra = {CALIBRATION_KEY: np.array(calibration)} if calibration is not None else {}
     if fmt == "nnunet":
-        return write_nnunet_probabilities(out, probs)
-    return write_numpy_probabilities(out, probs, compressed=True)
+        return write_nnunet_probabilities(out, probs, extra)
+    if spacing is not None:
+        extra[SPACING_KEY] = np.asarray(spacing, dtype=np.float64)
+    return write_npz(out, {PROBABILITIES_KEY: probs, **extra}, compressed=True)

@@ -1,68 +1,191 @@
 """Calibration data from prediction folders: logits of validation cases and of files to calibrate, read
-through :mod:`segcal.io` (see docs/posthoc.md, "Command line").
+through :mod:`segcal.io` under its prediction-file contract (see docs/workflow.md, "The prediction-file
+contract", and docs/posthoc.md, "Command line").
 
-Folder formats (:mod:`segcal.io.volumes`): ``npy`` holds **logits** ``(C, *S)``; ``nifti`` and ``nnunet``
-hold **probabilities**, turned into logits as ``log(clip(p, 1e-7))``: ``softmax(log p) = p``, so the
-calibrators see exactly the model's distribution (a temperature ``T`` then gives ``p^(1/T) / Σ p^(1/T)``).
-Every array is in label order ``(C, *S)``.
+Every file says what it holds (:mod:`segcal.io.predictions`): logits are used as stored; probabilities are
+turned into logits by :func:`probabilities_to_logits`:
+
+* exclusive (softmax) classes: ``z = log(clip(p, 1e-7))``; ``softmax(z) = p`` up to the clip, so a calibrator
+  sees exactly the model's distribution (a temperature ``T`` then gives ``p^(1/T) / Σ p^(1/T)``);
+* multilabel (sigmoid) channels: ``z = log(clip(p, 1e-7)) - log(clip(1 - p, 1e-7))`` (the logit function);
+  ``sigmoid(z) = p`` up to the clip.
+
+The clip loses the logit margins of **saturated** voxels (a class probability below ``1e-7``, or above
+``1 - 1e-7`` for sigmoid channels; float32 softmax outputs saturate at margins above about 16): their margin is
+cut to ``log(1e7) ≈ 16.1``, which biases a fitted temperature. :class:`FolderVolumes` counts them and
+:data:`SATURATION_WARN` is the share above which ``segcal calibrate`` warns that the fit is unreliable and
+logits should be saved instead (``segcal predict --save-logits``).
+
+Values are checked against their declared kind before use (:func:`check_prediction_values`): probabilities
+must be a probability map, logits must be finite and must not be a probability map; a file no one declared is
+accepted only if its values are probabilities. Files written by ``segcal calibrate`` (calibration mark) are
+refused: calibrating them again would apply a second calibration on top of the first.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
 import numpy as np
 import torch
 
-from segcal.io import CaseError, CaseFiles, FolderFormat, load_case, read_label, read_prediction_file
-from segcal.io.numpy import read_numpy_logits
+from segcal.functional.inputs import check_prediction, check_probabilities
+from segcal.io import (
+    CaseError,
+    CaseFiles,
+    FolderFormat,
+    FolderInfo,
+    KindOption,
+    Prediction,
+    calibration_mark,
+    read_folder_info,
+    read_label,
+    read_prediction,
+)
+from segcal.io.case import same_geometry, shape_mismatch, to_label_grid
 
-__all__ = ["PROB_EPS", "FolderVolumes", "probabilities_to_logits", "read_logits_file", "read_validation_case"]
+__all__ = [
+    "PROB_EPS",
+    "SATURATION_WARN",
+    "FolderVolumes",
+    "check_prediction_values",
+    "probabilities_to_logits",
+    "read_logits",
+    "read_validation_case",
+    "saturated_voxels",
+]
 
-#: probabilities are clipped to this value before the log (``log(clip(p, EPS))`` are the logits)
+Mode = Literal["exclusive", "multilabel"]
+
+#: probabilities are clipped to ``[PROB_EPS, 1 - PROB_EPS]`` before the log
 PROB_EPS = 1e-7
+#: share of saturated validation voxels above which a fit from probabilities is reported as unreliable
+SATURATION_WARN = 0.05
 
 
-def probabilities_to_logits(p: np.ndarray) -> np.ndarray:
-    """``log(clip(p, 1e-7))`` as float32; ``softmax`` of the result gives back ``p`` (up to the clip)."""
-    return np.log(np.clip(p.astype(np.float32, copy=False), PROB_EPS, None))
+def probabilities_to_logits(p: np.ndarray, mode: Mode = "exclusive") -> np.ndarray:
+    """Logits ``(C, *S)`` float32 from probabilities ``(C, *S)`` (module docstring): ``log(clip(p))`` for
+    exclusive classes, ``log(clip(p)) - log(clip(1 - p))`` for multilabel channels."""
+    p32 = p.astype(np.float32, copy=False)
+    z = np.log(np.clip(p32, PROB_EPS, None))
+    if mode == "multilabel":
+        z -= np.log(np.clip(1 - p32, PROB_EPS, None))
+    return z
 
 
-def read_validation_case(files: CaseFiles, fmt: FolderFormat) -> tuple[np.ndarray, np.ndarray]:
-    """``(logits (C, *S) float32, target)`` of one validation case; target ``(*S)`` int64 or multi-hot
-    ``(C, *S)`` float32 (``npy`` only). Probability formats are converted with :func:`probabilities_to_logits`;
-    shapes, spacing and affine are cross-checked by :func:`segcal.io.load_case`."""
-    if fmt == "npy":
-        z = read_numpy_logits(files.prediction[0])
-        y, _, _ = read_label(files.label)
-        if y.shape == z.shape:  # multi-hot (multilabel) labels (C, *spatial)
-            return z, y.astype(np.float32)
-        if z.shape[1:] != y.shape:
+def saturated_voxels(p: np.ndarray, mode: Mode = "exclusive") -> int:
+    """Voxels of ``p`` ``(C, *S)`` whose logit margin :func:`probabilities_to_logits` cuts: some class
+    probability below ``PROB_EPS`` (or, multilabel, above ``1 - PROB_EPS``)."""
+    cut = p < PROB_EPS
+    if mode == "multilabel":
+        cut |= p > 1 - PROB_EPS
+    return int(cut.any(axis=0).sum())
+
+
+def _looks_like_probabilities(t: torch.Tensor) -> bool:
+    if t.shape[1] < 2:
+        return False
+    try:
+        check_probabilities(t, "exclusive")
+    except ValueError:
+        return False
+    return True
+
+
+def check_prediction_values(pred: Prediction, path: str | Path, mode: Mode = "exclusive") -> None:
+    """Rule: the values of ``pred`` fit its kind, else :class:`CaseError` naming ``path``.
+
+    Probabilities (declared or assumed) must lie in [0, 1] and, for exclusive classes, sum to one
+    (:func:`segcal.functional.inputs.check_probabilities`); logits must be finite and must not form a
+    probability map (in [0, 1] and summing to one at every voxel), which would mean the kind is declared wrong.
+    """
+    t = torch.from_numpy(np.ascontiguousarray(pred.values))[None]
+    if pred.kind == "logits":
+        try:
+            check_prediction(t, "logits")
+        except ValueError as exc:
+            raise CaseError(path, str(exc)) from None
+        if _looks_like_probabilities(t):
             raise CaseError(
-                files.prediction[0],
-                f"case {files.case_id}: logits have spatial shape {z.shape[1:]} but labels "
-                f"{Path(files.label).name} have {y.shape}",
+                path, f"declared as logits (by {pred.declared_by}) but its values are a probability map (in [0, 1], "
+                "summing to 1 over the classes at every voxel); declare it as probabilities"
             )
-        return z, y.astype(np.int64)
-    case = load_case(files, fmt)
-    assert case.label is not None
-    return probabilities_to_logits(case.probabilities), case.label.astype(np.int64)
+        return
+    try:
+        check_probabilities(t, mode, name="values")
+    except ValueError as exc:
+        if pred.declared_by is None:
+            raise CaseError(
+                path, f"cannot tell whether it holds probabilities or logits: nothing declares it (no npz key "
+                f"'probabilities' / 'logits', NIfTI intent_name or segcal.json 'kind'), and its values are not "
+                f"probabilities ({exc}); if these are logits, say so with --pred-kind logits, an npz key 'logits' or "
+                "a segcal.json sidecar"
+            ) from None
+        raise CaseError(path, f"declared as probabilities (by {pred.declared_by}) but {exc}") from None
 
 
-def read_logits_file(path: str | Path, fmt: FolderFormat) -> tuple[np.ndarray, Any]:
-    """``(logits (C, *S) float32, meta)`` of one file to calibrate; ``meta`` is what
-    :func:`segcal.io.write_prediction_file` needs to write the output in the same format."""
-    arr, meta = read_prediction_file(path, fmt)
-    return (arr if fmt == "npy" else probabilities_to_logits(arr)), meta
+def read_logits(
+    path: str | Path,
+    fmt: FolderFormat,
+    *,
+    kind: KindOption = "auto",
+    mode: Mode = "exclusive",
+    info: FolderInfo | None = None,
+) -> tuple[np.ndarray, Prediction, int]:
+    """``(logits (C, *S) float32, prediction, saturated voxels)`` of one prediction file (logits preferred
+    when an ``.npz`` holds both); refuses files already calibrated by ``segcal calibrate`` and values that do
+    not fit their kind (:func:`check_prediction_values`)."""
+    info = read_folder_info(Path(path).parent) if info is None else info
+    pred = read_prediction(path, fmt, kind=kind, prefer="logits", info=info)
+    mark = calibration_mark(pred, info)
+    if mark is not None:
+        raise CaseError(
+            path, f"is already calibrated ({mark}); calibrating it again would stack a second calibration on the "
+            "first: use the uncalibrated predictions"
+        )
+    check_prediction_values(pred, path, mode)
+    if pred.kind == "logits":
+        return pred.values.astype(np.float32, copy=False), pred, 0
+    return probabilities_to_logits(pred.values, mode), pred, saturated_voxels(pred.values, mode)
+
+
+def _target(files: CaseFiles, z: np.ndarray, pred: Prediction, fmt: FolderFormat) -> tuple[np.ndarray, np.ndarray]:
+    """``(logits on the label grid, target)``: an integer label map ``(*S)``, or a multi-hot ``(C, *S)``."""
+    y, l_sp, l_aff = read_label(files.label)
+    if y.shape == z.shape:  # multi-hot (multilabel) labels (C, *spatial)
+        return z, y.astype(np.float32)
+    z = to_label_grid(z, y.shape)
+    if z.shape[1:] != y.shape:
+        raise shape_mismatch(files.prediction[0], z.shape[1:], files.label, y.shape, fmt)
+    if pred.spacing is not None and l_sp is not None and not same_geometry(pred.spacing, pred.affine, l_sp, l_aff):
+        raise CaseError(files.prediction[0], f"spacing/affine mismatch with label {files.label}")
+    return z, y.astype(np.int64)
+
+
+def read_validation_case(
+    files: CaseFiles, fmt: FolderFormat, *, kind: KindOption = "auto", mode: Mode = "exclusive"
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(logits (C, *S) float32, target, saturated voxels)`` of one validation case (:func:`read_logits`);
+    target ``(*S)`` int64 or multi-hot ``(C, *S)`` float32; shapes and geometry cross-checked."""
+    z, pred, saturated = read_logits(files.prediction[0], fmt, kind=kind, mode=mode)
+    z, y = _target(files, z, pred, fmt)
+    return z, y, saturated
 
 
 class FolderVolumes:
-    """Re-iterable ``(logits (1, C, *S), target (1, *S) or (1, C, *S))`` volumes read lazily from disk."""
+    """Re-iterable ``(logits (1, C, *S), target (1, *S) or (1, C, *S))`` volumes read lazily from disk.
 
-    def __init__(self, cases: list[CaseFiles], fmt: FolderFormat) -> None:
-        self.cases, self.fmt = cases, fmt
+    ``saturation`` is the share of voxels, over the cases read so far, whose margins the conversion from
+    probabilities cut (0 for logits).
+    """
+
+    def __init__(
+        self, cases: list[CaseFiles], fmt: FolderFormat, *, kind: KindOption = "auto", mode: Mode = "exclusive"
+    ) -> None:
+        self.cases, self.fmt, self.kind, self.mode = cases, fmt, kind, mode
+        self._counts: dict[int, tuple[int, int]] = {}
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -71,5 +194,11 @@ class FolderVolumes:
         return (self[i] for i in range(len(self.cases)))
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        z, y = read_validation_case(self.cases[i], self.fmt)
+        z, y, saturated = read_validation_case(self.cases[i], self.fmt, kind=self.kind, mode=self.mode)
+        self._counts[i] = (saturated, int(np.prod(z.shape[1:])))
         return torch.from_numpy(z)[None], torch.from_numpy(y)[None]
+
+    @property
+    def saturation(self) -> float:
+        total = sum(n for _, n in self._counts.values())
+        return sum(s for s, _ in self._counts.values()) / total if total else 0.0
