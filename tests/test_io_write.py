@@ -195,11 +195,12 @@ def test_prediction_file_roundtrip_in_every_format(tmp_path: Path, fmt: str) -> 
     pred = read_prediction(path, fmt, prefer="logits")  # type: ignore[arg-type]
     assert pred.kind == ("logits" if fmt == "npy" else "probabilities")
     np.testing.assert_allclose(pred.values, np.log(probs) if fmt == "npy" else probs, rtol=1e-6)
-    written = write_prediction_file(path, out, probs, fmt, pred.meta, calibration="segcal calibrate --method ts")  # type: ignore[arg-type]
+    mark = "segcal calibrated: calibrate --method ts"
+    written = write_prediction_file(path, out, probs, fmt, pred.meta, calibration=mark)  # type: ignore[arg-type]
     assert written == out / path.name
     again = read_prediction(written, fmt)  # type: ignore[arg-type]
     assert again.kind == "probabilities" and again.declared_by is not None
-    assert again.calibration == "segcal calibrate --method ts"
+    assert again.calibration == mark
     np.testing.assert_array_equal(again.values, probs)
     if fmt == "nifti":
         np.testing.assert_allclose(nib.load(written).affine, AFFINE)

@@ -183,7 +183,7 @@ def test_calibrated_output_is_never_calibrated_again(tmp_path, overconfident) ->
     copy.mkdir()
     shutil.copy(out / "case0.npz", copy / "case0.npz")
     res = _calibrate(val, lab, copy, tmp_path / "twice2")
-    assert res.exit_code == 1 and "is already calibrated (segcal calibrate --method ts T=" in _text(res)
+    assert res.exit_code == 1 and "is already calibrated (segcal calibrated: calibrate --method ts T=" in _text(res)
     # ... also as validation data
     res = _calibrate(copy, lab, test, tmp_path / "twice3")
     assert res.exit_code == 1 and "is already calibrated" in _text(res)
@@ -201,7 +201,8 @@ def test_calibrated_nifti_is_marked(tmp_path, overconfident) -> None:
     res = _calibrate(val, lab, test, tmp_path / "out")
     assert res.exit_code == 0, res.output
     pred = read_prediction(tmp_path / "out" / "case0.nii.gz", "nifti")
-    assert pred.kind == "probabilities" and (pred.calibration or "").startswith("segcal calibrate --method ts")
+    assert pred.kind == "probabilities"
+    assert (pred.calibration or "").startswith("segcal calibrated: calibrate --method ts")
     res = _calibrate(val, lab, tmp_path / "out", tmp_path / "again")
     assert res.exit_code == 1 and "is already calibrated" in _text(res)
 

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from _training_utils import synthetic_squares
 from segcal.cli import app
+from segcal.io import read_folder_info, read_prediction
 from segcal.training import (
     build_model,
     config_from_dict,
@@ -130,7 +131,11 @@ def test_predict_files_nifti_affine_and_npz_shapes(tmp_path):
     with torch.no_grad():
         ref = torch.softmax(m(torch.from_numpy(x[:1])), 1)[0].numpy()
     np.testing.assert_allclose(np.moveaxis(data[:, :, 0], -1, 0), ref, atol=1e-5)
-    assert (tmp_path / "out_nii" / "case0_logits.nii.gz").is_file()
+    logits = read_prediction(tmp_path / "out_nii" / "logits" / "case0.nii.gz", "nifti")
+    assert logits.kind == "logits" and logits.declared_by is not None
+    assert read_prediction(tmp_path / "out_nii" / "case0.nii.gz", "nifti").kind == "probabilities"
+    assert read_folder_info(tmp_path / "out_nii").kind == "probabilities"
+    assert read_folder_info(tmp_path / "out_nii" / "logits").kind == "logits"
     # npz output through the CLI, float16
     res = CliRunner().invoke(
         app,
@@ -162,9 +167,9 @@ def test_predict_bad_inputs(tmp_path):
     with pytest.raises(FileNotFoundError, match="input not found"):
         predict_files(tmp_path / "a.pt", tmp_path / "missing.nii.gz", tmp_path / "o")
     np.savez(tmp_path / "bad.npz", img=np.zeros((16, 16), np.float32))
-    with pytest.raises(ValueError, match=r"bad\.npz: missing key 'image'"):
+    with pytest.raises(ValueError, match=r"bad\.npz: archive has no key 'image'"):
         predict_files(tmp_path / "a.pt", tmp_path / "bad.npz", tmp_path / "o")
     res = CliRunner().invoke(
         app, ["predict", str(tmp_path / "bad.npz"), "-o", str(tmp_path / "o"), "-c", str(tmp_path / "a.pt")]
     )
-    assert res.exit_code == 2 and "missing key 'image'" in " ".join(res.output.split())
+    assert res.exit_code == 2 and "has no key 'image'" in " ".join(res.output.split())

@@ -142,12 +142,12 @@ def _fitted(cal: Calibrator) -> dict[str, Any]:
 
 def calibration_record(cal: Calibrator, method: str, val_pred: Path, apply_to: Path) -> tuple[str, dict[str, Any]]:
     """``(per-file mark, sidecar record)`` of a calibration: the mark is a short text starting with
-    ``"segcal calibrate"`` (it fits a NIfTI ``descrip``); the record names the method, the fitted parameters
+    ``"segcal calibrated:"`` (it fits a NIfTI ``descrip``); the record names the method, the fitted parameters
     and the source folders."""
     from segcal.io.predictions import CALIBRATION_MARK
 
     params = _fitted(cal)
-    mark = f"{CALIBRATION_MARK} --method {method}"
+    mark = f"{CALIBRATION_MARK} calibrate --method {method}"
     if "temperature" in params:
         mark += f" T={params['temperature']:.4f}"
     record = {"method": method, **params, "val_pred": str(val_pred.resolve()), "apply_to": str(apply_to.resolve())}

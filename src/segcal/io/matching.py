@@ -72,6 +72,19 @@ def _group(files: Sequence[Path], by_channel: bool) -> dict[str, list[Path]]:
     return {k: [p for _, p in sorted(v)] for k, v in groups.items()}
 
 
+def _training_layout(labels: dict[str, list[Path]]) -> dict[str, list[Path]]:
+    """Label files by case id, reading the training layout of ``segcal train``: where ``<case>_image`` and
+    ``<case>_label`` files sit side by side, ``<case>_label`` is the label of case ``<case>`` and the image is not
+    a label file. Any other file keeps its own name as case id."""
+    out = dict(labels)
+    for stem in labels:
+        case = stem[: -len("_label")] if stem.endswith("_label") else None
+        if case and f"{case}_image" in labels and case not in labels:
+            out[case] = out.pop(stem)
+            out.pop(f"{case}_image", None)
+    return out
+
+
 def _lookup(table: dict[str, list[Path]], cid: str) -> list[Path] | None:
     """Files of ``cid`` in a by-stem table, also trying the id with a ``_0000`` channel suffix."""
     if cid in table:
@@ -92,7 +105,9 @@ def match_cases(
 ) -> tuple[list[CaseFiles], dict[str, list[str]]]:
     """Pair prediction and label files by case identifier.
 
-    Identifiers are file names without extension and without an nnU-Net channel suffix (``case_0000``).
+    Identifiers are file names without extension and without an nnU-Net channel suffix (``case_0000``). A label
+    folder may be a training folder of ``segcal train``: ``.npz`` cases (their ``label`` key is read) or
+    ``<case>_image`` / ``<case>_label`` NIfTI pairs (``<case>_label`` is the label of ``<case>``).
     With NIfTI predictions several ``case_0000, case_0001, ...`` files are the per-class probability maps of
     one case. Returns ``(cases, unmatched)`` with ``unmatched`` listing, per role, the files without partner.
     """
@@ -101,7 +116,7 @@ def match_cases(
         raise ValueError(f"format must be auto, nifti, npy or nnunet, got {fmt!r}")
     any_suffix = (*NIFTI_SUFFIXES, *NUMPY_SUFFIXES)
     pred_files = _data_files(Path(pred_dir), prediction_suffixes(fmt))
-    labels = _group(_data_files(Path(label_dir), any_suffix), by_channel=False)
+    labels = _training_layout(_group(_data_files(Path(label_dir), any_suffix), by_channel=False))
     # NIfTI: case_0000, case_0001 ... are per-class files of one case (unless a label has that stem)
     by_stem = _group(pred_files, by_channel=False)
     if fmt == "nifti" and not all(k in labels for k in by_stem):

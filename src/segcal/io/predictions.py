@@ -16,9 +16,10 @@ is read as probabilities *provisionally*: the reader that uses it must check tha
 map and refuse the file otherwise, since it cannot tell what it holds (``segcal calibrate`` does so with
 :func:`segcal.posthoc.folders.check_prediction_values`; ``segcal evaluate`` checks every probability map).
 
-Files written by ``segcal calibrate`` carry a calibration mark (an ``.npz`` entry ``"segcal_calibration"``, a
-NIfTI ``descrip`` starting with ``"segcal calibrate"``, and the sidecar's ``calibration``), so they are never
-calibrated a second time, even after being copied to another folder.
+Files written by ``segcal calibrate`` (or by ``segcal predict`` with a temperature or a calibrator) carry a
+calibration mark (an ``.npz`` entry ``"segcal_calibration"``, a NIfTI ``descrip`` starting with
+``"segcal calibrated:"``, and the sidecar's ``calibration``), so they are never calibrated a second time, even
+after being copied to another folder.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ __all__ = ["CALIBRATION_MARK", "KindOption", "Prediction", "calibration_mark", "
 
 #: what the user may say about a prediction folder: nothing (``auto``) or its kind
 KindOption = Literal["auto", "probabilities", "logits"]
-#: start of the NIfTI ``descrip`` of a file written by ``segcal calibrate``
-CALIBRATION_MARK = "segcal calibrate"
+#: start of the calibration mark of a file (its NIfTI ``descrip``, its npz entry ``segcal_calibration``)
+CALIBRATION_MARK = "segcal calibrated:"
 
 
 @dataclass

@@ -16,14 +16,15 @@ import torch
 from torch.utils.data import Dataset
 
 from segcal.io.nifti import read_nifti
-from segcal.io.numpy import read_npz
+from segcal.io.numpy import read_npz, read_numpy_record
 
-__all__ = ["SegmentationDataset", "read_case", "read_folder", "read_image"]
+__all__ = ["SegmentationDataset", "case_name", "read_case", "read_folder", "read_image"]
 
 _NIFTI = re.compile(r"^(?P<case>.+?)(?:_(?P<kind>image|label))?\.nii(?:\.gz)?$")
 
 
-def _case_name(path: Path) -> str:
+def case_name(path: Path) -> str:
+    """The case id of a training / prediction input file: its name without the extension and ``_image``."""
     name = path.name
     for suffix in (".nii.gz", ".nii", ".npz", ".npy"):
         if name.endswith(suffix):
@@ -36,7 +37,8 @@ def read_image(path: str | Path, spatial_dims: int | None = None) -> tuple[np.nd
     """Read one image for training/prediction: returns ``(image (C_in, *S) float32, affine or None)``.
 
     ``.npz`` files need the key ``image`` with shape ``(C_in, *S)`` or ``(*S)``; NIfTI files hold ``(*S)`` or
-    ``(*S, C_in)`` (channels last, as written by most tools) and keep their affine. With ``spatial_dims``
+    ``(*S, C_in)`` (channels last, as written by most tools) and keep their affine; an ``.npz`` with a
+    ``spacing`` entry gets the affine ``diag(spacing, 1)``, one without has ``None``. With ``spatial_dims``
     given, a missing channel axis is added and trailing singleton NIfTI axes are dropped.
     """
     path = Path(path)
@@ -53,7 +55,10 @@ def read_image(path: str | Path, spatial_dims: int | None = None) -> tuple[np.nd
         elif arr.ndim == sd + 1:  # channels last in NIfTI (a 2D slice stored as (X, Y, 1) gives C_in = 1)
             arr = np.moveaxis(arr, -1, 0)
     elif path.suffix == ".npz":
-        arr = read_npz(path, ("image",))["image"].astype(np.float32)
+        rec = read_numpy_record(path, key="image")
+        arr = rec.array.astype(np.float32)
+        if rec.spacing is not None:  # the geometry of a NumPy case: its voxel size
+            affine = np.diag([*rec.spacing, *[1.0] * (4 - len(rec.spacing))])
         if spatial_dims is not None and arr.ndim == spatial_dims:
             arr = arr[None]
     else:
@@ -75,7 +80,7 @@ def read_case(path: str | Path, spatial_dims: int) -> tuple[np.ndarray, np.ndarr
         label = read_npz(path, ("label",))["label"]
     else:
         image, _ = read_image(path, spatial_dims)
-        name = _case_name(path)
+        name = case_name(path)
         cands = [path.with_name(f"{name}_label{ext}") for ext in (".nii.gz", ".nii")]
         label_path = next((c for c in cands if c.is_file()), None)
         if label_path is None:
@@ -110,7 +115,7 @@ def read_folder(
     names, images, labels = [], [], []
     for f in files:
         img, lab = read_case(f, spatial_dims)
-        names.append(_case_name(f))
+        names.append(case_name(f))
         images.append(img)
         labels.append(lab)
     return names, images, labels

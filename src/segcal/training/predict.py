@@ -25,9 +25,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from segcal.io import OutputError, prepare_output_dir, write_nifti, write_npz
+from segcal.io import (
+    FolderInfo,
+    OutputError,
+    prepare_output_dir,
+    write_folder_info,
+    write_nifti_probabilities,
+    write_npz,
+)
+from segcal.io.numpy import CALIBRATION_KEY, LOGITS_KEY, PROBABILITIES_KEY, SPACING_KEY
+from segcal.io.predictions import CALIBRATION_MARK
 from segcal.training.config import ModelConfig
-from segcal.training.data import read_image
+from segcal.training.data import case_name, read_image
 from segcal.training.trainer import CheckpointError, build_model, load_checkpoint
 
 __all__ = [
@@ -233,15 +242,6 @@ def predict_probabilities(
     return mean, logits_out
 
 
-def _output_name(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", ".nii", ".npz"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return name[:-6] if name.endswith("_image") else name
-
-
 def _input_files(inputs: str | Path | Sequence[str | Path]) -> list[Path]:
     items = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     files: list[Path] = []
@@ -263,6 +263,15 @@ def _input_files(inputs: str | Path | Sequence[str | Path]) -> list[Path]:
     return files
 
 
+def _calibration_mark(kwargs: dict[str, Any]) -> str | None:
+    """The calibration mark of predictions made with a temperature ``!= 1`` or a calibrator (``None``
+    otherwise): such files are calibrated already and ``segcal calibrate`` refuses them."""
+    if kwargs.get("calibrator") is not None:
+        return f"{CALIBRATION_MARK} predict with {type(kwargs['calibrator']).__name__}"
+    temperature = float(kwargs.get("temperature", 1.0))
+    return f"{CALIBRATION_MARK} predict --temperature {temperature:g}" if temperature != 1.0 else None
+
+
 def predict_files(
     checkpoints: str | Path | Sequence[str | Path],
     inputs: str | Path | Sequence[str | Path],
@@ -277,11 +286,14 @@ def predict_files(
 ) -> list[Path]:
     """Predict every input image and write one file per case into ``output_dir``.
 
-    Inputs: ``.npz`` (key ``image``, ``(C_in, *S)`` or ``(*S)``) or NIfTI (``(*S)`` / ``(*S, C_in)``).
-    ``output_format="npz"`` writes ``<case>.npz`` with ``probabilities`` ``(C, *S)`` (and ``logits``);
-    ``"nifti"`` writes ``<case>.nii.gz`` with ``(*S, C)`` probabilities and the input's affine (identity for
-    ``.npz`` inputs), plus ``<case>_logits.nii.gz``. Other keyword arguments go to
-    :func:`predict_probabilities`.
+    Inputs: ``.npz`` (key ``image``, ``(C_in, *S)`` or ``(*S)``, optional ``spacing``) or NIfTI (``(*S)`` /
+    ``(*S, C_in)``). ``output_format="npz"`` writes ``<case>.npz`` with ``probabilities`` ``(C, *S)`` (and
+    ``logits`` with ``save_logits``) and the input's voxel size as ``spacing``; ``"nifti"`` writes ``<case>.nii.gz``
+    with ``(*S, C)`` probabilities and the input's affine (from the npz ``spacing`` for ``.npz`` inputs, else
+    identity), and with ``save_logits`` ``logits/<case>.nii.gz``. Every file declares what it holds (npz key,
+    NIfTI ``intent_name``) and each folder gets a ``segcal.json`` sidecar saying it too; predictions made with a
+    temperature ``!= 1`` or a calibrator carry the calibration mark (see docs/workflow.md). Other keyword
+    arguments go to :func:`predict_probabilities`.
     """
     if output_format not in ("npz", "nifti"):
         raise ValueError(f"output_format must be 'npz' or 'nifti', got {output_format!r}")
@@ -292,6 +304,7 @@ def predict_files(
     spatial_dims = int(getattr(models[0], "dimensions", 2))
     files = _input_files(inputs)
     out = prepare_output_dir(output_dir)
+    writer = _Writer(out, output_format, dtype, save_logits, spatial_dims, _calibration_mark(kwargs))
     written: list[Path] = []
     from rich.progress import Progress
 
@@ -301,18 +314,20 @@ def predict_files(
             image, affine = read_image(f, spatial_dims)
             x = torch.from_numpy(image)[None].to(device)
             probs, logits = predict_probabilities(models, x, return_logits=True, **kwargs)
-            case = _Prediction(_output_name(f), probs[0].cpu().numpy(), logits[0].cpu().numpy(), affine)
+            case = _Prediction(case_name(f), probs[0].cpu().numpy(), logits[0].cpu().numpy(), affine)
             try:
-                written.append(_write_prediction(out, case, output_format, dtype, save_logits, spatial_dims))
+                written.append(writer.write(case))
             except OSError as exc:
                 raise OutputError(out, f"cannot write the prediction of {case.name}: {exc.strerror or exc}") from None
             bar.advance(task)
+    writer.finish()
     return written
 
 
 @dataclass
 class _Prediction:
-    """One predicted case: output name, probabilities and logits ``(C, *S)``, input affine (``None``: npz)."""
+    """One predicted case: output name, probabilities and logits ``(C, *S)``, input affine (``None``: npz
+    without ``spacing``)."""
 
     name: str
     probs: np.ndarray
@@ -320,23 +335,47 @@ class _Prediction:
     affine: np.ndarray | None
 
 
-def _write_prediction(
-    out: Path, case: _Prediction, output_format: str, dtype: str, save_logits: bool, spatial_dims: int
-) -> Path:
-    """Write one case as ``<name>.npz`` (``probabilities``, ``logits``) or ``<name>.nii.gz`` (``(*S, C)``, plus
-    ``<name>_logits.nii.gz``); returns the probability file."""
-    if output_format == "npz":
-        arrays = {"probabilities": case.probs.astype(dtype)}
-        if save_logits:
-            arrays["logits"] = case.logits.astype(dtype)
-        return write_npz(out / f"{case.name}.npz", arrays, compressed=True)
-    aff = case.affine if case.affine is not None else np.eye(4)
+@dataclass
+class _Writer:
+    """Writes the predicted cases of one output folder (see :func:`predict_files`)."""
 
-    def volume(a: np.ndarray) -> np.ndarray:
-        vol = np.moveaxis(a, 0, -1).astype(np.float32)
-        return vol[:, :, None, :] if spatial_dims == 2 else vol  # (X, Y, 1, C): a 3D geometry for a 2D slice
+    out: Path
+    output_format: str
+    dtype: str
+    save_logits: bool
+    spatial_dims: int
+    calibration: str | None
 
-    target = write_nifti(out / f"{case.name}.nii.gz", volume(case.probs.astype(dtype)), aff)
-    if save_logits:
-        write_nifti(out / f"{case.name}_logits.nii.gz", volume(case.logits), aff)
-    return target
+    def write(self, case: _Prediction) -> Path:
+        """``<name>.npz`` (``probabilities``, ``logits``, ``spacing``) or ``<name>.nii.gz`` ``(*S, C)`` (plus
+        ``logits/<name>.nii.gz``); returns the probability file."""
+        mark = {CALIBRATION_KEY: np.array(self.calibration)} if self.calibration is not None else {}
+        if self.output_format == "npz":
+            arrays = {PROBABILITIES_KEY: case.probs.astype(self.dtype), **mark}
+            if self.save_logits:
+                arrays[LOGITS_KEY] = case.logits.astype(self.dtype)
+            if case.affine is not None:
+                arrays[SPACING_KEY] = np.linalg.norm(case.affine[:3, : self.spatial_dims], axis=0)
+            return write_npz(self.out / f"{case.name}.npz", arrays, compressed=True)
+        aff = case.affine if case.affine is not None else np.eye(4)
+
+        def volume(a: np.ndarray) -> np.ndarray:  # (C, X, Y, 1): a 3D geometry for a 2D slice
+            return a[..., None] if self.spatial_dims == 2 else a
+
+        target = write_nifti_probabilities(
+            self.out / f"{case.name}.nii.gz", volume(case.probs.astype(self.dtype)), aff, descrip=self.calibration
+        )
+        if self.save_logits:
+            (self.out / "logits").mkdir(exist_ok=True)
+            write_nifti_probabilities(
+                self.out / "logits" / f"{case.name}.nii.gz", volume(case.logits), aff, kind="logits",
+                descrip=self.calibration,
+            )
+        return target
+
+    def finish(self) -> None:
+        """The ``segcal.json`` sidecars: probabilities (and ``logits/`` for NIfTI logits)."""
+        record = {"how": self.calibration} if self.calibration is not None else None
+        write_folder_info(self.out, FolderInfo(kind="probabilities", calibration=record))
+        if self.save_logits and self.output_format == "nifti":
+            write_folder_info(self.out / "logits", FolderInfo(kind="logits", calibration=record))
