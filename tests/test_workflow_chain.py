@@ -21,12 +21,16 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "workflow.md"
 SPACING = (0.8, 0.6)
 
 
-def _block(marker: str, language: str) -> str:
-    """The fenced ``language`` block right after ``<!-- workflow: marker -->`` in docs/workflow.md."""
-    text = DOC.read_text(encoding="utf-8")
+def _block(marker: str, language: str, doc: Path = DOC) -> str:
+    """The fenced ``language`` block right after ``<!-- workflow: marker -->`` in ``doc``."""
+    text = doc.read_text(encoding="utf-8")
     m = re.search(rf"<!-- workflow: {marker} -->\s*```{language}\n(.*?)```", text, re.S)
-    assert m is not None, f"docs/workflow.md has no {language} block after <!-- workflow: {marker} -->"
+    assert m is not None, f"{doc.name} has no {language} block after <!-- workflow: {marker} -->"
     return m.group(1)
+
+
+def test_readme_gives_the_same_commands() -> None:
+    assert _block("commands", "bash", DOC.parents[1] / "README.md") == _block("commands", "bash")
 
 
 def _write_data(root: Path) -> None:
