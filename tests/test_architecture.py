@@ -30,10 +30,11 @@ ALLOWED: dict[str, set[str]] = {
     "data": {"functional", "io"},
     "report": {"functional", "io", "plots", "evaluation"},
     "training": {"functional", "io", "losses", "metrics", "posthoc"},
+    "integrations": {"functional", "io", "metrics", "losses", "posthoc", "plots"},
     "demo": {"functional", "io", "metrics", "losses", "plots", "posthoc", "evaluation", "data", "report",
              "training"},
     "cli": {"functional", "io", "metrics", "losses", "plots", "posthoc", "evaluation", "data", "report",
-            "training", "demo"},
+            "training", "demo", "integrations"},
     "__main__": {"cli"},
     "__init__": set(),
 }
