@@ -263,6 +263,18 @@ def test_region_training_dscpp(tmp_path, monkeypatch) -> None:
     torch.testing.assert_close(loss.loss(outs[0], targets[0]), dscpp(x, y) + bce(x, y), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("regions", [False, True])
+def test_half_precision_logits_are_computed_in_float32(regions) -> None:
+    from segcal.integrations.nnunet.losses import CalibrationTerm, DSCPlusPlusDice
+
+    outs, targets = _region_batch(6, ignore=False) if regions else _label_batch(6)
+    x = outs[0].bfloat16()
+    for loss in (CalibrationTerm("hard", regions=regions), DSCPlusPlusDice(regions=regions)):
+        got = loss(x, targets[0])
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, loss(x.float(), targets[0]))
+
+
 # -- making the trainers visible to nnU-Net -------------------------------------------------------------------
 
 

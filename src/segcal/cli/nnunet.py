@@ -23,7 +23,7 @@ _TARGET_HELP = "nnU-Net's trainer folder (default: nnunetv2/training/nnUNetTrain
 
 
 def _fail(exc: Exception) -> typer.Exit:
-    console.print(f"[red]error:[/red] {exc}")
+    console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
     return typer.Exit(1)
 
 
@@ -41,8 +41,9 @@ def install_trainers_command(
     except (OSError, ModuleNotFoundError) as exc:
         raise _fail(exc) from exc
     verb = "installed" if changed else "already installed"
-    console.print(f"segcal's nnU-Net trainers {verb}: {status.path}")
-    console.print("trainers: " + ", ".join(TRAINER_NAMES))
+    console.print(f"segcal's nnU-Net trainers {verb}: {status.path}", soft_wrap=True)
+    console.print("trainers: " + ", ".join(TRAINER_NAMES), soft_wrap=True)
+    console.print(f"train with: nnUNetv2_train DATASET CONFIGURATION FOLD -tr {TRAINER_NAMES[0]}", soft_wrap=True)
 
 
 @nnunet_app.command("uninstall-trainers")
@@ -57,7 +58,8 @@ def uninstall_trainers_command(
         status, changed = uninstall_trainers(target)
     except (OSError, ModuleNotFoundError) as exc:
         raise _fail(exc) from exc
-    console.print(f"segcal's nnU-Net trainers {'removed' if changed else 'were not installed'}: {status.path}")
+    what = "removed" if changed else "were not installed"
+    console.print(f"segcal's nnU-Net trainers {what}: {status.path}", soft_wrap=True)
 
 
 @nnunet_app.command("status")
@@ -74,7 +76,7 @@ def status_command(
         status = trainers_status(target)
     except (OSError, ModuleNotFoundError) as exc:
         raise _fail(exc) from exc
-    console.print(f"{status.path}: {status.state}")
+    console.print(f"{status.path}: {status.state}", soft_wrap=True)
     if status.state != "installed":
         raise typer.Exit(1)
     if verify:
@@ -82,4 +84,4 @@ def status_command(
 
         for name in TRAINER_NAMES:
             cls = recursive_find_trainer_class_by_name(name)
-            console.print(f"{name}: {cls.__module__}.{cls.__qualname__}")
+            console.print(f"{name}: {cls.__module__}.{cls.__qualname__}", soft_wrap=True)

@@ -41,9 +41,11 @@ def nnunet_probabilities(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(probs, onehot, mask)`` from one nnU-Net ``(logits, target)`` pair (see the module docstring).
 
-    ``probs`` and ``onehot`` are ``(B, C, *S)`` (softmax of label logits, sigmoid of region logits); ``mask`` is
-    a bool ``(B, 1, *S)`` of the voxels that count, or None when the dataset has no ignore label.
+    ``probs`` and ``onehot`` are ``(B, C, *S)`` (softmax of label logits, sigmoid of region logits), in float32
+    at least (half-precision logits under autocast are promoted first); ``mask`` is a bool ``(B, 1, *S)`` of the
+    voxels that count, or None when the dataset has no ignore label.
     """
+    logits = _as_float(logits)
     if regions:
         target = target.to(logits.dtype) if target.dtype == torch.bool else target
         if ignore_label is not None:
@@ -65,6 +67,10 @@ def nnunet_probabilities(
         labels = torch.where(mask, labels, 0)
     onehot = torch.zeros_like(logits).scatter_(1, labels, 1.0)
     return torch.softmax(logits, 1), onehot, mask
+
+
+def _as_float(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 class CalibrationTerm(nn.Module):
@@ -171,6 +177,7 @@ class DSCPlusPlusDice(nn.Module):
     def forward(
         self, logits: torch.Tensor, target: torch.Tensor, loss_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
+        logits = _as_float(logits)
         if self.regions:
             probs = torch.sigmoid(logits)
             onehot = target.to(probs.dtype)
