@@ -13,9 +13,14 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
+# nnU-Net v2 (the tests of segcal's nnU-Net trainers) is installed without timm and torchvision: only nnU-Net's
+# Primus trainers need them, and PyPI's torchvision is a CUDA build that does not import beside the CPU torch
+# wheel. So nnunetv2 and dynamic-network-architectures come without their dependencies, and nnU-Net's other
+# dependencies from the extra nnunet-deps (docs/integrations/nnunet.md).
 $(STAMP): $(PY) pyproject.toml requirements-pinned.txt
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -c requirements-pinned.txt -e ".[test]"
+	$(PY) -m pip install -q -c requirements-pinned.txt -e ".[test,nnunet-deps]"
+	$(PY) -m pip install -q -c requirements-pinned.txt --no-deps nnunetv2 dynamic-network-architectures
 	@touch $(STAMP)
 
 venv: $(STAMP)
