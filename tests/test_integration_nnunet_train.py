@@ -128,7 +128,9 @@ def _check_nnunet_wrapping(trainer) -> None:
     assert trainer.loss.weight_factors == pytest.approx((2 / 3, 1 / 3, 0.0))
 
 
-def test_hard_ace_trainer_trains_and_predicts(preprocessed, trainers_visible, monkeypatch) -> None:
+def test_segcal_trainers_train_in_nnunet_and_predict(preprocessed, trainers_visible, monkeypatch) -> None:
+    """One test, so that one worker of pytest-xdist runs the whole sequence: the preprocessed dataset is made once
+    and nnU-Net's trainer package is changed by one process only."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 
@@ -172,12 +174,12 @@ def test_hard_ace_trainer_trains_and_predicts(preprocessed, trainers_visible, mo
     assert probs.shape == (3, *SHAPE)
     np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-4)
 
+    # the other two trainers: a short run each on the same preprocessed data
+    _check_short_run("nnUNetTrainerSegcalSoftACE", monkeypatch)
+    _check_short_run("nnUNetTrainerSegcalDSCPlusPlus", monkeypatch)
 
-@pytest.mark.parametrize(
-    ("trainer_name", "kind"),
-    [("nnUNetTrainerSegcalSoftACE", "soft"), ("nnUNetTrainerSegcalDSCPlusPlus", "dscpp")],
-)
-def test_other_trainers_train_a_few_iterations(trainer_name, kind, preprocessed, trainers_visible, monkeypatch) -> None:
+
+def _check_short_run(trainer_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from segcal.integrations.nnunet.losses import DSCPlusPlusDice, SegcalCompoundLoss
 
     trainer = _train(trainer_name, epochs=1, iterations=2, monkeypatch=monkeypatch)
@@ -186,7 +188,7 @@ def test_other_trainers_train_a_few_iterations(trainer_name, kind, preprocessed,
     losses = [float(v) for v in trainer.logger.get_value("train_losses", None)]
     assert len(losses) == 1 and math.isfinite(losses[0])
     inner = trainer.loss.loss
-    if kind == "soft":
+    if trainer_name == "nnUNetTrainerSegcalSoftACE":
         assert isinstance(inner, SegcalCompoundLoss) and inner.term.kind == "soft"
         assert len(trainer.segcal_term_history) == 1 and trainer.segcal_term_history[0] > 0.0
     else:
