@@ -159,7 +159,8 @@ def _target(files: CaseFiles, z: np.ndarray, pred: Prediction, fmt: FolderFormat
     z = to_label_grid(z, y.shape)
     if z.shape[1:] != y.shape:
         raise shape_mismatch(files.prediction[0], z.shape[1:], files.label, y.shape, fmt)
-    if pred.spacing is not None and l_sp is not None and not same_geometry(pred.spacing, pred.affine, l_sp, l_aff):
+    p_sp = pred.spacing[: y.ndim] if pred.spacing is not None else None  # a 2D slice stored as (X, Y, 1)
+    if p_sp is not None and l_sp is not None and not same_geometry(p_sp, pred.affine, l_sp[: y.ndim], l_aff):
         raise CaseError(files.prediction[0], f"spacing/affine mismatch with label {files.label}")
     return z, y.astype(np.int64)
 
