@@ -10,6 +10,10 @@ per-case average over classes; per-case metrics under ``"case"``):
 * ``pooled``: the dataset-level (micro) values from the statistics summed over all cases (calibration errors
   from the merged bin sums, overlap scores from the summed confusion counts, Brier / NLL / MAE per voxel).
 
+and ``class_names`` (the scored channels' names: the run's class names of those label values, else ``class_k`` /
+region names; see :mod:`segcal.evaluation.folders`), ``class_names_from`` and ``geometry`` (folder spacing, the
+cases scored with an assumed 1 mm voxel size, the warning when an mm metric depended on it).
+
 ``bins.npz`` (read by :mod:`segcal.report` and :mod:`segcal.plots`): ``case_ids`` ``(N,)`` unicode,
 ``bin_stats`` ``(N, C, 3, M)`` float64 (count, Σp, Σy), ``class_names`` ``(C,)`` unicode; no pickled objects.
 """
