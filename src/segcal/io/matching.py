@@ -11,7 +11,16 @@ from typing import Literal
 
 import numpy as np
 
-from segcal.io.case import Case, CaseError, CaseFiles, same_geometry
+from segcal.io.case import (
+    Case,
+    CaseError,
+    CaseFiles,
+    check_spatial_shapes,
+    drop_singleton_z,
+    is_2d_slice,
+    match_2d_grid,
+    same_geometry,
+)
 from segcal.io.nifti import NIFTI_SUFFIXES
 from segcal.io.nnunet import has_nnunet_side_files
 from segcal.io.numpy import NUMPY_SUFFIXES
@@ -162,32 +171,6 @@ def match_cases(
     return cases, {k: v for k, v in unmatched.items() if v}
 
 
-def _drop_singleton_z(
-    arr: np.ndarray, sp: tuple[float, ...] | None
-) -> tuple[np.ndarray, tuple[float, ...] | None]:
-    """``arr`` ``(..., X, Y, 1)`` as ``(..., X, Y)``, its spacing cut to the two axes left: a 2D slice stored
-    with a singleton third spatial axis (``segcal predict --format nifti`` writes 2D probabilities as
-    ``(X, Y, 1, C)``)."""
-    return arr[..., 0], (tuple(sp[:2]) if sp is not None else None)
-
-
-def _is_2d_slice(arr: np.ndarray, lead: int) -> bool:
-    """Whether ``arr`` has three spatial axes after ``lead`` leading ones and the third is a singleton."""
-    return arr.ndim == lead + 3 and arr.shape[-1] == 1
-
-
-def _match_2d(
-    probs: np.ndarray, p_sp: tuple[float, ...] | None, label: np.ndarray, l_sp: tuple[float, ...] | None
-) -> tuple[np.ndarray, tuple[float, ...] | None, np.ndarray, tuple[float, ...] | None]:
-    """Probabilities ``(C, X, Y, 1)`` against a 2D label ``(X, Y)``, or ``(C, X, Y)`` against a label
-    ``(X, Y, 1)``: the singleton third spatial axis (and its spacing) dropped so both are 2D."""
-    if label.ndim == 2 and _is_2d_slice(probs, 1):
-        probs, p_sp = _drop_singleton_z(probs, p_sp)
-    elif probs.ndim == 3 and _is_2d_slice(label, 0):
-        label, l_sp = _drop_singleton_z(label, l_sp)
-    return probs, p_sp, label, l_sp
-
-
 def _geometry_error(path: str, own: Sequence[float], given: Sequence[float], given_from: str) -> CaseError:
     return CaseError(
         path,
@@ -221,22 +204,6 @@ def _case_spacing(
     return tuple(float(s) for s in spacing) if spacing is not None else None
 
 
-def _check_shapes(probs: np.ndarray, label: np.ndarray, files: CaseFiles, fmt: FolderFormat) -> None:
-    pred_path = files.prediction[0]
-    if probs.ndim != label.ndim + 1:
-        raise CaseError(
-            pred_path,
-            f"probabilities {probs.shape} (C, *S) do not fit the label {label.shape} of {files.label}",
-        )
-    if probs.shape[1:] != label.shape:
-        hint = " (nnU-Net files are (C, z, y, x) against the label's (x, y, z))" if fmt == "nnunet" else ""
-        raise CaseError(
-            pred_path,
-            f"shape mismatch: probabilities have spatial shape {probs.shape[1:]}, label {files.label} has "
-            f"{label.shape}{hint}",
-        )
-
-
 def _read_reference(
     files: CaseFiles, probs: np.ndarray, spacing: tuple[float, ...] | None, affine: np.ndarray | None
 ) -> np.ndarray | None:
@@ -247,8 +214,8 @@ def _read_reference(
     reference, r_sp, r_aff = read_probabilities(
         files.reference, "nifti" if files.reference[0].endswith(NIFTI_SUFFIXES) else "npy"
     )
-    if reference.ndim == probs.ndim + 1 and _is_2d_slice(reference, 1):
-        reference, r_sp = _drop_singleton_z(reference, r_sp)
+    if reference.ndim == probs.ndim + 1 and is_2d_slice(reference, 1):
+        reference, r_sp = drop_singleton_z(reference, r_sp)
     if reference.shape != probs.shape:
         raise CaseError(files.reference[0], f"soft reference shape {reference.shape} != prediction {probs.shape}")
     if r_sp is not None and spacing is not None and not same_geometry(r_sp, r_aff, spacing, affine):
@@ -260,7 +227,7 @@ def _read_case_mask(files: CaseFiles, shape: tuple[int, ...]) -> np.ndarray | No
     if not files.mask:
         return None
     mask = read_mask(files.mask)
-    if mask.ndim == len(shape) + 1 and _is_2d_slice(mask, 0):
+    if mask.ndim == len(shape) + 1 and is_2d_slice(mask, 0):
         mask = mask[..., 0]
     if mask.shape != shape:
         raise CaseError(files.mask, f"mask shape {mask.shape} != label shape {shape}")
@@ -290,8 +257,8 @@ def load_case(
     pred_path = files.prediction[0]
     probs, p_sp, p_aff = read_probabilities(files.prediction, fmt)
     label, l_sp, l_aff = read_label(files.label)
-    probs, p_sp, label, l_sp = _match_2d(probs, p_sp, label, l_sp)
-    _check_shapes(probs, label, files, fmt)
+    probs, p_sp, label, l_sp = match_2d_grid(probs, p_sp, label, l_sp)
+    check_spatial_shapes(probs, label, files.prediction[0], files.label, fmt)
     if p_sp is not None and l_sp is not None and not same_geometry(p_sp, p_aff, l_sp, l_aff):
         raise CaseError(
             pred_path,
