@@ -5,6 +5,8 @@ written into the logger's folder."""
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
-from _helpers import PNG_MAGIC
+from _helpers import PNG_MAGIC, subprocess_env
 from segcal.functional import bin_statistics, calibration_errors
 from segcal.integrations.lightning import CalibrationCallback
 
@@ -125,3 +127,17 @@ def test_output_transform_logits_and_a_clear_error_for_missing_keys(tmp_path, on
                       num_sanity_val_steps=0)
     with pytest.raises(ValueError, match="must return a dict with keys 'pred' and 'target'"):
         trainer.fit(LogitsModel(), DataLoader(_squares(4, 2), batch_size=4), DataLoader(_squares(3, 3)))
+
+
+def test_import_segcal_loads_no_integration_library():
+    """``import segcal`` and ``import segcal.integrations`` load none of the integrated libraries (nor torch):
+    only importing an adapter module does."""
+    code = (
+        "import sys, segcal, segcal.integrations\n"
+        "heavy = ('lightning', 'torchmetrics', 'ignite', 'monai', 'torch')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env=subprocess_env())
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

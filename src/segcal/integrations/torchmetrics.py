@@ -79,9 +79,11 @@ class SegmentationCalibrationError(Metric):
         super().__init__(**kwargs)
         check_num_bins(num_bins)
         self.mode = check_mode(mode)
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int):
+            raise ValueError(f"num_classes must be an integer, got {num_classes!r}")
         kept = num_classes - (0 if include_background or self.mode != "exclusive" else 1)
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or kept < 1:
-            raise ValueError(f"num_classes must leave at least one class to score, got {num_classes!r}")
+        if kept < 1:
+            raise ValueError(f"num_classes={num_classes} leaves no class to score (include_background=False)")
         bad = [e for e in errors if e not in ERRORS]
         if bad or not errors:
             raise ValueError(f"errors must be among {ERRORS}, got {list(errors)}")
