@@ -255,3 +255,17 @@ def test_calibrate_logits_transforms(tmp_path):
         CalibrateLogits(TemperatureScaling())
     with pytest.raises(TypeError, match="LastLayerFineTuner"):
         CalibrateLogits(LastLayerFineTuner(_Net()))
+
+
+def test_bad_calls_are_named():
+    p, y = _shifted_squares(1)
+    with pytest.raises(ValueError, match="3 values per image"):
+        HausdorffDistance95Metric(spacing=(1.0, 2.0))(y_pred=p, y=y)
+    with pytest.raises(ValueError, match="per-image spacings"):
+        HausdorffDistance95Metric()(y_pred=p, y=y, spacing=[(1.0, 1.0, 1.0)] * 2)
+    with pytest.raises(ValueError, match="needs the ground truth"):
+        CalibrationMetric()(y_pred=p)
+    with pytest.raises(ValueError, match="probabilities"):
+        CalibrationMetric()(y_pred=p * 5 - 2, y=y)
+    with pytest.raises(ValueError, match="closed"):
+        CalibrationMetric(closed="both")

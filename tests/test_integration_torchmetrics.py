@@ -196,3 +196,19 @@ def test_sync_over_two_gloo_processes_equals_one_process(tmp_path):
         # without the sync each rank sees only its share: different values
         assert abs(float(got["local"]["ece"]) - float(expected["ece"])) > 1e-3
     assert float(expected["ece"]) > 0.02
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="integer"):
+        SegmentationCalibrationError("3")
+    with pytest.raises(ValueError, match="leaves no class"):
+        SegmentationCalibrationError(1)
+    with pytest.raises(ValueError, match="errors must be among"):
+        SegmentationCalibrationError(3, errors=("ece", "brier"))
+    with pytest.raises(ValueError, match="average"):
+        SegmentationCalibrationError(3, average="micro")
+    with pytest.raises(ValueError, match="num_bins"):
+        SegmentationCalibrationError(3, num_bins=0)
+    metric = SegmentationCalibrationError(3)
+    with pytest.raises(ValueError, match="probabilities"):  # logits without activation= fail loudly
+        metric.update(torch.randn(1, 3, 4, 4) * 5, torch.zeros(1, 4, 4, dtype=torch.long))
