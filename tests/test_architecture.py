@@ -30,6 +30,7 @@ ALLOWED: dict[str, set[str]] = {
     "data": {"functional", "io"},
     "report": {"functional", "io", "plots", "evaluation"},
     "training": {"functional", "io", "losses", "metrics", "posthoc"},
+    "integrations": {"functional", "io", "metrics", "posthoc", "plots"},
     "demo": {"functional", "io", "metrics", "losses", "plots", "posthoc", "evaluation", "data", "report",
              "training"},
     "cli": {"functional", "io", "metrics", "losses", "plots", "posthoc", "evaluation", "data", "report",
