@@ -261,3 +261,19 @@ def test_resume_with_mismatched_config_is_rejected(tmp_path):
     train(_cfg(tmp_path, epochs=1), (x, y), None, resume=False)
     with pytest.raises(ValueError, match=r"last\.pt: cannot resume, the checkpoint does not match"):
         train(_cfg(tmp_path, epochs=2, model={"channels": [4, 16]}), (x, y), None, resume=True)
+
+
+def test_poly_schedule_sets_each_epochs_rate_and_resumes(tmp_path):
+    """nnU-Net's polynomial decay: epoch e of E runs at lr * (1 - e / E) ** 0.9, also after a resume."""
+    x, y = synthetic_squares(8, 16, seed=4)
+    kw = {"epochs": 4, "optim": {"lr": 0.02, "schedule": "poly"}}
+    full = train(_cfg(tmp_path / "a", **kw), (x, y), None, resume=False)
+    expected = [0.02 * (1 - e / 4) ** 0.9 for e in range(4)]
+    assert [h["lr"] for h in full.history] == pytest.approx(expected, rel=1e-12)
+    cfg_b = _cfg(tmp_path / "b", **kw)
+    train(cfg_b, (x, y), None, resume=False, stop_after_epoch=2)
+    resumed = train(cfg_b, (x, y), None, resume=True)
+    assert [h["lr"] for h in resumed.history] == pytest.approx(expected[2:], rel=1e-12)
+    _assert_same_state(_state(resumed.model), _state(full.model))
+    with pytest.raises(ValueError, match=r"optim\.schedule must be 'constant' or 'poly'"):
+        config_from_dict(_cfg(tmp_path / "c", optim={"schedule": "cosine"})).validate()
