@@ -277,3 +277,23 @@ def test_poly_schedule_sets_each_epochs_rate_and_resumes(tmp_path):
     _assert_same_state(_state(resumed.model), _state(full.model))
     with pytest.raises(ValueError, match=r"optim\.schedule must be 'constant' or 'poly'"):
         config_from_dict(_cfg(tmp_path / "c", optim={"schedule": "cosine"})).validate()
+
+
+def test_train_many_in_two_processes_equals_one_after_another(tmp_path):
+    """Two spawned workers, one torch thread each: the same weights, Dice and history as sequential training."""
+    from segcal.training import TrainJob, train_many
+
+    x, y = synthetic_squares(8, 16, seed=5)
+    xv, yv = synthetic_squares(2, 16, seed=6)
+
+    def jobs(root):
+        return [TrainJob(f"m{k}", _cfg(root / f"m{k}", seed=k, loss="dice+ce" if k else "dice")) for k in range(3)]
+
+    seen: list[tuple[str, int]] = []
+    par = train_many(jobs(tmp_path / "p"), (x, y), (xv, yv), workers=2, on_epoch=lambda n, e: seen.append((n, e)))
+    seq = train_many(jobs(tmp_path / "s"), (x, y), (xv, yv), workers=1)
+    assert list(par) == ["m0", "m1", "m2"] and sorted(seen) == [(f"m{k}", e) for k in range(3) for e in (1, 2, 3)]
+    for name in par:
+        _assert_same_state(_state(par[name].model), _state(seq[name].model))
+        assert par[name].best_dice == seq[name].best_dice and par[name].best_epoch == seq[name].best_epoch
+    assert not torch.equal(next(iter(_state(par["m0"].model).values())), next(iter(_state(par["m1"].model).values())))
