@@ -23,10 +23,10 @@ import segcal.evaluation.runner as runner
 _evaluate = runner.evaluate_case_files
 
 
-def _faulty(files, config):  # type: ignore[no-untyped-def]
+def _faulty(files, config, *args):  # type: ignore[no-untyped-def]
     if files.case_id == os.environ.get("FAULT_KILL_CASE"):
         os.kill(os.getpid(), signal.SIGKILL)
-    res = _evaluate(files, config)
+    res = _evaluate(files, config, *args)
     time.sleep(float(os.environ.get("FAULT_CASE_DELAY", "0")))
     return res
 

@@ -58,6 +58,50 @@ def test_compute_findings_from_numbers() -> None:
     assert not {x["key"]: x for x in compute_findings(results)}["ensemble_nll"]["held"]
 
 
+def test_demo_runs_equal_a_plain_segcal_evaluate_of_its_folders(tmp_path: Path) -> None:
+    """The demo's evaluation runs score the argmax class channels named by its folders' segcal.json, so a plain
+    ``segcal evaluate PRED LABELS`` of its folders gives the demo's numbers and names (regression: the demo
+    named its classes through region channels, whose NLL and Dice are another definition)."""
+    import csv
+    from types import SimpleNamespace
+
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from segcal.cli import app
+    from segcal.data.mni152 import TissueSplit
+    from segcal.demo import TISSUE_CLASSES, DemoData, evaluate_all
+
+    gen = torch.Generator().manual_seed(0)
+    n, shape = 3, (14, 12)
+    labels = torch.randint(0, 4, (n, *shape), generator=gen)
+    logits = 2.5 * torch.nn.functional.one_hot(labels, 4).permute(0, 3, 1, 2) + torch.randn(n, 4, *shape, generator=gen)
+    split = TissueSplit("test", np.zeros((n, 1, *shape), np.float32), labels.numpy(), np.zeros((n, 4, *shape)),
+                        np.arange(n), np.arange(n), (2.0, 2.0))
+    data = DemoData(dataset=SimpleNamespace(test=split), shifted=split, ids=[f"s00_z{i:03d}" for i in range(n)])
+    evals = evaluate_all({"dice": torch.softmax(logits, 1)}, data, tmp_path / "demo", num_bins=20)
+    out = tmp_path / "plain"
+    pred, lab = tmp_path / "demo" / "predictions" / "dice", tmp_path / "demo" / "labels"
+    res = CliRunner().invoke(app, ["evaluate", str(pred), str(lab), "-o", str(out), "--workers", "0", "--no-report"])
+    assert res.exit_code == 0, res.output
+    assert "no voxel geometry" not in res.output  # the sidecars state the slices' 2 mm voxels
+
+    def rows(run: Path) -> list[dict[str, str]]:
+        with open(run / "cases.csv", newline="") as fh:
+            return list(csv.DictReader(fh))
+
+    demo_rows, plain_rows = rows(evals.run_dirs["dice"]), rows(out)
+    assert [r["class"] for r in demo_rows[:3]] == list(TISSUE_CLASSES[1:])
+    assert len(demo_rows) == len(plain_rows) == 3 * n
+    for a, b in zip(demo_rows, plain_rows, strict=True):
+        # every cell the same, HD95 aside (the demo does not compute it, plain evaluate does, in mm)
+        assert {k: v for k, v in a.items() if k != "hd95"} == {k: v for k, v in b.items() if k != "hd95"}
+        assert a["hd95"] == "nan" and float(b["hd95"]) >= 0
+    plain = json.loads((out / "summary.json").read_text())
+    assert plain["pooled"]["nll"] == evals.summaries["dice"]["pooled"]["nll"]
+    assert plain["class_names"] == evals.summaries["dice"]["class_names"] == ["CSF", "GM", "WM"]
+
+
 @pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner

@@ -261,3 +261,39 @@ def test_resume_with_mismatched_config_is_rejected(tmp_path):
     train(_cfg(tmp_path, epochs=1), (x, y), None, resume=False)
     with pytest.raises(ValueError, match=r"last\.pt: cannot resume, the checkpoint does not match"):
         train(_cfg(tmp_path, epochs=2, model={"channels": [4, 16]}), (x, y), None, resume=True)
+
+
+def test_poly_schedule_sets_each_epochs_rate_and_resumes(tmp_path):
+    """nnU-Net's polynomial decay: epoch e of E runs at lr * (1 - e / E) ** 0.9, also after a resume."""
+    x, y = synthetic_squares(8, 16, seed=4)
+    kw = {"epochs": 4, "optim": {"lr": 0.02, "schedule": "poly"}}
+    full = train(_cfg(tmp_path / "a", **kw), (x, y), None, resume=False)
+    expected = [0.02 * (1 - e / 4) ** 0.9 for e in range(4)]
+    assert [h["lr"] for h in full.history] == pytest.approx(expected, rel=1e-12)
+    cfg_b = _cfg(tmp_path / "b", **kw)
+    train(cfg_b, (x, y), None, resume=False, stop_after_epoch=2)
+    resumed = train(cfg_b, (x, y), None, resume=True)
+    assert [h["lr"] for h in resumed.history] == pytest.approx(expected[2:], rel=1e-12)
+    _assert_same_state(_state(resumed.model), _state(full.model))
+    with pytest.raises(ValueError, match=r"optim\.schedule must be 'constant' or 'poly'"):
+        config_from_dict(_cfg(tmp_path / "c", optim={"schedule": "cosine"})).validate()
+
+
+def test_train_many_in_two_processes_equals_one_after_another(tmp_path):
+    """Two spawned workers, one torch thread each: the same weights, Dice and history as sequential training."""
+    from segcal.training import TrainJob, train_many
+
+    x, y = synthetic_squares(8, 16, seed=5)
+    xv, yv = synthetic_squares(2, 16, seed=6)
+
+    def jobs(root):
+        return [TrainJob(f"m{k}", _cfg(root / f"m{k}", seed=k, loss="dice+ce" if k else "dice")) for k in range(3)]
+
+    seen: list[tuple[str, int]] = []
+    par = train_many(jobs(tmp_path / "p"), (x, y), (xv, yv), workers=2, on_epoch=lambda n, e: seen.append((n, e)))
+    seq = train_many(jobs(tmp_path / "s"), (x, y), (xv, yv), workers=1)
+    assert list(par) == ["m0", "m1", "m2"] and sorted(seen) == [(f"m{k}", e) for k in range(3) for e in (1, 2, 3)]
+    for name in par:
+        _assert_same_state(_state(par[name].model), _state(seq[name].model))
+        assert par[name].best_dice == seq[name].best_dice and par[name].best_epoch == seq[name].best_epoch
+    assert not torch.equal(next(iter(_state(par["m0"].model).values())), next(iter(_state(par["m1"].model).values())))

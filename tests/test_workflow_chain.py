@@ -144,3 +144,46 @@ def test_compare_pairs_the_two_runs(workflow: Path) -> None:
     name = ece[0]["class"]
     assert float(ece[0]["mean_a"]) == pytest.approx(a["macro"]["ece"][name]["mean"], rel=1e-9)
     assert float(ece[0]["mean_b"]) == pytest.approx(b["macro"]["ece"][name]["mean"], rel=1e-9)
+
+
+def test_nifti_pairs_chain(tmp_path: Path, workflow: Path) -> None:
+    """The NIfTI form of the layout: <case>_image / <case>_label pairs of 2D slices, `predict --format nifti`
+    (probabilities (X, Y, 1, C), logits in logits/), `calibrate` on those logits, `evaluate` against the pairs."""
+    import nibabel as nib
+
+    from segcal.posthoc import TemperatureScaling
+
+    affine = np.diag([*SPACING, 2.0, 1.0])
+    for split, n, seed in (("val", 3, 1), ("test", 3, 2)):
+        images, labels = synthetic_squares(n, 32, seed=seed, noise=0.6)
+        folder = tmp_path / "data" / split
+        folder.mkdir(parents=True)
+        for i in range(n):
+            nib.save(nib.Nifti1Image(images[i, 0], affine), folder / f"{split}{i}_image.nii.gz")
+            nib.save(nib.Nifti1Image(labels[i].astype(np.int16), affine), folder / f"{split}{i}_label.nii.gz")
+    ckpt = str(workflow / "runs" / "model" / "best.pt")
+    d = str(tmp_path)
+    for split in ("val", "test"):
+        res = invoke_cli(["predict", f"{d}/data/{split}", "-o", f"{d}/preds/{split}", "-c", ckpt, "--format", "nifti",
+                          "--save-logits"])
+        assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "preds" / "test").glob("*.nii.gz")) == [
+        "test0.nii.gz", "test1.nii.gz", "test2.nii.gz"]
+    res = invoke_cli(["calibrate", "--val-pred", f"{d}/preds/val/logits", "--val-labels", f"{d}/data/val",
+                      "--apply-to", f"{d}/preds/test/logits", "-o", f"{d}/calibrated/test"])
+    assert res.exit_code == 0, res.output
+    volumes = []
+    for i in range(3):
+        z = np.asarray(nib.load(tmp_path / "preds" / "val" / "logits" / f"val{i}.nii.gz").dataobj)[:, :, 0]
+        y = np.asarray(nib.load(tmp_path / "data" / "val" / f"val{i}_label.nii.gz").dataobj).astype(np.int64)
+        volumes.append((torch.from_numpy(np.moveaxis(z, -1, 0))[None], torch.from_numpy(y)[None]))
+    t_api = TemperatureScaling(max_voxels_per_volume=200_000, seed=0).fit(volumes).temperature_
+    info = json.loads((tmp_path / "calibrated" / "test" / "segcal.json").read_text())
+    assert info["calibration"]["temperature"] == pytest.approx(t_api, rel=1e-6)
+    for run in ("preds/test", "calibrated/test"):
+        res = invoke_cli(["evaluate", f"{d}/{run}", f"{d}/data/test", "-o", f"{d}/eval/{run.replace('/', '_')}"])
+        assert res.exit_code == 0, res.output
+        summary = json.loads((tmp_path / "eval" / run.replace("/", "_") / "summary.json").read_text())
+        assert summary["n_ok"] == 3 and summary["n_failed"] == 0
+        rows = list(csv.DictReader(open(tmp_path / "eval" / run.replace("/", "_") / "cases.csv", newline="")))
+        assert {r["case_id"] for r in rows} == {"test0", "test1", "test2"}

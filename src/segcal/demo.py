@@ -30,6 +30,7 @@ from segcal.evaluation.compare import write_comparison
 from segcal.functional.uncertainty import segment_mean_entropy
 from segcal.io import write_numpy, write_numpy_probabilities, write_text
 from segcal.io.runs import read_case_metrics
+from segcal.io.sidecar import FolderInfo, PredictionKind, write_folder_info
 from segcal.metrics import MetricResult, SegmentationCalibrationMetric
 from segcal.plots import ensemble_size_curve, entropy_dice_scatter, quality_scatter
 from segcal.posthoc import TemperatureScaling, ensemble_probabilities, ensemble_size_study
@@ -125,23 +126,29 @@ def _logits(model: torch.nn.Module, images: torch.Tensor, batch: int = 16) -> to
     return torch.cat([model(images[i : i + batch]) for i in range(0, images.shape[0], batch)])
 
 
-def _write_predictions(folder: Path, probs: torch.Tensor, case_ids: list[str]) -> Path:
-    import numpy as np
+def _folder_info(spacing: tuple[float, ...], kind: PredictionKind | None = None) -> FolderInfo:
+    """The ``segcal.json`` of a demo folder: the slices' voxel size and the tissue class names (NumPy files hold
+    neither), so a plain ``segcal evaluate PRED LABELS`` scores them as the demo does."""
+    return FolderInfo(kind=kind, spacing=tuple(float(s) for s in spacing), class_names=TISSUE_CLASSES)
 
+
+def _write_predictions(folder: Path, probs: torch.Tensor, case_ids: list[str], spacing: tuple[float, ...]) -> Path:
+    """``folder/<case>.npz`` probabilities ``(C, H, W)`` and the folder's sidecar."""
     folder.mkdir(parents=True, exist_ok=True)
     arr = probs.to(torch.float32).numpy()
     for cid, p in zip(case_ids, arr, strict=True):
         p = p / p.sum(0, keepdims=True)
         write_numpy_probabilities(folder / f"{cid}.npz", p.astype(np.float32), compressed=False)
+    write_folder_info(folder, _folder_info(spacing, "probabilities"))
     return folder
 
 
-def _write_labels(folder: Path, labels, case_ids: list[str]) -> Path:
-    import numpy as np
-
+def _write_labels(folder: Path, labels, case_ids: list[str], spacing: tuple[float, ...]) -> Path:
+    """``folder/<case>.npy`` label maps ``(H, W)`` and the folder's sidecar."""
     folder.mkdir(parents=True, exist_ok=True)
     for cid, y in zip(case_ids, labels, strict=True):
         write_numpy(folder / f"{cid}.npy", np.asarray(y, dtype=np.int64))
+    write_folder_info(folder, _folder_info(spacing))
     return folder
 
 
@@ -389,13 +396,15 @@ def predict_all(models: dict[str, torch.nn.Module], data: DemoData, size: DemoSi
 
 
 def evaluate_all(probs: dict[str, torch.Tensor], data: DemoData, output: Path, num_bins: int) -> DemoEvaluations:
-    """One :func:`segcal.evaluation.run_evaluation` run per predictor under ``output/runs/<name>``."""
-    label_dir = _write_labels(output / "labels", data.dataset.test.labels, data.ids)
-    cfg = EvalConfig(fmt="npy", num_bins=num_bins, hd95=False, region_names=("CSF", "GM", "WM"),
-                     regions=((1,), (2,), (3,)))
+    """One :func:`segcal.evaluation.run_evaluation` run per predictor under ``output/runs/<name>``: the class
+    channels CSF, GM, WM (named by the folders' ``segcal.json``, as for a plain ``segcal evaluate PRED
+    LABELS``; no HD95)."""
+    spacing = tuple(data.dataset.test.spacing)
+    label_dir = _write_labels(output / "labels", data.dataset.test.labels, data.ids, spacing)
+    cfg = EvalConfig(fmt="npy", num_bins=num_bins, hd95=False)
     evals = DemoEvaluations(run_dirs={}, summaries={})
     for name, p in probs.items():
-        pred_dir = _write_predictions(output / "predictions" / name, p, data.ids)
+        pred_dir = _write_predictions(output / "predictions" / name, p, data.ids, spacing)
         res = run_evaluation(pred_dir, label_dir, output / "runs" / name, cfg, workers=0, overwrite=True,
                              progress=False)
         evals.run_dirs[name] = output / "runs" / name

@@ -25,16 +25,39 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
 
 
-def _margins(text: str) -> tuple[float, ...]:
+def _numbers(text: str, option: str) -> tuple[float, ...]:
     try:
         vals = tuple(float(x) for x in text.split(","))
     except ValueError:
-        raise typer.BadParameter(
-            f"--bbox-margin-mm must be numbers separated by commas, got {text!r}"
-        ) from None
+        raise typer.BadParameter(f"{option} must be numbers separated by commas, got {text!r}") from None
+    if not all(math.isfinite(v) for v in vals):
+        raise typer.BadParameter(f"{option} must be finite numbers, got {text!r}")
+    return vals
+
+
+def _margins(text: str) -> tuple[float, ...]:
+    vals = _numbers(text, "--bbox-margin-mm")
     if not vals or any(v < 0 for v in vals):
         raise typer.BadParameter(f"--bbox-margin-mm must be non-negative, got {text!r}")
     return vals
+
+
+def _spacing(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    vals = _numbers(text, "--spacing")
+    if not 1 <= len(vals) <= 3 or any(v <= 0 for v in vals):
+        raise typer.BadParameter(f"--spacing must be 1 to 3 positive voxel sizes in mm (e.g. 1,1,2.5), got {text!r}")
+    return vals
+
+
+def _class_names(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    names = tuple(n.strip() for n in text.split(","))
+    if any(not n for n in names):
+        raise typer.BadParameter(f"--class-names must be names separated by commas, none empty, got {text!r}")
+    return names
 
 
 @app.command()
@@ -55,10 +78,23 @@ def evaluate(
     regions: str | None = typer.Option(
         None, "--regions", help='Region channels from label sums, e.g. "ET=3;TC=1,3;WT=1,2,3" (BraTS).'
     ),
+    class_names: str | None = typer.Option(
+        None,
+        "--class-names",
+        help="Names of the label values 0..C-1, background included, e.g. background,CSF,GM,WM (labels only: "
+        "the class channels are scored as without names). Default: a segcal.json sidecar's class_names, else "
+        "an nnU-Net dataset.json's labels.",
+    ),
     include_background: bool = typer.Option(False, "--include-background", help="Also score class 0."),
     region: str = typer.Option("whole", "--region", help="Where metrics are computed: whole, bbox or mask."),
     bbox_margin_mm: str = typer.Option(
         "8,8,4", "--bbox-margin-mm", help="Bounding-box margins in mm per axis."
+    ),
+    spacing: str | None = typer.Option(
+        None,
+        "--spacing",
+        help="Voxel size in mm per axis (e.g. 1,1,2.5) for files without geometry (NumPy) when no segcal.json "
+        "sidecar states it; never overrides a file's own geometry (a contradiction fails the case).",
     ),
     mask_dir: Path | None = typer.Option(
         None, "--mask-dir", help="Folder of region masks (with --region mask)."
@@ -132,6 +168,7 @@ def evaluate(
         bbox_margin_mm=_margins(bbox_margin_mm),
         hd95=not no_hd95,
         soft_reference=soft_ref is not None,
+        spacing=_spacing(spacing),
     )
     try:
         res = run_evaluation(
@@ -139,6 +176,7 @@ def evaluate(
             labels,
             out,
             config,
+            class_names=_class_names(class_names),
             reference_dir=soft_ref,
             mask_dir=mask_dir if region == "mask" else None,
             workers=workers,
@@ -154,6 +192,9 @@ def evaluate(
     for role, files in res.unmatched.items():
         console.print(f"[yellow]{len(files)} {role} file(s) without partner[/], e.g. {escape(str(files[0]))}")
     _print_summary(res.summary, res)
+    warning = res.summary.get("geometry", {}).get("warning")
+    if warning:
+        console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
     if not no_report:
         from segcal.report import build_evaluation_report
 
@@ -194,6 +235,8 @@ def _print_summary(summary: dict[str, Any], res: Any) -> None:
                 cells.append(_fmt(pooled.get(m, {}).get(cls)))
         table.add_row(escape(cls), *cells)
     Console().print(table)
+    if summary.get("class_names_from"):
+        console.print(f"class names from {escape(summary['class_names_from'])}", soft_wrap=True)
     for f in summary.get("failed", [])[:10]:
         console.print(f"[red]failed[/] {escape(f['case_id'])}: {escape(f['error'])}", soft_wrap=True)
     extra = f", {len(res.stale)} recomputed (inputs changed)" if res.stale else ""

@@ -1,6 +1,7 @@
 """Dataset evaluation: runner, resumable store, outputs, statistics and comparison (docs/evaluation.md)."""
 
 from segcal.evaluation.compare import compare_runs
+from segcal.evaluation.folders import ClassNamesError, GeometryConflictError
 from segcal.evaluation.lock import RunLockedError
 from segcal.evaluation.runner import (
     DaskClusterError,
@@ -14,9 +15,11 @@ from segcal.evaluation.store import CaseResult, ConfigMismatchError, ResultStore
 
 __all__ = [
     "CaseResult",
+    "ClassNamesError",
     "ConfigMismatchError",
     "DaskClusterError",
     "EvalConfig",
+    "GeometryConflictError",
     "ResultStore",
     "RunLockedError",
     "RunResult",

@@ -10,6 +10,10 @@ per-case average over classes; per-case metrics under ``"case"``):
 * ``pooled``: the dataset-level (micro) values from the statistics summed over all cases (calibration errors
   from the merged bin sums, overlap scores from the summed confusion counts, Brier / NLL / MAE per voxel).
 
+and ``class_names`` (the scored channels' names: the run's class names of those label values, else ``class_k`` /
+region names; see :mod:`segcal.evaluation.folders`), ``class_names_from`` and ``geometry`` (folder spacing, the
+cases scored with an assumed 1 mm voxel size, the warning when an mm metric depended on it).
+
 ``bins.npz`` (read by :mod:`segcal.report` and :mod:`segcal.plots`): ``case_ids`` ``(N,)`` unicode,
 ``bin_stats`` ``(N, C, 3, M)`` float64 (count, Σp, Σy), ``class_names`` ``(C,)`` unicode; no pickled objects.
 """
@@ -24,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from segcal.evaluation.folders import ClassNames, FolderSpacing, geometry_summary, scored_names
 from segcal.evaluation.statistics import summarize
 from segcal.evaluation.store import CaseResult, ResultStore
 from segcal.functional.scoring import CASE_METRICS, CLASS_METRICS, CaseStatistics, image_metrics, pooled_metrics
@@ -100,14 +105,17 @@ def _fail_incompatible(store: ResultStore, results: list[CaseResult]) -> list[Ca
     return out
 
 
-def _case_rows(results: list[CaseResult], values: dict[str, torch.Tensor], stats: Any) -> list[dict[str, Any]]:
-    """The ``cases.csv`` rows: each ok case's class rows, a failed case as one row with its error."""
+def _case_rows(
+    results: list[CaseResult], values: dict[str, torch.Tensor], stats: Any, names: list[str]
+) -> list[dict[str, Any]]:
+    """The ``cases.csv`` rows: each ok case's class rows (classes ``names``), a failed case as one row with its
+    error."""
     index: dict[str, int] = {}
     rows: list[dict[str, Any]] = []
     for r in results:
         if r.status == "ok":
             i = index.setdefault(r.case_id, len(index))
-            rows += _rows(r.case_id, r.class_names or [], values, stats, i)
+            rows += _rows(r.case_id, names, values, stats, i)
         else:
             rows.append({"case_id": r.case_id, "class": "", "status": "failed", "error": r.error})
     return rows
@@ -125,10 +133,36 @@ def _macro_summary(values: dict[str, torch.Tensor], class_names: list[str]) -> d
     return macro
 
 
+def _output_names(ok: list[CaseResult], run_config: dict[str, Any], class_names: ClassNames) -> list[str]:
+    """The scored channels' names: the stored ``class_k`` / region names, or the run's class names of those label
+    values (:func:`~segcal.evaluation.folders.scored_names`; a wrong count is an error naming their source)."""
+    if not ok:
+        return []
+    first = 0 if run_config.get("include_background") or run_config.get("regions") is not None else 1
+    num_classes = (ok[0].metrics or {}).get("num_classes")
+    return scored_names(class_names, list(ok[0].class_names or []), num_classes, first)
+
+
+def _assumed_1mm(ok: list[CaseResult]) -> list[str]:
+    return [r.case_id for r in ok if (r.metrics or {}).get("spacing_assumed")]
+
+
 def write_outputs(
-    store: ResultStore, out_dir: Path, run_config: dict[str, Any], unmatched: dict[str, list[str]]
+    store: ResultStore,
+    out_dir: Path,
+    run_config: dict[str, Any],
+    unmatched: dict[str, list[str]],
+    *,
+    class_names: ClassNames | None = None,
+    geometry: FolderSpacing | None = None,
 ) -> tuple[dict[str, Path], dict[str, Any]]:
-    """Write ``cases.csv``, ``bins.npz``, ``summary.json`` (and ``failed.csv``) from the store's cases."""
+    """Write ``cases.csv``, ``bins.npz``, ``summary.json`` (and ``failed.csv``) from the store's cases.
+
+    ``class_names`` label the scored channels in every output (they change no number; ``None``: the stored
+    ``class_k`` / region names); ``geometry`` (the run's folder spacing) and the cases scored with an assumed
+    1 mm voxel size go into ``summary["geometry"]``.
+    """
+    class_names = class_names or ClassNames()
     results = _fail_incompatible(store, store.results())
     ok = [r for r in results if r.status == "ok"]
     failed = [r for r in results if r.status != "ok"]
@@ -138,14 +172,14 @@ def write_outputs(
         "summary": out_dir / "summary.json",
         "failed": out_dir / "failed.csv",
     }
-    class_names = list(ok[0].class_names or []) if ok else []
+    names = _output_names(ok, run_config, class_names)
     stats = CaseStatistics.cat([r.statistics() for r in ok]) if ok else None
     values = image_metrics(stats) if stats is not None else {}
-    write_cases_csv(files["cases"], _case_rows(results, values, stats), COLUMNS)
+    write_cases_csv(files["cases"], _case_rows(results, values, stats, names), COLUMNS)
     write_failed_csv(files["failed"], [(r.case_id, r.error or "") for r in failed])
     m = int(run_config.get("num_bins", 20))
-    bins = stats.bins.numpy() if stats is not None else np.zeros((0, len(class_names), 3, m))
-    write_bins_npz(files["bins"], [r.case_id for r in ok], bins, class_names)
+    bins = stats.bins.numpy() if stats is not None else np.zeros((0, len(names), 3, m))
+    write_bins_npz(files["bins"], [r.case_id for r in ok], bins, names)
     summary = {
         "config": run_config,
         "n_cases": len(results),
@@ -153,9 +187,11 @@ def write_outputs(
         "n_failed": len(failed),
         "failed": [{"case_id": r.case_id, "error": r.error} for r in failed],
         "unmatched": unmatched,
-        "class_names": class_names,
-        "macro": _macro_summary(values, class_names) if ok else {},
-        "pooled": _pooled_summary(pooled_metrics(stats), class_names) if stats is not None else {},
+        "class_names": names,
+        "class_names_from": class_names.source,
+        "geometry": geometry_summary(_assumed_1mm(ok), run_config, geometry),
+        "macro": _macro_summary(values, names) if ok else {},
+        "pooled": _pooled_summary(pooled_metrics(stats), names) if stats is not None else {},
     }
     write_summary_json(files["summary"], summary)
     return files, summary

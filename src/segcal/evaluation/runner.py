@@ -11,13 +11,14 @@ cluster. A failing case is recorded with its error and the run goes on.
 from __future__ import annotations
 
 import itertools
+import math
 import multiprocessing as mp
 import os
 import resource
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
@@ -27,6 +28,15 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from segcal.evaluation.folders import (
+    SPACING_OPTION,
+    ClassNames,
+    FolderSpacing,
+    check_class_count,
+    folder_spacing,
+    read_folder_infos,
+    resolve_class_names,
+)
 from segcal.evaluation.lock import RunLock
 from segcal.evaluation.store import CaseResult, ResultStore, input_fingerprint, same_inputs
 from segcal.functional.binning import check_num_bins
@@ -46,12 +56,17 @@ __all__ = [
 
 #: version of what a stored case holds (:class:`~segcal.evaluation.store.CaseResult`); part of the run
 #: configuration, so a store written by another version is never resumed
-STATISTICS_VERSION = 2
+STATISTICS_VERSION = 3
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """What is computed for every case (its hash guards resumed runs)."""
+    """What is computed for every case (its hash guards resumed runs).
+
+    ``spacing`` (``segcal evaluate --spacing``) is the voxel size in mm of the cases whose files and folder
+    sidecars state none; it never overrides a stated geometry (a contradiction is an error). Class names are
+    not part of it: they label the outputs (:func:`run_evaluation` ``class_names``) and never change a number.
+    """
 
     fmt: Literal["nifti", "npy", "nnunet"] = "nifti"
     num_bins: int = 20
@@ -62,6 +77,7 @@ class EvalConfig:
     bbox_margin_mm: tuple[float, ...] = (8.0, 8.0, 4.0)
     hd95: bool = True
     soft_reference: bool = False
+    spacing: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.region not in ("whole", "bbox", "mask"):
@@ -69,6 +85,10 @@ class EvalConfig:
         if (self.regions is None) != (self.region_names is None):
             raise ValueError("regions and region_names go together")
         check_num_bins(self.num_bins)
+        if self.spacing is not None and not (
+            1 <= len(self.spacing) <= 3 and all(math.isfinite(s) and s > 0 for s in self.spacing)
+        ):
+            raise ValueError(f"spacing must be 1 to 3 positive voxel sizes in mm, got {self.spacing!r}")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,7 +117,9 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _region_mask(case: Case, config: EvalConfig, label: torch.Tensor, path: str | None) -> torch.Tensor | None:
+def _region_mask(
+    case: Case, config: EvalConfig, label: torch.Tensor, spacing: tuple[float, ...], path: str | None
+) -> torch.Tensor | None:
     """The region every statistic but HD95 is restricted to: ``(1, *S)`` bool, or None for the whole image."""
     if config.region == "whole":
         return None
@@ -109,7 +131,7 @@ def _region_mask(case: Case, config: EvalConfig, label: torch.Tensor, path: str 
     n_sp = label.ndim - 1
     if len(margin) != n_sp:
         margin = (margin + margin[-1:] * n_sp)[:n_sp]
-    return dilated_bbox_mask(label[0], case.spacing, margin)[None]
+    return dilated_bbox_mask(label[0], spacing, margin)[None]
 
 
 def compute_case(case: Case, config: EvalConfig) -> CaseResult:
@@ -118,7 +140,9 @@ def compute_case(case: Case, config: EvalConfig) -> CaseResult:
     Shapes: ``case.probabilities`` ``(C, *S)``, ``case.label`` ``(*S)``; the core
     (:func:`segcal.functional.scoring.case_statistics`) gets ``(1, C, *S)``. Calibration metrics, Brier, NLL,
     MAE and overlap counts use the region (whole / mask / dilated bbox); HD95 is computed on the whole image (a
-    distance between surfaces, in mm with the case's spacing).
+    distance between surfaces, in mm with the case's spacing). A case without geometry (an empty
+    ``case.spacing``: :func:`~segcal.io.matching.load_case` with ``assume_1mm=False``) is scored with 1 mm voxels
+    and its result says so (``metrics["spacing_assumed"]``).
     """
     pred_path = case.paths.get("prediction", [None])[0]
     label_path = case.paths.get("label", [None])[0]
@@ -137,7 +161,9 @@ def compute_case(case: Case, config: EvalConfig) -> CaseResult:
         ref = torch.from_numpy(np.ascontiguousarray(case.reference.astype(np.float32, copy=False)))[None]
     if config.soft_reference and ref is None:
         raise CaseError(pred_path, "a soft reference map is required (--soft-ref) but none was read")
-    mask = _region_mask(case, config, label, pred_path)
+    assumed = len(case.spacing) == 0
+    spacing = (1.0,) * case.label.ndim if assumed else tuple(case.spacing)
+    mask = _region_mask(case, config, label, spacing, pred_path)
     try:
         stats = case_statistics(
             probs,
@@ -148,7 +174,7 @@ def compute_case(case: Case, config: EvalConfig) -> CaseResult:
             mask=mask,
             reference=ref,
             hd95=config.hd95,
-            spacing=case.spacing,
+            spacing=spacing,
         )
     except TargetError as exc:
         raise CaseError(label_path, str(exc)) from None
@@ -160,16 +186,26 @@ def compute_case(case: Case, config: EvalConfig) -> CaseResult:
     else:
         names = [f"class_{k}" for k in range(first, first + stats.bins.shape[1])]
     return CaseResult.from_statistics(
-        case.case_id, names, stats, shape=list(case.label.shape), spacing=list(case.spacing),
-        seconds=time.perf_counter() - t0, peak_rss_mb=_peak_rss_mb(),
+        case.case_id, names, stats, shape=list(case.label.shape), spacing=list(spacing),
+        num_classes=int(probs.shape[1]), spacing_assumed=assumed, seconds=time.perf_counter() - t0,
+        peak_rss_mb=_peak_rss_mb(),
     )
 
 
-def evaluate_case_files(files: CaseFiles, config: EvalConfig) -> CaseResult:
-    """Read and evaluate one case; any error becomes a ``failed`` result with a message naming the file."""
+def evaluate_case_files(files: CaseFiles, config: EvalConfig, geometry: FolderSpacing | None = None) -> CaseResult:
+    """Read and evaluate one case; any error becomes a ``failed`` result with a message naming the file.
+
+    ``geometry``: the run's folder spacing (a sidecar's, else ``config.spacing``; see
+    :func:`segcal.evaluation.folders.folder_spacing`) for files without geometry of their own; a case with
+    neither is scored with 1 mm voxels and flagged.
+    """
     t0 = time.perf_counter()
+    if geometry is None:
+        geometry = FolderSpacing(config.spacing, SPACING_OPTION if config.spacing is not None else None)
     try:
-        case = load_case(files, config.fmt)
+        case = load_case(
+            files, config.fmt, spacing=geometry.spacing, spacing_from=geometry.source or "", assume_1mm=False
+        )
         res = compute_case(case, config)
     except CaseError as exc:
         res = CaseResult(files.case_id, "failed", str(exc))
@@ -220,22 +256,26 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     )
 
 
-def _iter_local(todo: list[CaseFiles], config: EvalConfig, workers: int) -> Iterator[CaseResult]:
+def _iter_local(
+    todo: list[CaseFiles], config: EvalConfig, geometry: FolderSpacing, workers: int
+) -> Iterator[CaseResult]:
     """Results of ``todo`` in completion order, at most ``2 x workers`` cases in flight. When a worker dies, the
     pool is restarted; each case that was in flight is then retried alone, so that only a case that kills its
     worker again is recorded as failed (:data:`WORKER_DIED`) and every other case is computed."""
     if workers <= 0:  # in-process (debugging, tests)
         for f in todo:
-            yield evaluate_case_files(f, config)
+            yield evaluate_case_files(f, config, geometry)
         return
     queue = deque(todo)
     while queue:
-        suspects = yield from _run_pool(queue, config, workers)
+        suspects = yield from _run_pool(queue, config, geometry, workers)
         for f in suspects:
-            yield from _run_alone(f, config)
+            yield from _run_alone(f, config, geometry)
 
 
-def _run_pool(queue: deque[CaseFiles], config: EvalConfig, workers: int) -> Generator[CaseResult, None, list]:
+def _run_pool(
+    queue: deque[CaseFiles], config: EvalConfig, geometry: FolderSpacing, workers: int
+) -> Generator[CaseResult, None, list]:
     """Runs cases from ``queue`` on a pool until it is empty (returns ``[]``) or a worker dies (returns the cases
     that were in flight, to retry)."""
     with _pool(workers) as ex:
@@ -243,7 +283,7 @@ def _run_pool(queue: deque[CaseFiles], config: EvalConfig, workers: int) -> Gene
         while queue or in_flight:
             while queue and len(in_flight) < 2 * workers:
                 f = queue.popleft()
-                in_flight[ex.submit(evaluate_case_files, f, config)] = f
+                in_flight[ex.submit(evaluate_case_files, f, config, geometry)] = f
             done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
             broken = False
             for fut in done:
@@ -259,10 +299,10 @@ def _run_pool(queue: deque[CaseFiles], config: EvalConfig, workers: int) -> Gene
     return []
 
 
-def _run_alone(files: CaseFiles, config: EvalConfig) -> Iterator[CaseResult]:
+def _run_alone(files: CaseFiles, config: EvalConfig, geometry: FolderSpacing) -> Iterator[CaseResult]:
     with _pool(1) as ex:
         try:
-            yield ex.submit(evaluate_case_files, files, config).result()
+            yield ex.submit(evaluate_case_files, files, config, geometry).result()
         except BrokenProcessPool:
             yield CaseResult(files.case_id, "failed", f"{files.prediction[0]}: {WORKER_DIED}")
 
@@ -294,7 +334,12 @@ def _dask_client(address: str, timeout: float) -> Any:
 
 
 def _iter_dask(
-    todo: list[CaseFiles], config: EvalConfig, address: str, window: int, timeout: float = 30.0
+    todo: list[CaseFiles],
+    config: EvalConfig,
+    geometry: FolderSpacing,
+    address: str,
+    window: int,
+    timeout: float = 30.0,
 ) -> Iterator[CaseResult]:
     """Results of ``todo`` evaluated on a Dask cluster, at most ``window`` (or twice the worker threads) in
     flight. Dask retries a case whose worker was lost, but blames every case the worker held; so a case that
@@ -308,7 +353,7 @@ def _iter_dask(
         by_key: dict[str, CaseFiles] = {}
 
         def submit(f: CaseFiles) -> Any:
-            fut = client.submit(evaluate_case_files, f, config, pure=False)
+            fut = client.submit(evaluate_case_files, f, config, geometry, pure=False)
             by_key[fut.key] = f
             return fut
 
@@ -361,13 +406,62 @@ def _case_paths(files: CaseFiles) -> list[str]:
     return [*files.prediction, files.label, *(files.reference or []), *([files.mask] if files.mask else [])]
 
 
-def _plan(cases: list[CaseFiles], store: ResultStore, retry_failed: bool, hash_inputs: bool) -> _Plan:
-    prints = {c.case_id: input_fingerprint(_case_paths(c), content=hash_inputs) for c in cases}
+def _plan(
+    cases: list[CaseFiles], store: ResultStore, retry_failed: bool, hash_inputs: bool, extra: str = ""
+) -> _Plan:
+    prints = {c.case_id: input_fingerprint(_case_paths(c), content=hash_inputs, extra=extra) for c in cases}
     stored = store.fingerprints(include_failed=not retry_failed)
     stale = sorted(cid for cid, fp in stored.items() if cid in prints and not same_inputs(fp, prints[cid]))
     vanished = sorted(set(store.fingerprints()) - set(prints))
     todo = [c for c in cases if not same_inputs(stored.get(c.case_id), prints[c.case_id])]
     return _Plan(todo, prints, len(cases) - len(todo), stale, vanished)
+
+
+@dataclass
+class _RunInputs:
+    """What a run reads before computing: the matched cases, the files without partner, the configuration
+    stored with every case, the folder spacing and the class names."""
+
+    cases: list[CaseFiles]
+    unmatched: dict[str, list[str]]
+    run_cfg: dict[str, Any]
+    geometry: FolderSpacing
+    names: ClassNames
+
+
+def _run_inputs(
+    pred_dir: Path,
+    label_dir: Path,
+    out: Path,
+    config: EvalConfig,
+    reference_dir: Path | None,
+    mask_dir: Path | None,
+    class_names: Sequence[str] | None,
+) -> _RunInputs:
+    check_output_outside_inputs(
+        out, {"predictions": pred_dir, "labels": label_dir, "--soft-ref": reference_dir, "--mask-dir": mask_dir}
+    )
+    infos = read_folder_infos(pred_dir, label_dir)
+    geometry = folder_spacing(infos, config.spacing)
+    names = resolve_class_names(
+        class_names, infos, pred_dir, label_dir, config.fmt, regions=config.regions is not None
+    )
+    cases, unmatched = match_cases(
+        pred_dir, label_dir, config.fmt, reference_dir=reference_dir, mask_dir=mask_dir
+    )
+    if config.region == "mask" and mask_dir is None:
+        raise ValueError("region='mask' needs mask_dir (--mask-dir)")
+    if config.soft_reference and reference_dir is None:
+        raise ValueError("soft_reference needs reference_dir (--soft-ref)")
+    run_cfg = {
+        **config.as_dict(),
+        "statistics": STATISTICS_VERSION,
+        "pred_dir": str(pred_dir),
+        "label_dir": str(label_dir),
+        "reference_dir": str(reference_dir) if reference_dir else None,
+        "mask_dir": str(mask_dir) if mask_dir else None,
+    }
+    return _RunInputs(cases, unmatched, run_cfg, geometry, names)
 
 
 def run_evaluation(
@@ -376,6 +470,7 @@ def run_evaluation(
     out_dir: str | Path,
     config: EvalConfig,
     *,
+    class_names: Sequence[str] | None = None,
     reference_dir: str | Path | None = None,
     mask_dir: str | Path | None = None,
     workers: int | None = None,
@@ -393,69 +488,90 @@ def run_evaluation(
     Dask scheduler instead (:class:`DaskClusterError` when it cannot be reached, or no worker joins it, within
     ``dask_timeout`` seconds). Writes ``results.sqlite``, ``cases.csv``, ``bins.npz`` and ``summary.json``.
 
+    Geometry: each case's files' own, else a ``segcal.json`` sidecar's ``spacing`` (prediction or label folder),
+    else ``config.spacing``; a case with none is scored with 1 mm voxels and listed in ``summary["geometry"]``
+    (:mod:`segcal.evaluation.folders`). ``class_names``: the names of label values ``0 .. C-1`` (background
+    included; else the sidecars' ``class_names``, else an nnU-Net ``dataset.json``'s ``labels``); output labels
+    only, applied when the outputs are written, so a rerun with other names recomputes nothing and leaves no
+    old name in any output. A name count that is not ``C`` is a
+    :class:`~segcal.evaluation.folders.ClassNamesError` (a ``ValueError``) naming the source, raised after the
+    first case computed (the computed cases stay stored).
+
     Resume: a stored case is reused only if it was computed under the same configuration from the same input
-    files (path, size and modification time; with ``hash_inputs`` also their contents); a changed input is
-    recomputed and a stored case whose files vanished is dropped. The folder is locked for the whole run
-    (:class:`~segcal.evaluation.lock.RunLock`): a second run into it is refused with the holder's name.
+    files (path, size and modification time; with ``hash_inputs`` also their contents) and the same sidecar
+    spacing; a changed input is recomputed and a stored case whose files vanished is dropped. The folder is
+    locked for the whole run (:class:`~segcal.evaluation.lock.RunLock`): a second run into it is refused with
+    the holder's name.
     """
     from segcal.evaluation.outputs import write_outputs
 
     out = Path(out_dir)
     # absolute paths: the cases may be read by workers started in another directory (Dask)
-    pred_dir, label_dir = Path(pred_dir).resolve(), Path(label_dir).resolve()
-    reference_dir = Path(reference_dir).resolve() if reference_dir else None
-    mask_dir = Path(mask_dir).resolve() if mask_dir else None
-    check_output_outside_inputs(
-        out, {"predictions": pred_dir, "labels": label_dir, "--soft-ref": reference_dir, "--mask-dir": mask_dir}
+    inputs = _run_inputs(
+        Path(pred_dir).resolve(),
+        Path(label_dir).resolve(),
+        out,
+        config,
+        Path(reference_dir).resolve() if reference_dir else None,
+        Path(mask_dir).resolve() if mask_dir else None,
+        class_names,
     )
-    cases, unmatched = match_cases(
-        pred_dir, label_dir, config.fmt, reference_dir=reference_dir, mask_dir=mask_dir
-    )
-    if config.region == "mask" and mask_dir is None:
-        raise ValueError("region='mask' needs mask_dir (--mask-dir)")
-    if config.soft_reference and reference_dir is None:
-        raise ValueError("soft_reference needs reference_dir (--soft-ref)")
-    run_cfg = {
-        **config.as_dict(),
-        "statistics": STATISTICS_VERSION,
-        "pred_dir": str(Path(pred_dir).resolve()),
-        "label_dir": str(Path(label_dir).resolve()),
-        "reference_dir": str(Path(reference_dir).resolve()) if reference_dir else None,
-        "mask_dir": str(Path(mask_dir).resolve()) if mask_dir else None,
-    }
+    # a sidecar's spacing is input data: a changed one recomputes the cases (--spacing is configuration)
+    sidecar = inputs.geometry.source not in (None, SPACING_OPTION)
+    extra = repr(inputs.geometry.spacing) if sidecar else ""
     workers = (os.cpu_count() or 1) if workers is None else workers
-    with RunLock(out), ResultStore(out, run_cfg, overwrite=overwrite) as store:
-        plan = _plan(cases, store, retry_failed, hash_inputs)
+    with RunLock(out), ResultStore(out, inputs.run_cfg, overwrite=overwrite) as store:
+        plan = _plan(inputs.cases, store, retry_failed, hash_inputs, extra)
         store.drop(plan.vanished)
-        n_computed = 0
         results: Iterable[CaseResult]
         if dask_address:
-            results = _iter_dask(plan.todo, config, dask_address, 2 * max(1, workers), dask_timeout)
+            results = _iter_dask(plan.todo, config, inputs.geometry, dask_address, 2 * max(1, workers), dask_timeout)
         else:
-            results = _iter_local(plan.todo, config, workers)
-        with _progress(progress, len(cases), plan.n_resumed) as advance:
-            for res in results:
-                store.put(res, plan.fingerprints[res.case_id])
-                n_computed += 1
-                advance(res)
-                if on_result is not None:
-                    on_result(res)
-        files, summary = write_outputs(store, out, run_cfg, unmatched)
+            results = _iter_local(plan.todo, config, inputs.geometry, workers)
+        n_computed = _store_results(results, store, plan, inputs.names, progress, on_result)
+        files, summary = write_outputs(
+            store, out, inputs.run_cfg, inputs.unmatched, class_names=inputs.names, geometry=inputs.geometry
+        )
         all_res = store.results()
     n_ok = sum(r.status == "ok" for r in all_res)
     return RunResult(
         out,
-        len(cases),
+        len(inputs.cases),
         n_ok,
         len(all_res) - n_ok,
         plan.n_resumed,
         n_computed,
-        unmatched,
+        inputs.unmatched,
         files,
         summary,
         stale=plan.stale,
         vanished=plan.vanished,
     )
+
+
+def _store_results(
+    results: Iterable[CaseResult],
+    store: ResultStore,
+    plan: _Plan,
+    names: ClassNames,
+    progress: bool,
+    on_result: Callable[[CaseResult], None] | None,
+) -> int:
+    """Commit each result as it comes (progress bar, ``on_result``); the class names are checked against the
+    first ok case (:func:`~segcal.evaluation.folders.check_class_count`). Returns the number of results."""
+    n_computed = 0
+    checked = names.names is None
+    with _progress(progress, len(plan.fingerprints), plan.n_resumed) as advance:
+        for res in results:
+            store.put(res, plan.fingerprints[res.case_id])
+            n_computed += 1
+            advance(res)
+            if on_result is not None:
+                on_result(res)
+            if not checked and res.status == "ok" and res.metrics is not None:
+                check_class_count(names, res.metrics.get("num_classes"))
+                checked = True
+    return n_computed
 
 
 class _progress:

@@ -34,12 +34,13 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def input_fingerprint(paths: list[str], *, content: bool = False) -> str:
+def input_fingerprint(paths: list[str], *, content: bool = False, extra: str = "") -> str:
     """Identity of a case's input files, as a JSON string: ``stat``, a SHA-256 over each file's absolute path,
     size and modification time (nanoseconds), and with ``content`` also ``content``, a SHA-256 of their bytes
     (slower; catches a file rewritten with the same size within the timestamp resolution). A missing file
-    gives a fingerprint that matches nothing stored. Compare two with :func:`same_inputs`."""
-    st_hash = hashlib.sha256()
+    gives a fingerprint that matches nothing stored. ``extra``: input facts stated outside the case's files
+    (the voxel spacing of a folder sidecar), hashed into ``stat``. Compare two with :func:`same_inputs`."""
+    st_hash = hashlib.sha256(extra.encode())
     c_hash = hashlib.sha256() if content else None
     for p in paths:
         path = Path(p).resolve()
@@ -77,7 +78,10 @@ class CaseResult:
     """One case's outcome (``None`` fields if failed).
 
     ``metrics`` holds the case's :class:`~segcal.functional.scoring.CaseStatistics` other than the marginal bins
-    (``"stats"``: field -> nested lists, one image) and its ``shape`` / ``spacing``; ``bins`` ``(C, 3, M)``
+    (``"stats"``: field -> nested lists, one image), its ``shape``, the ``spacing`` its mm metrics used (and
+    ``spacing_assumed``: whether that is 1 mm for want of any geometry) and ``num_classes`` (the prediction's
+    ``C``); ``class_names`` are ``class_k`` (label value ``k``) or region names: the run's class names are
+    applied when the outputs are written; ``bins`` ``(C, 3, M)``
     float64 are the marginal bin sums. Every metric value is derived from these sums when the outputs are
     written (:mod:`segcal.evaluation.outputs`), so a metric is defined in one place.
     """
@@ -100,13 +104,23 @@ class CaseResult:
         *,
         shape: list[int],
         spacing: list[float],
+        num_classes: int | None = None,
+        spacing_assumed: bool = False,
         seconds: float = 0.0,
         peak_rss_mb: float = 0.0,
     ) -> CaseResult:
-        """An ``ok`` result from one image's statistics."""
+        """An ``ok`` result from one image's statistics; ``spacing`` is the voxel size the mm metrics used
+        (``spacing_assumed``: 1 mm for a case without any geometry), ``num_classes`` the prediction's classes
+        ``C`` (background included, whatever was scored)."""
         arrays = stats.to_numpy()
         bins = arrays.pop("bins")[0]
-        metrics = {"stats": {k: v[0].tolist() for k, v in arrays.items()}, "shape": shape, "spacing": spacing}
+        metrics = {
+            "stats": {k: v[0].tolist() for k, v in arrays.items()},
+            "shape": shape,
+            "spacing": spacing,
+            "spacing_assumed": spacing_assumed,
+            "num_classes": num_classes,
+        }
         return cls(case_id, "ok", None, class_names, metrics, bins, seconds, peak_rss_mb)
 
     def statistics(self) -> CaseStatistics:

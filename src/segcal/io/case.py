@@ -16,9 +16,11 @@ __all__ = [
     "CaseError",
     "CaseFiles",
     "check_probability_dtype",
+    "check_spatial_shapes",
+    "drop_singleton_z",
+    "is_2d_slice",
+    "match_2d_grid",
     "same_geometry",
-    "shape_mismatch",
-    "to_label_grid",
 ]
 
 #: tolerance on spacing (mm) and affine entries when prediction and label geometry are compared
@@ -88,27 +90,46 @@ def same_geometry(
     return True
 
 
-def to_label_grid(values: np.ndarray, label_shape: Sequence[int]) -> np.ndarray:
-    """``values`` ``(C, *S)`` on the label's grid: a 2D slice stored as NIfTI ``(X, Y, 1)`` and one stored as
-    ``(X, Y)`` are the same grid, so a singleton third spatial axis is dropped (or added) to match
-    ``label_shape``; any other shape is returned unchanged (the caller reports the mismatch)."""
-    spatial = tuple(values.shape[1:])
-    label_shape = tuple(label_shape)
-    if len(spatial) == 3 and len(label_shape) == 2 and spatial == (*label_shape, 1):
-        return values[..., 0]
-    if len(spatial) == 2 and len(label_shape) == 3 and label_shape == (*spatial, 1):
-        return values[..., None]
-    return values
+def drop_singleton_z(
+    arr: np.ndarray, sp: tuple[float, ...] | None
+) -> tuple[np.ndarray, tuple[float, ...] | None]:
+    """``arr`` ``(..., X, Y, 1)`` as ``(..., X, Y)``, its spacing cut to the two axes left: a 2D slice stored
+    with a singleton third spatial axis (``segcal predict --format nifti`` writes 2D probabilities as
+    ``(X, Y, 1, C)``)."""
+    return arr[..., 0], (tuple(sp[:2]) if sp is not None else None)
 
 
-def shape_mismatch(
-    pred_path: str | Path, pred_spatial: Sequence[int], label_path: str | Path, label_shape: Sequence[int], fmt: str
-) -> CaseError:
-    """The error for a prediction whose spatial shape is not its label's, naming both files (with the axis-order
-    hint for nnU-Net files)."""
-    hint = " (nnU-Net files are (C, z, y, x) against the label's (x, y, z))" if fmt == "nnunet" else ""
-    return CaseError(
-        pred_path,
-        f"shape mismatch: probabilities have spatial shape {tuple(pred_spatial)}, label {label_path} has "
-        f"{tuple(label_shape)}{hint}",
-    )
+def is_2d_slice(arr: np.ndarray, lead: int) -> bool:
+    """Whether ``arr`` has three spatial axes after ``lead`` leading ones and the third is a singleton."""
+    return arr.ndim == lead + 3 and arr.shape[-1] == 1
+
+
+def match_2d_grid(
+    probs: np.ndarray, p_sp: tuple[float, ...] | None, label: np.ndarray, l_sp: tuple[float, ...] | None
+) -> tuple[np.ndarray, tuple[float, ...] | None, np.ndarray, tuple[float, ...] | None]:
+    """Probabilities ``(C, X, Y, 1)`` against a 2D label ``(X, Y)``, or ``(C, X, Y)`` against a label
+    ``(X, Y, 1)``: the singleton third spatial axis (and its spacing) dropped so both are 2D."""
+    if label.ndim == 2 and is_2d_slice(probs, 1):
+        probs, p_sp = drop_singleton_z(probs, p_sp)
+    elif probs.ndim == 3 and is_2d_slice(label, 0):
+        label, l_sp = drop_singleton_z(label, l_sp)
+    return probs, p_sp, label, l_sp
+
+
+def check_spatial_shapes(
+    values: np.ndarray, label: np.ndarray, pred_path: str | Path, label_path: str | Path, fmt: str
+) -> None:
+    """Rule: a prediction ``(C, *S)`` has its label's spatial shape ``*S``; else :class:`CaseError` naming both
+    files (with the axis-order hint for nnU-Net files)."""
+    if values.ndim != label.ndim + 1:
+        raise CaseError(
+            pred_path,
+            f"probabilities {values.shape} (C, *S) do not fit the label {label.shape} of {label_path}",
+        )
+    if values.shape[1:] != label.shape:
+        hint = " (nnU-Net files are (C, z, y, x) against the label's (x, y, z))" if fmt == "nnunet" else ""
+        raise CaseError(
+            pred_path,
+            f"shape mismatch: probabilities have spatial shape {values.shape[1:]}, label {label_path} has "
+            f"{label.shape}{hint}",
+        )

@@ -9,7 +9,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from segcal.io.case import Case, CaseError, CaseFiles, same_geometry
+import numpy as np
+
+from segcal.io.case import (
+    Case,
+    CaseError,
+    CaseFiles,
+    check_spatial_shapes,
+    drop_singleton_z,
+    is_2d_slice,
+    match_2d_grid,
+    same_geometry,
+)
 from segcal.io.nifti import NIFTI_SUFFIXES
 from segcal.io.nnunet import has_nnunet_side_files
 from segcal.io.numpy import NUMPY_SUFFIXES
@@ -160,26 +171,94 @@ def match_cases(
     return cases, {k: v for k, v in unmatched.items() if v}
 
 
-def load_case(files: CaseFiles, fmt: FolderFormat) -> Case:
+def _geometry_error(path: str, own: Sequence[float], given: Sequence[float], given_from: str) -> CaseError:
+    return CaseError(
+        path,
+        f"the file's own voxel spacing {tuple(round(float(s), 4) for s in own)} contradicts the spacing "
+        f"{tuple(float(s) for s in given)} from {given_from}; a file's geometry is never overridden: drop or "
+        "correct that spacing, or fix the file",
+    )
+
+
+def _case_spacing(
+    files: CaseFiles,
+    ndim: int,
+    file_spacing: tuple[tuple[float, ...] | None, str],
+    spacing: Sequence[float] | None,
+    spacing_from: str,
+) -> tuple[float, ...] | None:
+    """The case's voxel spacing: the files' own (``file_spacing``: the spacing and the file it was read from),
+    checked against the folder-level ``spacing`` (:class:`CaseError` naming the file when they differ), else
+    ``spacing``, else ``None`` (no geometry)."""
+    own, own_path = file_spacing
+    if spacing is not None and len(spacing) != ndim:
+        raise CaseError(
+            files.label,
+            f"the spacing {tuple(float(s) for s in spacing)} from {spacing_from} has {len(spacing)} axes but the "
+            f"case has {ndim} spatial axes",
+        )
+    if own is not None:
+        if spacing is not None and not same_geometry(own, None, spacing, None):
+            raise _geometry_error(own_path, own, spacing, spacing_from)
+        return tuple(own)
+    return tuple(float(s) for s in spacing) if spacing is not None else None
+
+
+def _read_reference(
+    files: CaseFiles, probs: np.ndarray, spacing: tuple[float, ...] | None, affine: np.ndarray | None
+) -> np.ndarray | None:
+    """The soft reference ``(C, *S)`` of the case (``None`` without one), checked against the prediction's shape
+    and the case's geometry."""
+    if not files.reference:
+        return None
+    reference, r_sp, r_aff = read_probabilities(
+        files.reference, "nifti" if files.reference[0].endswith(NIFTI_SUFFIXES) else "npy"
+    )
+    if reference.ndim == probs.ndim + 1 and is_2d_slice(reference, 1):
+        reference, r_sp = drop_singleton_z(reference, r_sp)
+    if reference.shape != probs.shape:
+        raise CaseError(files.reference[0], f"soft reference shape {reference.shape} != prediction {probs.shape}")
+    if r_sp is not None and spacing is not None and not same_geometry(r_sp, r_aff, spacing, affine):
+        raise CaseError(files.reference[0], f"spacing/affine mismatch with label {files.label}")
+    return reference
+
+
+def _read_case_mask(files: CaseFiles, shape: tuple[int, ...]) -> np.ndarray | None:
+    if not files.mask:
+        return None
+    mask = read_mask(files.mask)
+    if mask.ndim == len(shape) + 1 and is_2d_slice(mask, 0):
+        mask = mask[..., 0]
+    if mask.shape != shape:
+        raise CaseError(files.mask, f"mask shape {mask.shape} != label shape {shape}")
+    return mask
+
+
+def load_case(
+    files: CaseFiles,
+    fmt: FolderFormat,
+    *,
+    spacing: Sequence[float] | None = None,
+    spacing_from: str = "the given spacing",
+    assume_1mm: bool = True,
+) -> Case:
     """Read and cross-check one case (shapes, spacing and affine of prediction, label, reference, mask).
 
-    The probabilities are ``(C, *S)`` in label order (:func:`segcal.io.volumes.read_probabilities`).
+    The probabilities are ``(C, *S)`` in label order (:func:`segcal.io.volumes.read_probabilities`). A 2D case
+    may store a singleton third spatial axis in one of its files (a prediction ``(X, Y, 1, C)`` against a label
+    ``(X, Y)``, or a label ``(X, Y, 1)`` against a prediction ``(C, X, Y)``): it is dropped.
+
+    Geometry: the files' own (the label's, else the prediction's: NIfTI header, ``.npz`` key ``spacing``); else
+    ``spacing`` (a folder-level voxel size: a ``segcal.json`` sidecar, ``segcal evaluate --spacing``; named by
+    ``spacing_from`` in messages), which a file's own geometry must agree with (:class:`CaseError` naming the
+    file otherwise). Without either the case has no geometry: 1 mm voxels with ``assume_1mm``, else an empty
+    ``Case.spacing`` (the caller decides, and says so).
     """
     pred_path = files.prediction[0]
     probs, p_sp, p_aff = read_probabilities(files.prediction, fmt)
     label, l_sp, l_aff = read_label(files.label)
-    if probs.ndim != label.ndim + 1:
-        raise CaseError(
-            pred_path,
-            f"probabilities {probs.shape} (C, *S) do not fit the label {label.shape} of {files.label}",
-        )
-    if probs.shape[1:] != label.shape:
-        hint = " (nnU-Net files are (C, z, y, x) against the label's (x, y, z))" if fmt == "nnunet" else ""
-        raise CaseError(
-            pred_path,
-            f"shape mismatch: probabilities have spatial shape {probs.shape[1:]}, label {files.label} has "
-            f"{label.shape}{hint}",
-        )
+    probs, p_sp, label, l_sp = match_2d_grid(probs, p_sp, label, l_sp)
+    check_spatial_shapes(probs, label, files.prediction[0], files.label, fmt)
     if p_sp is not None and l_sp is not None and not same_geometry(p_sp, p_aff, l_sp, l_aff):
         raise CaseError(
             pred_path,
@@ -187,25 +266,16 @@ def load_case(files: CaseFiles, fmt: FolderFormat) -> Case:
             f"spacing {tuple(round(s, 4) for s in p_sp)} vs "
             f"{tuple(round(s, 4) for s in l_sp)}",
         )
-    spacing = l_sp or p_sp or (1.0,) * label.ndim
+    own = (l_sp, files.label) if l_sp is not None else (p_sp, pred_path)
+    case_spacing = _case_spacing(files, label.ndim, own, spacing, spacing_from)
     affine = l_aff if l_aff is not None else p_aff
-    reference = None
-    if files.reference:
-        reference, r_sp, r_aff = read_probabilities(
-            files.reference, "nifti" if files.reference[0].endswith(NIFTI_SUFFIXES) else "npy"
-        )
-        if reference.shape != probs.shape:
-            raise CaseError(files.reference[0], f"soft reference shape {reference.shape} != prediction {probs.shape}")
-        if r_sp is not None and not same_geometry(r_sp, r_aff, spacing, affine):
-            raise CaseError(files.reference[0], f"spacing/affine mismatch with label {files.label}")
-    mask = None
-    if files.mask:
-        mask = read_mask(files.mask)
-        if mask.shape != label.shape:
-            raise CaseError(files.mask, f"mask shape {mask.shape} != label shape {label.shape}")
+    reference = _read_reference(files, probs, case_spacing, affine)
+    mask = _read_case_mask(files, label.shape)
+    if case_spacing is None:
+        case_spacing = (1.0,) * label.ndim if assume_1mm else ()
     paths = {"prediction": list(files.prediction), "label": [files.label]}
     if files.reference:
         paths["reference"] = list(files.reference)
     if files.mask:
         paths["mask"] = [files.mask]
-    return Case(files.case_id, probs, label, tuple(spacing), affine, reference, mask, paths)
+    return Case(files.case_id, probs, label, case_spacing, affine, reference, mask, paths)

@@ -10,7 +10,9 @@ inverse). An nnU-Net folder is recognised by its JSON / pickle side files (see d
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -26,10 +28,12 @@ from segcal.io.numpy import (
 )
 
 __all__ = [
+    "DATASET_JSON",
     "NNUNET_SIDE_FILES",
     "copy_nnunet_side_files",
     "has_nnunet_side_files",
     "nnunet_to_label_order",
+    "read_nnunet_class_names",
     "read_nnunet_probabilities",
     "read_nnunet_record",
     "write_nnunet_probabilities",
@@ -37,6 +41,10 @@ __all__ = [
 
 #: nnU-Net side files copied to an nnU-Net-style output folder (JSON only; pickles are never touched)
 NNUNET_SIDE_FILES = ("plans.json", "dataset.json")
+#: nnU-Net's dataset description, whose ``"labels"`` name the label values
+DATASET_JSON = "dataset.json"
+#: nnU-Net v2's name of the ignore label (the highest label value; no prediction channel)
+_IGNORE = "ignore"
 
 
 def nnunet_to_label_order(arr: np.ndarray) -> np.ndarray:
@@ -92,3 +100,57 @@ def copy_nnunet_side_files(src_dir: str | Path, out_dir: str | Path) -> list[str
             copy_file(Path(src_dir) / name, Path(out_dir) / name)
             copied.append(name)
     return copied
+
+
+def _label_value(name: str, value: Any, path: Path) -> int | list[int]:
+    """The label value(s) of one ``"labels"`` entry: an int, or a list of ints (a region of a region-based
+    dataset; a one-element list is that int)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return value[0] if len(value) == 1 else list(value)
+    raise CaseError(path, f"'labels' entry {name!r} must be an integer label value (or a list of them), got {value!r}")
+
+
+def _region_error(path: Path, labels: dict[str, int | list[int]]) -> CaseError:
+    spec = ";".join(
+        f"{name}={','.join(map(str, v if isinstance(v, list) else [v]))}"
+        for name, v in labels.items()
+        if v != 0 and v != [0]
+    )
+    return CaseError(
+        path,
+        "declares a region-based dataset (labels that are lists of label values): nnU-Net then predicts one "
+        "sigmoid channel per region, not class probabilities, and its labels name regions, not classes. "
+        "segcal evaluate scores class probabilities: name the classes with --class-names (or a segcal.json "
+        f'sidecar), and score the regions of class probabilities with --regions "{spec}"',
+    )
+
+
+def read_nnunet_class_names(path: str | Path) -> tuple[str, ...]:
+    """The class names of an nnU-Net v2 ``dataset.json``: ``"labels": {"background": 0, "GM": 1, ...}`` as
+    ``("background", "GM", ...)``, the name of label value ``k`` at index ``k``.
+
+    The values must be ``0 .. C-1``, each once; nnU-Net's ``"ignore"`` label (the highest value, without a
+    prediction channel) is left out. A region-based dataset (a label that is a list of values, as BraTS
+    ``"whole_tumor": [1, 2, 3]``) is refused: its names are regions, not classes (the message suggests the
+    equivalent ``--regions``). :class:`CaseError` naming the file for anything else.
+    """
+    p = Path(path)
+    try:
+        raw = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CaseError(p, f"cannot read nnU-Net dataset.json: {exc}") from None
+    labels = raw.get("labels") if isinstance(raw, dict) else None
+    if not isinstance(labels, dict) or not labels:
+        raise CaseError(p, "no 'labels' object (nnU-Net v2 format: {\"background\": 0, \"GM\": 1, ...})")
+    values = {str(name): _label_value(str(name), v, p) for name, v in labels.items()}
+    if any(isinstance(v, list) for v in values.values()):
+        raise _region_error(p, values)
+    values.pop(_IGNORE, None)
+    by_value = sorted(values.items(), key=lambda kv: kv[1])
+    if [v for _, v in by_value] != list(range(len(by_value))):
+        raise CaseError(
+            p, f"'labels' must give the values 0..{len(by_value) - 1} once each, got {dict(by_value)}"
+        )
+    return tuple(name for name, _ in by_value)

@@ -44,7 +44,7 @@ from segcal.io import (
     read_label,
     read_prediction,
 )
-from segcal.io.case import same_geometry, shape_mismatch, to_label_grid
+from segcal.io.case import check_spatial_shapes, match_2d_grid, same_geometry
 
 __all__ = [
     "PROB_EPS",
@@ -151,15 +151,17 @@ def read_logits(
     return probabilities_to_logits(pred.values, mode), pred, saturated_voxels(pred.values, mode)
 
 
-def _target(files: CaseFiles, z: np.ndarray, pred: Prediction, fmt: FolderFormat) -> tuple[np.ndarray, np.ndarray]:
-    """``(logits on the label grid, target)``: an integer label map ``(*S)``, or a multi-hot ``(C, *S)``."""
+def _target(
+    files: CaseFiles, z: np.ndarray, pred: Prediction, fmt: FolderFormat
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(logits on the label grid, target)``: an integer label map ``(*S)``, or a multi-hot ``(C, *S)``; shapes
+    and geometry cross-checked as :func:`segcal.io.load_case` does (a 2D slice may be stored ``(X, Y, 1)``)."""
     y, l_sp, l_aff = read_label(files.label)
     if y.shape == z.shape:  # multi-hot (multilabel) labels (C, *spatial)
         return z, y.astype(np.float32)
-    z = to_label_grid(z, y.shape)
-    if z.shape[1:] != y.shape:
-        raise shape_mismatch(files.prediction[0], z.shape[1:], files.label, y.shape, fmt)
-    if pred.spacing is not None and l_sp is not None and not same_geometry(pred.spacing, pred.affine, l_sp, l_aff):
+    z, p_sp, y, l_sp = match_2d_grid(z, pred.spacing, y, l_sp)
+    check_spatial_shapes(z, y, files.prediction[0], files.label, fmt)
+    if p_sp is not None and l_sp is not None and not same_geometry(p_sp, pred.affine, l_sp, l_aff):
         raise CaseError(files.prediction[0], f"spacing/affine mismatch with label {files.label}")
     return z, y.astype(np.int64)
 

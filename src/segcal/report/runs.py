@@ -215,6 +215,20 @@ def _present(*sections: Section | None) -> list[Section]:
     return [s for s in sections if s is not None]
 
 
+def _geometry_text(geometry: Mapping[str, Any]) -> str:
+    """Where the run's voxel sizes came from, in words (``summary.json`` ``geometry``)."""
+    parts = []
+    if geometry.get("folder_spacing") is not None:
+        sp = ", ".join(f"{float(v):g}" for v in geometry["folder_spacing"])
+        parts.append(f"({sp}) mm from {geometry.get('folder_spacing_from')} where the files state none")
+    else:
+        parts.append("from the files")
+    assumed = geometry.get("assumed_1mm") or []
+    if assumed:
+        parts.append(f"{len(assumed)} case(s) without geometry scored with 1 mm voxels")
+    return "; ".join(parts)
+
+
 def _overview_section(run: RunData, n_cases: int, n_failed: int, classes: list[str]) -> Section:
     """Run folder, case / failure / class counts, M, and the scalar entries of summary.json."""
     overview = [
@@ -225,11 +239,13 @@ def _overview_section(run: RunData, n_cases: int, n_failed: int, classes: list[s
     ]
     if run.stats is not None:
         overview.append({"item": "bins (M)", "value": run.stats.num_bins})
-    sec = Section(
-        "Overview",
-        f"Evaluation of **{run.run_dir.name}**: {n_cases} case(s), {n_failed} failed.",
-        tables=[Table(overview, columns=["item", "value"])],
-    )
+    geometry = (run.summary or {}).get("geometry")
+    text = f"Evaluation of **{run.run_dir.name}**: {n_cases} case(s), {n_failed} failed."
+    if isinstance(geometry, Mapping):
+        overview.append({"item": "voxel geometry", "value": _geometry_text(geometry)})
+        if geometry.get("warning"):
+            text += f"\n\n**Note:** {geometry['warning']}."
+    sec = Section("Overview", text, tables=[Table(overview, columns=["item", "value"])])
     if run.summary:
         scal = _scalars(run.summary)
         if scal:

@@ -10,6 +10,7 @@ from segcal.training.config import (
     load_config,
 )
 from segcal.training.data import SegmentationDataset, read_case, read_folder, read_image
+from segcal.training.parallel import TrainJob, TrainOutcome, train_many
 from segcal.training.predict import (
     enable_mc_dropout,
     load_model,
@@ -36,6 +37,8 @@ __all__ = [
     "OptimConfig",
     "SegmentationDataset",
     "TrainConfig",
+    "TrainJob",
+    "TrainOutcome",
     "TrainResult",
     "build_loss",
     "build_model",
@@ -55,5 +58,6 @@ __all__ = [
     "set_rng_state",
     "sliding_window_logits",
     "train",
+    "train_many",
     "validation_dice",
 ]

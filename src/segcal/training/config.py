@@ -103,17 +103,34 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """Adam settings."""
+    """Adam settings and the learning-rate schedule.
+
+    ``schedule="constant"`` keeps ``lr``; ``"poly"`` is nnU-Net's polynomial decay (Isensee et al., Nature Methods
+    2021): epoch ``e`` of ``E`` uses ``lr * (1 - e / E) ** poly_exponent``, so every run of ``E`` epochs ends with
+    a small step size whatever its loss (a fixed budget of optimizer steps that converges).
+    """
 
     lr: float = 1e-3
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    schedule: str = "constant"
+    poly_exponent: float = 0.9
 
     def validate(self) -> None:
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
         if len(self.betas) != 2:
             raise ValueError(f"optim.betas needs 2 values, got {self.betas}")
+        if self.schedule not in ("constant", "poly"):
+            raise ValueError(f"optim.schedule must be 'constant' or 'poly', got {self.schedule!r}")
+        if not self.poly_exponent > 0:
+            raise ValueError(f"optim.poly_exponent must be > 0, got {self.poly_exponent}")
+
+    def lr_at(self, epoch: int, epochs: int) -> float:
+        """The learning rate of (0-based) ``epoch`` of ``epochs``."""
+        if self.schedule == "constant":
+            return self.lr
+        return self.lr * (1 - epoch / max(epochs, 1)) ** self.poly_exponent
 
 
 @dataclass

@@ -574,6 +574,8 @@ def train(
             def on_step(loss: float, epoch: int = epoch) -> None:
                 progress.update(task, advance=1, description=f"epoch {epoch + 1}/{cfg.epochs} loss {loss:.4f}")
 
+            for group in parts.optimizer.param_groups:
+                group["lr"] = cfg.optim.lr_at(epoch, cfg.epochs)
             result = run_epoch(cfg, epoch, loop, data, parts, ctx, on_step)
             improved = state.update(result)
             row = state.row(result, parts.optimizer.param_groups[0]["lr"])
