@@ -116,10 +116,10 @@ def _by_regex(case_ids: Sequence[str], pattern: str) -> dict[str, str]:
         else:
             out[cid] = subject
     if unmatched:
-        what = "its first capture group matches nothing" if rx.groups else "it does not match"
         raise GroupingError(
-            f"--group-by {pattern!r} gives no subject for {len(unmatched)} of {len(case_ids)} case(s) ({what}), "
-            f"e.g. {unmatched[:3]}; the first capture group (or the whole match) must name each case's subject"
+            f"--group-by {pattern!r} gives no subject for {len(unmatched)} of {len(case_ids)} case(s), e.g. "
+            f"{unmatched[:3]}; it must match every case id, and its first capture group (or the whole match) "
+            "name the case's subject"
         )
     return out
 
