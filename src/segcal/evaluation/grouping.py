@@ -76,7 +76,7 @@ class Grouping:
     def describe(self) -> str:
         """In words, for tables and messages."""
         if self.by == "regex":
-            return f"subjects from the case ids by the regular expression {self.source!r}"
+            return f"subjects from the case ids by the regular expression {self.source}"
         if self.by == "file":
             return f"subjects from {self.source}"
         if self.by == "mapping":
