@@ -236,13 +236,22 @@ def test_entropy_dice_scatter_matches_scipy() -> None:
     d = np.clip(dice, 1e-4, 1 - 1e-4)
     r, p = sps.pearsonr(ent, np.log(d / (1 - d)))
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert f"r = {r:.3f}, p = {p:.2e}" in labels
+    assert f"r = {r:.3f}, p = {p:.2e} (n = 30 cases)" in labels  # the correlation states its unit
     assert {"in-distribution", "shifted"} <= set(labels)
     reg = sps.linregress(ent, np.log(d / (1 - d)))
     line = ax.get_lines()[0]
     np.testing.assert_allclose(line.get_ydata(), reg.intercept + reg.slope * line.get_xdata())
     with pytest.raises(ValueError, match="groups"):
         entropy_dice_scatter(ent, dice, groups=["a"])
+    # points of 5 subjects: r and p over the subject means, and the legend says so
+    subjects = [f"s{i % 5}" for i in range(30)]
+    fig = entropy_dice_scatter(ent, dice, subjects=subjects)
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    y = np.log(d / (1 - d))
+    mx = [ent[i::5].mean() for i in range(5)]
+    my = [y[i::5].mean() for i in range(5)]
+    r_s, p_s = sps.pearsonr(mx, my)
+    assert f"r = {r_s:.3f}, p = {p_s:.2e} (n = 5 subjects)" in labels
 
 
 def test_curves() -> None:

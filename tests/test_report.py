@@ -273,12 +273,19 @@ def test_build_evaluation_report(runs: tuple[Path, Path]) -> None:
     assert "&lt;bad&gt;" in text
     for heading in (
         "Dataset summary",
-        "Macro (per-case) statistics",
-        "Pooled (bin sums merged over cases)",
+        "Macro over the cases: per-class metrics",
+        "Pooled (bin sums merged over cases): per-class metrics",
         "Failed cases",
         "How to read the metrics",
+        "Statistical unit",
     ):
         assert heading in body
+    # the glossary is a real list; no literal "- " bullet survives
+    assert "<li><strong>ECE</strong>" in text and not re.search(r"<p>[^<]*- <strong>", text)
+    # the statistical unit is stated: no grouping in this run folder
+    assert "case (each case its own subject)" in body
+    # no empty column: this run has no MAE / HD95-free columns with values only
+    assert "<th>mae</th>" not in text
     for term in (
         "ECE",
         "ACE",
@@ -309,39 +316,35 @@ def test_build_evaluation_report_without_bins(tmp_path: Path) -> None:
         build_evaluation_report(tmp_path / "r")
 
 
+def _row(metric: str, cls: str, rel: float, p_holm: float, **extra: float) -> dict:
+    return {
+        "metric": metric, "class": cls, "run_a": "noisy", "run_b": "clean", "unit": "subject", "n": 12,
+        "mean_a": 0.2, "mean_b": 0.2 * (1 + rel), "rel_change": rel, "rel_ci_low": rel - 0.1,
+        "rel_ci_high": rel + 0.1, "p_wilcoxon": p_holm / 2, "p_holm": p_holm, "effect_size": 0.5, **extra,
+    }
+
+
 def test_build_comparison_report(runs: tuple[Path, Path], tmp_path: Path) -> None:
     comparison = {
-        "runs": ["noisy", "clean"],
+        "runs": [str(runs[0]), str(runs[1])],
+        "unit": "subject",
+        "grouping": {"unit": "subject", "n": 12, "description": "subjects from groups.csv"},
+        "pairs": [{"run_a": str(runs[0]), "run_b": str(runs[1]), "unit": "subject", "n_units": 12}],
         "rows": [
-            {
-                "metric": "ace",
-                "class": "tumour",
-                "run_a": "noisy",
-                "run_b": "clean",
-                "mean_a": 0.2,
-                "mean_b": 0.1,
-                "rel_change": -0.5,
-                "p_wilcoxon": 0.01,
-                "p_holm": 0.02,
-                "effect_size": 0.8,
-            },
-            {
-                "metric": "dice",
-                "class": "tumour",
-                "run_a": "noisy",
-                "run_b": "clean",
-                "mean_a": 0.8,
-                "mean_b": 0.81,
-                "rel_change": 0.01,
-                "p_wilcoxon": 0.4,
-                "p_holm": 0.4,
-                "effect_size": 0.1,
-            },
+            _row("ace", "mean", -0.5, 0.02),  # significant and large: coloured (better)
+            _row("dice", "mean", 0.01, 0.4),  # not significant
+            _row("ece", "mean", 0.5, 0.01),  # significant and large, worse
+            _row("mce", "mean", 0.02, 0.001),  # significant but below 5 %: not coloured
+            _row("ace", "tumour", -0.5, 0.02),  # per-class detail only
+            _row("nll", "case", -0.2, 0.03),
         ],
     }
+    for r in comparison["rows"]:
+        r["run_a"], r["run_b"] = str(runs[0]), str(runs[1])
     path = build_comparison_report(list(runs), tmp_path / "cmp", comparison)
     text = path.read_text()
     p = check_html(text)
+    body = " ".join(p.text)
     figs = sorted(f.name for f in (tmp_path / "cmp" / "figures").glob("*.png"))
     assert figs == [
         "dataset_reliability_difference.png",
@@ -349,10 +352,41 @@ def test_build_comparison_report(runs: tuple[Path, Path], tmp_path: Path) -> Non
         "dice_vs_ace.png",
     ]
     assert len(p.imgs) == 3
-    assert text.count('class="bad"') == 1  # only p_holm = 0.02 < 0.05 is highlighted
-    assert "noisy" in text and "clean" in text
+    # the compact table leads: before the runs table, one row per class-average / per-case metric
+    assert text.index("Comparison at a glance") < text.index("<h2>Runs</h2>")
+    compact = text[text.index("Class average"):text.index("<details>")]
+    assert compact.count("<tr>") == 1 + 5 and "tumour" not in compact
+    assert "-50.0%" in compact and "[-60.0%, -40.0%]" in compact and "12 subjects" in compact
+    # colour only where significant and large enough: ace (better) and ece (worse), nll (better)
+    assert compact.count('class="better') == 2 * 2 and compact.count('class="worse') == 2
+    assert "below 5%" in compact and "not significant" in compact
+    # the per-class rows are folded
+    detail = text[text.index("<details>"):text.index("</details>")]
+    assert "tumour" in detail and "Every metric and class (6 rows" in detail
+    # run names are the folder names, the full path a tooltip
+    assert f'title="{runs[1]}"' in text and f">{runs[1].name}<" in text
+    assert f">{runs[1]}<" not in text
+    assert "Statistical unit: " in body and "12 subjects" in body
     with pytest.raises(ValueError, match="two run"):
         build_comparison_report([runs[0]], tmp_path / "x", comparison)
+
+
+def test_comparison_report_of_many_runs_folds_figures_and_styles_every_run(tmp_path: Path) -> None:
+    from segcal.plots._common import series_style
+
+    dirs = []
+    for i in range(5):
+        make_run(tmp_path / f"run{i}", noise=1.0 + 0.3 * i, seed=i, failed=False)
+        dirs.append(tmp_path / f"run{i}")
+    path = build_comparison_report(dirs, tmp_path / "cmp", {"runs": [str(d) for d in dirs], "rows": []})
+    text = path.read_text()
+    check_html(text)
+    figs = sorted(f.name for f in (tmp_path / "cmp" / "figures").glob("*.png"))
+    assert sum(f.startswith("dataset_reliability_0") for f in figs) == 5  # one figure (colour bar) per run
+    assert sum(f.startswith("dataset_reliability_difference_") for f in figs) == 4
+    assert "segcal comparison: run0 (baseline) vs 4 runs" in text
+    styles = {tuple(series_style(i).values()) for i in range(20)}
+    assert len(styles) == 20 and len({s[0] for s in styles}) == 20
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -368,23 +402,9 @@ def _chromium() -> str | None:
     return "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None
 
 
-@pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (Debian package `chromium`)")
-def test_report_renders_in_headless_chromium(runs: tuple[Path, Path], tmp_path: Path) -> None:
-    run_a, _ = runs
-    report = run_a / "report.html"
-    if not report.exists():
-        build_evaluation_report(run_a)
-    n_imgs = report.read_text().count("<img ")
-    # a test-only copy with a probe script: after load, write each image's decoded width into the DOM
-    probe = (
-        "<script>window.addEventListener('load',function(){var d=document.createElement('pre');"
-        "d.id='probe';d.textContent='IMGS:'+Array.prototype.map.call(document.images,function(i){"
-        "return i.complete+'/'+i.naturalWidth}).join(',')+':END';document.body.appendChild(d);});</script>"
-    )
-    probed = tmp_path / "probed.html"
-    probed.write_text(report.read_text().replace("</body>", probe + "</body>"))
-    cmd = [
-        _chromium(),
+def _chromium_cmd(tmp_path: Path, *args: str) -> list[str]:
+    return [
+        str(_chromium()),
         "--headless",
         "--no-sandbox",
         "--disable-gpu",
@@ -392,19 +412,72 @@ def test_report_renders_in_headless_chromium(runs: tuple[Path, Path], tmp_path: 
         "--disable-component-update",
         "--no-first-run",
         "--disable-dev-shm-usage",
+        "--hide-scrollbars",
         f"--user-data-dir={tmp_path / 'profile'}",
         "--virtual-time-budget=10000",
-        "--dump-dom",
-        probed.as_uri(),
+        *args,
     ]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
-    m = re.search(r'<pre id="probe">IMGS:(.*?):END</pre>', res.stdout)
-    assert m, f"chromium did not load the report (rc={res.returncode}): {res.stderr[-2000:]}"
+
+
+#: a test-only probe: after load, open every <details>, then write each image's decoded width and the page's
+#: scroll width into the DOM
+_PROBE = (
+    "<script>window.addEventListener('load',function(){"
+    "document.querySelectorAll('details').forEach(function(d){d.open=true;});"
+    "var d=document.createElement('pre');d.id='probe';"
+    "d.textContent='IMGS:'+Array.prototype.map.call(document.images,function(i){"
+    "return i.complete+'/'+i.naturalWidth}).join(',')+':WIDTH:'+document.scrollingElement.scrollWidth+':END';"
+    "document.body.appendChild(d);});</script>"
+)
+
+
+def _check_in_chromium(report: Path, tmp_path: Path, name: str) -> None:
+    """``report`` loads in headless Chromium at 1400 px: every image decodes, nothing overflows horizontally
+    (also with every folded block open), and a screenshot is taken."""
+    n_imgs = report.read_text().count("<img ")
+    probed = tmp_path / f"{name}_probed.html"
+    probed.write_text(report.read_text().replace("</body>", _PROBE + "</body>"))
+    res = subprocess.run(
+        _chromium_cmd(tmp_path, "--window-size=1400,1000", "--dump-dom", probed.as_uri()),
+        capture_output=True, text=True, timeout=180,
+    )
+    m = re.search(r'<pre id="probe">IMGS:(.*?):WIDTH:(\d+):END</pre>', res.stdout)
+    assert m, f"chromium did not load {report} (rc={res.returncode}): {res.stderr[-2000:]}"
     entries = m.group(1).split(",")
     assert len(entries) == n_imgs > 0
     for e in entries:
         complete, width = e.split("/")
-        assert complete == "true" and int(width) > 100, e
+        assert complete == "true" and int(width) > 100, (name, e)
+    assert int(m.group(2)) <= 1400, f"{name}: horizontal overflow, scrollWidth {m.group(2)} > 1400"
+    shot = tmp_path / f"{name}.png"
+    res = subprocess.run(
+        _chromium_cmd(tmp_path, "--window-size=1400,2400", f"--screenshot={shot}", report.as_uri()),
+        capture_output=True, text=True, timeout=180,
+    )
+    assert shot.is_file() and shot.read_bytes()[:8] == PNG, f"no screenshot of {name}: {res.stderr[-2000:]}"
+
+
+@pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (Debian package `chromium`)")
+def test_reports_render_in_headless_chromium(tmp_path: Path) -> None:
+    """The evaluation report of a run of slices grouped into subjects and the comparison report of two such
+    runs, in the real browser."""
+    from _subject_data import subject_volume, write_slices
+    from segcal.evaluation import EvalConfig, compare_runs, run_evaluation
+
+    cfg = EvalConfig(fmt="npy", num_bins=10, hd95=True)
+    dirs = []
+    for name, sharpen in (("baseline_run_with_a_long_folder_name_" + "x" * 60, 1.0), ("sharper", 2.0)):
+        vols = {f"sub-{i:02d}": subject_volume(np.random.default_rng(i), (12, 10, 4), sharpen=sharpen)
+                for i in range(3)}
+        pred, lab = write_slices(tmp_path / "data", vols, f"pred_{sharpen}")
+        run_evaluation(pred, lab, tmp_path / name, cfg, group_by=r"^(sub-\d+)_", workers=0, progress=False)
+        dirs.append(tmp_path / name)
+    report = build_evaluation_report(dirs[0])
+    assert "Per-subject metrics" in report.read_text()
+    cmp = build_comparison_report(dirs, tmp_path / "cmp", compare_runs(dirs))
+    assert "3 subjects" in cmp.read_text()
+    _check_in_chromium(report, tmp_path, "evaluation")
+    _check_in_chromium(cmp, tmp_path, "comparison")
 
 
 def test_load_run_parses_every_metric_column_of_the_evaluation(tmp_path: Path) -> None:

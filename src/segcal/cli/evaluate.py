@@ -60,6 +60,17 @@ def _class_names(text: str | None) -> tuple[str, ...] | None:
     return names
 
 
+def _check_options(fmt: str, region: str, mask_dir: Path | None, group_by: str | None, groups: Path | None) -> None:
+    if fmt not in ("auto", "nifti", "npy", "nnunet"):
+        raise typer.BadParameter(f"--format must be auto, nifti, npy or nnunet, got {fmt!r}")
+    if region not in ("whole", "bbox", "mask"):
+        raise typer.BadParameter(f"--region must be whole, bbox or mask, got {region!r}")
+    if region == "mask" and mask_dir is None:
+        raise typer.BadParameter("--region mask needs --mask-dir")
+    if group_by is not None and groups is not None:
+        raise typer.BadParameter("give --group-by or --groups, not both")
+
+
 @app.command()
 def evaluate(
     pred: Path = typer.Argument(
@@ -84,6 +95,16 @@ def evaluate(
         help="Names of the label values 0..C-1, background included, e.g. background,CSF,GM,WM (labels only: "
         "the class channels are scored as without names). Default: a segcal.json sidecar's class_names, else "
         "an nnU-Net dataset.json's labels.",
+    ),
+    group_by: str | None = typer.Option(
+        None,
+        "--group-by",
+        help="Group the cases into subjects (the statistical unit) by a regular expression on the case id: its "
+        "first capture group, or the whole match, is the subject, e.g. '^(sub-\\d+)_'. Writes subjects.csv and "
+        "a subject-level summary. Default: each case is its own subject.",
+    ),
+    groups: Path | None = typer.Option(
+        None, "--groups", help="Group the cases into subjects by a CSV file with the columns case_id,subject."
     ),
     include_background: bool = typer.Option(False, "--include-background", help="Also score class 0."),
     region: str = typer.Option("whole", "--region", help="Where metrics are computed: whole, bbox or mask."),
@@ -144,25 +165,20 @@ def evaluate(
     from segcal.functional.regions import parse_region_spec
     from segcal.io import CaseError, detect_format
 
-    if fmt not in ("auto", "nifti", "npy", "nnunet"):
-        raise typer.BadParameter(f"--format must be auto, nifti, npy or nnunet, got {fmt!r}")
-    if region not in ("whole", "bbox", "mask"):
-        raise typer.BadParameter(f"--region must be whole, bbox or mask, got {region!r}")
-    if region == "mask" and mask_dir is None:
-        raise typer.BadParameter("--region mask needs --mask-dir")
-    names = groups = None
+    _check_options(fmt, region, mask_dir, group_by, groups)
+    names = region_groups = None
     if regions:
         try:
             n, g = parse_region_spec(regions)
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None
-        names, groups = tuple(n), tuple(tuple(x) for x in g)
+        names, region_groups = tuple(n), tuple(tuple(x) for x in g)
     resolved = detect_format(pred) if fmt == "auto" else fmt
     config = EvalConfig(
         fmt=resolved,  # type: ignore[arg-type]
         num_bins=bins,
         region_names=names,
-        regions=groups,
+        regions=region_groups,
         include_background=include_background,
         region=region,  # type: ignore[arg-type]
         bbox_margin_mm=_margins(bbox_margin_mm),
@@ -177,6 +193,8 @@ def evaluate(
             out,
             config,
             class_names=_class_names(class_names),
+            group_by=group_by,
+            groups=groups,
             reference_dir=soft_ref,
             mask_dir=mask_dir if region == "mask" else None,
             workers=workers,
@@ -206,8 +224,19 @@ def evaluate(
         raise typer.Exit(EXIT_FAILED_CASES)
 
 
+def _macro_and_unit(summary: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The macro summary over the statistical unit (subjects when grouped, else cases) and its name."""
+    sub = summary.get("subject_macro")
+    if isinstance(sub, dict):
+        return sub.get("metrics", {}), f"{sub.get('n')} subjects ({sub.get('n_cases')} cases)"
+    return summary.get("macro", {}), f"{summary.get('n_ok', 0)} cases, each its own subject"
+
+
 def _print_summary(summary: dict[str, Any], res: Any) -> None:
-    table = Table(title=escape(str(res.out_dir)))
+    macro, unit = _macro_and_unit(summary)
+    table = Table(
+        title=escape(str(res.out_dir)), caption=escape(f"macro: mean [bootstrap 95% CI] over {unit}")
+    )
     table.add_column("class")
     cols = [
         ("dice", "macro"),
@@ -220,7 +249,7 @@ def _print_summary(summary: dict[str, Any], res: Any) -> None:
     ]
     for m, kind in cols:
         table.add_column(f"{m.upper()} ({kind})", justify="right")
-    macro, pooled = summary.get("macro", {}), summary.get("pooled", {})
+    pooled = summary.get("pooled", {})
     for cls in [*summary.get("class_names", []), "mean"]:
         cells = []
         for m, kind in cols:
@@ -235,6 +264,15 @@ def _print_summary(summary: dict[str, Any], res: Any) -> None:
                 cells.append(_fmt(pooled.get(m, {}).get(cls)))
         table.add_row(escape(cls), *cells)
     Console().print(table)
+    grouping = summary.get("grouping") or {}
+    if grouping.get("unit") == "subject":
+        console.print(
+            f"statistical unit: subject ({grouping.get('n')} subjects, {escape(str(grouping.get('description')))}); "
+            "per-subject values in subjects.csv",
+            soft_wrap=True,
+        )
+    elif grouping:
+        console.print(f"[yellow]statistical unit: case[/] ({escape(str(grouping.get('note')))})", soft_wrap=True)
     if summary.get("class_names_from"):
         console.print(f"class names from {escape(summary['class_names_from'])}", soft_wrap=True)
     for f in summary.get("failed", [])[:10]:
@@ -247,6 +285,41 @@ def _print_summary(summary: dict[str, Any], res: Any) -> None:
     )
 
 
+#: the metrics of the terminal comparison table (comparison.csv has them all)
+_TABLE_METRICS = ("dice", "hd95", "ece", "ace", "mce", "brier", "nll", "top_label_ece")
+
+
+def _comparison_table(comp: dict[str, Any]) -> Table:
+    """The terminal table: the table metrics' rows, each with its unit and n next to the p-values."""
+    from segcal.evaluation.compare import format_change
+
+    grouping = comp.get("grouping") or {}
+    unit = comp.get("unit", "case")
+    title = f"comparison (B vs baseline A); statistical unit: {unit}"
+    if unit == "subject":
+        title += f" ({grouping.get('n')} subjects)"
+    table = Table(title=escape(title))
+    for col in ("run B", "metric", "class", "mean A", "mean B", "change", "95% CI", "p Wilcoxon", "p Holm", "n"):
+        table.add_column(col, justify="right" if col not in ("run B", "metric", "class") else "left")
+    for r in comp["rows"]:
+        if r["metric"] not in _TABLE_METRICS:
+            continue
+        ci = f"[{format_change(r.get('rel_ci_low', math.nan))}, {format_change(r.get('rel_ci_high', math.nan))}]"
+        table.add_row(
+            escape(Path(r["run_b"]).name),
+            r["metric"],
+            escape(r["class"]),
+            _fmt(r["mean_a"]),
+            _fmt(r["mean_b"]),
+            format_change(r["rel_change"]),
+            ci,
+            _fmt(r["p_wilcoxon"], 3),
+            _fmt(r["p_holm"], 3),
+            f"{r['n']} {r.get('unit', 'case')}s",
+        )
+    return table
+
+
 @app.command()
 def compare(
     runs: list[Path] = typer.Argument(..., help="Evaluated run folders; the first is the baseline."),
@@ -254,50 +327,43 @@ def compare(
     intersection: bool = typer.Option(
         False, "--intersection", help="Compare only the cases common to all runs."
     ),
+    group_by: str | None = typer.Option(
+        None,
+        "--group-by",
+        help="Pair the runs by subject: a regular expression on the case id whose first capture group (or whole "
+        "match) is the subject, applied to every run. Default: the grouping the runs were evaluated with (it "
+        "must be the same), else each case is its own subject.",
+    ),
+    groups: Path | None = typer.Option(
+        None, "--groups", help="Pair the runs by subject from a CSV file with the columns case_id,subject."
+    ),
+    min_change: float = typer.Option(
+        5.0,
+        "--min-change",
+        min=0.0,
+        help="The report colours a change only if its Holm p < 0.05 and |relative change| >= this many percent.",
+    ),
     no_report: bool = typer.Option(False, "--no-report", help="Do not build the HTML comparison report."),
 ) -> None:
-    """Paired statistics (Wilcoxon, rank-sum, effect sizes, Holm) of runs 2..n against run 1."""
-    from segcal.evaluation.compare import compare_runs, format_change, write_comparison
+    """Paired statistics (Wilcoxon, rank-sum, effect sizes, Holm, bootstrap CIs) of runs 2..n against run 1,
+    over subjects when the cases are grouped into subjects, else over cases."""
+    from segcal.evaluation.compare import compare_runs, write_comparison
 
+    if group_by is not None and groups is not None:
+        raise typer.BadParameter("give --group-by or --groups, not both")
     try:
-        comp = compare_runs(list(runs), intersection=intersection)
+        comp = compare_runs(list(runs), intersection=intersection, group_by=group_by, groups=groups)
     except ValueError as exc:
         console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(1) from None
     files = write_comparison(comp, out)
-    table = Table(title="comparison (B vs baseline A)")
-    for col in (
-        "run B",
-        "metric",
-        "class",
-        "n",
-        "mean A",
-        "mean B",
-        "change",
-        "p Wilcoxon",
-        "p Holm",
-        "r_rb",
-    ):
-        table.add_column(col, justify="right" if col not in ("run B", "metric", "class") else "left")
-    for r in comp["rows"]:
-        if r["metric"] not in ("dice", "hd95", "ece", "ace", "mce", "brier", "nll", "top_label_ece"):
-            continue
-        table.add_row(
-            escape(Path(r["run_b"]).name),
-            r["metric"],
-            escape(r["class"]),
-            str(r["n"]),
-            _fmt(r["mean_a"]),
-            _fmt(r["mean_b"]),
-            format_change(r["rel_change"]),
-            _fmt(r["p_wilcoxon"], 3),
-            _fmt(r["p_holm"], 3),
-            _fmt(r["effect_size"], 3),
-        )
-    Console().print(table)
+    Console().print(_comparison_table(comp))
+    if comp.get("unit") != "subject":
+        note = (comp.get("grouping") or {}).get("note", "")
+        console.print(f"[yellow]statistical unit: case[/] ({escape(note)})", soft_wrap=True)
     console.print(f"written: {escape(str(files['csv']))}, {escape(str(files['json']))}")
     if not no_report:
         from segcal.report import build_comparison_report
 
-        path = build_comparison_report([Path(r) for r in runs], Path(out), comp)
+        path = build_comparison_report([Path(r) for r in runs], Path(out), comp, min_change=min_change / 100)
         console.print(f"report: {escape(str(path))}")

@@ -2,6 +2,7 @@
 
 from segcal.evaluation.compare import compare_runs
 from segcal.evaluation.folders import ClassNamesError, GeometryConflictError
+from segcal.evaluation.grouping import Grouping, GroupingError, resolve_grouping
 from segcal.evaluation.lock import RunLockedError
 from segcal.evaluation.runner import (
     DaskClusterError,
@@ -20,11 +21,14 @@ __all__ = [
     "DaskClusterError",
     "EvalConfig",
     "GeometryConflictError",
+    "Grouping",
+    "GroupingError",
     "ResultStore",
     "RunLockedError",
     "RunResult",
     "compare_runs",
     "compute_case",
     "evaluate_case_files",
+    "resolve_grouping",
     "run_evaluation",
 ]

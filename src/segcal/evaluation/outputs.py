@@ -10,12 +10,22 @@ per-case average over classes; per-case metrics under ``"case"``):
 * ``pooled``: the dataset-level (micro) values from the statistics summed over all cases (calibration errors
   from the merged bin sums, overlap scores from the summed confusion counts, Brier / NLL / MAE per voxel).
 
-and ``class_names`` (the scored channels' names: the run's class names of those label values, else ``class_k`` /
+``subject_macro`` (only when the cases are grouped into subjects: the same summaries over per-subject values,
+``{"unit": "subject", "n": S, "n_cases": N, "metrics": {...}}``), ``grouping`` (the statistical unit, their
+number and how the subjects were found; :mod:`segcal.evaluation.grouping`), and ``class_names`` (the scored
+channels' names: the run's class names of those label values, else ``class_k`` /
 region names; see :mod:`segcal.evaluation.folders`), ``class_names_from`` and ``geometry`` (folder spacing, the
 cases scored with an assumed 1 mm voxel size, the warning when an mm metric depended on it).
 
-``bins.npz`` (read by :mod:`segcal.report` and :mod:`segcal.plots`): ``case_ids`` ``(N,)`` unicode,
-``bin_stats`` ``(N, C, 3, M)`` float64 (count, Σp, Σy), ``class_names`` ``(C,)`` unicode; no pickled objects.
+``bins.npz`` (read by :mod:`segcal.report`, :mod:`segcal.plots` and :mod:`segcal.evaluation.compare`):
+``case_ids`` ``(N,)`` unicode, ``bin_stats`` ``(N, C, 3, M)`` float64 (count, Σp, Σy), ``class_names`` ``(C,)``
+unicode, and the other per-case sums of :class:`~segcal.functional.scoring.CaseStatistics` (``top``,
+``counts``, ``brier_sum``, ``mae_sum``, ``nll_sum``, ``n_voxels``, ``hd95``), so that every metric of any group
+of cases can be derived again; no pickled objects.
+
+``subjects.csv`` (only with a grouping): one row per subject and class, ``subject, class, n_cases``, every metric
+of the schema and ``tp, fp, fn, n_voxels``, from the subject's pooled statistics
+(:func:`segcal.evaluation.grouping.subject_statistics`).
 """
 
 from __future__ import annotations
@@ -29,25 +39,39 @@ import numpy as np
 import torch
 
 from segcal.evaluation.folders import ClassNames, FolderSpacing, geometry_summary, scored_names
+from segcal.evaluation.grouping import Grouping, subject_statistics
 from segcal.evaluation.statistics import summarize
 from segcal.evaluation.store import CaseResult, ResultStore
 from segcal.functional.scoring import CASE_METRICS, CLASS_METRICS, CaseStatistics, image_metrics, pooled_metrics
-from segcal.io.runs import write_bins_npz, write_cases_csv, write_failed_csv, write_summary_json
+from segcal.io.runs import (
+    SUBJECTS_CSV,
+    write_bins_npz,
+    write_cases_csv,
+    write_failed_csv,
+    write_subjects_csv,
+    write_summary_json,
+)
 
-__all__ = ["COLUMNS", "write_outputs"]
+__all__ = ["COLUMNS", "SUBJECT_COLUMNS", "write_outputs"]
 
 #: ``cases.csv`` columns: one row per case and class (a failed case: one row with its error)
 COLUMNS: tuple[str, ...] = (
     "case_id", "class", "status", *CLASS_METRICS, *CASE_METRICS, "tp", "fp", "fn", "n_voxels", "error",
 )
+#: ``subjects.csv`` columns: one row per subject and class (subjects of ok cases only)
+SUBJECT_COLUMNS: tuple[str, ...] = (
+    "subject", "class", "n_cases", *CLASS_METRICS, *CASE_METRICS, "tp", "fp", "fn", "n_voxels",
+)
 
 
-def _rows(case_id: str, names: list[str], values: dict[str, torch.Tensor], stats: CaseStatistics, i: int):
-    """The ``cases.csv`` rows of image ``i`` of ``stats`` (one per class)."""
+def _rows(
+    key: dict[str, Any], names: list[str], values: dict[str, torch.Tensor], stats: CaseStatistics, i: int
+) -> list[dict[str, Any]]:
+    """The rows of image ``i`` of ``stats`` (one per class), each starting with ``key``."""
     rows = []
     n_vox = stats.bins[i, :, 0].sum(-1).tolist()
     for k, name in enumerate(names):
-        row: dict[str, Any] = {"case_id": case_id, "class": name, "status": "ok", "error": ""}
+        row: dict[str, Any] = {**key, "class": name}
         row.update({m: float(values[m][i, k]) for m in CLASS_METRICS})
         row.update({m: float(values[m][i, 0]) for m in CASE_METRICS})
         row["tp"], row["fp"], row["fn"] = stats.counts[i, k].tolist()
@@ -115,10 +139,27 @@ def _case_rows(
     for r in results:
         if r.status == "ok":
             i = index.setdefault(r.case_id, len(index))
-            rows += _rows(r.case_id, names, values, stats, i)
+            rows += _rows({"case_id": r.case_id, "status": "ok", "error": ""}, names, values, stats, i)
         else:
             rows.append({"case_id": r.case_id, "class": "", "status": "failed", "error": r.error})
     return rows
+
+
+def _subject_outputs(
+    path: Path, stats: CaseStatistics | None, case_ids: list[str], names: list[str], grouping: Grouping
+) -> dict[str, Any] | None:
+    """Write ``subjects.csv`` and return the ``subject_macro`` summary when the cases are grouped into subjects;
+    otherwise remove a ``subjects.csv`` left by an earlier grouped run of this folder and return None."""
+    if grouping.unit != "subject" or stats is None:
+        path.unlink(missing_ok=True)
+        return None
+    subjects, n_cases, sub_stats = subject_statistics(stats, case_ids, grouping)
+    values = image_metrics(sub_stats)
+    rows = []
+    for i, (subject, n) in enumerate(zip(subjects, n_cases, strict=True)):
+        rows += _rows({"subject": subject, "n_cases": n}, names, values, sub_stats, i)
+    write_subjects_csv(path, rows, SUBJECT_COLUMNS)
+    return {"unit": "subject", "n": len(subjects), "n_cases": len(case_ids), "metrics": _macro_summary(values, names)}
 
 
 def _macro_summary(values: dict[str, torch.Tensor], class_names: list[str]) -> dict[str, dict[str, Any]]:
@@ -155,14 +196,18 @@ def write_outputs(
     *,
     class_names: ClassNames | None = None,
     geometry: FolderSpacing | None = None,
+    grouping: Grouping | None = None,
 ) -> tuple[dict[str, Path], dict[str, Any]]:
-    """Write ``cases.csv``, ``bins.npz``, ``summary.json`` (and ``failed.csv``) from the store's cases.
+    """Write ``cases.csv``, ``bins.npz``, ``summary.json``, ``failed.csv`` (and ``subjects.csv``) from the
+    store's cases.
 
     ``class_names`` label the scored channels in every output (they change no number; ``None``: the stored
     ``class_k`` / region names); ``geometry`` (the run's folder spacing) and the cases scored with an assumed
-    1 mm voxel size go into ``summary["geometry"]``.
+    1 mm voxel size go into ``summary["geometry"]``; ``grouping`` (None: each case its own subject) gives
+    ``subjects.csv`` and ``summary["subject_macro"]``, and ``summary["grouping"]`` states the unit either way.
     """
     class_names = class_names or ClassNames()
+    grouping = grouping or Grouping("none", None)
     results = _fail_incompatible(store, store.results())
     ok = [r for r in results if r.status == "ok"]
     failed = [r for r in results if r.status != "ok"]
@@ -171,6 +216,7 @@ def write_outputs(
         "bins": out_dir / "bins.npz",
         "summary": out_dir / "summary.json",
         "failed": out_dir / "failed.csv",
+        "subjects": out_dir / SUBJECTS_CSV,
     }
     names = _output_names(ok, run_config, class_names)
     stats = CaseStatistics.cat([r.statistics() for r in ok]) if ok else None
@@ -179,7 +225,12 @@ def write_outputs(
     write_failed_csv(files["failed"], [(r.case_id, r.error or "") for r in failed])
     m = int(run_config.get("num_bins", 20))
     bins = stats.bins.numpy() if stats is not None else np.zeros((0, len(names), 3, m))
-    write_bins_npz(files["bins"], [r.case_id for r in ok], bins, names)
+    ok_ids = [r.case_id for r in ok]
+    extra = {k: v for k, v in stats.to_numpy().items() if k != "bins"} if stats is not None else None
+    write_bins_npz(files["bins"], ok_ids, bins, names, statistics=extra)
+    subject_macro = _subject_outputs(files["subjects"], stats, ok_ids, names, grouping)
+    if subject_macro is None:
+        del files["subjects"]
     summary = {
         "config": run_config,
         "n_cases": len(results),
@@ -192,6 +243,9 @@ def write_outputs(
         "geometry": geometry_summary(_assumed_1mm(ok), run_config, geometry),
         "macro": _macro_summary(values, names) if ok else {},
         "pooled": _pooled_summary(pooled_metrics(stats), names) if stats is not None else {},
+        "grouping": grouping.summary(ok_ids),
     }
+    if subject_macro is not None:
+        summary["subject_macro"] = subject_macro
     write_summary_json(files["summary"], summary)
     return files, summary

@@ -18,7 +18,7 @@ import resource
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
@@ -37,6 +37,7 @@ from segcal.evaluation.folders import (
     read_folder_infos,
     resolve_class_names,
 )
+from segcal.evaluation.grouping import Grouping, resolve_grouping
 from segcal.evaluation.lock import RunLock
 from segcal.evaluation.store import CaseResult, ResultStore, input_fingerprint, same_inputs
 from segcal.functional.binning import check_num_bins
@@ -420,13 +421,14 @@ def _plan(
 @dataclass
 class _RunInputs:
     """What a run reads before computing: the matched cases, the files without partner, the configuration
-    stored with every case, the folder spacing and the class names."""
+    stored with every case, the folder spacing, the class names and the grouping of the cases into subjects."""
 
     cases: list[CaseFiles]
     unmatched: dict[str, list[str]]
     run_cfg: dict[str, Any]
     geometry: FolderSpacing
     names: ClassNames
+    grouping: Grouping
 
 
 def _run_inputs(
@@ -437,6 +439,7 @@ def _run_inputs(
     reference_dir: Path | None,
     mask_dir: Path | None,
     class_names: Sequence[str] | None,
+    grouping: dict[str, Any],
 ) -> _RunInputs:
     check_output_outside_inputs(
         out, {"predictions": pred_dir, "labels": label_dir, "--soft-ref": reference_dir, "--mask-dir": mask_dir}
@@ -449,6 +452,7 @@ def _run_inputs(
     cases, unmatched = match_cases(
         pred_dir, label_dir, config.fmt, reference_dir=reference_dir, mask_dir=mask_dir
     )
+    subjects = resolve_grouping([c.case_id for c in cases], **grouping)
     if config.region == "mask" and mask_dir is None:
         raise ValueError("region='mask' needs mask_dir (--mask-dir)")
     if config.soft_reference and reference_dir is None:
@@ -461,7 +465,7 @@ def _run_inputs(
         "reference_dir": str(reference_dir) if reference_dir else None,
         "mask_dir": str(mask_dir) if mask_dir else None,
     }
-    return _RunInputs(cases, unmatched, run_cfg, geometry, names)
+    return _RunInputs(cases, unmatched, run_cfg, geometry, names, subjects)
 
 
 def run_evaluation(
@@ -471,6 +475,8 @@ def run_evaluation(
     config: EvalConfig,
     *,
     class_names: Sequence[str] | None = None,
+    group_by: str | None = None,
+    groups: str | Path | Mapping[str, str] | None = None,
     reference_dir: str | Path | None = None,
     mask_dir: str | Path | None = None,
     workers: int | None = None,
@@ -497,6 +503,14 @@ def run_evaluation(
     :class:`~segcal.evaluation.folders.ClassNamesError` (a ``ValueError``) naming the source, raised after the
     first case computed (the computed cases stay stored).
 
+    Subjects: ``group_by`` (a regular expression on the case id; its first capture group, or the whole match,
+    names the subject) or ``groups`` (a CSV file with the columns ``case_id, subject``, or a mapping) group the
+    cases into subjects, the statistical unit (:mod:`segcal.evaluation.grouping`): ``subjects.csv`` and
+    ``summary["subject_macro"]`` then hold per-subject values pooled from the subjects' sums. A case without a
+    subject stops the run before anything is computed (:class:`~segcal.evaluation.grouping.GroupingError`, a
+    ``ValueError``). Like class names, the grouping labels the outputs only: a rerun with another grouping
+    recomputes nothing. Without one each case is its own subject, and ``summary["grouping"]`` says so.
+
     Resume: a stored case is reused only if it was computed under the same configuration from the same input
     files (path, size and modification time; with ``hash_inputs`` also their contents) and the same sidecar
     spacing; a changed input is recomputed and a stored case whose files vanished is dropped. The folder is
@@ -515,6 +529,7 @@ def run_evaluation(
         Path(reference_dir).resolve() if reference_dir else None,
         Path(mask_dir).resolve() if mask_dir else None,
         class_names,
+        {"group_by": group_by, "groups": groups},
     )
     # a sidecar's spacing is input data: a changed one recomputes the cases (--spacing is configuration)
     sidecar = inputs.geometry.source not in (None, SPACING_OPTION)
@@ -530,7 +545,13 @@ def run_evaluation(
             results = _iter_local(plan.todo, config, inputs.geometry, workers)
         n_computed = _store_results(results, store, plan, inputs.names, progress, on_result)
         files, summary = write_outputs(
-            store, out, inputs.run_cfg, inputs.unmatched, class_names=inputs.names, geometry=inputs.geometry
+            store,
+            out,
+            inputs.run_cfg,
+            inputs.unmatched,
+            class_names=inputs.names,
+            geometry=inputs.geometry,
+            grouping=inputs.grouping,
         )
         all_res = store.results()
     n_ok = sum(r.status == "ok" for r in all_res)

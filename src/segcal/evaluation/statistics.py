@@ -21,8 +21,10 @@ __all__ = [
     "cliffs_delta",
     "cohens_d_paired",
     "holm",
+    "paired_bootstrap_ci",
     "rank_biserial_paired",
     "rank_sum_test",
+    "relative_change",
     "summarize",
     "wilcoxon_signed_rank",
 ]
@@ -49,6 +51,41 @@ def bootstrap_ci(
     boot = statistic(x[idx], axis=1)
     a = (1 - confidence) / 2
     lo, hi = np.quantile(boot, [a, 1 - a])
+    return float(lo), float(hi)
+
+
+def relative_change(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
+    """``(mean(b) − mean(a)) / |mean(a)|`` along ``axis`` (NaN where ``mean(a)`` is 0)."""
+    ma, mb = np.mean(a, axis=axis), np.mean(b, axis=axis)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(ma != 0, (mb - ma) / np.abs(ma), np.nan)
+
+
+def paired_bootstrap_ci(
+    a: Sequence[float] | np.ndarray,
+    b: Sequence[float] | np.ndarray,
+    *,
+    statistic: Callable[[np.ndarray, np.ndarray], np.ndarray] = relative_change,
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap CI of ``statistic(a, b)`` over resampled **pairs** (the pairs with both values
+    finite; one seeded ``(n_resamples, n)`` index draw; ``statistic`` reduces along the last axis).
+
+    Default statistic: the relative change of the mean, ``(mean(b) − mean(a)) / |mean(a)|``. Returns
+    ``(nan, nan)`` for fewer than 2 pairs or when a resample's statistic is not finite.
+    """
+    x, y = _paired(a, b)
+    if x.size < 2:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, x.size, size=(n_resamples, x.size))
+    boot = np.asarray(statistic(x[idx], y[idx]), dtype=np.float64)
+    if not np.isfinite(boot).all():
+        return float("nan"), float("nan")
+    q = (1 - confidence) / 2
+    lo, hi = np.quantile(boot, [q, 1 - q])
     return float(lo), float(hi)
 
 

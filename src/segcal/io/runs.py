@@ -6,7 +6,12 @@ and docs/report.md).
   caller's (the evaluation's);
 * ``failed.csv``: ``case_id, error`` of the failed cases;
 * ``bins.npz``: ``case_ids (N,)`` unicode, ``bin_stats (N, C, 3, M)`` float64 (count, Σp, Σy),
-  ``class_names (C,)`` unicode; uncompressed, no pickled objects;
+  ``class_names (C,)`` unicode, and the other per-case sums every metric derives from (:data:`STATISTICS_KEYS`:
+  ``top (N, 1, 3, M)``, ``counts (N, C, 3)``, ``brier_sum`` / ``mae_sum`` / ``hd95 (N, C)``, ``nll_sum`` /
+  ``n_voxels (N,)``; absent in folders written before they were added); uncompressed, no pickled objects;
+* ``subjects.csv``: one row per subject × class when the run's cases are grouped into subjects,
+  ``subject, class, n_cases, <metrics>, tp, fp, fn, n_voxels``;
+* a grouping file (``segcal evaluate --groups``): a CSV table with the columns ``case_id, subject``;
 * ``summary.json``: strict JSON (NaN / Inf written as ``null``), indented by 2.
 
 :func:`read_run` is the one reader of a run folder; :func:`read_case_metrics` the per-case metric table built
@@ -33,6 +38,8 @@ __all__ = [
     "BINS_NPZ",
     "CASES_CSV",
     "FAILED_CSV",
+    "STATISTICS_KEYS",
+    "SUBJECTS_CSV",
     "SUMMARY_JSON",
     "RunBins",
     "RunFolder",
@@ -41,7 +48,9 @@ __all__ = [
     "read_case_metrics",
     "read_cases_csv",
     "read_failed_csv",
+    "read_groups_csv",
     "read_run",
+    "read_subjects_csv",
     "read_summary_json",
     "to_strict_json",
     "write_bins_npz",
@@ -49,6 +58,7 @@ __all__ = [
     "write_csv",
     "write_failed_csv",
     "write_json",
+    "write_subjects_csv",
     "write_summary_json",
 ]
 
@@ -56,6 +66,12 @@ CASES_CSV = "cases.csv"
 FAILED_CSV = "failed.csv"
 BINS_NPZ = "bins.npz"
 SUMMARY_JSON = "summary.json"
+SUBJECTS_CSV = "subjects.csv"
+#: the per-case sums of ``bins.npz`` besides ``bin_stats`` (the fields of
+#: :class:`segcal.functional.scoring.CaseStatistics` other than ``bins``), with their number of axes
+STATISTICS_KEYS: dict[str, int] = {
+    "top": 4, "counts": 3, "brier_sum": 2, "mae_sum": 2, "nll_sum": 1, "n_voxels": 1, "hd95": 2,
+}
 _KEY_COLUMNS = ("case_id", "class")
 _BIN_KEYS = ("case_ids", "bin_stats", "class_names")
 
@@ -68,6 +84,9 @@ class RunBins:
     case_ids: list[str]
     bin_stats: np.ndarray
     class_names: list[str]
+    #: the other per-case sums (:data:`STATISTICS_KEYS` → arrays with ``N`` rows), or None when the file has
+    #: only the marginal bins
+    statistics: dict[str, np.ndarray] | None = None
 
 
 @dataclass
@@ -79,6 +98,8 @@ class RunFolder:
     cases: list[dict[str, Any]]
     summary: dict[str, Any] | None
     bins: RunBins | None
+    #: the rows of ``subjects.csv`` (None when the run's cases are not grouped into subjects)
+    subjects: list[dict[str, Any]] | None = None
 
 
 # ---------------------------------------------------------------------------------------------- generic
@@ -199,17 +220,45 @@ def read_failed_csv(path: str | Path) -> list[tuple[str, str]]:
 
 
 def write_bins_npz(
-    path: str | Path, case_ids: Sequence[str], bin_stats: np.ndarray, class_names: Sequence[str]
+    path: str | Path,
+    case_ids: Sequence[str],
+    bin_stats: np.ndarray,
+    class_names: Sequence[str],
+    *,
+    statistics: Mapping[str, np.ndarray] | None = None,
 ) -> Path:
     """``bins.npz`` (uncompressed): ``case_ids (N,)`` and ``class_names (C,)`` unicode, ``bin_stats
-    (N, C, 3, M)`` float64; :func:`read_bins_npz` reads it back."""
+    (N, C, 3, M)`` float64, and the other per-case sums ``statistics`` (keys :data:`STATISTICS_KEYS`, float64);
+    :func:`read_bins_npz` reads it back."""
     ids = np.array(list(case_ids), dtype=str)
     arrays = {
         "case_ids": ids.astype("U") if ids.size else np.zeros(0, dtype="U1"),
         "bin_stats": np.asarray(bin_stats).astype(np.float64),
         "class_names": np.array(list(class_names), dtype="U"),
     }
+    for key, value in (statistics or {}).items():
+        if key not in STATISTICS_KEYS:
+            raise ValueError(f"bins.npz: unknown statistics key {key!r} (known: {sorted(STATISTICS_KEYS)})")
+        arrays[key] = np.asarray(value).astype(np.float64)
     return write_npz(path, arrays, compressed=False)
+
+
+def _read_statistics(path: Path, arrays: Mapping[str, np.ndarray], n: int) -> dict[str, np.ndarray] | None:
+    """The per-case sums besides the bins (None when the file has none; ``ValueError`` when only some, or with
+    a wrong shape)."""
+    present = [k for k in STATISTICS_KEYS if k in arrays]
+    if not present:
+        return None
+    missing = [k for k in STATISTICS_KEYS if k not in arrays]
+    if missing:
+        raise ValueError(f"{path}: has per-case statistics {present} but lacks {missing}")
+    out = {}
+    for key, ndim in STATISTICS_KEYS.items():
+        arr = np.asarray(arrays[key], dtype=np.float64)
+        if arr.ndim != ndim or arr.shape[0] != n:
+            raise ValueError(f"{path}: {key} must have {ndim} axes and {n} rows, got shape {arr.shape}")
+        out[key] = arr
+    return out
 
 
 def read_bins_npz(path: str | Path) -> RunBins:
@@ -230,7 +279,63 @@ def read_bins_npz(path: str | Path) -> RunBins:
         raise ValueError(f"{path}: case_ids {ids.shape} / class_names {names.shape} do not match bin_stats {arr.shape}")
     if not np.isfinite(arr).all() or (arr[:, :, 0] < 0).any():
         raise ValueError(f"{path}: bin_stats holds NaN/Inf or negative counts")
-    return RunBins([str(s) for s in ids], arr, [str(s) for s in names])
+    stats = _read_statistics(path, arrays, arr.shape[0])
+    return RunBins([str(s) for s in ids], arr, [str(s) for s in names], stats)
+
+
+# ----------------------------------------------------------------------------------------- subjects.csv
+
+
+def write_subjects_csv(path: str | Path, rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> Path:
+    """``subjects.csv``: header ``columns`` (starting with ``subject, class``), one line per subject × class
+    row; :func:`read_subjects_csv` reads it back."""
+    return write_csv(path, rows, columns)
+
+
+def read_subjects_csv(path: str | Path, float_columns: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """Rows of ``subjects.csv`` as dicts of strings, ``n_cases`` as an int and the ``float_columns`` present as
+    floats (empty or unparsable cells → NaN)."""
+    rows = read_csv(path)
+    floats = tuple(float_columns)
+    for row in rows:
+        if "n_cases" in row:
+            row["n_cases"] = int(row["n_cases"])  # type: ignore[assignment]
+        for m in floats:
+            if m in row:
+                row[m] = _to_float(row[m])  # type: ignore[assignment]
+    return rows  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------------------ groups file
+
+
+def read_groups_csv(path: str | Path) -> dict[str, str]:
+    """``case_id → subject`` from a CSV table with the columns ``case_id`` and ``subject`` (other columns are
+    ignored). ``ValueError`` naming the file for a missing column, an empty cell or a case listed twice with
+    two subjects."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: grouping file not found")
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            header = {str(h).strip() for h in reader.fieldnames or ()}
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise ValueError(f"{path}: not a readable CSV table ({exc})") from None
+    missing = {"case_id", "subject"} - header
+    if missing:
+        raise ValueError(f"{path}: a grouping file needs the columns case_id and subject; missing {sorted(missing)}")
+    out: dict[str, str] = {}
+    for line, row in enumerate(rows, start=2):
+        row = {str(k).strip(): (v or "").strip() for k, v in row.items() if k is not None}
+        cid, subject = row.get("case_id", ""), row.get("subject", "")
+        if not cid or not subject:
+            raise ValueError(f"{path}: line {line} has an empty case_id or subject")
+        if out.get(cid, subject) != subject:
+            raise ValueError(f"{path}: case {cid!r} is listed with two subjects ({out[cid]!r} and {subject!r})")
+        out[cid] = subject
+    return out
 
 
 # ----------------------------------------------------------------------------------------- summary.json
@@ -261,10 +366,12 @@ def read_summary_json(path: str | Path) -> dict[str, Any] | None:
 
 def read_run(run_dir: str | Path, float_columns: Iterable[str] = ()) -> RunFolder:
     """Read a run folder: ``cases.csv`` (required; ``float_columns`` parsed as in :func:`read_cases_csv`),
-    ``summary.json`` and ``bins.npz`` (optional)."""
+    ``summary.json``, ``bins.npz`` and ``subjects.csv`` (optional)."""
     run_dir = Path(run_dir)
     cases = read_cases_csv(run_dir / CASES_CSV, float_columns)
     summary = read_summary_json(run_dir / SUMMARY_JSON)
     bins_path = run_dir / BINS_NPZ
     bins = read_bins_npz(bins_path) if bins_path.is_file() else None
-    return RunFolder(run_dir, cases, summary, bins)
+    subjects_path = run_dir / SUBJECTS_CSV
+    subjects = read_subjects_csv(subjects_path, float_columns) if subjects_path.is_file() else None
+    return RunFolder(run_dir, cases, summary, bins, subjects)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.axes import Axes
+from matplotlib.axis import Axis, Tick
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.text import Text
@@ -20,7 +22,27 @@ from matplotlib.text import Text
 from segcal.functional.binning import BinStats
 from segcal.io import atomic_write
 
-__all__ = ["as_binstats", "figure_to_png_bytes", "new_figure", "save_figure", "select"]
+__all__ = [
+    "MARKERS",
+    "PALETTE",
+    "as_binstats",
+    "figure_to_png_bytes",
+    "legend_outside",
+    "new_figure",
+    "save_figure",
+    "select",
+    "series_style",
+    "short_label",
+]
+
+#: 20 distinct colours (matplotlib's tab20, dark shades first, then the light ones)
+PALETTE: tuple[str, ...] = (
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+    "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5",
+)
+#: markers paired with the colours: series ``i`` gets colour ``i % 20`` and marker ``i % 7``, so up to 140
+#: series have distinct (colour, marker) pairs and every two of the first 20 differ in colour
+MARKERS: tuple[str, ...] = ("o", "s", "^", "D", "v", "P", "X")
 
 _FORMATS = ("png", "svg")
 
@@ -52,13 +74,53 @@ def _index(i: int, n: int, what: str) -> slice:
     return slice(i, i + 1)
 
 
+def short_label(text: object, width: int = 32) -> str:
+    """``text`` for a title or legend entry: at most ``width`` characters, long names cut in the middle with an
+    ellipsis (so that a long run name cannot squeeze the data area away)."""
+    s = str(text)
+    if len(s) <= width:
+        return s
+    head = (width - 1) // 2
+    return s[:head] + "…" + s[-(width - 1 - head):]
+
+
+def series_style(i: int) -> dict[str, str]:
+    """Colour and marker of series ``i`` (:data:`PALETTE`, :data:`MARKERS`)."""
+    return {"color": PALETTE[i % len(PALETTE)], "marker": MARKERS[i % len(MARKERS)]}
+
+
+def legend_outside(ax: Axes, fontsize: float = 7, **kwargs: object) -> None:
+    """The axes' legend to the right of its data area (constrained layout makes room for it); nothing when
+    there is no labelled artist."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(
+            handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=fontsize,
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+
+def _generated_texts(fig: Figure) -> set[int]:
+    """The texts matplotlib writes itself (tick labels, axis offsets such as ``1e3``), which may use math text
+    (``$10^{3}$`` on log axes)."""
+    out: set[int] = set()
+    for tick in fig.findobj(Tick):
+        out.update((id(tick.label1), id(tick.label2)))
+    for axis in fig.findobj(Axis):
+        out.add(id(axis.offsetText))
+    return out
+
+
 class LiteralTextFigure(Figure):
     """A figure whose texts are drawn literally: case ids, class and run names are user data, so a ``$`` in
-    them is a dollar sign, never matplotlib math text (which would fail to parse, or change the name)."""
+    them is a dollar sign, never matplotlib math text (which would fail to parse, or change the name). Tick
+    labels and axis offsets, written by matplotlib's formatters, keep their math text."""
 
     def draw(self, renderer: object) -> None:  # type: ignore[override]
+        generated = _generated_texts(self)
         for text in self.findobj(Text):
-            text.set_parse_math(False)
+            if id(text) not in generated:
+                text.set_parse_math(False)
         super().draw(renderer)  # type: ignore[arg-type]
 
 

@@ -16,7 +16,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from scipy import stats as sps
 
-from segcal.plots._common import new_figure
+from segcal.plots._common import legend_outside, new_figure, series_style, short_label
 from segcal.plots.reliability import format_metric
 
 __all__ = [
@@ -69,14 +69,15 @@ def quality_scatter(
     ``dice[i]`` and ``calibration[i]`` are the values of series ``labels[i]``: a scalar (one point per method,
     as in PostHoc Fig. 1) or a 1-D array of per-case values (drawn as small points with the series mean as a
     large marker). With ``pareto=True`` the Pareto front of the series means (low calibration error, high
-    Dice) is drawn as a step line and its members are listed in the legend.
+    Dice) is drawn as a step line and its members are listed in the legend. Each series has its own colour and
+    marker (:func:`~segcal.plots._common.series_style`: 20 colours, 7 markers); the legend sits outside the
+    data area.
     """
     if not (len(dice) == len(calibration) == len(labels)) or len(labels) == 0:
         raise ValueError("dice, calibration and labels must have the same, non-zero length (one per series)")
-    fig = new_figure(5.2, 4.2)
+    fig = new_figure(5.2 + 1.6 * (1 + len(labels) // 24), 4.2)
     ax = fig.add_subplot()
     means_x, means_y = [], []
-    colors = [f"C{i % 10}" for i in range(len(labels))]
     for i, (d, cal, lab) in enumerate(zip(dice, calibration, labels, strict=True)):
         d, cal = _vec(d, f"dice[{i}]"), _vec(cal, f"calibration[{i}]")
         if d.shape != cal.shape:
@@ -86,13 +87,12 @@ def quality_scatter(
         my = float(np.mean(d[ok])) if ok.any() else np.nan
         means_x.append(mx)
         means_y.append(my)
+        style = series_style(i)
         if d.size > 1:
-            ax.scatter(cal[ok], d[ok], s=10, alpha=0.35, color=colors[i], lw=0)
-            ax.scatter(
-                [mx], [my], s=70, color=colors[i], edgecolor="k", lw=0.8, marker="D", label=str(lab), zorder=3
-            )
+            ax.scatter(cal[ok], d[ok], s=12, alpha=0.35, lw=0, **style)
+            ax.scatter([mx], [my], s=80, edgecolor="k", lw=0.8, label=short_label(lab), zorder=3, **style)
         else:
-            ax.scatter(cal[ok], d[ok], s=60, color=colors[i], edgecolor="k", lw=0.8, label=str(lab), zorder=3)
+            ax.scatter(cal[ok], d[ok], s=60, edgecolor="k", lw=0.8, label=short_label(lab), zorder=3, **style)
     if pareto and len(labels) > 1:
         front = pareto_front(np.array(means_x), np.array(means_y))
         if front.size:
@@ -103,16 +103,29 @@ def quality_scatter(
                 color="k",
                 lw=1,
                 ls="--",
-                label="Pareto front: " + ", ".join(str(labels[j]) for j in front),
+                label=(
+                    "Pareto front: " + ", ".join(short_label(labels[j], 16) for j in front)
+                    if front.size <= 4 else f"Pareto front ({front.size} series)"
+                ),
                 zorder=2,
             )
     ax.set_xlabel(f"{calibration_name} (lower is better)")
     ax.set_ylabel(f"{dice_name} (higher is better)")
     if title:
         ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, loc="best")
+    legend_outside(ax, ncols=1 + len(labels) // 24)
     ax.grid(alpha=0.3)
     return fig
+
+
+def _subject_means(x: np.ndarray, y: np.ndarray, subjects: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per subject (sorted), the means of its points' finite ``x`` and ``y``."""
+    s = np.asarray([str(v) for v in subjects])
+    names = sorted(set(s.tolist()))
+    with np.errstate(all="ignore"):
+        mx = np.array([np.nanmean(np.where(np.isfinite(x[s == n]), x[s == n], np.nan)) for n in names])
+        my = np.array([np.nanmean(np.where(np.isfinite(y[s == n]), y[s == n], np.nan)) for n in names])
+    return mx, my
 
 
 def entropy_dice_scatter(
@@ -120,6 +133,8 @@ def entropy_dice_scatter(
     dice: Sequence[float] | np.ndarray,
     groups: Sequence[str] | None = None,
     *,
+    subjects: Sequence[str] | None = None,
+    unit: str = "cases",
     eps: float = 1e-4,
     title: str | None = None,
 ) -> Figure:
@@ -128,41 +143,50 @@ def entropy_dice_scatter(
     ``logit(d) = ln(d / (1 − d))`` with Dice clipped into ``[eps, 1 − eps]`` (perfect or empty segmentations
     stay finite). ``groups`` (one label per point, e.g. "in-distribution" / "shifted") colours the points; the
     regression and the correlation (:func:`scipy.stats.pearsonr`, :func:`scipy.stats.linregress`) use all
-    points. The legend shows ``r = …, p = …``.
+    points, each point one ``unit`` (the legend says ``r = …, p = … (n = 48 cases)``).
+
+    ``subjects`` (one subject id per point, e.g. the slices' subjects): points of one subject are not
+    independent, so the regression, r and p are computed over the **subject means** of entropy and
+    logit(Dice), drawn as large markers, and the legend states ``n`` subjects; the points stay as small dots.
     """
     x, d = _vec(segment_entropy, "segment_entropy"), _vec(dice, "dice")
     if x.shape != d.shape:
         raise ValueError(f"segment_entropy has {x.size} values but dice has {d.size}")
     if groups is not None and len(groups) != x.size:
         raise ValueError(f"groups has {len(groups)} labels but there are {x.size} points")
+    if subjects is not None and len(subjects) != x.size:
+        raise ValueError(f"subjects has {len(subjects)} ids but there are {x.size} points")
     dc = np.clip(d, eps, 1 - eps)
     y = np.log(dc / (1 - dc))
     ok = np.isfinite(x) & np.isfinite(y)
-    fig = new_figure(5.0, 4.0)
+    fig = new_figure(6.2, 4.0)
     ax = fig.add_subplot()
+    small = subjects is not None
     if groups is None:
-        ax.scatter(x[ok], y[ok], s=14, alpha=0.7, label="cases")
+        ax.scatter(x[ok], y[ok], s=8 if small else 14, alpha=0.4 if small else 0.7, label=unit)
     else:
         g = np.asarray([str(v) for v in groups])
         for i, name in enumerate(dict.fromkeys(g[ok])):
             sel = ok & (g == name)
-            ax.scatter(x[sel], y[sel], s=14, alpha=0.7, color=f"C{i % 10}", label=name)
-    if ok.sum() >= 3 and np.ptp(x[ok]) > 0:
-        reg = sps.linregress(x[ok], y[ok])
-        r, p = sps.pearsonr(x[ok], y[ok])
-        xs = np.linspace(x[ok].min(), x[ok].max(), 50)
-        ax.plot(
-            xs,
-            reg.intercept + reg.slope * xs,
-            color="k",
-            lw=1.2,
-            label=f"r = {float(r):.3f}, p = {float(p):.2e}",
-        )
+            ax.scatter(x[sel], y[sel], s=8 if small else 14, alpha=0.4 if small else 0.7, label=name,
+                       **series_style(i))
+    fx, fy, n_unit = x[ok], y[ok], unit
+    if subjects is not None:
+        fx, fy = _subject_means(x, y, subjects)
+        keep = np.isfinite(fx) & np.isfinite(fy)
+        fx, fy, n_unit = fx[keep], fy[keep], "subjects"
+        ax.scatter(fx, fy, s=70, color="k", marker="D", label="subject means", zorder=3)
+    if fx.size >= 3 and np.ptp(fx) > 0:
+        reg = sps.linregress(fx, fy)
+        r, p = sps.pearsonr(fx, fy)
+        xs = np.linspace(fx.min(), fx.max(), 50)
+        label = f"r = {float(r):.3f}, p = {float(p):.2e} (n = {fx.size} {n_unit})"
+        ax.plot(xs, reg.intercept + reg.slope * xs, color="k", lw=1.2, label=label)
     ax.set_xlabel("segment entropy")
     ax.set_ylabel("logit(Dice)")
     if title:
         ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7)
+    legend_outside(ax)
     ax.grid(alpha=0.3)
     return fig
 
@@ -192,7 +216,7 @@ def ensemble_size_curve(
     samples next to ensemble members).
     """
     x = _vec(sizes, "sizes")
-    fig = new_figure(4.6, 3.6)
+    fig = new_figure(6.0, 3.6)
     ax = fig.add_subplot()
     _band(ax, x, mean, ci_low, ci_high, label or metric_name, "C0")
     for i, (name, triple) in enumerate((more or {}).items(), start=1):
@@ -204,7 +228,7 @@ def ensemble_size_curve(
     ax.set_xticks(x)
     if title:
         ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7)
+    legend_outside(ax)
     ax.grid(alpha=0.3)
     return fig
 
@@ -225,7 +249,7 @@ def threshold_curves(
     x = _vec(thresholds, "thresholds")
     if not curves:
         raise ValueError("curves must contain at least one named curve")
-    fig = new_figure(5.0, 3.8)
+    fig = new_figure(7.0, 3.8)
     ax = fig.add_subplot()
     for i, (name, triple) in enumerate(curves.items()):
         if len(triple) != 3:
@@ -242,6 +266,6 @@ def threshold_curves(
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7)
+    legend_outside(ax)
     ax.grid(alpha=0.3)
     return fig

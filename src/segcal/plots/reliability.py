@@ -26,7 +26,7 @@ from matplotlib.ticker import NullFormatter
 
 from segcal.functional.binning import BinStats, Closed, bin_index
 from segcal.functional.calibration import calibration_errors
-from segcal.plots._common import as_binstats, new_figure, select
+from segcal.plots._common import as_binstats, legend_outside, new_figure, select, short_label
 
 __all__ = [
     "dataset_histogram_counts",
@@ -105,7 +105,7 @@ def _draw_reliability(
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_ylabel("observed frequency")
-    ax.legend(loc="upper left", fontsize=7, frameon=True)
+    legend_outside(ax, fontsize=6.5)
     if title:
         ax.set_title(title, fontsize=9)
     if ax_count is not None:
@@ -155,7 +155,7 @@ def reliability_diagram(
     """
     stats = as_binstats(stats)
     one = select(stats, image, channel)
-    fig = new_figure(4.2, 4.6 if show_counts else 3.8)
+    fig = new_figure(5.8, 4.6 if show_counts else 3.8)
     if show_counts:
         gs = fig.add_gridspec(2, 1, height_ratios=[4, 1])
         ax = fig.add_subplot(gs[0])
@@ -179,7 +179,7 @@ def reliability_diagrams(
     stats = as_binstats(stats)
     c = stats.num_channels
     names = _class_names(class_names, c)
-    fig = new_figure(3.6 * c, 4.6)
+    fig = new_figure(5.0 * c, 4.6)
     gs = fig.add_gridspec(2, c, height_ratios=[4, 1])
     for ci in range(c):
         ax = fig.add_subplot(gs[0, ci])
@@ -311,7 +311,7 @@ def dataset_reliability_histogram(
         im = _draw_histogram_panel(ax, fig.add_subplot(gs[1, i], sharex=ax), hist, vox, name, cmap=cmap)
     fig.colorbar(im, ax=fig.axes, shrink=0.8, label="fraction of images in column")
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(short_label(title, 80), fontsize=10)
     return fig
 
 
@@ -340,10 +340,10 @@ def dataset_reliability_comparison(
     k = len(panel_sets[0])
     if mode == "side_by_side":
         rows = len(runs)
-        fig = new_figure(3.2 * k + 0.8, 3.9 * rows)
+        fig = new_figure(3.2 * k + 1.2, 3.9 * rows)
         gs = fig.add_gridspec(2 * rows, k, height_ratios=[4, 1] * rows)
-        im = None
         for r, panels in enumerate(panel_sets):
+            im, row_axes = None, []
             for i, (name, hist, vox) in enumerate(panels):
                 ax = fig.add_subplot(gs[2 * r, i])
                 im = _draw_histogram_panel(
@@ -351,10 +351,12 @@ def dataset_reliability_comparison(
                     fig.add_subplot(gs[2 * r + 1, i], sharex=ax),
                     hist,
                     vox,
-                    f"{run_names[r]}: {name}",
+                    f"{short_label(run_names[r])}: {name}",
                     cmap=cmap,
                 )
-        fig.colorbar(im, ax=fig.axes, shrink=0.6, label="fraction of images in column")
+                row_axes.append(ax)
+            # one colour bar per run, beside its own panels
+            fig.colorbar(im, ax=row_axes, shrink=0.9, label="fraction of images")
         return fig
     if mode == "difference":
         if len(runs) != 2:
@@ -372,7 +374,7 @@ def dataset_reliability_comparison(
                 None,
                 diff,
                 np.zeros(diff.shape[-1]),
-                f"{run_names[1]} − {run_names[0]}: {name}",
+                f"{short_label(run_names[1], 20)} − {short_label(run_names[0], 20)}: {name}",
                 cmap="RdBu_r",
                 norm=norm,
             )
@@ -403,12 +405,15 @@ def subject_spread(
     kind: str = "violin",
     min_count: int = 1,
     class_name: str | None = None,
+    unit: str = "subjects",
 ) -> Figure:
     """Spread over subjects of the per-bin observed frequency (accuracy), as violins or boxes.
 
     One violin/box per predicted-probability bin at the bin centre; the dashed diagonal is perfect
     calibration and the dots are the pooled mean predicted probability per bin. Median and quartiles are drawn
-    (full and dashed lines for violins, as in PostHoc Fig. 3). Above each bin: the number of subjects.
+    (full and dashed lines for violins, as in PostHoc Fig. 3). Above each bin: the number of subjects. Each
+    image of ``stats_per_case`` is one subject: pass per-subject bin sums (a subject's cases summed) when the
+    cases are slices or patches of fewer subjects, or name the ``unit`` (``"cases"``) shown in the labels.
     """
     if kind not in ("violin", "box"):
         raise ValueError(f"kind must be 'violin' or 'box', got {kind!r}")
@@ -417,7 +422,7 @@ def subject_spread(
     m = len(data)
     centres = (np.arange(m) + 0.5) / m
     keep = [k for k in range(m) if data[k].size > 0]
-    fig = new_figure(max(5.0, 0.35 * m + 2), 4.0)
+    fig = new_figure(max(6.5, 0.35 * m + 3.5), 4.0)
     ax = fig.add_subplot()
     ax.plot([0, 1], [0, 1], ls="--", color="0.4", lw=1, label="perfect calibration")
     w = 0.8 / m
@@ -464,15 +469,15 @@ def subject_spread(
     ax.set_xlim(0, 1)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("predicted probability bin")
-    ax.set_ylabel("observed frequency per subject")
+    ax.set_ylabel(f"observed frequency per {unit.rstrip('s')}")
     ax.set_title(
-        (class_name if class_name is not None else f"channel {channel}") + " — subject spread",
+        (class_name if class_name is not None else f"channel {channel}") + f" — spread over {unit}",
         fontsize=9,
         pad=12,
     )
     handles, labels = ax.get_legend_handles_labels()
     if kind == "violin" and keep:
-        handles.append(Patch(alpha=0.6, label="subjects"))
-        labels.append("subjects")
-    ax.legend(handles, labels, fontsize=7, loc="upper left")
+        handles.append(Patch(alpha=0.6, label=unit))
+        labels.append(unit)
+    ax.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     return fig

@@ -5,10 +5,10 @@ Run-level builders: :func:`build_evaluation_report` (one evaluated run folder) a
 :func:`build_comparison_report` (several runs plus a statistics table).
 """
 
-from segcal.report.html import ReportFigure, Section, Table, render_html
+from segcal.report.comparison import build_comparison_report
+from segcal.report.html import Cell, Details, ReportFigure, Section, Table, render_html
 from segcal.report.runs import (
     METRIC_GLOSSARY,
-    build_comparison_report,
     build_evaluation_report,
     glossary_section,
     load_run,
@@ -16,6 +16,8 @@ from segcal.report.runs import (
 
 __all__ = [
     "METRIC_GLOSSARY",
+    "Cell",
+    "Details",
     "ReportFigure",
     "Section",
     "Table",

@@ -1,4 +1,5 @@
-"""Run-level reports: an evaluated run folder → figures + ``report.html``; several runs → a comparison report.
+"""Run-level reports: an evaluated run folder → figures + ``report.html`` (the comparison of several runs is
+:mod:`segcal.report.comparison`).
 
 Run folder layout (written by ``segcal evaluate``):
 
@@ -6,39 +7,40 @@ Run folder layout (written by ``segcal evaluate``):
   ece, ace, mce, ece_l2, ace_l2, nll, brier, top_label_ece`` (+ ``error`` for failed cases,
   ``status == "failed"``);
 * ``summary.json`` — free-form; ``{"macro": {metric: {class: {mean, std, median, iqr, ci_low, ci_high}}},
-  "pooled": {metric: {class: value}}}`` parts are rendered as tables;
+  "pooled": {metric: {class: value}}}`` parts are rendered as tables, ``subject_macro`` (cases grouped into
+  subjects) first, and ``grouping`` states the statistical unit;
 * ``bins.npz`` — ``case_ids (N,)`` str, ``bin_stats (N, C, 3, M)`` float64 (count, sum_p, sum_y),
-  ``class_names (C,)`` str; loaded with ``allow_pickle=False``.
+  ``class_names (C,)`` str; loaded with ``allow_pickle=False``;
+* ``subjects.csv`` (cases grouped into subjects) — one row per subject × class.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from segcal.evaluation.grouping import stored_grouping, subject_bins
 from segcal.functional.binning import BinStats
 from segcal.functional.calibration import calibration_errors
 from segcal.functional.scoring import CASE_METRICS, CLASS_METRICS
 from segcal.io import write_bytes, write_text
 from segcal.io.runs import read_run
 from segcal.plots import (
-    dataset_reliability_comparison,
     dataset_reliability_histogram,
     quality_scatter,
     reliability_diagrams,
     subject_spread,
 )
 from segcal.plots._common import figure_to_png_bytes
-from segcal.report.html import ReportFigure, Section, Table, render_html
+from segcal.report.html import Details, ReportFigure, Section, Table, render_html
 
 __all__ = [
     "METRIC_GLOSSARY",
     "RunData",
-    "build_comparison_report",
     "build_evaluation_report",
     "glossary_section",
     "load_run",
@@ -64,9 +66,15 @@ Per image and class, the predicted probabilities are split into M equal-width bi
   thresholded mask.
 - **HD95**: 95th percentile of the symmetric surface distance between prediction and ground truth, in
   physical units (voxel spacing).
-- **Macro vs pooled**: *macro* values are per-case metrics aggregated over cases (mean, std, median, IQR);
-  *pooled* values are computed once from the bin sums merged over all cases (one big image).
-- **Bootstrap CI**: 95% percentile interval of the macro mean over case resamples (seeded, default 1000).
+- **Per class vs per case**: most metrics have one value per class; NLL and the top-label metrics have one
+  value per case, over all classes together (their rows say `case`).
+- **Macro vs pooled**: *macro* values are per-unit metrics aggregated over the units (mean, std, median,
+  IQR); *pooled* values are computed once from the bin sums merged over all cases (one big image).
+- **Statistical unit**: the independent observations of the statistics. When the cases are slices or
+  patches of fewer subjects (`segcal evaluate --group-by` / `--groups`), a subject's values come from its
+  cases' sums pooled (its stacked volume), and every CI and test is over subjects; otherwise each case is its
+  own subject. Slices of one subject are not independent: statistics over them are far too confident.
+- **Bootstrap CI**: 95% percentile interval of the macro mean over resamples of the units (seeded, 1000).
 """
 
 _MACRO_FIELDS = ("mean", "std", "median", "iqr", "ci_low", "ci_high")
@@ -96,12 +104,30 @@ class RunData:
         self.run_dir = run.run_dir
         self.cases = run.cases
         self.summary = run.summary
+        self.subjects = run.subjects
+        self.grouping = stored_grouping((self.summary or {}).get("grouping"))
         self.case_ids: list[str] | None = None
         self.stats: BinStats | None = None
         self.class_names: list[str] | None = None
         if run.bins is not None:
             self.case_ids, self.class_names = run.bins.case_ids, run.bins.class_names
             self.stats = BinStats.from_numpy(run.bins.bin_stats)
+
+    def subject_stats(self) -> BinStats | None:
+        """Per-subject bin sums (each subject's cases summed) when the cases are grouped, else None."""
+        if self.stats is None or self.grouping.unit != "subject":
+            return None
+        _, arr = subject_bins(self.stats.numpy(), self.case_ids or [], self.grouping)
+        return BinStats.from_numpy(arr)
+
+    def unit_text(self) -> str:
+        """The statistical unit in words (``summary.json`` ``grouping``)."""
+        g = (self.summary or {}).get("grouping") or {}
+        if g.get("unit") == "subject":
+            return f"subject: {g.get('n')} subjects of {g.get('n_cases')} cases ({g.get('description')})"
+        if g:
+            return f"case: {g.get('n')} cases, each its own subject (no grouping given)"
+        return "case (each case its own subject)"
 
     @property
     def ok_rows(self) -> list[dict[str, Any]]:
@@ -144,27 +170,54 @@ def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)[:80] or "x"
 
 
-def _macro_table(macro: Mapping[str, Any]) -> Table:
+def _split(d: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``d`` (metric → values) split into the per-class metrics and the per-case ones (NLL, top-label)."""
+    per_case = {k: v for k, v in d.items() if k in CASE_METRICS}
+    return {k: v for k, v in d.items() if k not in CASE_METRICS}, per_case
+
+
+def _macro_rows(macro: Mapping[str, Any], per_case: bool) -> list[dict[str, Any]]:
     rows = []
     for metric, per_class in macro.items():
         if not isinstance(per_class, Mapping):
             continue
         for cls, vals in per_class.items():
+            row: dict[str, Any] = {"metric": metric} if per_case else {"metric": metric, "class": cls}
             if isinstance(vals, Mapping):
-                rows.append({"metric": metric, "class": cls, **{k: vals.get(k) for k in _MACRO_FIELDS}})
+                row.update({k: vals.get(k) for k in ("n", *_MACRO_FIELDS)})
             else:
-                rows.append({"metric": metric, "class": cls, "mean": vals})
-    return Table(rows, "Macro (per-case) statistics", columns=["metric", "class", *_MACRO_FIELDS])
+                row["mean"] = vals
+            rows.append(row)
+    return rows
 
 
-def _pooled_table(pooled: Mapping[str, Any]) -> Table:
+def _macro_tables(macro: Mapping[str, Any], over: str) -> list[Table]:
+    """The macro summaries over ``over`` (e.g. "3 subjects"): per-class metrics, then per-case metrics."""
+    per_class, per_case = _split(macro)
+    tables = [Table(_macro_rows(per_class, False), f"Macro over {over}: per-class metrics",
+                    columns=["metric", "class", "n", *_MACRO_FIELDS])]
+    if per_case:
+        tables.append(Table(_macro_rows(per_case, True),
+                            f"Macro over {over}: per-case metrics (one value per case over all classes)",
+                            columns=["metric", "n", *_MACRO_FIELDS]))
+    return tables
+
+
+def _pooled_tables(pooled: Mapping[str, Any]) -> list[Table]:
+    per_class, per_case = _split(pooled)
     rows = []
-    for metric, per_class in pooled.items():
-        if isinstance(per_class, Mapping):
-            rows.append({"metric": metric, **{str(k): v for k, v in per_class.items()}})
+    for metric, values in per_class.items():
+        if isinstance(values, Mapping):
+            rows.append({"metric": metric, **{str(k): v for k, v in values.items()}})
         else:
-            rows.append({"metric": metric, "value": per_class})
-    return Table(rows, "Pooled (bin sums merged over cases)")
+            rows.append({"metric": metric, "value": values})
+    tables = [Table(rows, "Pooled (bin sums merged over cases): per-class metrics")]
+    if per_case:
+        case_rows = [
+            {"metric": m, "value": v.get("case") if isinstance(v, Mapping) else v} for m, v in per_case.items()
+        ]
+        tables.append(Table(case_rows, "Pooled: per-case metrics (over all classes, all voxels of all cases)"))
+    return tables
 
 
 def _scalars(d: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -236,6 +289,7 @@ def _overview_section(run: RunData, n_cases: int, n_failed: int, classes: list[s
         {"item": "cases", "value": n_cases},
         {"item": "failed cases", "value": n_failed},
         {"item": "classes", "value": ", ".join(classes)},
+        {"item": "statistical unit", "value": run.unit_text()},
     ]
     if run.stats is not None:
         overview.append({"item": "bins (M)", "value": run.stats.num_bins})
@@ -254,18 +308,32 @@ def _overview_section(run: RunData, n_cases: int, n_failed: int, classes: list[s
 
 
 def _dataset_summary_section(summary: Mapping[str, Any] | None) -> Section | None:
-    """Macro and pooled tables of summary.json (``None`` when it has neither)."""
+    """Macro (over subjects first, when grouped) and pooled tables of summary.json (``None`` when it has
+    neither)."""
     if not summary or not (isinstance(summary.get("macro"), Mapping) or isinstance(summary.get("pooled"), Mapping)):
         return None
-    sec = Section(
-        "Dataset summary",
-        "Macro values aggregate per-case metrics; pooled values come from the "
-        "bin sums merged over all cases.",
-    )
+    sub = summary.get("subject_macro")
+    text = "Macro values aggregate per-case metrics; pooled values come from the bin sums merged over all cases."
+    sec = Section("Dataset summary")
+    if isinstance(sub, Mapping) and isinstance(sub.get("metrics"), Mapping):
+        text = (
+            f"The statistical unit is the **subject**: {sub.get('n')} subjects of {sub.get('n_cases')} cases. A "
+            "subject's values come from its cases' sums pooled (its stacked volume); the macro tables over "
+            "subjects, with bootstrap CIs over subjects, come first. The tables over cases that follow are "
+            "descriptive only: cases of one subject are not independent, so their CIs are too narrow. Pooled "
+            "values come from the bin sums merged over all cases."
+        )
+        sec.tables += _macro_tables(sub["metrics"], f"{sub.get('n')} subjects (the statistical unit)")
     if isinstance(summary.get("macro"), Mapping):
-        sec.tables.append(_macro_table(summary["macro"]))
+        n = summary.get("n_ok", "the")
+        by_case = _macro_tables(summary["macro"], f"{n} cases")
+        if sec.tables:  # grouped: the tables over cases are descriptive, folded
+            sec.details.append(Details(f"Macro over {n} cases (descriptive: not independent units)", tables=by_case))
+        else:
+            sec.tables += by_case
     if isinstance(summary.get("pooled"), Mapping):
-        sec.tables.append(_pooled_table(summary["pooled"]))
+        sec.tables += _pooled_tables(summary["pooled"])
+    sec.text = text
     return sec
 
 
@@ -318,16 +386,24 @@ def _dataset_histogram_section(stats: BinStats, names: list[str], out_fig: _Figu
     )
 
 
-def _subject_spread_section(stats: BinStats, names: list[str], out_fig: _FigureWriter, min_count: int) -> Section:
-    """Per-bin subject spread (violins) per class."""
-    sec = Section(
-        "Subject-level spread per bin",
-        "Violins: per-case observed frequency in each bin (PostHoc Fig. 3); numbers above: cases "
-        "with voxels in the bin.",
+def _subject_spread_section(run: RunData, out_fig: _FigureWriter, min_count: int) -> Section:
+    """Per-bin spread over subjects (violins) per class: over the subjects' pooled bins when the cases are
+    grouped into subjects, else over cases."""
+    sub = run.subject_stats()
+    stats, unit = (sub, "subjects") if sub is not None else (run.stats, "cases")
+    assert stats is not None
+    what = (
+        "each subject's cases pooled into one set of bins" if sub is not None
+        else "each case is its own subject (no grouping given)"
     )
-    for ci, name in enumerate(names):
-        fig = subject_spread(stats, ci, min_count=min_count, class_name=name)
-        sec.figures.append(out_fig(fig, f"subject_spread_{_safe(name)}", f"Subject spread: {name}"))
+    sec = Section(
+        "Spread over subjects per bin",
+        f"Violins: the observed frequency in each bin, one value per {unit[:-1]} ({what}; PostHoc Fig. 3); "
+        f"numbers above: {unit} with voxels in the bin.",
+    )
+    for ci, name in enumerate(run.class_names or []):
+        fig = subject_spread(stats, ci, min_count=min_count, class_name=name, unit=unit)
+        sec.figures.append(out_fig(fig, f"subject_spread_{_safe(name)}", f"Spread over {unit}: {name}"))
     return sec
 
 
@@ -339,7 +415,7 @@ def _bin_sections(run: RunData, out_fig: _FigureWriter, min_count: int) -> list[
     return [
         _case_reliability_section(stats, names, ids, out_fig, min_count),
         _dataset_histogram_section(stats, names, out_fig, min_count),
-        _subject_spread_section(stats, names, out_fig, min_count),
+        _subject_spread_section(run, out_fig, min_count),
     ]
 
 
@@ -358,12 +434,30 @@ def _quality_section(ok: list[dict[str, Any]], out_fig: _FigureWriter) -> Sectio
 
 
 def _case_table_section(ok: list[dict[str, Any]], max_case_rows: int) -> Section | None:
-    """The per-case metric table (first ``max_case_rows`` ok rows; ``None`` without ok rows)."""
+    """The per-case metric table, folded (first ``max_case_rows`` ok rows; ``None`` without ok rows)."""
     if not ok:
         return None
     cols = ["case_id", "class", *[m for m in _metric_columns() if m in ok[0]]]
-    text = "" if len(ok) <= max_case_rows else f"First {max_case_rows} of {len(ok)} rows (see cases.csv)."
-    return Section("Per-case metrics", text, tables=[Table(ok[:max_case_rows], columns=cols)])
+    n_cases = len({r["case_id"] for r in ok})
+    shown = "" if len(ok) <= max_case_rows else f" (first {max_case_rows} of {len(ok)} rows; see cases.csv)"
+    return Section(
+        "Per-case metrics",
+        "One row per case and class; NLL and the top-label metrics are per case (the same on each class row).",
+        details=[Details(f"{n_cases} cases{shown}", tables=[Table(ok[:max_case_rows], columns=cols)])],
+    )
+
+
+def _subject_table_section(run: RunData) -> Section | None:
+    """The per-subject metric table (``subjects.csv``; ``None`` when the cases are not grouped)."""
+    if not run.subjects:
+        return None
+    cols = ["subject", "class", "n_cases", *[m for m in _metric_columns() if m in run.subjects[0]]]
+    return Section(
+        "Per-subject metrics",
+        "One row per subject and class, from the subject's cases pooled (subjects.csv); HD95 is the mean of the "
+        "subject's finite case values.",
+        tables=[Table(run.subjects, columns=cols)],
+    )
 
 
 def _failed_section(failed: list[dict[str, Any]], n_failed: int) -> Section | None:
@@ -383,8 +477,10 @@ def build_evaluation_report(run_dir: str | Path, *, min_count: int = 1, max_case
     path.
 
     Figures: reliability diagrams of the best / median / worst case by mean marginal ACE, dataset reliability
-    histograms (per class + average, with the voxel-count strip), per-bin subject spread per class, Dice vs
-    ACE scatter. Failed cases are listed with their messages.
+    histograms (per class + average, with the voxel-count strip), per-bin spread over subjects per class (over
+    cases when they are not grouped into subjects), Dice vs ACE scatter. Tables: the macro summaries over
+    subjects (when grouped) and over cases, pooled values, per-subject and per-case metrics. Failed cases are
+    listed with their messages.
     """
     run = load_run(run_dir)
     out_fig = _FigureWriter(run.run_dir / "figures")
@@ -397,7 +493,10 @@ def build_evaluation_report(run_dir: str | Path, *, min_count: int = 1, max_case
         *_present(_dataset_summary_section(run.summary)),
         *_bin_sections(run, out_fig, min_count),
         *_present(
-            _quality_section(ok, out_fig), _case_table_section(ok, max_case_rows), _failed_section(failed, n_failed)
+            _quality_section(ok, out_fig),
+            _subject_table_section(run),
+            _case_table_section(ok, max_case_rows),
+            _failed_section(failed, n_failed),
         ),
         glossary_section(),
     ]
@@ -405,157 +504,3 @@ def build_evaluation_report(run_dir: str | Path, *, min_count: int = 1, max_case
         f"segcal evaluation: {run.run_dir.name}", sections, subtitle=f"{n_cases} cases · {len(classes)} classes"
     )
     return write_text(run.run_dir / "report.html", html)
-
-
-# ----------------------------------------------------------------------------------------------------
-# comparison report
-# ----------------------------------------------------------------------------------------------------
-
-
-def _aligned_stats(runs: Sequence[RunData]) -> tuple[list[str], list[BinStats]] | None:
-    if any(r.stats is None for r in runs):
-        return None
-    common = [c for c in runs[0].case_ids or [] if all(c in set(r.case_ids or []) for r in runs[1:])]
-    if not common:
-        return None
-    out = []
-    for r in runs:
-        pos = {c: i for i, c in enumerate(r.case_ids or [])}
-        idx = [pos[c] for c in common]
-        s = r.stats
-        assert s is not None
-        out.append(BinStats(s.count[idx], s.sum_p[idx], s.sum_y[idx]))
-    return common, out
-
-
-def _per_case_mean(rows: list[dict[str, Any]], metric: str) -> np.ndarray:
-    by_case: dict[str, list[float]] = {}
-    for r in rows:
-        by_case.setdefault(str(r["case_id"]), []).append(float(r.get(metric, math.nan)))
-    with np.errstate(all="ignore"):
-        return np.array([np.nanmean(v) if np.isfinite(v).any() else np.nan for v in by_case.values()])
-
-
-def _runs_section(names: list[str], runs: Sequence[RunData]) -> Section:
-    """One row per run: name, folder, cases, failed cases."""
-    rows = [
-        {
-            "run": n,
-            "folder": str(r.run_dir),
-            "cases": len({c["case_id"] for c in r.cases}),
-            "failed": len({c["case_id"] for c in r.failed_rows}),
-        }
-        for n, r in zip(names, runs, strict=True)
-    ]
-    return Section("Runs", tables=[Table(rows)])
-
-
-def _statistics_section(rows: list[dict[str, Any]], alpha: float) -> Section | None:
-    """The comparison rows, preferred columns first, Holm p-values below ``alpha`` highlighted."""
-    if not rows:
-        return None
-    preferred = [
-        "metric",
-        "class",
-        "run_a",
-        "run_b",
-        "mean_a",
-        "mean_b",
-        "rel_change",
-        "p_wilcoxon",
-        "p_holm",
-        "effect_size",
-    ]
-    present = list(dict.fromkeys(k for r in rows for k in r))
-    cols = [c for c in preferred if c in present] + [c for c in present if c not in preferred]
-    return Section(
-        "Statistical comparison",
-        "Paired Wilcoxon signed-rank tests on the cases common to both runs; p-values "
-        f"Holm-corrected over all metric/class pairs. Highlighted: Holm p < {alpha}.",
-        tables=[
-            Table(
-                rows,
-                columns=cols,
-                highlight=lambda c, v: c == "p_holm" and isinstance(v, int | float) and v < alpha,
-            )
-        ],
-    )
-
-
-def _comparison_reliability_section(
-    runs: Sequence[RunData], names: list[str], out_fig: _FigureWriter
-) -> Section | None:
-    """Dataset reliability histograms of the common cases, side by side (and their difference for two runs)."""
-    aligned = _aligned_stats(runs)
-    if aligned is None:
-        return None
-    common, stats = aligned
-    class_names = runs[0].class_names
-    sec = Section(
-        "Dataset reliability histograms",
-        f"Computed on the {len(common)} case(s) present in every run; one row per run.",
-    )
-    fig = dataset_reliability_comparison(stats, names, class_names, mode="side_by_side")
-    sec.figures.append(out_fig(fig, "dataset_reliability_side_by_side", "Dataset reliability histograms"))
-    if len(runs) == 2:
-        fig = dataset_reliability_comparison(stats, names, class_names, mode="difference")
-        sec.figures.append(
-            out_fig(
-                fig,
-                "dataset_reliability_difference",
-                f"Column fractions of {names[1]} minus {names[0]} (red: more cases)",
-            )
-        )
-    return sec
-
-
-def _comparison_quality_section(runs: Sequence[RunData], names: list[str], out_fig: _FigureWriter) -> Section | None:
-    """Dice vs ACE (class means) per case and run (``None`` without any finite Dice)."""
-    dice = [_per_case_mean(r.ok_rows, "dice") for r in runs]
-    ace = [_per_case_mean(r.ok_rows, "ace") for r in runs]
-    if not any(np.isfinite(d).any() for d in dice):
-        return None
-    fig = quality_scatter(
-        dice,
-        ace,
-        names,
-        pareto=True,
-        calibration_name="ACE (mean over classes)",
-        dice_name="Dice (mean over classes)",
-        title="Dice vs ACE per case and run",
-    )
-    return Section(
-        "Segmentation quality vs calibration",
-        "Small points: cases; diamonds: run means; dashed: Pareto front of the run means.",
-        figures=[out_fig(fig, "dice_vs_ace", "Dice vs ACE per run")],
-    )
-
-
-def build_comparison_report(
-    run_dirs: Sequence[str | Path], out_dir: str | Path, comparison: Mapping[str, Any], *, alpha: float = 0.05
-) -> Path:
-    """Compare evaluated runs: statistics table, overlaid dataset reliability histograms, Dice-vs-ACE scatter.
-
-    ``comparison = {"runs": [names], "rows": [{metric, class, run_a, run_b, mean_a, mean_b, rel_change,
-    p_wilcoxon, p_holm, effect_size, ...}]}`` (from the evaluation statistics); Holm-corrected p-values below
-    ``alpha`` are highlighted. Writes ``out_dir/figures/*.png`` and ``out_dir/report.html``.
-    """
-    if len(run_dirs) < 2:
-        raise ValueError("build_comparison_report needs at least two run folders")
-    runs = [load_run(d) for d in run_dirs]
-    names = [str(n) for n in comparison.get("runs", [])]
-    if len(names) != len(runs):
-        names = [r.run_dir.name for r in runs]
-    out_dir = Path(out_dir)
-    out_fig = _FigureWriter(out_dir / "figures")
-    sections = [
-        _runs_section(names, runs),
-        *_present(
-            _statistics_section(comparison.get("rows", []), alpha),
-            _comparison_reliability_section(runs, names, out_fig),
-            _comparison_quality_section(runs, names, out_fig),
-        ),
-        glossary_section(),
-    ]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return write_text(out_dir / "report.html", render_html("segcal comparison: " + " vs ".join(names), sections))
