@@ -13,6 +13,7 @@ import contextlib
 import copy
 import itertools
 import json
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +23,14 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table as RichTable
 
 from segcal.data.mni152 import TissueDataset, TissueSplit, load_tissue_dataset, make_shifted
@@ -37,7 +46,7 @@ from segcal.posthoc import TemperatureScaling, ensemble_probabilities, ensemble_
 from segcal.posthoc.mc_dropout import insert_dropout_unet, mc_predict
 from segcal.report import build_comparison_report
 from segcal.report.html import ReportFigure, Section, Table, render_html
-from segcal.training import load_checkpoint, train
+from segcal.training import TrainJob, TrainOutcome, train_many
 
 TISSUE_CLASSES = ("background", "CSF", "GM", "WM")
 
@@ -106,13 +115,20 @@ class DemoSize:
     lr: float = 3e-3
     ensemble_members: int = 5
     mc_samples: int = 10
+    schedule: str = "poly"
+    #: training processes (``None``: one per CPU core)
+    workers: int | None = None
 
 
 # Batch 4 (not 8): the number of optimizer steps, not epochs, is what the tiny task is short of. With batch 8
 # and 15 epochs the quick models saw 60 steps and stayed under-confident (fitted T < 1 for every loss) and
-# Dice + mL1-ACE had not left the "predict the class prior" plateau (see docs/demo.md).
-FULL = DemoSize(n_subjects=14, split=(8, 3, 3), slices_per_subject=16, epochs=20, channels=(8, 16, 32, 64))
-QUICK = DemoSize(n_subjects=6, split=(3, 1, 2), slices_per_subject=10, epochs=20, channels=(8, 16, 32, 64))
+# Dice + mL1-ACE had not left the "predict the class prior" plateau (see docs/demo.md). Every loss gets the same
+# steps and the same polynomial learning-rate decay, so each run ends converged. Ten test pseudo-subjects: the
+# statistics are computed on subjects, not on their slices.
+FULL = DemoSize(n_subjects=21, split=(8, 3, 10), slices_per_subject=12, epochs=30, channels=(8, 16, 32, 64))
+QUICK = DemoSize(n_subjects=14, split=(3, 1, 10), slices_per_subject=10, epochs=20, channels=(8, 16, 32, 64))
+#: the subject of a demo case id ``s<subject>_z<slice>``
+SUBJECT_PATTERN = r"^(s\d+)_"
 
 
 def _case_ids(split: TissueSplit) -> list[str]:
@@ -153,8 +169,9 @@ def _write_labels(folder: Path, labels, case_ids: list[str], spacing: tuple[floa
 
 
 def _mean_std(summary: dict, metric: str, classes: list[str]) -> dict[str, str]:
-    """``mean ± std`` over test cases per class and for the per-case class average (papers' tables)."""
-    d = summary["macro"].get(metric, {})
+    """``mean ± std`` over test subjects (each subject's slices pooled) per class and for the class average
+    (papers' tables); over cases for a run without subjects."""
+    d = summary.get("subject_macro", {}).get("metrics", summary["macro"]).get(metric, {})
     out = {}
     for key in [*classes, "mean", "case"]:
         if key in d and d[key].get("n", 0):
@@ -173,10 +190,29 @@ def _pct(rel: float) -> str:
     return f"{100 * rel:+.0f}%"
 
 
+def _effect(r: dict) -> str:
+    """``a → b (change [95 % CI], Wilcoxon p, n units)`` of a comparison row (statistics over its unit)."""
+    ci = f"[{_pct(r['rel_ci_low'])}, {_pct(r['rel_ci_high'])}]" if "rel_ci_low" in r else ""
+    unit = r.get("unit", "case")
+    return (f"{r['mean_a']:.4f} → {r['mean_b']:.4f} ({_pct(r['rel_change'])} {ci}, Wilcoxon p={r['p_wilcoxon']:.2g}, "
+            f"n = {r.get('n', '?')} {unit}s)")
+
+
+def _better(r: dict | None, lower: bool = True) -> bool:
+    """Rule: a claimed change holds when it goes the claimed way and its Wilcoxon p over the unit is < 0.05."""
+    if r is None:
+        return False
+    direction = r["mean_b"] < r["mean_a"] if lower else r["mean_b"] > r["mean_a"]
+    return bool(direction and r["p_wilcoxon"] < 0.05)
+
+
 def compute_findings(results: dict) -> list[dict]:
     """The papers' qualitative findings, each measured from ``results`` (built by :func:`run_full_demo`).
 
-    Returns one dict per finding: ``key``, ``claim``, ``held`` (bool) and ``text`` (numbers of this run).
+    A claimed difference between two runs *holds* when it goes the claimed way and its paired Wilcoxon test over
+    the statistical unit of the comparison (the test pseudo-subjects in the demo) gives p < 0.05; the text gives
+    both means, the relative change with its 95 % bootstrap interval over subjects, p and n. Returns one dict
+    per finding: ``key``, ``claim``, ``held`` (bool) and ``text`` (numbers of this run).
     """
     cmp_test = results["comparison_test"]
     temps = results["temperatures"]
@@ -187,16 +223,15 @@ def compute_findings(results: dict) -> list[dict]:
 
     # 1. Dice-only more over-confident than CE: higher ACE and fitted temperature > 1
     r = _row(cmp_test, "ce", "ace")
-    ace_dice, ace_ce = (r["mean_a"], r["mean_b"]) if r else (float("nan"), float("nan"))
     t_dice, t_ce = temps["dice"], temps["ce"]
     add(
         "dice_overconfident",
         "Dice-only training is more over-confident than CE (higher ACE, fitted temperature > 1)",
-        ace_dice > ace_ce and t_dice > 1.0 and t_dice > t_ce,
-        f"ACE (class mean) Dice {ace_dice:.4f} vs CE {ace_ce:.4f} (Wilcoxon p={r['p_wilcoxon']:.3g}); fitted "
-        f"temperature Dice T={t_dice:.2f}, CE T={t_ce:.2f}" if r else "CE run missing",
+        _better(r) and t_dice > 1.0 and t_dice > t_ce,
+        f"ACE (class mean) Dice → CE {_effect(r)}; fitted temperature Dice T={t_dice:.2f}, CE T={t_ce:.2f}"
+        if r else "CE run missing",
     )
-    # 2. Dice + mL1-ACE lowers marginal ACE vs Dice (hard and soft)
+    # 2. Dice + mL1-ACE lowers marginal ACE vs Dice (hard and soft), at what Dice cost
     for name, label in (("dice+hard_ace", "hard"), ("dice+soft_ace", "soft")):
         r = _row(cmp_test, name, "ace")
         rd = _row(cmp_test, name, "dice")
@@ -205,21 +240,14 @@ def compute_findings(results: dict) -> list[dict]:
         add(
             f"{label}_ace_lowers_ace",
             f"Adding {label} mL1-ACE to Dice lowers marginal ACE",
-            r["mean_b"] < r["mean_a"],
-            f"Dice+{label} ACE changed ACE by {_pct(r['rel_change'])} vs Dice "
-            f"({r['mean_a']:.4f} → {r['mean_b']:.4f}, p={r['p_wilcoxon']:.3g}); Dice changed by "
-            f"{100 * (rd['mean_b'] - rd['mean_a']):+.1f} pt",
+            _better(r),
+            f"ACE Dice → Dice+{label} ACE {_effect(r)}; Dice changed by {100 * (rd['mean_b'] - rd['mean_a']):+.1f} pt "
+            f"({_effect(rd)})",
         )
     # 3. DSC++ lowers NLL vs Dice
     r = _row(cmp_test, "dscpp", "nll", "case")
     if r is not None:
-        add(
-            "dscpp_lowers_nll",
-            "DSC++ lowers NLL vs Dice",
-            r["mean_b"] < r["mean_a"],
-            f"NLL Dice {r['mean_a']:.4f} → DSC++ {r['mean_b']:.4f} ({_pct(r['rel_change'])}, "
-            f"p={r['p_wilcoxon']:.3g})",
-        )
+        add("dscpp_lowers_nll", "DSC++ lowers NLL vs Dice", _better(r), f"NLL Dice → DSC++ {_effect(r)}")
     # 4. ensembling lowers NLL as M grows
     study = results["ensemble_study"]
     sizes = sorted(int(m) for m in study)
@@ -230,7 +258,8 @@ def compute_findings(results: dict) -> list[dict]:
         "ensemble_nll",
         "Ensembling lowers NLL as the number of members M grows",
         monotone and nll[-1] < nll[0],
-        "NLL by M: " + ", ".join(f"M={m}: {v:.4f}" for m, v in zip(sizes, nll, strict=True)),
+        "NLL by M: " + ", ".join(f"M={m}: {v:.4f}" for m, v in zip(sizes, nll, strict=True))
+        + " (mean over random member subsets)",
     )
     # 5. shift: calibration worse, segment entropy higher
     r = _row(results["comparison_shift"], "dice_shifted", "ace")
@@ -238,9 +267,8 @@ def compute_findings(results: dict) -> list[dict]:
     add(
         "shift_calibration",
         "Calibration is worse on the shifted set",
-        r is not None and r["mean_b"] > r["mean_a"],
-        f"Dice model ACE test {r['mean_a']:.4f} → shifted {r['mean_b']:.4f} ({_pct(r['rel_change'])}, "
-        f"p={r['p_wilcoxon']:.3g})" if r else "shifted run missing",
+        _better(r, lower=False),
+        f"Dice model ACE test → shifted {_effect(r)}" if r else "shifted run missing",
     )
     add(
         "shift_entropy",
@@ -329,31 +357,48 @@ def _train_config(output: Path, size: DemoSize, n_epochs: int, name: str, loss: 
         "model": {"channels": list(size.channels), "strides": [2] * (len(size.channels) - 1),
                   "num_res_units": 1, "out_channels": 4},
         "data": {"batch_size": size.batch_size},
-        "optim": {"lr": size.lr},
+        "optim": {"lr": size.lr, "schedule": size.schedule},
     }
 
 
 def train_models(
     console: Console, data: DemoData, output: Path, size: DemoSize, n_epochs: int, seed: int
 ) -> TrainedModels:
-    """One UNet per loss of :data:`LOSSES` (seed ``seed``) and the Dice ensemble's other members."""
+    """One UNet per loss of :data:`LOSSES` (seed ``seed``) and the Dice ensemble's other members, trained side by
+    side (:func:`segcal.training.train_many`: one process per core, one torch thread each), with a progress bar
+    over all their epochs."""
     ds = data.dataset
-    jobs = [(name, loss, seed) for name, loss in LOSSES]
-    jobs += [(f"dice_member{k}", "dice", seed + k) for k in range(1, size.ensemble_members)]
+    specs = [(name, loss, seed) for name, loss in LOSSES]
+    specs += [(f"dice_member{k}", "dice", seed + k) for k in range(1, size.ensemble_members)]
+    jobs = [TrainJob(name, _train_config(output, size, n_epochs, name, loss, s)) for name, loss, s in specs]
+    losses = {name: (loss, s) for name, loss, s in specs}
     trained = TrainedModels(models={}, log={})
-    for name, loss, model_seed in jobs:
-        ts = time.perf_counter()
-        res = train(_train_config(output, size, n_epochs, name, loss, model_seed), (ds.train.images, ds.train.labels),
-                    (ds.val.images, ds.val.labels), resume=False)
-        # the best validation Dice checkpoint (train() returns the last epoch's weights)
-        best = load_checkpoint(res.output_dir / "best.pt")
-        res.model.load_state_dict(best["model"])
-        trained.models[name] = res.model.cpu().eval()
-        trained.log[name] = {"loss": loss, "seed": model_seed, "best_val_dice": float(res.best_dice),
-                             "best_epoch": int(res.best_epoch), "seconds": round(time.perf_counter() - ts, 1)}
-        console.print(f"  trained {name:<16} loss={loss:<14} val Dice {res.best_dice:.3f} "
-                      f"({trained.log[name]['seconds']} s)")
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("ETA"), TimeRemainingColumn())
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task(f"training {len(jobs)} models ({size.workers or 'all'} workers)",
+                            total=len(jobs) * n_epochs)
+
+        def done(out: TrainOutcome) -> None:
+            trained.log[out.name] = {"loss": losses[out.name][0], "seed": losses[out.name][1],
+                                     "best_val_dice": out.best_dice, "best_epoch": out.best_epoch,
+                                     "seconds": out.seconds, "converged": converged(out.history)}
+            bar.console.print(f"  trained {out.name:<16} loss={losses[out.name][0]:<14} val Dice "
+                              f"{out.best_dice:.3f} at epoch {out.best_epoch} ({out.seconds} s)")
+
+        outcomes = train_many(jobs, (ds.train.images, ds.train.labels), (ds.val.images, ds.val.labels),
+                              workers=size.workers, on_epoch=lambda name, epoch: bar.advance(task), on_done=done)
+    trained.models = {name: out.model for name, out in outcomes.items()}
+    trained.log = {name: trained.log[name] for name in outcomes}
     return trained
+
+
+def converged(history: list[dict[str, float]], tail: float = 0.25, tol: float = 0.005) -> bool:
+    """Whether a run's validation Dice stopped improving: its best over the last ``tail`` of the epochs is at most
+    ``tol`` above its best before them."""
+    dice = [h["val_dice"] for h in history]
+    k = max(1, round(len(dice) * (1 - tail)))
+    return len(dice) > k and max(dice[k:]) <= max(dice[:k]) + tol
 
 
 def _softmax_logits(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -406,7 +451,7 @@ def evaluate_all(probs: dict[str, torch.Tensor], data: DemoData, output: Path, n
     for name, p in probs.items():
         pred_dir = _write_predictions(output / "predictions" / name, p, data.ids, spacing)
         res = run_evaluation(pred_dir, label_dir, output / "runs" / name, cfg, workers=0, overwrite=True,
-                             progress=False)
+                             progress=False, group_by=SUBJECT_PATTERN)
         evals.run_dirs[name] = output / "runs" / name
         evals.summaries[name] = res.summary
     return evals
@@ -414,7 +459,7 @@ def evaluate_all(probs: dict[str, torch.Tensor], data: DemoData, output: Path, n
 
 def _compare(run_dirs: dict[str, Path], names: list[str], out: Path) -> dict[str, Any]:
     """``segcal compare`` of ``names`` (the first is the baseline) into ``out`` (tables and report)."""
-    comparison = compare_runs([run_dirs[n] for n in names])
+    comparison = compare_runs([run_dirs[n] for n in names], group_by=SUBJECT_PATTERN)
     write_comparison(comparison, out)
     build_comparison_report([run_dirs[n] for n in names], out, {**comparison, "runs": names})
     return comparison
@@ -453,6 +498,9 @@ def build_summary(
     return {
         **settings,
         "classes": classes,
+        "unit": {"unit": comparisons.test.get("unit", "case"),
+                 "n": evals.summaries["dice"].get("subject_macro", {}).get("n")},
+        "dice_change": _dice_changes(comparisons.test),
         "training": trained.log,
         "temperatures": preds.temperatures,
         "ensemble_study": {str(m): v for m, v in preds.study.items()},
@@ -461,6 +509,20 @@ def build_summary(
         "tables": tables,
         "runs": {n: str(d) for n, d in evals.run_dirs.items()},
     }
+
+
+def _dice_changes(comparison: dict) -> dict[str, dict[str, float]]:
+    """Each test run's Dice (class mean) vs the Dice model: both means, the change in points, the relative change
+    with its paired 95 % bootstrap interval over the unit, Wilcoxon and Holm p, n."""
+    out = {}
+    for r in comparison["rows"]:
+        if r["metric"] == "dice" and r["class"] == "mean":
+            out[Path(r["run_b"]).name] = {
+                "dice_a": r["mean_a"], "dice_b": r["mean_b"], "change_pt": 100 * (r["mean_b"] - r["mean_a"]),
+                "rel_change": r["rel_change"], "rel_ci": [r.get("rel_ci_low"), r.get("rel_ci_high")],
+                "p_wilcoxon": r["p_wilcoxon"], "p_holm": r.get("p_holm"), "n": r.get("n"), "unit": r.get("unit"),
+            }
+    return out
 
 
 class _Stopwatch:
@@ -525,10 +587,11 @@ def run_full_demo(
         settings = {"quick": quick, "seed": seed, "num_bins": num_bins, "epochs": n_epochs,
                     "size": size.__dict__ | {"epochs": n_epochs}, "shift": list(shift)}
         summary = build_summary(settings, trained, preds, evals, comparisons)
-        _write_demo_report(output, summary, evals.summaries, preds.study, preds.seg_ent, data.ids)
-    # the reference section's predictors (scored against hard labels and the soft reference)
+    # the reference section's predictors (scored against hard labels and the soft reference), in the report
     with clock.stage("reference_predictors"):
         summary["reference_predictors"] = _reference_section(ds.test, num_bins)
+    with clock.stage("report"):
+        _write_demo_report(output, summary, evals.summaries, preds.study, preds.seg_ent, data.ids)
     summary["seconds"] = clock.rounded()
     write_text(output / "summary.json", json.dumps(summary, indent=2, default=float))
     _print_findings(console, summary["findings"])
@@ -597,9 +660,26 @@ def _metric_sections(summary: dict, names: list[str]) -> list[Section]:
                 row.update({c: cells.get(c, "") for c in classes})
                 row["average"] = cells.get("mean", "")
             rows.append(row)
-        sections.append(Section(f"{title} on the test set (mean ± std over test slices)",
-                                tables=[Table(rows, caption=f"{title}: mean ± std per class and class average")]))
+        caption = (
+            "NLL: mean ± std over test subjects of each subject's categorical NLL (one value per subject, all "
+            "classes, its slices pooled)"
+            if metric == "nll" else f"{title}: mean ± std over test subjects (each subject's slices pooled), per "
+            "class and the class average"
+        )
+        sections.append(Section(f"{title} on the test set (mean ± std over test subjects)",
+                                tables=[Table(rows, caption=caption)]))
     return sections
+
+
+def _dice_change_section(summary: dict) -> Section:
+    """The Dice cost (or gain) of each model vs the Dice model, with its interval over subjects."""
+    rows = [{"model": n, "Dice (dice)": f"{d['dice_a']:.3f}", "Dice (model)": f"{d['dice_b']:.3f}",
+             "change": f"{d['change_pt']:+.1f} pt", "relative [95 % CI]":
+             f"{_pct(d['rel_change'])} [{_pct(d['rel_ci'][0])}, {_pct(d['rel_ci'][1])}]",
+             "Holm p": f"{d['p_holm']:.2g}", "n": f"{d['n']} {d['unit']}s"}
+            for n, d in summary["dice_change"].items() if d["rel_ci"][0] is not None]
+    return Section("Dice vs the Dice model (class mean)", text="Paired over test subjects (each subject's slices "
+                   "pooled); the interval is a paired bootstrap over subjects.", tables=[Table(rows)])
 
 
 def _training_section(summary: dict) -> Section:
@@ -620,7 +700,13 @@ def _ensemble_section(study: dict) -> Section:
         figs.append(ReportFigure(ensemble_size_curve(
             sizes, [study[m][metric][0] for m in sizes], [study[m][metric][1] for m in sizes],
             [study[m][metric][2] for m in sizes], metric.upper()), f"ensemble of M Dice models: {metric}"))
-    return Section("Deep ensemble of Dice models", figures=figs)
+    return Section(
+        "Deep ensemble of Dice models",
+        text="Each point is the mean over random subsets of M of the Dice models (band: the spread over "
+        "subsets) of the same per-slice categorical NLL and foreground Dice as the tables. M = 1 averages single "
+        "members drawn at random, so it is close to, not equal to, the `dice` row of the tables.",
+        figures=figs,
+    )
 
 
 def _entropy_section(summary: dict, seg_ent: dict[str, np.ndarray], ids: list[str]) -> Section:
@@ -633,10 +719,15 @@ def _entropy_section(summary: dict, seg_ent: dict[str, np.ndarray], ids: list[st
         dice_case.append(np.array([[cases[(cid, c)]["dice"] for c in classes] for cid in ids]))
     dice_all = np.concatenate(dice_case)
     groups = ["test"] * (len(ids) * len(classes)) + ["shifted"] * (len(ids) * len(classes))
+    # the unit of the correlation: a subject on one set (its slices and classes averaged)
+    subjects = [f"{g}:{re.match(SUBJECT_PATTERN, cid).group(1)}"  # type: ignore[union-attr]
+                for g in ("test", "shifted") for cid in ids for _ in classes]
     ok = np.isfinite(ent.reshape(-1)) & np.isfinite(dice_all.reshape(-1))
     fig = entropy_dice_scatter(ent.reshape(-1)[ok], dice_all.reshape(-1)[ok],
-                               groups=[g for g, k in zip(groups, ok, strict=True) if k])
-    return Section("Segment entropy vs Dice, test and shifted", figures=[ReportFigure(fig, "")])
+                               groups=[g for g, k in zip(groups, ok, strict=True) if k],
+                               subjects=[u for u, k in zip(subjects, ok, strict=True) if k])
+    return Section("Segment entropy vs Dice, test and shifted", text="Points: slices × classes; r and p are "
+                   "computed on subject means (one point per subject and set).", figures=[ReportFigure(fig, "")])
 
 
 def _quality_section(summaries: dict[str, dict]) -> Section:
@@ -659,8 +750,10 @@ def _reference_predictors_section(summary: dict) -> list[Section]:
 def _more_section() -> Section:
     return Section(
         "More",
-        text="Statistics tables and dataset reliability figures of every model: `compare/report.html`; "
-        "Dice model on test vs shifted: `compare_shift/report.html`; per-run reports: `runs/<name>/`.",
+        text="Statistics tables and dataset reliability figures of every model: `compare/report.html`; the Dice "
+        "model on test vs shifted: `compare_shift/report.html`; each model's per-slice numbers: "
+        "`runs/<name>/cases.csv` and `runs/<name>/summary.json`; its probability maps: `predictions/<name>/` "
+        "(score them again with `segcal evaluate predictions/<name> labels -o OUT`).",
     )
 
 
@@ -669,6 +762,7 @@ def _write_demo_report(output: Path, summary: dict, summaries: dict[str, dict], 
     """``output/report.html``: findings, papers-style tables, temperatures, ensemble curve, entropy scatter."""
     sections = [
         _findings_section(summary),
+        _dice_change_section(summary),
         *_metric_sections(summary, list(summaries)),
         _training_section(summary),
         _ensemble_section(study),
