@@ -117,6 +117,9 @@ def test_quick_demo_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     out = tmp_path / "demo"
     res = CliRunner().invoke(app, ["demo", "--quick", "--output", str(out)])
     assert res.exit_code == 0, res.output
+    for stage in ("training 10 models", "predicting and fitting temperatures", "evaluating", "comparing runs",
+                  "scoring the reference predictors"):
+        assert stage in res.output  # every stage shows its progress (with an ETA column)
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["training"]) >= {"dice", "ce", "dice+ce", "dice+hard_ace", "dice+soft_ace", "dscpp"}
     assert len([k for k in summary["training"] if k.startswith("dice_member")]) == 4

@@ -15,7 +15,7 @@ import itertools
 import json
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,6 +129,23 @@ FULL = DemoSize(n_subjects=21, split=(8, 3, 10), slices_per_subject=12, epochs=3
 QUICK = DemoSize(n_subjects=14, split=(3, 1, 10), slices_per_subject=10, epochs=20, channels=(8, 16, 32, 64))
 #: the subject of a demo case id ``s<subject>_z<slice>``
 SUBJECT_PATTERN = r"^(s\d+)_"
+
+
+#: progress columns of every stage: what runs, bar, done/total, elapsed, ETA
+_COLUMNS = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("ETA"), TimeRemainingColumn())
+
+
+@contextlib.contextmanager
+def _stage_bar(console: Console | None, description: str, total: int) -> Iterator[Callable[[str], None]]:
+    """A progress bar with ETA for one demo stage; yields ``step(label)``, called after each finished item
+    (``console=None``: no bar)."""
+    if console is None:
+        yield lambda label: None
+        return
+    with Progress(*_COLUMNS, console=console) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda label: bar.update(task, advance=1, description=f"{description} ({label} done)")
 
 
 def _case_ids(split: TissueSplit) -> list[str]:
@@ -373,9 +390,7 @@ def train_models(
     jobs = [TrainJob(name, _train_config(output, size, n_epochs, name, loss, s)) for name, loss, s in specs]
     losses = {name: (loss, s) for name, loss, s in specs}
     trained = TrainedModels(models={}, log={})
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("ETA"), TimeRemainingColumn())
-    with Progress(*columns, console=console) as bar:
+    with Progress(*_COLUMNS, console=console) as bar:
         task = bar.add_task(f"training {len(jobs)} models ({size.workers or 'all'} workers)",
                             total=len(jobs) * n_epochs)
 
@@ -412,35 +427,45 @@ def _member_probs(
     return [first] + [_softmax_logits(models[f"dice_member{k}"], images) for k in range(1, n)]
 
 
-def predict_all(models: dict[str, torch.nn.Module], data: DemoData, size: DemoSize, seed: int) -> DemoPredictions:
+def predict_all(
+    models: dict[str, torch.nn.Module], data: DemoData, size: DemoSize, seed: int, console: Console | None = None
+) -> DemoPredictions:
     """Probabilities of every predictor, in this order: each loss and its temperature-scaled version, the Dice
     ensemble, MC dropout, then on the shifted set the Dice model, its ensemble and Dice + hard mL1-ACE."""
     x_te, x_sh, val = data.x_test, data.x_shifted, data.dataset.val
     probs: dict[str, torch.Tensor] = {}
     temperatures: dict[str, float] = {}
-    for name, _ in LOSSES:
-        lg = _logits(models[name], x_te)
-        probs[name] = torch.softmax(lg, 1)
-        ts_model = TemperatureScaling(max_voxels_per_volume=4000, seed=seed)
-        ts_model.fit(_logits(models[name], torch.as_tensor(val.images)), torch.as_tensor(val.labels))
-        temperatures[name] = float(ts_model.temperature_)
-        probs[f"{name}+ts"] = ts_model.transform(lg)
-    m = size.ensemble_members
-    members = _member_probs(models, probs["dice"], x_te, m)
-    probs[f"dice_ensemble{m}"] = ensemble_probabilities(members)
-    study = ensemble_size_study(members, data.y_test, sizes=list(range(1, m + 1)), n_resamples=10, seed=seed)
-    dropout_net = copy.deepcopy(models["dice"])
-    insert_dropout_unet(dropout_net, "decoder", p=0.2)
-    probs["dice_mc_dropout"] = mc_predict(dropout_net, x_te, n_samples=size.mc_samples, seed=seed)["mean"]
-    probs["dice_shifted"] = _softmax_logits(models["dice"], x_sh)
-    probs[f"dice_ensemble{m}_shifted"] = ensemble_probabilities(_member_probs(models, probs["dice_shifted"], x_sh, m))
-    probs["dice+hard_ace_shifted"] = _softmax_logits(models["dice+hard_ace"], x_sh)
+    with _stage_bar(console, "predicting and fitting temperatures", len(LOSSES) + 3) as step:
+        for name, _ in LOSSES:
+            lg = _logits(models[name], x_te)
+            probs[name] = torch.softmax(lg, 1)
+            ts_model = TemperatureScaling(max_voxels_per_volume=4000, seed=seed)
+            ts_model.fit(_logits(models[name], torch.as_tensor(val.images)), torch.as_tensor(val.labels))
+            temperatures[name] = float(ts_model.temperature_)
+            probs[f"{name}+ts"] = ts_model.transform(lg)
+            step(name)
+        m = size.ensemble_members
+        members = _member_probs(models, probs["dice"], x_te, m)
+        probs[f"dice_ensemble{m}"] = ensemble_probabilities(members)
+        study = ensemble_size_study(members, data.y_test, sizes=list(range(1, m + 1)), n_resamples=10, seed=seed)
+        step("ensemble")
+        dropout_net = copy.deepcopy(models["dice"])
+        insert_dropout_unet(dropout_net, "decoder", p=0.2)
+        probs["dice_mc_dropout"] = mc_predict(dropout_net, x_te, n_samples=size.mc_samples, seed=seed)["mean"]
+        step("MC dropout")
+        probs["dice_shifted"] = _softmax_logits(models["dice"], x_sh)
+        probs[f"dice_ensemble{m}_shifted"] = ensemble_probabilities(
+            _member_probs(models, probs["dice_shifted"], x_sh, m))
+        probs["dice+hard_ace_shifted"] = _softmax_logits(models["dice+hard_ace"], x_sh)
+        step("shifted set")
     seg_ent = {k: segment_mean_entropy(probs[k]).numpy() for k in ("dice", "dice_shifted")}
     entropy = {"test": float(np.nanmean(seg_ent["dice"])), "shifted": float(np.nanmean(seg_ent["dice_shifted"]))}
     return DemoPredictions(probs=probs, temperatures=temperatures, study=study, entropy=entropy, seg_ent=seg_ent)
 
 
-def evaluate_all(probs: dict[str, torch.Tensor], data: DemoData, output: Path, num_bins: int) -> DemoEvaluations:
+def evaluate_all(
+    probs: dict[str, torch.Tensor], data: DemoData, output: Path, num_bins: int, console: Console | None = None
+) -> DemoEvaluations:
     """One :func:`segcal.evaluation.run_evaluation` run per predictor under ``output/runs/<name>``: the class
     channels CSF, GM, WM (named by the folders' ``segcal.json``, as for a plain ``segcal evaluate PRED
     LABELS``; no HD95)."""
@@ -448,12 +473,14 @@ def evaluate_all(probs: dict[str, torch.Tensor], data: DemoData, output: Path, n
     label_dir = _write_labels(output / "labels", data.dataset.test.labels, data.ids, spacing)
     cfg = EvalConfig(fmt="npy", num_bins=num_bins, hd95=False)
     evals = DemoEvaluations(run_dirs={}, summaries={})
-    for name, p in probs.items():
-        pred_dir = _write_predictions(output / "predictions" / name, p, data.ids, spacing)
-        res = run_evaluation(pred_dir, label_dir, output / "runs" / name, cfg, workers=0, overwrite=True,
-                             progress=False, group_by=SUBJECT_PATTERN)
-        evals.run_dirs[name] = output / "runs" / name
-        evals.summaries[name] = res.summary
+    with _stage_bar(console, f"evaluating {len(probs)} runs", len(probs)) as step:
+        for name, p in probs.items():
+            pred_dir = _write_predictions(output / "predictions" / name, p, data.ids, spacing)
+            res = run_evaluation(pred_dir, label_dir, output / "runs" / name, cfg, workers=0, overwrite=True,
+                                 progress=False, group_by=SUBJECT_PATTERN)
+            evals.run_dirs[name] = output / "runs" / name
+            evals.summaries[name] = res.summary
+            step(name)
     return evals
 
 
@@ -465,13 +492,15 @@ def _compare(run_dirs: dict[str, Path], names: list[str], out: Path) -> dict[str
     return comparison
 
 
-def compare_all(run_dirs: dict[str, Path], output: Path) -> DemoComparisons:
+def compare_all(run_dirs: dict[str, Path], output: Path, console: Console | None = None) -> DemoComparisons:
     """Every test predictor vs Dice (``output/compare``) and Dice on test vs shifted (``output/compare_shift``)."""
     test_runs = [n for n in run_dirs if not n.endswith("_shifted")]
-    return DemoComparisons(
-        test=_compare(run_dirs, test_runs, output / "compare"),
-        shift=_compare(run_dirs, ["dice", "dice_shifted"], output / "compare_shift"),
-    )
+    with _stage_bar(console, "comparing runs and writing their reports", 2) as step:
+        test = _compare(run_dirs, test_runs, output / "compare")
+        step("test vs dice")
+        shift = _compare(run_dirs, ["dice", "dice_shifted"], output / "compare_shift")
+        step("test vs shifted")
+    return DemoComparisons(test=test, shift=shift)
 
 
 def build_summary(
@@ -579,17 +608,17 @@ def run_full_demo(
     with clock.stage("training"):
         trained = train_models(console, data, output, size, n_epochs, seed)
     with clock.stage("prediction"):
-        preds = predict_all(trained.models, data, size, seed)
+        preds = predict_all(trained.models, data, size, seed, console)
     with clock.stage("evaluation"):
-        evals = evaluate_all(preds.probs, data, output, num_bins)
+        evals = evaluate_all(preds.probs, data, output, num_bins, console)
     with clock.stage("reports"):
-        comparisons = compare_all(evals.run_dirs, output)
+        comparisons = compare_all(evals.run_dirs, output, console)
         settings = {"quick": quick, "seed": seed, "num_bins": num_bins, "epochs": n_epochs,
                     "size": size.__dict__ | {"epochs": n_epochs}, "shift": list(shift)}
         summary = build_summary(settings, trained, preds, evals, comparisons)
     # the reference section's predictors (scored against hard labels and the soft reference), in the report
     with clock.stage("reference_predictors"):
-        summary["reference_predictors"] = _reference_section(ds.test, num_bins)
+        summary["reference_predictors"] = _reference_section(ds.test, num_bins, console)
     with clock.stage("report"):
         _write_demo_report(output, summary, evals.summaries, preds.study, preds.seg_ent, data.ids)
     summary["seconds"] = clock.rounded()
@@ -600,22 +629,31 @@ def run_full_demo(
     return summary
 
 
-def _reference_section(test: TissueSplit, num_bins: int) -> dict:
+def _reference_section(test: TissueSplit, num_bins: int, console: Console | None = None) -> dict:
     soft = torch.as_tensor(test.soft, dtype=torch.float64)
     labels = torch.as_tensor(test.labels)
     case_ids = _case_ids(test)
     out: dict = {}
-    for pred in reference_predictors(soft):
-        entry: dict = {"description": pred.description}
-        for against, target in (("hard labels", labels), ("soft reference", soft)):
-            res = _evaluate(pred, target, case_ids, num_bins)
-            entry[against] = {
-                k: {name: float(v) for name, v in zip(res.class_names, res.macro[k].tolist(), strict=False)}
-                for k in ("ece", "ace", "mce", "brier", "dice")
-            }
-            entry[against]["nll"] = float(res.macro["nll"][0])
-        out[pred.name] = entry
+    predictors = reference_predictors(soft)
+    with _stage_bar(console, "scoring the reference predictors", len(predictors)) as step:
+        for pred in predictors:
+            out[pred.name] = _reference_entry(pred, labels, soft, case_ids, num_bins)
+            step(pred.name)
     return out
+
+
+def _reference_entry(pred: DemoPredictor, labels: torch.Tensor, soft: torch.Tensor, case_ids: list[str],
+                     num_bins: int) -> dict:
+    """One reference predictor scored against the hard labels and against the soft reference."""
+    entry: dict = {"description": pred.description}
+    for against, target in (("hard labels", labels), ("soft reference", soft)):
+        res = _evaluate(pred, target, case_ids, num_bins)
+        entry[against] = {
+            k: {name: float(v) for name, v in zip(res.class_names, res.macro[k].tolist(), strict=False)}
+            for k in ("ece", "ace", "mce", "brier", "dice")
+        }
+        entry[against]["nll"] = float(res.macro["nll"][0])
+    return entry
 
 
 def _print_findings(console: Console, findings: list[dict]) -> None:
