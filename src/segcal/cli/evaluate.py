@@ -82,6 +82,15 @@ def evaluate(
     out: Path = typer.Option(
         ..., "-o", "--out", help="Output folder (results.sqlite, cases.csv, summary.json...)."
     ),
+    ensemble_with: list[Path] | None = typer.Option(
+        None,
+        "--ensemble-with",
+        help="Another prediction folder of the same cases (repeat it: the folds of an nnU-Net model, PRED being "
+        "the first); each case is scored on the voxel-wise mean of the folders' probability maps. A case missing "
+        "in one folder fails naming it.",
+        exists=True,
+        file_okay=False,
+    ),
     fmt: str = typer.Option(
         "auto", "--format", help="Prediction format: auto, nifti (4D or one file per class), npy, nnunet."
     ),
@@ -197,6 +206,7 @@ def evaluate(
             groups=groups,
             reference_dir=soft_ref,
             mask_dir=mask_dir if region == "mask" else None,
+            ensemble_dirs=ensemble_with or None,
             workers=workers,
             dask_address=dask,
             dask_timeout=dask_timeout,

@@ -44,6 +44,7 @@ from segcal.functional.binning import check_num_bins
 from segcal.functional.regions import dilated_bbox_mask
 from segcal.functional.scoring import TargetError, case_statistics
 from segcal.io import Case, CaseError, CaseFiles, check_output_outside_inputs, load_case, match_cases
+from segcal.io.matching import match_ensemble
 
 __all__ = [
     "WORKER_DIED",
@@ -418,6 +419,15 @@ def _plan(
     return _Plan(todo, prints, len(cases) - len(todo), stale, vanished)
 
 
+def _members(pred_dir: Path, ensemble_dirs: list[Path]) -> list[Path]:
+    """The ensemble's member folders, ``pred_dir`` first; a folder given twice is a ``ValueError``."""
+    members = [pred_dir, *ensemble_dirs]
+    twice = next((d for i, d in enumerate(members) if d in members[:i]), None)
+    if twice is not None:
+        raise ValueError(f"the ensemble member folder {twice} is given twice (--ensemble-with)")
+    return members
+
+
 @dataclass
 class _RunInputs:
     """What a run reads before computing: the matched cases, the files without partner, the configuration
@@ -440,18 +450,32 @@ def _run_inputs(
     mask_dir: Path | None,
     class_names: Sequence[str] | None,
     grouping: dict[str, Any],
+    ensemble_dirs: list[Path],
 ) -> _RunInputs:
     check_output_outside_inputs(
-        out, {"predictions": pred_dir, "labels": label_dir, "--soft-ref": reference_dir, "--mask-dir": mask_dir}
+        out,
+        {
+            "predictions": pred_dir,
+            "labels": label_dir,
+            "--soft-ref": reference_dir,
+            "--mask-dir": mask_dir,
+            **{f"--ensemble-with {d}": d for d in ensemble_dirs},
+        },
     )
     infos = read_folder_infos(pred_dir, label_dir)
     geometry = folder_spacing(infos, config.spacing)
     names = resolve_class_names(
         class_names, infos, pred_dir, label_dir, config.fmt, regions=config.regions is not None
     )
-    cases, unmatched = match_cases(
-        pred_dir, label_dir, config.fmt, reference_dir=reference_dir, mask_dir=mask_dir
-    )
+    cases: list[CaseFiles]
+    if ensemble_dirs:
+        cases, unmatched = match_ensemble(  # type: ignore[assignment]
+            _members(pred_dir, ensemble_dirs), label_dir, config.fmt, reference_dir=reference_dir, mask_dir=mask_dir
+        )
+    else:
+        cases, unmatched = match_cases(
+            pred_dir, label_dir, config.fmt, reference_dir=reference_dir, mask_dir=mask_dir
+        )
     subjects = resolve_grouping([c.case_id for c in cases], **grouping)
     if config.region == "mask" and mask_dir is None:
         raise ValueError("region='mask' needs mask_dir (--mask-dir)")
@@ -465,6 +489,8 @@ def _run_inputs(
         "reference_dir": str(reference_dir) if reference_dir else None,
         "mask_dir": str(mask_dir) if mask_dir else None,
     }
+    if ensemble_dirs:  # only then: a run without members keeps the configuration hash it always had
+        run_cfg["ensemble_dirs"] = [str(d) for d in ensemble_dirs]
     return _RunInputs(cases, unmatched, run_cfg, geometry, names, subjects)
 
 
@@ -479,6 +505,7 @@ def run_evaluation(
     groups: str | Path | Mapping[str, str] | None = None,
     reference_dir: str | Path | None = None,
     mask_dir: str | Path | None = None,
+    ensemble_dirs: Sequence[str | Path] | None = None,
     workers: int | None = None,
     dask_address: str | None = None,
     dask_timeout: float = 30.0,
@@ -511,6 +538,12 @@ def run_evaluation(
     ``ValueError``). Like class names, the grouping labels the outputs only: a rerun with another grouping
     recomputes nothing. Without one each case is its own subject, and ``summary["grouping"]`` says so.
 
+    Ensembles: ``ensemble_dirs`` (``--ensemble-with``) are further prediction folders of the same cases (the
+    folds of an nnU-Net model, ``pred_dir`` being the first); each case is scored on the voxel-wise arithmetic
+    mean of the members' probability maps (:func:`segcal.io.matching.match_ensemble`). A case that a member
+    lacks, or whose member differs in shape or classes or declares logits, is a failed case naming the member's
+    file. The member folders are part of the configuration, and every member file of the input fingerprint.
+
     Resume: a stored case is reused only if it was computed under the same configuration from the same input
     files (path, size and modification time; with ``hash_inputs`` also their contents) and the same sidecar
     spacing; a changed input is recomputed and a stored case whose files vanished is dropped. The folder is
@@ -530,6 +563,7 @@ def run_evaluation(
         Path(mask_dir).resolve() if mask_dir else None,
         class_names,
         {"group_by": group_by, "groups": groups},
+        [Path(d).resolve() for d in ensemble_dirs or ()],
     )
     # a sidecar's spacing is input data: a changed one recomputes the cases (--spacing is configuration)
     sidecar = inputs.geometry.source not in (None, SPACING_OPTION)

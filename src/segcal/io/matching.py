@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -26,7 +27,15 @@ from segcal.io.nnunet import has_nnunet_side_files
 from segcal.io.numpy import NUMPY_SUFFIXES
 from segcal.io.volumes import FolderFormat, prediction_suffixes, read_label, read_mask, read_probabilities
 
-__all__ = ["Format", "case_id_from_path", "detect_format", "load_case", "match_cases"]
+__all__ = [
+    "EnsembleFiles",
+    "Format",
+    "case_id_from_path",
+    "detect_format",
+    "load_case",
+    "match_cases",
+    "match_ensemble",
+]
 
 Format = Literal["auto", "nifti", "npy", "nnunet"]
 
@@ -171,6 +180,96 @@ def match_cases(
     return cases, {k: v for k, v in unmatched.items() if v}
 
 
+@dataclass
+class EnsembleFiles(CaseFiles):
+    """The files of one case of an ensemble of prediction folders (nnU-Net folds): ``prediction`` holds one
+    file per member, in the order of ``members`` (the member folders); :func:`load_case` averages them. The
+    file of a member that lacks the case is the path it would have (it does not exist): reading the case fails
+    naming that folder, and the case is recomputed once the file appears (the fingerprint covers it)."""
+
+    members: tuple[str, ...] = ()
+
+
+def match_ensemble(
+    pred_dirs: Sequence[str | Path],
+    label_dir: str | Path,
+    fmt: Format = "auto",
+    *,
+    reference_dir: str | Path | None = None,
+    mask_dir: str | Path | None = None,
+) -> tuple[list[EnsembleFiles], dict[str, list[str]]]:
+    """Pair the predictions of several member folders (an ensemble, e.g. the folds ``fold_0 .. fold_4`` of
+    nnU-Net) with the labels: each member is matched like :func:`match_cases`, and a case is every id that some
+    member matched, with one prediction file per member. A member without that case gets the path the file
+    would have (the suffix of another member's file), so :func:`load_case` fails the case naming the folder.
+
+    Each member must hold one prediction file per case (NIfTI per-class files ``case_0000 ...`` are refused,
+    ``ValueError``). ``unmatched``: the prediction files without a label, and the label / reference / mask
+    files no member used.
+    """
+    if len(pred_dirs) < 1:
+        raise ValueError("an ensemble needs at least one prediction folder")
+    dirs = [Path(d) for d in pred_dirs]
+    fmt = detect_format(dirs[0]) if fmt == "auto" else fmt
+    per_member: list[dict[str, CaseFiles]] = []
+    unmatched: dict[str, list[str]] = {}
+    for i, d in enumerate(dirs):
+        cases, um = match_cases(d, label_dir, fmt, reference_dir=reference_dir, mask_dir=mask_dir)
+        multi = next((c for c in cases if len(c.prediction) != 1), None)
+        if multi is not None:
+            raise ValueError(
+                f"{d}: case {multi.case_id} has {len(multi.prediction)} prediction files ({multi.prediction[0]}, "
+                "...); an ensemble member must hold one prediction file per case"
+            )
+        per_member.append({c.case_id: c for c in cases})
+        unmatched.setdefault("prediction", []).extend(um.get("prediction", []))
+        for role in ("label", "reference", "mask"):  # unused by every member
+            left = set(um.get(role, []))
+            unmatched[role] = sorted(left if i == 0 else left & set(unmatched.get(role, [])))
+    out: list[EnsembleFiles] = []
+    for cid in sorted(set().union(*per_member)):
+        first = next(m[cid] for m in per_member if cid in m)
+        suffix = Path(first.prediction[0]).name[len(cid):]
+        preds = [
+            m[cid].prediction[0] if cid in m else str(d / f"{cid}{suffix}")
+            for m, d in zip(per_member, dirs, strict=True)
+        ]
+        out.append(EnsembleFiles(cid, preds, first.label, first.reference, first.mask, tuple(str(d) for d in dirs)))
+    return out, {k: v for k, v in unmatched.items() if v}
+
+
+def _read_ensemble(
+    files: EnsembleFiles, fmt: FolderFormat
+) -> tuple[np.ndarray, tuple[float, ...] | None, np.ndarray | None]:
+    """The arithmetic mean, voxel by voxel, of the members' probability maps ``(C, *S)`` (summed in float64,
+    returned as float32), with the first member's geometry. Every member must exist, hold probabilities (a
+    file declared as logits is refused by :func:`read_probabilities`) and have the first member's shape and
+    geometry; :class:`CaseError` naming the member's file otherwise."""
+    total = None
+    sp0 = aff0 = None
+    for k, path in enumerate(files.prediction):
+        folder = files.members[k] if k < len(files.members) else str(Path(path).parent)
+        if not Path(path).is_file():
+            raise CaseError(
+                path, f"missing: ensemble member {folder} has no prediction of case {files.case_id} (every member "
+                "folder must hold the same cases)"
+            )
+        probs, sp, aff = read_probabilities([path], fmt)
+        if total is None:
+            total, sp0, aff0 = probs.astype(np.float64), sp, aff
+            continue
+        if probs.shape != total.shape:
+            raise CaseError(
+                path, f"ensemble member shape {probs.shape} (classes, spatial axes) != {total.shape} of "
+                f"{files.prediction[0]}; every member must have the same classes and shape"
+            )
+        if sp is not None and sp0 is not None and not same_geometry(sp, aff, sp0, aff0):
+            raise CaseError(path, f"ensemble member spacing/affine differ from {files.prediction[0]}")
+        total += probs
+    assert total is not None
+    return (total / len(files.prediction)).astype(np.float32), sp0, aff0
+
+
 def _geometry_error(path: str, own: Sequence[float], given: Sequence[float], given_from: str) -> CaseError:
     return CaseError(
         path,
@@ -253,9 +352,15 @@ def load_case(
     ``spacing_from`` in messages), which a file's own geometry must agree with (:class:`CaseError` naming the
     file otherwise). Without either the case has no geometry: 1 mm voxels with ``assume_1mm``, else an empty
     ``Case.spacing`` (the caller decides, and says so).
+
+    An :class:`EnsembleFiles` (:func:`match_ensemble`) is read as the voxel-wise mean of its members'
+    probability maps, each member checked (shape, classes, geometry, probabilities not logits).
     """
     pred_path = files.prediction[0]
-    probs, p_sp, p_aff = read_probabilities(files.prediction, fmt)
+    if isinstance(files, EnsembleFiles):
+        probs, p_sp, p_aff = _read_ensemble(files, fmt)
+    else:
+        probs, p_sp, p_aff = read_probabilities(files.prediction, fmt)
     label, l_sp, l_aff = read_label(files.label)
     probs, p_sp, label, l_sp = match_2d_grid(probs, p_sp, label, l_sp)
     check_spatial_shapes(probs, label, files.prediction[0], files.label, fmt)
