@@ -98,6 +98,12 @@ def evaluate(
     regions: str | None = typer.Option(
         None, "--regions", help='Region channels from label sums, e.g. "ET=3;TC=1,3;WT=1,2,3" (BraTS).'
     ),
+    nnunet_regions: bool = typer.Option(
+        False,
+        "--nnunet-regions",
+        help="The predictions are nnU-Net region-based sigmoid outputs (one channel per region): score each "
+        "channel against its region, read from the prediction folder's dataset.json (or from --regions).",
+    ),
     class_names: str | None = typer.Option(
         None,
         "--class-names",
@@ -194,6 +200,7 @@ def evaluate(
         hd95=not no_hd95,
         soft_reference=soft_ref is not None,
         spacing=_spacing(spacing),
+        nnunet_regions=nnunet_regions,
     )
     try:
         res = run_evaluation(

@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,6 +45,7 @@ from segcal.functional.regions import dilated_bbox_mask
 from segcal.functional.scoring import TargetError, case_statistics
 from segcal.io import Case, CaseError, CaseFiles, check_output_outside_inputs, load_case, match_cases
 from segcal.io.matching import match_ensemble
+from segcal.io.nnunet import DATASET_JSON, read_nnunet_regions
 
 __all__ = [
     "WORKER_DIED",
@@ -80,12 +81,18 @@ class EvalConfig:
     hd95: bool = True
     soft_reference: bool = False
     spacing: tuple[float, ...] | None = None
+    #: the prediction channels are nnU-Net region-based sigmoid outputs, one per region of ``regions`` (read from
+    #: the prediction folder's ``dataset.json`` by :func:`run_evaluation` when ``regions`` is None), scored in
+    #: multilabel mode against multi-hot region targets built from the label map
+    nnunet_regions: bool = False
 
     def __post_init__(self) -> None:
         if self.region not in ("whole", "bbox", "mask"):
             raise ValueError(f"region must be whole, bbox or mask, got {self.region!r}")
         if (self.regions is None) != (self.region_names is None):
             raise ValueError("regions and region_names go together")
+        if self.nnunet_regions and self.soft_reference:
+            raise ValueError("nnunet_regions does not take a soft reference")
         check_num_bins(self.num_bins)
         if self.spacing is not None and not (
             1 <= len(self.spacing) <= 3 and all(math.isfinite(s) and s > 0 for s in self.spacing)
@@ -93,7 +100,10 @@ class EvalConfig:
             raise ValueError(f"spacing must be 1 to 3 positive voxel sizes in mm, got {self.spacing!r}")
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if not d["nnunet_regions"]:  # the configuration (and its hash) of runs written before the option
+            del d["nnunet_regions"]
+        return d
 
 
 @dataclass
@@ -136,6 +146,18 @@ def _region_mask(
     return dilated_bbox_mask(label[0], spacing, margin)[None]
 
 
+def _region_targets(label: torch.Tensor, channels: int, config: EvalConfig, path: str | None) -> torch.Tensor:
+    """Multi-hot targets ``(1, R, *S)`` of nnU-Net's regions: channel ``r`` is 1 where the label is one of the
+    values of region ``r``; :class:`CaseError` when the prediction does not have one channel per region."""
+    regions = config.regions or ()
+    if channels != len(regions):
+        raise CaseError(
+            path, f"{channels} prediction channels but {len(regions)} regions ({', '.join(config.region_names or ())}"
+            "): region-based nnU-Net writes one sigmoid channel per region, no background channel"
+        )
+    return torch.stack([torch.isin(label[0], torch.tensor(r, dtype=label.dtype)) for r in regions])[None]
+
+
 def compute_case(case: Case, config: EvalConfig) -> CaseResult:
     """The statistics of every metric of one case (raises :class:`CaseError` naming the file on bad input).
 
@@ -166,13 +188,17 @@ def compute_case(case: Case, config: EvalConfig) -> CaseResult:
     assumed = len(case.spacing) == 0
     spacing = (1.0,) * case.label.ndim if assumed else tuple(case.spacing)
     mask = _region_mask(case, config, label, spacing, pred_path)
+    target, mode, regions = label, "exclusive", config.regions
+    if config.nnunet_regions:
+        target, mode, regions = _region_targets(label, probs.shape[1], config, pred_path), "multilabel", None
     try:
         stats = case_statistics(
             probs,
-            label,
+            target,
             config.num_bins,
+            mode=mode,  # type: ignore[arg-type]
             include_background=config.include_background,
-            regions=[list(r) for r in config.regions] if config.regions is not None else None,
+            regions=[list(r) for r in regions] if regions is not None else None,
             mask=mask,
             reference=ref,
             hd95=config.hd95,
@@ -419,6 +445,19 @@ def _plan(
     return _Plan(todo, prints, len(cases) - len(todo), stale, vanished)
 
 
+def _with_nnunet_regions(config: EvalConfig, pred_dir: Path) -> EvalConfig:
+    """With ``nnunet_regions`` and no regions given: the regions of the prediction folder's ``dataset.json``
+    (:func:`segcal.io.nnunet.read_nnunet_regions`; :class:`CaseError` naming it when it is missing or not
+    region-based)."""
+    if not config.nnunet_regions or config.regions is not None:
+        return config
+    path = pred_dir / DATASET_JSON
+    if not path.is_file():
+        raise CaseError(path, "not found: --nnunet-regions reads the regions from the prediction folder's dataset.json")
+    names, regions = read_nnunet_regions(path)
+    return replace(config, region_names=names, regions=regions)
+
+
 def _members(pred_dir: Path, ensemble_dirs: list[Path]) -> list[Path]:
     """The ensemble's member folders, ``pred_dir`` first; a folder given twice is a ``ValueError``."""
     members = [pred_dir, *ensemble_dirs]
@@ -553,6 +592,7 @@ def run_evaluation(
     from segcal.evaluation.outputs import write_outputs
 
     out = Path(out_dir)
+    config = _with_nnunet_regions(config, Path(pred_dir))
     # absolute paths: the cases may be read by workers started in another directory (Dask)
     inputs = _run_inputs(
         Path(pred_dir).resolve(),

@@ -36,6 +36,7 @@ __all__ = [
     "read_nnunet_class_names",
     "read_nnunet_probabilities",
     "read_nnunet_record",
+    "read_nnunet_regions",
     "write_nnunet_probabilities",
 ]
 
@@ -123,7 +124,9 @@ def _region_error(path: Path, labels: dict[str, int | list[int]]) -> CaseError:
         "declares a region-based dataset (labels that are lists of label values): nnU-Net then predicts one "
         "sigmoid channel per region, not class probabilities, and its labels name regions, not classes. "
         "segcal evaluate scores class probabilities: name the classes with --class-names (or a segcal.json "
-        f'sidecar), and score the regions of class probabilities with --regions "{spec}"',
+        f'sidecar), and score the regions of class probabilities with --regions "{spec}"; or, if the files '
+        "are nnU-Net's region-based predictions (one sigmoid channel per region), score those channels with "
+        "--nnunet-regions",
     )
 
 
@@ -154,3 +157,37 @@ def read_nnunet_class_names(path: str | Path) -> tuple[str, ...]:
             p, f"'labels' must give the values 0..{len(by_value) - 1} once each, got {dict(by_value)}"
         )
     return tuple(name for name, _ in by_value)
+
+
+def _read_labels(p: Path) -> dict[str, int | list[int]]:
+    try:
+        raw = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CaseError(p, f"cannot read nnU-Net dataset.json: {exc}") from None
+    labels = raw.get("labels") if isinstance(raw, dict) else None
+    if not isinstance(labels, dict) or not labels:
+        raise CaseError(p, "no 'labels' object (nnU-Net v2 format: {\"background\": 0, \"GM\": 1, ...})")
+    return {str(name): _label_value(str(name), v, p) for name, v in labels.items()}
+
+
+def read_nnunet_regions(path: str | Path) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]:
+    """The regions of a region-based nnU-Net v2 ``dataset.json``, in the order of nnU-Net's prediction
+    channels: ``"labels": {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing": 3}``
+    gives ``(("whole tumor", "tumor core", "enhancing"), ((1, 2, 3), (2, 3), (3,)))``: every entry but the
+    background (value 0) in the file's order, an integer being a one-label region. Region-based nnU-Net writes
+    one sigmoid probability per region, in this order, no background channel.
+
+    :class:`CaseError` naming the file when it is not region-based (no label is a list), declares an
+    ``ignore`` label (its voxels would have to leave every region: not supported), or cannot be read.
+    """
+    p = Path(path)
+    values = _read_labels(p)
+    if not any(isinstance(v, list) for v in values.values()):
+        raise CaseError(p, "is not a region-based dataset (no label is a list of label values): its predictions "
+                        "are softmax classes, score them without --nnunet-regions")
+    if _IGNORE in values:
+        raise CaseError(p, "declares an 'ignore' label: region-based predictions with an ignore label are not "
+                        "supported")
+    regions = [(name, tuple(v) if isinstance(v, list) else (v,)) for name, v in values.items()]
+    regions = [(name, r) for name, r in regions if set(r) != {0}]
+    return tuple(n for n, _ in regions), tuple(r for _, r in regions)
