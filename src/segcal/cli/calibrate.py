@@ -176,11 +176,12 @@ def _summary_table(
     table.add_row("method", type(cal).__name__)
     table.add_row("formats", f"validation {val_fmt}, apply-to {apply_fmt}")
     table.add_row("validation cases", str(n_cases))
-    if hasattr(cal, "temperature_"):
-        table.add_row("temperature", f"{cal.temperature_:.4f}")
-    if hasattr(cal, "scale_"):
-        table.add_row("scale", ", ".join(f"{v:.3f}" for v in cal.scale_.tolist()))
-        table.add_row("bias", ", ".join(f"{v:.3f}" for v in cal.bias_.tolist()))
+    params = _fitted(cal)
+    if "temperature" in params:
+        table.add_row("temperature", f"{params['temperature']:.4f}")
+    for key in ("scale", "bias"):
+        if key in params:
+            table.add_row(key, ", ".join(f"{v:.3f}" for v in params[key]))
     table.add_row("saturated validation voxels", f"{saturation:.2%}")
     table.add_row("calibrated cases", str(n_targets))
     table.add_row("output", str(output))

@@ -140,14 +140,7 @@ def read_nnunet_class_names(path: str | Path) -> tuple[str, ...]:
     equivalent ``--regions``). :class:`CaseError` naming the file for anything else.
     """
     p = Path(path)
-    try:
-        raw = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CaseError(p, f"cannot read nnU-Net dataset.json: {exc}") from None
-    labels = raw.get("labels") if isinstance(raw, dict) else None
-    if not isinstance(labels, dict) or not labels:
-        raise CaseError(p, "no 'labels' object (nnU-Net v2 format: {\"background\": 0, \"GM\": 1, ...})")
-    values = {str(name): _label_value(str(name), v, p) for name, v in labels.items()}
+    values = _read_labels(p)
     if any(isinstance(v, list) for v in values.values()):
         raise _region_error(p, values)
     values.pop(_IGNORE, None)
@@ -160,6 +153,8 @@ def read_nnunet_class_names(path: str | Path) -> tuple[str, ...]:
 
 
 def _read_labels(p: Path) -> dict[str, int | list[int]]:
+    """The ``labels`` object of an nnU-Net v2 ``dataset.json``, each value checked (:class:`CaseError` naming
+    the file when it cannot be read or has no ``labels``)."""
     try:
         raw = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -42,6 +42,7 @@ __all__ = [
     "MissingKeyError",
     "NumpyRecord",
     "UnreadableNumpyError",
+    "metadata_entries",
     "read_npz",
     "read_numpy",
     "read_numpy_array",
@@ -332,6 +333,20 @@ def _check_writable(arrays: Mapping[str, np.ndarray], path: Path) -> None:
     for key, arr in arrays.items():
         if np.asarray(arr).dtype == object:
             raise ValueError(f"{path}: array {key!r} is an object array; segcal never writes pickles")
+
+
+def metadata_entries(
+    *, spacing: Sequence[float] | None = None, calibration: str | None = None
+) -> dict[str, np.ndarray]:
+    """The ``.npz`` metadata entries of a case (:data:`METADATA_KEYS`): ``spacing`` as float64 and the
+    calibration mark as a 0-d unicode array (never an object array); ``None`` values are left out.
+    :func:`read_numpy_record` reads them back."""
+    out: dict[str, np.ndarray] = {}
+    if spacing is not None:
+        out[SPACING_KEY] = np.asarray(spacing, dtype=np.float64)
+    if calibration is not None:
+        out[CALIBRATION_KEY] = np.array(calibration)
+    return out
 
 
 def write_npz(path: str | Path, arrays: Mapping[str, np.ndarray], *, compressed: bool = True) -> Path:

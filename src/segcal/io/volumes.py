@@ -23,11 +23,10 @@ from segcal.io.nifti import (
 )
 from segcal.io.nnunet import write_nnunet_probabilities
 from segcal.io.numpy import (
-    CALIBRATION_KEY,
     LABEL_KEY,
     NUMPY_SUFFIXES,
     PROBABILITIES_KEY,
-    SPACING_KEY,
+    metadata_entries,
     read_numpy_record,
     write_npz,
 )
@@ -163,9 +162,7 @@ def write_prediction_file(
     probs = probs.astype(np.float32, copy=False)
     if fmt == "nifti":
         return write_nifti_probabilities(out, probs, meta.affine, header=meta.header, descrip=calibration)
-    extra = {CALIBRATION_KEY: np.array(calibration)} if calibration is not None else {}
     if fmt == "nnunet":
-        return write_nnunet_probabilities(out, probs, extra)
-    if spacing is not None:
-        extra[SPACING_KEY] = np.asarray(spacing, dtype=np.float64)
+        return write_nnunet_probabilities(out, probs, metadata_entries(calibration=calibration))
+    extra = metadata_entries(spacing=spacing, calibration=calibration)
     return write_npz(out, {PROBABILITIES_KEY: probs, **extra}, compressed=True)

@@ -33,7 +33,7 @@ from segcal.io import (
     write_nifti_probabilities,
     write_npz,
 )
-from segcal.io.numpy import CALIBRATION_KEY, LOGITS_KEY, PROBABILITIES_KEY, SPACING_KEY
+from segcal.io.numpy import LOGITS_KEY, PROBABILITIES_KEY, metadata_entries
 from segcal.io.predictions import CALIBRATION_MARK
 from segcal.training.config import ModelConfig
 from segcal.training.data import case_name, read_image
@@ -349,13 +349,12 @@ class _Writer:
     def write(self, case: _Prediction) -> Path:
         """``<name>.npz`` (``probabilities``, ``logits``, ``spacing``) or ``<name>.nii.gz`` ``(*S, C)`` (plus
         ``logits/<name>.nii.gz``); returns the probability file."""
-        mark = {CALIBRATION_KEY: np.array(self.calibration)} if self.calibration is not None else {}
         if self.output_format == "npz":
-            arrays = {PROBABILITIES_KEY: case.probs.astype(self.dtype), **mark}
+            arrays = {PROBABILITIES_KEY: case.probs.astype(self.dtype)}
             if self.save_logits:
                 arrays[LOGITS_KEY] = case.logits.astype(self.dtype)
-            if case.affine is not None:
-                arrays[SPACING_KEY] = np.linalg.norm(case.affine[:3, : self.spatial_dims], axis=0)
+            spacing = np.linalg.norm(case.affine[:3, : self.spatial_dims], axis=0) if case.affine is not None else None
+            arrays |= metadata_entries(spacing=spacing, calibration=self.calibration)
             return write_npz(self.out / f"{case.name}.npz", arrays, compressed=True)
         aff = case.affine if case.affine is not None else np.eye(4)
 
