@@ -30,6 +30,7 @@ __all__ = [
     "NIFTI_SUFFIXES",
     "nifti_declared_kind",
     "nifti_description",
+    "nifti_image_data",
     "nifti_to_probabilities",
     "read_nifti",
     "read_nifti_image",
@@ -117,7 +118,14 @@ def read_nifti(
     """``(data, spacing, affine)`` of a NIfTI file; data axes ``(x, y, z[, t])``, as stored (scaled by the
     header's slope/intercept) or as ``dtype``; spacing of the first ``min(3, ndim)`` axes; affine float64."""
     p = Path(path)
-    img = read_nifti_image(p)
+    return nifti_image_data(read_nifti_image(p), p, dtype)
+
+
+def nifti_image_data(
+    img: Any, path: str | Path, dtype: np.dtype | type | None = None
+) -> tuple[np.ndarray, tuple[float, ...], np.ndarray]:
+    """:func:`read_nifti` of an image already opened by :func:`read_nifti_image` (its header already checked)."""
+    p = Path(path)
     try:
         data = np.asanyarray(img.dataobj) if dtype is None else np.asarray(img.dataobj, dtype=dtype)
     except Exception as exc:  # truncated data blocks fail only when read

@@ -34,8 +34,8 @@ from segcal.io.case import CaseError, check_probability_dtype
 from segcal.io.nifti import (
     nifti_declared_kind,
     nifti_description,
+    nifti_image_data,
     nifti_to_probabilities,
-    read_nifti,
     read_nifti_image,
 )
 from segcal.io.nnunet import read_nnunet_record
@@ -137,16 +137,16 @@ def read_prediction(
     if fmt != "nifti":
         raise ValueError(f"unknown format {fmt!r}")
     image = read_nifti_image(p)
-    data, spacing, affine = read_nifti(p)
+    data, spacing, affine = nifti_image_data(image, p)
     check_probability_dtype(data, p)
-    declared_nifti = nifti_declared_kind(image)
-    resolved, how = _resolve(p, declared_nifti, "its NIfTI header (intent_name)", kind, info)
+    resolved, how = _resolve(p, nifti_declared_kind(image), "its NIfTI header (intent_name)", kind, info)
     descrip = nifti_description(image)
     mark = descrip if descrip.startswith(CALIBRATION_MARK) else None
-    values = np.moveaxis(data, -1, 0) if resolved == "logits" and data.ndim == 4 else data
     if resolved == "probabilities":
         values = nifti_to_probabilities(data, p)
-    elif data.ndim != 4:
+    elif data.ndim == 4:
+        values = np.moveaxis(data, -1, 0)
+    else:
         raise CaseError(p, f"expected a 4D (x, y, z, C) logits map, got shape {data.shape}")
     return Prediction(values, resolved, how, spacing, affine, image, mark)
 
