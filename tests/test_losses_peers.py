@@ -9,7 +9,9 @@ autocast; the loss-string names and their argument checks.
 from __future__ import annotations
 
 import math
+import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -401,3 +403,17 @@ def test_single_channel_to_onehot_warns_as_the_other_losses():
         warnings.simplefilter("always")
         v = NACLPenaltyLoss(sigmoid=True, to_onehot_y=True)(x, y)
     assert torch.isfinite(v) and any("to_onehot_y=True" in str(r.message) for r in rec)
+
+
+# -- the documented example ----------------------------------------------------------------------------------
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "losses.md"
+MARKER = "<!-- tested example -->"
+
+
+def test_documented_example_runs():
+    text = DOC.read_text()
+    blocks = re.findall(re.escape(MARKER) + r"\s*\n```python\n(.*?)\n```", text, re.S)
+    assert len(blocks) == text.count(MARKER) >= 1
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"{DOC}[example {i}]", "exec"), {"__name__": "__main__"})
