@@ -356,6 +356,11 @@ def test_loss_strings_parse():
     x, y = _data((1, 3, 5, 5), seed=8)
     comp(x, y.unsqueeze(1))
     assert set(comp.last_components) == set(comp.names)
+    # the training entry point (segcal train's `loss:` key) builds them with softmax=True, to_onehot_y=True
+    from segcal.training.trainer import build_loss
+
+    train_loss = build_loss("dice+ce+nacl+mbls")
+    assert train_loss.names == ["dice", "ce", "nacl", "mbls"] and torch.isfinite(train_loss(x, y.unsqueeze(1)))
 
 
 @pytest.mark.parametrize(
@@ -394,6 +399,20 @@ def test_logit_penalties_refuse_probabilities():
         NACLPenaltyLoss(softmax=True, to_onehot_y=True)(x.index_fill(2, torch.tensor([0]), float("nan")), y)
     with pytest.raises(ValueError, match="labels must lie"):
         SVLSLoss(softmax=True, to_onehot_y=True)(x, y + 3)
+
+
+@pytest.mark.parametrize("spec", ["svls", "ls", "flsd"])
+def test_whole_losses_follow_the_shared_input_rules(spec):
+    """Logits without an activation are refused with the shared message; probabilities and other_act work;
+    multilabel batches with empty targets stay finite (the rules of every other segcal loss)."""
+    x, y = _data((2, 3, 6, 5), seed=12)
+    loss = loss_from_string(spec, to_onehot_y=True)
+    with pytest.raises(ValueError, match=r"got values outside \[0, 1\]: pass softmax=True or sigmoid=True"):
+        loss(x, y)
+    assert torch.isfinite(loss(torch.softmax(x, 1), y))
+    assert torch.isfinite(loss_from_string(spec, to_onehot_y=True, other_act=lambda t: torch.softmax(t, 1))(x, y))
+    v, grad = _value_and_grad(loss_from_string(spec, sigmoid=True), x * 50, torch.zeros_like(x))
+    assert bool(torch.isfinite(v)) and bool(torch.isfinite(grad).all())
 
 
 def test_single_channel_to_onehot_warns_as_the_other_losses():
