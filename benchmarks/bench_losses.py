@@ -8,6 +8,10 @@ Each loss runs in a fresh subprocess (``torch.set_num_threads(2)``) so that peak
 
 ``hard_ace_loop`` is the same hard-binned mL1-ACE written the way the published reference code is structured
 (Python loops over images, classes and bins with boolean masks), to show the speed-up of the vectorised loss.
+
+The peers' calibration losses run in the same table: ``monai_nacl`` (MONAI's ``NACLLoss``, cross-entropy
+included) next to segcal's equal ``ce_nacl`` (``"ce+nacl"``), ``ce_mbls`` (``"ce+mbls"``), ``svls``, ``ls``
+(label-smoothed CE) and ``flsd`` (FLSD-53 focal loss).
 """
 
 from __future__ import annotations
@@ -22,6 +26,25 @@ import sys
 import time
 
 LOSSES = ["monai_dice", "dice", "dscpp", "hard_ace", "soft_ace", "hard_ace_loop"]
+#: the peers' calibration losses, timed in the same run: MONAI's whole NACL next to segcal's "ce+nacl"
+PEER_LOSSES = ["monai_nacl", "ce_nacl", "ce_mbls", "svls", "ls", "flsd"]
+LOSSES += PEER_LOSSES
+
+
+def monai_nacl(logits, labels):
+    """MONAI's ``NACLLoss`` (cross-entropy + neighbour-aware penalty) on ``(B, 1, *spatial)`` labels."""
+    from monai.losses import NACLLoss
+
+    return NACLLoss(classes=logits.shape[1], dim=logits.ndim - 2)(logits, labels[:, 0])
+
+
+def _build_peer(name: str, kw: dict):
+    from segcal.losses import loss_from_string
+
+    if name == "monai_nacl":
+        return monai_nacl
+    spec = {"ce_nacl": "ce+nacl", "ce_mbls": "ce+mbls"}.get(name, name)
+    return loss_from_string(spec, **kw)
 
 
 def reference_loop_hard_ace(logits, labels, num_bins: int = 20):
@@ -64,6 +87,8 @@ def _build(name: str):
         return SoftL1ACELoss(**kw)
     if name == "hard_ace_loop":
         return reference_loop_hard_ace
+    if name in PEER_LOSSES:
+        return _build_peer(name, kw)
     raise ValueError(f"unknown loss {name!r}; choose from {LOSSES}")
 
 

@@ -309,3 +309,139 @@ def focal_terms(
             a = a.view([1, -1] + [1] * (loss.ndim - 2))
             loss = loss * torch.where(target == 1, a, torch.ones_like(a))
     return loss
+
+
+# -- neighbourhood smoothing of targets and logit penalties (NACL, SVLS, MbLS, FLSD-53) -------------------------
+
+Padding = Literal["zeros", "replicate"]
+
+
+def _check_odd_size(kernel_size: int) -> int:
+    """Rule: a spatial kernel has an odd edge length ``>= 1`` (centred on the voxel, same-size output)."""
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be an odd integer >= 1, got {kernel_size!r}")
+    return kernel_size
+
+
+def _check_sigma(sigma: float) -> None:
+    """Rule: a Gaussian's ``σ`` is a finite number ``> 0`` (a bool is not a width)."""
+    if isinstance(sigma, bool) or not isinstance(sigma, int | float) or not 0 < float(sigma) < float("inf"):
+        raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
+
+
+def mean_kernel(kernel_size: int, ndim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Box kernel ``1 / k^d`` of shape ``(k,) * ndim`` (NACL's mean ``τ``; MONAI's ``MeanFilter`` divided by
+    ``k^d``). ``kernel_size`` ``k`` must be odd."""
+    k = _check_odd_size(kernel_size)
+    return torch.full((k,) * ndim, 1.0 / k**ndim, dtype=dtype)
+
+
+def gaussian_erf_kernel_1d(sigma: float, truncated: float = 4.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """1-D Gaussian kernel by the error-function approximation, truncated at ``truncated · σ`` (NACL's Gaussian
+    ``τ``, the same discretisation as MONAI's ``GaussianFilter``).
+
+    Tap ``x ∈ {−t, …, t}``, ``t = int(max(σ · truncated, 0.5) + 0.5)``:
+    ``w_x = ½ [erf((x + ½)/(σ√2)) − erf((x − ½)/(σ√2))]`` (not renormalised: the mass beyond ``t`` is dropped).
+    """
+    _check_sigma(sigma)
+    tail = int(max(float(sigma) * truncated, 0.5) + 0.5)
+    x = torch.arange(-tail, tail + 1, dtype=torch.float64)
+    t = 1.0 / ((2.0**0.5) * sigma)
+    w = 0.5 * (torch.erf(t * (x + 0.5)) - torch.erf(t * (x - 0.5)))
+    return w.clamp_min(0).to(dtype)
+
+
+def svls_kernel(kernel_size: int, sigma: float, ndim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The SVLS kernel of shape ``(k,) * ndim`` (Islam & Glocker, IPMI 2021, Sec. 2, "centre weight rule").
+
+    A sampled Gaussian ``g_i = exp(−‖i − c‖² / (2σ²))`` on the ``k^d`` grid around the centre ``c``; the centre
+    weight is then **replaced by the sum of its neighbours' weights** and the kernel normalised to sum 1, so the
+    centre always weighs ``½`` and neighbour ``i`` weighs ``g_i / (2 Σ_{j≠c} g_j)`` (for any ``σ``). A kernel
+    of size 1 is the identity (no smoothing).
+    """
+    k = _check_odd_size(kernel_size)
+    _check_sigma(sigma)
+    if k == 1:
+        return torch.ones((1,) * ndim, dtype=dtype)
+    r = torch.arange(k, dtype=torch.float64) - (k - 1) / 2
+    d2 = sum(g.pow(2) for g in torch.meshgrid(*([r] * ndim), indexing="ij"))
+    g = torch.exp(-d2 / (2.0 * sigma**2))
+    centre = (k // 2,) * ndim
+    g[centre] = 0.0
+    g = g / g.sum()  # neighbours sum to 1
+    g[centre] = 1.0  # the centre equals the sum of its neighbours
+    return (g / 2.0).to(dtype)
+
+
+def smooth_target(target: torch.Tensor, kernel: torch.Tensor, padding: Padding = "zeros") -> torch.Tensor:
+    """Filter every channel of ``target`` ``(B, C, *spatial)`` with ``kernel``; same shape out.
+
+    ``kernel``: a ``(k,) * d`` tensor (one dense depthwise convolution) or a 1-D ``(k,)`` tensor applied along
+    each of the ``d`` spatial axes in turn (separable). ``padding``: ``"zeros"`` (NACL, as MONAI's filters) or
+    ``"replicate"`` (SVLS: border voxels see copies of themselves, so a constant map stays constant).
+    """
+    d = target.ndim - 2
+    if d not in (2, 3):
+        raise ValueError(f"target must be (B, C, *spatial) with 2 or 3 spatial dims, got {tuple(target.shape)}")
+    if padding not in ("zeros", "replicate"):
+        raise ValueError(f"padding must be 'zeros' or 'replicate', got {padding!r}")
+    c = target.shape[1]
+    w = kernel.to(device=target.device, dtype=target.dtype)
+    conv = F.conv2d if d == 2 else F.conv3d
+    mode = "constant" if padding == "zeros" else "replicate"
+    if w.ndim == 1 and d > 1:
+        out = target
+        for axis in range(d):
+            shape = [1] * d
+            shape[axis] = -1
+            pad = [0] * (2 * d)
+            pad[2 * (d - 1 - axis)] = pad[2 * (d - 1 - axis) + 1] = (w.numel() - 1) // 2
+            out = conv(F.pad(out, pad, mode=mode), w.view(shape).expand(c, 1, *w.view(shape).shape), groups=c)
+        return out
+    if w.ndim != d:
+        raise ValueError(f"kernel must be 1-D or {d}-D for a {d}-D target, got shape {tuple(w.shape)}")
+    pad = [p for s in reversed(w.shape) for p in ((s - 1) // 2, (s - 1) // 2)]
+    return conv(F.pad(target, pad, mode=mode), w.expand(c, 1, *w.shape), groups=c)
+
+
+def neighbour_penalty_terms(
+    logits: torch.Tensor, smoothed_target: torch.Tensor, distance: Literal["l1", "l2"] = "l1"
+) -> torch.Tensor:
+    """NACL's penalty per image and class ``(B, C)`` (Murugesan et al., MICCAI 2023, eq. 4):
+    the voxel mean of ``|τ(y) − z|`` (``"l1"``) or ``(τ(y) − z)²`` (``"l2"``), with ``z`` the logits and
+    ``τ(y)`` the neighbourhood-smoothed one-hot target (:func:`smooth_target`)."""
+    diff = smoothed_target - logits
+    if distance == "l1":
+        out = diff.abs()
+    elif distance == "l2":
+        out = diff.pow(2)
+    else:
+        raise ValueError(f"distance must be 'l1' or 'l2', got {distance!r}")
+    return out.mean(_spatial_dims(out, False))
+
+
+def logit_margin_terms(logits: torch.Tensor, margin: float = 10.0) -> torch.Tensor:
+    """MbLS margin penalty per image and class ``(B, C)`` (Liu et al., CVPR 2022, eq. 9):
+    the voxel mean of ``max(0, max_k z_k − z_c − m)`` over logits ``z`` ``(B, C, *spatial)``; zero when every
+    logit distance ``d_c = max_k z_k − z_c`` is at most the margin ``m``."""
+    dist = logits.amax(1, keepdim=True) - logits
+    out = F.relu(dist - margin)
+    return out.mean(_spatial_dims(out, False))
+
+
+def sample_dependent_gamma_mask(p_true: torch.Tensor, threshold: float = 0.2) -> torch.Tensor:
+    """FLSD-53's schedule as a mask (Mukhoti et al., NeurIPS 2020, Sec. 5): ``True`` where the probability of
+    the true class ``p_true < threshold`` (there ``γ = 5``, elsewhere ``γ = 3``). No gradient flows through the
+    choice of ``γ`` (a piecewise-constant function of ``p``)."""
+    return p_true.detach() < threshold
+
+
+__all__ += [
+    "gaussian_erf_kernel_1d",
+    "logit_margin_terms",
+    "mean_kernel",
+    "neighbour_penalty_terms",
+    "sample_dependent_gamma_mask",
+    "smooth_target",
+    "svls_kernel",
+]

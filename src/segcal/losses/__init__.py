@@ -3,11 +3,12 @@
 All losses take ``input`` ``(B, C, *spatial)`` (2D or 3D; logits with ``softmax=True`` / ``sigmoid=True``) and
 ``target`` (a label map with ``to_onehot_y=True``, else one-hot / multi-hot ``(B, C, *spatial)``), and share
 ``include_background``, ``to_onehot_y``, ``sigmoid``, ``softmax``, ``other_act``, ``weight``, ``reduction``.
-:func:`loss_from_string` builds weighted sums such as ``"dice:1,ce:1,ace:0.3"``. See ``docs/losses.md``.
+:func:`loss_from_string` builds weighted sums such as ``"dice:1,ce:1,ace:0.3"`` or ``"ce+nacl"`` (NACL, MbLS
+and the ACE losses are penalty terms to add to a cross-entropy or Dice). See ``docs/losses.md``.
 """
 
 from segcal.losses.base import SegmentationLoss
-from segcal.losses.calibration import HardL1ACELoss, SoftL1ACELoss
+from segcal.losses.calibration import HardL1ACELoss, LogitMarginPenaltyLoss, NACLPenaltyLoss, SoftL1ACELoss
 from segcal.losses.composite import (
     LOSS_REGISTRY,
     CompositeLoss,
@@ -15,7 +16,13 @@ from segcal.losses.composite import (
     parse_loss_spec,
     valid_loss_names,
 )
-from segcal.losses.distribution import CrossEntropyLoss, FocalLoss
+from segcal.losses.distribution import (
+    CrossEntropyLoss,
+    FocalLoss,
+    LabelSmoothingCrossEntropyLoss,
+    SampleDependentFocalLoss,
+    SVLSLoss,
+)
 from segcal.losses.overlap import (
     AsymmetricUnifiedFocalLoss,
     AsymmetricUnifiedFocalPlusPlusLoss,
@@ -43,6 +50,11 @@ __all__ = [
     "FocalTverskyLoss",
     "FocalTverskyPlusPlusLoss",
     "HardL1ACELoss",
+    "LabelSmoothingCrossEntropyLoss",
+    "LogitMarginPenaltyLoss",
+    "NACLPenaltyLoss",
+    "SVLSLoss",
+    "SampleDependentFocalLoss",
     "SegmentationLoss",
     "SoftL1ACELoss",
     "TverskyLoss",

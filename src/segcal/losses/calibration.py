@@ -1,9 +1,12 @@
-"""Calibration-aware auxiliary losses: hard- and soft-binned marginal L1 ACE/ECE/MCE.
+"""Calibration-aware auxiliary losses: hard- and soft-binned marginal L1 ACE/ECE/MCE, and the logit penalties
+of NACL and MbLS (each a penalty term to add to a cross-entropy, e.g. ``"ce+nacl"``).
 
 References (docs/references.md): Barfoot et al., "Average Calibration Error: A Differentiable Loss for Improved
 Reliability in Image Segmentation", MICCAI 2024 (hard binning, eq. 1-4), and its journal extension, Barfoot et
 al., "Average Calibration Losses for Reliable Uncertainty in Medical Image Segmentation", arXiv:2506.03942,
-2025 (soft binning).
+2025 (soft binning); Murugesan et al., "Trust Your Neighbours: Penalty-Based Constraints for Model
+Calibration", MICCAI 2023, arXiv:2303.06268 (NACL); Liu et al., "The Devil is in the Margin: Margin-based Label
+Smoothing for Network Calibration", CVPR 2022, arXiv:2111.15430 (MbLS).
 """
 
 from __future__ import annotations
@@ -14,14 +17,22 @@ from typing import Any, Literal
 import torch
 
 from segcal.functional.binning import check_num_bins
-from segcal.functional.losses import hard_calibration_error, soft_calibration_error
+from segcal.functional.losses import (
+    gaussian_erf_kernel_1d,
+    hard_calibration_error,
+    logit_margin_terms,
+    mean_kernel,
+    neighbour_penalty_terms,
+    smooth_target,
+    soft_calibration_error,
+)
 from segcal.losses.base import Reduction, SegmentationLoss
 
 Variant = Literal["ace", "ece", "mce", "mL1-ACE", "mL1-ECE", "mL1-MCE"]
 
 _VARIANTS = {"ace": "average", "ece": "expected", "mce": "maximum"}
 
-__all__ = ["HardL1ACELoss", "SoftL1ACELoss"]
+__all__ = ["HardL1ACELoss", "LogitMarginPenaltyLoss", "NACLPenaltyLoss", "SoftL1ACELoss"]
 
 
 def _variant(v: str) -> str:
@@ -147,3 +158,144 @@ class SoftL1ACELoss(_CalibrationLoss):
             self._reduction_kind,
             self.min_weight,  # type: ignore[arg-type]
         )
+
+
+class _LogitPenalty(SegmentationLoss):
+    """A penalty on the logits themselves: ``input`` must hold logits (``softmax=True`` / ``sigmoid=True``)."""
+
+    #: activations the penalty is defined for
+    _activations: tuple[str, ...] = ("softmax", "sigmoid")
+
+    def _logits(self, input: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits, onehot)``, both ``(B, C, *spatial)`` (all channels, before ``include_background``)."""
+        name = type(self).__name__
+        if self.activation not in self._activations or self.other_act is not None:
+            need = " or ".join(f"{a}=True" for a in self._activations)
+            raise ValueError(
+                f"{name} penalises logits: pass {need} with logits as input (got "
+                f"activation={self.activation}, other_act={self.other_act is not None})"
+            )
+        self._check_input(input)
+        x = self._as_compute(input)
+        y = self._onehot(target, x)
+        self._check_values(x)
+        return x, y
+
+
+class NACLPenaltyLoss(_LogitPenalty):
+    r"""NACL's neighbour-aware penalty on the logits (Murugesan et al., MICCAI 2023, eq. 4), **without** its CE.
+
+    .. math:: L_{b,c} = \alpha \cdot \frac{1}{N} \sum_i \lVert \tau(y)_{i,c} - z_{i,c} \rVert
+
+    with ``z`` the logits ``(B, C, *spatial)``, ``y`` the one-hot target and ``τ`` a ``k^d`` neighbourhood filter
+    (``kernel_ops="mean"``: the box mean; ``"gaussian"``: an erf-discretised Gaussian of width ``sigma``
+    truncated at ``4σ``) with zero padding, so ``τ(y)`` holds the class proportions around each voxel; ``‖·‖``
+    is ``|·|`` (``distance_type="l1"``) or ``(·)²`` (``"l2"``). The whole NACL objective is the cross-entropy
+    plus this term: ``loss_from_string("ce+nacl", softmax=True, to_onehot_y=True)`` equals MONAI's
+    ``NACLLoss(classes=C, dim=d)`` for the same ``kernel_size``, ``kernel_ops``, ``distance_type``, ``alpha`` and
+    ``sigma`` (values and gradients; ``tests/test_losses_peers.py``).
+
+    Args:
+        kernel_size: odd edge ``k`` of the mean filter (default 3). A Gaussian's size is set by ``sigma``
+            (``2⌊4σ + ½⌋ + 1`` taps, as MONAI); leave it ``None`` for ``kernel_ops="gaussian"``.
+        kernel_ops: ``"mean"`` (default) or ``"gaussian"``.
+        distance_type: ``"l1"`` (default) or ``"l2"``.
+        alpha: the weight ``α`` of the penalty (default 0.1, MONAI's and the paper's).
+        sigma: ``σ`` of the Gaussian filter (default 1).
+        **kwargs: :class:`~segcal.losses.base.SegmentationLoss` arguments; ``softmax=True`` or ``sigmoid=True``
+            is required (the penalty is defined on logits). ``include_background=False`` drops channel 0's term;
+            ``reduction="none"`` returns ``(B, C)``.
+
+    Example:
+        >>> loss = NACLPenaltyLoss(softmax=True, to_onehot_y=True)
+        >>> logits = torch.randn(2, 3, 16, 16, requires_grad=True)
+        >>> loss(logits, torch.randint(0, 3, (2, 1, 16, 16))).backward()
+    """
+
+    def __init__(
+        self,
+        *,
+        kernel_size: int | None = None,
+        kernel_ops: Literal["mean", "gaussian"] = "mean",
+        distance_type: Literal["l1", "l2"] = "l1",
+        alpha: float = 0.1,
+        sigma: float = 1.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if kernel_ops not in ("mean", "gaussian"):
+            raise ValueError(f"kernel_ops must be 'mean' or 'gaussian', got {kernel_ops!r}")
+        if distance_type not in ("l1", "l2"):
+            raise ValueError(f"distance_type must be 'l1' or 'l2', got {distance_type!r}")
+        if not 0 <= alpha < float("inf"):
+            raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
+        kernel = gaussian_erf_kernel_1d(sigma)  # checks sigma for either kernel
+        if kernel_ops == "gaussian":
+            if kernel_size is not None and kernel_size != kernel.numel():
+                raise ValueError(
+                    f"kernel_size={kernel_size!r} with kernel_ops='gaussian': the Gaussian's size is set by sigma "
+                    f"({kernel.numel()} taps for sigma={sigma!r}, truncated at 4 sigma); leave kernel_size unset"
+                )
+        else:
+            kernel = mean_kernel(3 if kernel_size is None else kernel_size, 1)  # checks the size; d-D at call
+        self.kernel_size = int(kernel.numel())
+        self.kernel_ops, self.distance_type = kernel_ops, distance_type
+        self.alpha, self.sigma = float(alpha), float(sigma)
+
+    def _kernel(self, ndim: int) -> torch.Tensor:
+        if self.kernel_ops == "gaussian":
+            return gaussian_erf_kernel_1d(self.sigma, dtype=torch.float64)  # separable, one 1-D pass per axis
+        return mean_kernel(self.kernel_size, ndim, dtype=torch.float64)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``input`` logits ``(B, C, *spatial)``; ``target`` as in :class:`SegmentationLoss`. The filtering runs
+        outside autocast, in the compute dtype (float32 for half inputs, float64 kept)."""
+        x, y = self._logits(input, target)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            smoothed = smooth_target(y, self._kernel(x.ndim - 2), padding="zeros")
+            f = neighbour_penalty_terms(x, smoothed, self.distance_type)  # type: ignore[arg-type]
+        (f,) = self._select(f)
+        return self.alpha * self.reduce(f)
+
+    def extra_repr(self) -> str:
+        return (
+            f"kernel_ops={self.kernel_ops!r}, kernel_size={self.kernel_size}, distance_type={self.distance_type!r}, "
+            f"alpha={self.alpha}, " + super().extra_repr()
+        )
+
+
+class LogitMarginPenaltyLoss(_LogitPenalty):
+    r"""MbLS's margin penalty on logit distances (Liu et al., CVPR 2022, eq. 9), **without** its CE.
+
+    .. math:: L_{b,c} = \lambda \cdot \frac{1}{N} \sum_i \max(0, \max_k z_{i,k} - z_{i,c} - m)
+
+    over the logits ``z`` ``(B, C, *spatial)`` of exclusive classes: distances ``d_c = max_k z_k − z_c`` above the
+    margin ``m`` are penalised linearly, distances below it are free (label smoothing's ``m = 0`` pushes all
+    logits equal). The whole MbLS objective is ``loss_from_string("ce+mbls", softmax=True, to_onehot_y=True)``
+    with the paper's defaults ``m = 10``, ``λ = 0.1``. The target only fixes the shape (the penalty does not use
+    it); the maximum runs over all channels, ``include_background=False`` drops channel 0's term.
+
+    Args:
+        margin: ``m`` (default 10).
+        lambda_: ``λ``, the weight of the penalty (default 0.1).
+        **kwargs: :class:`~segcal.losses.base.SegmentationLoss` arguments; ``softmax=True`` is required.
+    """
+
+    _activations = ("softmax",)
+
+    def __init__(self, *, margin: float = 10.0, lambda_: float = 0.1, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not 0 <= margin < float("inf"):
+            raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
+        if not 0 <= lambda_ < float("inf"):
+            raise ValueError(f"lambda_ must be a finite number >= 0, got {lambda_!r}")
+        self.margin, self.lambda_ = float(margin), float(lambda_)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``input`` logits ``(B, C, *spatial)``; returns the reduced penalty (``(B, C)`` with ``"none"``)."""
+        x, _ = self._logits(input, target)
+        (f,) = self._select(logit_margin_terms(x, self.margin))
+        return self.lambda_ * self.reduce(f)
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin}, lambda_={self.lambda_}, " + super().extra_repr()

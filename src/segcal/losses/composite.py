@@ -28,8 +28,14 @@ import torch
 from torch import nn
 
 from segcal.losses import overlap
-from segcal.losses.calibration import HardL1ACELoss, SoftL1ACELoss
-from segcal.losses.distribution import CrossEntropyLoss, FocalLoss
+from segcal.losses.calibration import HardL1ACELoss, LogitMarginPenaltyLoss, NACLPenaltyLoss, SoftL1ACELoss
+from segcal.losses.distribution import (
+    CrossEntropyLoss,
+    FocalLoss,
+    LabelSmoothingCrossEntropyLoss,
+    SampleDependentFocalLoss,
+    SVLSLoss,
+)
 
 __all__ = ["LOSS_REGISTRY", "CompositeLoss", "loss_from_string", "parse_loss_spec", "valid_loss_names"]
 
@@ -53,6 +59,11 @@ LOSS_REGISTRY: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "soft_ace": (SoftL1ACELoss, {}),
     "soft_ece": (SoftL1ACELoss, {"variant": "mL1-ECE"}),
     "soft_mce": (SoftL1ACELoss, {"variant": "mL1-MCE"}),
+    "nacl": (NACLPenaltyLoss, {}),
+    "mbls": (LogitMarginPenaltyLoss, {}),
+    "svls": (SVLSLoss, {}),
+    "ls": (LabelSmoothingCrossEntropyLoss, {}),
+    "flsd": (SampleDependentFocalLoss, {}),
 }
 
 _ALIASES = {
@@ -84,6 +95,14 @@ _ALIASES = {
     "softace": "soft_ace",
     "hard_ece": "ece",
     "hard_mce": "mce",
+    "nacl_penalty": "nacl",
+    "logit_margin": "mbls",
+    "svls_ce": "svls",
+    "label_smoothing": "ls",
+    "ls_ce": "ls",
+    "flsd53": "flsd",
+    "flsd-53": "flsd",
+    "flsd_53": "flsd",
 }
 
 

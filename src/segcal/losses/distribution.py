@@ -1,14 +1,35 @@
-"""Voxel-wise (distribution-based) losses: cross-entropy with class weights and the focal loss."""
+"""Voxel-wise (distribution-based) losses: cross-entropy with class weights, label smoothing and spatially
+varying label smoothing (SVLS), the focal loss and its sample-dependent schedule FLSD-53.
+
+References (docs/references.md): Lin et al., ICCV 2017 (focal loss); Mukhoti et al., "Calibrating Deep Neural
+Networks using Focal Loss", NeurIPS 2020, arXiv:2002.09437 (FLSD-53); Islam & Glocker, "Spatially Varying Label
+Smoothing: Capturing Uncertainty from Expert Annotations", IPMI 2021, arXiv:2104.05788 (SVLS).
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from segcal.functional.losses import LOG_EPS, focal_terms, log_probabilities
+from segcal.functional.losses import (
+    LOG_EPS,
+    focal_terms,
+    log_probabilities,
+    sample_dependent_gamma_mask,
+    smooth_target,
+    svls_kernel,
+)
 from segcal.losses.base import SegmentationLoss
 
-__all__ = ["CrossEntropyLoss", "FocalLoss"]
+__all__ = [
+    "CrossEntropyLoss",
+    "FocalLoss",
+    "LabelSmoothingCrossEntropyLoss",
+    "SVLSLoss",
+    "SampleDependentFocalLoss",
+]
 
 
 class FocalLoss(SegmentationLoss):
@@ -31,6 +52,10 @@ class FocalLoss(SegmentationLoss):
         self.gamma = float(gamma)
         self.alpha = alpha
 
+    def _focal(self, x: torch.Tensor, y: torch.Tensor, act: str | None, multilabel: bool) -> torch.Tensor:
+        """Unweighted focal terms per voxel and class ``(B, C, *spatial)`` (before ``alpha`` and selection)."""
+        return focal_terms(x, y, activation=act, multilabel=multilabel, gamma=self.gamma, alpha=None)  # type: ignore[arg-type]
+
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         self._check_input(input)
         x = self._as_compute(input)
@@ -42,7 +67,7 @@ class FocalLoss(SegmentationLoss):
             x, act = self.other_act(x), None
         if multilabel and act == "softmax":
             act = None
-        per_voxel = focal_terms(x, y, activation=act, multilabel=multilabel, gamma=self.gamma, alpha=None)
+        per_voxel = self._focal(x, y, act, multilabel)
         (per_voxel, y) = self._select(per_voxel, y)
         if self.alpha is not None:  # alpha refers to the kept channels (MONAI)
             a = torch.as_tensor(self.alpha, dtype=per_voxel.dtype, device=per_voxel.device)
@@ -90,12 +115,15 @@ class CrossEntropyLoss(SegmentationLoss):
             raise ValueError(f"weight has {w.numel()} values but the input has {c} channels")
         self._check_values(x)
         if self.mode == "multilabel" or c == 1:
-            return self._binary(x, target, w)
+            y = self._onehot(target, x)
+            if self.label_smoothing > 0:  # each channel is a two-class problem: (1 − ε) y + ε / 2
+                y = y * (1 - self.label_smoothing) + self.label_smoothing / 2
+            return self._binary(x, y, w)
         return self._exclusive(x, target, w)
 
-    def _binary(self, x: torch.Tensor, target: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
-        """Binary cross-entropy per channel (multilabel or a single channel), weighted by ``w``."""
-        y = self._onehot(target, x)
+    def _binary(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+        """Binary cross-entropy per channel (multilabel or a single channel) against ``y`` ``(B, C, *spatial)``
+        (hard or soft), weighted by ``w``."""
         if self.sigmoid:
             per = F.binary_cross_entropy_with_logits(x, y, reduction="none")
         else:
@@ -109,13 +137,15 @@ class CrossEntropyLoss(SegmentationLoss):
             return per.sum()
         return per.flatten(1).mean(1)
 
+    def _log_probs(self, x: torch.Tensor) -> torch.Tensor:
+        if self.other_act is not None:
+            return self.other_act(x).clamp_min(LOG_EPS).log()
+        return log_probabilities(x, "softmax" if self.softmax else None)
+
     def _exclusive(self, x: torch.Tensor, target: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
         """Categorical cross-entropy, label-weighted (label map) or a plain voxel mean (one-hot / soft)."""
         c = x.shape[1]
-        if self.other_act is not None:
-            logp = self.other_act(x).clamp_min(LOG_EPS).log()
-        else:
-            logp = log_probabilities(x, "softmax" if self.softmax else None)
+        logp = self._log_probs(x)
         wc = w if (w is None or w.ndim == 1) else w.expand(c)
         if self.to_onehot_y:
             lab = self._labels(target, x)
@@ -128,11 +158,131 @@ class CrossEntropyLoss(SegmentationLoss):
             y = self._onehot(target, x)
             if self.label_smoothing > 0:
                 y = y * (1 - self.label_smoothing) + self.label_smoothing / c
-            wy = y * wc.view([1, -1] + [1] * (x.ndim - 2)) if wc is not None else y
-            per = -(wy * logp).sum(1)
-            den = torch.ones_like(per)
+            return self._soft_exclusive(logp, y, wc)
         if self.reduction == "mean":
             return per.sum() / den.sum()
         if self.reduction == "sum":
             return per.sum()
         return per.flatten(1).sum(1) / den.flatten(1).sum(1)
+
+    def _soft_exclusive(self, logp: torch.Tensor, y: torch.Tensor, wc: torch.Tensor | None) -> torch.Tensor:
+        """``−Σ_c w_c y_c ln p_c`` per voxel against a one-hot or soft ``y`` ``(B, C, *spatial)``, a plain voxel
+        mean (reduced as ``reduction`` says; ``(B,)`` for ``"none"``)."""
+        wy = y * wc.view([1, -1] + [1] * (y.ndim - 2)) if wc is not None else y
+        per = -(wy * logp).sum(1)
+        if self.reduction == "mean":
+            return per.mean()
+        if self.reduction == "sum":
+            return per.sum()
+        return per.flatten(1).mean(1)
+
+
+class LabelSmoothingCrossEntropyLoss(CrossEntropyLoss):
+    r"""Cross-entropy against label-smoothed targets ``(1 − ε) y + ε / K`` (Szegedy et al., CVPR 2016).
+
+    :class:`CrossEntropyLoss` with ``label_smoothing=epsilon``: with a label map it equals
+    ``torch.nn.functional.cross_entropy(..., label_smoothing=ε)`` (class weights included); with ``sigmoid=True``
+    each channel is a two-class problem, ``K = 2``. Default ``ε = 0.1``.
+    """
+
+    def __init__(self, *, epsilon: float = 0.1, **kwargs: Any) -> None:
+        if "label_smoothing" in kwargs:
+            raise ValueError("LabelSmoothingCrossEntropyLoss takes epsilon, not label_smoothing")
+        super().__init__(label_smoothing=epsilon, **kwargs)
+        self.epsilon = self.label_smoothing
+
+
+class SVLSLoss(CrossEntropyLoss):
+    r"""Spatially varying label smoothing (Islam & Glocker, IPMI 2021): cross-entropy against the one-hot target
+    smoothed by the SVLS kernel.
+
+    .. math:: L = -\frac{1}{N} \sum_i \sum_c w_c\, (K * y)_{i,c} \ln p_{i,c}
+
+    ``K`` is :func:`~segcal.functional.losses.svls_kernel`: a sampled Gaussian (``sigma``) on a ``k^d`` grid
+    whose centre weight is replaced by the sum of its neighbours' and which is normalised to sum 1 (the centre
+    weighs ``½``), applied per class with replicate padding, so a voxel inside a uniform region keeps its hard
+    label and voxels near a boundary get the class proportions of their neighbourhood. ``sigmoid=True``: each
+    channel's binary map is smoothed the same way and scored with the binary cross-entropy.
+
+    Args:
+        kernel_size: odd edge ``k`` of the kernel (default 3, the paper's).
+        sigma: ``σ`` of the Gaussian (default 1).
+        **kwargs: the arguments of :class:`CrossEntropyLoss` except ``label_smoothing``. Like it, all classes
+            take part (``include_background`` is ignored); ``reduction="none"`` returns ``(B,)``.
+    """
+
+    def __init__(self, *, kernel_size: int = 3, sigma: float = 1.0, **kwargs: Any) -> None:
+        if kwargs.get("label_smoothing"):
+            raise ValueError("SVLSLoss smooths the target with its kernel; label_smoothing must not be set")
+        super().__init__(**kwargs)
+        svls_kernel(kernel_size, sigma, 2)  # checks kernel_size and sigma now, not at the first call
+        self.kernel_size, self.sigma = int(kernel_size), float(sigma)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``input`` ``(B, C, *spatial)``; ``target`` as in :class:`SegmentationLoss` (soft targets are smoothed
+        as they are)."""
+        self._check_input(input)
+        x = self._as_compute(input)
+        c = x.shape[1]
+        w = None if self.class_weight is None else self.class_weight.to(x)
+        if w is not None and w.ndim == 1 and w.numel() != c:
+            raise ValueError(f"weight has {w.numel()} values but the input has {c} channels")
+        y = self._onehot(target, x)
+        self._check_values(x)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            kernel = svls_kernel(self.kernel_size, self.sigma, x.ndim - 2, dtype=torch.float64)
+            ys = smooth_target(y, kernel, padding="replicate")
+            if self.mode == "multilabel" or c == 1:
+                return self._binary(x, ys, w)
+            wc = w if (w is None or w.ndim == 1) else w.expand(c)
+            return self._soft_exclusive(self._log_probs(x), ys, wc)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, sigma={self.sigma}, " + super().extra_repr()
+
+
+class SampleDependentFocalLoss(FocalLoss):
+    r"""Focal loss with the sample-dependent ``γ`` of FLSD-53 (Mukhoti et al., NeurIPS 2020, Sec. 5).
+
+    :class:`FocalLoss` with ``γ = gamma_below`` (5) where the probability of the true class
+    ``p_true < threshold`` (0.2) and ``γ = gamma_above`` (3) elsewhere, chosen per voxel (per voxel and channel
+    with ``sigmoid=True``, where ``p_true = p_t``); the choice is piecewise constant, so no gradient flows
+    through it. ``alpha``, class weights and reductions as :class:`FocalLoss`.
+    """
+
+    def __init__(
+        self,
+        *,
+        gamma_below: float = 5.0,
+        gamma_above: float = 3.0,
+        threshold: float = 0.2,
+        alpha: float | list[float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if "gamma" in kwargs:
+            raise ValueError("SampleDependentFocalLoss chooses gamma per voxel; set gamma_below / gamma_above")
+        super().__init__(gamma=gamma_above, alpha=alpha, **kwargs)
+        if not gamma_below >= 0:
+            raise ValueError(f"gamma_below must be >= 0, got {gamma_below!r}")
+        if not 0 <= threshold <= 1:
+            raise ValueError(f"threshold must lie in [0, 1], got {threshold!r}")
+        self.gamma_below, self.gamma_above, self.threshold = float(gamma_below), self.gamma, float(threshold)
+
+    def _focal(self, x: torch.Tensor, y: torch.Tensor, act: str | None, multilabel: bool) -> torch.Tensor:
+        if multilabel:
+            p = torch.sigmoid(x) if act == "sigmoid" else x
+            p_true = y * p + (1 - y) * (1 - p)
+        else:
+            p = torch.softmax(x, 1) if act == "softmax" else x
+            p_true = (p * y).sum(1, keepdim=True)
+        below = sample_dependent_gamma_mask(p_true, self.threshold)
+        kw: dict[str, Any] = {"activation": act, "multilabel": multilabel, "alpha": None}
+        return torch.where(
+            below, focal_terms(x, y, gamma=self.gamma_below, **kw), focal_terms(x, y, gamma=self.gamma_above, **kw)
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"gamma_below={self.gamma_below}, gamma_above={self.gamma_above}, threshold={self.threshold}, "
+            + super().extra_repr()
+        )
