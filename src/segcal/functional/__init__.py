@@ -1,4 +1,5 @@
-"""Pure tensor functions: binning, calibration, overlap, losses, uncertainty (no state, no I/O).
+"""Pure tensor functions: binning, calibration, overlap, losses, uncertainty, conformal risk control (no state,
+no I/O).
 
 Shapes follow MONAI: predictions ``(B, C, *spatial)``; targets label maps ``(B, *spatial)`` /
 ``(B, 1, *spatial)`` or one-hot ``(B, C, *spatial)``.
@@ -19,6 +20,14 @@ from segcal.functional.calibration import (
     mean_absolute_error,
     negative_log_likelihood,
     top_label_statistics,
+)
+from segcal.functional.conformal import (
+    FNRStatistics,
+    conformal_masks,
+    crc_threshold,
+    false_negative_rate,
+    fnr_loss_curves,
+    fnr_statistics,
 )
 from segcal.functional.inputs import region_probabilities, region_targets, target_to_onehot, to_probabilities
 from segcal.functional.overlap import (
@@ -46,6 +55,7 @@ from segcal.functional.uncertainty import (
 
 __all__ = [
     "BinStats",
+    "FNRStatistics",
     "auroc",
     "bin_edges",
     "bin_index",
@@ -55,11 +65,16 @@ __all__ = [
     "calibration_error",
     "calibration_errors",
     "choose_threshold",
+    "conformal_masks",
     "confusion_counts",
+    "crc_threshold",
     "dice_from_counts",
     "dilated_bbox_mask",
     "entropy_map",
+    "false_negative_rate",
     "flag_failures",
+    "fnr_loss_curves",
+    "fnr_statistics",
     "hard_bin_sums",
     "hausdorff_distance_95",
     "iou_from_counts",

@@ -1,0 +1,354 @@
+"""Conformal risk control (CRC) of the false-negative rate of segmentation masks, as pure tensor functions.
+
+Reference: Angelopoulos, Bates, Fisch, Lei, Schuster, "Conformal Risk Control", ICLR 2024 (docs/references.md,
+[Angelopoulos2024-ICLR]), Theorem 1 and §3 (FNR control in tumour segmentation).
+
+Loss, per case ``i`` and channel ``c`` (a softmax class, or a sigmoid region channel in multilabel mode)
+---------------------------------------------------------------------------------------------------------
+The conformal mask of parameter ``λ ∈ [0, 1]`` is ``C_λ = {voxels v : p_c(v) ≥ 1 − λ}`` (``λ = 0``: only
+voxels with ``p = 1``; ``λ = 1``: every voxel). Its false-negative rate on a case with ground truth ``Y_i``::
+
+    L_i(λ) = 1 − |Y_i ∩ C_λ| / |Y_i|                     (FNR, in [0, 1], so B = 1)
+
+is non-increasing and right-continuous in ``λ`` (``C_λ`` only grows). **Absent structures** (``|Y_i| = 0``):
+the FNR is undefined; ``absent="zero"`` (default) counts such a case with loss 0 (nothing to miss) and keeps it
+among the ``n`` calibration cases, so the guarantee is over all cases; ``absent="skip"`` leaves such cases out
+of the calibration set and of the reported risk, so the guarantee holds over cases where the structure is
+present (those cases must be exchangeable among themselves).
+
+The CRC threshold (CRC eq. 4 with ``B = 1``)::
+
+    λ̂ = inf{ λ : n / (n + 1) · R̂_n(λ) + B / (n + 1) ≤ α },      R̂_n(λ) = (1/n) Σ_i L_i(λ)
+
+gives ``E[L_{n+1}(λ̂)] ≤ α`` for a new case exchangeable with the ``n`` calibration cases (CRC Theorem 1). It is
+marginal: an average over the draw of the calibration set and of the new case, not a bound for every case, nor
+for every calibration set. When ``α < B / (n + 1)`` no ``λ`` meets the bound: ``λ̂ = 1`` (every voxel in the
+mask) with a ``UserWarning``.
+
+The parameter grid (exact, conservative)
+----------------------------------------
+``λ`` is taken on the grid ``Λ_K = {k / K : k = 0..K}`` with ``K = resolution`` a power of two (default
+``2**16``). CRC holds for any parameter set that contains ``λ_max = 1``, so the guarantee is exact on ``Λ_K``.
+On that grid each case is summed up by a histogram of the bins ``⌊p K⌋`` (in ``[0, K]``) of its ground-truth
+voxels: a voxel is in ``C_{k/K}`` iff ``⌊p K⌋ ≥ K − k``, which for float32/float64 ``p`` and a power-of-two
+``K`` is exactly ``p ≥ 1 − k/K`` (no rounding), so the histogram gives every ``L_i(k/K)`` exactly. Compared
+with the infimum over all real ``λ`` the grid rounds ``λ̂`` *up* to the next multiple of ``1/K`` (never down):
+the mask threshold ``1 − λ̂`` is at most ``1/K`` lower (``1.5e-5`` for ``2**16``), the masks are at most that
+much larger, and the guarantee is unchanged. Each case costs at most ``K + 1`` (bin, count) pairs per channel,
+whatever its size, so a calibration set streams volume by volume.
+
+Shapes: probabilities (or logits with ``activation``) ``(B, C, *spatial)``, targets a label map ``(B, *spatial)``
+/ ``(B, 1, *spatial)`` or one-hot / multi-hot ``(B, C, *spatial)`` (soft targets binarised at 0.5).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from segcal.functional.inputs import Activation, Mode, check_mode, check_target, target_to_onehot, to_probabilities
+from segcal.functional.overlap import confusion_counts
+
+__all__ = [
+    "DEFAULT_RESOLUTION",
+    "AbsentRule",
+    "FNRStatistics",
+    "check_alpha",
+    "conformal_masks",
+    "crc_index",
+    "crc_threshold",
+    "false_negative_rate",
+    "fnr_loss_curves",
+    "fnr_statistics",
+    "probability_bins",
+]
+
+#: default number of grid steps ``K`` of ``λ`` (``λ ∈ {k / K}``); a power of two
+DEFAULT_RESOLUTION = 1 << 16
+#: how a case without the structure counts (module docstring)
+AbsentRule = Literal["zero", "skip"]
+
+
+def check_alpha(alpha: float, name: str = "alpha") -> float:
+    """``alpha`` as a float in the open interval (0, 1), else ``ValueError`` naming ``name``."""
+    try:
+        a = float(alpha)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number in (0, 1), got {alpha!r}") from None
+    if not (0.0 < a < 1.0) or math.isnan(a):
+        raise ValueError(f"{name} must lie in the open interval (0, 1), got {alpha!r}")
+    return a
+
+
+def _check_resolution(resolution: int) -> int:
+    r = int(resolution)
+    if r != resolution or r < 2 or r > (1 << 24) or r & (r - 1):
+        raise ValueError(f"resolution must be a power of two in [2, 2**24], got {resolution!r}")
+    return r
+
+
+def _check_absent(absent: str) -> AbsentRule:
+    if absent not in ("zero", "skip"):
+        raise ValueError(f"absent must be 'zero' or 'skip', got {absent!r}")
+    return absent  # type: ignore[return-value]
+
+
+def probability_bins(probs: torch.Tensor, resolution: int = DEFAULT_RESOLUTION) -> torch.Tensor:
+    """Grid bins ``⌊p K⌋`` (int64, in ``[0, K]``) of probabilities ``p`` (any shape); ``K = resolution``.
+
+    ``p`` is read in float64 (float16 / float32 values are exact there) and ``K`` is a power of two, so
+    ``⌊p K⌋ ≥ K − k ⟺ p ≥ 1 − k / K`` holds exactly.
+    """
+    k = _check_resolution(resolution)
+    return torch.floor(probs.detach().to(torch.float64) * k).clamp_(0, k).to(torch.int64)
+
+
+@dataclass(frozen=True)
+class FNRStatistics:
+    """Sufficient statistics of the FNR loss curves of ``n`` cases and ``C`` channels on the grid ``k / K``.
+
+    Attributes:
+        resolution: ``K``.
+        gt_voxels: ``(n, C)`` int64, ground-truth voxels ``|Y_i|`` per case and channel.
+        case, channel, bin, count: ``(M,)`` int64 each, a sparse histogram: ``count`` ground-truth voxels of
+            case ``case`` and channel ``channel`` have ``⌊p K⌋ = bin`` (only non-zero entries are kept).
+
+    Statistics of several batches merge exactly with :meth:`concat` (cases appended in order).
+    """
+
+    resolution: int
+    gt_voxels: torch.Tensor
+    case: torch.Tensor
+    channel: torch.Tensor
+    bin: torch.Tensor
+    count: torch.Tensor
+
+    @property
+    def num_cases(self) -> int:
+        return int(self.gt_voxels.shape[0])
+
+    @property
+    def num_channels(self) -> int:
+        return int(self.gt_voxels.shape[1])
+
+    @staticmethod
+    def concat(parts: Sequence[FNRStatistics]) -> FNRStatistics:
+        """The statistics of all cases of ``parts`` (same resolution and channels), in order."""
+        if len(parts) == 0:
+            raise ValueError("concat needs at least one FNRStatistics")
+        k, c = parts[0].resolution, parts[0].num_channels
+        for p in parts:
+            if p.resolution != k or p.num_channels != c:
+                raise ValueError(
+                    f"cannot merge statistics of resolution {p.resolution} with {p.num_channels} channels into "
+                    f"resolution {k} with {c} channels"
+                )
+        offsets = [0]
+        for p in parts[:-1]:
+            offsets.append(offsets[-1] + p.num_cases)
+        return FNRStatistics(
+            k,
+            torch.cat([p.gt_voxels for p in parts]),
+            torch.cat([p.case + o for p, o in zip(parts, offsets, strict=True)]),
+            torch.cat([p.channel for p in parts]),
+            torch.cat([p.bin for p in parts]),
+            torch.cat([p.count for p in parts]),
+        )
+
+    def present(self) -> torch.Tensor:
+        """``(n, C)`` bool: the structure is present in the case (``|Y_i| > 0``)."""
+        return self.gt_voxels > 0
+
+
+def fnr_statistics(
+    probs: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    mode: Mode = "exclusive",
+    activation: Activation = None,
+    resolution: int = DEFAULT_RESOLUTION,
+) -> FNRStatistics:
+    """The :class:`FNRStatistics` of a batch: for each case and channel, the histogram of ``⌊p K⌋`` over the
+    ground-truth voxels.
+
+    Args:
+        probs: ``(B, C, *spatial)`` probabilities (or logits with ``activation``).
+        target: label map ``(B, *spatial)`` / ``(B, 1, *spatial)`` or one-hot / multi-hot ``(B, C, *spatial)``
+            (multilabel mode: multi-hot, overlapping regions allowed; soft targets binarised at 0.5).
+        mode: ``"exclusive"`` (softmax classes) or ``"multilabel"`` (sigmoid channels).
+        activation: ``None`` (``probs`` are probabilities), ``"softmax"`` or ``"sigmoid"``.
+        resolution: ``K``, a power of two.
+    """
+    mode = check_mode(mode)
+    k = _check_resolution(resolution)
+    p = to_probabilities(probs, activation, mode, name="probs")
+    check_target(target, p.shape, mode)
+    b, c = p.shape[:2]
+    gt = target_to_onehot(target, c, spatial_shape=p.shape[2:]) >= 0.5
+    case_of = torch.arange(b, dtype=torch.int64).view(b, *([1] * (p.ndim - 2)))
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    for ch in range(c):  # one channel at a time: memory in the ground-truth voxels only
+        sel = gt[:, ch]
+        key = case_of.expand_as(sel)[sel] * (k + 1) + probability_bins(p[:, ch][sel], k)
+        uniq, counts = torch.unique(key, return_counts=True)
+        parts.append((uniq // (k + 1), torch.full_like(uniq, ch), uniq % (k + 1), counts.to(torch.int64)))
+    case, channel, bins, count = (torch.cat(t) for t in zip(*parts, strict=True))
+    return FNRStatistics(k, gt.flatten(2).sum(-1).to(torch.int64), case, channel, bins, count)
+
+
+def _covered_fraction(stats: FNRStatistics) -> torch.Tensor:
+    """Per entry: the share of its case's ground truth it holds, ``count / |Y_i|`` (float64)."""
+    denom = stats.gt_voxels[stats.case, stats.channel].to(torch.float64)
+    return stats.count.to(torch.float64) / denom
+
+
+def fnr_loss_curves(stats: FNRStatistics) -> torch.Tensor:
+    """Dense per-case loss curves ``(n, C, K + 1)`` float64: entry ``k`` is ``L_i(k / K)``, the FNR of the mask
+    ``p ≥ 1 − k / K``; a case without the structure has loss 0 at every ``λ`` (``absent="zero"``; select
+    :meth:`FNRStatistics.present` for ``"skip"``). Memory ``n · C · (K + 1)`` doubles: for small ``K`` or few
+    cases (tests, plots); :func:`crc_threshold` never builds it."""
+    k = stats.resolution
+    hist = torch.zeros(stats.num_cases, stats.num_channels, k + 1, dtype=torch.int64)
+    hist.index_put_((stats.case, stats.channel, stats.bin), stats.count, accumulate=True)
+    covered = hist.flip(-1).cumsum(-1)  # index k: bins K .. K - k, i.e. the voxels with p >= 1 - k / K
+    gt = stats.gt_voxels.unsqueeze(-1)
+    return (gt - covered).to(torch.float64) / gt.clamp(min=1).to(torch.float64)  # integer counts: exact 0 at λ = 1
+
+
+def crc_index(
+    loss_sum: torch.Tensor, n: torch.Tensor | int, alpha: float, bound: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CRC grid index ``k̂`` (``λ̂ = k̂ / K``) from summed loss curves (CRC eq. 4).
+
+    Args:
+        loss_sum: ``(..., K + 1)`` float, ``Σ_i L_i(k / K)`` over the ``n`` calibration cases, non-increasing in
+            ``k``, with ``L_i(1) = 0`` (the last entry is 0).
+        n: number of calibration cases, broadcastable to ``loss_sum.shape[:-1]``.
+        alpha: target risk in (0, 1).
+        bound: ``B``, an upper bound of every loss (1 for the FNR).
+
+    Returns:
+        ``(k̂, achievable)``: int64 and bool of shape ``loss_sum.shape[:-1]``; ``k̂`` is the smallest ``k`` with
+        ``n/(n+1) · R̂_n + B/(n+1) ≤ α``, i.e. ``Σ_i L_i(k / K) ≤ (n + 1) α − B``; where no ``k`` qualifies
+        (``α < B / (n + 1)``) ``k̂ = K`` and ``achievable`` is False.
+    """
+    a = check_alpha(alpha)
+    if not bound > 0:
+        raise ValueError(f"bound must be positive, got {bound!r}")
+    if loss_sum.ndim < 1 or loss_sum.shape[-1] < 2:
+        raise ValueError(f"loss_sum must have shape (..., K + 1) with K >= 1, got {tuple(loss_sum.shape)}")
+    nn = torch.as_tensor(n, dtype=torch.float64).expand(loss_sum.shape[:-1])
+    limit = (nn + 1) * a - bound
+    ok = loss_sum.to(torch.float64) <= limit.unsqueeze(-1)
+    achievable = ok.any(-1)
+    k = loss_sum.shape[-1] - 1
+    first = torch.where(achievable, ok.to(torch.int8).argmax(-1), torch.full_like(achievable, k, dtype=torch.int64))
+    return first.to(torch.int64), achievable
+
+
+@dataclass(frozen=True)
+class CRCResult:
+    """The CRC threshold per channel (:func:`crc_threshold`).
+
+    Attributes:
+        lambdas: ``(C,)`` float64, ``λ̂ = k̂ / K``; the mask is ``p ≥ 1 − λ̂``.
+        index: ``(C,)`` int64, ``k̂``.
+        n: ``(C,)`` int64, calibration cases used (all cases, or those with the structure for ``"skip"``).
+        achievable: ``(C,)`` bool, whether the bound could be met (``α ≥ 1 / (n + 1)``).
+        calibration_risk: ``(C,)`` float64, ``R̂_n(λ̂)``, the mean calibration FNR at ``λ̂``.
+    """
+
+    lambdas: torch.Tensor
+    index: torch.Tensor
+    n: torch.Tensor
+    achievable: torch.Tensor
+    calibration_risk: torch.Tensor
+
+
+def crc_threshold(
+    stats: FNRStatistics, alpha: float, *, absent: AbsentRule = "zero", names: Sequence[str] | None = None
+) -> CRCResult:
+    """λ̂ per channel (CRC eq. 4, ``B = 1``, module docstring) from :class:`FNRStatistics`, exactly on the grid
+    ``k / K``, without building per-case curves: ``Σ_i L_i(k/K) = n_present − Σ_{entries, bin ≥ K−k} count /
+    |Y_i|``. Warns (``UserWarning``) for a channel where the bound cannot be met (``λ̂ = 1``) and for a channel
+    absent from every calibration case (``λ̂`` then carries no information); ``names`` name the channels in
+    these warnings (default ``"channel c"``)."""
+    a = check_alpha(alpha)
+    absent = _check_absent(absent)
+    k, c = stats.resolution, stats.num_channels
+    if stats.num_cases == 0:
+        raise ValueError("crc_threshold needs at least one calibration case")
+    names = [f"channel {ch}" for ch in range(c)] if names is None else list(names)
+    if len(names) != c:
+        raise ValueError(f"names has {len(names)} entries for {c} channels")
+    weights = torch.zeros(c, k + 1, dtype=torch.float64)
+    weights.index_put_((stats.channel, stats.bin), _covered_fraction(stats), accumulate=True)
+    present = stats.present().sum(0).to(torch.float64)  # (C,)
+    loss_sum = (present.unsqueeze(-1) - weights.flip(-1).cumsum(-1)).clamp_(min=0.0)
+    loss_sum[:, -1] = 0.0  # λ = 1 covers every voxel (removes float residue of the cumulative sum)
+    n = present if absent == "skip" else torch.full((c,), float(stats.num_cases), dtype=torch.float64)
+    index, achievable = crc_index(loss_sum, n, a)
+    for ch in torch.nonzero(~achievable).flatten().tolist():
+        warnings.warn(
+            f"{names[ch]}: alpha={a} is below 1/(n+1) = {1 / (float(n[ch]) + 1):.4g} for n={int(n[ch])} "
+            "calibration cases, so the conformal bound cannot be met; lambda_hat = 1 (every voxel in the mask)",
+            UserWarning,
+            stacklevel=2,
+        )
+    for ch in torch.nonzero(present == 0).flatten().tolist():
+        if bool(achievable[ch]):
+            warnings.warn(
+                f"{names[ch]}: the structure is absent from every calibration case; lambda_hat = "
+                f"{float(index[ch]) / k:.4g} is not informed by any ground truth",
+                UserWarning,
+                stacklevel=2,
+            )
+    risk = loss_sum.gather(1, index.unsqueeze(1))[:, 0] / n.clamp(min=1)
+    return CRCResult(index.to(torch.float64) / k, index, n.to(torch.int64), achievable, risk)
+
+
+def conformal_masks(
+    probs: torch.Tensor,
+    lambdas: torch.Tensor | Sequence[float],
+    *,
+    mode: Mode = "exclusive",
+    activation: Activation = None,
+) -> torch.Tensor:
+    """Conformal masks ``(B, C, *spatial)`` bool: ``p_c ≥ 1 − λ_c`` per channel (compared in float64, exact for
+    ``λ`` on the grid ``k / K``). ``lambdas``: ``(C,)`` values in ``[0, 1]``. In exclusive mode the masks of
+    different classes may overlap (a voxel can be in the set of two classes)."""
+    mode = check_mode(mode)
+    p = to_probabilities(probs, activation, mode, name="probs")
+    lam = torch.as_tensor(lambdas, dtype=torch.float64).flatten()
+    if lam.numel() != p.shape[1]:
+        raise ValueError(f"lambdas has {lam.numel()} values but probs have {p.shape[1]} channels")
+    if not bool(((lam >= 0) & (lam <= 1)).all()):
+        raise ValueError(f"lambdas must lie in [0, 1], got {lam.tolist()}")
+    threshold = (1.0 - lam).view(1, -1, *([1] * (p.ndim - 2)))
+    p = p.detach()
+    if p.dtype == torch.float16 or p.dtype == torch.bfloat16:
+        p = p.float()
+    if p.dtype == torch.float32 and bool((threshold.float().double() == threshold).all()):
+        return p >= threshold.float()  # the thresholds are float32 numbers: the float32 comparison is exact
+    return p.to(torch.float64) >= threshold
+
+
+def false_negative_rate(
+    masks: torch.Tensor, target: torch.Tensor, *, mode: Mode = "exclusive", absent: AbsentRule = "zero"
+) -> torch.Tensor:
+    """Per-case FNR ``(B, C)`` float64 of boolean masks ``(B, C, *spatial)``: ``fn / (tp + fn)`` from
+    :func:`segcal.functional.overlap.confusion_counts` (``1 − recall``). A case without the structure gets 0
+    (``absent="zero"``) or NaN (``"skip"``: not counted)."""
+    absent = _check_absent(absent)
+    if not isinstance(masks, torch.Tensor) or masks.dtype != torch.bool:
+        raise TypeError("masks must be a boolean tensor (B, C, *spatial)")
+    counts = confusion_counts(masks, target, mode=check_mode(mode))
+    tp, fn = counts[..., 0], counts[..., 2]
+    gt = tp + fn
+    empty = torch.zeros_like(gt) if absent == "zero" else torch.full_like(gt, float("nan"))
+    return torch.where(gt > 0, fn / gt.clamp(min=1), empty)

@@ -1,0 +1,292 @@
+"""Conformal risk control of the false-negative rate: the guarantee on phantoms with a known posterior, the
+threshold against a literal reference, masks, streaming, files and bad inputs."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from segcal.data.phantoms import make_phantom
+from segcal.functional.conformal import (
+    FNRStatistics,
+    conformal_masks,
+    crc_index,
+    crc_threshold,
+    false_negative_rate,
+    fnr_loss_curves,
+    fnr_statistics,
+    probability_bins,
+)
+from segcal.posthoc import ConformalRiskControl, NotFittedError, TemperatureScaling, load_calibrator
+
+K_TEST = 1 << 10  # a coarser grid keeps the dense per-case curves small; CRC is exact on any grid
+
+
+def _split_risks(curves: torch.Tensor, n_cal: int, alpha: float, n_splits: int, seed: int) -> torch.Tensor:
+    """Mean test FNR ``(n_splits, C)`` of CRC over random calibration/test splits of a pool of cases.
+
+    ``curves`` ``(N, C, K + 1)`` are the per-case loss curves, computed once; each split sums the curves of its
+    calibration cases (one matrix product for all splits), picks ``k̂`` with :func:`crc_index` and averages the
+    test cases' losses at ``k̂``.
+    """
+    n, c, k1 = curves.shape
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.argsort(torch.rand(n_splits, n, generator=gen), dim=1)
+    cal = torch.zeros(n_splits, n, dtype=torch.float64).scatter_(1, order[:, :n_cal], 1.0)
+    sums = (cal @ curves.reshape(n, c * k1)).view(n_splits, c, k1)
+    k_hat, achievable = crc_index(sums, n_cal, alpha)
+    assert bool(achievable.all())
+    at_k = curves[:, torch.arange(c).view(1, c), k_hat]  # (N, splits, C): every case's loss at each split's k̂
+    return torch.einsum("sn,nsc->sc", 1.0 - cal, at_k) / (n - n_cal)
+
+
+@pytest.mark.parametrize("mode", ["exclusive", "multilabel"])
+def test_mean_test_fnr_is_at_most_alpha_over_random_splits(mode: str) -> None:
+    """CRC Theorem 1 on 300 phantoms whose labels are sampled voxel-wise from known probabilities.
+
+    Conditional on the pool, a uniformly random split makes calibration and test cases exchangeable, so the
+    expected test FNR over splits is at most alpha exactly. The splits are independent draws given the pool, so
+    the mean over S splits has standard error sd / sqrt(S); with S = 400 the Monte-Carlo mean exceeds its
+    expectation by more than 3 standard errors with probability about 0.001 (and the pool and the splits are
+    seeded, so the test is deterministic). We also check the bound is not vacuous: the mean stays within
+    2 / (n + 1) (CRC Theorem 2's lower bound, n calibration cases) plus the grid's and the loss jumps' slack of
+    alpha.
+    """
+    alpha, n_cal, n_splits = 0.1, 150, 400
+    ph = make_phantom((12, 12, 12), 3, 300, seed=7, mode=mode)  # type: ignore[arg-type]
+    stats = fnr_statistics(ph.probs, ph.labels, mode=mode, resolution=K_TEST)  # type: ignore[arg-type]
+    assert bool(stats.present().all())
+    risks = _split_risks(fnr_loss_curves(stats), n_cal, alpha, n_splits, seed=11)
+    mean = risks.mean(0)
+    se = risks.std(0) / math.sqrt(n_splits)
+    print(f"{mode}: alpha - mean test FNR per channel = {(alpha - mean).tolist()}, SE = {se.tolist()}")
+    assert bool((mean <= alpha + 3 * se).all()), (mean, se)
+    assert bool((mean >= alpha - 2 / (n_cal + 1) - 0.02).all()), mean
+
+
+def test_guarantee_counts_absent_structures_as_zero_or_skips_them() -> None:
+    """A structure removed from a third of the cases: with ``absent="zero"`` the mean over all test cases is
+    within the bound; with ``"skip"`` the mean over the cases that have it is."""
+    alpha, n_cal, n_splits = 0.1, 120, 300
+    ph = make_phantom((10, 10, 10), 2, 240, seed=3)
+    labels = ph.labels.clone()
+    labels[::3][labels[::3] == 1] = 0  # class 1 absent from every third case
+    stats = fnr_statistics(ph.probs, labels, resolution=K_TEST)
+    present = stats.present()[:, 1]
+    assert int(present.sum()) == 160
+    curves = fnr_loss_curves(stats)[:, 1:]
+    risks = _split_risks(curves, n_cal, alpha, n_splits, seed=5)[:, 0]
+    assert float(risks.mean()) <= alpha + 3 * float(risks.std()) / math.sqrt(n_splits)
+    keep = FNRStatistics(
+        stats.resolution, stats.gt_voxels[present], *_entries_of(stats, present)
+    )
+    risks_skip = _split_risks(fnr_loss_curves(keep)[:, 1:], 80, alpha, n_splits, seed=6)[:, 0]
+    assert float(risks_skip.mean()) <= alpha + 3 * float(risks_skip.std()) / math.sqrt(n_splits)
+    # "skip" calibrates on the present cases only: its threshold is that of the kept statistics
+    lam_skip = crc_threshold(stats, alpha, absent="skip").lambdas[1]
+    assert float(lam_skip) == float(crc_threshold(keep, alpha).lambdas[1])
+    assert int(crc_threshold(stats, alpha, absent="skip").n[1]) == 160
+
+
+def _entries_of(stats: FNRStatistics, keep: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The sparse entries of the kept cases, renumbered."""
+    new_index = torch.cumsum(keep.to(torch.int64), 0) - 1
+    sel = keep[stats.case]
+    return new_index[stats.case[sel]], stats.channel[sel], stats.bin[sel], stats.count[sel]
+
+
+def _reference_lambda(p: np.ndarray, y: np.ndarray, alpha: float, k: int) -> float:
+    """CRC read literally: for each λ = j/K, the mask p ≥ 1 − λ, each case's FNR (0 without structure), the
+    first λ with n/(n+1) · mean + 1/(n+1) ≤ α; 1 if none."""
+    n = p.shape[0]
+    for j in range(k + 1):
+        lam = j / k
+        losses = []
+        for i in range(n):
+            gt = y[i].astype(bool)
+            if gt.sum() == 0:
+                losses.append(0.0)
+                continue
+            hit = (p[i].astype(np.float64) >= 1.0 - lam) & gt
+            losses.append(1.0 - hit.sum() / gt.sum())
+        if n / (n + 1) * float(np.mean(losses)) + 1 / (n + 1) <= alpha:
+            return lam
+    return 1.0
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(9, 30),
+    alpha=st.floats(0.1, 0.6),
+    seed=st.integers(0, 2**31 - 1),
+    on_edges=st.booleans(),
+)
+def test_threshold_matches_a_literal_reference(n: int, alpha: float, seed: int, on_edges: bool) -> None:
+    """Random probabilities, and adversarial ones lying exactly on the grid's edges (1 − k/K), at 0 and 1,
+    with ties and empty structures: the threshold equals the literal reading of CRC eq. 4."""
+    k = 16
+    rng = np.random.default_rng(seed)
+    p = rng.random((n, 1, 5, 4, 3)).astype(np.float32)
+    if on_edges:
+        p = (rng.integers(0, k + 1, size=p.shape) / k).astype(np.float32)
+    y = (rng.random(p.shape) < 0.4).astype(np.int64)
+    y[rng.random(n) < 0.2] = 0  # some cases without the structure
+    stats = fnr_statistics(torch.from_numpy(p), torch.from_numpy(y), mode="multilabel", resolution=k)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = float(crc_threshold(stats, alpha).lambdas[0])
+    assert got == _reference_lambda(p[:, 0], y[:, 0], alpha, k)
+
+
+def test_masks_reproduce_the_curves_and_fnr_agrees_with_torchmetrics() -> None:
+    """The FNR of the masks p ≥ 1 − λ̂ equals the loss curve at k̂, case by case, and 1 − torchmetrics' recall."""
+    from torchmetrics.functional.classification import binary_recall
+
+    ph = make_phantom((9, 10, 11), 3, 12, seed=2)
+    stats = fnr_statistics(ph.probs, ph.labels, resolution=K_TEST)
+    res = crc_threshold(stats, 0.15)
+    masks = conformal_masks(ph.probs, res.lambdas)
+    fnr = false_negative_rate(masks, ph.labels)
+    curves = fnr_loss_curves(stats)
+    expected = curves[:, torch.arange(3), res.index]
+    torch.testing.assert_close(fnr, expected, rtol=0, atol=1e-12)
+    onehot = ph.onehot().bool()
+    for b in range(3):
+        for c in range(3):
+            recall = binary_recall(masks[b, c].flatten().int(), onehot[b, c].flatten().int())
+            assert abs(float(fnr[b, c]) - (1 - float(recall))) < 1e-6
+    # the calibration risk reported is the mean curve value at k̂
+    torch.testing.assert_close(res.calibration_risk, expected.mean(0), rtol=0, atol=1e-12)
+
+
+def test_curves_are_non_increasing_and_bins_are_exact_on_the_grid() -> None:
+    ph = make_phantom((8, 8, 8), 3, 6, seed=4)
+    curves = fnr_loss_curves(fnr_statistics(ph.probs, ph.labels, resolution=64))
+    assert bool((curves.diff(dim=-1) <= 1e-12).all())
+    assert bool((curves[..., -1] == 0).all())  # λ = 1: every voxel in the mask
+    k = 1 << 16
+    edges = torch.tensor([0.0, 1 / k, 0.5, 1 - 1 / k, 1.0, 0.25 - 2**-30], dtype=torch.float64)
+    for dtype in (torch.float32, torch.float64):
+        p = edges.to(dtype)
+        bins = probability_bins(p, k)
+        for j in (0, 1, k // 2, k - 1, k):
+            assert torch.equal(bins >= k - j, p.double() >= 1 - j / k)
+
+
+def test_threshold_is_monotone_in_alpha() -> None:
+    ph = make_phantom((10, 10, 10), 3, 40, seed=9)
+    stats = fnr_statistics(ph.probs, ph.labels, resolution=1 << 12)
+    lams = torch.stack([crc_threshold(stats, a).lambdas for a in np.linspace(0.03, 0.9, 30)])
+    assert bool((lams.diff(dim=0) <= 0).all())
+    assert bool((lams[0] > lams[-1]).all())
+
+
+def test_alpha_below_one_over_n_plus_one_gives_every_voxel_with_a_warning() -> None:
+    ph = make_phantom((8, 8, 8), 2, 5, seed=1)
+    with pytest.warns(UserWarning, match="cannot be met"):
+        crc = ConformalRiskControl(alpha=0.1).fit(ph.probs, ph.labels)  # 0.1 < 1/6
+    assert float(crc.lambdas_[0]) == 1.0 and not bool(crc.achievable_[0])
+    assert bool(crc.predict_masks(ph.probs).all())
+
+
+def test_streamed_fit_equals_batch_fit_and_statistics_merge_exactly() -> None:
+    ph = make_phantom((10, 9, 8), 3, 20, seed=5, mode="multilabel")
+    batch = ConformalRiskControl(0.2, mode="multilabel", activation="sigmoid").fit(ph.logits, ph.labels)
+    with pytest.raises(ValueError, match=r"volume 0: a 4-D prediction .* is ambiguous"):
+        ConformalRiskControl(0.2, mode="multilabel").fit([(ph.probs[0], ph.labels[0])])
+    volumes = [(ph.logits[i : i + 1], ph.labels[i : i + 1]) for i in range(20)]  # one (1, C, *S) volume at a time
+    streamed = ConformalRiskControl(0.2, mode="multilabel", activation="sigmoid").fit(volumes)
+    assert torch.equal(batch.lambdas_, streamed.lambdas_)
+    whole = fnr_statistics(ph.probs, ph.labels, mode="multilabel", resolution=256)
+    parts = [fnr_statistics(ph.probs[s : s + 7], ph.labels[s : s + 7], mode="multilabel", resolution=256)
+             for s in range(0, 20, 7)]
+    merged = FNRStatistics.concat(parts)
+    assert torch.equal(fnr_loss_curves(merged), fnr_loss_curves(whole))
+    # multilabel masks of nested regions overlap: a voxel is in several channels' sets
+    masks = batch.predict_masks(ph.logits)
+    assert masks.shape == ph.probs.shape and bool((masks.sum(1) > 1).any())
+
+
+def test_exclusive_calibrates_foreground_classes_and_the_report_measures_the_risk() -> None:
+    ph = make_phantom((10, 10, 10), 3, 80, seed=6)
+    crc = ConformalRiskControl(0.1).fit(ph.probs[:50], ph.labels[:50])
+    assert crc.channels_ == [1, 2] and crc.lambdas_.shape == (2,)
+    rep = crc.report([(ph.probs[i], ph.labels[i]) for i in range(50, 80)])
+    masks = crc.predict_masks(ph.probs[50:])
+    fnr = false_negative_rate(masks, ph.onehot()[50:, 1:], mode="multilabel")
+    torch.testing.assert_close(rep.mean_fnr(), fnr.mean(0))
+    rows = rep.rows()
+    assert [r["channel"] for r in rows] == [1, 2] and all(r["cases"] == 30 for r in rows)
+    all_classes = ConformalRiskControl(0.1, include_background=True).fit(ph.probs[:50], ph.labels[:50])
+    assert all_classes.channels_ == [0, 1, 2]
+    torch.testing.assert_close(all_classes.lambdas_[1:], crc.lambdas_)
+
+
+def test_save_load_round_trip(tmp_path) -> None:
+    ph = make_phantom((8, 8, 8), 3, 30, seed=8)
+    crc = ConformalRiskControl(0.2, absent="skip", resolution=1 << 12).fit(ph.probs, ph.labels)
+    crc.save(tmp_path / "crc.pt")
+    back = load_calibrator(tmp_path / "crc.pt")
+    assert isinstance(back, ConformalRiskControl)
+    assert torch.equal(back.lambdas_, crc.lambdas_) and back.channels_ == crc.channels_
+    assert (back.alpha, back.absent, back.resolution, back.mode) == (0.2, "skip", 1 << 12, "exclusive")
+    assert torch.equal(back.predict_masks(ph.probs), crc.predict_masks(ph.probs))
+    with pytest.raises(ValueError, match="not TemperatureScaling"):
+        TemperatureScaling.load(tmp_path / "crc.pt")
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0, -0.1, 1.5, float("nan")])
+def test_alpha_outside_the_open_unit_interval_is_refused(alpha: float) -> None:
+    ph = make_phantom((8, 8, 8), 2, 3, seed=0)
+    with pytest.raises(ValueError, match="alpha must lie in the open interval"):
+        ConformalRiskControl(alpha).fit(ph.probs, ph.labels)
+    stats = fnr_statistics(ph.probs, ph.labels, resolution=64)
+    with pytest.raises(ValueError, match="alpha"):
+        crc_threshold(stats, alpha)
+
+
+def test_bad_inputs_give_one_clear_error() -> None:
+    ph = make_phantom((8, 8, 8), 3, 4, seed=0)
+    with pytest.raises(ValueError, match="power of two"):
+        fnr_statistics(ph.probs, ph.labels, resolution=1000)
+    with pytest.raises(ValueError, match="shape"):
+        fnr_statistics(ph.probs, ph.labels[:, :4])
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\]"):
+        fnr_statistics(ph.probs, ph.labels + 1)
+    with pytest.raises(ValueError, match="sum to 1"):
+        fnr_statistics(ph.probs * 0.5, ph.labels)
+    bad = ph.probs.clone()
+    bad[0, 0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        fnr_statistics(bad, ph.labels)
+    with pytest.raises(ValueError, match="2 or 3 spatial dims"):
+        fnr_statistics(ph.probs[:, :, 0, 0], ph.labels[:, 0, 0])
+    with pytest.raises(NotFittedError):
+        ConformalRiskControl().predict_masks(ph.probs)
+    with pytest.raises(ValueError, match=r"volume 1: .*labels must lie"):
+        ConformalRiskControl(0.5).fit([(ph.probs[0], ph.labels[0]), (ph.probs[1], ph.labels[1] + 5)])
+    with pytest.raises(ValueError, match="volume 1: has 2 channels"):
+        ConformalRiskControl(0.5).fit([(ph.probs[0], ph.labels[0]), (ph.probs[1, :2], ph.labels[1].clamp(max=1))])
+    with pytest.raises(ValueError, match="absent must be"):
+        ConformalRiskControl(0.5, absent="one").fit(ph.probs, ph.labels)  # type: ignore[arg-type]
+    crc = ConformalRiskControl(0.5).fit(ph.probs, ph.labels)
+    with pytest.raises(ValueError, match="2 channels but the calibrator was fitted on 3"):
+        crc.predict_masks(ph.probs[:, :2])
+    with pytest.raises(ValueError, match=r"lambdas must lie in \[0, 1\]"):
+        conformal_masks(ph.probs, [0.1, 1.5, 0.2])
+    with pytest.raises(TypeError, match="boolean"):
+        false_negative_rate(ph.probs, ph.labels)
+
+
+def test_structure_absent_from_every_calibration_case_warns() -> None:
+    ph = make_phantom((8, 8, 8), 3, 12, seed=2)
+    labels = ph.labels.clone()
+    labels[labels == 2] = 0
+    with pytest.warns(UserWarning, match="channel 2: the structure is absent from every calibration case"):
+        ConformalRiskControl(0.3).fit(ph.probs, labels)
