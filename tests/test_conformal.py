@@ -290,3 +290,96 @@ def test_structure_absent_from_every_calibration_case_warns() -> None:
     labels[labels == 2] = 0
     with pytest.warns(UserWarning, match="channel 2: the structure is absent from every calibration case"):
         ConformalRiskControl(0.3).fit(ph.probs, labels)
+
+
+# ------------------------------------------------------------------------------------------- command line
+def _write_npy_folders(root, probs: torch.Tensor, labels: torch.Tensor, name: str) -> tuple:
+    pred, lab = root / f"{name}_pred", root / f"{name}_lab"
+    pred.mkdir()
+    lab.mkdir()
+    for i in range(probs.shape[0]):
+        np.savez(pred / f"case{i:03d}.npz", probabilities=probs[i].numpy(), spacing=np.array([1.0, 1.0, 2.0]))
+        np.save(lab / f"case{i:03d}.npy", labels[i].numpy().astype(np.int16))
+    return pred, lab
+
+
+def test_cli_fit_apply_evaluate_on_npy_folders(tmp_path) -> None:
+    from _helpers import invoke_cli
+    from segcal.io import read_label
+
+    ph = make_phantom((8, 9, 10), 3, 40, seed=12)
+    cal_pred, cal_lab = _write_npy_folders(tmp_path, ph.probs[:25], ph.labels[:25], "cal")
+    test_pred, test_lab = _write_npy_folders(tmp_path, ph.probs[25:], ph.labels[25:], "test")
+    crc_file = tmp_path / "crc.pt"
+    res = invoke_cli(["conformal", "fit", "--cal-pred", str(cal_pred), "--labels", str(cal_lab), "--alpha", "0.2",
+                      "-o", str(crc_file)])
+    assert res.exit_code == 0, res.output
+    crc = load_calibrator(crc_file)
+    api = ConformalRiskControl(0.2).fit(ph.probs[:25], ph.labels[:25])
+    assert torch.equal(crc.lambdas_, api.lambdas_)  # the command is the API on the files
+    out = tmp_path / "masks"
+    res = invoke_cli(["conformal", "apply", "--crc", str(crc_file), "--pred", str(test_pred), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert len(list(out.glob("case*.npz"))) == 15 and (out / "conformal.json").is_file()
+    mask, spacing, _ = read_label(out / "case000.npz")  # the first test case
+    assert spacing == (1.0, 1.0, 2.0)
+    assert np.array_equal(mask.astype(bool), api.predict_masks(ph.probs[25:26])[0].numpy())
+    report = tmp_path / "report.json"
+    res = invoke_cli(["conformal", "evaluate", "--crc", str(crc_file), "--test-pred", str(test_pred),
+                      "--test-labels", str(test_lab), "-o", str(report)])
+    assert res.exit_code == 0, res.output
+    import json
+
+    rows = json.loads(report.read_text())["channels"]
+    expected = api.report(ph.probs[25:], ph.labels[25:]).mean_fnr()
+    assert [r["channel"] for r in rows] == [1, 2]
+    assert np.allclose([r["mean_fnr"] for r in rows], expected.numpy(), rtol=0, atol=1e-12)
+
+
+def test_cli_nifti_masks_keep_the_prediction_geometry_and_multilabel_regions(tmp_path) -> None:
+    from _helpers import invoke_cli
+    from segcal.io import read_nifti, write_nifti_probabilities
+
+    ph = make_phantom((8, 9, 10), 3, 12, seed=13, mode="multilabel")
+    affine = np.diag([0.8, 0.9, 2.5, 1.0])
+    affine[:3, 3] = [10.0, -4.0, 3.0]
+    folders = {name: tmp_path / name for name in ("pred", "lab")}
+    for f in folders.values():
+        f.mkdir()
+    for i in range(12):
+        write_nifti_probabilities(folders["pred"] / f"c{i}.nii.gz", ph.probs[i].numpy(), affine)
+        np.save(folders["lab"] / f"c{i}.npy", ph.labels[i].numpy().astype(np.uint8))  # multi-hot (C, *S)
+    crc_file = tmp_path / "crc.pt"
+    res = invoke_cli(["conformal", "fit", "--cal-pred", str(folders["pred"]), "--labels", str(folders["lab"]),
+                      "--alpha", "0.3", "--mode", "multilabel", "-o", str(crc_file)])
+    assert res.exit_code == 0, res.output
+    api = ConformalRiskControl(0.3, mode="multilabel").fit(ph.probs, ph.labels)
+    assert torch.equal(load_calibrator(crc_file).lambdas_, api.lambdas_)
+    out = tmp_path / "masks"
+    res = invoke_cli(["conformal", "apply", "--crc", str(crc_file), "--pred", str(folders["pred"]), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    data, spacing, aff = read_nifti(out / "c3.nii.gz")
+    assert data.shape == (8, 9, 10, 3) and np.allclose(aff, affine) and np.allclose(spacing, (0.8, 0.9, 2.5))
+    expected = load_calibrator(crc_file).predict_masks(ph.probs[3:4])[0].numpy()
+    assert np.array_equal(np.moveaxis(data, -1, 0).astype(bool), expected)
+    assert "declares" not in res.output
+
+
+def test_cli_bad_inputs(tmp_path) -> None:
+    from _helpers import invoke_cli
+
+    ph = make_phantom((8, 8, 8), 2, 6, seed=14)
+    pred, lab = _write_npy_folders(tmp_path, ph.probs, ph.labels, "cal")
+    base = ["conformal", "fit", "--cal-pred", str(pred), "--labels", str(lab), "-o", str(tmp_path / "c.pt")]
+    res = invoke_cli([*base, "--alpha", "1.5"])
+    assert res.exit_code == 2 and "--alpha must lie in the open interval" in res.output
+    res = invoke_cli([*base, "--alpha", "0.05"])  # 0.05 < 1/7: every voxel, with a warning
+    assert res.exit_code == 0 and "cannot be met" in res.output
+    (pred / "case003.npz").write_bytes(b"not a zip")
+    res = invoke_cli([*base, "--alpha", "0.3"])
+    assert res.exit_code == 1 and "case003.npz" in res.output
+    res = invoke_cli(["conformal", "apply", "--crc", str(tmp_path / "missing.pt"), "--pred", str(pred),
+                      "-o", str(tmp_path / "m")])
+    assert res.exit_code == 1 and "missing.pt" in res.output
+    res = invoke_cli(["conformal", "apply", "--crc", str(tmp_path / "c.pt"), "--pred", str(pred), "-o", str(pred)])
+    assert res.exit_code == 2
