@@ -129,7 +129,7 @@ def _reference_lambda(p: np.ndarray, y: np.ndarray, alpha: float, k: int) -> flo
 )
 def test_threshold_matches_a_literal_reference(n: int, alpha: float, seed: int, on_edges: bool) -> None:
     """Random probabilities, and adversarial ones lying exactly on the grid's edges (1 − k/K), at 0 and 1,
-    with ties and empty structures: the threshold equals the literal reading of CRC eq. 4."""
+    with ties and empty structures: the threshold equals the literal reading of the λ̂ of CRC Theorem 1."""
     k = 16
     rng = np.random.default_rng(seed)
     p = rng.random((n, 1, 5, 4, 3)).astype(np.float32)
@@ -383,3 +383,15 @@ def test_cli_bad_inputs(tmp_path) -> None:
     assert res.exit_code == 1 and "missing.pt" in res.output
     res = invoke_cli(["conformal", "apply", "--crc", str(tmp_path / "c.pt"), "--pred", str(pred), "-o", str(pred)])
     assert res.exit_code == 2
+
+
+def test_the_documented_example_runs(tmp_path, monkeypatch) -> None:
+    """docs/conformal.md's ``<!-- tested example -->`` python block runs as written."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "conformal.md").read_text()
+    blocks = re.findall(r"<!-- tested example -->\s*\n```python\n(.*?)\n```", text, re.S)
+    assert len(blocks) == 1
+    monkeypatch.chdir(tmp_path)
+    exec(compile(blocks[0], "docs/conformal.md", "exec"), {"__name__": "__main__"})

@@ -1,7 +1,8 @@
 """Conformal risk control (CRC) of the false-negative rate of segmentation masks, as pure tensor functions.
 
 Reference: Angelopoulos, Bates, Fisch, Lei, Schuster, "Conformal Risk Control", ICLR 2024 (docs/references.md,
-[Angelopoulos2024-ICLR]), Theorem 1 and §3 (FNR control in tumour segmentation).
+[Angelopoulos2024-ICLR]), Theorem 1 (the threshold and its guarantee) and the paper's example of FNR control in
+tumour segmentation.
 
 Loss, per case ``i`` and channel ``c`` (a softmax class, or a sigmoid region channel in multilabel mode)
 ---------------------------------------------------------------------------------------------------------
@@ -16,7 +17,7 @@ among the ``n`` calibration cases, so the guarantee is over all cases; ``absent=
 of the calibration set and of the reported risk, so the guarantee holds over cases where the structure is
 present (those cases must be exchangeable among themselves).
 
-The CRC threshold (CRC eq. 4 with ``B = 1``)::
+The CRC threshold (CRC Theorem 1, with ``B = 1``)::
 
     λ̂ = inf{ λ : n / (n + 1) · R̂_n(λ) + B / (n + 1) ≤ α },      R̂_n(λ) = (1/n) Σ_i L_i(λ)
 
@@ -223,7 +224,7 @@ def fnr_loss_curves(stats: FNRStatistics) -> torch.Tensor:
 def crc_index(
     loss_sum: torch.Tensor, n: torch.Tensor | int, alpha: float, bound: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The CRC grid index ``k̂`` (``λ̂ = k̂ / K``) from summed loss curves (CRC eq. 4).
+    """The CRC grid index ``k̂`` (``λ̂ = k̂ / K``) from summed loss curves (CRC Theorem 1).
 
     Args:
         loss_sum: ``(..., K + 1)`` float, ``Σ_i L_i(k / K)`` over the ``n`` calibration cases, non-increasing in
@@ -273,7 +274,7 @@ class CRCResult:
 def crc_threshold(
     stats: FNRStatistics, alpha: float, *, absent: AbsentRule = "zero", names: Sequence[str] | None = None
 ) -> CRCResult:
-    """λ̂ per channel (CRC eq. 4, ``B = 1``, module docstring) from :class:`FNRStatistics`, exactly on the grid
+    """λ̂ per channel (CRC Theorem 1, ``B = 1``, module docstring) from :class:`FNRStatistics`, exactly on the grid
     ``k / K``, without building per-case curves: ``Σ_i L_i(k/K) = n_present − Σ_{entries, bin ≥ K−k} count /
     |Y_i|``. Warns (``UserWarning``) for a channel where the bound cannot be met (``λ̂ = 1``) and for a channel
     absent from every calibration case (``λ̂`` then carries no information); ``names`` name the channels in
