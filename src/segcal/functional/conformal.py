@@ -52,13 +52,14 @@ from typing import Literal
 
 import torch
 
-from segcal.functional.inputs import Activation, Mode, check_mode, check_target, target_to_onehot, to_probabilities
+from segcal.functional.inputs import Activation, Mode, as_label_map, check_mode, check_target, to_probabilities
 from segcal.functional.overlap import confusion_counts
 
 __all__ = [
     "DEFAULT_RESOLUTION",
     "AbsentRule",
     "FNRStatistics",
+    "binary_targets",
     "check_alpha",
     "conformal_masks",
     "crc_index",
@@ -71,6 +72,8 @@ __all__ = [
 
 #: default number of grid steps ``K`` of ``λ`` (``λ ∈ {k / K}``); a power of two
 DEFAULT_RESOLUTION = 1 << 16
+#: slack (per case) by which a loss sum must clear the CRC limit: float64 rounding never makes the bound looser
+_TIE_TOL = 1e-12
 #: how a case without the structure counts (module docstring)
 AbsentRule = Literal["zero", "skip"]
 
@@ -116,8 +119,9 @@ class FNRStatistics:
     Attributes:
         resolution: ``K``.
         gt_voxels: ``(n, C)`` int64, ground-truth voxels ``|Y_i|`` per case and channel.
-        case, channel, bin, count: ``(M,)`` int64 each, a sparse histogram: ``count`` ground-truth voxels of
-            case ``case`` and channel ``channel`` have ``⌊p K⌋ = bin`` (only non-zero entries are kept).
+        case, channel, bin, count: ``(M,)`` int32 each, a sparse histogram: ``count`` ground-truth voxels of
+            case ``case`` and channel ``channel`` have ``⌊p K⌋ = bin`` (only non-zero entries are kept): at most
+            ``K + 1`` entries (16 bytes each) per case and channel, whatever the volume size.
 
     Statistics of several batches merge exactly with :meth:`concat` (cases appended in order).
     """
@@ -190,21 +194,37 @@ def fnr_statistics(
     p = to_probabilities(probs, activation, mode, name="probs")
     check_target(target, p.shape, mode)
     b, c = p.shape[:2]
-    gt = target_to_onehot(target, c, spatial_shape=p.shape[2:]) >= 0.5
+    gt = binary_targets(target, c, p.shape[2:])
     case_of = torch.arange(b, dtype=torch.int64).view(b, *([1] * (p.ndim - 2)))
     parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for ch in range(c):  # one channel at a time: memory in the ground-truth voxels only
         sel = gt[:, ch]
         key = case_of.expand_as(sel)[sel] * (k + 1) + probability_bins(p[:, ch][sel], k)
-        uniq, counts = torch.unique(key, return_counts=True)
-        parts.append((uniq // (k + 1), torch.full_like(uniq, ch), uniq % (k + 1), counts.to(torch.int64)))
-    case, channel, bins, count = (torch.cat(t) for t in zip(*parts, strict=True))
+        dense = torch.bincount(key, minlength=b * (k + 1))  # linear time; b (K + 1) counters
+        uniq = torch.nonzero(dense).flatten()
+        parts.append((uniq // (k + 1), torch.full_like(uniq, ch), uniq % (k + 1), dense[uniq]))
+    case, channel, bins, count = (torch.cat(t).to(torch.int32) for t in zip(*parts, strict=True))
     return FNRStatistics(k, gt.flatten(2).sum(-1).to(torch.int64), case, channel, bins, count)
+
+
+def binary_targets(
+    target: torch.Tensor, num_channels: int, spatial_shape: Sequence[int], channels: Sequence[int] | None = None
+) -> torch.Tensor:
+    """Ground truth ``(B, K, *spatial)`` bool of the ``channels`` (default: all ``num_channels``) from a validated
+    label map (one comparison per channel, no float one-hot) or one-hot / multi-hot / soft map (``≥ 0.5``)."""
+    chans = list(range(num_channels)) if channels is None else list(channels)
+    lab = as_label_map(target, spatial_shape)
+    if lab is not None and num_channels == 1:  # one channel: the map itself is the target (as target_to_onehot)
+        return (lab != 0).unsqueeze(1)
+    if lab is not None:
+        return torch.stack([lab == ch for ch in chans], 1)
+    dense = target[:, chans]
+    return dense if dense.dtype == torch.bool else dense >= 0.5
 
 
 def _covered_fraction(stats: FNRStatistics) -> torch.Tensor:
     """Per entry: the share of its case's ground truth it holds, ``count / |Y_i|`` (float64)."""
-    denom = stats.gt_voxels[stats.case, stats.channel].to(torch.float64)
+    denom = stats.gt_voxels[stats.case.long(), stats.channel.long()].to(torch.float64)
     return stats.count.to(torch.float64) / denom
 
 
@@ -214,8 +234,10 @@ def fnr_loss_curves(stats: FNRStatistics) -> torch.Tensor:
     :meth:`FNRStatistics.present` for ``"skip"``). Memory ``n · C · (K + 1)`` doubles: for small ``K`` or few
     cases (tests, plots); :func:`crc_threshold` never builds it."""
     k = stats.resolution
-    hist = torch.zeros(stats.num_cases, stats.num_channels, k + 1, dtype=torch.int64)
-    hist.index_put_((stats.case, stats.channel, stats.bin), stats.count, accumulate=True)
+    n, c = stats.num_cases, stats.num_channels
+    key = (stats.case.long() * c + stats.channel.long()) * (k + 1) + stats.bin.long()
+    hist = torch.bincount(key, weights=stats.count.to(torch.float64), minlength=n * c * (k + 1))
+    hist = hist.round().to(torch.int64).view(n, c, k + 1)  # integer counts (exact in float64 below 2**53)
     covered = hist.flip(-1).cumsum(-1)  # index k: bins K .. K - k, i.e. the voxels with p >= 1 - k / K
     gt = stats.gt_voxels.unsqueeze(-1)
     return (gt - covered).to(torch.float64) / gt.clamp(min=1).to(torch.float64)  # integer counts: exact 0 at λ = 1
@@ -236,7 +258,8 @@ def crc_index(
     Returns:
         ``(k̂, achievable)``: int64 and bool of shape ``loss_sum.shape[:-1]``; ``k̂`` is the smallest ``k`` with
         ``n/(n+1) · R̂_n + B/(n+1) ≤ α``, i.e. ``Σ_i L_i(k / K) ≤ (n + 1) α − B``; where no ``k`` qualifies
-        (``α < B / (n + 1)``) ``k̂ = K`` and ``achievable`` is False.
+        (``α < B / (n + 1)``) ``k̂ = K`` and ``achievable`` is False. The sums are float64: a sum within
+        ``1e-12 · (n + 1)`` of the limit counts as above it (exact ties resolve to the next, safer ``k``).
     """
     a = check_alpha(alpha)
     if not bound > 0:
@@ -244,7 +267,9 @@ def crc_index(
     if loss_sum.ndim < 1 or loss_sum.shape[-1] < 2:
         raise ValueError(f"loss_sum must have shape (..., K + 1) with K >= 1, got {tuple(loss_sum.shape)}")
     nn = torch.as_tensor(n, dtype=torch.float64).expand(loss_sum.shape[:-1])
-    limit = (nn + 1) * a - bound
+    # a float64 sum of ratios can be off by a few ulps: the comparison gives way on the safe side (a later k),
+    # so a rounding error never picks a k whose exact loss sum exceeds the limit
+    limit = (nn + 1) * a - bound - _TIE_TOL * (nn + 1)
     ok = loss_sum.to(torch.float64) <= limit.unsqueeze(-1)
     achievable = ok.any(-1)
     k = loss_sum.shape[-1] - 1
@@ -287,8 +312,8 @@ def crc_threshold(
     names = [f"channel {ch}" for ch in range(c)] if names is None else list(names)
     if len(names) != c:
         raise ValueError(f"names has {len(names)} entries for {c} channels")
-    weights = torch.zeros(c, k + 1, dtype=torch.float64)
-    weights.index_put_((stats.channel, stats.bin), _covered_fraction(stats), accumulate=True)
+    key = stats.channel.long() * (k + 1) + stats.bin.long()
+    weights = torch.bincount(key, weights=_covered_fraction(stats), minlength=c * (k + 1)).view(c, k + 1)
     present = stats.present().sum(0).to(torch.float64)  # (C,)
     loss_sum = (present.unsqueeze(-1) - weights.flip(-1).cumsum(-1)).clamp_(min=0.0)
     loss_sum[:, -1] = 0.0  # λ = 1 covers every voxel (removes float residue of the cumulative sum)

@@ -27,13 +27,14 @@ from segcal.functional.conformal import (
     DEFAULT_RESOLUTION,
     AbsentRule,
     FNRStatistics,
+    binary_targets,
     check_alpha,
     conformal_masks,
     crc_threshold,
     false_negative_rate,
     fnr_statistics,
 )
-from segcal.functional.inputs import Activation, Mode, check_mode, check_target, target_to_onehot, to_probabilities
+from segcal.functional.inputs import Activation, Mode, check_mode, check_target, to_probabilities
 from segcal.io import CaseFiles, FolderFormat, KindOption, Prediction, read_prediction
 from segcal.posthoc._base import Calibrator, TargetTally, Volume, _as_volume, iter_volumes
 from segcal.posthoc.folders import _target, check_prediction_values
@@ -168,7 +169,7 @@ class ConformalRiskControl(Calibrator):
         y = None
         if target is not None:
             check_target(target, p.shape, self.mode)
-            y = target_to_onehot(target, p.shape[1], spatial_shape=p.shape[2:])[:, channels] >= 0.5
+            y = binary_targets(target, p.shape[1], p.shape[2:], channels)
         return p[:, channels], y
 
     def _names(self) -> list[str]:
