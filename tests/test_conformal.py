@@ -331,6 +331,12 @@ def test_cli_fit_apply_evaluate_on_npy_folders(tmp_path) -> None:
     mask, spacing, _ = read_label(out / "case000.npz")  # the first test case
     assert spacing == (1.0, 1.0, 2.0)
     assert np.array_equal(mask.astype(bool), api.predict_masks(ph.probs[25:26])[0].numpy())
+    # a calibrator fitted on logits through the API applies to probability files: the command never re-activates
+    ConformalRiskControl(0.2, activation="softmax").fit(ph.logits[:25], ph.labels[:25]).save(tmp_path / "lg.pt")
+    res = invoke_cli(["conformal", "apply", "--crc", str(tmp_path / "lg.pt"), "--pred", str(test_pred),
+                      "-o", str(tmp_path / "masks_lg")])
+    assert res.exit_code == 0, res.output
+    assert np.array_equal(read_label(tmp_path / "masks_lg" / "case000.npz")[0], mask)
     report = tmp_path / "report.json"
     res = invoke_cli(["conformal", "evaluate", "--crc", str(crc_file), "--test-pred", str(test_pred),
                       "--test-labels", str(test_lab), "-o", str(report)])
@@ -382,6 +388,10 @@ def test_cli_bad_inputs(tmp_path) -> None:
     assert res.exit_code == 2 and "--alpha must lie in the open interval" in res.output
     res = invoke_cli([*base, "--alpha", "0.05"])  # 0.05 < 1/7: every voxel, with a warning
     assert res.exit_code == 0 and "cannot be met" in res.output
+    np.save(lab / "case002.npy", (ph.labels[2].numpy() + 7).astype(np.int16))
+    res = invoke_cli([*base, "--alpha", "0.3"])
+    assert res.exit_code == 1 and "case002.npy" in res.output and "labels must lie in [0, 1]" in res.output
+    np.save(lab / "case002.npy", ph.labels[2].numpy().astype(np.int16))
     (pred / "case003.npz").write_bytes(b"not a zip")
     res = invoke_cli([*base, "--alpha", "0.3"])
     assert res.exit_code == 1 and "case003.npz" in res.output

@@ -100,7 +100,9 @@ def _fmt(v: float) -> str:
 def _load(crc_file: Path) -> ConformalRiskControl:
     from segcal.posthoc import ConformalRiskControl
 
-    return _run(lambda: ConformalRiskControl.load(crc_file))  # type: ignore[return-value]
+    crc = _run(lambda: ConformalRiskControl.load(crc_file))
+    crc.activation = None  # the commands hand it probabilities (logits files are converted when read)
+    return crc  # type: ignore[return-value]
 
 
 @conformal_app.command("fit")

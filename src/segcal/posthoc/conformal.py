@@ -112,6 +112,12 @@ def _volumes(data: Any, targets: Any) -> Iterator[Volume]:
         yield _as_volume(item, i)
 
 
+def _where(data: Any, i: int) -> str:
+    """How a message names volume ``i``: its index, and its file when ``data`` knows it."""
+    name = data.describe(i) if isinstance(data, ConformalVolumes) else None
+    return f"volume {i}" + (f" ({name})" if name else "")
+
+
 class ConformalRiskControl(Calibrator):
     """Per-channel masks ``p_c ≥ 1 − λ̂_c`` whose expected false-negative rate is at most ``alpha`` (CRC
     Theorem 1; :mod:`segcal.functional.conformal`).
@@ -191,7 +197,7 @@ class ConformalRiskControl(Calibrator):
                 num_classes = int(pred.shape[1])
                 parts.append(fnr_statistics(p, y, mode="multilabel", resolution=self.resolution))
             except (ValueError, TypeError) as exc:
-                raise type(exc)(f"volume {i}: {exc}") from None
+                raise type(exc)(f"{_where(data, i)}: {exc}") from None
         if num_classes is None:
             raise ValueError("fit received no volumes")
         return num_classes, FNRStatistics.concat(parts)
@@ -238,7 +244,7 @@ class ConformalRiskControl(Calibrator):
                 masks = self.transform(pred)
                 _, y = self._selected(pred, target)
             except (ValueError, TypeError) as exc:
-                raise type(exc)(f"volume {i}: {exc}") from None
+                raise type(exc)(f"{_where(data, i)}: {exc}") from None
             assert y is not None
             fnr.append(false_negative_rate(masks, y, mode="multilabel", absent=self.absent))
             present.append(y.flatten(2).any(-1))
@@ -313,6 +319,10 @@ class ConformalVolumes:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return (self[i] for i in range(len(self.cases)))
+
+    def describe(self, i: int) -> str:
+        """The prediction and label files of case ``i``, for messages."""
+        return f"{self.cases[i].prediction[0]} with label {self.cases[i].label}"
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         files = self.cases[i]
