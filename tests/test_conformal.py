@@ -386,6 +386,8 @@ def test_cli_bad_inputs(tmp_path) -> None:
     base = ["conformal", "fit", "--cal-pred", str(pred), "--labels", str(lab), "-o", str(tmp_path / "c.pt")]
     res = invoke_cli([*base, "--alpha", "1.5"])
     assert res.exit_code == 2 and "--alpha must lie in the open interval" in res.output
+    res = invoke_cli([*base, "--resolution", "1000"])
+    assert res.exit_code == 2 and "--resolution must be a power of two" in res.output
     res = invoke_cli([*base, "--alpha", "0.05"])  # 0.05 < 1/7: every voxel, with a warning
     assert res.exit_code == 0 and "cannot be met" in res.output
     np.save(lab / "case002.npy", (ph.labels[2].numpy() + 7).astype(np.int16))

@@ -127,14 +127,15 @@ def fit_command(
     Exit codes: 0 done; 1 a file is unusable or the options do not fit the data (the message says which);
     2 bad options or folders.
     """
-    from segcal.functional.conformal import check_alpha
+    from segcal.functional.conformal import check_alpha, check_resolution
     from segcal.posthoc import ConformalRiskControl
     from segcal.posthoc.conformal import ConformalVolumes
 
     try:
         check_alpha(alpha, "--alpha")
+        check_resolution(resolution)
     except (ValueError, TypeError) as exc:
-        raise typer.BadParameter(str(exc)) from None
+        raise typer.BadParameter(str(exc).replace("resolution must", "--resolution must")) from None
     if absent not in ("zero", "skip"):
         raise typer.BadParameter(f"--absent must be zero or skip, got {absent!r}")
     val_fmt = resolve_format(cal_pred, fmt)

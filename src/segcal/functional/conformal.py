@@ -61,6 +61,7 @@ __all__ = [
     "FNRStatistics",
     "binary_targets",
     "check_alpha",
+    "check_resolution",
     "conformal_masks",
     "crc_index",
     "crc_threshold",
@@ -89,7 +90,8 @@ def check_alpha(alpha: float, name: str = "alpha") -> float:
     return a
 
 
-def _check_resolution(resolution: int) -> int:
+def check_resolution(resolution: int) -> int:
+    """``resolution`` (the grid size ``K``) as an int, a power of two in ``[2, 2**24]``, else ``ValueError``."""
     r = int(resolution)
     if r != resolution or r < 2 or r > (1 << 24) or r & (r - 1):
         raise ValueError(f"resolution must be a power of two in [2, 2**24], got {resolution!r}")
@@ -108,7 +110,7 @@ def probability_bins(probs: torch.Tensor, resolution: int = DEFAULT_RESOLUTION) 
     ``p`` is read in float64 (float16 / float32 values are exact there) and ``K`` is a power of two, so
     ``⌊p K⌋ ≥ K − k ⟺ p ≥ 1 − k / K`` holds exactly.
     """
-    k = _check_resolution(resolution)
+    k = check_resolution(resolution)
     return torch.floor(probs.detach().to(torch.float64) * k).clamp_(0, k).to(torch.int64)
 
 
@@ -190,7 +192,7 @@ def fnr_statistics(
         resolution: ``K``, a power of two.
     """
     mode = check_mode(mode)
-    k = _check_resolution(resolution)
+    k = check_resolution(resolution)
     p = to_probabilities(probs, activation, mode, name="probs")
     check_target(target, p.shape, mode)
     b, c = p.shape[:2]
