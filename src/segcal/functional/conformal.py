@@ -58,6 +58,7 @@ from segcal.functional.overlap import confusion_counts
 __all__ = [
     "DEFAULT_RESOLUTION",
     "AbsentRule",
+    "CRCResult",
     "FNRStatistics",
     "binary_targets",
     "check_alpha",
