@@ -17,25 +17,34 @@ from segcal.data.phantoms import make_phantom
 from segcal.functional.conformal import (
     FNRStatistics,
     conformal_masks,
+    crc_fdr_threshold,
     crc_index,
     crc_threshold,
+    false_discovery_rate,
     false_negative_rate,
+    fdr_loss_curves,
+    fdr_statistics,
     fnr_loss_curves,
     fnr_statistics,
     probability_bins,
+    threshold_masks,
 )
 from segcal.posthoc import ConformalRiskControl, NotFittedError, TemperatureScaling, load_calibrator
 
 K_TEST = 1 << 10  # a coarser grid keeps the dense per-case curves small; CRC is exact on any grid
 
 
-def _split_risks(curves: torch.Tensor, n_cal: int, alpha: float, n_splits: int, seed: int) -> torch.Tensor:
-    """Mean test FNR ``(n_splits, C)`` of CRC over random calibration/test splits of a pool of cases.
+def _split_risks(
+    curves: torch.Tensor, n_cal: int, alpha: float, n_splits: int, seed: int, measured: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean test loss ``(n_splits, C)`` of CRC over random calibration/test splits of a pool of cases.
 
-    ``curves`` ``(N, C, K + 1)`` are the per-case loss curves, computed once; each split sums the curves of its
+    ``curves`` ``(N, C, L)`` are the per-case loss curves, computed once; each split sums the curves of its
     calibration cases (one matrix product for all splits), picks ``k̂`` with :func:`crc_index` and averages the
-    test cases' losses at ``k̂``.
+    test cases' losses at ``k̂`` (of ``measured`` when given: the FDR itself where ``curves`` is its monotone
+    upper bound).
     """
+    measured = curves if measured is None else measured
     n, c, k1 = curves.shape
     gen = torch.Generator().manual_seed(seed)
     order = torch.argsort(torch.rand(n_splits, n, generator=gen), dim=1)
@@ -43,7 +52,7 @@ def _split_risks(curves: torch.Tensor, n_cal: int, alpha: float, n_splits: int, 
     sums = (cal @ curves.reshape(n, c * k1)).view(n_splits, c, k1)
     k_hat, achievable = crc_index(sums, n_cal, alpha)
     assert bool(achievable.all())
-    at_k = curves[:, torch.arange(c).view(1, c), k_hat]  # (N, splits, C): every case's loss at each split's k̂
+    at_k = measured[:, torch.arange(c).view(1, c), k_hat]  # (N, splits, C): every case's loss at each split's k̂
     return torch.einsum("sn,nsc->sc", 1.0 - cal, at_k) / (n - n_cal)
 
 
@@ -69,6 +78,29 @@ def test_mean_test_fnr_is_at_most_alpha_over_random_splits(mode: str) -> None:
     print(f"{mode}: alpha - mean test FNR per channel = {(alpha - mean).tolist()}, SE = {se.tolist()}")
     assert bool((mean <= alpha + 3 * se).all()), (mean, se)
     assert bool((mean >= alpha - 2 / (n_cal + 1) - 0.02).all()), mean
+
+
+@pytest.mark.parametrize("mode", ["exclusive", "multilabel"])
+def test_mean_test_fdr_is_at_most_alpha_over_random_splits(mode: str) -> None:
+    """The FDR variant on the same phantoms: λ̂ is chosen on the monotone upper bound of the FDR (the loss CRC
+    controls), the FDR itself is measured; same Monte-Carlo reasoning (mean over 400 splits within 3 standard
+    errors). The masks are not empty (the bound is met with a real threshold)."""
+    alpha, n_cal, n_splits = 0.2, 150, 400
+    ph = make_phantom((12, 12, 12), 3, 300, seed=8, mode=mode)  # type: ignore[arg-type]
+    stats = fdr_statistics(ph.probs, ph.labels, mode=mode, resolution=K_TEST)  # type: ignore[arg-type]
+    upper, fdr = fdr_loss_curves(stats), fdr_loss_curves(stats, monotone=False)
+    assert bool((upper >= fdr).all()) and bool((upper.diff(dim=-1) <= 0).all())
+    risks = _split_risks(upper, n_cal, alpha, n_splits, seed=12, measured=fdr)
+    bound = _split_risks(upper, n_cal, alpha, n_splits, seed=12)
+    se = bound.std(0) / math.sqrt(n_splits)
+    print(f"{mode}: alpha - mean test FDR = {(alpha - risks.mean(0)).tolist()}, "
+          f"alpha - mean monotone bound = {(alpha - bound.mean(0)).tolist()}")
+    assert bool((bound.mean(0) <= alpha + 3 * se).all())
+    assert bool((risks.mean(0) <= bound.mean(0)).all())
+    result = crc_fdr_threshold(upper[:n_cal].sum(0), n_cal, alpha)
+    assert bool(result.achievable.all()) and bool((result.thresholds < 1).all())
+    masks = threshold_masks(ph.probs[n_cal:], result.thresholds, mode=mode)  # type: ignore[arg-type]
+    assert bool(masks.flatten(2).any(-1).float().mean() > 0.5)
 
 
 def test_guarantee_counts_absent_structures_as_zero_or_skips_them() -> None:
@@ -151,6 +183,80 @@ def test_threshold_matches_a_literal_reference(n: int, alpha: float, seed: int, 
     assert got == expected or (got == expected + 1 / k and slack <= Fraction(1, 10**11)), (got, expected, slack)
 
 
+def _reference_fdr_threshold(p: np.ndarray, y: np.ndarray, alpha: float, k: int) -> tuple[float, Fraction]:
+    """The FDR threshold read literally, in exact arithmetic: for each t = j/K (j = 0 .. K + 1) the mask p ≥ t,
+    each case's FDR, its running maximum over the larger thresholds, the first t meeting the CRC bound."""
+    n = p.shape[0]
+    fdr = np.zeros((n, k + 2), dtype=object)
+    for i in range(n):
+        gt = y[i].astype(bool)
+        for j in range(k + 2):
+            mask = p[i].astype(np.float64) >= j / k
+            fdr[i, j] = Fraction(int((mask & ~gt).sum()), int(mask.sum())) if mask.any() else Fraction(0)
+        for j in range(k, -1, -1):
+            fdr[i, j] = max(fdr[i, j], fdr[i, j + 1])
+    for j in range(k + 2):
+        slack = Fraction(alpha) - (Fraction(n, n + 1) * sum(fdr[:, j]) / n + Fraction(1, n + 1))
+        if slack >= 0:
+            return j / k, slack
+    return (k + 1) / k, Fraction(-1)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(9, 25), alpha=st.floats(0.1, 0.7), seed=st.integers(0, 2**31 - 1), on_edges=st.booleans())
+def test_fdr_threshold_matches_a_literal_reference(n: int, alpha: float, seed: int, on_edges: bool) -> None:
+    k = 16
+    rng = np.random.default_rng(seed)
+    p = rng.random((n, 1, 4, 3, 3)).astype(np.float32)
+    if on_edges:
+        p = (rng.integers(0, k + 1, size=p.shape) / k).astype(np.float32)
+    y = (rng.random(p.shape) < p).astype(np.int64)  # informative labels: the FDR falls with the threshold
+    y[rng.random(n) < 0.2] = 0
+    stats = fdr_statistics(torch.from_numpy(p), torch.from_numpy(y), mode="multilabel", resolution=k)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = float(crc_fdr_threshold(fdr_loss_curves(stats).sum(0), n, alpha).thresholds[0])
+    expected, slack = _reference_fdr_threshold(p[:, 0], y[:, 0], alpha, k)
+    assert got == expected or (got == expected + 1 / k and slack <= Fraction(1, 10**11)), (got, expected, slack)
+
+
+def test_fdr_masks_reproduce_the_curves_and_agree_with_torchmetrics() -> None:
+    from torchmetrics.functional.classification import binary_precision
+
+    ph = make_phantom((9, 10, 11), 3, 12, seed=3)
+    stats = fdr_statistics(ph.probs, ph.labels, resolution=K_TEST)
+    res = crc_fdr_threshold(fdr_loss_curves(stats).sum(0), 12, 0.3)
+    masks = threshold_masks(ph.probs, res.thresholds)
+    fdr = false_discovery_rate(masks, ph.labels)
+    torch.testing.assert_close(fdr, fdr_loss_curves(stats, monotone=False)[:, torch.arange(3), res.index],
+                               rtol=0, atol=1e-12)
+    onehot = ph.onehot().bool()
+    for b in range(3):
+        for c in range(3):
+            if bool(masks[b, c].any()):
+                precision = binary_precision(masks[b, c].flatten().int(), onehot[b, c].flatten().int())
+                assert abs(float(fdr[b, c]) - (1 - float(precision))) < 1e-6
+    empty = torch.zeros_like(masks)
+    assert bool((false_discovery_rate(empty, ph.labels) == 0).all())  # an empty mask discovers nothing
+
+
+def test_fdr_calibrator_streams_saves_and_reports(tmp_path) -> None:
+    ph = make_phantom((10, 10, 10), 3, 40, seed=10)
+    crc = ConformalRiskControl(0.25, loss="fdr", resolution=K_TEST)
+    crc.fit([(ph.probs[i : i + 1], ph.labels[i : i + 1]) for i in range(30)])
+    stats = fdr_statistics(ph.probs[:30, 1:], ph.onehot()[:30, 1:], mode="multilabel", resolution=K_TEST)
+    assert torch.equal(crc.thresholds_, crc_fdr_threshold(fdr_loss_curves(stats).sum(0), 30, 0.25).thresholds)
+    crc.save(tmp_path / "fdr.pt")
+    back = load_calibrator(tmp_path / "fdr.pt")
+    assert back.loss == "fdr" and torch.equal(back.thresholds_, crc.thresholds_)
+    rep = back.report(ph.probs[30:], ph.labels[30:])
+    expected = false_discovery_rate(back.predict_masks(ph.probs[30:]), ph.onehot()[30:, 1:], mode="multilabel")
+    torch.testing.assert_close(rep.mean_risk(), expected.mean(0))
+    assert rep.rows()[0]["loss"] == "fdr"
+    with pytest.raises(ValueError, match="loss must be 'fnr' or 'fdr'"):
+        ConformalRiskControl(0.2, loss="dice").fit(ph.probs, ph.labels)  # type: ignore[arg-type]
+
+
 def test_masks_reproduce_the_curves_and_fnr_agrees_with_torchmetrics() -> None:
     """The FNR of the masks p ≥ 1 − λ̂ equals the loss curve at k̂, case by case, and 1 − torchmetrics' recall."""
     from torchmetrics.functional.classification import binary_recall
@@ -227,7 +333,7 @@ def test_exclusive_calibrates_foreground_classes_and_the_report_measures_the_ris
     rep = crc.report([(ph.probs[i], ph.labels[i]) for i in range(50, 80)])
     masks = crc.predict_masks(ph.probs[50:])
     fnr = false_negative_rate(masks, ph.onehot()[50:, 1:], mode="multilabel")
-    torch.testing.assert_close(rep.mean_fnr(), fnr.mean(0))
+    torch.testing.assert_close(rep.mean_risk(), fnr.mean(0))
     rows = rep.rows()
     assert [r["channel"] for r in rows] == [1, 2] and all(r["cases"] == 30 for r in rows)
     all_classes = ConformalRiskControl(0.1, include_background=True).fit(ph.probs[:50], ph.labels[:50])
@@ -344,9 +450,9 @@ def test_cli_fit_apply_evaluate_on_npy_folders(tmp_path) -> None:
     import json
 
     rows = json.loads(report.read_text())["channels"]
-    expected = api.report(ph.probs[25:], ph.labels[25:]).mean_fnr()
+    expected = api.report(ph.probs[25:], ph.labels[25:]).mean_risk()
     assert [r["channel"] for r in rows] == [1, 2]
-    assert np.allclose([r["mean_fnr"] for r in rows], expected.numpy(), rtol=0, atol=1e-12)
+    assert np.allclose([r["mean_risk"] for r in rows], expected.numpy(), rtol=0, atol=1e-12)
 
 
 def test_cli_nifti_masks_keep_the_prediction_geometry_and_multilabel_regions(tmp_path) -> None:
@@ -414,3 +520,29 @@ def test_the_documented_example_runs(tmp_path, monkeypatch) -> None:
     assert len(blocks) == 1
     monkeypatch.chdir(tmp_path)
     exec(compile(blocks[0], "docs/conformal.md", "exec"), {"__name__": "__main__"})
+
+
+def test_cli_fdr(tmp_path) -> None:
+    import json
+
+    from _helpers import invoke_cli
+
+    ph = make_phantom((8, 9, 10), 3, 30, seed=15)
+    cal_pred, cal_lab = _write_npy_folders(tmp_path, ph.probs[:20], ph.labels[:20], "cal")
+    test_pred, test_lab = _write_npy_folders(tmp_path, ph.probs[20:], ph.labels[20:], "test")
+    crc_file, report = tmp_path / "fdr.pt", tmp_path / "fdr.json"
+    res = invoke_cli(["conformal", "fit", "--cal-pred", str(cal_pred), "--labels", str(cal_lab), "--alpha", "0.3",
+                      "--loss", "fdr", "--resolution", "1024", "-o", str(crc_file)])
+    assert res.exit_code == 0, res.output
+    api = ConformalRiskControl(0.3, loss="fdr", resolution=1024).fit(ph.probs[:20], ph.labels[:20])
+    assert torch.equal(load_calibrator(crc_file).thresholds_, api.thresholds_)
+    res = invoke_cli(["conformal", "evaluate", "--crc", str(crc_file), "--test-pred", str(test_pred),
+                      "--test-labels", str(test_lab), "-o", str(report)])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(report.read_text())["channels"]
+    assert {r["loss"] for r in rows} == {"fdr"}
+    expected = api.report(ph.probs[20:], ph.labels[20:]).mean_risk()
+    assert np.allclose([r["mean_risk"] for r in rows], expected.numpy(), rtol=0, atol=1e-12)
+    res = invoke_cli(["conformal", "fit", "--cal-pred", str(cal_pred), "--labels", str(cal_lab), "--loss", "dice",
+                      "-o", str(crc_file)])
+    assert res.exit_code == 2

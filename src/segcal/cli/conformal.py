@@ -41,7 +41,8 @@ console = Console()
 
 conformal_app = typer.Typer(
     name="conformal",
-    help="Conformal risk control: per-class masks whose expected false-negative rate is at most alpha "
+    help="Conformal risk control: per-class masks whose expected false-negative (or false-discovery) rate is at "
+    "most alpha "
     "(docs/conformal.md).",
     no_args_is_help=True,
 )
@@ -119,6 +120,7 @@ def fit_command(
         "zero", help="Cases without the structure: zero (loss 0, counted) or skip (left out of the bound)."
     ),
     resolution: int = typer.Option(1 << 16, help="Grid of lambda: K steps (a power of two)."),
+    loss: str = typer.Option("fnr", "--loss", help="fnr (false-negative rate) or fdr (false-discovery rate)."),
     fmt: InputFormat = typer.Option(InputFormat.auto, "--format", help="auto, nifti, npy or nnunet."),
     pred_kind: PredKind = typer.Option(PredKind.auto, "--pred-kind", help="What undeclared prediction files hold."),
 ) -> None:
@@ -138,22 +140,24 @@ def fit_command(
         raise typer.BadParameter(str(exc).replace("resolution must", "--resolution must")) from None
     if absent not in ("zero", "skip"):
         raise typer.BadParameter(f"--absent must be zero or skip, got {absent!r}")
+    if loss not in ("fnr", "fdr"):
+        raise typer.BadParameter(f"--loss must be fnr or fdr, got {loss!r}")
     val_fmt = resolve_format(cal_pred, fmt)
     cases = _match(cal_pred, cal_labels, val_fmt, "--cal-pred")
     crc = ConformalRiskControl(
         alpha, mode=_mode(mode), include_background=include_background, absent=absent,  # type: ignore[arg-type]
-        resolution=resolution,
+        resolution=resolution, loss=loss,  # type: ignore[arg-type]
     )
     volumes = ConformalVolumes(cases, val_fmt, kind=pred_kind.value, mode=mode)  # type: ignore[arg-type]
     _run(lambda: crc.fit(volumes))
     _run(lambda: crc.save(output))
-    table = Table(title=f"segcal conformal fit (alpha={alpha}, {len(cases)} {val_fmt} cases)")
-    for col in ("channel", "lambda_hat", "mask: p >=", "cases in bound", "calibration FNR", "bound met"):
+    table = Table(title=f"segcal conformal fit ({loss.upper()}, alpha={alpha}, {len(cases)} {val_fmt} cases)")
+    for col in ("channel", "lambda_hat", "mask: p >=", "cases in bound", f"calibration {loss.upper()}", "bound met"):
         table.add_column(col)
     for j, ch in enumerate(crc.channels_):
-        lam = float(crc.lambdas_[j])
-        table.add_row(str(ch), f"{lam:.5f}", f"{1 - lam:.5f}", str(int(crc.n_[j])),
-                      _fmt(float(crc.calibration_risk_[j])), "yes" if bool(crc.achievable_[j]) else "no")
+        table.add_row(str(ch), f"{float(crc.lambdas_[j]):.5f}", f"{float(crc.thresholds_[j]):.5f}",
+                      str(int(crc.n_[j])), _fmt(float(crc.calibration_risk_[j])),
+                      "yes" if bool(crc.achievable_[j]) else "no")
     console.print(table)
     console.print(f"calibrator: {output}", soft_wrap=True)
 
@@ -193,7 +197,7 @@ def apply_command(
     fmt: InputFormat = typer.Option(InputFormat.auto, "--format", help="auto, nifti, npy or nnunet."),
     pred_kind: PredKind = typer.Option(PredKind.auto, "--pred-kind", help="What undeclared prediction files hold."),
 ) -> None:
-    """Write the conformal masks (p_c >= 1 - lambda_hat_c per calibrated class) of every prediction file, as label
+    """Write the conformal masks (p_c >= threshold_c per calibrated class) of every prediction file, as label
     files with the prediction's geometry, and conformal.json describing them.
 
     Exit codes: 0 done; 1 a file is unusable (the message names it); 2 bad options or folders.
@@ -219,7 +223,7 @@ def apply_command(
         _run(lambda f=path, m=masks, pp=p: _write_mask(f, output, m, apply_fmt, pp, note))
     record: dict[str, Any] = {
         "method": "crc", "alpha": float(crc.alpha), "channels": list(crc.channels_),
-        "lambdas": [float(v) for v in crc.lambdas_], "mode": crc.mode, "absent": crc.absent,
+        "loss": crc.loss, "thresholds": [float(v) for v in crc.thresholds_], "mode": crc.mode, "absent": crc.absent,
         "layout": _mask_layout(len(crc.channels_)), "calibrator": str(crc_file.resolve()),
         "pred": str(pred.resolve()), "cases": len(targets),
     }
@@ -228,13 +232,14 @@ def apply_command(
 
 
 def _report_table(rep: ConformalReport, n_cases: int) -> Table:
-    table = Table(title=f"segcal conformal evaluate (alpha={rep.alpha}, {n_cases} test cases)")
-    for col in ("channel", "lambda_hat", "cases", "with structure", "mean FNR", "alpha - mean FNR",
-                "FNR (with structure)", "mask fraction"):
+    name = rep.loss.upper()
+    table = Table(title=f"segcal conformal evaluate ({name}, alpha={rep.alpha}, {n_cases} test cases)")
+    for col in ("channel", "mask: p >=", "cases", "with structure", f"mean {name}", f"alpha - mean {name}",
+                f"{name} (with structure)", "mask fraction"):
         table.add_column(col)
     for r in rep.rows():
-        table.add_row(str(r["channel"]), f"{r['lambda']:.5f}", str(r["cases"]), str(r["cases_with_structure"]),
-                      _fmt(r["mean_fnr"]), _fmt(r["alpha"] - r["mean_fnr"]), _fmt(r["mean_fnr_with_structure"]),
+        table.add_row(str(r["channel"]), f"{r['threshold']:.5f}", str(r["cases"]), str(r["cases_with_structure"]),
+                      _fmt(r["mean_risk"]), _fmt(r["alpha"] - r["mean_risk"]), _fmt(r["mean_risk_with_structure"]),
                       _fmt(r["mean_mask_fraction"]))
     return table
 
@@ -248,7 +253,7 @@ def evaluate_command(
     fmt: InputFormat = typer.Option(InputFormat.auto, "--format", help="auto, nifti, npy or nnunet."),
     pred_kind: PredKind = typer.Option(PredKind.auto, "--pred-kind", help="What undeclared prediction files hold."),
 ) -> None:
-    """Measure the empirical false-negative rate of the conformal masks per class on a labelled test folder (the
+    """Measure the empirical risk (FNR or FDR) of the conformal masks per class on a labelled test folder (the
     guarantee is on its expectation: compare the mean with alpha, allowing for the spread over cases).
 
     Exit codes: 0 done; 1 a file is unusable (the message names it); 2 bad options or folders.
@@ -264,7 +269,7 @@ def evaluate_command(
     console.print(_report_table(rep, len(cases)))
     if output is not None:
         per_case = [
-            {"case": c.case_id, **{f"fnr_{ch}": float(rep.fnr[i, j]) for j, ch in enumerate(rep.channels)}}
+            {"case": c.case_id, **{f"{rep.loss}_{ch}": float(rep.risk[i, j]) for j, ch in enumerate(rep.channels)}}
             for i, c in enumerate(cases)
         ]
         _run(lambda: write_json(output, {"alpha": rep.alpha, "absent": rep.absent, "channels": rep.rows(),

@@ -22,12 +22,18 @@ from segcal.functional.calibration import (
     top_label_statistics,
 )
 from segcal.functional.conformal import (
+    FDRStatistics,
     FNRStatistics,
     conformal_masks,
+    crc_fdr_threshold,
     crc_threshold,
+    false_discovery_rate,
     false_negative_rate,
+    fdr_loss_curves,
+    fdr_statistics,
     fnr_loss_curves,
     fnr_statistics,
+    threshold_masks,
 )
 from segcal.functional.inputs import region_probabilities, region_targets, target_to_onehot, to_probabilities
 from segcal.functional.overlap import (
@@ -55,6 +61,7 @@ from segcal.functional.uncertainty import (
 
 __all__ = [
     "BinStats",
+    "FDRStatistics",
     "FNRStatistics",
     "auroc",
     "bin_edges",
@@ -67,11 +74,15 @@ __all__ = [
     "choose_threshold",
     "conformal_masks",
     "confusion_counts",
+    "crc_fdr_threshold",
     "crc_threshold",
     "dice_from_counts",
     "dilated_bbox_mask",
     "entropy_map",
+    "false_discovery_rate",
     "false_negative_rate",
+    "fdr_loss_curves",
+    "fdr_statistics",
     "flag_failures",
     "fnr_loss_curves",
     "fnr_statistics",
@@ -95,6 +106,7 @@ __all__ = [
     "target_to_onehot",
     "threshold_counts",
     "threshold_curves",
+    "threshold_masks",
     "threshold_sweep",
     "to_probabilities",
     "top_label_statistics",

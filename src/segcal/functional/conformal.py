@@ -1,4 +1,5 @@
-"""Conformal risk control (CRC) of the false-negative rate of segmentation masks, as pure tensor functions.
+"""Conformal risk control (CRC) of the false-negative (or false-discovery) rate of segmentation masks, as pure
+tensor functions.
 
 Reference: Angelopoulos, Bates, Fisch, Lei, Schuster, "Conformal Risk Control", ICLR 2024 (docs/references.md,
 [Angelopoulos2024-ICLR]), Theorem 1 (the threshold and its guarantee) and the paper's example of FNR control in
@@ -38,6 +39,14 @@ the mask threshold ``1 − λ̂`` is at most ``1/K`` lower (``1.5e-5`` for ``2**
 much larger, and the guarantee is unchanged. Each case costs at most ``K + 1`` (bin, count) pairs per channel,
 whatever its size, so a calibration set streams volume by volume.
 
+False-discovery rate
+--------------------
+``FDR_i(t) = |C_t \\ Y_i| / |C_t|`` of the mask ``C_t = {p ≥ t}`` (0 for an empty mask) is *not* monotone in
+``t``, so CRC is applied to its monotone upper bound ``L_i(t) = sup_{t' ≥ t} FDR_i(t')`` (non-increasing in the
+threshold ``t``, ``B = 1``), which bounds the expected FDR by ``α`` too, conservatively. The parameter is the
+threshold itself, on the grid ``t = j / K`` with ``j = K + 1`` the empty mask (loss 0, the ``λ_max``):
+:func:`fdr_statistics`, :func:`fdr_loss_curves`, :func:`crc_fdr_threshold`, :func:`false_discovery_rate`.
+
 Shapes: probabilities (or logits with ``activation``) ``(B, C, *spatial)``, targets a label map ``(B, *spatial)``
 / ``(B, 1, *spatial)`` or one-hot / multi-hot ``(B, C, *spatial)`` (soft targets binarised at 0.5).
 """
@@ -59,17 +68,23 @@ __all__ = [
     "DEFAULT_RESOLUTION",
     "AbsentRule",
     "CRCResult",
+    "FDRStatistics",
     "FNRStatistics",
     "binary_targets",
     "check_alpha",
     "check_resolution",
     "conformal_masks",
+    "crc_fdr_threshold",
     "crc_index",
     "crc_threshold",
+    "false_discovery_rate",
     "false_negative_rate",
+    "fdr_loss_curves",
+    "fdr_statistics",
     "fnr_loss_curves",
     "fnr_statistics",
     "probability_bins",
+    "threshold_masks",
 ]
 
 #: default number of grid steps ``K`` of ``λ`` (``λ ∈ {k / K}``); a power of two
@@ -196,8 +211,12 @@ def fnr_statistics(
     k = check_resolution(resolution)
     p = to_probabilities(probs, activation, mode, name="probs")
     check_target(target, p.shape, mode)
+    return _histograms(p, binary_targets(target, p.shape[1], p.shape[2:]), k)
+
+
+def _histograms(p: torch.Tensor, gt: torch.Tensor, k: int) -> FNRStatistics:
+    """The sparse histograms of ``⌊p K⌋`` over the voxels selected by ``gt`` ``(B, C, *S)`` bool."""
     b, c = p.shape[:2]
-    gt = binary_targets(target, c, p.shape[2:])
     case_of = torch.arange(b, dtype=torch.int64).view(b, *([1] * (p.ndim - 2)))
     parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for ch in range(c):  # one channel at a time: memory in the ground-truth voxels only
@@ -236,14 +255,67 @@ def fnr_loss_curves(stats: FNRStatistics) -> torch.Tensor:
     ``p ≥ 1 − k / K``; a case without the structure has loss 0 at every ``λ`` (``absent="zero"``; select
     :meth:`FNRStatistics.present` for ``"skip"``). Memory ``n · C · (K + 1)`` doubles: for small ``K`` or few
     cases (tests, plots); :func:`crc_threshold` never builds it."""
-    k = stats.resolution
-    n, c = stats.num_cases, stats.num_channels
-    key = (stats.case.long() * c + stats.channel.long()) * (k + 1) + stats.bin.long()
-    hist = torch.bincount(key, weights=stats.count.to(torch.float64), minlength=n * c * (k + 1))
-    hist = hist.round().to(torch.int64).view(n, c, k + 1)  # integer counts (exact in float64 below 2**53)
-    covered = hist.flip(-1).cumsum(-1)  # index k: bins K .. K - k, i.e. the voxels with p >= 1 - k / K
+    covered = _dense_histogram(stats).flip(-1).cumsum(-1)  # index k: bins K .. K - k, the voxels with p >= 1 - k/K
     gt = stats.gt_voxels.unsqueeze(-1)
     return (gt - covered).to(torch.float64) / gt.clamp(min=1).to(torch.float64)  # integer counts: exact 0 at λ = 1
+
+
+@dataclass(frozen=True)
+class FDRStatistics:
+    """Sufficient statistics of the FDR loss curves: the histograms of ``⌊p K⌋`` over the ground-truth voxels
+    (``positives``) and over the other voxels (``negatives``) of each case and channel (each at most ``K + 1``
+    entries per case and channel)."""
+
+    positives: FNRStatistics
+    negatives: FNRStatistics
+
+    @property
+    def resolution(self) -> int:
+        return self.positives.resolution
+
+    @property
+    def num_cases(self) -> int:
+        return self.positives.num_cases
+
+
+def fdr_statistics(
+    probs: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    mode: Mode = "exclusive",
+    activation: Activation = None,
+    resolution: int = DEFAULT_RESOLUTION,
+) -> FDRStatistics:
+    """The :class:`FDRStatistics` of a batch (arguments as :func:`fnr_statistics`)."""
+    mode = check_mode(mode)
+    k = check_resolution(resolution)
+    p = to_probabilities(probs, activation, mode, name="probs")
+    check_target(target, p.shape, mode)
+    gt = binary_targets(target, p.shape[1], p.shape[2:])
+    return FDRStatistics(_histograms(p, gt, k), _histograms(p, ~gt, k))
+
+
+def _dense_histogram(stats: FNRStatistics) -> torch.Tensor:
+    """``(n, C, K + 1)`` int64 voxel counts per bin."""
+    k, n, c = stats.resolution, stats.num_cases, stats.num_channels
+    key = (stats.case.long() * c + stats.channel.long()) * (k + 1) + stats.bin.long()
+    hist = torch.bincount(key, weights=stats.count.to(torch.float64), minlength=n * c * (k + 1))
+    return hist.round().to(torch.int64).view(n, c, k + 1)  # integer counts (exact in float64 below 2**53)
+
+
+def fdr_loss_curves(stats: FDRStatistics, *, monotone: bool = True) -> torch.Tensor:
+    """Dense per-case FDR curves ``(n, C, K + 2)`` float64 over the mask threshold ``t = j / K``: entry ``j`` is
+    the FDR ``|C \\ Y_i| / |C|`` of the mask ``C = {p ≥ j / K}`` (0 for an empty mask; ``j = K + 1`` is the
+    empty mask). The FDR is not monotone in ``t``; with ``monotone`` (the loss CRC controls) entry ``j`` is
+    ``sup_{j' ≥ j} FDR(j' / K)``, non-increasing in ``t`` and an upper bound of the FDR, so a bound on its
+    expectation bounds the expected FDR."""
+    k = stats.resolution
+    zero = torch.zeros(stats.num_cases, stats.positives.num_channels, 1, dtype=torch.int64)
+    tp = torch.cat([_dense_histogram(stats.positives).flip(-1).cumsum(-1).flip(-1), zero], -1)  # voxels >= j/K
+    fp = torch.cat([_dense_histogram(stats.negatives).flip(-1).cumsum(-1).flip(-1), zero], -1)
+    assert tp.shape[-1] == k + 2
+    fdr = fp.to(torch.float64) / (tp + fp).clamp(min=1).to(torch.float64)
+    return fdr.flip(-1).cummax(-1).values.flip(-1) if monotone else fdr
 
 
 def crc_index(
@@ -285,7 +357,9 @@ class CRCResult:
     """The CRC threshold per channel (:func:`crc_threshold`).
 
     Attributes:
-        lambdas: ``(C,)`` float64, ``λ̂ = k̂ / K``; the mask is ``p ≥ 1 − λ̂``.
+        lambdas: ``(C,)`` float64, the parameter ``λ̂ = k̂ / K`` the bound is taken over (FNR: the mask is
+            ``p ≥ 1 − λ̂``; FDR: the mask threshold itself).
+        thresholds: ``(C,)`` float64, the mask is ``p ≥ threshold`` (FDR: ``1 + 1/K`` is the empty mask).
         index: ``(C,)`` int64, ``k̂``.
         n: ``(C,)`` int64, calibration cases used (all cases, or those with the structure for ``"skip"``).
         achievable: ``(C,)`` bool, whether the bound could be met (``α ≥ 1 / (n + 1)``).
@@ -293,10 +367,50 @@ class CRCResult:
     """
 
     lambdas: torch.Tensor
+    thresholds: torch.Tensor
     index: torch.Tensor
     n: torch.Tensor
     achievable: torch.Tensor
     calibration_risk: torch.Tensor
+
+
+def _names(names: Sequence[str] | None, c: int) -> list[str]:
+    out = [f"channel {ch}" for ch in range(c)] if names is None else list(names)
+    if len(out) != c:
+        raise ValueError(f"names has {len(out)} entries for {c} channels")
+    return out
+
+
+def _warn_unachievable(achievable: torch.Tensor, n: torch.Tensor, alpha: float, names: list[str], what: str) -> None:
+    for ch in torch.nonzero(~achievable).flatten().tolist():
+        warnings.warn(
+            f"{names[ch]}: alpha={alpha} is below 1/(n+1) = {1 / (float(n[ch]) + 1):.4g} for n={int(n[ch])} "
+            f"calibration cases, so the conformal bound cannot be met; {what}",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def crc_fdr_threshold(
+    loss_sum: torch.Tensor, n: torch.Tensor | int, alpha: float, *, names: Sequence[str] | None = None
+) -> CRCResult:
+    """The CRC mask threshold per channel for the FDR, from summed monotone FDR curves ``(C, K + 2)``
+    (:func:`fdr_loss_curves` summed over the ``n`` calibration cases, so cases can be streamed): ``t̂ = ĵ / K``
+    with ``ĵ`` the smallest index meeting the bound of CRC Theorem 1 (``B = 1``); the mask is ``p ≥ t̂``. When the
+    bound cannot be met (``α < 1/(n + 1)``) the mask is empty (``t̂ = 1 + 1/K``), with a ``UserWarning``."""
+    a = check_alpha(alpha)
+    if loss_sum.ndim != 2 or loss_sum.shape[-1] < 3:
+        raise ValueError(f"loss_sum must have shape (C, K + 2), got {tuple(loss_sum.shape)}")
+    c, k = loss_sum.shape[0], loss_sum.shape[1] - 2
+    check_resolution(k)
+    nn = torch.as_tensor(n, dtype=torch.float64).expand(c).clone()
+    if bool((nn < 1).any()):
+        raise ValueError("crc_fdr_threshold needs at least one calibration case per channel")
+    index, achievable = crc_index(loss_sum, nn, a)
+    _warn_unachievable(achievable, nn, a, _names(names, c), "the mask is empty")
+    risk = loss_sum.to(torch.float64).gather(1, index.unsqueeze(1))[:, 0] / nn
+    t = index.to(torch.float64) / k
+    return CRCResult(t, t.clone(), index, nn.to(torch.int64), achievable, risk)
 
 
 def crc_threshold(
@@ -312,9 +426,7 @@ def crc_threshold(
     k, c = stats.resolution, stats.num_channels
     if stats.num_cases == 0:
         raise ValueError("crc_threshold needs at least one calibration case")
-    names = [f"channel {ch}" for ch in range(c)] if names is None else list(names)
-    if len(names) != c:
-        raise ValueError(f"names has {len(names)} entries for {c} channels")
+    names = _names(names, c)
     key = stats.channel.long() * (k + 1) + stats.bin.long()
     weights = torch.bincount(key, weights=_covered_fraction(stats), minlength=c * (k + 1)).view(c, k + 1)
     present = stats.present().sum(0).to(torch.float64)  # (C,)
@@ -322,13 +434,7 @@ def crc_threshold(
     loss_sum[:, -1] = 0.0  # λ = 1 covers every voxel (removes float residue of the cumulative sum)
     n = present if absent == "skip" else torch.full((c,), float(stats.num_cases), dtype=torch.float64)
     index, achievable = crc_index(loss_sum, n, a)
-    for ch in torch.nonzero(~achievable).flatten().tolist():
-        warnings.warn(
-            f"{names[ch]}: alpha={a} is below 1/(n+1) = {1 / (float(n[ch]) + 1):.4g} for n={int(n[ch])} "
-            "calibration cases, so the conformal bound cannot be met; lambda_hat = 1 (every voxel in the mask)",
-            UserWarning,
-            stacklevel=2,
-        )
+    _warn_unachievable(achievable, n, a, names, "lambda_hat = 1 (every voxel in the mask)")
     for ch in torch.nonzero(present == 0).flatten().tolist():
         if bool(achievable[ch]):
             warnings.warn(
@@ -338,7 +444,33 @@ def crc_threshold(
                 stacklevel=2,
             )
     risk = loss_sum.gather(1, index.unsqueeze(1))[:, 0] / n.clamp(min=1)
-    return CRCResult(index.to(torch.float64) / k, index, n.to(torch.int64), achievable, risk)
+    lam = index.to(torch.float64) / k
+    return CRCResult(lam, 1.0 - lam, index, n.to(torch.int64), achievable, risk)
+
+
+def threshold_masks(
+    probs: torch.Tensor,
+    thresholds: torch.Tensor | Sequence[float],
+    *,
+    mode: Mode = "exclusive",
+    activation: Activation = None,
+) -> torch.Tensor:
+    """Masks ``(B, C, *spatial)`` bool: ``p_c ≥ t_c`` per channel, ``thresholds`` ``(C,)`` non-negative (above 1:
+    an empty mask); compared exactly (float32 where the thresholds are float32 numbers, else float64)."""
+    mode = check_mode(mode)
+    p = to_probabilities(probs, activation, mode, name="probs")
+    t = torch.as_tensor(thresholds, dtype=torch.float64).flatten()
+    if t.numel() != p.shape[1]:
+        raise ValueError(f"thresholds has {t.numel()} values but probs have {p.shape[1]} channels")
+    if not bool((t >= 0).all()) or not bool(torch.isfinite(t).all()):
+        raise ValueError(f"thresholds must be finite and non-negative, got {t.tolist()}")
+    threshold = t.view(1, -1, *([1] * (p.ndim - 2)))
+    p = p.detach()
+    if p.dtype == torch.float16 or p.dtype == torch.bfloat16:
+        p = p.float()
+    if p.dtype == torch.float32 and bool((threshold.float().double() == threshold).all()):
+        return p >= threshold.float()  # the thresholds are float32 numbers: the float32 comparison is exact
+    return p.to(torch.float64) >= threshold
 
 
 def conformal_masks(
@@ -351,20 +483,13 @@ def conformal_masks(
     """Conformal masks ``(B, C, *spatial)`` bool: ``p_c ≥ 1 − λ_c`` per channel (compared in float64, exact for
     ``λ`` on the grid ``k / K``). ``lambdas``: ``(C,)`` values in ``[0, 1]``. In exclusive mode the masks of
     different classes may overlap (a voxel can be in the set of two classes)."""
-    mode = check_mode(mode)
-    p = to_probabilities(probs, activation, mode, name="probs")
     lam = torch.as_tensor(lambdas, dtype=torch.float64).flatten()
-    if lam.numel() != p.shape[1]:
-        raise ValueError(f"lambdas has {lam.numel()} values but probs have {p.shape[1]} channels")
     if not bool(((lam >= 0) & (lam <= 1)).all()):
         raise ValueError(f"lambdas must lie in [0, 1], got {lam.tolist()}")
-    threshold = (1.0 - lam).view(1, -1, *([1] * (p.ndim - 2)))
-    p = p.detach()
-    if p.dtype == torch.float16 or p.dtype == torch.bfloat16:
-        p = p.float()
-    if p.dtype == torch.float32 and bool((threshold.float().double() == threshold).all()):
-        return p >= threshold.float()  # the thresholds are float32 numbers: the float32 comparison is exact
-    return p.to(torch.float64) >= threshold
+    try:
+        return threshold_masks(probs, 1.0 - lam, mode=mode, activation=activation)
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("thresholds has", "lambdas has")) from None
 
 
 def false_negative_rate(
@@ -381,3 +506,13 @@ def false_negative_rate(
     gt = tp + fn
     empty = torch.zeros_like(gt) if absent == "zero" else torch.full_like(gt, float("nan"))
     return torch.where(gt > 0, fn / gt.clamp(min=1), empty)
+
+
+def false_discovery_rate(masks: torch.Tensor, target: torch.Tensor, *, mode: Mode = "exclusive") -> torch.Tensor:
+    """Per-case FDR ``(B, C)`` float64 of boolean masks ``(B, C, *spatial)``: ``fp / (tp + fp)`` from
+    :func:`segcal.functional.overlap.confusion_counts` (``1 − precision``); an empty mask has FDR 0."""
+    if not isinstance(masks, torch.Tensor) or masks.dtype != torch.bool:
+        raise TypeError("masks must be a boolean tensor (B, C, *spatial)")
+    counts = confusion_counts(masks, target, mode=check_mode(mode))
+    tp, fp = counts[..., 0], counts[..., 1]
+    return fp / (tp + fp).clamp(min=1)
