@@ -27,7 +27,7 @@ def _root() -> None:
 
 
 # Each module registers its commands on `app` when imported (``@app.command()``).
-_COMMAND_MODULES = ("demo", "evaluate", "calibrate", "train", "nnunet")
+_COMMAND_MODULES = ("demo", "evaluate", "calibrate", "conformal", "train", "nnunet")
 
 
 def _register() -> None:

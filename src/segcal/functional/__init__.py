@@ -1,4 +1,5 @@
-"""Pure tensor functions: binning, calibration, overlap, losses, uncertainty (no state, no I/O).
+"""Pure tensor functions: binning, calibration, overlap, losses, uncertainty, conformal risk control (no state,
+no I/O).
 
 Shapes follow MONAI: predictions ``(B, C, *spatial)``; targets label maps ``(B, *spatial)`` /
 ``(B, 1, *spatial)`` or one-hot ``(B, C, *spatial)``.
@@ -19,6 +20,20 @@ from segcal.functional.calibration import (
     mean_absolute_error,
     negative_log_likelihood,
     top_label_statistics,
+)
+from segcal.functional.conformal import (
+    FDRStatistics,
+    FNRStatistics,
+    conformal_masks,
+    crc_fdr_threshold,
+    crc_threshold,
+    false_discovery_rate,
+    false_negative_rate,
+    fdr_loss_curves,
+    fdr_statistics,
+    fnr_loss_curves,
+    fnr_statistics,
+    threshold_masks,
 )
 from segcal.functional.inputs import region_probabilities, region_targets, target_to_onehot, to_probabilities
 from segcal.functional.overlap import (
@@ -46,6 +61,8 @@ from segcal.functional.uncertainty import (
 
 __all__ = [
     "BinStats",
+    "FDRStatistics",
+    "FNRStatistics",
     "auroc",
     "bin_edges",
     "bin_index",
@@ -55,11 +72,20 @@ __all__ = [
     "calibration_error",
     "calibration_errors",
     "choose_threshold",
+    "conformal_masks",
     "confusion_counts",
+    "crc_fdr_threshold",
+    "crc_threshold",
     "dice_from_counts",
     "dilated_bbox_mask",
     "entropy_map",
+    "false_discovery_rate",
+    "false_negative_rate",
+    "fdr_loss_curves",
+    "fdr_statistics",
     "flag_failures",
+    "fnr_loss_curves",
+    "fnr_statistics",
     "hard_bin_sums",
     "hausdorff_distance_95",
     "iou_from_counts",
@@ -80,6 +106,7 @@ __all__ = [
     "target_to_onehot",
     "threshold_counts",
     "threshold_curves",
+    "threshold_masks",
     "threshold_sweep",
     "to_probabilities",
     "top_label_statistics",

@@ -1,6 +1,8 @@
-"""Post-hoc calibration: calibrators with ``fit``/``transform``, MC dropout and deep ensembles (docs/posthoc.md)."""
+"""Post-hoc calibration: calibrators with ``fit``/``transform``, MC dropout and deep ensembles (docs/posthoc.md),
+conformal risk control of the false-negative rate (docs/conformal.md)."""
 
 from segcal.posthoc._base import Calibrator, NotFittedError, load_calibrator
+from segcal.posthoc.conformal import ConformalReport, ConformalRiskControl
 from segcal.posthoc.conv import AuxiliaryConvCalibrator, LastLayerFineTuner
 from segcal.posthoc.ensemble import (
     average_models,
@@ -20,6 +22,8 @@ from segcal.posthoc.scaling import TemperatureScaling, VectorScaling
 __all__ = [
     "AuxiliaryConvCalibrator",
     "Calibrator",
+    "ConformalReport",
+    "ConformalRiskControl",
     "LastLayerFineTuner",
     "MCDropout",
     "NotFittedError",
