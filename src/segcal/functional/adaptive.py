@@ -10,10 +10,11 @@ the ``N`` scored voxels of a channel into ``R`` bins with edges at the empirical
 The exact quantiles need every voxel, so they neither merge over images nor fit a run's store. segcal forms the
 equal-mass bins from a fine equal-width histogram instead: ``K`` fine bins of the mergeable sums (count, Σp, Σy)
 of :func:`segcal.functional.binning.bin_statistics` (bins ``(k/K, (k+1)/K]``), summed over any set of images.
-Each quantile ``q_r`` lies between the order statistics of ranks ``⌊t_r⌋`` and ``⌈t_r⌉`` (``t_r = r (N − 1) / R``);
-the fine bins holding those two ranks are *ambiguous* (their voxels may lie on either side of ``q_r``), every
-other fine bin lies wholly inside one equal-mass bin and is assigned to it. An ambiguous fine bin is assigned to
-the lower side.
+Each quantile ``q_r`` lies between the order statistics ``v_lo ≤ q_r ≤ v_hi`` of ranks ``⌊t_r⌋`` and ``⌈t_r⌉``
+(``t_r = r (N − 1) / R``). When they fall in different fine bins, ``v_lo < q_r ≤ v_hi`` and every voxel of the
+lower bin lies below ``q_r``, every voxel of the upper one at or above it; when they fall in the same fine bin,
+that bin is *ambiguous* (its voxels may lie on either side of ``q_r``) and is assigned to the lower side. Every
+other fine bin lies wholly inside one equal-mass bin and is assigned to it.
 
 **Error bound.** Moving a voxel ``i`` from one equal-mass bin to another changes ``Σ_r |S_r|`` (``S_r`` the bin's
 sum of ``y − p``) by at most ``2 |y_i − p_i|``; only voxels of ambiguous fine bins can be misplaced, and over a
@@ -23,7 +24,7 @@ fine bin ``j`` ``Σ_i |y_i − p_i| ≤ B_j = min(n_j, Σy_j + Σp_j, 2 n_j − 
     |ECE_EM(histogram) − ECE_EM(exact)| ≤ (2 / N) Σ_{j ambiguous} B_j,
 
 computed from the same sums (:func:`equal_mass_calibration_error` returns it). It vanishes when no fine bin
-holds a quantile's neighbours on both sides, and is small where the ambiguous fine bins hold few errors (e.g.
+holds both order statistics around a quantile, and is small where the ambiguous fine bins hold few errors (e.g.
 the crowded bin near ``p = 0`` of a foreground class, where ``y`` and ``p`` are both near 0).
 
 Nixon et al.'s ACE averages ``|o_r − e_r|`` over ``R`` ranges of exactly ``N / R`` voxels; when every bin holds
@@ -56,7 +57,7 @@ def _one_channel(count: np.ndarray, sum_p: np.ndarray, sum_y: np.ndarray, num_bi
     gap = sum_y - sum_p
     s = np.bincount(group, weights=gap, minlength=num_bins)
     ece = float(np.abs(s).sum() / n)
-    amb = np.unique(np.concatenate([j_lo, j_hi]))
+    amb = np.unique(j_lo[j_lo == j_hi])
     amb = amb[amb < count.shape[0]]
     b = np.minimum(count[amb], np.minimum(sum_y[amb] + sum_p[amb], 2 * count[amb] - sum_y[amb] - sum_p[amb]))
     return ece, float(2.0 * np.clip(b, 0, None).sum() / n)

@@ -24,7 +24,8 @@ class-wise ECE and the root Brier score (MetricsReloaded's ``cwECE`` / ``rbs``;
 :func:`~segcal.functional.calibration.classwise_calibration_error`,
 :func:`~segcal.functional.calibration.root_brier_score`), the equal-mass (adaptive) ECE with ``M`` equal-mass bins
 formed from a fine mergeable histogram of ``K`` bins and its error bound
-(:func:`~segcal.functional.adaptive.equal_mass_calibration_error`), and the case-level uncertainty scores of
+(:func:`~segcal.functional.adaptive.equal_mass_calibration_error`), the smooth ECE from the same fine histogram
+(:func:`~segcal.functional.smooth.smooth_calibration_error`), and the case-level uncertainty scores of
 failure detection (mean voxel entropy, mean top-label confidence; :mod:`segcal.functional.failure`). Every one of
 them pools from summed statistics.
 """
@@ -60,6 +61,7 @@ from segcal.functional.inputs import (
     region_targets,
 )
 from segcal.functional.overlap import confusion_counts, hausdorff_distance_95, overlap_scores
+from segcal.functional.smooth import smooth_calibration_error
 
 __all__ = [
     "CASE_METRICS",
@@ -121,6 +123,9 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(
         "adaptive_ece_bound", "class", "fine", True,
         "bound on the distance of adaptive_ece to the exact per-voxel equal-mass ECE", "peers",
+    ),
+    MetricSpec(
+        "smooth_ece", "class", "fine", True, "smooth ECE (reflected Gaussian kernel, automatic bandwidth)", "peers"
     ),
     MetricSpec("cw_ece", "case", "bins", True, "class-wise ECE: mean marginal ECE over the scored channels", "peers"),
     MetricSpec("rbs", "case", "brier", True, "root Brier score: root of the summed Brier scores", "peers"),
@@ -464,6 +469,7 @@ def _peer_values(
     return {
         "adaptive_ece": ece,
         "adaptive_ece_bound": bound,
+        "smooth_ece": smooth_calibration_error(fine),
         "cw_ece": classwise_calibration_error(bins)[:, None],
         "rbs": root_brier_score(brier)[:, None],
         "mean_entropy": _per_voxel(entropy_sum, n)[:, None],
