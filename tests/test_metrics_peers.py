@@ -295,6 +295,21 @@ def _bins_of(p: np.ndarray, m: int) -> list[np.ndarray]:
     return [k == i for i in range(m)]
 
 
+@pytest.mark.parametrize("mode", ["exclusive", "multilabel"])
+def test_uncertainty_scores_equal_the_ood_scores(mode: str) -> None:
+    from segcal.functional.uncertainty import ood_score
+
+    rng = np.random.default_rng(2)
+    probs, lab = _volume(rng, 3, 3)
+    target = lab
+    if mode == "multilabel":
+        probs = torch.sigmoid(torch.from_numpy(rng.normal(0, 2, probs.shape)))
+        target = torch.from_numpy(rng.integers(0, 2, probs.shape))
+    v = image_metrics(case_statistics(probs, target, 10, mode=mode, fine_bins=50))
+    assert torch.allclose(v["mean_entropy"][:, 0], ood_score(probs, "mean_entropy", mode), rtol=1e-10)
+    assert torch.allclose(1 - v["mean_confidence"][:, 0], ood_score(probs, "max_probability", mode), rtol=1e-10)
+
+
 def test_statistics_without_fine_bins_have_no_peer_metrics_and_store_as_before() -> None:
     rng = np.random.default_rng(0)
     probs, lab = _volume(rng, 2, 3)

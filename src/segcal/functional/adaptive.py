@@ -1,6 +1,7 @@
 """Equal-mass (adaptive) binning ECE from a fine, mergeable equal-width histogram, with a stated error bound.
 
-Equal-mass binning (Nixon et al. 2019, adaptive calibration error; netcal's ``ECE(equal_intervals=False)``) puts
+Equal-mass binning (Nixon et al. 2019, adaptive calibration error, docs/references.md; netcal's
+``ECE(equal_intervals=False)``) puts
 the ``N`` scored voxels of a channel into ``R`` bins with edges at the empirical quantiles of the probabilities,
 ``q_r = quantile(p, r / R)`` (linear interpolation between order statistics, as ``numpy.quantile``), ``q_0 = 0``,
 ``q_R = 1``, bin ``r`` = ``[q_r, q_{r+1})`` (the last one closed), and takes the count-weighted ECE

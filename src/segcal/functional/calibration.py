@@ -16,7 +16,8 @@ Top-label calibration (PostHoc eq. 3, Ensembles eq. 5) bins the confidence ``max
 
 Metrics of the peers, from the same sums:
 
-* class-wise ECE (Kumar et al. 2019, "Verified Uncertainty Calibration", as MetricsReloaded's ``cwECE``):
+* class-wise ECE (Kumar et al. 2019, "Verified Uncertainty Calibration", as MetricsReloaded's ``cwECE``;
+  Maier-Hein et al. 2024; papers: docs/references.md):
   ``cwECE = (1 / K) Σ_c ECE_c``, the mean of the marginal ECEs over the scored channels
   (:func:`classwise_calibration_error`);
 * root Brier score (Gruber & Buettner 2022, MetricsReloaded's ``rbs``): ``RBS = sqrt((1/N) Σ_i Σ_c (p_ic − y_ic)²)``,

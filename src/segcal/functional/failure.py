@@ -4,7 +4,7 @@ excess over the optimal ranking (E-AURC).
 A failure detector ranks the cases by an uncertainty score ``u`` (e.g. the mean voxel entropy, or one minus the
 mean top-label confidence); accepting the ``k`` most certain cases leaves the selective risk
 ``r̂(k) = (1/k) Σ_{i among them} risk_i`` with the case risk, e.g. ``1 − Dice`` (Jaeger et al., ICLR 2023;
-Kahl et al. (ValUES), ICLR 2024). Following Geifman et al. (ICLR 2019):
+Kahl et al. (ValUES), ICLR 2024; docs/references.md). Following Geifman et al. (ICLR 2019):
 
     AURC = (1/N) Σ_{k=1}^{N} r̂(k),      E-AURC = AURC − AURC*,
 

@@ -403,11 +403,10 @@ def _entropy_sum(probs: torch.Tensor, mode: Mode, mask: torch.Tensor | None) -> 
     classes; multilabel: the mean over channels of the binary entropy)."""
     from segcal.functional.uncertainty import entropy_map
 
-    h = entropy_map(probs.detach().to(torch.float64), mode).mean(1)
+    h = entropy_map(probs.detach(), mode).mean(1)  # in the input's dtype, summed in float64
     if mask is not None:
-        m = mask.reshape(h.shape).to(torch.float64)
-        h = h * m
-    return h.reshape(h.shape[0], -1).sum(-1).cpu()
+        h = torch.where(mask.reshape(h.shape).bool(), h, torch.zeros((), dtype=h.dtype, device=h.device))
+    return h.reshape(h.shape[0], -1).sum(-1, dtype=torch.float64).cpu()
 
 
 def _check_targets(probs: torch.Tensor, target: torch.Tensor, reference: torch.Tensor | None, mode: Mode) -> None:
