@@ -32,7 +32,7 @@ class MetricResult:
     ``top_label_*``), ``pooled[name]`` is ``(C,)`` (resp. ``(1,)``) computed from the summed statistics of all
     images (micro; metrics that do not pool, HD95, are absent), ``macro[name]`` is the per-class mean over
     images ignoring NaN. Metrics not computed (HD95 without ``hd95=True``, MAE without a soft reference) are
-    NaN.
+    NaN. The metrics of the peers (the schema's ``"peers"`` group) are present only with ``fine_bins``.
     """
 
     case_ids: list[str]
