@@ -63,8 +63,8 @@ def _class_names(text: str | None) -> tuple[str, ...] | None:
 def _check_options(fmt: str, region: str, mask_dir: Path | None, group_by: str | None, groups: Path | None) -> None:
     if fmt not in ("auto", "nifti", "npy", "nnunet"):
         raise typer.BadParameter(f"--format must be auto, nifti, npy or nnunet, got {fmt!r}")
-    if region not in ("whole", "bbox", "mask"):
-        raise typer.BadParameter(f"--region must be whole, bbox or mask, got {region!r}")
+    if region not in ("whole", "bbox", "mask", "band"):
+        raise typer.BadParameter(f"--region must be whole, bbox, mask or band, got {region!r}")
     if region == "mask" and mask_dir is None:
         raise typer.BadParameter("--region mask needs --mask-dir")
     if group_by is not None and groups is not None:
@@ -122,7 +122,27 @@ def evaluate(
         None, "--groups", help="Group the cases into subjects by a CSV file with the columns case_id,subject."
     ),
     include_background: bool = typer.Option(False, "--include-background", help="Also score class 0."),
-    region: str = typer.Option("whole", "--region", help="Where metrics are computed: whole, bbox or mask."),
+    region: str = typer.Option(
+        "whole", "--region", help="Where metrics are computed: whole, bbox, mask or band (near the boundary)."
+    ),
+    band_mm: float = typer.Option(
+        2.0, "--band-mm", min=0.0, help="With --region band: the voxels within this many mm of the boundary."
+    ),
+    band_boundary: str = typer.Option(
+        "reference",
+        "--band-boundary",
+        help="With --region band: the boundary of the reference, of the prediction (argmax) or their union.",
+    ),
+    peer_metrics: bool = typer.Option(
+        False,
+        "--peer-metrics",
+        help="Also compute the metrics of the peers: class-wise ECE (cw_ece), root Brier score (rbs), smooth "
+        "ECE, equal-mass ECE (adaptive_ece, with its error bound), mean entropy / confidence, and AURC / E-AURC "
+        "in summary.json.",
+    ),
+    fine_bins: int = typer.Option(
+        1000, "--fine-bins", min=1, help="With --peer-metrics: fine bins the equal-mass bins are formed from."
+    ),
     bbox_margin_mm: str = typer.Option(
         "8,8,4", "--bbox-margin-mm", help="Bounding-box margins in mm per axis."
     ),
@@ -189,19 +209,26 @@ def evaluate(
             raise typer.BadParameter(str(exc)) from None
         names, region_groups = tuple(n), tuple(tuple(x) for x in g)
     resolved = detect_format(pred) if fmt == "auto" else fmt
-    config = EvalConfig(
-        fmt=resolved,  # type: ignore[arg-type]
-        num_bins=bins,
-        region_names=names,
-        regions=region_groups,
-        include_background=include_background,
-        region=region,  # type: ignore[arg-type]
-        bbox_margin_mm=_margins(bbox_margin_mm),
-        hd95=not no_hd95,
-        soft_reference=soft_ref is not None,
-        spacing=_spacing(spacing),
-        nnunet_regions=nnunet_regions,
-    )
+    try:
+        config = EvalConfig(
+            fmt=resolved,  # type: ignore[arg-type]
+            num_bins=bins,
+            region_names=names,
+            regions=region_groups,
+            include_background=include_background,
+            region=region,  # type: ignore[arg-type]
+            bbox_margin_mm=_margins(bbox_margin_mm),
+            hd95=not no_hd95,
+            soft_reference=soft_ref is not None,
+            spacing=_spacing(spacing),
+            nnunet_regions=nnunet_regions,
+            band_mm=band_mm,
+            band_boundary=band_boundary,  # type: ignore[arg-type]
+            peer_metrics=peer_metrics,
+            fine_bins=fine_bins,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
     try:
         res = run_evaluation(
             pred,

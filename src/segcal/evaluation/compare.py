@@ -40,12 +40,14 @@ from segcal.evaluation.statistics import (
     rank_sum_test,
     wilcoxon_signed_rank,
 )
-from segcal.functional.scoring import CASE_METRICS, CaseStatistics, image_metrics
+from segcal.functional.scoring import METRICS, CaseStatistics, image_metrics
 from segcal.io.runs import read_bins_npz, read_case_metrics, read_summary_json, write_csv, write_json
 
 __all__ = ["compare_runs", "format_change", "write_comparison"]
 
 _SKIP = {"tp", "fp", "fn", "n_voxels", "status", "error"}
+#: the per-case metrics of the schema (core and peers): one value per unit, not per class
+_PER_CASE = frozenset(m.name for m in METRICS if m.per == "case")
 
 #: values of one run: unit id (case or subject) → class → metric → value
 _Table = dict[str, dict[str, dict[str, float]]]
@@ -153,7 +155,7 @@ def _subject_table(run: _Run, ids: list[str], grouping: Grouping) -> _Table:
     for i, s in enumerate(subjects):
         for k, cls in enumerate(bins.class_names):
             table.setdefault(s, {})[cls] = {
-                m: float(v[i, 0] if m in CASE_METRICS else v[i, k]) for m, v in values.items()
+                m: float(v[i, 0] if m in _PER_CASE else v[i, k]) for m, v in values.items()
             }
     return table
 
@@ -180,15 +182,19 @@ def _groups(
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``{class: (a, b)}`` per-unit values of ``metric``: each class and the class mean, or ``"case"`` for a
     per-case metric."""
+    nan = float("nan")  # a metric one unit table lacks (the peers group of a run evaluated without it)
     per_class = {
-        cls: (np.array([a_tab[u][cls][metric] for u in units]), np.array([b_tab[u][cls][metric] for u in units]))
+        cls: (
+            np.array([a_tab[u][cls].get(metric, nan) for u in units]),
+            np.array([b_tab[u][cls].get(metric, nan) for u in units]),
+        )
         for cls in classes
     }
-    if metric in CASE_METRICS:
+    if metric in _PER_CASE:
         return {"case": per_class[classes[0]]}
     with np.errstate(all="ignore"):
-        a_m = np.array([_nanmean([a_tab[u][c][metric] for c in classes]) for u in units])
-        b_m = np.array([_nanmean([b_tab[u][c][metric] for c in classes]) for u in units])
+        a_m = np.array([_nanmean([a_tab[u][c].get(metric, nan) for c in classes]) for u in units])
+        b_m = np.array([_nanmean([b_tab[u][c].get(metric, nan) for c in classes]) for u in units])
     return {**per_class, "mean": (a_m, b_m)}
 
 
@@ -281,7 +287,8 @@ def compare_runs(
         ids = _common_cases(base, run, intersection)
         a_tab, b_tab, units = _unit_tables(base, run, ids, grouping)
         names = (str(base.path), str(run.path))
-        out_rows += _pair_rows(names, (a_tab, b_tab), units, base.classes, base.metrics, grouping.unit)
+        metrics = [m for m in base.metrics if m in run.metrics]  # the peers group only where both runs have it
+        out_rows += _pair_rows(names, (a_tab, b_tab), units, base.classes, metrics, grouping.unit)
         pairs.append(
             {
                 "run_a": names[0],

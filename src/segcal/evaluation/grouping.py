@@ -187,6 +187,9 @@ def pool_cases(stats: CaseStatistics) -> CaseStatistics:
     finite = torch.isfinite(hd)
     n = finite.sum(0, keepdim=True)
     hd_mean = torch.where(n > 0, torch.where(finite, hd, 0.0).sum(0, keepdim=True) / n.clamp_min(1), torch.nan)
+    for name in ("fine", "entropy_sum"):  # the peers group's sums, when computed
+        if getattr(stats, name) is not None:
+            sums[name] = getattr(stats, name).sum(0, keepdim=True)
     return CaseStatistics(**sums, hd95=hd_mean.to(torch.float64))
 
 

@@ -23,6 +23,13 @@ unicode, and the other per-case sums of :class:`~segcal.functional.scoring.CaseS
 ``counts``, ``brier_sum``, ``mae_sum``, ``nll_sum``, ``n_voxels``, ``hd95``), so that every metric of any group
 of cases can be derived again; no pickled objects.
 
+With the metrics of the peers (``EvalConfig(peer_metrics=True)``, ``--peer-metrics``) the columns and summaries
+also hold the schema's ``"peers"`` group (:data:`~segcal.functional.scoring.PEER_CLASS_METRICS` before
+:data:`~segcal.functional.scoring.PEER_CASE_METRICS`, after the core metrics), and ``summary["failure_detection"]``
+holds the dataset-level AURC / E-AURC (:mod:`segcal.functional.failure`) of the case-level uncertainty scores
+(``mean_entropy``; ``1 − mean_confidence``) against the case risk ``1 − Dice`` (Dice averaged over the scored
+channels): ``{"risk": ..., "scores": {name: {"aurc", "e_aurc", "n"}}}``.
+
 ``subjects.csv`` (only with a grouping): one row per subject and class, ``subject, class, n_cases``, every metric
 of the schema and ``tp, fp, fn, n_voxels``, from the subject's pooled statistics
 (:func:`segcal.evaluation.grouping.subject_statistics`).
@@ -42,7 +49,16 @@ from segcal.evaluation.folders import ClassNames, FolderSpacing, geometry_summar
 from segcal.evaluation.grouping import Grouping, subject_statistics
 from segcal.evaluation.statistics import summarize
 from segcal.evaluation.store import CaseResult, ResultStore
-from segcal.functional.scoring import CASE_METRICS, CLASS_METRICS, CaseStatistics, image_metrics, pooled_metrics
+from segcal.functional.failure import failure_detection
+from segcal.functional.scoring import (
+    CASE_METRICS,
+    CLASS_METRICS,
+    PEER_CASE_METRICS,
+    PEER_CLASS_METRICS,
+    CaseStatistics,
+    image_metrics,
+    pooled_metrics,
+)
 from segcal.io.runs import (
     SUBJECTS_CSV,
     write_bins_npz,
@@ -52,7 +68,7 @@ from segcal.io.runs import (
     write_summary_json,
 )
 
-__all__ = ["COLUMNS", "SUBJECT_COLUMNS", "write_outputs"]
+__all__ = ["COLUMNS", "PEER_COLUMNS", "SUBJECT_COLUMNS", "write_outputs"]
 
 #: ``cases.csv`` columns: one row per case and class (a failed case: one row with its error)
 COLUMNS: tuple[str, ...] = (
@@ -62,6 +78,18 @@ COLUMNS: tuple[str, ...] = (
 SUBJECT_COLUMNS: tuple[str, ...] = (
     "subject", "class", "n_cases", *CLASS_METRICS, *CASE_METRICS, "tp", "fp", "fn", "n_voxels",
 )
+#: the columns of the peers group, after the core metrics (only in runs with the metrics of the peers)
+PEER_COLUMNS: tuple[str, ...] = (*PEER_CLASS_METRICS, *PEER_CASE_METRICS)
+#: every per-case metric name (core and peers)
+_PER_CASE = frozenset((*CASE_METRICS, *PEER_CASE_METRICS))
+
+
+def _with_peers(columns: tuple[str, ...], values: dict[str, torch.Tensor]) -> tuple[str, ...]:
+    """``columns`` with the peers group's columns inserted before ``tp`` when ``values`` hold them."""
+    if not any(m in values for m in PEER_COLUMNS):
+        return columns
+    i = columns.index("tp")
+    return (*columns[:i], *PEER_COLUMNS, *columns[i:])
 
 
 def _rows(
@@ -72,8 +100,8 @@ def _rows(
     n_vox = stats.bins[i, :, 0].sum(-1).tolist()
     for k, name in enumerate(names):
         row: dict[str, Any] = {**key, "class": name}
-        row.update({m: float(values[m][i, k]) for m in CLASS_METRICS})
-        row.update({m: float(values[m][i, 0]) for m in CASE_METRICS})
+        row.update({m: float(values[m][i, k]) for m in (*CLASS_METRICS, *PEER_CLASS_METRICS) if m in values})
+        row.update({m: float(values[m][i, 0]) for m in (*CASE_METRICS, *PEER_CASE_METRICS) if m in values})
         row["tp"], row["fp"], row["fn"] = stats.counts[i, k].tolist()
         row["n_voxels"] = n_vox[k]
         rows.append(row)
@@ -95,7 +123,7 @@ def _pooled_summary(pooled: dict[str, torch.Tensor], class_names: list[str]) -> 
         vals = v.tolist()
         if not any(math.isfinite(x) for x in vals):
             continue  # not computed in this run (e.g. MAE without a soft reference)
-        if k in CASE_METRICS:
+        if k in _PER_CASE:
             out[k] = {"case": vals[0]}
             continue
         d = dict(zip(class_names, vals, strict=True))
@@ -158,20 +186,37 @@ def _subject_outputs(
     rows = []
     for i, (subject, n) in enumerate(zip(subjects, n_cases, strict=True)):
         rows += _rows({"subject": subject, "n_cases": n}, names, values, sub_stats, i)
-    write_subjects_csv(path, rows, SUBJECT_COLUMNS)
+    write_subjects_csv(path, rows, _with_peers(SUBJECT_COLUMNS, values))
     return {"unit": "subject", "n": len(subjects), "n_cases": len(case_ids), "metrics": _macro_summary(values, names)}
 
 
 def _macro_summary(values: dict[str, torch.Tensor], class_names: list[str]) -> dict[str, dict[str, Any]]:
     macro: dict[str, dict[str, Any]] = {}
-    for k in CLASS_METRICS:
+    for k in (*CLASS_METRICS, *PEER_CLASS_METRICS):
+        if k not in values:
+            continue  # the peers group, not computed in this run
         vals = values[k].numpy().reshape(len(values[k]), -1)
         if vals.size and np.isnan(vals).all():
             continue  # metric not computed in this run (e.g. MAE without soft reference, --no-hd95)
         macro[k] = _class_summary(vals, class_names)
-    for k in CASE_METRICS:
-        macro[k] = {"case": summarize(values[k][:, 0].tolist())}
+    for k in (*CASE_METRICS, *PEER_CASE_METRICS):
+        if k in values:
+            macro[k] = {"case": summarize(values[k][:, 0].tolist())}
     return macro
+
+
+def _failure_detection(values: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+    """AURC / E-AURC of the case-level uncertainty scores against ``1 − Dice`` (None without the peers group)."""
+    if "mean_entropy" not in values or "mean_confidence" not in values:
+        return None
+    dice = values["dice"].numpy()
+    with np.errstate(all="ignore"):
+        quality = np.array([np.nanmean(d) if np.isfinite(d).any() else np.nan for d in dice])
+    scores = {
+        "mean_entropy": values["mean_entropy"][:, 0].numpy(),
+        "one_minus_mean_confidence": 1.0 - values["mean_confidence"][:, 0].numpy(),
+    }
+    return {"risk": "1 - Dice (mean over the scored channels)", "scores": failure_detection(scores, 1.0 - quality)}
 
 
 def _output_names(ok: list[CaseResult], run_config: dict[str, Any], class_names: ClassNames) -> list[str]:
@@ -221,7 +266,7 @@ def write_outputs(
     names = _output_names(ok, run_config, class_names)
     stats = CaseStatistics.cat([r.statistics() for r in ok]) if ok else None
     values = image_metrics(stats) if stats is not None else {}
-    write_cases_csv(files["cases"], _case_rows(results, values, stats, names), COLUMNS)
+    write_cases_csv(files["cases"], _case_rows(results, values, stats, names), _with_peers(COLUMNS, values))
     write_failed_csv(files["failed"], [(r.case_id, r.error or "") for r in failed])
     m = int(run_config.get("num_bins", 20))
     bins = stats.bins.numpy() if stats is not None else np.zeros((0, len(names), 3, m))
@@ -247,5 +292,8 @@ def write_outputs(
     }
     if subject_macro is not None:
         summary["subject_macro"] = subject_macro
+    fd = _failure_detection(values) if ok else None
+    if fd is not None:
+        summary["failure_detection"] = fd
     write_summary_json(files["summary"], summary)
     return files, summary

@@ -41,7 +41,7 @@ from segcal.evaluation.grouping import Grouping, resolve_grouping
 from segcal.evaluation.lock import RunLock
 from segcal.evaluation.store import CaseResult, ResultStore, input_fingerprint, same_inputs
 from segcal.functional.binning import check_num_bins
-from segcal.functional.regions import dilated_bbox_mask
+from segcal.functional.regions import BOUNDARIES, boundary_band_mask, dilated_bbox_mask
 from segcal.functional.scoring import TargetError, case_statistics
 from segcal.io import Case, CaseError, CaseFiles, check_output_outside_inputs, load_case, match_cases
 from segcal.io.matching import match_ensemble
@@ -76,7 +76,7 @@ class EvalConfig:
     region_names: tuple[str, ...] | None = None
     regions: tuple[tuple[int, ...], ...] | None = None
     include_background: bool = False
-    region: Literal["whole", "bbox", "mask"] = "whole"
+    region: Literal["whole", "bbox", "mask", "band"] = "whole"
     bbox_margin_mm: tuple[float, ...] = (8.0, 8.0, 4.0)
     hd95: bool = True
     soft_reference: bool = False
@@ -85,10 +85,26 @@ class EvalConfig:
     #: the prediction folder's ``dataset.json`` by :func:`run_evaluation` when ``regions`` is None), scored in
     #: multilabel mode against multi-hot region targets built from the label map
     nnunet_regions: bool = False
+    #: ``region="band"``: the voxels within ``band_mm`` mm of the boundary of the reference (``band_boundary``
+    #: ``"reference"``), of the predicted (argmax) label map (``"prediction"``) or of either (``"union"``)
+    band_mm: float = 2.0
+    band_boundary: Literal["reference", "prediction", "union"] = "reference"
+    #: also compute the metrics of the peers (the schema's ``"peers"`` group: class-wise ECE, root Brier score,
+    #: equal-mass ECE from ``fine_bins`` fine bins with its bound, case-level uncertainty scores and, in the
+    #: summary, AURC / E-AURC of those scores against 1 - Dice)
+    peer_metrics: bool = False
+    fine_bins: int = 1000
 
     def __post_init__(self) -> None:
-        if self.region not in ("whole", "bbox", "mask"):
-            raise ValueError(f"region must be whole, bbox or mask, got {self.region!r}")
+        if self.region not in ("whole", "bbox", "mask", "band"):
+            raise ValueError(f"region must be whole, bbox, mask or band, got {self.region!r}")
+        if not (isinstance(self.band_mm, int | float) and math.isfinite(self.band_mm) and self.band_mm >= 0):
+            raise ValueError(f"band_mm must be a non-negative number of mm, got {self.band_mm!r}")
+        if self.band_boundary not in BOUNDARIES:
+            raise ValueError(f"band_boundary must be one of {', '.join(BOUNDARIES)}, got {self.band_boundary!r}")
+        if self.region == "band" and self.nnunet_regions and self.band_boundary != "reference":
+            raise ValueError("band_boundary 'prediction' / 'union' needs exclusive classes, not nnunet_regions")
+        check_num_bins(self.fine_bins)
         if (self.regions is None) != (self.region_names is None):
             raise ValueError("regions and region_names go together")
         if self.nnunet_regions and self.soft_reference:
@@ -103,6 +119,10 @@ class EvalConfig:
         d = asdict(self)
         if not d["nnunet_regions"]:  # the configuration (and its hash) of runs written before the option
             del d["nnunet_regions"]
+        if self.region != "band":  # (idem: the band's options enter the hash only with the band)
+            del d["band_mm"], d["band_boundary"]
+        if not self.peer_metrics:  # (idem)
+            del d["peer_metrics"], d["fine_bins"]
         return d
 
 
@@ -130,11 +150,21 @@ def _peak_rss_mb() -> float:
 
 
 def _region_mask(
-    case: Case, config: EvalConfig, label: torch.Tensor, spacing: tuple[float, ...], path: str | None
+    case: Case,
+    config: EvalConfig,
+    label: torch.Tensor,
+    spacing: tuple[float, ...],
+    path: str | None,
+    probs: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """The region every statistic but HD95 is restricted to: ``(1, *S)`` bool, or None for the whole image."""
     if config.region == "whole":
         return None
+    if config.region == "band":
+        pred = probs[0].argmax(0) if probs is not None and config.band_boundary != "reference" else None
+        return boundary_band_mask(label[0], spacing, config.band_mm, prediction=pred, boundary=config.band_boundary)[
+            None
+        ]
     if config.region == "mask":
         if case.mask is None:
             raise CaseError(path, "region='mask' but no mask file was given for this case")
@@ -187,7 +217,7 @@ def compute_case(case: Case, config: EvalConfig) -> CaseResult:
         raise CaseError(pred_path, "a soft reference map is required (--soft-ref) but none was read")
     assumed = len(case.spacing) == 0
     spacing = (1.0,) * case.label.ndim if assumed else tuple(case.spacing)
-    mask = _region_mask(case, config, label, spacing, pred_path)
+    mask = _region_mask(case, config, label, spacing, pred_path, probs)
     target, mode, regions = label, "exclusive", config.regions
     if config.nnunet_regions:
         target, mode, regions = _region_targets(label, probs.shape[1], config, pred_path), "multilabel", None
@@ -203,6 +233,7 @@ def compute_case(case: Case, config: EvalConfig) -> CaseResult:
             reference=ref,
             hd95=config.hd95,
             spacing=spacing,
+            fine_bins=config.fine_bins if config.peer_metrics else None,
         )
     except TargetError as exc:
         raise CaseError(label_path, str(exc)) from None

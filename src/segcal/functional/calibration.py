@@ -13,6 +13,15 @@ gives NaN. Averaging the marginal values over channels gives mL1-ECE / mL1-ACE /
 
 Top-label calibration (PostHoc eq. 3, Ensembles eq. 5) bins the confidence ``max_c p_c`` against the accuracy
 ``argmax == label``, reusing the same binning core.
+
+Metrics of the peers, from the same sums:
+
+* class-wise ECE (Kumar et al. 2019, "Verified Uncertainty Calibration", as MetricsReloaded's ``cwECE``;
+  Maier-Hein et al. 2024; papers: docs/references.md):
+  ``cwECE = (1 / K) Σ_c ECE_c``, the mean of the marginal ECEs over the scored channels
+  (:func:`classwise_calibration_error`);
+* root Brier score (Gruber & Buettner 2022, MetricsReloaded's ``rbs``): ``RBS = sqrt((1/N) Σ_i Σ_c (p_ic − y_ic)²)``,
+  the root of the per-class Brier scores summed over the scored channels (:func:`root_brier_score`).
 """
 
 from __future__ import annotations
@@ -56,8 +65,10 @@ __all__ = [
     "brier_score",
     "calibration_error",
     "calibration_errors",
+    "classwise_calibration_error",
     "mean_absolute_error",
     "negative_log_likelihood",
+    "root_brier_score",
     "top_label_statistics",
 ]
 
@@ -108,6 +119,29 @@ def calibration_errors(stats: BinStats, min_count: int = 1) -> dict[str, torch.T
         "ece_l2": calibration_error(stats, "expected", "l2", min_count),
         "ace_l2": calibration_error(stats, "average", "l2", min_count),
     }
+
+
+def classwise_calibration_error(stats: BinStats) -> torch.Tensor:
+    """Class-wise ECE per image, ``(B,)`` float64: the mean over channels of the marginal (count-weighted, L1)
+    ECE, ``cwECE = (1/K) Σ_c Σ_k (n_ck / N) |o_ck − e_ck|`` (Kumar et al. 2019; MetricsReloaded ``cwECE``).
+
+    It averages the channels of ``stats`` (MetricsReloaded averages every class, background included: pass
+    ``include_background=True`` statistics for its value). Channels without voxels are left out; NaN when none
+    has any.
+    """
+    ece = calibration_error(stats, "expected", "l1")
+    finite = torch.isfinite(ece)
+    total = torch.where(finite, ece, torch.zeros_like(ece)).sum(-1)
+    k = finite.sum(-1)
+    return torch.where(k > 0, total / k.clamp_min(1), torch.nan)
+
+
+def root_brier_score(brier: torch.Tensor) -> torch.Tensor:
+    """Root Brier score per image, ``(B,)`` float64, from the per-class Brier scores ``(B, C)`` (mean squared
+    error of each class probability, :func:`brier_score`): ``sqrt(Σ_c BS_c)`` = ``sqrt((1/N) Σ_i Σ_c
+    (p_ic − y_ic)²)`` (Gruber & Buettner 2022; MetricsReloaded ``rbs``, which sums every class: pass the
+    background's Brier score too for its value). NaN where any channel is NaN (no voxel scored)."""
+    return brier.to(torch.float64).sum(-1).clamp_min(0).sqrt()
 
 
 def top_label_statistics(

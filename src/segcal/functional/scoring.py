@@ -18,6 +18,16 @@ Bins: ``M`` equal-width bins, bin ``k`` = ``(k/M, (k+1)/M]`` (``closed="right"``
 :func:`~segcal.functional.calibration.calibration_errors` (Naeini et al. 2015; Nixon et al. 2019; the marginal
 class-wise form of Barfoot et al. 2024, docs/references.md), NLL and Brier as in Mehrtash et al. 2020
 (eqs. 3-4), overlap scores from the confusion counts, HD95 with MONAI's surface distances.
+
+Metrics of the peers (the schema's ``"peers"`` group, computed when :func:`case_statistics` gets ``fine_bins``):
+class-wise ECE and the root Brier score (MetricsReloaded's ``cwECE`` / ``rbs``;
+:func:`~segcal.functional.calibration.classwise_calibration_error`,
+:func:`~segcal.functional.calibration.root_brier_score`), the equal-mass (adaptive) ECE with ``M`` equal-mass bins
+formed from a fine mergeable histogram of ``K`` bins and its error bound
+(:func:`~segcal.functional.adaptive.equal_mass_calibration_error`), the smooth ECE from the same fine histogram
+(:func:`~segcal.functional.smooth.smooth_calibration_error`), and the case-level uncertainty scores of
+failure detection (mean voxel entropy, mean top-label confidence; :mod:`segcal.functional.failure`). Every one of
+them pools from summed statistics.
 """
 
 from __future__ import annotations
@@ -29,13 +39,16 @@ from typing import Literal
 import numpy as np
 import torch
 
+from segcal.functional.adaptive import equal_mass_calibration_error
 from segcal.functional.binning import BinStats, Closed, bin_statistics
 from segcal.functional.calibration import (
     EPS,
     brier_score,
     calibration_errors,
+    classwise_calibration_error,
     mean_absolute_error,
     negative_log_likelihood,
+    root_brier_score,
     top_label_statistics,
 )
 from segcal.functional.inputs import (
@@ -48,11 +61,14 @@ from segcal.functional.inputs import (
     region_targets,
 )
 from segcal.functional.overlap import confusion_counts, hausdorff_distance_95, overlap_scores
+from segcal.functional.smooth import smooth_calibration_error
 
 __all__ = [
     "CASE_METRICS",
     "CLASS_METRICS",
     "METRICS",
+    "PEER_CASE_METRICS",
+    "PEER_CLASS_METRICS",
     "CaseStatistics",
     "MetricSpec",
     "TargetError",
@@ -68,14 +84,16 @@ class MetricSpec:
 
     ``per``: ``"class"`` (one value per kept channel) or ``"case"`` (one value per image). ``source``: the
     statistic it derives from. ``pooled``: whether a dataset-level (micro) value exists, computed from the
-    summed statistics of all images (HD95 has none: it is not a sum).
+    summed statistics of all images (HD95 has none: it is not a sum). ``group``: ``"core"`` (always computed)
+    or ``"peers"`` (the metrics of other toolkits, computed when the statistics hold the fine histogram).
     """
 
     name: str
     per: Literal["class", "case"]
-    source: Literal["counts", "bins", "top", "brier", "mae", "nll", "hd95"]
+    source: Literal["counts", "bins", "top", "brier", "mae", "nll", "hd95", "fine", "entropy"]
     pooled: bool
     description: str
+    group: Literal["core", "peers"] = "core"
 
 
 _CE = {
@@ -98,11 +116,30 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("mae", "class", "mae", True, "mean absolute error against a soft reference"),
     MetricSpec("nll", "case", "nll", True, "mean negative log-likelihood of the target"),
     *(MetricSpec(f"top_label_{k}", "case", "top", True, f"top-label {v}") for k, v in _CE.items()),
+    MetricSpec(
+        "adaptive_ece", "class", "fine", True,
+        "equal-mass (adaptive) ECE: M bins at the quantiles, formed from the fine histogram", "peers",
+    ),
+    MetricSpec(
+        "adaptive_ece_bound", "class", "fine", True,
+        "bound on the distance of adaptive_ece to the exact per-voxel equal-mass ECE", "peers",
+    ),
+    MetricSpec(
+        "smooth_ece", "class", "fine", True, "smooth ECE (reflected Gaussian kernel, automatic bandwidth)", "peers"
+    ),
+    MetricSpec("cw_ece", "case", "bins", True, "class-wise ECE: mean marginal ECE over the scored channels", "peers"),
+    MetricSpec("rbs", "case", "brier", True, "root Brier score: root of the summed Brier scores", "peers"),
+    MetricSpec("mean_entropy", "case", "entropy", True, "mean voxel entropy (a case-level uncertainty)", "peers"),
+    MetricSpec("mean_confidence", "case", "top", True, "mean top-label confidence (max probability)", "peers"),
 )
-#: per-class metric names (in schema order)
-CLASS_METRICS: tuple[str, ...] = tuple(m.name for m in METRICS if m.per == "class")
-#: per-case metric names (in schema order)
-CASE_METRICS: tuple[str, ...] = tuple(m.name for m in METRICS if m.per == "case")
+#: per-class metric names of the core group (in schema order)
+CLASS_METRICS: tuple[str, ...] = tuple(m.name for m in METRICS if m.per == "class" and m.group == "core")
+#: per-case metric names of the core group (in schema order)
+CASE_METRICS: tuple[str, ...] = tuple(m.name for m in METRICS if m.per == "case" and m.group == "core")
+#: per-class metric names of the peers group (in schema order)
+PEER_CLASS_METRICS: tuple[str, ...] = tuple(m.name for m in METRICS if m.per == "class" and m.group == "peers")
+#: per-case metric names of the peers group (in schema order)
+PEER_CASE_METRICS: tuple[str, ...] = tuple(m.name for m in METRICS if m.per == "case" and m.group == "peers")
 
 
 class TargetError(ValueError):
@@ -117,7 +154,9 @@ class CaseStatistics:
     top-label bin sums; ``counts`` ``(B, C, 3)`` tp / fp / fn; ``brier_sum`` / ``mae_sum`` ``(B, C)`` sums of the
     per-voxel squared / absolute errors (``mae_sum`` NaN without a soft reference); ``nll_sum`` ``(B,)``;
     ``n_voxels`` ``(B,)`` voxels scored (inside the mask); ``hd95`` ``(B, C)`` (NaN when not computed).
-    Images merge by concatenation (:meth:`cat`); the pooled values sum over images.
+    Optional (the peers group, ``None`` unless :func:`case_statistics` got ``fine_bins``): ``fine``
+    ``(B, C, 3, K)`` fine equal-width bin sums of the kept channels, ``entropy_sum`` ``(B,)`` the sum of the
+    voxel entropies. Images merge by concatenation (:meth:`cat`); the pooled values sum over images.
     """
 
     bins: torch.Tensor
@@ -128,6 +167,8 @@ class CaseStatistics:
     nll_sum: torch.Tensor
     n_voxels: torch.Tensor
     hd95: torch.Tensor
+    fine: torch.Tensor | None = None
+    entropy_sum: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.bins.shape[0])
@@ -140,27 +181,54 @@ class CaseStatistics:
     def top_label_stats(self) -> BinStats:
         return BinStats(self.top[:, :, 0], self.top[:, :, 1], self.top[:, :, 2])
 
+    @property
+    def fine_stats(self) -> BinStats | None:
+        """The fine bin sums (peers group), or None when they were not computed."""
+        if self.fine is None:
+            return None
+        return BinStats(self.fine[:, :, 0], self.fine[:, :, 1], self.fine[:, :, 2])
+
     @staticmethod
     def cat(parts: Sequence[CaseStatistics]) -> CaseStatistics:
         """Stack the images of several statistics (the merge of per-image records)."""
         if not parts:
             raise ValueError("no statistics to concatenate")
-        return CaseStatistics(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in _FIELDS})
+        out = {}
+        for f in _FIELDS:
+            vals = [getattr(p, f.name) for p in parts]
+            if f.name in _OPTIONAL and any(v is None for v in vals):
+                if not all(v is None for v in vals):
+                    raise ValueError(f"cannot concatenate statistics with and without {f.name!r} (fine_bins)")
+                out[f.name] = None
+                continue
+            out[f.name] = torch.cat(vals)
+        return CaseStatistics(**out)
 
     def select(self, i: int) -> CaseStatistics:
         """Image ``i`` as a one-image statistics."""
-        return CaseStatistics(**{f.name: getattr(self, f.name)[i : i + 1] for f in _FIELDS})
+        return CaseStatistics(
+            **{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[i : i + 1] for f in _FIELDS}
+        )
 
     def to_numpy(self) -> dict[str, np.ndarray]:
-        """Plain float64 arrays by field name (for storage)."""
-        return {f.name: getattr(self, f.name).cpu().numpy() for f in _FIELDS}
+        """Plain float64 arrays by field name (for storage; optional fields that were not computed are left
+        out, so storage without the peers group is unchanged)."""
+        return {f.name: getattr(self, f.name).cpu().numpy() for f in _FIELDS if getattr(self, f.name) is not None}
 
     @staticmethod
     def from_numpy(arrays: dict[str, np.ndarray]) -> CaseStatistics:
-        return CaseStatistics(**{f.name: torch.as_tensor(np.asarray(arrays[f.name], np.float64)) for f in _FIELDS})
+        return CaseStatistics(
+            **{
+                f.name: torch.as_tensor(np.asarray(arrays[f.name], np.float64))
+                for f in _FIELDS
+                if f.name in arrays or f.name not in _OPTIONAL
+            }
+        )
 
 
 _FIELDS = fields(CaseStatistics)
+#: the fields of the peers group (None unless computed)
+_OPTIONAL = ("fine", "entropy_sum")
 
 
 def _fused(
@@ -252,6 +320,7 @@ def case_statistics(
     spacing: Sequence[float] | None = None,
     closed: Closed = "right",
     check: bool = True,
+    fine_bins: int | None = None,
 ) -> CaseStatistics:
     """The statistics of every metric of each image of ``probs`` ``(B, C, *spatial)`` (probabilities).
 
@@ -270,6 +339,8 @@ def case_statistics(
             annotators): bins, Brier and NLL are computed against it, and the MAE is filled.
         hd95: compute the 95th-percentile Hausdorff distance (whole image, ``spacing`` in mm).
         check: validate the inputs (a bad target raises :class:`TargetError`, a bad prediction ``ValueError``).
+        fine_bins: also compute the peers group's statistics: ``K`` fine equal-width bins ``(k/K, (k+1)/K]`` of
+            the kept channels (the equal-mass ECE is formed from them) and the voxel entropy sum.
 
     Returns:
         :class:`CaseStatistics` with ``B`` images.
@@ -308,6 +379,11 @@ def case_statistics(
         hd = hausdorff_distance_95(
             probs, target, include_background=ib, mode=mode, spacing=spacing, regions=regions, check=False
         )
+    fine = entropy_sum = None
+    if fine_bins is not None:
+        fs = bin_statistics(probs, calib_target, fine_bins, include_background=ib, closed=closed, check=False, **kw)
+        fine = torch.stack([fs.count, fs.sum_p, fs.sum_y], 2).cpu()
+        entropy_sum = _entropy_sum(probs, eff, mask)
     return CaseStatistics(
         bins=torch.stack([bins.count, bins.sum_p, bins.sum_y], 2).cpu(),
         top=top.cpu(),
@@ -317,7 +393,20 @@ def case_statistics(
         nll_sum=nll_sum.reshape(-1).cpu(),
         n_voxels=n_vox.to(torch.float64).reshape(-1).cpu(),
         hd95=hd.cpu(),
+        fine=fine,
+        entropy_sum=entropy_sum,
     )
+
+
+def _entropy_sum(probs: torch.Tensor, mode: Mode, mask: torch.Tensor | None) -> torch.Tensor:
+    """Sum over the scored voxels of the voxel entropy ``(B,)`` (exclusive: ``−Σ_c p_c ln p_c`` over the model's
+    classes; multilabel: the mean over channels of the binary entropy)."""
+    from segcal.functional.uncertainty import entropy_map
+
+    h = entropy_map(probs.detach(), mode).mean(1)  # in the input's dtype, summed in float64
+    if mask is not None:
+        h = torch.where(mask.reshape(h.shape).bool(), h, torch.zeros((), dtype=h.dtype, device=h.device))
+    return h.reshape(h.shape[0], -1).sum(-1, dtype=torch.float64).cpu()
 
 
 def _check_targets(probs: torch.Tensor, target: torch.Tensor, reference: torch.Tensor | None, mode: Mode) -> None:
@@ -369,12 +458,37 @@ def _metric_values(
     return values
 
 
+def _peer_values(
+    bins: BinStats, top: BinStats, fine: BinStats, brier: torch.Tensor, entropy_sum: torch.Tensor, n: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The peers group's values, ``(B, C)`` per class and ``(B, 1)`` per case; ``M`` equal-mass bins, ``M`` the
+    number of the (equal-width) bins."""
+    ece, bound = equal_mass_calibration_error(fine, bins.num_bins)
+    conf = top.sum_p.sum((1, 2)) / top.count.sum((1, 2)).clamp_min(1)
+    return {
+        "adaptive_ece": ece,
+        "adaptive_ece_bound": bound,
+        "smooth_ece": smooth_calibration_error(fine),
+        "cw_ece": classwise_calibration_error(bins)[:, None],
+        "rbs": root_brier_score(brier)[:, None],
+        "mean_entropy": _per_voxel(entropy_sum, n)[:, None],
+        "mean_confidence": torch.where(top.count.sum((1, 2)) > 0, conf, torch.nan)[:, None],
+    }
+
+
 def image_metrics(stats: CaseStatistics) -> dict[str, torch.Tensor]:
-    """Per-image values of every metric of :data:`METRICS`: ``(B, C)`` per class, ``(B, 1)`` per case."""
+    """Per-image values of every metric of :data:`METRICS`: ``(B, C)`` per class, ``(B, 1)`` per case (the
+    peers group only when the statistics hold it)."""
     sums = {"brier_sum": stats.brier_sum, "mae_sum": stats.mae_sum, "nll_sum": stats.nll_sum}
     values = _metric_values(stats.counts, stats.bin_stats, stats.top_label_stats, sums, stats.n_voxels)
     values["hd95"] = stats.hd95
-    return {m.name: values[m.name] for m in METRICS}
+    fine = stats.fine_stats
+    if fine is not None and stats.entropy_sum is not None:
+        values.update(
+            _peer_values(stats.bin_stats, stats.top_label_stats, fine, values["brier"], stats.entropy_sum,
+                         stats.n_voxels)
+        )
+    return {m.name: values[m.name] for m in METRICS if m.name in values}
 
 
 def pooled_metrics(stats: CaseStatistics) -> dict[str, torch.Tensor]:
@@ -385,11 +499,12 @@ def pooled_metrics(stats: CaseStatistics) -> dict[str, torch.Tensor]:
         "mae_sum": stats.mae_sum.sum(0, keepdim=True),
         "nll_sum": stats.nll_sum.sum(0, keepdim=True),
     }
-    values = _metric_values(
-        stats.counts.sum(0, keepdim=True),
-        stats.bin_stats.pooled(),
-        stats.top_label_stats.pooled(),
-        sums,
-        stats.n_voxels.sum(0, keepdim=True),
-    )
-    return {m.name: values[m.name][0] for m in METRICS if m.pooled}
+    n = stats.n_voxels.sum(0, keepdim=True)
+    bins, top = stats.bin_stats.pooled(), stats.top_label_stats.pooled()
+    values = _metric_values(stats.counts.sum(0, keepdim=True), bins, top, sums, n)
+    fine = stats.fine_stats
+    if fine is not None and stats.entropy_sum is not None:
+        values.update(
+            _peer_values(bins, top, fine.pooled(), values["brier"], stats.entropy_sum.sum(0, keepdim=True), n)
+        )
+    return {m.name: values[m.name][0] for m in METRICS if m.pooled and m.name in values}

@@ -72,6 +72,9 @@ SUBJECTS_CSV = "subjects.csv"
 STATISTICS_KEYS: dict[str, int] = {
     "top": 4, "counts": 3, "brier_sum": 2, "mae_sum": 2, "nll_sum": 1, "n_voxels": 1, "hd95": 2,
 }
+#: optional per-case sums (the peers group of the metric schema: fine bin sums, voxel entropy sum), present
+#: only in runs evaluated with them
+OPTIONAL_STATISTICS_KEYS: dict[str, int] = {"fine": 4, "entropy_sum": 1}
 _KEY_COLUMNS = ("case_id", "class")
 _BIN_KEYS = ("case_ids", "bin_stats", "class_names")
 
@@ -237,8 +240,9 @@ def write_bins_npz(
         "class_names": np.array(list(class_names), dtype="U"),
     }
     for key, value in (statistics or {}).items():
-        if key not in STATISTICS_KEYS:
-            raise ValueError(f"bins.npz: unknown statistics key {key!r} (known: {sorted(STATISTICS_KEYS)})")
+        if key not in STATISTICS_KEYS and key not in OPTIONAL_STATISTICS_KEYS:
+            known = sorted([*STATISTICS_KEYS, *OPTIONAL_STATISTICS_KEYS])
+            raise ValueError(f"bins.npz: unknown statistics key {key!r} (known: {known})")
         arrays[key] = np.asarray(value).astype(np.float64)
     return write_npz(path, arrays, compressed=False)
 
@@ -253,7 +257,8 @@ def _read_statistics(path: Path, arrays: Mapping[str, np.ndarray], n: int) -> di
     if missing:
         raise ValueError(f"{path}: has per-case statistics {present} but lacks {missing}")
     out = {}
-    for key, ndim in STATISTICS_KEYS.items():
+    optional = {k: v for k, v in OPTIONAL_STATISTICS_KEYS.items() if k in arrays}
+    for key, ndim in {**STATISTICS_KEYS, **optional}.items():
         arr = np.asarray(arrays[key], dtype=np.float64)
         if arr.ndim != ndim or arr.shape[0] != n:
             raise ValueError(f"{path}: {key} must have {ndim} axes and {n} rows, got shape {arr.shape}")

@@ -32,7 +32,7 @@ class MetricResult:
     ``top_label_*``), ``pooled[name]`` is ``(C,)`` (resp. ``(1,)``) computed from the summed statistics of all
     images (micro; metrics that do not pool, HD95, are absent), ``macro[name]`` is the per-class mean over
     images ignoring NaN. Metrics not computed (HD95 without ``hd95=True``, MAE without a soft reference) are
-    NaN.
+    NaN. The metrics of the peers (the schema's ``"peers"`` group) are present only with ``fine_bins``.
     """
 
     case_ids: list[str]
@@ -62,6 +62,9 @@ class SegmentationCalibrationMetric:
         class_names: names of the kept channels (for reports).
         hd95: also compute the 95th-percentile Hausdorff distance (slower; needs ``spacing`` for mm).
         closed: bin-edge tie convention (``"right"`` default).
+        fine_bins: also compute the metrics of the peers (the schema's ``"peers"`` group: class-wise ECE, root
+            Brier score, equal-mass ECE with ``num_bins`` equal-mass bins formed from ``fine_bins`` fine bins and
+            its error bound, mean entropy and confidence); ``None`` (default) leaves them out.
 
     Example:
         >>> metric = SegmentationCalibrationMetric(num_bins=20, activation="softmax")
@@ -82,8 +85,10 @@ class SegmentationCalibrationMetric:
         class_names: Sequence[str] | None = None,
         hd95: bool = False,
         closed: Closed = "right",
+        fine_bins: int | None = None,
     ) -> None:
         self.num_bins = int(num_bins)
+        self.fine_bins = None if fine_bins is None else int(fine_bins)
         self.activation = activation
         self.mode = check_mode(mode)
         self.include_background = include_background
@@ -147,6 +152,7 @@ class SegmentationCalibrationMetric:
             hd95=self.hd95,
             spacing=spacing,
             closed=self.closed,
+            fine_bins=self.fine_bins,
         )
         self._local["case_ids"].extend(str(c) for c in case_ids)
         self._local["stats"].append(stats)
@@ -166,7 +172,7 @@ class SegmentationCalibrationMetric:
 
     def _settings(self) -> tuple[Any, ...]:
         return (self.num_bins, self.activation, self.mode, self.include_background, self.regions, self.hd95,
-                self.closed)
+                self.closed, self.fine_bins)
 
     def sync(self, group: Any = None) -> None:
         """Gather every rank's images on every rank (``torch.distributed``; no-op when not initialised).

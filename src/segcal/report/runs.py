@@ -26,7 +26,7 @@ import numpy as np
 from segcal.evaluation.grouping import stored_grouping, subject_bins
 from segcal.functional.binning import BinStats
 from segcal.functional.calibration import calibration_errors
-from segcal.functional.scoring import CASE_METRICS, CLASS_METRICS
+from segcal.functional.scoring import CASE_METRICS, CLASS_METRICS, PEER_CASE_METRICS, PEER_CLASS_METRICS
 from segcal.io import write_bytes, write_text
 from segcal.io.runs import read_run
 from segcal.plots import (
@@ -75,6 +75,14 @@ Per image and class, the predicted probabilities are split into M equal-width bi
   cases' sums pooled (its stacked volume), and every CI and test is over subjects; otherwise each case is its
   own subject. Slices of one subject are not independent: statistics over them are far too confident.
 - **Bootstrap CI**: 95% percentile interval of the macro mean over resamples of the units (seeded, 1000).
+- **Metrics of the peers** (runs with `--peer-metrics`): **cw_ece**, the class-wise ECE (mean of the class
+  ECEs; MetricsReloaded's cwECE); **rbs**, the root Brier score (root of the Brier scores summed over the
+  classes); **adaptive_ece**, the ECE over M equal-mass bins (edges at the quantiles of the probabilities),
+  formed from a fine histogram, and **adaptive_ece_bound**, the bound on its distance to the exact per-voxel
+  value; **mean_entropy** and **mean_confidence**, case-level uncertainty scores.
+- **AURC / E-AURC** (failure detection, runs with `--peer-metrics`): the area under the risk-coverage curve of
+  the cases ranked by an uncertainty score, risk 1 − Dice, and its excess over the ranking by the risk itself
+  (0 = the score orders the cases as their risk does). Lower is better.
 """
 
 _MACRO_FIELDS = ("mean", "std", "median", "iqr", "ci_low", "ci_high")
@@ -82,7 +90,7 @@ _MACRO_FIELDS = ("mean", "std", "median", "iqr", "ci_low", "ci_high")
 
 def _metric_columns() -> tuple[str, ...]:
     """Metric columns of cases.csv, in schema order (:data:`segcal.functional.scoring.METRICS`)."""
-    return (*CLASS_METRICS, *CASE_METRICS)
+    return (*CLASS_METRICS, *CASE_METRICS, *PEER_CLASS_METRICS, *PEER_CASE_METRICS)
 
 
 def glossary_section() -> Section:
@@ -172,8 +180,9 @@ def _safe(name: str) -> str:
 
 def _split(d: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """``d`` (metric → values) split into the per-class metrics and the per-case ones (NLL, top-label)."""
-    per_case = {k: v for k, v in d.items() if k in CASE_METRICS}
-    return {k: v for k, v in d.items() if k not in CASE_METRICS}, per_case
+    case_metrics = (*CASE_METRICS, *PEER_CASE_METRICS)
+    per_case = {k: v for k, v in d.items() if k in case_metrics}
+    return {k: v for k, v in d.items() if k not in case_metrics}, per_case
 
 
 def _macro_rows(macro: Mapping[str, Any], per_case: bool) -> list[dict[str, Any]]:
@@ -333,8 +342,24 @@ def _dataset_summary_section(summary: Mapping[str, Any] | None) -> Section | Non
             sec.tables += by_case
     if isinstance(summary.get("pooled"), Mapping):
         sec.tables += _pooled_tables(summary["pooled"])
+    fd = _failure_detection_table(summary.get("failure_detection"))
+    if fd is not None:
+        sec.tables.append(fd)
     sec.text = text
     return sec
+
+
+def _failure_detection_table(fd: Any) -> Table | None:
+    """AURC / E-AURC per uncertainty score (``summary["failure_detection"]``), or None without it."""
+    if not isinstance(fd, Mapping) or not isinstance(fd.get("scores"), Mapping):
+        return None
+    rows = [
+        {"score": name, **{k: v.get(k) for k in ("aurc", "e_aurc", "n")}}
+        for name, v in fd["scores"].items()
+        if isinstance(v, Mapping)
+    ]
+    caption = f"Failure detection over cases: risk {fd.get('risk', '1 - Dice')}; lower AURC / E-AURC is better"
+    return Table(rows, caption, columns=["score", "aurc", "e_aurc", "n"])
 
 
 def _case_reliability_section(
