@@ -44,8 +44,8 @@ from segcal.functional.binning import check_num_bins
 from segcal.functional.regions import dilated_bbox_mask
 from segcal.functional.scoring import TargetError, case_statistics
 from segcal.io import Case, CaseError, CaseFiles, check_output_outside_inputs, load_case, match_cases
-from segcal.io.matching import match_ensemble
-from segcal.io.nnunet import DATASET_JSON, read_nnunet_regions
+from segcal.io.matching import SegmentedCaseFiles, match_ensemble, read_case_segmentation, with_segmentations
+from segcal.io.nnunet import DATASET_JSON, read_nnunet_file_ending, read_nnunet_regions
 
 __all__ = [
     "WORKER_DIED",
@@ -85,6 +85,10 @@ class EvalConfig:
     #: the prediction folder's ``dataset.json`` by :func:`run_evaluation` when ``regions`` is None), scored in
     #: multilabel mode against multi-hot region targets built from the label map
     nnunet_regions: bool = False
+    #: the overlap metrics (Dice, IoU, precision, recall, HD95) score nnU-Net's exported segmentation
+    #: ``case<file_ending>`` beside each ``case.npz`` (possibly post-processed), not the argmax of the
+    #: probabilities; the calibration metrics (and top-label accuracy) keep the probabilities
+    nnunet_segmentations: bool = False
 
     def __post_init__(self) -> None:
         if self.region not in ("whole", "bbox", "mask"):
@@ -93,6 +97,8 @@ class EvalConfig:
             raise ValueError("regions and region_names go together")
         if self.nnunet_regions and self.soft_reference:
             raise ValueError("nnunet_regions does not take a soft reference")
+        if self.nnunet_segmentations and self.fmt != "nnunet":
+            raise ValueError(f"nnunet_segmentations reads nnU-Net prediction folders (fmt='nnunet'), got {self.fmt!r}")
         check_num_bins(self.num_bins)
         if self.spacing is not None and not (
             1 <= len(self.spacing) <= 3 and all(math.isfinite(s) and s > 0 for s in self.spacing)
@@ -101,8 +107,9 @@ class EvalConfig:
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        if not d["nnunet_regions"]:  # the configuration (and its hash) of runs written before the option
-            del d["nnunet_regions"]
+        for option in ("nnunet_regions", "nnunet_segmentations"):
+            if not d[option]:  # the configuration (and its hash) of runs written before the option
+                del d[option]
         return d
 
 
@@ -158,7 +165,36 @@ def _region_targets(label: torch.Tensor, channels: int, config: EvalConfig, path
     return torch.stack([torch.isin(label[0], torch.tensor(r, dtype=label.dtype)) for r in regions])[None]
 
 
-def compute_case(case: Case, config: EvalConfig) -> CaseResult:
+def _segmentation_scores(
+    seg: np.ndarray, probs: torch.Tensor, target: torch.Tensor, config: EvalConfig, mask: torch.Tensor | None,
+    spacing: tuple[float, ...], path: str | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(counts (1, K, 3), hd95 (1, K))`` of the hard segmentation ``seg`` ``(*S)`` against ``target``: the
+    overlap functions of the metric core on its one-hot (or, for nnU-Net regions, multi-hot region) map, whose
+    argmax (threshold) is ``seg`` itself; the same channels, region and settings as the probabilities'."""
+    from segcal.functional.overlap import confusion_counts, hausdorff_distance_95
+
+    c = probs.shape[1]
+    labels = torch.from_numpy(np.ascontiguousarray(seg)).to(torch.int64)[None]
+    mode = "exclusive"
+    if config.nnunet_regions:
+        hard = _region_targets(labels, c, config, path).to(torch.float32)
+        mode = "multilabel"
+    else:
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= c:
+            raise CaseError(path, f"segmentation labels must lie in [0, {c - 1}] for {c} classes, found [{lo}, {hi}]")
+        hard = torch.nn.functional.one_hot(labels, c).movedim(-1, 1).to(torch.float32)
+    regions = None if config.nnunet_regions or config.regions is None else [list(r) for r in config.regions]
+    kw = {"include_background": config.include_background, "mode": mode, "regions": regions, "check": False}
+    counts = confusion_counts(hard, target, mask=mask, **kw)  # type: ignore[arg-type]
+    hd = torch.full(counts.shape[:2], float("nan"), dtype=torch.float64)
+    if config.hd95:
+        hd = hausdorff_distance_95(hard, target, spacing=spacing, **kw)  # type: ignore[arg-type]
+    return counts.to(torch.float64), hd.to(torch.float64)
+
+
+def compute_case(case: Case, config: EvalConfig, segmentation: np.ndarray | None = None) -> CaseResult:
     """The statistics of every metric of one case (raises :class:`CaseError` naming the file on bad input).
 
     Shapes: ``case.probabilities`` ``(C, *S)``, ``case.label`` ``(*S)``; the core
@@ -167,6 +203,10 @@ def compute_case(case: Case, config: EvalConfig) -> CaseResult:
     distance between surfaces, in mm with the case's spacing). A case without geometry (an empty
     ``case.spacing``: :func:`~segcal.io.matching.load_case` with ``assume_1mm=False``) is scored with 1 mm voxels
     and its result says so (``metrics["spacing_assumed"]``).
+
+    ``segmentation`` (``config.nnunet_segmentations``): nnU-Net's exported segmentation ``(*S)`` of the case;
+    the overlap counts and HD95 are then those of this segmentation (:func:`_segmentation_scores`), every other
+    statistic stays the probabilities'.
     """
     pred_path = case.paths.get("prediction", [None])[0]
     label_path = case.paths.get("label", [None])[0]
@@ -208,6 +248,12 @@ def compute_case(case: Case, config: EvalConfig) -> CaseResult:
         raise CaseError(label_path, str(exc)) from None
     except ValueError as exc:
         raise CaseError(pred_path, str(exc)) from None
+    if config.nnunet_segmentations:
+        seg_path = case.paths.get("segmentation", [None])[0]
+        if segmentation is None:
+            raise CaseError(seg_path or pred_path, "nnunet_segmentations: no exported segmentation was read")
+        counts, hd = _segmentation_scores(segmentation, probs, target, config, mask, spacing, seg_path)
+        stats = replace(stats, counts=counts, hd95=hd)
     first = 0 if config.include_background or config.regions is not None else 1
     if config.region_names is not None:
         names = list(config.region_names)
@@ -234,7 +280,11 @@ def evaluate_case_files(files: CaseFiles, config: EvalConfig, geometry: FolderSp
         case = load_case(
             files, config.fmt, spacing=geometry.spacing, spacing_from=geometry.source or "", assume_1mm=False
         )
-        res = compute_case(case, config)
+        segmentation = None
+        if isinstance(files, SegmentedCaseFiles):
+            segmentation = read_case_segmentation(files, case)
+            case.paths["segmentation"] = [files.segmentation]
+        res = compute_case(case, config, segmentation)
     except CaseError as exc:
         res = CaseResult(files.case_id, "failed", str(exc))
     except (ValueError, TypeError) as exc:
@@ -431,7 +481,8 @@ class _Plan:
 
 
 def _case_paths(files: CaseFiles) -> list[str]:
-    return [*files.prediction, files.label, *(files.reference or []), *([files.mask] if files.mask else [])]
+    seg = [files.segmentation] if isinstance(files, SegmentedCaseFiles) else []
+    return [*files.prediction, files.label, *(files.reference or []), *([files.mask] if files.mask else []), *seg]
 
 
 def _plan(
@@ -515,6 +566,11 @@ def _run_inputs(
         cases, unmatched = match_cases(
             pred_dir, label_dir, config.fmt, reference_dir=reference_dir, mask_dir=mask_dir
         )
+    if config.nnunet_segmentations:
+        if ensemble_dirs:
+            raise ValueError("nnunet_segmentations (--nnunet-segmentations) scores one folder's exported "
+                             "segmentations; an ensemble (--ensemble-with) has none: give nnU-Net's ensembled folder")
+        cases = with_segmentations(cases, read_nnunet_file_ending(pred_dir))  # type: ignore[assignment]
     subjects = resolve_grouping([c.case_id for c in cases], **grouping)
     if config.region == "mask" and mask_dir is None:
         raise ValueError("region='mask' needs mask_dir (--mask-dir)")
