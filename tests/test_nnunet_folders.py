@@ -10,6 +10,8 @@ import csv
 import json
 import os
 import pickle
+import re
+import shlex
 from pathlib import Path
 
 import nibabel as nib
@@ -33,7 +35,8 @@ AFFINE = np.eye(4)
 AFFINE[:3, :3] = _ROT @ np.diag([-0.8, 1.2, 2.0])
 AFFINE[:3, 3] = [12.0, -5.0, 3.5]
 LABELS = {"background": 0, "CSF": 1, "GM": 2, "WM": 3}
-DOC = Path(__file__).resolve().parents[1] / "docs" / "integrations" / "nnunet.md"
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+DOC = DOCS / "integrations" / "nnunet.md"
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -304,3 +307,55 @@ def test_cli_refuses_the_option_for_other_formats(tmp_path: Path) -> None:
     np.save(lab / "c.npy", y)
     r = invoke_cli(["evaluate", str(folder), str(lab), "-o", str(tmp_path / "o"), "--nnunet-segmentations"])
     assert r.exit_code == 2 and "nnU-Net prediction folders" in " ".join(r.output.split())
+
+
+# --- the documented commands -----------------------------------------------------------------------------
+
+
+def _blocks(page: Path, marker: str, language: str) -> list[str]:
+    """The fenced ``language`` blocks right after ``<!-- marker -->`` in ``page``."""
+    return re.findall(rf"<!-- {re.escape(marker)} -->\s*```{language}\n(.*?)```", page.read_text(), re.S)
+
+
+def _commands(block: str) -> list[list[str]]:
+    lines = block.replace("\\\n", " ").splitlines()
+    return [shlex.split(line) for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _documented_layout(root: Path) -> None:
+    """The folders the documented commands name: three folds' predictions of a validation and a test set
+    (``val/fold_k``, ``test/fold_k``, complete nnU-Net folders) and their labels."""
+    rng = np.random.default_rng(21)
+    for split, labels, n in (("val", "labelsVal", 3), ("test", "labelsTs", 2)):
+        cases = [f"{split}{i}" for i in range(n)]
+        for k in range(3):
+            write_nnunet_folder(root / split / f"fold_{k}", {c: _case(rng, sharp=2.0 + k)[0] for c in cases})
+        write_labels(root / labels, {c: _label() for c in cases})
+
+
+def test_the_documented_commands_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (block,) = _blocks(DOC, "tested commands: nnunet-folders", "bash")
+    commands = _commands(block)
+    assert [c[:2] for c in commands] == [["segcal", "evaluate"], ["segcal", "calibrate"], ["segcal", "evaluate"]]
+    shown = [c for page in ("evaluation.md", "posthoc.md") for b in _blocks(DOCS / page, "tested command: "
+             "nnunet-folders", "bash") for c in _commands(b)]  # fmt: skip
+    assert len(shown) == 2 and all(c in commands for c in shown)  # the other pages show commands run here
+    _documented_layout(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    for command in commands:
+        extra = ["--workers", "0", "--no-report"] if command[1] == "evaluate" else []  # in this process, fast
+        res = invoke_cli(command[1:] + extra)
+        assert res.exit_code == 0, f"{shlex.join(command)}\n{res.output}"
+    ensemble = json.loads((tmp_path / "runs" / "ensemble" / "summary.json").read_text())
+    assert ensemble["n_ok"] == 2 and len(ensemble["config"]["ensemble_dirs"]) == 2
+    calibrated = json.loads((tmp_path / "runs" / "calibrated" / "summary.json").read_text())
+    assert calibrated["n_ok"] == 2 and calibrated["config"]["nnunet_segmentations"] is True
+    out = tmp_path / "test_calibrated"
+    assert {p.name for p in out.iterdir()} >= {"test0.npz", "test0.pkl", "test0.nii.gz", "dataset.json"}
+    # the Python example of posthoc.md, in the same folder, gives what the command wrote
+    (example,) = _blocks(DOCS / "posthoc.md", "tested example: calibrate-folds", "python")
+    scope: dict = {"__name__": "__main__"}
+    exec(compile(example, "docs/posthoc.md[calibrate-folds]", "exec"), scope)
+    with np.load(out / "test0.npz", allow_pickle=False) as f:
+        written = f["probabilities"].transpose(0, 3, 2, 1)
+    assert np.allclose(scope["calibrated"].numpy(), written, atol=1e-5)
