@@ -309,6 +309,61 @@ def test_cli_refuses_the_option_for_other_formats(tmp_path: Path) -> None:
     assert r.exit_code == 2 and "nnU-Net prediction folders" in " ".join(r.output.split())
 
 
+def test_the_ignore_label_is_excluded_in_region_mode(tmp_path: Path) -> None:
+    """Region-based predictions with nnU-Net's ignore label (value 4): every metric equals the one computed on the
+    known voxels alone (selected, not masked), by hand for Dice; HD95 equals the volume whose ignored voxels
+    are predicted background; the exported segmentation is scored the same way."""
+    labels = {"background": 0, "whole": [1, 2, 3], "core": [2, 3], "enhancing": 3, "ignore": 4}
+    rng = np.random.default_rng(4)
+    y = _label()
+    y[7:11, 6:9, 0:3] = 4  # an unannotated block, where the model predicts tumour
+    regions = ((1, 2, 3), (2, 3), (3,))
+    truth = np.stack([np.isin(y, r) for r in regions]).astype(np.float32)
+    probs = np.clip(0.75 * truth + rng.uniform(0, 0.3, truth.shape), 0.01, 0.99).astype(np.float32)
+    probs[0][y == 4] = 0.9  # "whole" predicted in the ignored block: false positives unless excluded
+    probs[probs == 0.5] = 0.51
+    pred, lab = tmp_path / "pred", tmp_path / "lab"
+    write_nnunet_folder(pred, {"case0": probs})
+    seg = nnunet_segmentation(probs, [1, 2, 3])
+    nib.save(nib.Nifti1Image(seg, AFFINE), pred / "case0.nii.gz")
+    (pred / "dataset.json").write_text(json.dumps({"labels": labels, "regions_class_order": [1, 2, 3]}))
+    write_labels(lab, {"case0": y})
+    cfg = EvalConfig(fmt="nnunet", num_bins=10, nnunet_regions=True)
+    res = run_evaluation(pred, lab, tmp_path / "out", cfg, workers=0, progress=False)
+    assert res.n_ok == 1 and res.summary["config"]["ignore_label"] == 4
+    seg_cfg = EvalConfig(fmt="nnunet", num_bins=10, nnunet_regions=True, nnunet_segmentations=True)
+    assert run_evaluation(pred, lab, tmp_path / "seg", seg_cfg, workers=0, progress=False).n_ok == 1
+    rows, seg_rows = _rows(tmp_path / "out"), _rows(tmp_path / "seg")
+    known = y != 4
+    sel = torch.from_numpy(probs[:, known])[None, ..., None]  # (1, R, N, 1): the known voxels only
+    by_selection = image_metrics(case_statistics(sel, torch.from_numpy(truth[:, known])[None, ..., None], 10,
+                                                 mode="multilabel"))  # fmt: skip
+    spacing = tuple(float(s) for s in nib.load(lab / "case0.nii.gz").header.get_zooms())
+    zeroed = torch.from_numpy(probs * known)[None]
+    hd = image_metrics(case_statistics(zeroed, torch.from_numpy(truth)[None], 10, mode="multilabel", hd95=True,
+                                       spacing=spacing))["hd95"]  # fmt: skip
+    for r, name in enumerate(("whole", "core", "enhancing")):
+        p_hard, t = probs[r][known] > 0.5, truth[r][known] > 0
+        dice = 2 * float((p_hard & t).sum()) / float(p_hard.sum() + t.sum())
+        assert float(rows[("case0", name)]["dice"]) == pytest.approx(dice, rel=1e-9)
+        for metric in ("ece", "ace", "mce", "brier", "iou", "recall", "precision"):
+            assert float(rows[("case0", name)][metric]) == pytest.approx(float(by_selection[metric][0, r]), rel=1e-6)
+        assert float(rows[("case0", name)]["hd95"]) == pytest.approx(float(hd[0, r]), rel=1e-6)
+        for metric in ("dice", "hd95", "ece"):  # the exported segmentation is nnU-Net's rule of these probabilities
+            assert float(seg_rows[("case0", name)][metric]) == pytest.approx(float(rows[("case0", name)][metric]))
+    # nnU-Net's own evaluation of the exported segmentation, with its ignore label, gives the same Dice
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    theirs = compute_metrics(str(lab / "case0.nii.gz"), str(pred / "case0.nii.gz"), SimpleITKIO(), list(regions), 4)
+    for region, name in zip(regions, ("whole", "core", "enhancing"), strict=True):
+        assert theirs["metrics"][region]["Dice"] == pytest.approx(float(seg_rows[("case0", name)]["dice"]), rel=1e-9)
+    whole_all = 2 * float(((probs[0] > 0.5) & (truth[0] > 0)).sum()) / float((probs[0] > 0.5).sum() + truth[0].sum())
+    assert float(rows[("case0", "whole")]["dice"]) > whole_all + 0.01  # the ignored block is not counted
+    with pytest.raises(ValueError, match="nnunet_regions"):
+        EvalConfig(fmt="nnunet", ignore_label=4)
+
+
 # --- the documented commands -----------------------------------------------------------------------------
 
 

@@ -90,13 +90,16 @@ def resolve_format(folder: Path, fmt: InputFormat | str) -> FolderFormat:
     return detect_format(folder)
 
 
-def check_members(option: str, folders: list[Path]) -> None:
-    """Rule: every member folder of an ensemble exists and is given once; else a bad parameter naming it."""
-    for i, d in enumerate(folders):
+def check_members(option: str, first: Path, members: list[Path]) -> None:
+    """Rule: every member folder given with ``option`` exists, and no folder of the ensemble (``first`` and the
+    members) is given twice; else a bad parameter naming it."""
+    seen = [first.resolve()]
+    for d in members:
         if not d.is_dir():
             raise typer.BadParameter(f"{option}: folder not found: {d}")
-        if d.resolve() in [f.resolve() for f in folders[:i]]:
+        if d.resolve() in seen:
             raise typer.BadParameter(f"{option}: the ensemble member folder {d} is given twice")
+        seen.append(d.resolve())
 
 
 def list_apply_cases(folder: Path, fmt: FolderFormat, members: list[Path] | None = None) -> dict[str, list[Path]]:
@@ -370,8 +373,8 @@ def calibrate(
     """
     console = Console()
     val_members, apply_members = list(val_ensemble_with or []), list(apply_ensemble_with or [])
-    check_members("--val-ensemble-with", [val_pred, *val_members])
-    check_members("--apply-ensemble-with", [apply_to, *apply_members])
+    check_members("--val-ensemble-with", val_pred, val_members)
+    check_members("--apply-ensemble-with", apply_to, apply_members)
     try:
         inputs = {"--apply-to": apply_to, "--val-pred": val_pred, "--val-labels": val_labels}
         inputs |= {f"--val-ensemble-with {d}": d for d in val_members}

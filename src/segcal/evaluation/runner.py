@@ -42,10 +42,15 @@ from segcal.evaluation.lock import RunLock
 from segcal.evaluation.store import CaseResult, ResultStore, input_fingerprint, same_inputs
 from segcal.functional.binning import check_num_bins
 from segcal.functional.regions import dilated_bbox_mask
-from segcal.functional.scoring import TargetError, case_statistics
+from segcal.functional.scoring import CaseStatistics, TargetError, case_statistics
 from segcal.io import Case, CaseError, CaseFiles, check_output_outside_inputs, load_case, match_cases
 from segcal.io.matching import SegmentedCaseFiles, match_ensemble, read_case_segmentation, with_segmentations
-from segcal.io.nnunet import DATASET_JSON, read_nnunet_file_ending, read_nnunet_regions
+from segcal.io.nnunet import (
+    DATASET_JSON,
+    read_nnunet_file_ending,
+    read_nnunet_ignore_label,
+    read_nnunet_regions,
+)
 
 __all__ = [
     "WORKER_DIED",
@@ -89,6 +94,10 @@ class EvalConfig:
     #: ``case<file_ending>`` beside each ``case.npz`` (possibly post-processed), not the argmax of the
     #: probabilities; the calibration metrics (and top-label accuracy) keep the probabilities
     nnunet_segmentations: bool = False
+    #: a label value whose voxels are excluded from scoring (nnU-Net's ``ignore`` label, read from the prediction
+    #: folder's ``dataset.json`` with ``nnunet_regions``): every statistic but HD95 is restricted to the other
+    #: voxels, and HD95's predicted surfaces leave them out too
+    ignore_label: int | None = None
 
     def __post_init__(self) -> None:
         if self.region not in ("whole", "bbox", "mask"):
@@ -97,6 +106,8 @@ class EvalConfig:
             raise ValueError("regions and region_names go together")
         if self.nnunet_regions and self.soft_reference:
             raise ValueError("nnunet_regions does not take a soft reference")
+        if self.ignore_label is not None and not self.nnunet_regions:
+            raise ValueError("ignore_label is supported with nnunet_regions (nnU-Net region-based predictions) only")
         if self.nnunet_segmentations and self.fmt != "nnunet":
             raise ValueError(f"nnunet_segmentations reads nnU-Net prediction folders (fmt='nnunet'), got {self.fmt!r}")
         check_num_bins(self.num_bins)
@@ -107,8 +118,8 @@ class EvalConfig:
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for option in ("nnunet_regions", "nnunet_segmentations"):
-            if not d[option]:  # the configuration (and its hash) of runs written before the option
+        for option in ("nnunet_regions", "nnunet_segmentations", "ignore_label"):
+            if d[option] in (False, None):  # the configuration (and its hash) of runs written before the option
                 del d[option]
         return d
 
@@ -194,6 +205,28 @@ def _segmentation_scores(
     return counts.to(torch.float64), hd.to(torch.float64)
 
 
+def _with_segmentation(
+    stats: CaseStatistics,
+    segmentation: np.ndarray | None,
+    case: Case,
+    config: EvalConfig,
+    tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None],
+    spacing: tuple[float, ...],
+) -> CaseStatistics:
+    """``stats`` with the overlap counts and HD95 of nnU-Net's exported ``segmentation`` (ignored voxels, where
+    ``known`` is False, set to background like the probabilities); ``tensors``: ``(probs, target, mask,
+    known)`` as scored."""
+    probs, target, mask, known = tensors
+    seg_path = case.paths.get("segmentation", [None])[0]
+    if segmentation is None:
+        raise CaseError(seg_path or case.paths.get("prediction", [None])[0],
+                        "nnunet_segmentations: no exported segmentation was read")
+    if known is not None:
+        segmentation = np.where(known[0].numpy(), segmentation, 0)
+    counts, hd = _segmentation_scores(segmentation, probs, target, config, mask, spacing, seg_path)
+    return replace(stats, counts=counts, hd95=hd)
+
+
 def compute_case(case: Case, config: EvalConfig, segmentation: np.ndarray | None = None) -> CaseResult:
     """The statistics of every metric of one case (raises :class:`CaseError` naming the file on bad input).
 
@@ -227,7 +260,11 @@ def compute_case(case: Case, config: EvalConfig, segmentation: np.ndarray | None
         raise CaseError(pred_path, "a soft reference map is required (--soft-ref) but none was read")
     assumed = len(case.spacing) == 0
     spacing = (1.0,) * case.label.ndim if assumed else tuple(case.spacing)
-    mask = _region_mask(case, config, label, spacing, pred_path)
+    known = None if config.ignore_label is None else label != config.ignore_label
+    mask = _region_mask(case, config, label if known is None else label * known, spacing, pred_path)
+    if known is not None:  # ignored voxels: out of every statistic's region, and out of HD95's predicted surfaces
+        mask = known if mask is None else mask & known
+        probs = probs * known[:, None]
     target, mode, regions = label, "exclusive", config.regions
     if config.nnunet_regions:
         target, mode, regions = _region_targets(label, probs.shape[1], config, pred_path), "multilabel", None
@@ -249,11 +286,7 @@ def compute_case(case: Case, config: EvalConfig, segmentation: np.ndarray | None
     except ValueError as exc:
         raise CaseError(pred_path, str(exc)) from None
     if config.nnunet_segmentations:
-        seg_path = case.paths.get("segmentation", [None])[0]
-        if segmentation is None:
-            raise CaseError(seg_path or pred_path, "nnunet_segmentations: no exported segmentation was read")
-        counts, hd = _segmentation_scores(segmentation, probs, target, config, mask, spacing, seg_path)
-        stats = replace(stats, counts=counts, hd95=hd)
+        stats = _with_segmentation(stats, segmentation, case, config, (probs, target, mask, known), spacing)
     first = 0 if config.include_background or config.regions is not None else 1
     if config.region_names is not None:
         names = list(config.region_names)
@@ -497,16 +530,22 @@ def _plan(
 
 
 def _with_nnunet_regions(config: EvalConfig, pred_dir: Path) -> EvalConfig:
-    """With ``nnunet_regions`` and no regions given: the regions of the prediction folder's ``dataset.json``
+    """With ``nnunet_regions``: the regions of the prediction folder's ``dataset.json`` unless given
     (:func:`segcal.io.nnunet.read_nnunet_regions`; :class:`CaseError` naming it when it is missing or not
-    region-based)."""
-    if not config.nnunet_regions or config.regions is not None:
+    region-based), and its ``ignore`` label (:func:`segcal.io.nnunet.read_nnunet_ignore_label`) unless given."""
+    if not config.nnunet_regions:
         return config
     path = pred_dir / DATASET_JSON
-    if not path.is_file():
-        raise CaseError(path, "not found: --nnunet-regions reads the regions from the prediction folder's dataset.json")
-    names, regions = read_nnunet_regions(path)
-    return replace(config, region_names=names, regions=regions)
+    if config.regions is None:
+        if not path.is_file():
+            raise CaseError(
+                path, "not found: --nnunet-regions reads the regions from the prediction folder's dataset.json"
+            )
+        names, regions = read_nnunet_regions(path)
+        config = replace(config, region_names=names, regions=regions)
+    if config.ignore_label is None and path.is_file():
+        config = replace(config, ignore_label=read_nnunet_ignore_label(path))
+    return config
 
 
 def _members(pred_dir: Path, ensemble_dirs: list[Path]) -> list[Path]:

@@ -49,6 +49,7 @@ __all__ = [
     "nnunet_to_label_order",
     "read_nnunet_class_names",
     "read_nnunet_file_ending",
+    "read_nnunet_ignore_label",
     "read_nnunet_probabilities",
     "read_nnunet_record",
     "read_nnunet_regions",
@@ -188,23 +189,39 @@ def read_nnunet_regions(path: str | Path) -> tuple[tuple[str, ...], tuple[tuple[
     """The regions of a region-based nnU-Net v2 ``dataset.json``, in the order of nnU-Net's prediction
     channels: ``"labels": {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing": 3}``
     gives ``(("whole tumor", "tumor core", "enhancing"), ((1, 2, 3), (2, 3), (3,)))``: every entry but the
-    background (value 0) in the file's order, an integer being a one-label region. Region-based nnU-Net writes
-    one sigmoid probability per region, in this order, no background channel.
+    background (value 0) and the ``ignore`` label (:func:`read_nnunet_ignore_label`) in the file's order, an
+    integer being a one-label region. Region-based nnU-Net writes one sigmoid probability per region, in this
+    order, no background channel.
 
-    :class:`CaseError` naming the file when it is not region-based (no label is a list), declares an
-    ``ignore`` label (its voxels would have to leave every region: not supported), or cannot be read.
+    :class:`CaseError` naming the file when it is not region-based (no label is a list), or cannot be read.
     """
     p = Path(path)
     values = _read_labels(p)
     if not any(isinstance(v, list) for v in values.values()):
         raise CaseError(p, "is not a region-based dataset (no label is a list of label values): its predictions "
                         "are softmax classes, score them without --nnunet-regions")
-    if _IGNORE in values:
-        raise CaseError(p, "declares an 'ignore' label: region-based predictions with an ignore label are not "
-                        "supported")
+    ignore = read_nnunet_ignore_label(p)
+    values.pop(_IGNORE, None)
     regions = [(name, tuple(v) if isinstance(v, list) else (v,)) for name, v in values.items()]
     regions = [(name, r) for name, r in regions if set(r) != {0}]
+    inside = next((name for name, r in regions if ignore in r), None)
+    if inside is not None:
+        raise CaseError(p, f"the 'ignore' label {ignore} is part of the region {inside!r}; nnU-Net's ignore label "
+                        "belongs to no region")
     return tuple(n for n, _ in regions), tuple(r for _, r in regions)
+
+
+def read_nnunet_ignore_label(path: str | Path) -> int | None:
+    """The value of nnU-Net's ``"ignore"`` label in a ``dataset.json`` (voxels of unknown class, excluded from
+    training and evaluation), ``None`` without one; :class:`CaseError` naming the file when it is not one
+    integer."""
+    p = Path(path)
+    value = _read_labels(p).get(_IGNORE)
+    if value is None:
+        return None
+    if not isinstance(value, int):
+        raise CaseError(p, f"the 'ignore' label must be one integer label value, got {value!r}")
+    return value
 
 
 def _read_dataset_json(p: Path) -> dict[str, Any]:

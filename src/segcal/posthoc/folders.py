@@ -186,11 +186,12 @@ def read_ensemble_logits(
     case_id: str | None = None,
     members: Sequence[str] = (),
 ) -> tuple[np.ndarray, Prediction, int]:
-    """``(logits (C, *S) float32, first member's prediction, saturated voxels)`` of the mean of the members'
-    probabilities (module docstring): one file per member folder ``members``, all of the format ``fmt``, each
-    checked as :func:`read_logits` checks a file (probabilities preferred when an ``.npz`` holds both; logits
-    turned into probabilities by :func:`logits_to_probabilities`). The mean
-    (:func:`segcal.io.matching.average_members`) is then turned into logits by :func:`probabilities_to_logits`.
+    """``(logits (C, *S) float32, prediction, saturated voxels)`` of the mean of the members' probabilities
+    (module docstring): one file per member folder ``members``, all of the format ``fmt``, each checked as
+    :func:`read_logits` checks a file (probabilities preferred when an ``.npz`` holds both; logits turned into
+    probabilities by :func:`logits_to_probabilities`). The mean (:func:`segcal.io.matching.average_members`) is
+    turned into logits by :func:`probabilities_to_logits`. The prediction is the first member's as read (its
+    geometry and ``meta``, to write an output like it) with ``values`` the mean probabilities.
     :class:`CaseError` naming the member's file when it is missing, unusable, or of another shape."""
     first: list[Prediction] = []
 
