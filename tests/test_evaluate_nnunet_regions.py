@@ -90,6 +90,8 @@ def test_read_nnunet_regions(tmp_path: Path) -> None:
     path.write_text(json.dumps({"labels": {"background": 0, "GM": 1}}))
     with pytest.raises(CaseError, match="not a region-based dataset"):
         read_nnunet_regions(path)
-    path.write_text(json.dumps({"labels": {**LABELS, "ignore": 4}}))
+    path.write_text(json.dumps({"labels": {**LABELS, "ignore": 4}}))  # the ignore label is no region
+    assert read_nnunet_regions(path)[1] == ((1, 2, 3), (2, 3), (3,))
+    path.write_text(json.dumps({"labels": {**LABELS, "ignore": 3}}))
     with pytest.raises(CaseError, match="ignore"):
         read_nnunet_regions(path)

@@ -121,7 +121,9 @@ def test_calibrate_nnunet(tmp_path, data) -> None:
     assert res.exit_code == 0, res.output
     assert "nnunet" in res.output
     written = sorted(p.name for p in out.iterdir())
-    assert written == ["case0.npz", "case1.npz", "dataset.json", "plans.json", "segcal.json"]
+    assert written == ["case0.npz", "case0.pkl", "case1.npz", "dataset.json", "plans.json", "segcal.json"]
+    # nnU-Net's properties file is copied byte for byte (never unpickled: these bytes are no pickle)
+    assert (out / "case0.pkl").read_bytes() == (tmp_path / "test" / "case0.pkl").read_bytes()
     probs = []
     for i in range(2):
         with np.load(out / f"case{i}.npz", allow_pickle=False) as f:

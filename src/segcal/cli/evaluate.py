@@ -104,6 +104,13 @@ def evaluate(
         help="The predictions are nnU-Net region-based sigmoid outputs (one channel per region): score each "
         "channel against its region, read from the prediction folder's dataset.json (or from --regions).",
     ),
+    nnunet_segmentations: bool = typer.Option(
+        False,
+        "--nnunet-segmentations",
+        help="Score the overlap metrics (Dice, IoU, precision, recall, HD95) on the segmentations nnU-Net exported "
+        "beside each case.npz (case.nii.gz, possibly post-processed) instead of the argmax of the probabilities; "
+        "the calibration metrics keep the probabilities. nnU-Net folders only.",
+    ),
     class_names: str | None = typer.Option(
         None,
         "--class-names",
@@ -209,6 +216,8 @@ def evaluate(
             raise typer.BadParameter(str(exc)) from None
         names, region_groups = tuple(n), tuple(tuple(x) for x in g)
     resolved = detect_format(pred) if fmt == "auto" else fmt
+    if nnunet_segmentations and resolved != "nnunet":
+        raise typer.BadParameter(f"--nnunet-segmentations reads nnU-Net prediction folders; {pred} is {resolved}")
     try:
         config = EvalConfig(
             fmt=resolved,  # type: ignore[arg-type]
@@ -226,6 +235,7 @@ def evaluate(
             band_boundary=band_boundary,  # type: ignore[arg-type]
             peer_metrics=peer_metrics,
             fine_bins=fine_bins,
+            nnunet_segmentations=nnunet_segmentations,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None

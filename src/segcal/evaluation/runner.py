@@ -42,10 +42,15 @@ from segcal.evaluation.lock import RunLock
 from segcal.evaluation.store import CaseResult, ResultStore, input_fingerprint, same_inputs
 from segcal.functional.binning import check_num_bins
 from segcal.functional.regions import BOUNDARIES, boundary_band_mask, dilated_bbox_mask
-from segcal.functional.scoring import TargetError, case_statistics
+from segcal.functional.scoring import CaseStatistics, TargetError, case_statistics
 from segcal.io import Case, CaseError, CaseFiles, check_output_outside_inputs, load_case, match_cases
-from segcal.io.matching import match_ensemble
-from segcal.io.nnunet import DATASET_JSON, read_nnunet_regions
+from segcal.io.matching import SegmentedCaseFiles, match_ensemble, read_case_segmentation, with_segmentations
+from segcal.io.nnunet import (
+    DATASET_JSON,
+    read_nnunet_file_ending,
+    read_nnunet_ignore_label,
+    read_nnunet_regions,
+)
 
 __all__ = [
     "WORKER_DIED",
@@ -94,6 +99,14 @@ class EvalConfig:
     #: summary, AURC / E-AURC of those scores against 1 - Dice)
     peer_metrics: bool = False
     fine_bins: int = 1000
+    #: the overlap metrics (Dice, IoU, precision, recall, HD95) score nnU-Net's exported segmentation
+    #: ``case<file_ending>`` beside each ``case.npz`` (possibly post-processed), not the argmax of the
+    #: probabilities; the calibration metrics (and top-label accuracy) keep the probabilities
+    nnunet_segmentations: bool = False
+    #: a label value whose voxels are excluded from scoring (nnU-Net's ``ignore`` label, read from the prediction
+    #: folder's ``dataset.json`` with ``nnunet_regions``): every statistic but HD95 is restricted to the other
+    #: voxels, and HD95's predicted surfaces leave them out too
+    ignore_label: int | None = None
 
     def __post_init__(self) -> None:
         if self.region not in ("whole", "bbox", "mask", "band"):
@@ -109,6 +122,10 @@ class EvalConfig:
             raise ValueError("regions and region_names go together")
         if self.nnunet_regions and self.soft_reference:
             raise ValueError("nnunet_regions does not take a soft reference")
+        if self.ignore_label is not None and not self.nnunet_regions:
+            raise ValueError("ignore_label is supported with nnunet_regions (nnU-Net region-based predictions) only")
+        if self.nnunet_segmentations and self.fmt != "nnunet":
+            raise ValueError(f"nnunet_segmentations reads nnU-Net prediction folders (fmt='nnunet'), got {self.fmt!r}")
         check_num_bins(self.num_bins)
         if self.spacing is not None and not (
             1 <= len(self.spacing) <= 3 and all(math.isfinite(s) and s > 0 for s in self.spacing)
@@ -117,8 +134,9 @@ class EvalConfig:
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        if not d["nnunet_regions"]:  # the configuration (and its hash) of runs written before the option
-            del d["nnunet_regions"]
+        for option in ("nnunet_regions", "nnunet_segmentations", "ignore_label"):
+            if d[option] in (False, None):  # the configuration (and its hash) of runs written before the option
+                del d[option]
         if self.region != "band":  # (idem: the band's options enter the hash only with the band)
             del d["band_mm"], d["band_boundary"]
         if not self.peer_metrics:  # (idem)
@@ -188,7 +206,58 @@ def _region_targets(label: torch.Tensor, channels: int, config: EvalConfig, path
     return torch.stack([torch.isin(label[0], torch.tensor(r, dtype=label.dtype)) for r in regions])[None]
 
 
-def compute_case(case: Case, config: EvalConfig) -> CaseResult:
+def _segmentation_scores(
+    seg: np.ndarray, probs: torch.Tensor, target: torch.Tensor, config: EvalConfig, mask: torch.Tensor | None,
+    spacing: tuple[float, ...], path: str | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(counts (1, K, 3), hd95 (1, K))`` of the hard segmentation ``seg`` ``(*S)`` against ``target``: the
+    overlap functions of the metric core on its one-hot (or, for nnU-Net regions, multi-hot region) map, whose
+    argmax (threshold) is ``seg`` itself; the same channels, region and settings as the probabilities'."""
+    from segcal.functional.overlap import confusion_counts, hausdorff_distance_95
+
+    c = probs.shape[1]
+    labels = torch.from_numpy(np.ascontiguousarray(seg)).to(torch.int64)[None]
+    mode = "exclusive"
+    if config.nnunet_regions:
+        hard = _region_targets(labels, c, config, path).to(torch.float32)
+        mode = "multilabel"
+    else:
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= c:
+            raise CaseError(path, f"segmentation labels must lie in [0, {c - 1}] for {c} classes, found [{lo}, {hi}]")
+        hard = torch.nn.functional.one_hot(labels, c).movedim(-1, 1).to(torch.float32)
+    regions = None if config.nnunet_regions or config.regions is None else [list(r) for r in config.regions]
+    kw = {"include_background": config.include_background, "mode": mode, "regions": regions, "check": False}
+    counts = confusion_counts(hard, target, mask=mask, **kw)  # type: ignore[arg-type]
+    hd = torch.full(counts.shape[:2], float("nan"), dtype=torch.float64)
+    if config.hd95:
+        hd = hausdorff_distance_95(hard, target, spacing=spacing, **kw)  # type: ignore[arg-type]
+    return counts.to(torch.float64), hd.to(torch.float64)
+
+
+def _with_segmentation(
+    stats: CaseStatistics,
+    segmentation: np.ndarray | None,
+    case: Case,
+    config: EvalConfig,
+    tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None],
+    spacing: tuple[float, ...],
+) -> CaseStatistics:
+    """``stats`` with the overlap counts and HD95 of nnU-Net's exported ``segmentation`` (ignored voxels, where
+    ``known`` is False, set to background like the probabilities); ``tensors``: ``(probs, target, mask,
+    known)`` as scored."""
+    probs, target, mask, known = tensors
+    seg_path = case.paths.get("segmentation", [None])[0]
+    if segmentation is None:
+        raise CaseError(seg_path or case.paths.get("prediction", [None])[0],
+                        "nnunet_segmentations: no exported segmentation was read")
+    if known is not None:
+        segmentation = np.where(known[0].numpy(), segmentation, 0)
+    counts, hd = _segmentation_scores(segmentation, probs, target, config, mask, spacing, seg_path)
+    return replace(stats, counts=counts, hd95=hd)
+
+
+def compute_case(case: Case, config: EvalConfig, segmentation: np.ndarray | None = None) -> CaseResult:
     """The statistics of every metric of one case (raises :class:`CaseError` naming the file on bad input).
 
     Shapes: ``case.probabilities`` ``(C, *S)``, ``case.label`` ``(*S)``; the core
@@ -197,6 +266,10 @@ def compute_case(case: Case, config: EvalConfig) -> CaseResult:
     distance between surfaces, in mm with the case's spacing). A case without geometry (an empty
     ``case.spacing``: :func:`~segcal.io.matching.load_case` with ``assume_1mm=False``) is scored with 1 mm voxels
     and its result says so (``metrics["spacing_assumed"]``).
+
+    ``segmentation`` (``config.nnunet_segmentations``): nnU-Net's exported segmentation ``(*S)`` of the case;
+    the overlap counts and HD95 are then those of this segmentation (:func:`_segmentation_scores`), every other
+    statistic stays the probabilities'.
     """
     pred_path = case.paths.get("prediction", [None])[0]
     label_path = case.paths.get("label", [None])[0]
@@ -217,7 +290,11 @@ def compute_case(case: Case, config: EvalConfig) -> CaseResult:
         raise CaseError(pred_path, "a soft reference map is required (--soft-ref) but none was read")
     assumed = len(case.spacing) == 0
     spacing = (1.0,) * case.label.ndim if assumed else tuple(case.spacing)
-    mask = _region_mask(case, config, label, spacing, pred_path, probs)
+    known = None if config.ignore_label is None else label != config.ignore_label
+    mask = _region_mask(case, config, label if known is None else label * known, spacing, pred_path, probs)
+    if known is not None:  # ignored voxels: out of every statistic's region, and out of HD95's predicted surfaces
+        mask = known if mask is None else mask & known
+        probs = probs * known[:, None]
     target, mode, regions = label, "exclusive", config.regions
     if config.nnunet_regions:
         target, mode, regions = _region_targets(label, probs.shape[1], config, pred_path), "multilabel", None
@@ -239,6 +316,8 @@ def compute_case(case: Case, config: EvalConfig) -> CaseResult:
         raise CaseError(label_path, str(exc)) from None
     except ValueError as exc:
         raise CaseError(pred_path, str(exc)) from None
+    if config.nnunet_segmentations:
+        stats = _with_segmentation(stats, segmentation, case, config, (probs, target, mask, known), spacing)
     first = 0 if config.include_background or config.regions is not None else 1
     if config.region_names is not None:
         names = list(config.region_names)
@@ -265,7 +344,11 @@ def evaluate_case_files(files: CaseFiles, config: EvalConfig, geometry: FolderSp
         case = load_case(
             files, config.fmt, spacing=geometry.spacing, spacing_from=geometry.source or "", assume_1mm=False
         )
-        res = compute_case(case, config)
+        segmentation = None
+        if isinstance(files, SegmentedCaseFiles):
+            segmentation = read_case_segmentation(files, case)
+            case.paths["segmentation"] = [files.segmentation]
+        res = compute_case(case, config, segmentation)
     except CaseError as exc:
         res = CaseResult(files.case_id, "failed", str(exc))
     except (ValueError, TypeError) as exc:
@@ -462,7 +545,8 @@ class _Plan:
 
 
 def _case_paths(files: CaseFiles) -> list[str]:
-    return [*files.prediction, files.label, *(files.reference or []), *([files.mask] if files.mask else [])]
+    seg = [files.segmentation] if isinstance(files, SegmentedCaseFiles) else []
+    return [*files.prediction, files.label, *(files.reference or []), *([files.mask] if files.mask else []), *seg]
 
 
 def _plan(
@@ -477,16 +561,22 @@ def _plan(
 
 
 def _with_nnunet_regions(config: EvalConfig, pred_dir: Path) -> EvalConfig:
-    """With ``nnunet_regions`` and no regions given: the regions of the prediction folder's ``dataset.json``
+    """With ``nnunet_regions``: the regions of the prediction folder's ``dataset.json`` unless given
     (:func:`segcal.io.nnunet.read_nnunet_regions`; :class:`CaseError` naming it when it is missing or not
-    region-based)."""
-    if not config.nnunet_regions or config.regions is not None:
+    region-based), and its ``ignore`` label (:func:`segcal.io.nnunet.read_nnunet_ignore_label`) unless given."""
+    if not config.nnunet_regions:
         return config
     path = pred_dir / DATASET_JSON
-    if not path.is_file():
-        raise CaseError(path, "not found: --nnunet-regions reads the regions from the prediction folder's dataset.json")
-    names, regions = read_nnunet_regions(path)
-    return replace(config, region_names=names, regions=regions)
+    if config.regions is None:
+        if not path.is_file():
+            raise CaseError(
+                path, "not found: --nnunet-regions reads the regions from the prediction folder's dataset.json"
+            )
+        names, regions = read_nnunet_regions(path)
+        config = replace(config, region_names=names, regions=regions)
+    if config.ignore_label is None and path.is_file():
+        config = replace(config, ignore_label=read_nnunet_ignore_label(path))
+    return config
 
 
 def _members(pred_dir: Path, ensemble_dirs: list[Path]) -> list[Path]:
@@ -546,6 +636,11 @@ def _run_inputs(
         cases, unmatched = match_cases(
             pred_dir, label_dir, config.fmt, reference_dir=reference_dir, mask_dir=mask_dir
         )
+    if config.nnunet_segmentations:
+        if ensemble_dirs:
+            raise ValueError("nnunet_segmentations (--nnunet-segmentations) scores one folder's exported "
+                             "segmentations; an ensemble (--ensemble-with) has none: give nnU-Net's ensembled folder")
+        cases = with_segmentations(cases, read_nnunet_file_ending(pred_dir))  # type: ignore[assignment]
     subjects = resolve_grouping([c.case_id for c in cases], **grouping)
     if config.region == "mask" and mask_dir is None:
         raise ValueError("region='mask' needs mask_dir (--mask-dir)")

@@ -5,7 +5,7 @@ case with every cross-check (see docs/evaluation.md, "Inputs").
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -23,18 +23,32 @@ from segcal.io.case import (
     same_geometry,
 )
 from segcal.io.nifti import NIFTI_SUFFIXES
-from segcal.io.nnunet import has_nnunet_side_files
+from segcal.io.nnunet import has_nnunet_side_files, nnunet_segmentation_path
 from segcal.io.numpy import NUMPY_SUFFIXES
-from segcal.io.volumes import FolderFormat, prediction_suffixes, read_label, read_mask, read_probabilities
+from segcal.io.volumes import (
+    FolderFormat,
+    list_prediction_files,
+    prediction_suffixes,
+    read_label,
+    read_mask,
+    read_probabilities,
+)
 
 __all__ = [
     "EnsembleFiles",
     "Format",
+    "MemberReader",
+    "SegmentedCaseFiles",
+    "average_members",
     "case_id_from_path",
     "detect_format",
     "load_case",
     "match_cases",
     "match_ensemble",
+    "match_ensemble_predictions",
+    "missing_member_file",
+    "read_case_segmentation",
+    "with_segmentations",
 ]
 
 Format = Literal["auto", "nifti", "npy", "nnunet"]
@@ -190,6 +204,57 @@ class EnsembleFiles(CaseFiles):
     members: tuple[str, ...] = ()
 
 
+@dataclass
+class SegmentedCaseFiles(CaseFiles):
+    """The files of one case of an nnU-Net prediction folder with the segmentation nnU-Net exported beside
+    ``case.npz`` (``segmentation``, ``case<file_ending>``; possibly post-processed): ``segcal evaluate
+    --nnunet-segmentations`` scores the overlap metrics on it (:func:`read_case_segmentation`). The path is
+    where the file should be; a missing file fails the case when it is read."""
+
+    segmentation: str = ""
+
+
+def with_segmentations(cases: Sequence[CaseFiles], file_ending: str) -> list[SegmentedCaseFiles]:
+    """``cases`` with the path of nnU-Net's exported segmentation of each case: ``case<file_ending>`` beside
+    its ``case.npz`` (:func:`segcal.io.nnunet.nnunet_segmentation_path`)."""
+    out = []
+    for c in cases:
+        if len(c.prediction) != 1:
+            raise ValueError(f"case {c.case_id}: one nnU-Net prediction file per case expected, got {c.prediction}")
+        seg = str(nnunet_segmentation_path(c.prediction[0], file_ending))
+        out.append(SegmentedCaseFiles(c.case_id, list(c.prediction), c.label, c.reference, c.mask, seg))
+    return out
+
+
+def read_case_segmentation(files: SegmentedCaseFiles, case: Case) -> np.ndarray:
+    """nnU-Net's exported segmentation ``(*S)`` (integer, label order) of a case read by :func:`load_case`,
+    checked against it: the file must exist, hold integer labels, have the probabilities' spatial shape
+    (a singleton third axis of a 2D case is dropped) and, where it has a geometry, the case's spacing and
+    affine (tolerance :data:`~segcal.io.case.GEOMETRY_ATOL`); :class:`CaseError` naming the file otherwise."""
+    path = files.segmentation
+    if not path or not Path(path).is_file():
+        raise CaseError(
+            path or files.prediction[0], f"missing: nnU-Net's exported segmentation of case {files.case_id} "
+            f"(nnUNetv2_predict writes it beside {Path(files.prediction[0]).name}) is needed to score the overlap "
+            "metrics on the exported segmentation (--nnunet-segmentations)"
+        )
+    seg, sp, aff = read_label(path)
+    shape = case.probabilities.shape[1:]
+    if seg.ndim == len(shape) + 1 and is_2d_slice(seg, 0):
+        seg, sp = drop_singleton_z(seg, sp)
+    if seg.shape != shape:
+        raise CaseError(
+            path, f"segmentation shape {seg.shape} != the probabilities' spatial shape {shape} of "
+            f"{files.prediction[0]} (label order (x, y, z))"
+        )
+    if sp is not None and case.spacing and not same_geometry(sp, aff, case.spacing, case.affine):
+        raise CaseError(
+            path, f"segmentation spacing/affine contradict the case's geometry (label {files.label}): spacing "
+            f"{tuple(round(float(s), 4) for s in sp)} vs {tuple(round(float(s), 4) for s in case.spacing)}"
+        )
+    return seg
+
+
 def match_ensemble(
     pred_dirs: Sequence[str | Path],
     label_dir: str | Path,
@@ -238,36 +303,90 @@ def match_ensemble(
     return out, {k: v for k, v in unmatched.items() if v}
 
 
-def _read_ensemble(
-    files: EnsembleFiles, fmt: FolderFormat
+#: what :func:`average_members` reads of one member file: ``(probabilities (C, *S), spacing, affine)``
+MemberReader = Callable[[str], tuple[np.ndarray, tuple[float, ...] | None, np.ndarray | None]]
+
+
+def average_members(
+    paths: Sequence[str], read: MemberReader, *, case_id: str, members: Sequence[str] = ()
 ) -> tuple[np.ndarray, tuple[float, ...] | None, np.ndarray | None]:
-    """The arithmetic mean, voxel by voxel, of the members' probability maps ``(C, *S)`` (summed in float64,
-    returned as float32), with the first member's geometry. Every member must exist, hold probabilities (a
-    file declared as logits is refused by :func:`read_probabilities`) and have the first member's shape and
-    geometry; :class:`CaseError` naming the member's file otherwise."""
+    """The arithmetic mean, voxel by voxel, of the probability maps ``(C, *S)`` of one case's member files
+    ``paths`` (one per member folder ``members``), each read by ``read`` (summed in float64, returned as
+    float32), with the first member's geometry. Probabilities are averaged, never logits (the mean of logits is
+    another ensemble: a geometric mean of the probabilities). Every member must exist and have the first
+    member's shape (classes and spatial axes) and, where both have one, geometry; :class:`CaseError` naming the
+    member's file and folder otherwise."""
     total = None
     sp0 = aff0 = None
-    for k, path in enumerate(files.prediction):
-        folder = files.members[k] if k < len(files.members) else str(Path(path).parent)
+    for k, path in enumerate(paths):
+        folder = members[k] if k < len(members) else str(Path(path).parent)
         if not Path(path).is_file():
             raise CaseError(
-                path, f"missing: ensemble member {folder} has no prediction of case {files.case_id} (every member "
+                path, f"missing: ensemble member {folder} has no prediction of case {case_id} (every member "
                 "folder must hold the same cases)"
             )
-        probs, sp, aff = read_probabilities([path], fmt)
+        probs, sp, aff = read(path)
         if total is None:
             total, sp0, aff0 = probs.astype(np.float64), sp, aff
             continue
         if probs.shape != total.shape:
             raise CaseError(
                 path, f"ensemble member shape {probs.shape} (classes, spatial axes) != {total.shape} of "
-                f"{files.prediction[0]}; every member must have the same classes and shape"
+                f"{paths[0]}; every member must have the same classes and shape"
             )
         if sp is not None and sp0 is not None and not same_geometry(sp, aff, sp0, aff0):
-            raise CaseError(path, f"ensemble member spacing/affine differ from {files.prediction[0]}")
+            raise CaseError(path, f"ensemble member spacing/affine differ from {paths[0]}")
         total += probs
-    assert total is not None
-    return (total / len(files.prediction)).astype(np.float32), sp0, aff0
+    if total is None:
+        raise CaseError(None, f"case {case_id}: an ensemble needs at least one member file")
+    return (total / len(paths)).astype(np.float32), sp0, aff0
+
+
+def _read_ensemble(
+    files: EnsembleFiles, fmt: FolderFormat
+) -> tuple[np.ndarray, tuple[float, ...] | None, np.ndarray | None]:
+    """:func:`average_members` of the members' probability files (a file declared as logits is refused by
+    :func:`read_probabilities`)."""
+    return average_members(
+        files.prediction, lambda p: read_probabilities([p], fmt), case_id=files.case_id, members=files.members
+    )
+
+
+def missing_member_file(cases: Sequence[EnsembleFiles]) -> CaseError | None:
+    """The error of the first member file of ``cases`` that does not exist (a case some member folder lacks),
+    naming the file, the folder and the case; ``None`` when every member holds every case."""
+    for files in cases:
+        for k, path in enumerate(files.prediction):
+            if not Path(path).is_file():
+                folder = files.members[k] if k < len(files.members) else str(Path(path).parent)
+                return CaseError(
+                    path, f"missing: ensemble member {folder} has no prediction of case {files.case_id} (every "
+                    "member folder must hold the same cases)"
+                )
+    return None
+
+
+def match_ensemble_predictions(pred_dirs: Sequence[str | Path], fmt: FolderFormat) -> dict[str, list[Path]]:
+    """Case name → one prediction file per member folder (in the order of ``pred_dirs``), for folders without
+    labels (the ``--apply-to`` folds of ``segcal calibrate``); files listed by
+    :func:`segcal.io.volumes.list_prediction_files`. Every member must hold the same cases: a case that a
+    member lacks is a :class:`CaseError` naming the file that would hold it, the folder and the case."""
+    if len(pred_dirs) < 1:
+        raise ValueError("an ensemble needs at least one prediction folder")
+    listed = [list_prediction_files(d, fmt) for d in pred_dirs]
+    names = sorted(set().union(*listed))
+    out: dict[str, list[Path]] = {}
+    for name in names:
+        first = next(m[name] for m in listed if name in m)
+        for m, d in zip(listed, pred_dirs, strict=True):
+            if name not in m:
+                missing = Path(d) / first.name
+                raise CaseError(
+                    missing, f"missing: ensemble member {d} has no prediction of case {name} (every member folder "
+                    f"must hold the same cases; {first} exists)"
+                )
+        out[name] = [m[name] for m in listed]
+    return out
 
 
 def _geometry_error(path: str, own: Sequence[float], given: Sequence[float], given_from: str) -> CaseError:

@@ -5,12 +5,21 @@
 returns label order ``(C, x, y, z)`` and :func:`write_nnunet_probabilities` takes label order and stores
 nnU-Net's; :func:`nnunet_to_label_order` is the one place where the axes are swapped (a reversal is its own
 inverse). An nnU-Net folder is recognised by its JSON / pickle side files (see docs/evaluation.md, "Inputs");
-:func:`copy_nnunet_side_files` copies the JSON ones, pickles are never read or written.
+:func:`copy_nnunet_side_files` copies the JSON ones.
+
+A complete nnU-Net prediction folder also holds, per case, the exported segmentation ``case<file_ending>``
+(``file_ending`` of ``dataset.json``, ``.nii.gz`` by default) and the properties ``case.pkl``.
+:func:`nnunet_segmentation` turns probabilities into nnU-Net's segmentation (argmax of the classes, or the
+regions painted in ``regions_class_order`` where their probability exceeds 0.5, as nnU-Net's
+``LabelManager.convert_probabilities_to_segmentation``); :func:`write_nnunet_segmentation` writes it with the
+geometry (affine and header) of an existing segmentation file of the case; :func:`copy_nnunet_case_files`
+copies ``case.pkl`` byte for byte. Pickles are never unpickled (no code from a file is ever run).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +27,7 @@ import numpy as np
 
 from segcal.io._atomic import copy_file
 from segcal.io.case import CaseError, check_probability_dtype
+from segcal.io.nifti import NIFTI_SUFFIXES, read_nifti_image, write_nifti
 from segcal.io.numpy import (
     PROBABILITIES_KEY,
     MissingKeyError,
@@ -29,15 +39,23 @@ from segcal.io.numpy import (
 
 __all__ = [
     "DATASET_JSON",
+    "DEFAULT_FILE_ENDING",
     "NNUNET_SIDE_FILES",
+    "copy_nnunet_case_files",
     "copy_nnunet_side_files",
     "has_nnunet_side_files",
+    "nnunet_segmentation",
+    "nnunet_segmentation_path",
     "nnunet_to_label_order",
     "read_nnunet_class_names",
+    "read_nnunet_file_ending",
+    "read_nnunet_ignore_label",
     "read_nnunet_probabilities",
     "read_nnunet_record",
     "read_nnunet_regions",
+    "read_nnunet_regions_class_order",
     "write_nnunet_probabilities",
+    "write_nnunet_segmentation",
 ]
 
 #: nnU-Net side files copied to an nnU-Net-style output folder (JSON only; pickles are never touched)
@@ -46,6 +64,8 @@ NNUNET_SIDE_FILES = ("plans.json", "dataset.json")
 DATASET_JSON = "dataset.json"
 #: nnU-Net v2's name of the ignore label (the highest label value; no prediction channel)
 _IGNORE = "ignore"
+#: the ending of nnU-Net's exported segmentations when ``dataset.json`` names none
+DEFAULT_FILE_ENDING = ".nii.gz"
 
 
 def nnunet_to_label_order(arr: np.ndarray) -> np.ndarray:
@@ -169,20 +189,124 @@ def read_nnunet_regions(path: str | Path) -> tuple[tuple[str, ...], tuple[tuple[
     """The regions of a region-based nnU-Net v2 ``dataset.json``, in the order of nnU-Net's prediction
     channels: ``"labels": {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing": 3}``
     gives ``(("whole tumor", "tumor core", "enhancing"), ((1, 2, 3), (2, 3), (3,)))``: every entry but the
-    background (value 0) in the file's order, an integer being a one-label region. Region-based nnU-Net writes
-    one sigmoid probability per region, in this order, no background channel.
+    background (value 0) and the ``ignore`` label (:func:`read_nnunet_ignore_label`) in the file's order, an
+    integer being a one-label region. Region-based nnU-Net writes one sigmoid probability per region, in this
+    order, no background channel.
 
-    :class:`CaseError` naming the file when it is not region-based (no label is a list), declares an
-    ``ignore`` label (its voxels would have to leave every region: not supported), or cannot be read.
+    :class:`CaseError` naming the file when it is not region-based (no label is a list), or cannot be read.
     """
     p = Path(path)
     values = _read_labels(p)
     if not any(isinstance(v, list) for v in values.values()):
         raise CaseError(p, "is not a region-based dataset (no label is a list of label values): its predictions "
                         "are softmax classes, score them without --nnunet-regions")
-    if _IGNORE in values:
-        raise CaseError(p, "declares an 'ignore' label: region-based predictions with an ignore label are not "
-                        "supported")
+    ignore = read_nnunet_ignore_label(p)
+    values.pop(_IGNORE, None)
     regions = [(name, tuple(v) if isinstance(v, list) else (v,)) for name, v in values.items()]
     regions = [(name, r) for name, r in regions if set(r) != {0}]
+    inside = next((name for name, r in regions if ignore in r), None)
+    if inside is not None:
+        raise CaseError(p, f"the 'ignore' label {ignore} is part of the region {inside!r}; nnU-Net's ignore label "
+                        "belongs to no region")
     return tuple(n for n, _ in regions), tuple(r for _, r in regions)
+
+
+def read_nnunet_ignore_label(path: str | Path) -> int | None:
+    """The value of nnU-Net's ``"ignore"`` label in a ``dataset.json`` (voxels of unknown class, excluded from
+    training and evaluation), ``None`` without one; :class:`CaseError` naming the file when it is not one
+    integer."""
+    p = Path(path)
+    value = _read_labels(p).get(_IGNORE)
+    if value is None:
+        return None
+    if not isinstance(value, int):
+        raise CaseError(p, f"the 'ignore' label must be one integer label value, got {value!r}")
+    return value
+
+
+def _read_dataset_json(p: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CaseError(p, f"cannot read nnU-Net dataset.json: {exc}") from None
+    if not isinstance(raw, dict):
+        raise CaseError(p, "nnU-Net dataset.json must hold a JSON object")
+    return raw
+
+
+def read_nnunet_file_ending(folder: str | Path) -> str:
+    """The ending of the exported segmentations of an nnU-Net folder: ``"file_ending"`` of its
+    ``dataset.json`` (``".nii.gz"``, ``".nrrd"``, ...), :data:`DEFAULT_FILE_ENDING` without one."""
+    p = Path(folder) / DATASET_JSON
+    if not p.is_file():
+        return DEFAULT_FILE_ENDING
+    ending = _read_dataset_json(p).get("file_ending", DEFAULT_FILE_ENDING)
+    if not isinstance(ending, str) or not ending.startswith("."):
+        raise CaseError(p, f"'file_ending' must be a file ending such as '.nii.gz', got {ending!r}")
+    return ending
+
+
+def read_nnunet_regions_class_order(path: str | Path) -> tuple[int, ...] | None:
+    """``"regions_class_order"`` of a region-based nnU-Net ``dataset.json`` (the label value painted for each
+    region channel, in channel order), ``None`` when it has none."""
+    p = Path(path)
+    order = _read_dataset_json(p).get("regions_class_order")
+    if order is None:
+        return None
+    if not isinstance(order, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in order):
+        raise CaseError(p, f"'regions_class_order' must be a list of label values, got {order!r}")
+    return tuple(order)
+
+
+def nnunet_segmentation_path(prediction: str | Path, file_ending: str) -> Path:
+    """The exported segmentation ``case<file_ending>`` beside nnU-Net's ``case.npz`` ``prediction``."""
+    p = Path(prediction)
+    stem = p.name[: -len(".npz")] if p.name.endswith(".npz") else p.stem
+    return p.parent / f"{stem}{file_ending}"
+
+
+def nnunet_segmentation(probs: np.ndarray, regions_class_order: Sequence[int] | None = None) -> np.ndarray:
+    """nnU-Net's segmentation ``(*S)`` of probabilities ``(C, *S)``: the argmax over the classes, or, for
+    region-based predictions (one sigmoid channel per region), ``regions_class_order[i]`` painted, channel by
+    channel in order, where channel ``i`` exceeds 0.5 (0 elsewhere), as nnU-Net's
+    ``LabelManager.convert_probabilities_to_segmentation``. ``uint8``, or ``uint16`` from label value 255 on."""
+    if regions_class_order is None:
+        seg = np.argmax(probs, axis=0)
+    else:
+        if len(regions_class_order) != probs.shape[0]:
+            raise ValueError(
+                f"regions_class_order has {len(regions_class_order)} entries but the prediction has "
+                f"{probs.shape[0]} region channels"
+            )
+        seg = np.zeros(probs.shape[1:], dtype=np.int64)
+        for i, value in enumerate(regions_class_order):
+            seg[probs[i] > 0.5] = value
+    return seg.astype(np.uint8 if seg.size == 0 or int(seg.max()) < 255 else np.uint16)
+
+
+def write_nnunet_segmentation(path: str | Path, seg: np.ndarray, template: str | Path) -> Path:
+    """Write the segmentation ``seg`` ``(x, y, z)`` (label order) as NIfTI ``path`` with the affine and header of
+    ``template``, an existing segmentation of the same case (nnU-Net's own export, which carries the geometry
+    of the reference). :class:`CaseError` naming ``template`` when it is not NIfTI or its shape differs."""
+    t = Path(template)
+    if not t.name.endswith(NIFTI_SUFFIXES) or not Path(path).name.endswith(NIFTI_SUFFIXES):
+        raise CaseError(t, "segmentations are written as NIfTI only (.nii / .nii.gz); this folder's dataset.json "
+                        "'file_ending' names another format")
+    image = read_nifti_image(t)
+    shape = tuple(int(n) for n in image.shape)
+    if shape != seg.shape and shape != (*seg.shape, 1):
+        raise CaseError(t, f"segmentation shape {shape} != the probabilities' spatial shape {seg.shape} (x, y, z)")
+    return write_nifti(path, seg.reshape(shape), image.affine, header=image.header)
+
+
+def copy_nnunet_case_files(prediction: str | Path, out_dir: str | Path) -> list[str]:
+    """Copy the properties ``case.pkl`` that nnU-Net writes beside ``case.npz`` (``prediction``) to
+    ``out_dir``, byte for byte (never unpickled): the calibrated probabilities keep the case's geometry, so its
+    properties stay true, and nnU-Net's ensembling reads them. Returns the copied names."""
+    p = Path(prediction)
+    stem = p.name[: -len(".npz")] if p.name.endswith(".npz") else p.stem
+    pkl = p.parent / f"{stem}.pkl"
+    if not pkl.is_file():
+        return []
+    copy_file(pkl, Path(out_dir) / pkl.name)
+    return [pkl.name]

@@ -20,11 +20,18 @@ Values are checked against their declared kind before use (:func:`check_predicti
 must be a probability map, logits must be finite and must not be a probability map; a file no one declared is
 accepted only if its values are probabilities. Files written by ``segcal calibrate`` (calibration mark) are
 refused: calibrating them again would apply a second calibration on top of the first.
+
+Ensembles (nnU-Net folds; ``segcal calibrate --val-ensemble-with / --apply-ensemble-with``): the members'
+**probabilities** are averaged voxel by voxel (:func:`segcal.io.matching.average_members`, as ``segcal evaluate
+--ensemble-with`` does; a member holding logits is turned into probabilities first, softmax or sigmoid), and the
+calibrator sees the logits of that mean (:func:`read_ensemble_logits`), never a mean of logits (which would be
+another ensemble: the normalised geometric mean of the probabilities). Each member file is checked as a single
+file is (kind, values, calibration mark).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -45,13 +52,16 @@ from segcal.io import (
     read_prediction,
 )
 from segcal.io.case import check_spatial_shapes, match_2d_grid, same_geometry
+from segcal.io.matching import EnsembleFiles, average_members
 
 __all__ = [
     "PROB_EPS",
     "SATURATION_WARN",
     "FolderVolumes",
     "check_prediction_values",
+    "logits_to_probabilities",
     "probabilities_to_logits",
+    "read_ensemble_logits",
     "read_logits",
     "read_validation_case",
     "saturated_voxels",
@@ -73,6 +83,13 @@ def probabilities_to_logits(p: np.ndarray, mode: Mode = "exclusive") -> np.ndarr
     if mode == "multilabel":
         z -= np.log(np.clip(1 - p32, PROB_EPS, None))
     return z
+
+
+def logits_to_probabilities(z: np.ndarray, mode: Mode = "exclusive") -> np.ndarray:
+    """Probabilities ``(C, *S)`` float64 of logits ``(C, *S)``: softmax over the classes (exclusive) or the
+    sigmoid of each channel (multilabel)."""
+    t = torch.from_numpy(np.ascontiguousarray(z)).to(torch.float64)
+    return (torch.softmax(t, 0) if mode == "exclusive" else torch.sigmoid(t)).numpy()
 
 
 def saturated_voxels(p: np.ndarray, mode: Mode = "exclusive") -> int:
@@ -126,6 +143,23 @@ def check_prediction_values(pred: Prediction, path: str | Path, mode: Mode = "ex
         raise CaseError(path, f"declared as probabilities (by {pred.declared_by}) but {exc}") from None
 
 
+def _checked_prediction(
+    path: str | Path, fmt: FolderFormat, kind: KindOption, mode: Mode, prefer: str, info: FolderInfo | None
+) -> Prediction:
+    """One prediction file read (``prefer``: the array of an ``.npz`` holding both), refused when already
+    calibrated by ``segcal calibrate`` or when its values do not fit its kind (:func:`check_prediction_values`)."""
+    info = read_folder_info(Path(path).parent) if info is None else info
+    pred = read_prediction(path, fmt, kind=kind, prefer=prefer, info=info)  # type: ignore[arg-type]
+    mark = calibration_mark(pred, info)
+    if mark is not None:
+        raise CaseError(
+            path, f"is already calibrated ({mark}); calibrating it again would stack a second calibration on the "
+            "first: use the uncalibrated predictions"
+        )
+    check_prediction_values(pred, path, mode)
+    return pred
+
+
 def read_logits(
     path: str | Path,
     fmt: FolderFormat,
@@ -137,18 +171,42 @@ def read_logits(
     """``(logits (C, *S) float32, prediction, saturated voxels)`` of one prediction file (logits preferred
     when an ``.npz`` holds both); refuses files already calibrated by ``segcal calibrate`` and values that do
     not fit their kind (:func:`check_prediction_values`)."""
-    info = read_folder_info(Path(path).parent) if info is None else info
-    pred = read_prediction(path, fmt, kind=kind, prefer="logits", info=info)
-    mark = calibration_mark(pred, info)
-    if mark is not None:
-        raise CaseError(
-            path, f"is already calibrated ({mark}); calibrating it again would stack a second calibration on the "
-            "first: use the uncalibrated predictions"
-        )
-    check_prediction_values(pred, path, mode)
+    pred = _checked_prediction(path, fmt, kind, mode, "logits", info)
     if pred.kind == "logits":
         return pred.values.astype(np.float32, copy=False), pred, 0
     return probabilities_to_logits(pred.values, mode), pred, saturated_voxels(pred.values, mode)
+
+
+def read_ensemble_logits(
+    paths: Sequence[str | Path],
+    fmt: FolderFormat,
+    *,
+    kind: KindOption = "auto",
+    mode: Mode = "exclusive",
+    case_id: str | None = None,
+    members: Sequence[str] = (),
+) -> tuple[np.ndarray, Prediction, int]:
+    """``(logits (C, *S) float32, prediction, saturated voxels)`` of the mean of the members' probabilities
+    (module docstring): one file per member folder ``members``, all of the format ``fmt``, each checked as
+    :func:`read_logits` checks a file (probabilities preferred when an ``.npz`` holds both; logits turned into
+    probabilities by :func:`logits_to_probabilities`). The mean (:func:`segcal.io.matching.average_members`) is
+    turned into logits by :func:`probabilities_to_logits`. The prediction is the first member's as read (its
+    geometry and ``meta``, to write an output like it) with ``values`` the mean probabilities.
+    :class:`CaseError` naming the member's file when it is missing, unusable, or of another shape."""
+    first: list[Prediction] = []
+
+    def member(path: str) -> tuple[np.ndarray, tuple[float, ...] | None, np.ndarray | None]:
+        pred = _checked_prediction(path, fmt, kind, mode, "probabilities", None)
+        if not first:
+            first.append(pred)
+        values = pred.values if pred.kind == "probabilities" else logits_to_probabilities(pred.values, mode)
+        return values, pred.spacing, pred.affine
+
+    name = case_id if case_id is not None else Path(paths[0]).name
+    mean, _, _ = average_members([str(p) for p in paths], member, case_id=name, members=members)
+    pred = first[0]
+    pred.values, pred.kind = mean, "probabilities"
+    return probabilities_to_logits(mean, mode), pred, saturated_voxels(mean, mode)
 
 
 def _target(
@@ -169,15 +227,24 @@ def _target(
 def read_validation_case(
     files: CaseFiles, fmt: FolderFormat, *, kind: KindOption = "auto", mode: Mode = "exclusive"
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """``(logits (C, *S) float32, target, saturated voxels)`` of one validation case (:func:`read_logits`);
-    target ``(*S)`` int64 or multi-hot ``(C, *S)`` float32; shapes and geometry cross-checked."""
-    z, pred, saturated = read_logits(files.prediction[0], fmt, kind=kind, mode=mode)
+    """``(logits (C, *S) float32, target, saturated voxels)`` of one validation case (:func:`read_logits`; for
+    an :class:`~segcal.io.matching.EnsembleFiles` of :func:`segcal.io.matching.match_ensemble`, the logits of
+    the members' mean probabilities, :func:`read_ensemble_logits`); target ``(*S)`` int64 or multi-hot
+    ``(C, *S)`` float32; shapes and geometry cross-checked."""
+    if isinstance(files, EnsembleFiles):
+        z, pred, saturated = read_ensemble_logits(
+            files.prediction, fmt, kind=kind, mode=mode, case_id=files.case_id, members=files.members
+        )
+    else:
+        z, pred, saturated = read_logits(files.prediction[0], fmt, kind=kind, mode=mode)
     z, y = _target(files, z, pred, fmt)
     return z, y, saturated
 
 
 class FolderVolumes:
-    """Re-iterable ``(logits (1, C, *S), target (1, *S) or (1, C, *S))`` volumes read lazily from disk.
+    """Re-iterable ``(logits (1, C, *S), target (1, *S) or (1, C, *S))`` volumes read lazily from disk; the
+    cases of :func:`segcal.io.match_cases`, or of :func:`segcal.io.matching.match_ensemble` (each volume the
+    logits of the members' mean probabilities).
 
     ``saturation`` is the share of voxels, over the cases read so far, whose margins the conversion from
     probabilities cut (0 for logits).
