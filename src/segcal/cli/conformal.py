@@ -217,7 +217,8 @@ def apply_command(
     crc = _load(crc_file)
     _run(lambda: prepare_output_dir(output))
     note = f"segcal conformal mask alpha={crc.alpha}"
-    for path in targets.values():
+    for paths in targets.values():
+        path = paths[0]
         probs, p = _run(lambda f=path: read_probability_file(f, apply_fmt, kind=pred_kind.value, mode=crc.mode))
         masks = _run(lambda pr=probs: crc.predict_masks(torch.from_numpy(pr)[None])[0].numpy())
         _run(lambda f=path, m=masks, pp=p: _write_mask(f, output, m, apply_fmt, pp, note))
