@@ -30,9 +30,8 @@ from segcal.cli import app
 from segcal.cli.calibrate import InputFormat, PredKind, list_apply_cases, resolve_format
 
 if TYPE_CHECKING:  # the computing layers are imported when a command runs, so `--help` stays instant
-    import numpy as np
 
-    from segcal.io import CaseFiles, FolderFormat, Prediction
+    from segcal.io import CaseFiles, FolderFormat
     from segcal.posthoc import ConformalReport, ConformalRiskControl
 
 T = TypeVar("T")
@@ -168,27 +167,6 @@ def _mask_layout(n_channels: int) -> str:
     return f"multi-hot (K, *S) per case (npz key 'label'; NIfTI (x, y, z, K)), K = {n_channels} channels in order"
 
 
-def _write_mask(path: Path, out_dir: Path, masks: np.ndarray, fmt: FolderFormat, pred: Prediction, note: str) -> Path:
-    """Write the masks ``(K, *S)`` of one case as a label file with the prediction's geometry: NIfTI ``(x, y, z)``
-    (one channel) or ``(x, y, z, K)`` uint8 with the input's affine and header; otherwise ``<case>.npz`` key
-    ``label`` ``(*S)`` or ``(K, *S)`` uint8 in label order with the input's ``spacing``."""
-    import numpy as np
-
-    from segcal.io import NIFTI_SUFFIXES, write_nifti, write_npz
-    from segcal.io.numpy import LABEL_KEY, metadata_entries
-
-    data = masks.astype(np.uint8)
-    data = data[0] if data.shape[0] == 1 else data
-    if fmt == "nifti":
-        vol = data if masks.shape[0] == 1 else np.moveaxis(data, 0, -1)
-        name = path.name if path.name.endswith(NIFTI_SUFFIXES) else path.name + ".nii.gz"
-        header = pred.meta.header if pred.meta is not None else None
-        return write_nifti(out_dir / name, np.ascontiguousarray(vol), pred.affine, spacing=pred.spacing,
-                           header=header, intent_name="mask", descrip=note)
-    stem = path.name[: -len(".npz")] if path.name.endswith(".npz") else path.name[: -len(".npy")]
-    return write_npz(out_dir / f"{stem}.npz", {LABEL_KEY: data, **metadata_entries(spacing=pred.spacing)})
-
-
 @conformal_app.command("apply")
 def apply_command(
     crc_file: Path = typer.Option(..., "--crc", help="Calibrator file written by `segcal conformal fit`."),
@@ -206,6 +184,7 @@ def apply_command(
 
     from segcal.io import check_output_outside_inputs, prepare_output_dir
     from segcal.io.runs import write_json
+    from segcal.io.volumes import write_mask_file
     from segcal.posthoc.conformal import read_probability_file
 
     try:
@@ -221,7 +200,7 @@ def apply_command(
         path = paths[0]
         probs, p = _run(lambda f=path: read_probability_file(f, apply_fmt, kind=pred_kind.value, mode=crc.mode))
         masks = _run(lambda pr=probs: crc.predict_masks(torch.from_numpy(pr)[None])[0].numpy())
-        _run(lambda f=path, m=masks, pp=p: _write_mask(f, output, m, apply_fmt, pp, note))
+        _run(lambda f=path, m=masks, pp=p: write_mask_file(f, output, m, apply_fmt, pp, note))
     record: dict[str, Any] = {
         "method": "crc", "alpha": float(crc.alpha), "channels": list(crc.channels_),
         "loss": crc.loss, "thresholds": [float(v) for v in crc.thresholds_], "mode": crc.mode, "absent": crc.absent,

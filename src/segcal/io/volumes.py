@@ -19,6 +19,7 @@ from segcal.io.nifti import (
     NIFTI_SUFFIXES,
     read_nifti,
     read_nifti_probabilities,
+    write_nifti,
     write_nifti_probabilities,
 )
 from segcal.io.nnunet import write_nnunet_probabilities
@@ -30,7 +31,7 @@ from segcal.io.numpy import (
     read_numpy_record,
     write_npz,
 )
-from segcal.io.predictions import read_prediction
+from segcal.io.predictions import Prediction, read_prediction
 
 __all__ = [
     "FolderFormat",
@@ -39,6 +40,7 @@ __all__ = [
     "read_label",
     "read_mask",
     "read_probabilities",
+    "write_mask_file",
     "write_prediction_file",
 ]
 
@@ -166,3 +168,25 @@ def write_prediction_file(
         return write_nnunet_probabilities(out, probs, metadata_entries(calibration=calibration))
     extra = metadata_entries(spacing=spacing, calibration=calibration)
     return write_npz(out, {PROBABILITIES_KEY: probs, **extra}, compressed=True)
+
+
+def write_mask_file(src: str | Path, out_dir: str | Path, masks: np.ndarray, fmt: FolderFormat, pred: Prediction,
+                    note: str) -> Path:
+    """Write binary masks ``masks`` ``(K, *S)`` (label axis order) of the prediction file ``src`` into ``out_dir``
+    as a label file with the prediction's geometry.
+
+    ``nifti``: ``(x, y, z)`` (one channel) or ``(x, y, z, K)`` uint8 with the affine and header of ``pred`` (the
+    prediction as read), ``intent_name`` ``"mask"`` and ``note`` as ``descrip``; other formats: ``<case>.npz`` key
+    ``"label"`` ``(*S)`` or ``(K, *S)`` uint8 with the entry ``spacing`` of ``pred``.
+    """
+    name = Path(src).name
+    data = masks.astype(np.uint8)
+    data = data[0] if data.shape[0] == 1 else data
+    if fmt == "nifti":
+        vol = data if masks.shape[0] == 1 else np.moveaxis(data, 0, -1)
+        name = name if name.endswith(NIFTI_SUFFIXES) else name + ".nii.gz"
+        header = pred.meta.header if pred.meta is not None else None
+        return write_nifti(Path(out_dir) / name, np.ascontiguousarray(vol), pred.affine, spacing=pred.spacing,
+                           header=header, intent_name="mask", descrip=note)
+    stem = name[: -len(".npz")] if name.endswith(".npz") else name[: -len(".npy")]
+    return write_npz(Path(out_dir) / f"{stem}.npz", {LABEL_KEY: data, **metadata_entries(spacing=pred.spacing)})
