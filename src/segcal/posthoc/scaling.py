@@ -28,8 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from segcal.posthoc._base import (
+    DEFAULT_MAX_VOXELS,
     Calibrator,
     TargetTally,
+    VoxelReservoir,
     flatten_voxels,
     is_reiterable,
     iter_volumes,
@@ -47,12 +49,14 @@ class _VoxelScaling(Calibrator):
         seed: int = 0,
         max_iter: int = 50,
         chunk_size: int = 1 << 18,
+        max_voxels: int | None = None,
     ) -> None:
         super().__init__(mode=mode)  # type: ignore[arg-type]
         self.max_voxels_per_volume = max_voxels_per_volume
         self.seed = seed
         self.max_iter = max_iter
         self.chunk_size = chunk_size
+        self.max_voxels = max_voxels
 
     # --- parameters, to be provided by subclasses
     def _init_params(self, num_classes: int) -> list[torch.Tensor]:  # pragma: no cover - abstract
@@ -64,54 +68,77 @@ class _VoxelScaling(Calibrator):
     def _store(self, params: list[torch.Tensor]) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _penalty(self, params: list[torch.Tensor]) -> torch.Tensor | None:
+        """Regularisation added to the mean NLL (none here)."""
+        return None
+
     # --- fitting
     def _chunks(self, rows: tuple[torch.Tensor, torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         z, y = rows
         for s in range(0, z.shape[0], self.chunk_size):
             yield z[s : s + self.chunk_size], y[s : s + self.chunk_size]
 
+    def _check_sizes(self) -> None:
+        for name in ("max_voxels_per_volume", "max_voxels"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {v!r}")
+
+    def _exact(self, data: Any) -> bool:
+        """Fit on every voxel, streamed in each closure (no subsample asked, and the data can be re-read)."""
+        no_subsample = self.max_voxels is None and self.max_voxels_per_volume is None
+        return no_subsample and (isinstance(data, torch.Tensor) or is_reiterable(data))
+
     def _voxel_source(
         self, data: Any, targets: Any, mask: Any, tally: TargetTally
     ) -> tuple[int, int, Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]]:
         """One validating pass over the volumes: ``(num_classes, n_voxels, source)``, where ``source()`` yields
-        the ``(logits, target)`` voxel rows in chunks: the cached (subsampled) rows, or, for a re-iterable
-        input read in full, a fresh pass over it (nothing cached). The fitted target rows go into ``tally``."""
+        the ``(logits, target)`` voxel rows in chunks: a fresh pass over the input (exact fit, nothing held) or
+        the rows of the voxel reservoir. The fitted target rows go into ``tally``."""
+        exact = self._exact(data)
         gen = torch.Generator().manual_seed(int(self.seed))
-        stream = (
-            self.max_voxels_per_volume is None and is_reiterable(data) and not isinstance(data, torch.Tensor)
-        )
+        reservoir = None if exact else VoxelReservoir(self.max_voxels or DEFAULT_MAX_VOXELS, int(self.seed) + 1)
         num_classes: int | None = None
         n_total = 0
-        cache: list[tuple[torch.Tensor, torch.Tensor]] = []
         for i, (lg, tg, mk) in enumerate(iter_volumes(data, targets, mask)):
             lg, y, mk = validate_volume(lg, tg, mk, self.mode, num_classes, i)
             num_classes = lg.shape[1]
-            rows = flatten_voxels(lg, y, mk, self.max_voxels_per_volume, gen)
-            tally.add(rows[1])
-            n_total += rows[0].shape[0]
-            if not stream:
-                cache.append(rows)
+            if reservoir is None:
+                tally.add(y, mk)
+                n_total += int(mk.sum()) if mk is not None else y.numel() // num_classes
+            else:
+                rows = flatten_voxels(lg, y, mk, self.max_voxels_per_volume, gen)
+                tally.add(rows[1])
+                reservoir.add(*rows)
         if num_classes is None:
             raise ValueError("fit received no volumes")
+        if reservoir is not None:
+            n_total = len(reservoir)
         if n_total == 0:
             raise ValueError("fit received no voxels (empty masks?)")
+        c = num_classes
+
+        def volumes() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+            if isinstance(data, torch.Tensor):  # one batch item at a time: no copy of the whole tensor
+                t = torch.as_tensor(targets)
+                m = None if mask is None else torch.as_tensor(mask)
+                for b in range(data.shape[0]):
+                    yield data[b : b + 1], t[b : b + 1], None if m is None else m[b : b + 1]
+            else:
+                yield from iter_volumes(data, targets, mask)
 
         def source() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-            if stream:
-                for i, (lg, tg, mk) in enumerate(iter_volumes(data, targets, mask)):
-                    lg, y, mk = validate_volume(lg, tg, mk, self.mode, num_classes, i)
-                    yield from self._chunks(flatten_voxels(lg, y, mk, None, None))
-            else:
-                for rows in cache:
-                    yield from self._chunks(rows)
+            if reservoir is not None:
+                yield from self._chunks(reservoir.rows())
+                return
+            for i, (lg, tg, mk) in enumerate(volumes()):
+                lg, y, mk = validate_volume(lg, tg, mk, self.mode, c, i)
+                yield from self._chunks(flatten_voxels(lg, y, mk, None, None))
 
         return num_classes, n_total, source
 
     def _fit(self, data: Any, targets: Any, mask: Any) -> TargetTally:
-        if self.max_voxels_per_volume is not None and self.max_voxels_per_volume < 1:
-            raise ValueError(
-                f"max_voxels_per_volume must be a positive integer, got {self.max_voxels_per_volume}"
-            )
+        self._check_sizes()
         tally = TargetTally()
         num_classes, n_total, source = self._voxel_source(data, targets, mask, tally)
         params = self._init_params(num_classes)
@@ -138,6 +165,10 @@ class _VoxelScaling(Calibrator):
                 loss = loss / denom
                 loss.backward()
                 total += loss.detach()
+            penalty = self._penalty(params)
+            if penalty is not None:
+                penalty.backward()
+                total += penalty.detach()
             return total
 
         opt.step(closure)
@@ -145,6 +176,14 @@ class _VoxelScaling(Calibrator):
         self.n_voxels_ = n_total
         self._store([p.detach() for p in params])
         return tally
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            **super()._config(),
+            "max_voxels_per_volume": self.max_voxels_per_volume,
+            "seed": self.seed,
+            "max_voxels": self.max_voxels,
+        }
 
 
 class TemperatureScaling(_VoxelScaling):
@@ -190,8 +229,6 @@ class TemperatureScaling(_VoxelScaling):
     def _set_state(self, state: dict[str, torch.Tensor]) -> None:
         self.temperature_ = float(state["temperature"])
 
-    def _config(self) -> dict[str, Any]:
-        return {**super()._config(), "max_voxels_per_volume": self.max_voxels_per_volume, "seed": self.seed}
 
 
 class VectorScaling(_VoxelScaling):
@@ -232,5 +269,3 @@ class VectorScaling(_VoxelScaling):
         self.scale_ = state["scale"].to(torch.float64)
         self.bias_ = state["bias"].to(torch.float64)
 
-    def _config(self) -> dict[str, Any]:
-        return {**super()._config(), "max_voxels_per_volume": self.max_voxels_per_volume, "seed": self.seed}
