@@ -38,7 +38,7 @@ from segcal.posthoc._base import (
     validate_volume,
 )
 
-__all__ = ["TemperatureScaling", "VectorScaling"]
+__all__ = ["DirichletScaling", "MatrixScaling", "TemperatureScaling", "VectorScaling"]
 
 
 class _VoxelScaling(Calibrator):
@@ -269,3 +269,149 @@ class VectorScaling(_VoxelScaling):
         self.scale_ = state["scale"].to(torch.float64)
         self.bias_ = state["bias"].to(torch.float64)
 
+
+
+REGULARIZATIONS = ("odir", "l2")
+
+
+class MatrixScaling(_VoxelScaling):
+    """Full affine map of the logits: ``q = softmax(W z + b)`` with a ``C × C`` matrix ``W`` and a bias ``b``
+    (a full 1×1 convolution; Guo et al., ICML 2017, matrix scaling), fitted by minimising the mean NLL plus a
+    regulariser of Kull et al., NeurIPS 2019 (Dirichlet calibration):
+
+    * ``regularization="odir"`` (off-diagonal and intercept regularisation, ODIR):
+      ``λ · Σ_{i≠j} W_ij² / (C(C − 1)) + μ · Σ_j b_j² / C`` — the diagonal is free, class mixing and bias are
+      pulled to zero;
+    * ``regularization="l2"``: ``λ · Σ_ij W_ij² / C² + μ · Σ_j b_j² / C`` (every weight pulled to zero).
+
+    With ``reg_lambda = reg_mu = 0`` (default) the fit is unregularised. The penalty is added to the mean NLL
+    over the fitted voxels, so ``λ`` and ``μ`` do not depend on the number of voxels.
+
+    Exclusive (softmax) mode only: with sigmoid channels (``mode="multilabel"``) the classes are not one
+    distribution and the construction refuses with ``ValueError``; use :class:`VectorScaling` (Platt scaling per
+    channel) there.
+
+    Args:
+        mode: ``"exclusive"``.
+        max_voxels_per_volume, seed, max_iter, chunk_size, max_voxels: as for :class:`TemperatureScaling`.
+        regularization: ``"odir"`` or ``"l2"``.
+        reg_lambda: ``λ ≥ 0``, weight of the matrix penalty.
+        reg_mu: ``μ ≥ 0``, weight of the bias penalty.
+
+    Learned attributes: ``weight_`` ``(C, C)`` and ``bias_`` ``(C,)`` (float64), ``num_classes_``,
+    ``n_voxels_``. ``W`` starts as the identity and ``b`` at zero (the identity map). ``W`` and ``b`` are only
+    defined up to a constant added to every class (a row vector added to every row of ``W``, a constant added to
+    ``b``); the fit moves only along the directions the NLL sees, and ``bias_`` is returned centred (mean zero)
+    without changing ``q``.
+    """
+
+    method = "matrix"
+    fitted_what = "matrix scaling"
+
+    def __init__(
+        self,
+        mode: str = "exclusive",
+        max_voxels_per_volume: int | None = None,
+        seed: int = 0,
+        max_iter: int = 100,
+        chunk_size: int = 1 << 18,
+        max_voxels: int | None = None,
+        regularization: str = "odir",
+        reg_lambda: float = 0.0,
+        reg_mu: float = 0.0,
+    ) -> None:
+        if mode != "exclusive":
+            raise ValueError(
+                f"{type(self).__name__} supports mode='exclusive' (softmax) only, got mode={mode!r}; for sigmoid "
+                "channels use VectorScaling(mode='multilabel') (Platt scaling per channel)"
+            )
+        if regularization not in REGULARIZATIONS:
+            raise ValueError(f"regularization must be one of {REGULARIZATIONS}, got {regularization!r}")
+        for name, v in (("reg_lambda", reg_lambda), ("reg_mu", reg_mu)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        super().__init__(mode, max_voxels_per_volume, seed, max_iter, chunk_size, max_voxels)
+        self.regularization = regularization
+        self.reg_lambda = float(reg_lambda)
+        self.reg_mu = float(reg_mu)
+
+    def _features(self, z: torch.Tensor) -> torch.Tensor:
+        """What ``W`` multiplies, ``(N, C)`` or ``(B, C, *S)``: the logits themselves."""
+        return z
+
+    def _init_params(self, num_classes: int) -> list[torch.Tensor]:
+        return [
+            torch.eye(num_classes, dtype=torch.float64, requires_grad=True),
+            torch.zeros(num_classes, dtype=torch.float64, requires_grad=True),
+        ]
+
+    def _apply(self, z: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+        return self._features(z) @ params[0].T + params[1]
+
+    def _penalty(self, params: list[torch.Tensor]) -> torch.Tensor | None:
+        w, b = params
+        c = w.shape[0]
+        out = self.reg_mu * b.square().sum() / c
+        if self.regularization == "odir":
+            off = w.square().sum() - w.diagonal().square().sum()
+            out = out + (self.reg_lambda * off / (c * (c - 1)) if c > 1 else 0.0)
+        else:
+            out = out + self.reg_lambda * w.square().sum() / c**2
+        return out if (self.reg_lambda > 0 or self.reg_mu > 0) else None
+
+    def _check_fit_mode(self) -> None:
+        if self.mode != "exclusive":
+            raise ValueError(f"{type(self).__name__} supports mode='exclusive' (softmax) only, got {self.mode!r}")
+
+    def _fit(self, data: Any, targets: Any, mask: Any) -> TargetTally:
+        self._check_fit_mode()
+        return super()._fit(data, targets, mask)
+
+    def _store(self, params: list[torch.Tensor]) -> None:
+        self.weight_ = params[0].clone()
+        self.bias_ = params[1] - params[1].mean()
+
+    def _transform(self, logits: torch.Tensor) -> torch.Tensor:
+        f = self._features(logits).movedim(1, -1)
+        out = f @ self.weight_.to(f.dtype).T + self.bias_.to(f.dtype)
+        return out.movedim(-1, 1)
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.weight_, "bias": self.bias_}
+
+    def _set_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.weight_ = state["weight"].to(torch.float64)
+        self.bias_ = state["bias"].to(torch.float64)
+        c = self.num_classes_
+        if tuple(self.weight_.shape) != (c, c) or tuple(self.bias_.shape) != (c,):
+            raise ValueError(
+                f"{type(self).__name__}: stored weight {tuple(self.weight_.shape)} / bias "
+                f"{tuple(self.bias_.shape)} do not match {c} classes"
+            )
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            **super()._config(),
+            "regularization": self.regularization,
+            "reg_lambda": self.reg_lambda,
+            "reg_mu": self.reg_mu,
+        }
+
+
+class DirichletScaling(MatrixScaling):
+    """Dirichlet calibration (Kull et al., NeurIPS 2019): ``q = softmax(W log p + b)`` with ``p = softmax(z)``,
+    i.e. matrix scaling of the log-probabilities (``log p = log_softmax(z)``, computed from the logits without
+    clipping). Regularisation (``"odir"``, ``"l2"``, ``reg_lambda``, ``reg_mu``), exclusive-mode restriction,
+    streaming and attributes as for :class:`MatrixScaling`.
+
+    Matrix scaling and Dirichlet calibration differ unless the rows of ``W`` have equal sums: ``W log p =
+    W z − logsumexp(z) · W 1``, so Dirichlet calibration is invariant to adding a constant to every logit (it sees
+    only ``p``), matrix scaling is not.
+    """
+
+    method = "dirichlet"
+    fitted_what = "Dirichlet calibration map"
+
+    def _features(self, z: torch.Tensor) -> torch.Tensor:
+        """``log p = log_softmax(z)`` over the class axis (axis 1 of ``(N, C)`` rows or ``(B, C, *S)`` maps)."""
+        return torch.log_softmax(z, 1)
