@@ -240,3 +240,34 @@ def test_bad_input() -> None:
         fitted.transform(zv[:, :3])
     with pytest.raises(ValueError, match="volume 1: logits have 3 classes"):
         MatrixScaling().fit([(zv[0], yv[0]), (zv[1, :3], yv[1].clamp_max(2))])
+
+
+@pytest.mark.parametrize("method", ["matrix", "dirichlet"])
+def test_calibrate_cli(tmp_path, method: str) -> None:
+    import json
+
+    from _helpers import invoke_cli
+
+    _, z, y = planted(4, seed=15)
+    zv, yv = _as_volumes(z, y)
+    for name, maps in (("val", zv), ("test", zv[:2])):
+        (tmp_path / name).mkdir()
+        for i in range(maps.shape[0]):
+            np.savez(tmp_path / name / f"case{i}.npz", logits=maps[i].numpy())
+    (tmp_path / "lab").mkdir()
+    for i in range(yv.shape[0]):
+        np.save(tmp_path / "lab" / f"case{i}.npy", yv[i].numpy().astype(np.int16))
+    common = ["calibrate", "--val-pred", str(tmp_path / "val"), "--val-labels", str(tmp_path / "lab"),
+              "--apply-to", str(tmp_path / "test"), "--method", method]
+    res = invoke_cli([*common, "-o", str(tmp_path / "out"), "--max-voxels", "0",
+                      "--save-calibrator", str(tmp_path / "cal.pt")])
+    assert res.exit_code == 0, res.output
+    cal = load_calibrator(tmp_path / "cal.pt")
+    ref = (MatrixScaling if method == "matrix" else DirichletScaling)().fit(zv, yv)
+    assert type(cal) is type(ref) and torch.allclose(cal.weight_, ref.weight_, atol=1e-5)
+    with np.load(tmp_path / "out" / "case1.npz") as f:
+        np.testing.assert_allclose(f["probabilities"], ref.transform(zv[1:2])[0].numpy(), atol=1e-5)
+    record = json.loads((tmp_path / "out" / "segcal.json").read_text())["calibration"]
+    assert record["method"] == method and np.allclose(record["weight"], cal.weight_.numpy())
+    res = invoke_cli([*common, "-o", str(tmp_path / "out2"), "--mode", "multilabel"])
+    assert res.exit_code == 2 and "exclusive" in res.output
