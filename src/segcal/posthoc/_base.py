@@ -1,4 +1,4 @@
-"""Shared machinery of the post-hoc calibrators: input streaming, voxel subsampling, validation, save/load.
+"""Shared machinery of the post-hoc calibrators: input streaming, the voxel reservoir, validation, save/load.
 
 Data accepted by ``fit``
 ------------------------
@@ -8,6 +8,12 @@ Data accepted by ``fit``
   ``(C, *spatial)`` or ``(1, C, *spatial)`` (a batch ``(B, C, *spatial)`` also works). Volumes are read one at
   a time and never concatenated. A list/tuple or a zero-argument callable returning a fresh iterable is
   *re-iterable* and can be streamed several times; a one-shot generator is read once.
+
+Memory
+------
+Nothing a calibrator holds grows with the number of volumes: a re-iterable source is streamed again in each
+pass, and a subsample is a :class:`VoxelReservoir` of a fixed number of voxels drawn uniformly over the whole
+dataset.
 
 Checks after ``fit``
 -------------------
@@ -169,7 +175,8 @@ def flatten_voxels(
 
 
 class VoxelReservoir:
-    """A fixed-size, uniform random sample of voxel rows over a whole stream of volumes (bottom-k sampling).
+    """A fixed-size, uniform random sample of voxel rows over a whole stream of volumes (bottom-k sampling, Cohen &
+    Kaplan, PODC 2007; a reservoir sample in the sense of Vitter, ACM TOMS 1985).
 
     Every voxel row offered to :meth:`add` draws an independent key ``u ~ Uniform(0, 1)`` from a seeded
     generator; the reservoir holds the ``capacity`` rows with the smallest keys seen so far. The held rows are

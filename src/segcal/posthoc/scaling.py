@@ -1,23 +1,31 @@
 """Voxel-wise scaling calibrators fitted by full-batch L-BFGS on the NLL.
 
 References (docs/references.md): Rousseau et al., ISBI 2021, §2.2 (Platt / vector scaling for segmentation);
-Guo et al., ICML 2017 (temperature scaling); Platt 1999.
+Guo et al., ICML 2017 (temperature and matrix scaling); Platt 1999; Kull et al., NeurIPS 2019 (Dirichlet
+calibration, ODIR regularisation).
 
 * :class:`TemperatureScaling` — ``q = softmax(z / T)`` (one scalar ``T > 0``, fitted as ``log T``);
 * :class:`VectorScaling` — ``q = softmax(w ⊙ z + b)`` with per-class ``w, b`` (a diagonal 1×1 convolution);
-  with one sigmoid channel (``mode="multilabel"``, ``C = 1``) this is Platt scaling with 2 parameters.
+  with one sigmoid channel (``mode="multilabel"``, ``C = 1``) this is Platt scaling with 2 parameters;
+* :class:`MatrixScaling` — ``q = softmax(W z + b)`` with a full ``C × C`` matrix (exclusive mode only);
+* :class:`DirichletScaling` — ``q = softmax(W log p + b)``, ``log p = log_softmax(z)`` (exclusive mode only).
 
-Multilabel outputs use ``sigmoid`` and the mean binary cross-entropy.
+Shapes: logits ``(B, C, *spatial)``; the maps act on the class axis of every voxel. Multilabel outputs use
+``sigmoid`` and the mean binary cross-entropy.
 
 Fitting streams: each L-BFGS closure loops over voxel chunks and accumulates the loss gradient with
-``backward`` per chunk, so memory is bounded by one chunk plus the held voxels. Which voxels are held:
+``backward`` per chunk, so memory is bounded by one chunk plus the held voxels, never by the number of volumes.
+Which voxels the closures loop over:
 
-* with ``max_voxels_per_volume``: a seeded random subsample of each volume (at most
-  ``max_voxels_per_volume × n_volumes`` voxels);
-* without it, a re-iterable source (list or factory callable): none; the source is re-read in every closure;
-* without it, a tensor or a one-shot generator: every voxel, read once and held in memory.
+* ``max_voxels=None`` with a re-iterable source (a tensor, a list or a factory callable): every voxel, exactly;
+  the source is re-read in every closure (a tensor one batch item at a time), nothing is held;
+* ``max_voxels=n``: a :class:`~segcal.posthoc._base.VoxelReservoir` of ``n`` voxels, a seeded uniform sample
+  over the whole dataset taken in one pass (bottom-k sampling, Cohen & Kaplan, PODC 2007);
+* a one-shot generator without ``max_voxels``: the reservoir with ``DEFAULT_MAX_VOXELS`` (2²¹), so every voxel
+  while the data hold fewer;
+* ``max_voxels_per_volume=m``: ``m`` random voxels of each volume, then the reservoir (``max_voxels``, default
+  ``DEFAULT_MAX_VOXELS``).
 """
-
 from __future__ import annotations
 
 import math
@@ -191,10 +199,13 @@ class TemperatureScaling(_VoxelScaling):
 
     Args:
         mode: ``"exclusive"`` (softmax, CE) or ``"multilabel"`` (sigmoid, BCE).
-        max_voxels_per_volume: seeded random subsample of voxels per volume (``None`` = all).
+        max_voxels_per_volume: seeded random subsample of voxels per volume before the reservoir (``None`` =
+            all).
         seed: seed of the subsampling.
         max_iter: L-BFGS iterations.
         chunk_size: voxels per chunk in each closure.
+        max_voxels: size of the voxel reservoir, a uniform sample over all volumes (``None``: every voxel,
+            streamed, for re-iterable sources; see the module docstring).
 
     Learned attributes: ``temperature_`` (float), ``num_classes_``, ``n_voxels_``.
 
