@@ -271,3 +271,11 @@ def test_calibrate_cli(tmp_path, method: str) -> None:
     assert record["method"] == method and np.allclose(record["weight"], cal.weight_.numpy())
     res = invoke_cli([*common, "-o", str(tmp_path / "out2"), "--mode", "multilabel"])
     assert res.exit_code == 2 and "exclusive" in res.output
+
+
+@pytest.mark.parametrize("cls", [MatrixScaling, DirichletScaling])
+def test_single_class_targets_warn(cls: type) -> None:
+    _, z, y = planted(1, seed=16)
+    zv, yv = _as_volumes(z, y)
+    with pytest.warns(UserWarning, match=f"^{cls.__name__}: only one class present in the fitting targets"):
+        cls().fit(zv, torch.full_like(yv, 2))

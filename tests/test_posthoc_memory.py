@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from posthoc_helpers import phantom
 from segcal.functional.calibration import negative_log_likelihood
@@ -196,3 +198,22 @@ def test_last_layer_finetuner_on_patches() -> None:
     assert float(negative_log_likelihood(tuner.transform(z), y).mean()) < before
     with pytest.raises(ValueError, match="patch_size must be a positive integer"):
         LastLayerFineTuner(net, epochs=1, patch_size=0).fit([(z, y)])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 60), min_size=1, max_size=12),
+    capacity=st.integers(1, 150),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_voxel_reservoir_holds_min_capacity_distinct_rows(sizes: list[int], capacity: int, seed: int) -> None:
+    res = VoxelReservoir(capacity, seed)
+    _offer(res, sizes)
+    z, y = res.rows()
+    total = sum(sizes)
+    assert res.seen == total and len(res) == min(capacity, total)
+    if total:
+        ids = z[:, 0].long()
+        assert z.shape == (min(capacity, total), 2) and y.shape == z.shape
+        assert ids.unique().numel() == ids.numel() and int(ids.min()) >= 0 and int(ids.max()) < total
+        assert torch.equal(z[:, 0], z[:, 1])  # rows stay whole
