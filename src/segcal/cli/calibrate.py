@@ -64,6 +64,8 @@ T = TypeVar("T")
 class Method(str, Enum):
     ts = "ts"
     vector = "vector"
+    matrix = "matrix"
+    dirichlet = "dirichlet"
     aux = "aux"
 
 
@@ -142,12 +144,18 @@ def _make_calibrator(
     method: Method, mode: str, max_voxels: int, kernel_size: int, epochs: int, seed: int
 ) -> Calibrator:
     """The calibrator of ``--method`` with the command's options."""
-    from segcal.posthoc import AuxiliaryConvCalibrator, TemperatureScaling, VectorScaling
+    from segcal.posthoc import (
+        AuxiliaryConvCalibrator,
+        DirichletScaling,
+        MatrixScaling,
+        TemperatureScaling,
+        VectorScaling,
+    )
 
-    if method == Method.ts:
-        return TemperatureScaling(mode=mode, max_voxels_per_volume=max_voxels or None, seed=seed)
-    if method == Method.vector:
-        return VectorScaling(mode=mode, max_voxels_per_volume=max_voxels or None, seed=seed)
+    scaling = {Method.ts: TemperatureScaling, Method.vector: VectorScaling, Method.matrix: MatrixScaling,
+               Method.dirichlet: DirichletScaling}
+    if method in scaling:
+        return scaling[method](mode=mode, max_voxels=max_voxels or None, seed=seed)
     return AuxiliaryConvCalibrator(mode=mode, kernel_size=kernel_size, epochs=epochs, seed=seed)
 
 
@@ -175,6 +183,9 @@ def _fitted(cal: Calibrator) -> dict[str, Any]:
         out["temperature"] = float(cal.temperature_)
     if hasattr(cal, "scale_"):
         out["scale"] = [float(v) for v in cal.scale_.tolist()]
+        out["bias"] = [float(v) for v in cal.bias_.tolist()]
+    if hasattr(cal, "weight_"):
+        out["weight"] = [[float(v) for v in row] for row in cal.weight_.tolist()]
         out["bias"] = [float(v) for v in cal.bias_.tolist()]
     return out
 
@@ -329,7 +340,8 @@ def calibrate(
     method: Method = typer.Option(
         Method.ts,
         "--method",
-        help="ts (temperature), vector (per-class / Platt) or aux (k×k(×k) conv on the logits).",
+        help="ts (temperature), vector (per-class / Platt), matrix (W z + b), dirichlet (W log p + b; both "
+        "exclusive mode only) or aux (k×k(×k) conv on the logits).",
     ),
     val_pred: Path = typer.Option(
         ..., "--val-pred", help="Folder of validation predictions (logits or probabilities, see --pred-kind)."
@@ -359,7 +371,11 @@ def calibrate(
         "else must be probabilities), probabilities or logits. Never overrides a declared kind.",
     ),
     mode: str = typer.Option("exclusive", help="exclusive (softmax) or multilabel (sigmoid)."),
-    max_voxels: int = typer.Option(200_000, help="Random voxels per validation volume for ts/vector (0 = all)."),
+    max_voxels: int = typer.Option(
+        1_000_000,
+        help="ts/vector/matrix/dirichlet: fit on a seeded uniform sample of this many voxels over all validation "
+        "volumes (0 = every voxel, re-read from disk in each optimiser pass).",
+    ),
     kernel_size: int = typer.Option(5, help="Kernel size of the aux conv."),
     epochs: int = typer.Option(20, help="Epochs for the aux conv."),
     seed: int = typer.Option(0, help="Seed of voxel subsampling / training."),
@@ -388,7 +404,10 @@ def calibrate(
     apply_fmt = resolve_format(apply_to, fmt)
     cases = match_validation(val_pred, val_labels, val_fmt, val_members)
     targets = list_apply_cases(apply_to, apply_fmt, apply_members)
-    cal = _make_calibrator(method, mode, max_voxels, kernel_size, epochs, seed)
+    try:
+        cal = _make_calibrator(method, mode, max_voxels, kernel_size, epochs, seed)
+    except ValueError as exc:  # e.g. --method matrix with --mode multilabel
+        raise typer.BadParameter(str(exc)) from None
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
         task = progress.add_task(f"fitting {method.value} on {len(cases)} {val_fmt} cases", total=None)

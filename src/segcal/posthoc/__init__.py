@@ -17,15 +17,17 @@ from segcal.posthoc.mc_dropout import (
     mc_predict,
     retrain_after_dropout,
 )
-from segcal.posthoc.scaling import TemperatureScaling, VectorScaling
+from segcal.posthoc.scaling import DirichletScaling, MatrixScaling, TemperatureScaling, VectorScaling
 
 __all__ = [
     "AuxiliaryConvCalibrator",
     "Calibrator",
     "ConformalReport",
     "ConformalRiskControl",
+    "DirichletScaling",
     "LastLayerFineTuner",
     "MCDropout",
+    "MatrixScaling",
     "NotFittedError",
     "TemperatureScaling",
     "VectorScaling",

@@ -1,4 +1,4 @@
-"""Shared machinery of the post-hoc calibrators: input streaming, voxel subsampling, validation, save/load.
+"""Shared machinery of the post-hoc calibrators: input streaming, the voxel reservoir, validation, save/load.
 
 Data accepted by ``fit``
 ------------------------
@@ -8,6 +8,12 @@ Data accepted by ``fit``
   ``(C, *spatial)`` or ``(1, C, *spatial)`` (a batch ``(B, C, *spatial)`` also works). Volumes are read one at
   a time and never concatenated. A list/tuple or a zero-argument callable returning a fresh iterable is
   *re-iterable* and can be streamed several times; a one-shot generator is read once.
+
+Memory
+------
+Nothing a calibrator holds grows with the number of volumes: a re-iterable source is streamed again in each
+pass, and a subsample is a :class:`VoxelReservoir` of a fixed number of voxels drawn uniformly over the whole
+dataset.
 
 Checks after ``fit``
 -------------------
@@ -36,9 +42,20 @@ import torch
 from segcal.functional.inputs import Mode, check_mode, check_prediction, check_target, target_to_onehot
 from segcal.io.torchfile import read_torch_file, write_torch_file
 
-__all__ = ["DEGENERATE_TARGETS", "Calibrator", "NotFittedError", "TargetTally", "iter_volumes", "load_calibrator"]
+__all__ = [
+    "DEFAULT_MAX_VOXELS",
+    "DEGENERATE_TARGETS",
+    "Calibrator",
+    "NotFittedError",
+    "TargetTally",
+    "VoxelReservoir",
+    "iter_volumes",
+    "load_calibrator",
+]
 
 FORMAT = "segcal-calibrator"
+#: the size of the voxel reservoir when a subsample is needed and ``max_voxels`` is not given
+DEFAULT_MAX_VOXELS = 1 << 21
 VERSION = 1
 _REGISTRY: dict[str, type[Calibrator]] = {}
 
@@ -155,6 +172,82 @@ def flatten_voxels(
     if bool(((y == 0) | (y == 1)).all()):
         y = y.to(torch.uint8)  # hard one-hot / multi-hot targets are held as bytes
     return z.contiguous(), y.contiguous()
+
+
+class VoxelReservoir:
+    """A fixed-size, uniform random sample of voxel rows over a whole stream of volumes (bottom-k sampling, Cohen &
+    Kaplan, PODC 2007; a reservoir sample in the sense of Vitter, ACM TOMS 1985).
+
+    Every voxel row offered to :meth:`add` draws an independent key ``u ~ Uniform(0, 1)`` from a seeded
+    generator; the reservoir holds the ``capacity`` rows with the smallest keys seen so far. The held rows are
+    therefore a uniform random subset (without replacement) of all rows offered, of size ``min(capacity,
+    rows offered)``, whatever the number and sizes of the volumes, and the same seed with the same volumes in
+    the same order holds the same rows. Memory: the held rows (``z`` float32, ``y`` uint8 for hard targets:
+    about ``5·C`` bytes per row, plus an 8-byte key) and the candidates of one volume; it never grows with the
+    number of volumes. While fewer than ``capacity`` rows have been offered every row is held, in arrival order.
+    """
+
+    def __init__(self, capacity: int, seed: int = 0) -> None:
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"max_voxels must be a positive integer, got {capacity!r}")
+        self.capacity = capacity
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self.seen = 0  #: rows offered so far
+        self._parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (keys, z, y) while filling
+        self._held = 0
+
+    def add(self, z: torch.Tensor, y: torch.Tensor) -> None:
+        """Offer voxel rows ``z (N, C)`` and their targets ``y (N, C)``."""
+        n = z.shape[0]
+        self.seen += n
+        keys = torch.rand(n, generator=self.generator, dtype=torch.float64)
+        if self._held < self.capacity:  # filling: hold everything, merge once the capacity is reached
+            self._parts.append((keys, z, y))
+            self._held += n
+            if self._held >= self.capacity:
+                self._compact()
+            return
+        held_keys, hz, hy = self._parts[0]
+        keep = keys < held_keys.max()  # only keys below the largest held key can enter
+        if not bool(keep.any()):
+            return
+        keys, z, y = keys[keep], z[keep], y[keep]
+        # the capacity smallest of (held, new) keys; the new rows that make it replace the held rows that do not
+        chosen = torch.topk(torch.cat([held_keys, keys]), self.capacity, largest=False, sorted=False).indices
+        incoming = chosen[chosen >= self.capacity] - self.capacity
+        stays = torch.zeros(self.capacity, dtype=torch.bool)
+        stays[chosen[chosen < self.capacity]] = True
+        evicted = (~stays).nonzero().squeeze(1)
+        if y.dtype != hy.dtype:
+            hy = hy.to(torch.float32)
+            self._parts[0] = (held_keys, hz, hy)
+        held_keys[evicted] = keys[incoming]
+        hz[evicted] = z[incoming]
+        hy[evicted] = y[incoming].to(hy.dtype)
+
+    def _compact(self) -> None:
+        keys = torch.cat([k for k, _, _ in self._parts])
+        z = torch.cat([v for _, v, _ in self._parts])
+        ys = [t for _, _, t in self._parts]
+        dtype = ys[0].dtype if all(t.dtype == ys[0].dtype for t in ys) else torch.float32
+        y = torch.cat([t.to(dtype) for t in ys])
+        self._parts = []
+        if keys.numel() > self.capacity:
+            idx = torch.topk(keys, self.capacity, largest=False, sorted=False).indices.sort().values
+            keys, z, y = keys[idx], z[idx], y[idx]
+        self._parts = [(keys, z.contiguous(), y.contiguous())]
+        self._held = keys.numel()
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The held ``(z (n, C), y (n, C))`` rows (empty ``(0, 0)`` tensors before any row was offered)."""
+        if not self._parts:
+            return torch.zeros(0, 0), torch.zeros(0, 0, dtype=torch.uint8)
+        if len(self._parts) > 1:
+            self._compact()
+        return self._parts[0][1], self._parts[0][2]
+
+    def __len__(self) -> int:
+        return self._held
 
 
 class TargetTally:
