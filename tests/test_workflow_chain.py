@@ -102,7 +102,7 @@ def test_calibrated_temperature_equals_the_api(workflow: Path) -> None:
         z = torch.from_numpy(_npz(val / f"{case}.npz")["logits"])[None]
         y = torch.from_numpy(_npz(workflow / "data" / "val" / f"{case}.npz")["label"].astype(np.int64))[None]
         volumes.append((z, y))
-    t_api = TemperatureScaling(max_voxels_per_volume=200_000, seed=0).fit(volumes).temperature_
+    t_api = TemperatureScaling(max_voxels=1_000_000, seed=0).fit(volumes).temperature_
     info = json.loads((workflow / "calibrated" / "test" / "segcal.json").read_text())
     assert info["kind"] == "probabilities" and info["calibration"]["method"] == "ts"
     assert info["calibration"]["temperature"] == pytest.approx(t_api, rel=1e-6)
@@ -177,7 +177,7 @@ def test_nifti_pairs_chain(tmp_path: Path, workflow: Path) -> None:
         z = np.asarray(nib.load(tmp_path / "preds" / "val" / "logits" / f"val{i}.nii.gz").dataobj)[:, :, 0]
         y = np.asarray(nib.load(tmp_path / "data" / "val" / f"val{i}_label.nii.gz").dataobj).astype(np.int64)
         volumes.append((torch.from_numpy(np.moveaxis(z, -1, 0))[None], torch.from_numpy(y)[None]))
-    t_api = TemperatureScaling(max_voxels_per_volume=200_000, seed=0).fit(volumes).temperature_
+    t_api = TemperatureScaling(max_voxels=1_000_000, seed=0).fit(volumes).temperature_
     info = json.loads((tmp_path / "calibrated" / "test" / "segcal.json").read_text())
     assert info["calibration"]["temperature"] == pytest.approx(t_api, rel=1e-6)
     for run in ("preds/test", "calibrated/test"):
