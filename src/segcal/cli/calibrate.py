@@ -58,6 +58,7 @@ class Method(str, Enum):
     ts = "ts"
     vector = "vector"
     aux = "aux"
+    lts = "lts"
 
 
 class PredKind(str, Enum):
@@ -110,12 +111,14 @@ def _make_calibrator(
     method: Method, mode: str, max_voxels: int, kernel_size: int, epochs: int, seed: int
 ) -> Calibrator:
     """The calibrator of ``--method`` with the command's options."""
-    from segcal.posthoc import AuxiliaryConvCalibrator, TemperatureScaling, VectorScaling
+    from segcal.posthoc import AuxiliaryConvCalibrator, LocalTemperatureScaling, TemperatureScaling, VectorScaling
 
     if method == Method.ts:
         return TemperatureScaling(mode=mode, max_voxels_per_volume=max_voxels or None, seed=seed)
     if method == Method.vector:
         return VectorScaling(mode=mode, max_voxels_per_volume=max_voxels or None, seed=seed)
+    if method == Method.lts:
+        return LocalTemperatureScaling(mode=mode, kernel_size=kernel_size, epochs=epochs, seed=seed)
     return AuxiliaryConvCalibrator(mode=mode, kernel_size=kernel_size, epochs=epochs, seed=seed)
 
 
@@ -230,7 +233,8 @@ def calibrate(
     method: Method = typer.Option(
         Method.ts,
         "--method",
-        help="ts (temperature), vector (per-class / Platt) or aux (k×k(×k) conv on the logits).",
+        help="ts (temperature), vector (per-class / Platt), aux (k×k(×k) conv on the logits) or lts (local "
+        "temperature scaling: a per-voxel temperature from a small conv net).",
     ),
     val_pred: Path = typer.Option(
         ..., "--val-pred", help="Folder of validation predictions (logits or probabilities, see --pred-kind)."
@@ -249,8 +253,8 @@ def calibrate(
     ),
     mode: str = typer.Option("exclusive", help="exclusive (softmax) or multilabel (sigmoid)."),
     max_voxels: int = typer.Option(200_000, help="Random voxels per validation volume for ts/vector (0 = all)."),
-    kernel_size: int = typer.Option(5, help="Kernel size of the aux conv."),
-    epochs: int = typer.Option(20, help="Epochs for the aux conv."),
+    kernel_size: int = typer.Option(5, help="Kernel size of the aux conv and of the lts network's convolutions."),
+    epochs: int = typer.Option(20, help="Epochs for the aux conv and lts."),
     seed: int = typer.Option(0, help="Seed of voxel subsampling / training."),
     save_calibrator: Path | None = typer.Option(None, help="Also save the fitted calibrator to this file."),
 ) -> None:

@@ -8,6 +8,7 @@ from segcal.posthoc.ensemble import (
     ensemble_probabilities,
     ensemble_size_study,
 )
+from segcal.posthoc.local import LocalTemperatureScaling
 from segcal.posthoc.mc_dropout import (
     MCDropout,
     insert_dropout,
@@ -21,6 +22,7 @@ __all__ = [
     "AuxiliaryConvCalibrator",
     "Calibrator",
     "LastLayerFineTuner",
+    "LocalTemperatureScaling",
     "MCDropout",
     "NotFittedError",
     "TemperatureScaling",
