@@ -5,7 +5,9 @@ command line and bad input."""
 
 from __future__ import annotations
 
+import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -334,3 +336,14 @@ def test_calibrate_cli_lts(tmp_path) -> None:
             probs = f["probabilities"]
         assert np.allclose(probs, fitted.transform(zt[i : i + 1])[0].numpy(), atol=1e-6)
         assert (probs.argmax(0) == zt[i].numpy().argmax(0)).all()
+
+
+def test_the_docs_example_runs(tmp_path, monkeypatch) -> None:
+    """The ``<!-- tested example -->`` block of docs/posthoc.md runs as written (it asserts that local TS beats
+    global TS and keeps the argmax)."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "posthoc.md").read_text()
+    blocks = re.findall(r"<!-- tested example -->\s*\n```python\n(.*?)\n```", text, re.S)
+    assert len(blocks) == 1
+    monkeypatch.chdir(tmp_path)
+    exec(compile(blocks[0], "docs/posthoc.md[lts example]", "exec"), {})
+    assert type(load_calibrator(tmp_path / "lts.pt")) is LocalTemperatureScaling

@@ -22,12 +22,14 @@ Fitting (``fit``) minimises the NLL (exclusive: cross-entropy of ``softmax(z / T
 cross-entropy) with Adam on **patches**:
 
 1. one pass over the volumes draws ``n_patches`` candidate patches per volume (``patch_size`` per axis, centred
-   on a uniformly drawn voxel inside the mask, moved inside the volume where it fits) and keeps a seeded
-   uniform reservoir sample (Vitter's algorithm R) of ``n_patches`` of all candidates, cut with their halo.
-   Memory is the reservoir plus one volume, whatever the number of volumes; a one-shot generator works;
-2. the global temperature of the reservoir's voxels (:class:`~segcal.posthoc.TemperatureScaling`) starts the
-   map: ``f_θ``'s last layer starts at weight 0 and the bias giving ``T(x) = T_global``, so training only learns
-   the spatial deviation from global temperature scaling;
+   on a uniformly drawn voxel inside the mask, moved inside the volume where it fits; each volume of a batch
+   counts as one volume) and keeps a seeded uniform reservoir sample (Vitter 1985, algorithm R;
+   docs/references.md) of ``n_patches`` of all candidates, cut with their halo. Every volume weighs the same,
+   whatever its size. Memory is the reservoir plus one volume, whatever the number of volumes; a one-shot
+   generator works;
+2. the global temperature of the reservoir's voxels (:class:`~segcal.posthoc.TemperatureScaling` on a seeded
+   subsample of at most 2¹⁷ of them) starts the map: ``f_θ``'s last layer starts at weight 0 and the bias giving
+   ``T(x) = T_global``, so training only learns the spatial deviation from global temperature scaling;
 3. ``epochs`` passes over the reservoir in shuffled minibatches of ``batch_size`` patches.
 
 Everything random (patch draws, reservoir, weights, shuffles) comes from ``seed``: a fit is deterministic.
@@ -56,6 +58,8 @@ __all__ = ["LocalTemperatureScaling", "TemperatureNet"]
 
 #: voxels per chunk of the mask scan that picks patch centres (bounded memory on large volumes)
 _SCAN_CHUNK = 1 << 22
+#: voxels of the reservoir that the starting global temperature is fitted on (a seeded random subsample)
+_INIT_VOXELS = 1 << 17
 #: default ``patch_size`` per spatial dimensionality
 _DEFAULT_PATCH = {2: 48, 3: 16}
 
@@ -137,7 +141,7 @@ def _nth_valid(valid: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
 
 
 class _Reservoir:
-    """A uniform sample of at most ``size`` candidate patches over a stream (Vitter's algorithm R), seeded."""
+    """A uniform sample of at most ``size`` candidate patches over a stream (Vitter 1985, algorithm R), seeded."""
 
     def __init__(self, size: int, generator: torch.Generator) -> None:
         self.size = size
@@ -394,19 +398,21 @@ class LocalTemperatureScaling(Calibrator):
                 )
 
     def _global_temperature(self, z: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> float:
-        """Temperature scaling fitted on the reservoir's voxels (the start of the map); 1 if that fit fails."""
+        """Temperature scaling fitted on (a subsample of) the reservoir's voxels (the start of the map); 1 if that
+        fit fails."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a single-class fit is reported once, by this calibrator
             try:
-                return TemperatureScaling(mode=self.mode).fit(z, y, w).temperature_
+                ts = TemperatureScaling(mode=self.mode, max_voxels_per_volume=_INIT_VOXELS, seed=self.seed)
+                return ts.fit(z, y, w).temperature_
             except ValueError:
                 return 1.0
 
     def _train(self, reservoir: _Reservoir, num_classes: int) -> None:
         items = [it for it in reservoir.items if it is not None]
-        x = torch.stack([it[0] for it in items])
-        y = torch.stack([it[1] for it in items])
-        w = torch.stack([it[2] for it in items])
+        reservoir.items = []
+        x, y, w = (torch.stack([it[k] for it in items]) for k in range(3))
+        del items  # the stacked copies replace the patches
         h = self.depth * (self.kernel_size // 2)
         centre = (slice(None), slice(0, num_classes)) + (slice(h, x.shape[-1] - h),) * self.spatial_dims_
         z = x[centre]  # the logits (centred in exclusive mode: same softmax) of the loss voxels
