@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import re
 import warnings
+from functools import cache
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from _helpers import invoke_cli
 from posthoc_helpers import phantom
@@ -141,6 +144,45 @@ def test_multilabel_sigmoid_of_z_over_t_keeps_every_channel_decision() -> None:
     assert lts.initial_temperature_ == pytest.approx(2.5, rel=0.1)
 
 
+@cache
+def _fitted_2d() -> LocalTemperatureScaling:
+    z, y, _, _ = planted(4, (24, 24), seed=17, t_boundary=2.5, t_inside=0.5)
+    return LocalTemperatureScaling(epochs=3, n_patches=32, patch_size=12, floor=0.1).fit(z, y)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 10_000),
+    h=st.integers(1, 14),
+    w=st.integers(1, 14),
+    scale=st.sampled_from([1e-3, 1.0, 30.0, 1e4]),
+    ties=st.booleans(),
+    chunk_voxels=st.integers(1, 400),
+)
+def test_property_argmax_floor_and_chunks_on_random_and_adversarial_logits(
+    seed: int, h: int, w: int, scale: float, ties: bool, chunk_voxels: int
+) -> None:
+    """Any logits — tiny or huge (|z| up to ~1e4), tied classes, volumes smaller than the halo — keep their argmax
+    (ties included: the same classes stay tied), get finite probabilities and ``T ≥ floor``, and any chunking
+    gives the whole-volume temperatures."""
+    lts = _fitted_2d()
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(2, 3, h, w, generator=g) * scale
+    if ties:
+        z[:, 2] = z[:, 1]
+    lts.chunk_voxels = 1 << 20
+    whole = lts.temperature_map(z)
+    assert bool((whole >= 0.1).all()) and bool(torch.isfinite(whole).all())
+    p = lts.transform(z)
+    assert bool(torch.isfinite(p).all())
+    assert torch.equal(p.argmax(1), z.argmax(1))
+    if ties:
+        assert torch.equal(p[:, 1], p[:, 2])
+    lts.chunk_voxels = chunk_voxels
+    assert torch.allclose(lts.temperature_map(z), whole, atol=1e-5, rtol=1e-5)
+    lts.chunk_voxels = 1 << 20
+
+
 @pytest.mark.parametrize("shape", [(23, 19), (9, 11, 13)], ids=["2d", "3d"])
 def test_chunked_inference_equals_the_whole_volume(shape: tuple[int, ...]) -> None:
     z, y = phantom(n=2, c=3, shape=shape, seed=6)
@@ -232,6 +274,22 @@ def test_single_class_targets_warn_and_normal_targets_do_not() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         LocalTemperatureScaling(**SMALL).fit(z, y)
+
+
+def test_a_diverged_fit_is_refused_and_leaves_the_calibrator_unfitted(monkeypatch: pytest.MonkeyPatch) -> None:
+    z, y = phantom(n=2, c=3, shape=(16, 16), seed=18)
+    train = LocalTemperatureScaling._train
+
+    def diverging(self: LocalTemperatureScaling, reservoir: object, num_classes: int) -> None:
+        train(self, reservoir, num_classes)
+        self.net_.head.bias.fill_(float("nan"))
+
+    monkeypatch.setattr(LocalTemperatureScaling, "_train", diverging)
+    lts = LocalTemperatureScaling(**SMALL)
+    with pytest.raises(ValueError, match=r"^LocalTemperatureScaling: the fit diverged .*net\.head\.bias"):
+        lts.fit(z, y)
+    with pytest.raises(NotFittedError):
+        lts.transform(z)
 
 
 def test_bad_input() -> None:
