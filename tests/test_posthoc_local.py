@@ -213,6 +213,19 @@ def test_patches_are_bounded_and_seeded_and_streaming_equals_tensor() -> None:
     assert few.n_patches_ == 40  # one volume offers n_patches candidates
 
 
+def test_the_epoch_kept_is_the_best_on_the_held_out_patches() -> None:
+    z, y, _, _ = planted(4, (24, 24), seed=19, t_boundary=2.5, t_inside=0.5)
+    lts = LocalTemperatureScaling(epochs=4, n_patches=32, patch_size=12).fit(z, y)
+    assert len(lts.held_out_losses_) == 5 and len(lts.losses_) == 4
+    assert lts.best_epoch_ == int(np.argmin(lts.held_out_losses_))
+    last = LocalTemperatureScaling(epochs=4, n_patches=32, patch_size=12, holdout=0).fit(z, y)
+    assert last.held_out_losses_ == [] and last.best_epoch_ == 4
+    # the start is global temperature scaling: with steps too small to move, T(x) is the global T everywhere
+    start = LocalTemperatureScaling(epochs=1, n_patches=32, patch_size=12, lr=1e-12).fit(z, y)
+    t = start.temperature_map(z)
+    assert torch.allclose(t, torch.full_like(t, start.initial_temperature_), rtol=1e-4)
+
+
 def test_voxels_outside_the_mask_are_ignored() -> None:
     z, y = phantom(n=3, c=3, shape=(24, 24), seed=8)
     mask = torch.zeros(3, 24, 24, dtype=torch.bool)
@@ -340,6 +353,7 @@ def test_bad_input() -> None:
         ("floor", 0.0, "floor must be a positive finite number, got 0.0"),
         ("lr", float("nan"), "lr must be a positive finite number, got nan"),
         ("image_channels", -1, "image_channels must be a non-negative integer, got -1"),
+        ("holdout", 1.0, r"holdout must be a share in \[0, 1\), got 1.0"),
     ],
 )
 def test_bad_options_are_named(option: str, value: object, match: str) -> None:

@@ -27,10 +27,13 @@ cross-entropy) with Adam on **patches**:
    docs/references.md) of ``n_patches`` of all candidates, cut with their halo. Every volume weighs the same,
    whatever its size. Memory is the reservoir plus one volume, whatever the number of volumes; a one-shot
    generator works;
-2. the global temperature of the reservoir's voxels (:class:`~segcal.posthoc.TemperatureScaling` on a seeded
-   subsample of at most 2¹⁷ of them) starts the map: ``f_θ``'s last layer starts at weight 0 and the bias giving
-   ``T(x) = T_global``, so training only learns the spatial deviation from global temperature scaling;
-3. ``epochs`` passes over the reservoir in shuffled minibatches of ``batch_size`` patches.
+2. a seeded ``holdout`` share of the patches (default 1/8) is held out; the global temperature of the other
+   patches' voxels (:class:`~segcal.posthoc.TemperatureScaling` on a seeded subsample of at most 2¹⁷ of them)
+   starts the map: ``f_θ``'s last layer starts at weight 0 and the bias giving ``T(x) = T_global``, so training
+   only learns the spatial deviation from global temperature scaling;
+3. ``epochs`` passes over the training patches in shuffled minibatches of ``batch_size`` patches; the weights
+   kept are those of the epoch with the lowest held-out NLL, the start (global temperature scaling, epoch 0)
+   included, so fitting the label noise of the patches cannot drift the map away from global TS unnoticed.
 
 Everything random (patch draws, reservoir, weights, shuffles) comes from ``seed``: a fit is deterministic.
 
@@ -149,20 +152,16 @@ class _Reservoir:
         self.seen = 0
         self.items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = []
 
-    def slots(self, n: int) -> dict[int, int]:
-        """Offer ``n`` candidates; ``{slot: candidate}`` of those kept (a later candidate replaces an earlier
-        one in the same slot)."""
+    def slots(self, n: int) -> list[int]:
+        """Offer ``n`` candidates (independent draws); the slots that receive one (a slot hit twice keeps the
+        later candidate, which is as random as the earlier one: the caller cuts one patch per slot)."""
         t = torch.arange(self.seen, self.seen + n, dtype=torch.float64)
-        draw = torch.floor(torch.rand(n, generator=self.gen, dtype=torch.float64) * (t + 1)).long()
+        draw = torch.floor(torch.rand(n, generator=self.gen, dtype=torch.float64) * (t + 1)).long().tolist()
+        kept = {i if i < self.size else j for i, j in zip(range(self.seen, self.seen + n), draw, strict=True)}
         self.seen += n
-        kept: dict[int, int] = {}
-        for i in range(n):
-            j = int(t[i]) if int(t[i]) < self.size else int(draw[i])
-            if j < self.size:
-                kept[j] = i
-        need = max(kept, default=-1) + 1 - len(self.items)
-        self.items.extend([None] * max(need, 0))
-        return kept
+        slots = sorted(j for j in kept if j < self.size)
+        self.items.extend([None] * max((slots[-1] + 1 if slots else 0) - len(self.items), 0))
+        return slots
 
 
 class LocalTemperatureScaling(Calibrator):
@@ -186,12 +185,14 @@ class LocalTemperatureScaling(Calibrator):
         epochs: passes over the reservoir.
         lr: Adam learning rate.
         floor: the smallest temperature ``T_min > 0``.
+        holdout: share of the patches held out to pick the epoch (0: keep the last epoch).
         chunk_voxels: voxels per chunk of ``transform`` (memory bound of inference).
         seed: seed of the patch draws, the initial weights and the shuffles.
 
     Learned attributes: ``net_`` (:class:`TemperatureNet`), ``spatial_dims_``, ``num_classes_``,
     ``initial_temperature_`` (the global temperature of the sampled patches); not saved: ``n_patches_`` (patches
-    trained on), ``losses_`` (mean loss per epoch).
+    sampled), ``losses_`` (mean training loss per epoch), ``held_out_losses_`` (held-out loss at the start and
+    after each epoch), ``best_epoch_`` (the epoch kept; 0 = global temperature scaling).
 
     Example:
         >>> lts = LocalTemperatureScaling(epochs=10).fit(val_logits, val_labels)   # (B, C, H, W), (B, H, W)
@@ -215,6 +216,7 @@ class LocalTemperatureScaling(Calibrator):
         epochs: int = 20,
         lr: float = 1e-2,
         floor: float = 0.05,
+        holdout: float = 0.125,
         chunk_voxels: int = 1 << 20,
         seed: int = 0,
     ) -> None:
@@ -229,6 +231,7 @@ class LocalTemperatureScaling(Calibrator):
         self.epochs = epochs
         self.lr = lr
         self.floor = floor
+        self.holdout = holdout
         self.chunk_voxels = chunk_voxels
         self.seed = seed
 
@@ -255,6 +258,8 @@ class LocalTemperatureScaling(Calibrator):
         for name, value in (("lr", self.lr), ("floor", self.floor)):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        if not (isinstance(self.holdout, (int, float)) and 0 <= self.holdout < 1):
+            raise ValueError(f"holdout must be a share in [0, 1), got {self.holdout!r}")
 
     def _make_net(self, num_classes: int, spatial_dims: int, init_temperature: float = 1.0) -> TemperatureNet:
         return TemperatureNet(
@@ -384,7 +389,7 @@ class LocalTemperatureScaling(Calibrator):
             centres = _nth_valid(valid, ranks)
             x = self._inputs(logits[b], None if image is None else image[b])
             y = onehot[b].to(torch.uint8)
-            for (slot, _), flat in zip(kept.items(), centres.tolist(), strict=True):
+            for slot, flat in zip(kept, centres.tolist(), strict=True):
                 starts = []
                 for n in reversed(shape):
                     c = flat % n
@@ -416,29 +421,73 @@ class LocalTemperatureScaling(Calibrator):
         h = self.depth * (self.kernel_size // 2)
         centre = (slice(None), slice(0, num_classes)) + (slice(h, x.shape[-1] - h),) * self.spatial_dims_
         z = x[centre]  # the logits (centred in exclusive mode: same softmax) of the loss voxels
-        t0 = self._global_temperature(z, y.float(), w)
+        gen = torch.Generator().manual_seed(int(self.seed) + 1)
+        fit_idx, held_idx = self._split(x.shape[0], gen)
+        t0 = self._global_temperature(z[fit_idx], y[fit_idx].float(), w[fit_idx])
         self.initial_temperature_ = float(t0)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(self.seed))
             net = self._make_net(num_classes, self.spatial_dims_, t0)
-        gen = torch.Generator().manual_seed(int(self.seed) + 1)
         opt = torch.optim.Adam(net.parameters(), lr=self.lr)
         self.losses_: list[float] = []
-        for _ in range(self.epochs):
-            order = torch.randperm(x.shape[0], generator=gen)
-            total, n = 0.0, 0
-            for s in range(0, x.shape[0], self.batch_size):
-                idx = order[s : s + self.batch_size]
-                opt.zero_grad()
-                loss = voxel_loss(z[idx] / net(x[idx]), y[idx].float(), w[idx], self.mode)
-                loss.backward()
-                opt.step()
-                total += float(loss.detach()) * idx.numel()
-                n += idx.numel()
-            self.losses_.append(total / n)
+        self.held_out_losses_: list[float] = []
+        best: tuple[float, dict[str, torch.Tensor]] | None = None
+        for epoch in range(self.epochs + 1):
+            if epoch > 0:
+                self.losses_.append(self._epoch(net, opt, (x, z, y, w), fit_idx, gen))
+            if held_idx.numel():
+                loss = self._held_out_loss(net, (x, z, y, w), held_idx)
+                self.held_out_losses_.append(loss)
+                if best is None or loss < best[0]:
+                    best = (loss, {k: v.clone() for k, v in net.state_dict().items()})
+                    self.best_epoch_ = epoch
+        if best is None:
+            self.best_epoch_ = self.epochs
+        else:
+            net.load_state_dict(best[1])
         net.eval().requires_grad_(False)
         self.net_ = net
         self.n_patches_ = x.shape[0]
+
+    def _split(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(training patches, held-out patches)``: a seeded ``holdout`` share (at least one patch when
+        ``holdout > 0``; none with fewer than two patches)."""
+        perm = torch.randperm(n, generator=gen)
+        n_held = 0 if self.holdout == 0 or n < 2 else min(max(int(n * self.holdout), 1), n - 1)
+        return perm[n_held:], perm[:n_held]
+
+    def _epoch(
+        self,
+        net: TemperatureNet,
+        opt: torch.optim.Optimizer,
+        patches: tuple[torch.Tensor, ...],
+        fit_idx: torch.Tensor,
+        gen: torch.Generator,
+    ) -> float:
+        """One pass over the training patches in shuffled minibatches; the mean training loss."""
+        x, z, y, w = patches
+        order = fit_idx[torch.randperm(fit_idx.numel(), generator=gen)]
+        total = 0.0
+        for s in range(0, order.numel(), self.batch_size):
+            idx = order[s : s + self.batch_size]
+            opt.zero_grad()
+            loss = voxel_loss(z[idx] / net(x[idx]), y[idx].float(), w[idx], self.mode)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * idx.numel()
+        return total / order.numel()
+
+    def _held_out_loss(self, net: TemperatureNet, patches: tuple[torch.Tensor, ...], idx: torch.Tensor) -> float:
+        """Mean loss over the valid voxels of the held-out patches."""
+        x, z, y, w = patches
+        total, count = 0.0, 0.0
+        with torch.no_grad():
+            for s in range(0, idx.numel(), self.batch_size):
+                b = idx[s : s + self.batch_size]
+                m = float(w[b].sum())
+                total += float(voxel_loss(z[b] / net(x[b]), y[b].float(), w[b], self.mode)) * m
+                count += m
+        return total / max(count, 1.0)
 
     # ----------------------------------------------------------------------------------------- inference
     def temperature_map(self, logits: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
@@ -499,6 +548,7 @@ class LocalTemperatureScaling(Calibrator):
             "epochs": self.epochs,
             "lr": self.lr,
             "floor": self.floor,
+            "holdout": self.holdout,
             "chunk_voxels": self.chunk_voxels,
             "seed": self.seed,
             "spatial_dims_": self.spatial_dims_,
