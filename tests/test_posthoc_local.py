@@ -31,7 +31,7 @@ from segcal.posthoc import (
 
 torch.set_num_threads(1)
 
-SMALL = {"epochs": 3, "n_patches": 16, "patch_size": 12}  # enough to exercise the machinery, not to calibrate
+SMALL = {"epochs": 3, "max_patches": 16, "patch_size": 12}  # enough to exercise the machinery, not to calibrate
 
 
 def planted(
@@ -85,7 +85,7 @@ def test_local_beats_global_on_a_planted_spatial_temperature(shape: tuple[int, .
     zv, yv, _, _ = planted(n, shape, seed=0, t_boundary=2.5, t_inside=0.5)
     zt, yt, ut, t_true = planted(n, shape, seed=1, t_boundary=2.5, t_inside=0.5)
     ts = TemperatureScaling().fit(zv, yv)
-    lts = LocalTemperatureScaling(epochs=10, n_patches=64, patch_size=patch).fit(zv, yv)
+    lts = LocalTemperatureScaling(epochs=10, max_patches=64, patch_size=patch).fit(zv, yv)
     p_ts, p_lts, oracle = ts.transform(zt), lts.transform(zt), torch.softmax(ut, 1)
     nll_ts, nll_lts, nll_oracle = _nll(p_ts, yt), _nll(p_lts, yt), _nll(oracle, yt)
     # one temperature cannot fix both regimes: global TS stays far from the oracle, local TS closes most of the gap
@@ -109,7 +109,7 @@ def test_a_constant_planted_temperature_gives_global_temperature_scaling(planted
     zv, yv, _, _ = planted(8, (40, 40), seed=2, t_boundary=planted_t, t_inside=planted_t)
     zt, yt, _, _ = planted(8, (40, 40), seed=3, t_boundary=planted_t, t_inside=planted_t)
     ts = TemperatureScaling().fit(zv, yv)
-    lts = LocalTemperatureScaling(epochs=10, n_patches=64, patch_size=24).fit(zv, yv)
+    lts = LocalTemperatureScaling(epochs=10, max_patches=64, patch_size=24).fit(zv, yv)
     p_ts, p_lts = ts.transform(zt), lts.transform(zt)
     assert abs(_nll(p_lts, yt) - _nll(p_ts, yt)) < 0.01
     assert abs(_ace(p_lts, yt) - _ace(p_ts, yt)) < 0.01
@@ -135,7 +135,7 @@ def test_argmax_is_kept_and_probabilities_are_softmax_of_z_over_t() -> None:
 def test_multilabel_sigmoid_of_z_over_t_keeps_every_channel_decision() -> None:
     z, y = phantom(n=6, c=2, shape=(32, 32), seed=5, mode="multilabel")
     over = z * 2.5
-    lts = LocalTemperatureScaling(mode="multilabel", epochs=10, n_patches=64, patch_size=16).fit(over, y)
+    lts = LocalTemperatureScaling(mode="multilabel", epochs=10, max_patches=64, patch_size=16).fit(over, y)
     t = lts.temperature_map(over)
     p = lts.transform(over)
     assert torch.allclose(p, torch.sigmoid(over / t), atol=1e-6)
@@ -147,7 +147,7 @@ def test_multilabel_sigmoid_of_z_over_t_keeps_every_channel_decision() -> None:
 @cache
 def _fitted_2d() -> LocalTemperatureScaling:
     z, y, _, _ = planted(4, (24, 24), seed=17, t_boundary=2.5, t_inside=0.5)
-    return LocalTemperatureScaling(epochs=3, n_patches=32, patch_size=12, floor=0.1).fit(z, y)
+    return LocalTemperatureScaling(epochs=3, max_patches=32, patch_size=12, floor=0.1).fit(z, y)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -186,7 +186,7 @@ def test_property_argmax_floor_and_chunks_on_random_and_adversarial_logits(
 @pytest.mark.parametrize("shape", [(23, 19), (9, 11, 13)], ids=["2d", "3d"])
 def test_chunked_inference_equals_the_whole_volume(shape: tuple[int, ...]) -> None:
     z, y = phantom(n=2, c=3, shape=shape, seed=6)
-    lts = LocalTemperatureScaling(kernel_size=3, depth=2, epochs=2, n_patches=8, patch_size=8).fit(z * 2, y)
+    lts = LocalTemperatureScaling(kernel_size=3, depth=2, epochs=2, max_patches=8, patch_size=8).fit(z * 2, y)
     h = lts.net_.halo
     assert h == 2
     # reference: the whole volume zero-padded by the halo, one pass of the network
@@ -200,7 +200,7 @@ def test_chunked_inference_equals_the_whole_volume(shape: tuple[int, ...]) -> No
 def test_patches_are_bounded_and_seeded_and_streaming_equals_tensor() -> None:
     z, y = phantom(n=6, c=3, shape=(24, 24), seed=7)
     ref = LocalTemperatureScaling(**SMALL, seed=3).fit(z, y)
-    assert ref.n_patches_ == 16  # the reservoir: n_patches, not n_patches per volume
+    assert ref.n_patches_ == 16  # the reservoir: max_patches, not max_patches per volume
     many = LocalTemperatureScaling(**SMALL, seed=3).fit([(z[i % 6], y[i % 6]) for i in range(30)])
     assert many.n_patches_ == 16
     listed = LocalTemperatureScaling(**SMALL, seed=3).fit([(z[i], y[i]) for i in range(6)])
@@ -209,19 +209,19 @@ def test_patches_are_bounded_and_seeded_and_streaming_equals_tensor() -> None:
     assert ref.losses_ == listed.losses_
     other = LocalTemperatureScaling(**SMALL, seed=4).fit(z, y)
     assert not _states_equal(ref, other)
-    few = LocalTemperatureScaling(epochs=1, n_patches=40, patch_size=8).fit(z[:1], y[:1])
-    assert few.n_patches_ == 40  # one volume offers n_patches candidates
+    few = LocalTemperatureScaling(epochs=1, max_patches=40, patch_size=8).fit(z[:1], y[:1])
+    assert few.n_patches_ == 40  # one volume offers max_patches candidates
 
 
 def test_the_epoch_kept_is_the_best_on_the_held_out_patches() -> None:
     z, y, _, _ = planted(4, (24, 24), seed=19, t_boundary=2.5, t_inside=0.5)
-    lts = LocalTemperatureScaling(epochs=4, n_patches=32, patch_size=12).fit(z, y)
+    lts = LocalTemperatureScaling(epochs=4, max_patches=32, patch_size=12).fit(z, y)
     assert len(lts.held_out_losses_) == 5 and len(lts.losses_) == 4
     assert lts.best_epoch_ == int(np.argmin(lts.held_out_losses_))
-    last = LocalTemperatureScaling(epochs=4, n_patches=32, patch_size=12, holdout=0).fit(z, y)
+    last = LocalTemperatureScaling(epochs=4, max_patches=32, patch_size=12, holdout=0).fit(z, y)
     assert last.held_out_losses_ == [] and last.best_epoch_ == 4
     # the start is global temperature scaling: with steps too small to move, T(x) is the global T everywhere
-    start = LocalTemperatureScaling(epochs=1, n_patches=32, patch_size=12, lr=1e-12).fit(z, y)
+    start = LocalTemperatureScaling(epochs=1, max_patches=32, patch_size=12, lr=1e-12).fit(z, y)
     t = start.temperature_map(z)
     assert torch.allclose(t, torch.full_like(t, start.initial_temperature_), rtol=1e-4)
 
@@ -247,7 +247,7 @@ def test_the_image_as_extra_input_channels() -> None:
     image = F.interpolate((torch.rand(8, 1, 4, 4, generator=g) > 0.5).float(), size=(32, 32), mode="nearest")
     z = u * torch.where(image > 0.5, 2.5, 0.5)
     fit, held = slice(0, 6), slice(6, 8)
-    kw = {"epochs": 10, "n_patches": 128, "patch_size": 16}
+    kw = {"epochs": 10, "max_patches": 128, "patch_size": 16}
     with_image = LocalTemperatureScaling(image_channels=1, **kw).fit(z[fit], y[fit], images=image[fit])
     without = LocalTemperatureScaling(**kw).fit(z[fit], y[fit])
     nll_image = _nll(with_image.transform(z[held], images=image[held]), y[held])
@@ -348,7 +348,7 @@ def test_bad_input() -> None:
     [
         ("kernel_size", 4, "kernel_size must be a positive odd integer, got 4"),
         ("epochs", 0, "epochs must be a positive integer, got 0"),
-        ("n_patches", -1, "n_patches must be a positive integer, got -1"),
+        ("max_patches", -1, "max_patches must be a positive integer, got -1"),
         ("patch_size", 0, "patch_size must be a positive integer, got 0"),
         ("floor", 0.0, "floor must be a positive finite number, got 0.0"),
         ("lr", float("nan"), "lr must be a positive finite number, got nan"),

@@ -21,10 +21,10 @@ give the same ``T(x)``.
 Fitting (``fit``) minimises the NLL (exclusive: cross-entropy of ``softmax(z / T)``; multilabel: mean binary
 cross-entropy) with Adam on **patches**:
 
-1. one pass over the volumes draws ``n_patches`` candidate patches per volume (``patch_size`` per axis, centred
+1. one pass over the volumes draws ``max_patches`` candidate patches per volume (``patch_size`` per axis, centred
    on a uniformly drawn voxel inside the mask, moved inside the volume where it fits; each volume of a batch
    counts as one volume) and keeps a seeded uniform reservoir sample (Vitter 1985, algorithm R;
-   docs/references.md) of ``n_patches`` of all candidates, cut with their halo. Every volume weighs the same,
+   docs/references.md) of ``max_patches`` of all candidates, cut with their halo. Every volume weighs the same,
    whatever its size. Memory is the reservoir plus one volume, whatever the number of volumes; a one-shot
    generator works;
 2. a seeded ``holdout`` share of the patches (default 1/8) is held out; the global temperature of the other
@@ -180,7 +180,7 @@ class LocalTemperatureScaling(Calibrator):
         image_channels: channels of the image given as extra input (0: logits only; then ``fit`` and
             ``transform`` take ``images=``).
         patch_size: edge of the cubic / square training patches (default 48 in 2D, 16 in 3D).
-        n_patches: patches in the training reservoir (and candidates drawn per volume).
+        max_patches: patches in the training reservoir (and candidates drawn per volume).
         batch_size: patches per Adam step.
         epochs: passes over the reservoir.
         lr: Adam learning rate.
@@ -211,7 +211,7 @@ class LocalTemperatureScaling(Calibrator):
         hidden: int = 8,
         image_channels: int = 0,
         patch_size: int | None = None,
-        n_patches: int = 256,
+        max_patches: int = 256,
         batch_size: int = 16,
         epochs: int = 20,
         lr: float = 1e-2,
@@ -226,7 +226,7 @@ class LocalTemperatureScaling(Calibrator):
         self.hidden = hidden
         self.image_channels = image_channels
         self.patch_size = patch_size
-        self.n_patches = n_patches
+        self.max_patches = max_patches
         self.batch_size = batch_size
         self.epochs = epochs
         self.lr = lr
@@ -243,7 +243,7 @@ class LocalTemperatureScaling(Calibrator):
         positive = {
             "depth": self.depth,
             "hidden": self.hidden,
-            "n_patches": self.n_patches,
+            "max_patches": self.max_patches,
             "batch_size": self.batch_size,
             "epochs": self.epochs,
             "chunk_voxels": self.chunk_voxels,
@@ -347,7 +347,7 @@ class LocalTemperatureScaling(Calibrator):
                 if lg.ndim - 2 not in (2, 3):
                     raise ValueError(f"volume {i}: logits must have 2 or 3 spatial dims, got {lg.ndim - 2}")
                 self.spatial_dims_ = lg.ndim - 2
-                reservoir = _Reservoir(self.n_patches, gen)
+                reservoir = _Reservoir(self.max_patches, gen)
             elif lg.ndim - 2 != self.spatial_dims_:
                 raise ValueError(f"volume {i}: expected {self.spatial_dims_}D logits, got {lg.ndim - 2}D")
             img = self._check_image(image, lg, f"volume {i}: ")
@@ -373,7 +373,7 @@ class LocalTemperatureScaling(Calibrator):
         mask: torch.Tensor | None,
         image: torch.Tensor | None,
     ) -> None:
-        """Offer ``n_patches`` candidate patches of each volume of the batch to the reservoir; cut the kept ones
+        """Offer ``max_patches`` candidate patches of each volume of the batch to the reservoir; cut the kept ones
         (inputs with their halo, one-hot targets as bytes, the valid voxels)."""
         p, h = self._edge(), self.depth * (self.kernel_size // 2)
         shape = list(logits.shape[2:])
@@ -382,7 +382,7 @@ class LocalTemperatureScaling(Calibrator):
             n_valid = int(valid.sum())
             if n_valid == 0:
                 continue
-            kept = reservoir.slots(self.n_patches)
+            kept = reservoir.slots(self.max_patches)
             if not kept:
                 continue
             ranks = torch.randint(n_valid, (len(kept),), generator=reservoir.gen)
@@ -543,7 +543,7 @@ class LocalTemperatureScaling(Calibrator):
             "hidden": self.hidden,
             "image_channels": self.image_channels,
             "patch_size": self.patch_size,
-            "n_patches": self.n_patches,
+            "max_patches": self.max_patches,
             "batch_size": self.batch_size,
             "epochs": self.epochs,
             "lr": self.lr,
