@@ -101,11 +101,12 @@ def test_local_beats_global_on_a_planted_spatial_temperature(shape: tuple[int, .
 @pytest.mark.parametrize("planted_t", [2.0, 0.5])
 def test_a_constant_planted_temperature_gives_global_temperature_scaling(planted_t: float) -> None:
     """Tolerance: the map starts at the global temperature and can only drift by fitting the label noise of the
-    ~37 000 sampled voxels with ~820 weights. The held-out NLL of the oracle (the true posterior) is about 0.39;
-    the drift costs local TS about 0.001 nats over global TS, and we allow 0.01 (2.5 % of the NLL). ACE with 15
-    bins on 12 800 voxels has a noise floor of about 0.02 (the oracle's own ACE); we allow a 0.01 difference. The
-    map's mean must be within 5 % of the global temperature (the planted one within the 5 % of
-    tests/test_posthoc.py)."""
+    ~32 000 training voxels (56 patches of 24², 8 held out) with ~820 weights; the held-out patches pick the
+    epoch. The held-out NLL of the oracle (the true posterior) is about 0.39; over seeds and planted T in
+    {0.5, 1, 2, 3} the drift cost local TS at most 0.001 nats over global TS, and we allow 0.01 (2.5 % of the
+    NLL). ACE with 15 bins on 12 800 voxels has a noise floor of about 0.02 (the oracle's own ACE); the measured
+    difference was at most 0.0031 and we allow 0.01. The map's mean must be within 5 % of the global temperature
+    (measured: 2.5 %; the tolerance of the planted-temperature recovery in tests/test_posthoc.py)."""
     zv, yv, _, _ = planted(8, (40, 40), seed=2, t_boundary=planted_t, t_inside=planted_t)
     zt, yt, _, _ = planted(8, (40, 40), seed=3, t_boundary=planted_t, t_inside=planted_t)
     ts = TemperatureScaling().fit(zv, yv)
