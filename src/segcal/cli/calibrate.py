@@ -67,6 +67,7 @@ class Method(str, Enum):
     matrix = "matrix"
     dirichlet = "dirichlet"
     aux = "aux"
+    lts = "lts"
 
 
 class PredKind(str, Enum):
@@ -147,6 +148,7 @@ def _make_calibrator(
     from segcal.posthoc import (
         AuxiliaryConvCalibrator,
         DirichletScaling,
+        LocalTemperatureScaling,
         MatrixScaling,
         TemperatureScaling,
         VectorScaling,
@@ -154,6 +156,8 @@ def _make_calibrator(
 
     scaling = {Method.ts: TemperatureScaling, Method.vector: VectorScaling, Method.matrix: MatrixScaling,
                Method.dirichlet: DirichletScaling}
+    if method == Method.lts:
+        return LocalTemperatureScaling(mode=mode, kernel_size=kernel_size, epochs=epochs, seed=seed)
     if method in scaling:
         return scaling[method](mode=mode, max_voxels=max_voxels or None, seed=seed)
     return AuxiliaryConvCalibrator(mode=mode, kernel_size=kernel_size, epochs=epochs, seed=seed)
@@ -341,7 +345,8 @@ def calibrate(
         Method.ts,
         "--method",
         help="ts (temperature), vector (per-class / Platt), matrix (W z + b), dirichlet (W log p + b; both "
-        "exclusive mode only) or aux (k×k(×k) conv on the logits).",
+        "exclusive mode only), aux (k×k(×k) conv on the logits) or lts (local temperature scaling: a per-voxel "
+        "temperature from a small conv net).",
     ),
     val_pred: Path = typer.Option(
         ..., "--val-pred", help="Folder of validation predictions (logits or probabilities, see --pred-kind)."
@@ -376,8 +381,8 @@ def calibrate(
         help="ts/vector/matrix/dirichlet: fit on a seeded uniform sample of this many voxels over all validation "
         "volumes (0 = every voxel, re-read from disk in each optimiser pass).",
     ),
-    kernel_size: int = typer.Option(5, help="Kernel size of the aux conv."),
-    epochs: int = typer.Option(20, help="Epochs for the aux conv."),
+    kernel_size: int = typer.Option(5, help="Kernel size of the aux conv and of the lts network's convolutions."),
+    epochs: int = typer.Option(20, help="Epochs for the aux conv and lts."),
     seed: int = typer.Option(0, help="Seed of voxel subsampling / training."),
     save_calibrator: Path | None = typer.Option(None, help="Also save the fitted calibrator to this file."),
 ) -> None:

@@ -10,6 +10,7 @@ from segcal.posthoc.ensemble import (
     ensemble_probabilities,
     ensemble_size_study,
 )
+from segcal.posthoc.local import LocalTemperatureScaling
 from segcal.posthoc.mc_dropout import (
     MCDropout,
     insert_dropout,
@@ -26,6 +27,7 @@ __all__ = [
     "ConformalRiskControl",
     "DirichletScaling",
     "LastLayerFineTuner",
+    "LocalTemperatureScaling",
     "MCDropout",
     "MatrixScaling",
     "NotFittedError",
