@@ -24,6 +24,7 @@ label map or one-hot; sums are float64. Guide: docs/integrations/monai.md.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from numbers import Number
 from pathlib import Path
@@ -70,7 +71,8 @@ _REDUCTIONS = {
     ("expected", "l2"): "ece_l2",
     ("average", "l2"): "ace_l2",
 }
-_FIELDS = tuple(CaseStatistics.__dataclass_fields__)
+#: the statistics every call computes (the optional peers-group fields, None here, stay out of MONAI's buffers)
+_FIELDS = tuple(f.name for f in dataclasses.fields(CaseStatistics) if f.default is dataclasses.MISSING)
 #: metrics a MONAI metric object can return (MAE needs a soft reference, which MONAI's call has no slot for)
 _NAMES = tuple(n for n in (*CLASS_METRICS, *CASE_METRICS) if n != "mae")
 
