@@ -15,7 +15,7 @@ import itertools
 import json
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,17 @@ from segcal.io.runs import read_case_metrics
 from segcal.io.sidecar import FolderInfo, PredictionKind, write_folder_info
 from segcal.metrics import MetricResult, SegmentationCalibrationMetric
 from segcal.plots import ensemble_size_curve, entropy_dice_scatter, quality_scatter
-from segcal.posthoc import TemperatureScaling, ensemble_probabilities, ensemble_size_study
+from segcal.posthoc import (
+    AuxiliaryConvCalibrator,
+    Calibrator,
+    DirichletScaling,
+    LocalTemperatureScaling,
+    MatrixScaling,
+    TemperatureScaling,
+    VectorScaling,
+    ensemble_probabilities,
+    ensemble_size_study,
+)
 from segcal.posthoc.mc_dropout import insert_dropout_unet, mc_predict
 from segcal.report import build_comparison_report
 from segcal.report.html import ReportFigure, Section, Table, render_html
@@ -427,15 +437,41 @@ def _member_probs(
     return [first] + [_softmax_logits(models[f"dice_member{k}"], images) for k in range(1, n)]
 
 
+#: the post-hoc calibrators ``segcal demo --calibrators`` fits on the Dice model's validation logits, next to the
+#: temperature scaling of every model (docs/posthoc.md); each becomes a run ``dice+<name>`` of the comparison
+DEMO_CALIBRATORS: dict[str, Callable[[int], Calibrator]] = {
+    "vector": lambda seed: VectorScaling(seed=seed),
+    "matrix": lambda seed: MatrixScaling(seed=seed),
+    "dirichlet": lambda seed: DirichletScaling(seed=seed),
+    "aux": lambda seed: AuxiliaryConvCalibrator(seed=seed),
+    "lts": lambda seed: LocalTemperatureScaling(seed=seed),
+}
+
+
+def check_demo_calibrators(names: Sequence[str]) -> tuple[str, ...]:
+    """``names`` as a tuple, each one of :data:`DEMO_CALIBRATORS` (else a ``ValueError`` naming the valid ones)."""
+    unknown = [n for n in names if n not in DEMO_CALIBRATORS]
+    if unknown:
+        raise ValueError(f"unknown calibrator(s) {', '.join(unknown)}; choose from {', '.join(DEMO_CALIBRATORS)}")
+    return tuple(dict.fromkeys(names))
+
+
 def predict_all(
-    models: dict[str, torch.nn.Module], data: DemoData, size: DemoSize, seed: int, console: Console | None = None
+    models: dict[str, torch.nn.Module],
+    data: DemoData,
+    size: DemoSize,
+    seed: int,
+    console: Console | None = None,
+    calibrators: Sequence[str] = (),
 ) -> DemoPredictions:
     """Probabilities of every predictor, in this order: each loss and its temperature-scaled version, the Dice
-    ensemble, MC dropout, then on the shifted set the Dice model, its ensemble and Dice + hard mL1-ACE."""
+    model calibrated by each of ``calibrators`` (:data:`DEMO_CALIBRATORS`, fitted on its validation logits), the
+    Dice ensemble, MC dropout, then on the shifted set the Dice model, its ensemble and Dice + hard mL1-ACE."""
     x_te, x_sh, val = data.x_test, data.x_shifted, data.dataset.val
     probs: dict[str, torch.Tensor] = {}
     temperatures: dict[str, float] = {}
-    with _stage_bar(console, "predicting and fitting temperatures", len(LOSSES) + 3) as step:
+    calibrators = check_demo_calibrators(calibrators)
+    with _stage_bar(console, "predicting and fitting temperatures", len(LOSSES) + len(calibrators) + 3) as step:
         for name, _ in LOSSES:
             lg = _logits(models[name], x_te)
             probs[name] = torch.softmax(lg, 1)
@@ -444,6 +480,13 @@ def predict_all(
             temperatures[name] = float(ts_model.temperature_)
             probs[f"{name}+ts"] = ts_model.transform(lg)
             step(name)
+        if calibrators:
+            val_logits = _logits(models["dice"], torch.as_tensor(val.images))
+            test_logits = _logits(models["dice"], x_te)
+        for method in calibrators:
+            cal = DEMO_CALIBRATORS[method](seed).fit(val_logits, torch.as_tensor(val.labels))
+            probs[f"dice+{method}"] = cal.transform(test_logits)
+            step(f"dice+{method}")
         m = size.ensemble_members
         members = _member_probs(models, probs["dice"], x_te, m)
         probs[f"dice_ensemble{m}"] = ensemble_probabilities(members)
@@ -579,6 +622,7 @@ def run_full_demo(
     num_bins: int = 20,
     epochs: int | None = None,
     shift: tuple[str, int] = ("noise", 3),
+    calibrators: Sequence[str] = (),
 ) -> dict:
     """The full ``segcal demo``: train, calibrate, ensemble, evaluate, compare, report (see docs/demo.md).
 
@@ -608,13 +652,14 @@ def run_full_demo(
     with clock.stage("training"):
         trained = train_models(console, data, output, size, n_epochs, seed)
     with clock.stage("prediction"):
-        preds = predict_all(trained.models, data, size, seed, console)
+        preds = predict_all(trained.models, data, size, seed, console, calibrators)
     with clock.stage("evaluation"):
         evals = evaluate_all(preds.probs, data, output, num_bins, console)
     with clock.stage("reports"):
         comparisons = compare_all(evals.run_dirs, output, console)
         settings = {"quick": quick, "seed": seed, "num_bins": num_bins, "epochs": n_epochs,
-                    "size": size.__dict__ | {"epochs": n_epochs}, "shift": list(shift)}
+                    "size": size.__dict__ | {"epochs": n_epochs}, "shift": list(shift),
+                    "calibrators": list(calibrators)}
         summary = build_summary(settings, trained, preds, evals, comparisons)
     # the reference section's predictors (scored against hard labels and the soft reference), in the report
     with clock.stage("reference_predictors"):
@@ -816,7 +861,13 @@ def _write_demo_report(output: Path, summary: dict, summaries: dict[str, dict], 
 
 
 def run_demo(
-    output: Path, *, quick: bool = False, seed: int = 0, num_bins: int = 20, epochs: int | None = None
+    output: Path,
+    *,
+    quick: bool = False,
+    seed: int = 0,
+    num_bins: int = 20,
+    epochs: int | None = None,
+    calibrators: Sequence[str] = (),
 ) -> dict:
     """``segcal demo``: the full pipeline (:func:`run_full_demo`)."""
-    return run_full_demo(output, quick=quick, seed=seed, num_bins=num_bins, epochs=epochs)
+    return run_full_demo(output, quick=quick, seed=seed, num_bins=num_bins, epochs=epochs, calibrators=calibrators)
