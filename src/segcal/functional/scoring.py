@@ -17,7 +17,9 @@ Bins: ``M`` equal-width bins, bin ``k`` = ``(k/M, (k+1)/M]`` (``closed="right"``
 :mod:`segcal.functional.binning`). Metric definitions: marginal ECE/ACE/MCE and their L2 forms from
 :func:`~segcal.functional.calibration.calibration_errors` (Naeini et al. 2015; Nixon et al. 2019; the marginal
 class-wise form of Barfoot et al. 2024, docs/references.md), NLL and Brier as in Mehrtash et al. 2020
-(eqs. 3-4), overlap scores from the confusion counts, HD95 with MONAI's surface distances.
+(eqs. 3-4), overlap scores from the confusion counts, the surface metrics HD95, HD, ASSD and NSD of
+:mod:`segcal.functional.surface` (equal to MONAI's; a structure absent from both masks scores 0.0 / NSD 1.0, see
+:func:`segcal.functional.overlap.surface_scores`).
 """
 
 from __future__ import annotations
@@ -47,12 +49,14 @@ from segcal.functional.inputs import (
     region_probabilities,
     region_targets,
 )
-from segcal.functional.overlap import confusion_counts, hausdorff_distance_95, overlap_scores
+from segcal.functional.overlap import confusion_counts, overlap_scores, surface_scores
+from segcal.functional.surface import SURFACE_METRICS, check_surface_metrics
 
 __all__ = [
     "CASE_METRICS",
     "CLASS_METRICS",
     "METRICS",
+    "SURFACE_FIELDS",
     "CaseStatistics",
     "MetricSpec",
     "TargetError",
@@ -68,12 +72,12 @@ class MetricSpec:
 
     ``per``: ``"class"`` (one value per kept channel) or ``"case"`` (one value per image). ``source``: the
     statistic it derives from. ``pooled``: whether a dataset-level (micro) value exists, computed from the
-    summed statistics of all images (HD95 has none: it is not a sum).
+    summed statistics of all images (the surface metrics have none: a distance is not a sum).
     """
 
     name: str
     per: Literal["class", "case"]
-    source: Literal["counts", "bins", "top", "brier", "mae", "nll", "hd95"]
+    source: Literal["counts", "bins", "top", "brier", "mae", "nll", "hd95", "surface"]
     pooled: bool
     description: str
 
@@ -93,6 +97,9 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("precision", "class", "counts", True, "positive predictive value"),
     MetricSpec("recall", "class", "counts", True, "sensitivity"),
     MetricSpec("hd95", "class", "hd95", False, "95th-percentile Hausdorff distance (mm with the spacing)"),
+    MetricSpec("hd", "class", "surface", False, "Hausdorff distance, the maximum surface distance (mm)"),
+    MetricSpec("assd", "class", "surface", False, "average symmetric surface distance (mm)"),
+    MetricSpec("nsd", "class", "surface", False, "normalised surface Dice at the run's tolerance in mm"),
     *(MetricSpec(k, "class", "bins", True, f"marginal {v}") for k, v in _CE.items()),
     MetricSpec("brier", "class", "brier", True, "mean squared error of the class probability"),
     MetricSpec("mae", "class", "mae", True, "mean absolute error against a soft reference"),
@@ -101,6 +108,8 @@ METRICS: tuple[MetricSpec, ...] = (
 )
 #: per-class metric names (in schema order)
 CLASS_METRICS: tuple[str, ...] = tuple(m.name for m in METRICS if m.per == "class")
+#: the :class:`CaseStatistics` fields holding surface metrics (one per metric of the same name; not sums)
+SURFACE_FIELDS: tuple[str, ...] = SURFACE_METRICS
 #: per-case metric names (in schema order)
 CASE_METRICS: tuple[str, ...] = tuple(m.name for m in METRICS if m.per == "case")
 
@@ -116,8 +125,9 @@ class CaseStatistics:
     ``bins`` ``(B, C, 3, M)`` marginal bin sums (count, Σp, Σy) of the kept channels; ``top`` ``(B, 1, 3, M)``
     top-label bin sums; ``counts`` ``(B, C, 3)`` tp / fp / fn; ``brier_sum`` / ``mae_sum`` ``(B, C)`` sums of the
     per-voxel squared / absolute errors (``mae_sum`` NaN without a soft reference); ``nll_sum`` ``(B,)``;
-    ``n_voxels`` ``(B,)`` voxels scored (inside the mask); ``hd95`` ``(B, C)`` (NaN when not computed).
-    Images merge by concatenation (:meth:`cat`); the pooled values sum over images.
+    ``n_voxels`` ``(B,)`` voxels scored (inside the mask); ``hd95``, ``hd``, ``assd``, ``nsd`` ``(B, C)`` the
+    surface metrics (NaN when not computed; statistics stored before ``hd`` / ``assd`` / ``nsd`` existed read
+    back with NaN there). Images merge by concatenation (:meth:`cat`); the pooled values sum over images.
     """
 
     bins: torch.Tensor
@@ -128,6 +138,9 @@ class CaseStatistics:
     nll_sum: torch.Tensor
     n_voxels: torch.Tensor
     hd95: torch.Tensor
+    hd: torch.Tensor
+    assd: torch.Tensor
+    nsd: torch.Tensor
 
     def __len__(self) -> int:
         return int(self.bins.shape[0])
@@ -157,6 +170,12 @@ class CaseStatistics:
 
     @staticmethod
     def from_numpy(arrays: dict[str, np.ndarray]) -> CaseStatistics:
+        """From :meth:`to_numpy`'s arrays; a surface metric other than HD95 that is missing (statistics stored
+        before it existed) is NaN."""
+        arrays = dict(arrays)
+        for name in SURFACE_FIELDS:
+            if name not in arrays and "hd95" in arrays:
+                arrays[name] = np.full(np.shape(arrays["hd95"]), np.nan)
         return CaseStatistics(**{f.name: torch.as_tensor(np.asarray(arrays[f.name], np.float64)) for f in _FIELDS})
 
 
@@ -252,6 +271,8 @@ def case_statistics(
     spacing: Sequence[float] | None = None,
     closed: Closed = "right",
     check: bool = True,
+    surface: Sequence[str] = (),
+    nsd_tolerance_mm: float | Sequence[float] = 1.0,
 ) -> CaseStatistics:
     """The statistics of every metric of each image of ``probs`` ``(B, C, *spatial)`` (probabilities).
 
@@ -269,6 +290,9 @@ def case_statistics(
         reference: optional soft reference ``(B, C, *spatial)`` in [0, 1] (e.g. the mean of several
             annotators): bins, Brier and NLL are computed against it, and the MAE is filled.
         hd95: compute the 95th-percentile Hausdorff distance (whole image, ``spacing`` in mm).
+        surface: surface metrics to compute besides (``"hd95"``, ``"hd"``, ``"assd"``, ``"nsd"``; whole image,
+            mm; :func:`segcal.functional.overlap.surface_scores`), all from one set of distances per class.
+        nsd_tolerance_mm: the NSD tolerance in mm, one for every kept channel or one per kept channel.
         check: validate the inputs (a bad target raises :class:`TargetError`, a bad prediction ``ValueError``).
 
     Returns:
@@ -303,10 +327,12 @@ def case_statistics(
     if reference is not None:
         mae = _mae(probs, reference, ib, mode, regions, mask)
         mae_sum = mae * n_vox[:, None]
-    hd = nan
-    if hd95:
-        hd = hausdorff_distance_95(
-            probs, target, include_background=ib, mode=mode, spacing=spacing, regions=regions, check=False
+    wanted = check_surface_metrics([*(["hd95"] if hd95 else []), *surface])
+    dist: dict[str, torch.Tensor] = {}
+    if wanted:
+        dist = surface_scores(
+            probs, target, include_background=ib, mode=mode, spacing=spacing, regions=regions, metrics=wanted,
+            nsd_tolerance_mm=nsd_tolerance_mm, check=False,
         )
     return CaseStatistics(
         bins=torch.stack([bins.count, bins.sum_p, bins.sum_y], 2).cpu(),
@@ -316,7 +342,7 @@ def case_statistics(
         mae_sum=mae_sum.cpu(),
         nll_sum=nll_sum.reshape(-1).cpu(),
         n_voxels=n_vox.to(torch.float64).reshape(-1).cpu(),
-        hd95=hd.cpu(),
+        **{name: dist.get(name, nan).cpu() for name in SURFACE_FIELDS},
     )
 
 
@@ -373,13 +399,13 @@ def image_metrics(stats: CaseStatistics) -> dict[str, torch.Tensor]:
     """Per-image values of every metric of :data:`METRICS`: ``(B, C)`` per class, ``(B, 1)`` per case."""
     sums = {"brier_sum": stats.brier_sum, "mae_sum": stats.mae_sum, "nll_sum": stats.nll_sum}
     values = _metric_values(stats.counts, stats.bin_stats, stats.top_label_stats, sums, stats.n_voxels)
-    values["hd95"] = stats.hd95
+    values.update({name: getattr(stats, name) for name in SURFACE_FIELDS})
     return {m.name: values[m.name] for m in METRICS}
 
 
 def pooled_metrics(stats: CaseStatistics) -> dict[str, torch.Tensor]:
     """Dataset-level (micro) values from the statistics summed over images: ``(C,)`` per class, ``(1,)`` per
-    case; metrics without a pooled form (HD95) are left out."""
+    case; metrics without a pooled form (the surface metrics) are left out."""
     sums = {
         "brier_sum": stats.brier_sum.sum(0, keepdim=True),
         "mae_sum": stats.mae_sum.sum(0, keepdim=True),
