@@ -281,7 +281,8 @@ def compare_runs(
         ids = _common_cases(base, run, intersection)
         a_tab, b_tab, units = _unit_tables(base, run, ids, grouping)
         names = (str(base.path), str(run.path))
-        out_rows += _pair_rows(names, (a_tab, b_tab), units, base.classes, base.metrics, grouping.unit)
+        metrics = [m for m in base.metrics if m in run.metrics]  # e.g. a surface metric only one run computed
+        out_rows += _pair_rows(names, (a_tab, b_tab), units, base.classes, metrics, grouping.unit)
         pairs.append(
             {
                 "run_a": names[0],

@@ -43,6 +43,7 @@ from segcal.evaluation.store import CaseResult, ResultStore, input_fingerprint, 
 from segcal.functional.binning import check_num_bins
 from segcal.functional.regions import dilated_bbox_mask
 from segcal.functional.scoring import TargetError, case_statistics
+from segcal.functional.surface import check_surface_metrics, check_tolerances
 from segcal.io import Case, CaseError, CaseFiles, check_output_outside_inputs, load_case, match_cases
 from segcal.io.matching import match_ensemble
 from segcal.io.nnunet import DATASET_JSON, read_nnunet_regions
@@ -85,6 +86,11 @@ class EvalConfig:
     #: the prediction folder's ``dataset.json`` by :func:`run_evaluation` when ``regions`` is None), scored in
     #: multilabel mode against multi-hot region targets built from the label map
     nnunet_regions: bool = False
+    #: surface metrics computed besides ``hd95`` (``"hd95"``, ``"hd"``, ``"assd"``, ``"nsd"``; whole image, mm;
+    #: :mod:`segcal.functional.surface`), and the NSD tolerance in mm: one value for every scored class, or one
+    #: per scored class
+    surface: tuple[str, ...] = ()
+    nsd_tolerance_mm: tuple[float, ...] = (1.0,)
 
     def __post_init__(self) -> None:
         if self.region not in ("whole", "bbox", "mask"):
@@ -98,11 +104,25 @@ class EvalConfig:
             1 <= len(self.spacing) <= 3 and all(math.isfinite(s) and s > 0 for s in self.spacing)
         ):
             raise ValueError(f"spacing must be 1 to 3 positive voxel sizes in mm, got {self.spacing!r}")
+        object.__setattr__(self, "surface", check_surface_metrics(self.surface))
+        tol = tuple(float(t) for t in self.nsd_tolerance_mm)
+        if not tol:
+            raise ValueError("nsd_tolerance_mm needs at least one tolerance in mm")
+        object.__setattr__(self, "nsd_tolerance_mm", check_tolerances(tol, len(tol)))
+
+    @property
+    def surface_metrics(self) -> tuple[str, ...]:
+        """Every surface metric the run computes (``hd95`` with ``hd95=True``), in schema order."""
+        return check_surface_metrics([*(["hd95"] if self.hd95 else []), *self.surface])
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         if not d["nnunet_regions"]:  # the configuration (and its hash) of runs written before the option
             del d["nnunet_regions"]
+        if not d["surface"]:  # likewise: a run without extra surface metrics keeps its hash
+            del d["surface"], d["nsd_tolerance_mm"]
+        elif "nsd" not in d["surface"]:
+            del d["nsd_tolerance_mm"]
         return d
 
 
@@ -163,10 +183,11 @@ def compute_case(case: Case, config: EvalConfig) -> CaseResult:
 
     Shapes: ``case.probabilities`` ``(C, *S)``, ``case.label`` ``(*S)``; the core
     (:func:`segcal.functional.scoring.case_statistics`) gets ``(1, C, *S)``. Calibration metrics, Brier, NLL,
-    MAE and overlap counts use the region (whole / mask / dilated bbox); HD95 is computed on the whole image (a
-    distance between surfaces, in mm with the case's spacing). A case without geometry (an empty
-    ``case.spacing``: :func:`~segcal.io.matching.load_case` with ``assume_1mm=False``) is scored with 1 mm voxels
-    and its result says so (``metrics["spacing_assumed"]``).
+    MAE and overlap counts use the region (whole / mask / dilated bbox); HD95 and the other surface metrics
+    (``config.surface``) are computed on the whole image (distances between surfaces, in mm with the case's
+    spacing; from boolean crops around each class's masks, :mod:`segcal.functional.surface`). A case without
+    geometry (an empty ``case.spacing``: :func:`~segcal.io.matching.load_case` with ``assume_1mm=False``) is
+    scored with 1 mm voxels and its result says so (``metrics["spacing_assumed"]``).
     """
     pred_path = case.paths.get("prediction", [None])[0]
     label_path = case.paths.get("label", [None])[0]
@@ -203,6 +224,8 @@ def compute_case(case: Case, config: EvalConfig) -> CaseResult:
             reference=ref,
             hd95=config.hd95,
             spacing=spacing,
+            surface=config.surface,
+            nsd_tolerance_mm=tol[0] if len(tol := config.nsd_tolerance_mm) == 1 else tol,
         )
     except TargetError as exc:
         raise CaseError(label_path, str(exc)) from None
