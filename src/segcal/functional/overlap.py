@@ -268,13 +268,18 @@ def _lean_inputs(
 
 
 def _argmax_uint8(probs: torch.Tensor) -> np.ndarray:
-    """``argmax`` over the channels of ``(C, *S)`` as a ``uint8`` / ``int16`` array ``(*S)`` (ties: the first
-    channel, as :func:`hard_prediction`), computed in slabs of the first spatial axis so that the int64 argmax
-    of torch never covers the whole image."""
-    spatial = probs.shape[1:]
-    out = np.empty(tuple(spatial), dtype=np.uint8 if probs.shape[0] <= 256 else np.int16)
-    per_row = max(1, math.prod(spatial[1:]))
-    step = max(1, (1 << 21) // per_row)
+    """``argmax`` over the channels of ``(C, *S)`` as a ``uint8`` / ``int16`` array ``(*S)``; ties go to the first
+    channel, as :func:`hard_prediction` (a later channel wins only when strictly larger). Computed in slabs of
+    the first spatial axis: the running maximum never covers more than a slab."""
+    spatial = tuple(probs.shape[1:])
+    p = probs.detach().cpu().numpy()
+    out = np.zeros(spatial, dtype=np.uint8 if probs.shape[0] <= 256 else np.int16)
+    step = max(1, (1 << 20) // max(1, math.prod(spatial[1:])))
     for j in range(0, spatial[0], step):
-        out[j : j + step] = probs[:, j : j + step].argmax(0).cpu().numpy()
+        best = p[0, j : j + step].copy()
+        am = out[j : j + step]
+        for c in range(1, p.shape[0]):
+            win = p[c, j : j + step] > best
+            am[win] = c
+            np.maximum(best, p[c, j : j + step], out=best)
     return out
