@@ -412,3 +412,11 @@ def test_monai_adapter_computes_the_surface_metric_it_is_named_after() -> None:
         metric(probs, lab)
         ref = surface_scores(probs, lab, spacing=sp, metrics=(name,), nsd_tolerance_mm=[1.0, 2.5])[name]
         torch.testing.assert_close(metric.get_buffer(), ref)
+
+
+def test_docs_example_runs() -> None:
+    """The example of docs/evaluation.md, "Surface-distance metrics", as written there."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "evaluation.md").read_text()
+    at = text.index("from segcal.functional.overlap import surface_scores")
+    code = text[text.rindex("```python", 0, at) + len("```python") : text.index("```", at)]
+    exec(compile(code, "docs/evaluation.md", "exec"), {})
