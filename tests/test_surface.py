@@ -420,3 +420,26 @@ def test_docs_example_runs() -> None:
     at = text.index("from segcal.functional.overlap import surface_scores")
     code = text[text.rindex("```python", 0, at) + len("```python") : text.index("```", at)]
     exec(compile(code, "docs/evaluation.md", "exec"), {})
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_kdtree_path_equals_the_distance_transform(ndim: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The k-d tree taken for large sparse crops gives the distance transform's distances (and MONAI's values)."""
+    import segcal.functional.surface as surface
+
+    rng = np.random.default_rng(40 + ndim)
+    shape = (23, 19, 11)[:ndim]
+    spacing = (0.6, 1.7, 2.9)[:ndim]
+    a = np.zeros(shape, bool)
+    a[tuple(slice(2, s - 3) for s in shape)] = True
+    a |= rng.random(shape) < 0.03  # scattered false positives
+    b = np.roll(a & (rng.random(shape) < 0.9), 2, axis=0)
+    edt = surface_distances(a, b, spacing)
+    monkeypatch.setattr(surface, "KDTREE_MIN_VOXELS", 0)
+    monkeypatch.setattr(surface, "KDTREE_SPARSITY", 0)
+    kd = surface_distances(a, b, spacing)
+    for x, y in zip(edt, kd, strict=True):
+        np.testing.assert_allclose(y, x, rtol=1e-12, atol=1e-12)
+    p = np.stack([a, b, np.zeros_like(a)])[None]
+    g = np.stack([b, a, b])[None]
+    _assert_matches_monai(p, g, spacing, [1.0, 2.0, 1.0])
