@@ -366,6 +366,10 @@ def test_evaluate_surface_options_outputs_and_compare(tmp_path: Path) -> None:
     assert "nsd" not in {row["metric"] for row in comp["rows"]}
     comp = compare_runs([tmp_path / "surf", tmp_path / "surf"], group_by=r"case00([0-9])")  # from bins.npz
     assert "nsd" in {row["metric"] for row in comp["rows"]}
+    from segcal.report import build_evaluation_report
+
+    html = build_evaluation_report(tmp_path / "surf").read_text()
+    assert '<td class="text">nsd</td>' in html and "<th>assd</th>" in html and "<strong>NSD</strong>" in html
 
 
 @pytest.mark.parametrize(
