@@ -35,6 +35,29 @@ def _numbers(text: str, option: str) -> tuple[float, ...]:
     return vals
 
 
+def _surface_options(surface: str | None, tolerance: str | None) -> dict[str, Any]:
+    """``EvalConfig`` arguments of ``--surface`` / ``--nsd-tolerance-mm`` (``typer.BadParameter`` naming the
+    option and the problem)."""
+    from segcal.functional.surface import check_surface_metrics
+
+    names: tuple[str, ...] = ()
+    if surface is not None:
+        try:
+            names = check_surface_metrics(x for x in surface.split(",") if x.strip())
+        except ValueError as exc:
+            raise typer.BadParameter(f"--surface: {exc}") from None
+        if not names:
+            raise typer.BadParameter("--surface needs at least one of hd95, hd, assd, nsd")
+    if tolerance is None:
+        return {"surface": names}
+    if "nsd" not in names:
+        raise typer.BadParameter("--nsd-tolerance-mm is the tolerance of NSD: add nsd to --surface")
+    tol = _numbers(tolerance, "--nsd-tolerance-mm")
+    if any(t < 0 for t in tol):
+        raise typer.BadParameter(f"--nsd-tolerance-mm must be >= 0 mm, got {tolerance!r}")
+    return {"surface": names, "nsd_tolerance_mm": tol}
+
+
 def _margins(text: str) -> tuple[float, ...]:
     vals = _numbers(text, "--bbox-margin-mm")
     if not vals or any(v < 0 for v in vals):
@@ -176,6 +199,18 @@ def evaluate(
     no_hd95: bool = typer.Option(
         False, "--no-hd95", help="Skip the 95% Hausdorff distance (the slowest metric)."
     ),
+    surface: str | None = typer.Option(
+        None,
+        "--surface",
+        help="Surface metrics to compute besides HD95, comma-separated: hd95, hd (Hausdorff), assd (average "
+        "symmetric surface distance), nsd (normalised surface Dice); whole image, mm.",
+    ),
+    nsd_tolerance_mm: str | None = typer.Option(
+        None,
+        "--nsd-tolerance-mm",
+        help="NSD tolerance in mm: one value for every scored class, or one per scored class (comma-separated). "
+        "Default 1.0; needs nsd in --surface.",
+    ),
     no_report: bool = typer.Option(False, "--no-report", help="Do not build the HTML report."),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Discard results of another configuration in OUT."
@@ -236,6 +271,7 @@ def evaluate(
             peer_metrics=peer_metrics,
             fine_bins=fine_bins,
             nnunet_segmentations=nnunet_segmentations,
+            **_surface_options(surface, nsd_tolerance_mm),
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
@@ -301,6 +337,8 @@ def _print_summary(summary: dict[str, Any], res: Any) -> None:
         ("ace", "pooled"),
         ("ece", "pooled"),
     ]
+    surface = (summary.get("config") or {}).get("surface") or ()
+    cols[2:2] = [(m, "macro") for m in ("hd", "assd", "nsd") if m in surface]
     for m, kind in cols:
         table.add_column(f"{m.upper()} ({kind})", justify="right")
     pooled = summary.get("pooled", {})
@@ -340,7 +378,7 @@ def _print_summary(summary: dict[str, Any], res: Any) -> None:
 
 
 #: the metrics of the terminal comparison table (comparison.csv has them all)
-_TABLE_METRICS = ("dice", "hd95", "ece", "ace", "mce", "brier", "nll", "top_label_ece")
+_TABLE_METRICS = ("dice", "hd95", "nsd", "ece", "ace", "mce", "brier", "nll", "top_label_ece")
 
 
 def _comparison_table(comp: dict[str, Any]) -> Table:

@@ -203,6 +203,7 @@ def scored_names(names: ClassNames, stored: Sequence[str], num_classes: int | No
 
 def _mm_metrics(run_config: dict[str, Any]) -> list[str]:
     out = ["HD95"] if run_config.get("hd95") else []
+    out += [m.upper() for m in run_config.get("surface") or () if m != "hd95" or not run_config.get("hd95")]
     return out + (["bbox margins"] if run_config.get("region") == "bbox" else [])
 
 

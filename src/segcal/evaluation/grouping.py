@@ -27,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from segcal.functional.scoring import CaseStatistics
+from segcal.functional.scoring import SURFACE_FIELDS, CaseStatistics
 from segcal.io.runs import read_groups_csv
 
 __all__ = [
@@ -177,20 +177,24 @@ def subject_indices(case_ids: Sequence[str], grouping: Grouping) -> dict[str, li
 
 def pool_cases(stats: CaseStatistics) -> CaseStatistics:
     """One image whose statistics are those of all images of ``stats`` stacked into one volume: every sum
-    summed (so every metric equals that of the stacked volume), HD95 the mean of the finite case values (NaN
-    when none is finite: a distance between surfaces does not add)."""
+    summed (so every metric equals that of the stacked volume), each surface metric (HD95, HD, ASSD, NSD) the
+    mean of the finite case values (NaN when none is finite: a distance between surfaces does not add)."""
     sums = {
         name: getattr(stats, name).sum(0, keepdim=True)
         for name in ("bins", "top", "counts", "brier_sum", "mae_sum", "nll_sum", "n_voxels")
     }
-    hd = stats.hd95
-    finite = torch.isfinite(hd)
-    n = finite.sum(0, keepdim=True)
-    hd_mean = torch.where(n > 0, torch.where(finite, hd, 0.0).sum(0, keepdim=True) / n.clamp_min(1), torch.nan)
     for name in ("fine", "entropy_sum"):  # the peers group's sums, when computed
         if getattr(stats, name) is not None:
             sums[name] = getattr(stats, name).sum(0, keepdim=True)
-    return CaseStatistics(**sums, hd95=hd_mean.to(torch.float64))
+    return CaseStatistics(**sums, **{name: _finite_mean(getattr(stats, name)) for name in SURFACE_FIELDS})
+
+
+def _finite_mean(x: torch.Tensor) -> torch.Tensor:
+    """The mean over images (axis 0, kept) of the finite values, NaN where none is finite."""
+    finite = torch.isfinite(x)
+    n = finite.sum(0, keepdim=True)
+    mean = torch.where(n > 0, torch.where(finite, x, 0.0).sum(0, keepdim=True) / n.clamp_min(1), torch.nan)
+    return mean.to(torch.float64)
 
 
 def subject_statistics(

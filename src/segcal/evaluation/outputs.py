@@ -55,6 +55,7 @@ from segcal.functional.scoring import (
     CLASS_METRICS,
     PEER_CASE_METRICS,
     PEER_CLASS_METRICS,
+    SURFACE_FIELDS,
     CaseStatistics,
     image_metrics,
     pooled_metrics,
@@ -90,6 +91,20 @@ def _with_peers(columns: tuple[str, ...], values: dict[str, torch.Tensor]) -> tu
         return columns
     i = columns.index("tp")
     return (*columns[:i], *PEER_COLUMNS, *columns[i:])
+
+
+def _not_computed(run_config: dict[str, Any]) -> set[str]:
+    """The surface metrics besides HD95 that the run did not compute: their columns and ``bins.npz`` arrays are
+    left out, so a run without them writes the files it always wrote (HD95 keeps its column either way)."""
+    return {m for m in SURFACE_FIELDS if m != "hd95" and m not in (run_config.get("surface") or ())}
+
+
+def _table(
+    rows: list[dict[str, Any]], columns: tuple[str, ...], run_config: dict[str, Any]
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """``rows`` and ``columns`` without the surface metrics the run did not compute."""
+    skip = _not_computed(run_config)
+    return [{k: v for k, v in r.items() if k not in skip} for r in rows], [c for c in columns if c not in skip]
 
 
 def _rows(
@@ -174,7 +189,12 @@ def _case_rows(
 
 
 def _subject_outputs(
-    path: Path, stats: CaseStatistics | None, case_ids: list[str], names: list[str], grouping: Grouping
+    path: Path,
+    stats: CaseStatistics | None,
+    case_ids: list[str],
+    names: list[str],
+    grouping: Grouping,
+    run_config: dict[str, Any],
 ) -> dict[str, Any] | None:
     """Write ``subjects.csv`` and return the ``subject_macro`` summary when the cases are grouped into subjects;
     otherwise remove a ``subjects.csv`` left by an earlier grouped run of this folder and return None."""
@@ -186,7 +206,7 @@ def _subject_outputs(
     rows = []
     for i, (subject, n) in enumerate(zip(subjects, n_cases, strict=True)):
         rows += _rows({"subject": subject, "n_cases": n}, names, values, sub_stats, i)
-    write_subjects_csv(path, rows, _with_peers(SUBJECT_COLUMNS, values))
+    write_subjects_csv(path, *_table(rows, _with_peers(SUBJECT_COLUMNS, values), run_config))
     return {"unit": "subject", "n": len(subjects), "n_cases": len(case_ids), "metrics": _macro_summary(values, names)}
 
 
@@ -266,14 +286,16 @@ def write_outputs(
     names = _output_names(ok, run_config, class_names)
     stats = CaseStatistics.cat([r.statistics() for r in ok]) if ok else None
     values = image_metrics(stats) if stats is not None else {}
-    write_cases_csv(files["cases"], _case_rows(results, values, stats, names), _with_peers(COLUMNS, values))
+    rows = _case_rows(results, values, stats, names)
+    write_cases_csv(files["cases"], *_table(rows, _with_peers(COLUMNS, values), run_config))
     write_failed_csv(files["failed"], [(r.case_id, r.error or "") for r in failed])
     m = int(run_config.get("num_bins", 20))
     bins = stats.bins.numpy() if stats is not None else np.zeros((0, len(names), 3, m))
     ok_ids = [r.case_id for r in ok]
-    extra = {k: v for k, v in stats.to_numpy().items() if k != "bins"} if stats is not None else None
+    skip = {"bins", *_not_computed(run_config)}
+    extra = {k: v for k, v in stats.to_numpy().items() if k not in skip} if stats is not None else None
     write_bins_npz(files["bins"], ok_ids, bins, names, statistics=extra)
-    subject_macro = _subject_outputs(files["subjects"], stats, ok_ids, names, grouping)
+    subject_macro = _subject_outputs(files["subjects"], stats, ok_ids, names, grouping, run_config)
     if subject_macro is None:
         del files["subjects"]
     summary = {

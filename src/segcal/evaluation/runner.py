@@ -43,6 +43,7 @@ from segcal.evaluation.store import CaseResult, ResultStore, input_fingerprint, 
 from segcal.functional.binning import check_num_bins
 from segcal.functional.regions import BOUNDARIES, boundary_band_mask, dilated_bbox_mask
 from segcal.functional.scoring import CaseStatistics, TargetError, case_statistics
+from segcal.functional.surface import check_surface_metrics, check_tolerances
 from segcal.io import Case, CaseError, CaseFiles, check_output_outside_inputs, load_case, match_cases
 from segcal.io.matching import SegmentedCaseFiles, match_ensemble, read_case_segmentation, with_segmentations
 from segcal.io.nnunet import (
@@ -107,6 +108,11 @@ class EvalConfig:
     #: folder's ``dataset.json`` with ``nnunet_regions``): every statistic but HD95 is restricted to the other
     #: voxels, and HD95's predicted surfaces leave them out too
     ignore_label: int | None = None
+    #: surface metrics computed besides ``hd95`` (``"hd95"``, ``"hd"``, ``"assd"``, ``"nsd"``; whole image, mm;
+    #: :mod:`segcal.functional.surface`), and the NSD tolerance in mm: one value for every scored class, or one
+    #: per scored class
+    surface: tuple[str, ...] = ()
+    nsd_tolerance_mm: tuple[float, ...] = (1.0,)
 
     def __post_init__(self) -> None:
         if self.region not in ("whole", "bbox", "mask", "band"):
@@ -131,6 +137,16 @@ class EvalConfig:
             1 <= len(self.spacing) <= 3 and all(math.isfinite(s) and s > 0 for s in self.spacing)
         ):
             raise ValueError(f"spacing must be 1 to 3 positive voxel sizes in mm, got {self.spacing!r}")
+        object.__setattr__(self, "surface", check_surface_metrics(self.surface))
+        tol = tuple(float(t) for t in self.nsd_tolerance_mm)
+        if not tol:
+            raise ValueError("nsd_tolerance_mm needs at least one tolerance in mm")
+        object.__setattr__(self, "nsd_tolerance_mm", check_tolerances(tol, len(tol)))
+
+    @property
+    def surface_metrics(self) -> tuple[str, ...]:
+        """Every surface metric the run computes (``hd95`` with ``hd95=True``), in schema order."""
+        return check_surface_metrics([*(["hd95"] if self.hd95 else []), *self.surface])
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -141,6 +157,10 @@ class EvalConfig:
             del d["band_mm"], d["band_boundary"]
         if not self.peer_metrics:  # (idem)
             del d["peer_metrics"], d["fine_bins"]
+        if not d["surface"]:  # (idem: a run without extra surface metrics keeps its hash)
+            del d["surface"], d["nsd_tolerance_mm"]
+        elif "nsd" not in d["surface"]:
+            del d["nsd_tolerance_mm"]
         return d
 
 
@@ -209,11 +229,12 @@ def _region_targets(label: torch.Tensor, channels: int, config: EvalConfig, path
 def _segmentation_scores(
     seg: np.ndarray, probs: torch.Tensor, target: torch.Tensor, config: EvalConfig, mask: torch.Tensor | None,
     spacing: tuple[float, ...], path: str | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(counts (1, K, 3), hd95 (1, K))`` of the hard segmentation ``seg`` ``(*S)`` against ``target``: the
-    overlap functions of the metric core on its one-hot (or, for nnU-Net regions, multi-hot region) map, whose
-    argmax (threshold) is ``seg`` itself; the same channels, region and settings as the probabilities'."""
-    from segcal.functional.overlap import confusion_counts, hausdorff_distance_95
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``(counts (1, K, 3), {surface metric: (1, K)})`` of the hard segmentation ``seg`` ``(*S)`` against
+    ``target``: the overlap functions of the metric core on its one-hot (or, for nnU-Net regions, multi-hot
+    region) map, whose argmax (threshold) is ``seg`` itself; the same channels, region, surface metrics and
+    settings as the probabilities'."""
+    from segcal.functional.overlap import confusion_counts, surface_scores
 
     c = probs.shape[1]
     labels = torch.from_numpy(np.ascontiguousarray(seg)).to(torch.int64)[None]
@@ -229,10 +250,13 @@ def _segmentation_scores(
     regions = None if config.nnunet_regions or config.regions is None else [list(r) for r in config.regions]
     kw = {"include_background": config.include_background, "mode": mode, "regions": regions, "check": False}
     counts = confusion_counts(hard, target, mask=mask, **kw)  # type: ignore[arg-type]
-    hd = torch.full(counts.shape[:2], float("nan"), dtype=torch.float64)
-    if config.hd95:
-        hd = hausdorff_distance_95(hard, target, spacing=spacing, **kw)  # type: ignore[arg-type]
-    return counts.to(torch.float64), hd.to(torch.float64)
+    wanted = check_surface_metrics([*(["hd95"] if config.hd95 else []), *config.surface])
+    dist: dict[str, torch.Tensor] = {}
+    if wanted:
+        tol = config.nsd_tolerance_mm
+        dist = surface_scores(hard, target, spacing=spacing, metrics=wanted,  # type: ignore[arg-type]
+                              nsd_tolerance_mm=tol[0] if len(tol) == 1 else tol, **kw)
+    return counts.to(torch.float64), {k: v.to(torch.float64) for k, v in dist.items()}
 
 
 def _with_segmentation(
@@ -243,9 +267,9 @@ def _with_segmentation(
     tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None],
     spacing: tuple[float, ...],
 ) -> CaseStatistics:
-    """``stats`` with the overlap counts and HD95 of nnU-Net's exported ``segmentation`` (ignored voxels, where
-    ``known`` is False, set to background like the probabilities); ``tensors``: ``(probs, target, mask,
-    known)`` as scored."""
+    """``stats`` with the overlap counts and surface metrics of nnU-Net's exported ``segmentation`` (ignored
+    voxels, where ``known`` is False, set to background like the probabilities); ``tensors``: ``(probs, target,
+    mask, known)`` as scored."""
     probs, target, mask, known = tensors
     seg_path = case.paths.get("segmentation", [None])[0]
     if segmentation is None:
@@ -253,8 +277,8 @@ def _with_segmentation(
                         "nnunet_segmentations: no exported segmentation was read")
     if known is not None:
         segmentation = np.where(known[0].numpy(), segmentation, 0)
-    counts, hd = _segmentation_scores(segmentation, probs, target, config, mask, spacing, seg_path)
-    return replace(stats, counts=counts, hd95=hd)
+    counts, dist = _segmentation_scores(segmentation, probs, target, config, mask, spacing, seg_path)
+    return replace(stats, counts=counts, **dist)
 
 
 def compute_case(case: Case, config: EvalConfig, segmentation: np.ndarray | None = None) -> CaseResult:
@@ -262,14 +286,15 @@ def compute_case(case: Case, config: EvalConfig, segmentation: np.ndarray | None
 
     Shapes: ``case.probabilities`` ``(C, *S)``, ``case.label`` ``(*S)``; the core
     (:func:`segcal.functional.scoring.case_statistics`) gets ``(1, C, *S)``. Calibration metrics, Brier, NLL,
-    MAE and overlap counts use the region (whole / mask / dilated bbox); HD95 is computed on the whole image (a
-    distance between surfaces, in mm with the case's spacing). A case without geometry (an empty
-    ``case.spacing``: :func:`~segcal.io.matching.load_case` with ``assume_1mm=False``) is scored with 1 mm voxels
-    and its result says so (``metrics["spacing_assumed"]``).
+    MAE and overlap counts use the region (whole / mask / dilated bbox / boundary band); HD95 and the other
+    surface metrics (``config.surface``) are computed on the whole image (distances between surfaces, in mm with
+    the case's spacing; from boolean crops around each class's masks, :mod:`segcal.functional.surface`). A case
+    without geometry (an empty ``case.spacing``: :func:`~segcal.io.matching.load_case` with ``assume_1mm=False``)
+    is scored with 1 mm voxels and its result says so (``metrics["spacing_assumed"]``).
 
     ``segmentation`` (``config.nnunet_segmentations``): nnU-Net's exported segmentation ``(*S)`` of the case;
-    the overlap counts and HD95 are then those of this segmentation (:func:`_segmentation_scores`), every other
-    statistic stays the probabilities'.
+    the overlap counts and the surface metrics are then those of this segmentation (:func:`_segmentation_scores`),
+    every other statistic stays the probabilities'.
     """
     pred_path = case.paths.get("prediction", [None])[0]
     label_path = case.paths.get("label", [None])[0]
@@ -311,6 +336,8 @@ def compute_case(case: Case, config: EvalConfig, segmentation: np.ndarray | None
             hd95=config.hd95,
             spacing=spacing,
             fine_bins=config.fine_bins if config.peer_metrics else None,
+            surface=config.surface,
+            nsd_tolerance_mm=tol[0] if len(tol := config.nsd_tolerance_mm) == 1 else tol,
         )
     except TargetError as exc:
         raise CaseError(label_path, str(exc)) from None

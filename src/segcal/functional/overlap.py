@@ -1,4 +1,4 @@
-"""Overlap and boundary metrics: Dice, IoU, precision, recall, HD95.
+"""Overlap and boundary metrics: Dice, IoU, precision, recall; HD95 and the other surface metrics of hard masks.
 
 Counts are computed from hard masks: the predicted class is ``argmax`` in exclusive mode and ``p >= threshold``
 in multilabel mode (and for probability-threshold sweeps). Per image ``b`` and class ``c`` the mergeable
@@ -10,17 +10,26 @@ Empty cases (documented choice): when prediction **and** ground truth are both e
 absent and every overlap score is 1.0 (HD95 = 0.0). When only one of them is empty, Dice = IoU = 0.0, and a
 ratio whose denominator is zero (precision with nothing predicted, recall with nothing to find) is 0.0; HD95
 is NaN (undefined distance) and is reported as such, never silently replaced by a number.
+
+The surface metrics (HD95, HD, ASSD, NSD) are defined and computed in :mod:`segcal.functional.surface`;
+:func:`surface_scores` only turns probabilities into the hard masks they are computed on (the same masks as the
+confusion counts) and applies the convention above to a structure absent from both masks (distances 0.0, NSD
+1.0; MONAI gives NaN there). In exclusive mode with a label map it builds one class's boolean masks at a time
+from a ``uint8`` argmax, never a one-hot copy of the image.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from segcal.functional.inputs import (
     Activation,
     Mode,
+    as_label_map,
     check_mode,
     check_target,
     region_probabilities,
@@ -29,6 +38,7 @@ from segcal.functional.inputs import (
     target_to_onehot,
     to_probabilities,
 )
+from segcal.functional.surface import SURFACE_METRICS, check_tolerances, surface_metrics
 
 __all__ = [
     "confusion_counts",
@@ -39,6 +49,7 @@ __all__ = [
     "overlap_scores",
     "precision_from_counts",
     "recall_from_counts",
+    "surface_scores",
 ]
 
 
@@ -171,30 +182,104 @@ def hausdorff_distance_95(
 ) -> torch.Tensor:
     """95th-percentile symmetric Hausdorff distance per image and class ``(B, C)`` float64, in physical units.
 
-    Surface distances are computed by MONAI (``compute_hausdorff_distance``, Euclidean, ``percentile=95``),
-    scaled by ``spacing`` (mm per spatial axis; default 1). Both masks empty → 0.0; exactly one empty → NaN.
+    ``max(q95(D_AB), q95(D_BA))`` of the directed boundary distances (:mod:`segcal.functional.surface`; equal to
+    MONAI's ``HausdorffDistanceMetric(percentile=95)``), scaled by ``spacing`` (mm per spatial axis; default 1).
+    Both masks empty → 0.0; exactly one empty → NaN.
     """
-    from monai.metrics import compute_hausdorff_distance
+    return surface_scores(
+        pred, target, activation=activation, mode=mode, include_background=include_background, spacing=spacing,
+        regions=regions, threshold=threshold, metrics=("hd95",), check=check,
+    )["hd95"]
 
-    hard, y, mode = _hard_masks(pred, target, activation, check_mode(mode), regions, threshold, check)
-    hard = select_channels(hard, include_background, mode)
-    y = select_channels(y, include_background, mode)
-    n_sp = hard.ndim - 2
-    if spacing is not None and len(spacing) != n_sp:
-        raise ValueError(f"spacing has {len(spacing)} values but the images have {n_sp} spatial dims")
-    sp = [float(s) for s in spacing] if spacing is not None else None
-    p_any = hard.flatten(2).any(-1)
-    y_any = y.flatten(2).any(-1)
-    out = torch.full(hard.shape[:2], float("nan"), dtype=torch.float64)
-    both = p_any & y_any
-    out[~p_any & ~y_any] = 0.0
-    if bool(both.any()):
-        import warnings
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            hd = compute_hausdorff_distance(
-                hard.float(), y.float(), include_background=True, percentile=95, spacing=sp
-            ).to(torch.float64)
-        out = torch.where(both.cpu(), hd.cpu(), out)
+def surface_scores(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    activation: Activation = None,
+    mode: Mode = "exclusive",
+    include_background: bool = False,
+    spacing: Sequence[float] | None = None,
+    regions: Sequence[Sequence[int]] | None = None,
+    threshold: float | None = None,
+    metrics: Sequence[str] = SURFACE_METRICS,
+    nsd_tolerance_mm: float | Sequence[float] = 1.0,
+    check: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Surface metrics (``"hd95"``, ``"hd"``, ``"assd"``, ``"nsd"``) per image and class ``{name: (B, C)}``
+    float64 of the hard masks of ``pred`` ``(B, C, *spatial)`` (probabilities / logits, or a boolean hard mask)
+    against ``target``, in mm with ``spacing``; ``nsd_tolerance_mm``: one tolerance for every kept channel or
+    one per kept channel. Definitions and the crop in :mod:`segcal.functional.surface`; a structure absent from
+    both masks scores 0.0 (NSD 1.0), exactly one empty: HD95 NaN, HD / ASSD ``inf``, NSD 0.0 (MONAI's)."""
+    mode = check_mode(mode)
+    lean = _lean_inputs(pred, target, activation, mode, regions, threshold, check)
+    if lean is None:
+        hard, y, eff = _hard_masks(pred, target, activation, mode, regions, threshold, check)
+        hard = select_channels(hard, include_background, eff)
+        y = select_channels(y, include_background, eff)
+        return surface_metrics(
+            hard, y, spacing=spacing, metrics=metrics, nsd_tolerance_mm=nsd_tolerance_mm, both_empty="absent"
+        )
+    probs, lab = lean
+    first = 0 if include_background else 1
+    if probs.shape[1] - first < 1:
+        raise ValueError("include_background=False needs at least 2 channels")
+    b, c = probs.shape[0], probs.shape[1] - first
+    tols = check_tolerances(nsd_tolerance_mm, c)
+    out: dict[str, torch.Tensor] = {}
+    for i in range(b):
+        am = _argmax_uint8(probs[i])
+        for k in range(c):
+            cls = k + first
+            vals = surface_metrics(
+                torch.from_numpy(am == cls)[None, None], (lab[i] == cls)[None, None], spacing=spacing,
+                metrics=metrics, nsd_tolerance_mm=tols[k], both_empty="absent",
+            )
+            for m, v in vals.items():
+                out.setdefault(m, torch.full((b, c), float("nan"), dtype=torch.float64))[i, k] = v[0, 0]
+        del am
+    return out
+
+
+def _lean_inputs(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    activation: Activation,
+    mode: Mode,
+    regions: Sequence[Sequence[int]] | None,
+    threshold: float | None,
+    check: bool,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(probabilities, label map (B, *S))`` when the masks can be built one class at a time (exclusive argmax
+    of probabilities against a label map), else None."""
+    if mode != "exclusive" or regions is not None or threshold is not None or activation is not None:
+        return None
+    if pred.dtype == torch.bool or not pred.is_floating_point() or pred.ndim < 3 or pred.shape[1] < 2:
+        return None
+    if target.is_floating_point() or target.dtype == torch.bool:
+        return None
+    lab = as_label_map(target, pred.shape[2:])
+    if lab is None or lab.shape[0] != pred.shape[0]:
+        return None
+    if check:
+        pred = to_probabilities(pred, None, mode, check=True)
+        check_target(target, pred.shape, mode)
+    return pred, lab.cpu()
+
+
+def _argmax_uint8(probs: torch.Tensor) -> np.ndarray:
+    """``argmax`` over the channels of ``(C, *S)`` as a ``uint8`` / ``int16`` array ``(*S)``; ties go to the first
+    channel, as :func:`hard_prediction` (a later channel wins only when strictly larger). Computed in slabs of
+    the first spatial axis: the running maximum never covers more than a slab."""
+    spatial = tuple(probs.shape[1:])
+    p = probs.detach().cpu().numpy()
+    out = np.zeros(spatial, dtype=np.uint8 if probs.shape[0] <= 256 else np.int16)
+    step = max(1, (1 << 20) // max(1, math.prod(spatial[1:])))
+    for j in range(0, spatial[0], step):
+        best = p[0, j : j + step].copy()
+        am = out[j : j + step]
+        for c in range(1, p.shape[0]):
+            win = p[c, j : j + step] > best
+            am[win] = c
+            np.maximum(best, p[c, j : j + step], out=best)
     return out

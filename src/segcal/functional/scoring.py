@@ -17,7 +17,9 @@ Bins: ``M`` equal-width bins, bin ``k`` = ``(k/M, (k+1)/M]`` (``closed="right"``
 :mod:`segcal.functional.binning`). Metric definitions: marginal ECE/ACE/MCE and their L2 forms from
 :func:`~segcal.functional.calibration.calibration_errors` (Naeini et al. 2015; Nixon et al. 2019; the marginal
 class-wise form of Barfoot et al. 2024, docs/references.md), NLL and Brier as in Mehrtash et al. 2020
-(eqs. 3-4), overlap scores from the confusion counts, HD95 with MONAI's surface distances.
+(eqs. 3-4), overlap scores from the confusion counts, the surface metrics HD95, HD, ASSD and NSD of
+:mod:`segcal.functional.surface` (equal to MONAI's; a structure absent from both masks scores 0.0 / NSD 1.0, see
+:func:`segcal.functional.overlap.surface_scores`).
 
 Metrics of the peers (the schema's ``"peers"`` group, computed when :func:`case_statistics` gets ``fine_bins``):
 class-wise ECE and the root Brier score (MetricsReloaded's ``cwECE`` / ``rbs``;
@@ -60,8 +62,9 @@ from segcal.functional.inputs import (
     region_probabilities,
     region_targets,
 )
-from segcal.functional.overlap import confusion_counts, hausdorff_distance_95, overlap_scores
+from segcal.functional.overlap import confusion_counts, overlap_scores, surface_scores
 from segcal.functional.smooth import smooth_calibration_error
+from segcal.functional.surface import SURFACE_METRICS, check_surface_metrics
 
 __all__ = [
     "CASE_METRICS",
@@ -69,6 +72,7 @@ __all__ = [
     "METRICS",
     "PEER_CASE_METRICS",
     "PEER_CLASS_METRICS",
+    "SURFACE_FIELDS",
     "CaseStatistics",
     "MetricSpec",
     "TargetError",
@@ -84,13 +88,14 @@ class MetricSpec:
 
     ``per``: ``"class"`` (one value per kept channel) or ``"case"`` (one value per image). ``source``: the
     statistic it derives from. ``pooled``: whether a dataset-level (micro) value exists, computed from the
-    summed statistics of all images (HD95 has none: it is not a sum). ``group``: ``"core"`` (always computed)
-    or ``"peers"`` (the metrics of other toolkits, computed when the statistics hold the fine histogram).
+    summed statistics of all images (the surface metrics have none: a distance is not a sum). ``group``:
+    ``"core"`` (always computed) or ``"peers"`` (the metrics of other toolkits, computed when the statistics hold
+    the fine histogram).
     """
 
     name: str
     per: Literal["class", "case"]
-    source: Literal["counts", "bins", "top", "brier", "mae", "nll", "hd95", "fine", "entropy"]
+    source: Literal["counts", "bins", "top", "brier", "mae", "nll", "hd95", "surface", "fine", "entropy"]
     pooled: bool
     description: str
     group: Literal["core", "peers"] = "core"
@@ -111,6 +116,9 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("precision", "class", "counts", True, "positive predictive value"),
     MetricSpec("recall", "class", "counts", True, "sensitivity"),
     MetricSpec("hd95", "class", "hd95", False, "95th-percentile Hausdorff distance (mm with the spacing)"),
+    MetricSpec("hd", "class", "surface", False, "Hausdorff distance, the maximum surface distance (mm)"),
+    MetricSpec("assd", "class", "surface", False, "average symmetric surface distance (mm)"),
+    MetricSpec("nsd", "class", "surface", False, "normalised surface Dice at the run's tolerance in mm"),
     *(MetricSpec(k, "class", "bins", True, f"marginal {v}") for k, v in _CE.items()),
     MetricSpec("brier", "class", "brier", True, "mean squared error of the class probability"),
     MetricSpec("mae", "class", "mae", True, "mean absolute error against a soft reference"),
@@ -140,6 +148,8 @@ CASE_METRICS: tuple[str, ...] = tuple(m.name for m in METRICS if m.per == "case"
 PEER_CLASS_METRICS: tuple[str, ...] = tuple(m.name for m in METRICS if m.per == "class" and m.group == "peers")
 #: per-case metric names of the peers group (in schema order)
 PEER_CASE_METRICS: tuple[str, ...] = tuple(m.name for m in METRICS if m.per == "case" and m.group == "peers")
+#: the :class:`CaseStatistics` fields holding surface metrics (one per metric of the same name; not sums)
+SURFACE_FIELDS: tuple[str, ...] = SURFACE_METRICS
 
 
 class TargetError(ValueError):
@@ -153,10 +163,11 @@ class CaseStatistics:
     ``bins`` ``(B, C, 3, M)`` marginal bin sums (count, Σp, Σy) of the kept channels; ``top`` ``(B, 1, 3, M)``
     top-label bin sums; ``counts`` ``(B, C, 3)`` tp / fp / fn; ``brier_sum`` / ``mae_sum`` ``(B, C)`` sums of the
     per-voxel squared / absolute errors (``mae_sum`` NaN without a soft reference); ``nll_sum`` ``(B,)``;
-    ``n_voxels`` ``(B,)`` voxels scored (inside the mask); ``hd95`` ``(B, C)`` (NaN when not computed).
-    Optional (the peers group, ``None`` unless :func:`case_statistics` got ``fine_bins``): ``fine``
-    ``(B, C, 3, K)`` fine equal-width bin sums of the kept channels, ``entropy_sum`` ``(B,)`` the sum of the
-    voxel entropies. Images merge by concatenation (:meth:`cat`); the pooled values sum over images.
+    ``n_voxels`` ``(B,)`` voxels scored (inside the mask); ``hd95``, ``hd``, ``assd``, ``nsd`` ``(B, C)`` the
+    surface metrics (NaN when not computed; statistics stored before ``hd`` / ``assd`` / ``nsd`` existed read
+    back with NaN there). Optional (the peers group, ``None`` unless :func:`case_statistics` got ``fine_bins``):
+    ``fine`` ``(B, C, 3, K)`` fine equal-width bin sums of the kept channels, ``entropy_sum`` ``(B,)`` the sum of
+    the voxel entropies. Images merge by concatenation (:meth:`cat`); the pooled values sum over images.
     """
 
     bins: torch.Tensor
@@ -167,6 +178,9 @@ class CaseStatistics:
     nll_sum: torch.Tensor
     n_voxels: torch.Tensor
     hd95: torch.Tensor
+    hd: torch.Tensor
+    assd: torch.Tensor
+    nsd: torch.Tensor
     fine: torch.Tensor | None = None
     entropy_sum: torch.Tensor | None = None
 
@@ -217,6 +231,12 @@ class CaseStatistics:
 
     @staticmethod
     def from_numpy(arrays: dict[str, np.ndarray]) -> CaseStatistics:
+        """From :meth:`to_numpy`'s arrays; a surface metric other than HD95 that is missing (statistics stored
+        before it existed) is NaN, and the optional peers-group statistics stay None when absent."""
+        arrays = dict(arrays)
+        for name in SURFACE_FIELDS:
+            if name not in arrays and "hd95" in arrays:
+                arrays[name] = np.full(np.shape(arrays["hd95"]), np.nan)
         return CaseStatistics(
             **{
                 f.name: torch.as_tensor(np.asarray(arrays[f.name], np.float64))
@@ -321,6 +341,8 @@ def case_statistics(
     closed: Closed = "right",
     check: bool = True,
     fine_bins: int | None = None,
+    surface: Sequence[str] = (),
+    nsd_tolerance_mm: float | Sequence[float] = 1.0,
 ) -> CaseStatistics:
     """The statistics of every metric of each image of ``probs`` ``(B, C, *spatial)`` (probabilities).
 
@@ -338,6 +360,9 @@ def case_statistics(
         reference: optional soft reference ``(B, C, *spatial)`` in [0, 1] (e.g. the mean of several
             annotators): bins, Brier and NLL are computed against it, and the MAE is filled.
         hd95: compute the 95th-percentile Hausdorff distance (whole image, ``spacing`` in mm).
+        surface: surface metrics to compute besides (``"hd95"``, ``"hd"``, ``"assd"``, ``"nsd"``; whole image,
+            mm; :func:`segcal.functional.overlap.surface_scores`), all from one set of distances per class.
+        nsd_tolerance_mm: the NSD tolerance in mm, one for every kept channel or one per kept channel.
         check: validate the inputs (a bad target raises :class:`TargetError`, a bad prediction ``ValueError``).
         fine_bins: also compute the peers group's statistics: ``K`` fine equal-width bins ``(k/K, (k+1)/K]`` of
             the kept channels (the equal-mass ECE is formed from them) and the voxel entropy sum.
@@ -374,10 +399,12 @@ def case_statistics(
     if reference is not None:
         mae = _mae(probs, reference, ib, mode, regions, mask)
         mae_sum = mae * n_vox[:, None]
-    hd = nan
-    if hd95:
-        hd = hausdorff_distance_95(
-            probs, target, include_background=ib, mode=mode, spacing=spacing, regions=regions, check=False
+    wanted = check_surface_metrics([*(["hd95"] if hd95 else []), *surface])
+    dist: dict[str, torch.Tensor] = {}
+    if wanted:
+        dist = surface_scores(
+            probs, target, include_background=ib, mode=mode, spacing=spacing, regions=regions, metrics=wanted,
+            nsd_tolerance_mm=nsd_tolerance_mm, check=False,
         )
     fine = entropy_sum = None
     if fine_bins is not None:
@@ -392,7 +419,7 @@ def case_statistics(
         mae_sum=mae_sum.cpu(),
         nll_sum=nll_sum.reshape(-1).cpu(),
         n_voxels=n_vox.to(torch.float64).reshape(-1).cpu(),
-        hd95=hd.cpu(),
+        **{name: dist.get(name, nan).cpu() for name in SURFACE_FIELDS},
         fine=fine,
         entropy_sum=entropy_sum,
     )
@@ -481,7 +508,7 @@ def image_metrics(stats: CaseStatistics) -> dict[str, torch.Tensor]:
     peers group only when the statistics hold it)."""
     sums = {"brier_sum": stats.brier_sum, "mae_sum": stats.mae_sum, "nll_sum": stats.nll_sum}
     values = _metric_values(stats.counts, stats.bin_stats, stats.top_label_stats, sums, stats.n_voxels)
-    values["hd95"] = stats.hd95
+    values.update({name: getattr(stats, name) for name in SURFACE_FIELDS})
     fine = stats.fine_stats
     if fine is not None and stats.entropy_sum is not None:
         values.update(
@@ -493,7 +520,7 @@ def image_metrics(stats: CaseStatistics) -> dict[str, torch.Tensor]:
 
 def pooled_metrics(stats: CaseStatistics) -> dict[str, torch.Tensor]:
     """Dataset-level (micro) values from the statistics summed over images: ``(C,)`` per class, ``(1,)`` per
-    case; metrics without a pooled form (HD95) are left out."""
+    case; metrics without a pooled form (the surface metrics) are left out."""
     sums = {
         "brier_sum": stats.brier_sum.sum(0, keepdim=True),
         "mae_sum": stats.mae_sum.sum(0, keepdim=True),

@@ -45,6 +45,7 @@ from segcal.functional.inputs import Activation, Mode, check_mode, to_probabilit
 from segcal.functional.scoring import (
     CASE_METRICS,
     CLASS_METRICS,
+    SURFACE_FIELDS,
     CaseStatistics,
     case_statistics,
     image_metrics,
@@ -125,7 +126,8 @@ class SegcalMetric(CumulativeIterationMetric):
     Args:
         metric_name: the value ``aggregate()`` / ``get_buffer()`` return: ``"ace"``, ``"ece"``, ``"mce"``,
             ``"ece_l2"``, ``"ace_l2"``, ``"dice"``, ``"iou"``, ``"precision"``, ``"recall"``, ``"hd95"``,
-            ``"brier"`` (per class, ``(N, C)``) or ``"nll"``, ``"top_label_ece"``, ... (per case, ``(N, 1)``).
+            ``"hd"``, ``"assd"``, ``"nsd"``, ``"brier"`` (per class, ``(N, C)``) or ``"nll"``,
+            ``"top_label_ece"``, ... (per case, ``(N, 1)``).
         num_bins: ``M`` equal-width bins, bin ``k`` = ``(k/M, (k+1)/M]`` (``closed="right"``).
         include_background: keep channel 0 in exclusive mode (default False, segcal's convention).
         metric_reduction: MONAI reduction over images / channels (``"mean"``, ``"sum"``, ``"mean_batch"``,
@@ -134,9 +136,11 @@ class SegcalMetric(CumulativeIterationMetric):
         activation: ``"softmax"`` / ``"sigmoid"`` when ``y_pred`` holds logits, ``None`` for probabilities.
         mode: ``"exclusive"`` (softmax classes) or ``"multilabel"``.
         regions: region channels summed from softmax classes (e.g. BraTS ``[[3], [1, 3], [1, 2, 3]]``).
-        spacing: mm per spatial axis for HD95 (a number, one sequence, or one per image); when None it is read
-            from the MetaTensor metadata of ``y_pred`` (else ``y``) at each call, else 1 (voxels).
+        spacing: mm per spatial axis for the surface metrics (``"hd95"``, ``"hd"``, ``"assd"``, ``"nsd"``; a
+            number, one sequence, or one per image); when None it is read from the MetaTensor metadata of
+            ``y_pred`` (else ``y``) at each call, else 1 (voxels).
         closed: bin-edge tie convention (``"left"``: ``[k/M, (k+1)/M)``, torchmetrics' bins).
+        nsd_tolerance_mm: the tolerance of ``"nsd"`` in mm (one for every kept channel, or one per channel).
 
     ``y`` is a label map ``(B, *S)`` / ``(B, 1, *S)`` or one-hot ``(B, C, *S)`` (MONAI's ``AsDiscrete(
     to_onehot=C)`` output). The buffer holds each image's :class:`~segcal.functional.scoring.CaseStatistics`
@@ -157,6 +161,7 @@ class SegcalMetric(CumulativeIterationMetric):
         regions: Sequence[Sequence[int]] | None = None,
         spacing: Spacing | None = None,
         closed: Closed = "right",
+        nsd_tolerance_mm: float | Sequence[float] = 1.0,
     ) -> None:
         super().__init__()
         if metric_name not in _NAMES:
@@ -174,6 +179,7 @@ class SegcalMetric(CumulativeIterationMetric):
         self.regions = [list(r) for r in regions] if regions is not None else None
         self.spacing = spacing
         self.closed = closed
+        self.nsd_tolerance_mm = nsd_tolerance_mm
 
     # ------------------------------------------------------------------ per call
     def __call__(self, y_pred: Any, y: Any = None, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
@@ -231,7 +237,8 @@ class SegcalMetric(CumulativeIterationMetric):
             include_background=self.include_background,
             regions=self.regions,
             mask=mask,
-            hd95=self.metric_name == "hd95",
+            surface=(self.metric_name,) if self.metric_name in SURFACE_FIELDS else (),
+            nsd_tolerance_mm=self.nsd_tolerance_mm,
             spacing=spacing,
             closed=self.closed,
         )

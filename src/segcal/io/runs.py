@@ -8,7 +8,9 @@ and docs/report.md).
 * ``bins.npz``: ``case_ids (N,)`` unicode, ``bin_stats (N, C, 3, M)`` float64 (count, Σp, Σy),
   ``class_names (C,)`` unicode, and the other per-case sums every metric derives from (:data:`STATISTICS_KEYS`:
   ``top (N, 1, 3, M)``, ``counts (N, C, 3)``, ``brier_sum`` / ``mae_sum`` / ``hd95 (N, C)``, ``nll_sum`` /
-  ``n_voxels (N,)``; absent in folders written before they were added); uncompressed, no pickled objects;
+  ``n_voxels (N,)``; absent in folders written before they were added; the surface metrics ``hd`` / ``assd`` /
+  ``nsd (N, C)`` only in runs that computed them, :data:`OPTIONAL_STATISTICS_KEYS`); uncompressed, no pickled
+  objects;
 * ``subjects.csv``: one row per subject × class when the run's cases are grouped into subjects,
   ``subject, class, n_cases, <metrics>, tp, fp, fn, n_voxels``;
 * a grouping file (``segcal evaluate --groups``): a CSV table with the columns ``case_id, subject``;
@@ -38,6 +40,7 @@ __all__ = [
     "BINS_NPZ",
     "CASES_CSV",
     "FAILED_CSV",
+    "OPTIONAL_STATISTICS_KEYS",
     "STATISTICS_KEYS",
     "SUBJECTS_CSV",
     "SUMMARY_JSON",
@@ -72,9 +75,10 @@ SUBJECTS_CSV = "subjects.csv"
 STATISTICS_KEYS: dict[str, int] = {
     "top": 4, "counts": 3, "brier_sum": 2, "mae_sum": 2, "nll_sum": 1, "n_voxels": 1, "hd95": 2,
 }
-#: optional per-case sums (the peers group of the metric schema: fine bin sums, voxel entropy sum), present
-#: only in runs evaluated with them
-OPTIONAL_STATISTICS_KEYS: dict[str, int] = {"fine": 4, "entropy_sum": 1}
+#: optional per-case values of ``bins.npz``, present only in runs evaluated with them: the surface metrics besides
+#: HD95 ``(N, C)`` (a file written before them is read without them) and the peers group's sums (fine bin sums,
+#: voxel entropy sum)
+OPTIONAL_STATISTICS_KEYS: dict[str, int] = {"hd": 2, "assd": 2, "nsd": 2, "fine": 4, "entropy_sum": 1}
 _KEY_COLUMNS = ("case_id", "class")
 _BIN_KEYS = ("case_ids", "bin_stats", "class_names")
 
@@ -241,7 +245,7 @@ def write_bins_npz(
     }
     for key, value in (statistics or {}).items():
         if key not in STATISTICS_KEYS and key not in OPTIONAL_STATISTICS_KEYS:
-            known = sorted([*STATISTICS_KEYS, *OPTIONAL_STATISTICS_KEYS])
+            known = sorted({**STATISTICS_KEYS, **OPTIONAL_STATISTICS_KEYS})
             raise ValueError(f"bins.npz: unknown statistics key {key!r} (known: {known})")
         arrays[key] = np.asarray(value).astype(np.float64)
     return write_npz(path, arrays, compressed=False)
@@ -257,7 +261,7 @@ def _read_statistics(path: Path, arrays: Mapping[str, np.ndarray], n: int) -> di
     if missing:
         raise ValueError(f"{path}: has per-case statistics {present} but lacks {missing}")
     out = {}
-    optional = {k: v for k, v in OPTIONAL_STATISTICS_KEYS.items() if k in arrays}
+    optional = {k: n for k, n in OPTIONAL_STATISTICS_KEYS.items() if k in arrays}
     for key, ndim in {**STATISTICS_KEYS, **optional}.items():
         arr = np.asarray(arrays[key], dtype=np.float64)
         if arr.ndim != ndim or arr.shape[0] != n:

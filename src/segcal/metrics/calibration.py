@@ -19,7 +19,8 @@ import torch
 
 from segcal.functional.binning import BinStats, Closed
 from segcal.functional.inputs import Activation, Mode, check_mode, to_probabilities
-from segcal.functional.scoring import CaseStatistics, case_statistics, image_metrics, pooled_metrics
+from segcal.functional.scoring import SURFACE_FIELDS, CaseStatistics, case_statistics, image_metrics, pooled_metrics
+from segcal.functional.surface import check_surface_metrics, check_tolerances
 
 __all__ = ["MetricResult", "SegmentationCalibrationMetric"]
 
@@ -31,8 +32,9 @@ class MetricResult:
     ``per_image[name]`` is ``(N, C)`` for class-wise metrics and ``(N, 1)`` for per-case ones (``nll``,
     ``top_label_*``), ``pooled[name]`` is ``(C,)`` (resp. ``(1,)``) computed from the summed statistics of all
     images (micro; metrics that do not pool, HD95, are absent), ``macro[name]`` is the per-class mean over
-    images ignoring NaN. Metrics not computed (HD95 without ``hd95=True``, MAE without a soft reference) are
-    NaN. The metrics of the peers (the schema's ``"peers"`` group) are present only with ``fine_bins``.
+    images ignoring NaN. Metrics not computed (MAE without a soft reference) are NaN; surface metrics not asked
+    for (``hd95`` / ``surface``) are absent. The metrics of the peers (the schema's ``"peers"`` group) are present
+    only with ``fine_bins``.
     """
 
     case_ids: list[str]
@@ -61,6 +63,9 @@ class SegmentationCalibrationMetric:
         regions: optional region channels summed from softmax classes, e.g. BraTS ``[[3], [1, 3], [1, 2, 3]]``.
         class_names: names of the kept channels (for reports).
         hd95: also compute the 95th-percentile Hausdorff distance (slower; needs ``spacing`` for mm).
+        surface: surface metrics to compute (``"hd95"``, ``"hd"``, ``"assd"``, ``"nsd"``; mm with ``spacing``;
+            :mod:`segcal.functional.surface`).
+        nsd_tolerance_mm: NSD tolerance in mm, one for every kept channel or one per kept channel.
         closed: bin-edge tie convention (``"right"`` default).
         fine_bins: also compute the metrics of the peers (the schema's ``"peers"`` group: class-wise ECE, root
             Brier score, equal-mass ECE with ``num_bins`` equal-mass bins formed from ``fine_bins`` fine bins and
@@ -86,6 +91,8 @@ class SegmentationCalibrationMetric:
         hd95: bool = False,
         closed: Closed = "right",
         fine_bins: int | None = None,
+        surface: Sequence[str] = (),
+        nsd_tolerance_mm: float | Sequence[float] = 1.0,
     ) -> None:
         self.num_bins = int(num_bins)
         self.fine_bins = None if fine_bins is None else int(fine_bins)
@@ -96,6 +103,11 @@ class SegmentationCalibrationMetric:
         self.class_names = list(class_names) if class_names is not None else None
         self.hd95 = hd95
         self.closed = closed
+        self.surface = check_surface_metrics(surface)
+        if isinstance(nsd_tolerance_mm, int | float):
+            self.nsd_tolerance_mm: float | tuple[float, ...] = check_tolerances(nsd_tolerance_mm, 1)[0]
+        else:
+            self.nsd_tolerance_mm = check_tolerances(nsd_tolerance_mm, len(nsd_tolerance_mm))
         self.reset()
 
     #: the state, declared once: name -> how per-rank / per-object values merge ("cat": concatenate images)
@@ -153,6 +165,8 @@ class SegmentationCalibrationMetric:
             spacing=spacing,
             closed=self.closed,
             fine_bins=self.fine_bins,
+            surface=self.surface,
+            nsd_tolerance_mm=self.nsd_tolerance_mm,
         )
         self._local["case_ids"].extend(str(c) for c in case_ids)
         self._local["stats"].append(stats)
@@ -172,7 +186,7 @@ class SegmentationCalibrationMetric:
 
     def _settings(self) -> tuple[Any, ...]:
         return (self.num_bins, self.activation, self.mode, self.include_background, self.regions, self.hd95,
-                self.closed, self.fine_bins)
+                self.closed, self.surface, self.nsd_tolerance_mm, self.fine_bins)
 
     def sync(self, group: Any = None) -> None:
         """Gather every rank's images on every rank (``torch.distributed``; no-op when not initialised).
@@ -211,8 +225,10 @@ class SegmentationCalibrationMetric:
         """Per-image (macro) and pooled (micro) results; see :class:`MetricResult`."""
         stats = self.statistics()
         per_image = image_metrics(stats)
-        if not self.hd95:
-            del per_image["hd95"]
+        computed = check_surface_metrics([*(["hd95"] if self.hd95 else []), *self.surface])
+        for name in SURFACE_FIELDS:
+            if name not in computed:
+                del per_image[name]
         macro = {k: torch.nanmean(v.double(), dim=0) for k, v in per_image.items()}
         names = self.class_names
         if names is None:

@@ -26,8 +26,8 @@ from segcal.report.runs import RunData, _FigureWriter, _present, _safe, glossary
 __all__ = ["HEADLINE_METRICS", "build_comparison_report", "display_names"]
 
 #: the metrics of the compact table (every metric is in the folded detail and in comparison.csv)
-HEADLINE_METRICS = ("dice", "hd95", "ece", "ace", "mce", "brier", "nll", "top_label_ece")
-_HIGHER_IS_BETTER = {"dice", "iou", "precision", "recall"}
+HEADLINE_METRICS = ("dice", "hd95", "nsd", "ece", "ace", "mce", "brier", "nll", "top_label_ece")
+_HIGHER_IS_BETTER = {"dice", "iou", "precision", "recall", "nsd"}
 #: runs up to which the dataset reliability histograms share one figure (one row and colour bar per run)
 _SIDE_BY_SIDE_MAX = 3
 

@@ -65,7 +65,14 @@ Per image and class, the predicted probabilities are split into M equal-width bi
 - **Dice**: 2|P∩G| / (|P|+|G|); **IoU** (Jaccard): |P∩G| / |P∪G|; precision and recall of the
   thresholded mask.
 - **HD95**: 95th percentile of the symmetric surface distance between prediction and ground truth, in
-  physical units (voxel spacing).
+  physical units (voxel spacing): the larger of the two directed 95th percentiles (boundary voxels of the
+  prediction to the ground truth's, and back).
+- **HD** (`--surface hd`): the largest of those surface distances (Hausdorff distance); **ASSD**
+  (`--surface assd`): their mean over the boundary voxels of both masks; **NSD** (`--surface nsd`,
+  normalised surface Dice): the fraction of boundary voxels of both masks within the tolerance (mm, in the
+  run's configuration) of the other mask's boundary (Nikolov et al. 2021). A class absent from both masks
+  scores 0 (NSD 1); present in only one: HD95 n/a, HD / ASSD infinite (left out of means, counted as n/a),
+  NSD 0.
 - **Per class vs per case**: most metrics have one value per class; NLL and the top-label metrics have one
   value per case, over all classes together (their rows say `case`).
 - **Macro vs pooled**: *macro* values are per-unit metrics aggregated over the units (mean, std, median,
