@@ -316,7 +316,8 @@ def test_statistics_without_fine_bins_have_no_peer_metrics_and_store_as_before()
     stats = case_statistics(probs, lab, 10)
     assert stats.fine is None and stats.entropy_sum is None
     assert not set(image_metrics(stats)) & {*PEER_CLASS_METRICS, *PEER_CASE_METRICS}
-    assert set(stats.to_numpy()) == {"bins", "top", "counts", "brier_sum", "mae_sum", "nll_sum", "n_voxels", "hd95"}
+    core = {"bins", "top", "counts", "brier_sum", "mae_sum", "nll_sum", "n_voxels", "hd95", "hd", "assd", "nsd"}
+    assert set(stats.to_numpy()) == core  # no peers-group array
     with_fine = case_statistics(probs, lab, 10, fine_bins=30)
     with pytest.raises(ValueError, match="fine_bins"):
         CaseStatistics.cat([stats, with_fine])
