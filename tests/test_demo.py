@@ -115,7 +115,7 @@ def test_quick_demo_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 
     monkeypatch.setenv("SEGCAL_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "demo"
-    res = CliRunner().invoke(app, ["demo", "--quick", "--output", str(out)])
+    res = CliRunner().invoke(app, ["demo", "--quick", "--output", str(out), "--calibrators", "matrix"])
     assert res.exit_code == 0, res.output
     for stage in ("training 10 models", "predicting and fitting temperatures", "evaluating", "comparing runs",
                   "scoring the reference predictors"):
@@ -155,8 +155,22 @@ def test_quick_demo_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         assert (out / name / "comparison.csv").is_file()
     for run in summary["runs"].values():
         assert (Path(run) / "cases.csv").is_file()
+    # --calibrators matrix: matrix scaling of the Dice model is one more run of the evaluation and the comparison
+    assert summary["calibrators"] == ["matrix"] and "dice+matrix" in summary["runs"]
+    assert _cmp_row(cmp, "dice+matrix", "nll", "case")["mean_b"] > 0
+    assert "dice+matrix" in unescape((out / "compare" / "report.html").read_text())
     assert all(math.isfinite(t) and t > 0 for t in summary["temperatures"].values())
     ref = summary["reference_predictors"]
     soft = {k: v["soft reference"] for k, v in ref.items()}
     for cls in soft["reference"]["ace"]:
         assert soft["reference"]["ace"][cls] < 0.02 < soft["sharpened"]["ace"][cls]
+
+
+def test_demo_refuses_an_unknown_calibrator(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from segcal.cli import app
+
+    res = CliRunner().invoke(app, ["demo", "--quick", "--output", str(tmp_path), "--calibrators", "ts,platt"])
+    assert res.exit_code == 2 and "platt" in res.output and "dirichlet" in res.output
+    assert not any(tmp_path.iterdir())  # refused before any work
