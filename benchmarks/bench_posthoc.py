@@ -13,6 +13,7 @@ Settings (flat memory by construction):
   sample over all volumes);
 * ``auxconv``: ``patch_size=16``, ``max_patches=64`` held patches;
 * ``auxconv-volumes``: whole-volume Adam steps, one epoch (one volume in memory at a time);
+* ``lts``: local temperature scaling, ``patch_size=16``, ``max_patches=64`` held patches (with their halo);
 * ``lastlayer``: a small 3D conv net fine-tuned on 24³ crops (``patch_size=24``), two epochs.
 
 The peak RSS with 100 volumes must be within 10% of that with 10 volumes for every calibrator.
@@ -27,14 +28,14 @@ import json
 import subprocess
 import sys
 
-CALIBRATORS = ["temperature", "vector", "matrix", "dirichlet", "auxconv", "auxconv-volumes", "lastlayer"]
+CALIBRATORS = ["temperature", "vector", "matrix", "dirichlet", "auxconv", "auxconv-volumes", "lts", "lastlayer"]
 
 CHILD = r"""
 import json, resource, sys, time
 import torch
 import torch.nn.functional as F
-from segcal.posthoc import (AuxiliaryConvCalibrator, DirichletScaling, LastLayerFineTuner, MatrixScaling,
-                            TemperatureScaling, VectorScaling)
+from segcal.posthoc import (AuxiliaryConvCalibrator, DirichletScaling, LastLayerFineTuner,
+                            LocalTemperatureScaling, MatrixScaling, TemperatureScaling, VectorScaling)
 
 torch.set_num_threads(1)
 name, n, size, max_vox = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
@@ -70,6 +71,9 @@ elif name == "auxconv":
     cal = AuxiliaryConvCalibrator(kernel_size=3, epochs=5, patch_size=16, max_patches=64, batch_size=8)
     cal.fit(volumes())
     held = cal.n_patches_
+elif name == "lts":
+    cal = LocalTemperatureScaling(epochs=5, patch_size=16, max_patches=64, seed=0).fit(volumes())
+    held = cal.max_patches
 elif name == "auxconv-volumes":
     cal = AuxiliaryConvCalibrator(kernel_size=3, epochs=1).fit(volumes())
     held = 1
