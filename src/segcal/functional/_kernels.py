@@ -497,3 +497,151 @@ def _hist_dense(p, y, first, mask, use_mask, lo, hi, right, out):  # pragma: no 
 def set_threads(n: int) -> None:
     """Set the number of threads the numba kernels use (defaults to numba's, i.e. all cores)."""
     numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+
+
+# -- differentiable bin sums of the calibration losses (forward sums and the gradient gathers) ---------------
+
+
+@njit(parallel=True, nogil=True, boundscheck=False, cache=True)
+def _hard_sums(p, y, lo, hi, right, idx, out):  # pragma: no cover - compiled
+    """Hard bins of the losses. p, y: (R, S) float32/float64 rows (image-channel pairs); ``lo``/``hi``: the
+    edge tables of :func:`edge_tables` in p's dtype; idx: (R, S) uint8/int16 receives each value's bin
+    (kept for the backward gather); out: (R, 3, M) float64 receives count, Σ p, Σ y per bin.
+
+    The bin is :func:`_bin_of` of ``p`` clamped into [0, 1] (the bins of
+    :func:`~segcal.functional.binning.bin_index`); the sums add the unclamped values, in float64 per task of
+    ``_CHUNK`` values with two interleaved histograms (a run of values in one bin does not serialise)."""
+    n_rows, s = p.shape
+    m = out.shape[2]
+    n_chunks = (s + _CHUNK - 1) // _CHUNK
+    partial = np.zeros((n_rows * n_chunks, 3, m))
+    for t in prange(n_rows * n_chunks):
+        r = t // n_chunks
+        s0 = (t % n_chunks) * _CHUNK
+        s1 = min(s, s0 + _CHUNK)
+        hn = np.zeros((2, m), np.int64)
+        hp = np.zeros((2, m))
+        hy = np.zeros((2, m))
+        for i in range(s0, s1):
+            w = p[r, i]
+            k = _bin_of(_clamp01(w), lo, hi, m, right)
+            idx[r, i] = k
+            ln = i & 1
+            hn[ln, k] += 1
+            hp[ln, k] += w
+            hy[ln, k] += y[r, i]
+        for k in range(m):
+            partial[t, 0, k] = hn[0, k] + hn[1, k]
+            partial[t, 1, k] = hp[0, k] + hp[1, k]
+            partial[t, 2, k] = hy[0, k] + hy[1, k]
+    for r in prange(n_rows):
+        for j in range(n_chunks):
+            for q in range(3):
+                for k in range(m):
+                    out[r, q, k] += partial[r * n_chunks + j, q, k]
+
+
+@njit(parallel=True, nogil=True, boundscheck=False, cache=True)
+def _gather_bins(g, idx, dst):  # pragma: no cover - compiled
+    """``dst[r, i] = g[r, idx[r, i]]``: the gradient of a per-bin sum reaching each value of its bin.
+    g: (R, M); idx: (R, S) uint8/int16 bins from :func:`_hard_sums`; dst: (R, S)."""
+    n_rows, s = idx.shape
+    n_chunks = (s + _CHUNK - 1) // _CHUNK
+    for t in prange(n_rows * n_chunks):
+        r = t // n_chunks
+        s0 = (t % n_chunks) * _CHUNK
+        s1 = min(s, s0 + _CHUNK)
+        gr = g[r]
+        for i in range(s0, s1):
+            dst[r, i] = gr[np.int64(idx[r, i])]
+
+
+@njit(inline="always", nogil=True)
+def _soft_position(w, mf, top, lo_max, half, zero):  # pragma: no cover - compiled
+    """Triangular soft binning of one value ``w`` (all arithmetic in its dtype, as the torch formula; ``mf``,
+    ``top``, ``half``, ``zero`` are ``M``, ``M - 1``, 1/2, 0 in that dtype): the lower bin
+    ``lo = min(floor(pos), lo_max)``, ``hi = min(lo + 1, M - 1)``, the upper weight ``pos - lo`` with
+    ``pos = clamp(w M - 1/2, 0, M - 1)`` (``lo_max = max(M - 2, 0)`` in the dtype too) and ``d pos / d w``
+    (``M`` inside the clamp, bounds included, else 0)."""
+    x = w * mf - half
+    pos = min(max(x, zero), top)
+    lof = min(np.floor(pos), lo_max)
+    lo = np.int64(lof)
+    hi = min(lo + 1, np.int64(top))
+    w_hi = pos - lof
+    dpos = mf if (x >= zero) & (x <= top) else zero
+    return lo, hi, w_hi, dpos
+
+
+@njit(parallel=True, nogil=True, boundscheck=False, cache=True)
+def _soft_sums(p, y, out):  # pragma: no cover - compiled
+    """Soft (triangular) bins of the losses, the formula of :func:`~segcal.functional.binning.soft_bin_sums`.
+    p, y: (R, S) float32/float64; out: (R, 3, M) float64 receives Σ w, Σ w p, Σ w y per bin (weights in
+    p's dtype, sums in float64 per task of ``_CHUNK`` values)."""
+    n_rows, s = p.shape
+    m = out.shape[2]
+    dt = p.dtype.type
+    mf = dt(m)
+    top = dt(m - 1)
+    lo_max = dt(max(m - 2, 0))
+    half = dt(0.5)
+    zero = dt(0.0)
+    n_chunks = (s + _CHUNK - 1) // _CHUNK
+    partial = np.zeros((n_rows * n_chunks, 3, m))
+    for t in prange(n_rows * n_chunks):
+        r = t // n_chunks
+        s0 = (t % n_chunks) * _CHUNK
+        s1 = min(s, s0 + _CHUNK)
+        h = np.zeros((3, m))
+        for i in range(s0, s1):
+            w = p[r, i]
+            v = y[r, i]
+            lo, hi, w_hi, _ = _soft_position(w, mf, top, lo_max, half, zero)
+            w_lo = dt(1.0) - w_hi
+            h[0, lo] += w_lo
+            h[0, hi] += w_hi
+            h[1, lo] += w_lo * w
+            h[1, hi] += w_hi * w
+            h[2, lo] += w_lo * v
+            h[2, hi] += w_hi * v
+        for q in range(3):
+            for k in range(m):
+                partial[t, q, k] = h[q, k]
+    for r in prange(n_rows):
+        for j in range(n_chunks):
+            for q in range(3):
+                for k in range(m):
+                    out[r, q, k] += partial[r * n_chunks + j, q, k]
+
+
+@njit(parallel=True, nogil=True, boundscheck=False, cache=True)
+def _soft_grads(p, y, g, gp, gy):  # pragma: no cover - compiled
+    """Gradients of the soft bin sums of :func:`_soft_sums`. g: (R, 3, M) gradients reaching Σ w, Σ w p,
+    Σ w y (float64); gp, gy: (R, S) receive d/dp and d/dy (``gy`` of shape (0, 0) when not wanted).
+    With ``w_lo = 1 - w_hi`` and ``d w_hi / d p = d pos / d p``: d/dp = Σ over the two bins ``b`` of
+    ``g_w[b] w_b' + g_wp[b] (w_b' p + w_b) + g_wy[b] w_b' y`` and d/dy = ``g_wy[lo] w_lo + g_wy[hi] w_hi``."""
+    n_rows, s = p.shape
+    m = g.shape[2]
+    dt = p.dtype.type
+    mf = dt(m)
+    top = dt(m - 1)
+    lo_max = dt(max(m - 2, 0))
+    half = dt(0.5)
+    zero = dt(0.0)
+    want_y = gy.shape[1] == s
+    n_chunks = (s + _CHUNK - 1) // _CHUNK
+    for t in prange(n_rows * n_chunks):
+        r = t // n_chunks
+        s0 = (t % n_chunks) * _CHUNK
+        s1 = min(s, s0 + _CHUNK)
+        gr = g[r]
+        for i in range(s0, s1):
+            w = p[r, i]
+            v = y[r, i]
+            lo, hi, w_hi, dpos = _soft_position(w, mf, top, lo_max, half, zero)
+            w_lo = dt(1.0) - w_hi
+            a_hi = gr[0, hi] + gr[1, hi] * w + gr[2, hi] * v
+            a_lo = gr[0, lo] + gr[1, lo] * w + gr[2, lo] * v
+            gp[r, i] = dpos * (a_hi - a_lo) + w_lo * gr[1, lo] + w_hi * gr[1, hi]
+            if want_y:
+                gy[r, i] = w_lo * gr[2, lo] + w_hi * gr[2, hi]
