@@ -115,6 +115,30 @@ def _row_validate(pc, tot):  # pragma: no cover - compiled
         tot[i] += w if ok else flagged
 
 @njit(inline="always", nogil=True, boundscheck=False, error_model="numpy")
+def _pack_value(w, hit, mk_i, m, right, masked):  # pragma: no cover - compiled
+    """Pass 1 for one value ``w`` (see :func:`_pack_loop`): ``(q, slot, t)`` with ``t`` what the value adds
+    to its voxel's channel sum (``w``, or ``_FLAGGED`` where clamping changed it)."""
+    dt = type(w)
+    zero = dt(0.0)
+    one = dt(1.0)
+    mf = dt(m)
+    v = min(max(w, zero), one)
+    v = v if v == v else zero  # NaN -> 0: every index below stays in range
+    t = w if v == w else dt(_FLAGGED)
+    j = np.int32(v * mf)
+    if right:
+        k = np.int32(j - np.int32(v <= dt(j) / mf))
+        k = k if k > np.int32(0) else np.int32(0)  # p = 0: bin 0
+    else:
+        k = j - np.int32(v < dt(j) / mf) + np.int32(v >= dt(j + np.int32(1)) / mf)
+        k = k if k < np.int32(m - 1) else np.int32(m - 1)
+    slot = 2 * k + np.int32(hit)
+    if masked:
+        slot = slot if mk_i != 0 else np.int32(2 * m)
+    return np.int32(np.rint(v * dt(2.0**_QBITS))), slot, t  # exact product, rounded half to even
+
+
+@njit(inline="always", nogil=True, boundscheck=False, error_model="numpy")
 def _pack_loop(pc, lb, lc, mk, m, right, masked, pk, tot):  # pragma: no cover - compiled
     """Pass 1 (vectorised): per value ``i`` of row ``pc`` (n,) the packed word ``slot << 32 | q`` as the
     int32 pair ``pk[2 i] = q``, ``pk[2 i + 1] = slot`` (an int64 on little-endian machines; two int32
@@ -130,32 +154,42 @@ def _pack_loop(pc, lb, lc, mk, m, right, masked, pk, tot):  # pragma: no cover -
     the edge itself, and a product rounded up to ``j`` means ``p < j / M``, hence ``p <= e_j``.
     ``closed="left"`` adds the upper comparison ``p >= e_{j+1}`` (an edge rounded below ``(j + 1) / M``).
     """
-    dt = pc.dtype.type
-    zero = dt(0.0)
-    one = dt(1.0)
-    mf = dt(m)
-    qs = dt(2.0**_QBITS)
-    discard = np.int32(2 * m)
-    z32 = np.int32(0)
-    top = np.int32(m - 1)
-    flagged = dt(_FLAGGED)
     for i in range(pc.shape[0]):
-        w = pc[i]
-        v = min(max(w, zero), one)
-        v = v if v == v else zero  # NaN -> 0: every index below stays in range
-        tot[i] += w if v == w else flagged
-        j = np.int32(v * mf)
-        if right:
-            k = np.int32(j - np.int32(v <= dt(j) / mf))
-            k = k if k > z32 else z32  # p = 0: bin 0
-        else:
-            k = j - np.int32(v < dt(j) / mf) + np.int32(v >= dt(j + np.int32(1)) / mf)
-            k = k if k < top else top
-        slot = 2 * k + np.int32(lb[i] == lc)
-        if masked:
-            slot = slot if mk[i] != 0 else discard
-        pk[2 * i] = np.int32(np.rint(v * qs))  # exact product, rounded half to even
+        q, slot, t = _pack_value(pc[i], lb[i] == lc, mk[i] if masked else 1, m, right, masked)
+        tot[i] += t
+        pk[2 * i] = q
         pk[2 * i + 1] = slot
+
+
+@njit(inline="always", nogil=True, boundscheck=False, error_model="numpy")
+def _pack_pair_loop(pa, pb, lb, la, lbc, mk, m, right, masked, pka, pkb, tot):  # pragma: no cover - compiled
+    """:func:`_pack_loop` for two channel rows ``pa``, ``pb`` (labels ``la``, ``lbc``) in one vectorised
+    loop: the label and the voxel's channel sum are loaded and stored once for both values."""
+    for i in range(pa.shape[0]):
+        li = lb[i]
+        mi = mk[i] if masked else 1
+        qa, sa, ta = _pack_value(pa[i], li == la, mi, m, right, masked)
+        qb, sb, tb = _pack_value(pb[i], li == lbc, mi, m, right, masked)
+        tot[i] += ta + tb
+        pka[2 * i] = qa
+        pka[2 * i + 1] = sa
+        pkb[2 * i] = qb
+        pkb[2 * i + 1] = sb
+
+
+@njit(inline="always", nogil=True, boundscheck=False)
+def _pack_pair(pa, pb, lb, la, lbc, mk, m, right, masked, pka, pkb, tot):  # pragma: no cover - compiled
+    """:func:`_pack_pair_loop` with ``right`` and ``masked`` as constants (as :func:`_pack_row`)."""
+    if right:
+        if masked:
+            _pack_pair_loop(pa, pb, lb, la, lbc, mk, m, True, True, pka, pkb, tot)
+        else:
+            _pack_pair_loop(pa, pb, lb, la, lbc, mk, m, True, False, pka, pkb, tot)
+    elif masked:
+        _pack_pair_loop(pa, pb, lb, la, lbc, mk, m, False, True, pka, pkb, tot)
+    else:
+        _pack_pair_loop(pa, pb, lb, la, lbc, mk, m, False, False, pka, pkb, tot)
+
 
 @njit(inline="always", nogil=True, boundscheck=False)
 def _pack_row(pc, lb, lc, mk, m, right, masked, pk, tot):  # pragma: no cover - compiled
@@ -219,6 +253,22 @@ def _bin_row(pc, lb, lc, mk, m, right, masked, pk32, pk, tot, exact, h, hp):  # 
         _scatter_exact(pk, pc, pc.shape[0], h, hp)
     else:
         _scatter_packed(pk, pc.shape[0], h)
+
+@njit(inline="always", nogil=True, boundscheck=False)
+def _bin_pair(  # pragma: no cover - compiled
+    pa, pb, lb, la, lbc, mk, m, right, masked, pk32, pk, pk32b, pkb, tot, exact, ha, hpa, hb, hpb
+):
+    """:func:`_bin_row` for two channel rows of a block: one :func:`_pack_pair` (pass 1 of both) into
+    ``pk32`` / ``pk32b``, then pass 2 of each into its lane tables ``ha`` / ``hb``."""
+    _pack_pair(pa, pb, lb, la, lbc, mk, m, right, masked, pk32, pk32b, tot)
+    n = pa.shape[0]
+    if exact:
+        _scatter_exact(pk, pa, n, ha, hpa)
+        _scatter_exact(pkb, pb, n, hb, hpb)
+    else:
+        _scatter_packed(pk, n, ha)
+        _scatter_packed(pkb, n, hb)
+
 
 @njit(inline="always", nogil=True, boundscheck=False)
 def _mark_sums_off(tot, n, thr, bad):  # pragma: no cover - compiled
@@ -311,6 +361,8 @@ def _hist_voxels(p, lab, first, mask, use_mask, right, validate, thr, exact, out
         hp = np.zeros((kc, _LANES, width) if exact else (1, 1, 1))
         pk32 = np.empty(2 * _BLOCK, np.int32)
         pk = pk32.view(np.int64)
+        pk32b = np.empty(2 * _BLOCK, np.int32)
+        pkb = pk32b.view(np.int64)
         tot = np.zeros(_BLOCK, p.dtype)
         bad = np.zeros(_BLOCK, np.int32)
         for a0 in range(s0, s1, _BLOCK):
@@ -319,15 +371,22 @@ def _hist_voxels(p, lab, first, mask, use_mask, right, validate, thr, exact, out
             lb = lab[b, a0:a1]
             mk = mask[b, a0:a1] if use_mask else mask[0, 0:0]  # not read without a mask
             tot[:] = 0.0
-            for c in range(nc):
-                pc = p[b, c, a0:a1]
-                if c < first:
-                    if validate:
-                        _row_validate(pc, tot[:n])
-                else:
-                    hpc = hp[c - first] if exact else hp[0]
-                    lc = lb.dtype.type(c)
-                    _bin_row(pc, lb, lc, mk, m, right, use_mask, pk32, pk, tot, exact, h[c - first], hpc)
+            if validate and first > 0:
+                for c in range(first):
+                    _row_validate(p[b, c, a0:a1], tot[:n])
+            for c in range(first, nc - 1, 2):  # channel pairs: one pass 1 for both rows
+                ka = c - first
+                hpa = hp[ka] if exact else hp[0]
+                hpb = hp[ka + 1] if exact else hp[0]
+                la = lb.dtype.type(c)
+                lbc = lb.dtype.type(c + 1)
+                _bin_pair(p[b, c, a0:a1], p[b, c + 1, a0:a1], lb, la, lbc, mk, m, right, use_mask,
+                          pk32, pk, pk32b, pkb, tot, exact, h[ka], hpa, h[ka + 1], hpb)
+            if (nc - first) % 2 == 1:  # an odd channel out
+                c = nc - 1
+                hpc = hp[c - first] if exact else hp[0]
+                lc = lb.dtype.type(c)
+                _bin_row(p[b, c, a0:a1], lb, lc, mk, m, right, use_mask, pk32, pk, tot, exact, h[c - first], hpc)
             if validate:
                 _mark_sums_off(tot, n, thr, bad)
         nbad = 0
@@ -502,15 +561,54 @@ def set_threads(n: int) -> None:
 # -- differentiable bin sums of the calibration losses (forward sums and the gradient gathers) ---------------
 
 
-@njit(parallel=True, nogil=True, boundscheck=False, cache=True)
-def _hard_sums(p, y, lo, hi, right, idx, out):  # pragma: no cover - compiled
-    """Hard bins of the losses. p, y: (R, S) float32/float64 rows (image-channel pairs); ``lo``/``hi``: the
-    edge tables of :func:`edge_tables` in p's dtype; idx: (R, S) uint8/int16 receives each value's bin
-    (kept for the backward gather); out: (R, 3, M) float64 receives count, Σ p, Σ y per bin.
+@njit(inline="always", nogil=True, boundscheck=False, error_model="numpy")
+def _bin_loop(pc, m, right, divide, lo, hi, dst):  # pragma: no cover - compiled
+    """The bin of each value of ``pc`` (n,) clamped into [0, 1] into ``dst`` (n,): with ``divide`` (the edges
+    are the divided ones, :func:`voxel_kernel_ok`) by :func:`_pack_loop`'s division (vectorised), else by
+    the table lookup of :func:`_bin_of`."""
+    if divide:
+        dt = pc.dtype.type
+        zero = dt(0.0)
+        one = dt(1.0)
+        mf = dt(m)
+        for i in range(pc.shape[0]):
+            v = min(max(pc[i], zero), one)
+            v = v if v == v else zero
+            j = np.int32(v * mf)
+            if right:
+                k = np.int32(j - np.int32(v <= dt(j) / mf))
+                k = k if k > np.int32(0) else np.int32(0)
+            else:
+                k = j - np.int32(v < dt(j) / mf) + np.int32(v >= dt(j + np.int32(1)) / mf)
+                k = k if k < np.int32(m - 1) else np.int32(m - 1)
+            dst[i] = k
+    else:
+        for i in range(pc.shape[0]):
+            dst[i] = _bin_of(_clamp01(pc[i]), lo, hi, m, right)
 
-    The bin is :func:`_bin_of` of ``p`` clamped into [0, 1] (the bins of
-    :func:`~segcal.functional.binning.bin_index`); the sums add the unclamped values, in float64 per task of
-    ``_CHUNK`` values with two interleaved histograms (a run of values in one bin does not serialise)."""
+
+@njit(inline="always", nogil=True, boundscheck=False)
+def _bins(pc, m, right, divide, lo, hi, dst):  # pragma: no cover - compiled
+    """:func:`_bin_loop` with ``right`` and ``divide`` as constants (vectorised loops)."""
+    if divide:
+        if right:
+            _bin_loop(pc, m, True, True, lo, hi, dst)
+        else:
+            _bin_loop(pc, m, False, True, lo, hi, dst)
+    else:
+        _bin_loop(pc, m, right, False, lo, hi, dst)
+
+
+@njit(parallel=True, nogil=True, boundscheck=False, cache=True)
+def _hard_sums(p, y, lo, hi, right, divide, idx, out):  # pragma: no cover - compiled
+    """Hard bins of the losses. p, y: (R, S) float32/float64 rows (image-channel pairs); ``lo``/``hi``: the
+    edge tables of :func:`edge_tables` in p's dtype; ``divide``: :func:`voxel_kernel_ok` holds (bins by one
+    vectorised division); idx: (R, S) uint8/int16 receives each value's bin (kept for the backward gather);
+    out: (R, 3, M) float64 receives count, Σ p, Σ y per bin.
+
+    The bin is that of ``p`` clamped into [0, 1] (the bins of :func:`~segcal.functional.binning.bin_index`);
+    per task of ``_CHUNK`` values, one vectorised loop writes the bins, a second adds the unclamped values
+    into float64 sums over two interleaved histograms (a run of values in one bin does not serialise)."""
     n_rows, s = p.shape
     m = out.shape[2]
     n_chunks = (s + _CHUNK - 1) // _CHUNK
@@ -522,14 +620,16 @@ def _hard_sums(p, y, lo, hi, right, idx, out):  # pragma: no cover - compiled
         hn = np.zeros((2, m), np.int64)
         hp = np.zeros((2, m))
         hy = np.zeros((2, m))
-        for i in range(s0, s1):
-            w = p[r, i]
-            k = _bin_of(_clamp01(w), lo, hi, m, right)
-            idx[r, i] = k
+        pr = p[r, s0:s1]
+        yr = y[r, s0:s1]
+        ir = idx[r, s0:s1]
+        _bins(pr, m, right, divide, lo, hi, ir)
+        for i in range(s1 - s0):
+            k = np.int64(ir[i])
             ln = i & 1
             hn[ln, k] += 1
-            hp[ln, k] += w
-            hy[ln, k] += y[r, i]
+            hp[ln, k] += pr[i]
+            hy[ln, k] += yr[i]
         for k in range(m):
             partial[t, 0, k] = hn[0, k] + hn[1, k]
             partial[t, 1, k] = hp[0, k] + hp[1, k]

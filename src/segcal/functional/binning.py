@@ -456,7 +456,7 @@ def _loss_rows(probs: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor,
     b, c = probs.shape[:2]
     acc_dtype = torch.promote_types(probs.dtype, torch.float32)
     p = probs.reshape(b, c, -1).to(acc_dtype).contiguous()
-    y = target.reshape(b, c, -1).to(acc_dtype).expand_as(p).contiguous()
+    y = target.reshape(b, c, -1).to(acc_dtype).contiguous()
     return p, y
 
 
@@ -487,8 +487,9 @@ class _HardBinSums(torch.autograd.Function):
             out = np.zeros((b * c, 3, num_bins))
             edges = bin_edges(num_bins, p.dtype).numpy()
             lo, hi = _kernels.edge_tables(edges)
+            divide = _kernels.voxel_kernel_ok(num_bins, edges.dtype)
             _kernels._hard_sums(
-                p.reshape(b * c, s).numpy(), y.reshape(b * c, s).numpy(), lo, hi, closed == "right",
+                p.reshape(b * c, s).numpy(), y.reshape(b * c, s).numpy(), lo, hi, closed == "right", divide,
                 idx.reshape(b * c, s).numpy(), out,
             )
             sums = torch.from_numpy(out).to(p.dtype).reshape(b, c, 3, num_bins)
