@@ -28,6 +28,7 @@ comparison with an edge: computed by one division in :func:`_pack_loop`, looked 
 
 from __future__ import annotations
 
+import math
 import sys
 
 import numba
@@ -51,6 +52,19 @@ _LOW32 = np.int64(0xFFFFFFFF)
 #: what the validation adds to a voxel's channel sum for a value outside [0, 1] or NaN (the sum is then off 1)
 _FLAGGED = 8.0
 assert (_CHUNK // _LANES + _LANES) * 2**_QBITS < 2**_CNT_SHIFT and _BLOCK % _LANES == 0
+
+
+#: fewest parallel tasks :func:`_hist_voxels` aims at (smaller chunks for small inputs, so threads share evenly)
+_MIN_TASKS = 32
+
+
+def task_chunk(s: int, images: int) -> int:
+    """Voxels per task of :func:`_hist_voxels` for ``images`` images of ``s`` voxels: ``_CHUNK``, or fewer
+    whole blocks where that gives fewer than ``_MIN_TASKS`` tasks (e.g. 9 tasks on 2 threads: 5 against 4)."""
+    if images * math.ceil(s / _CHUNK) >= _MIN_TASKS:
+        return _CHUNK
+    per_task = math.ceil(s / math.ceil(_MIN_TASKS / images))
+    return max(_BLOCK, min(_CHUNK, math.ceil(per_task / _BLOCK) * _BLOCK))
 
 
 def voxel_kernel_ok(num_bins: int, dtype: np.dtype) -> bool:
@@ -327,7 +341,7 @@ def _merge_partials(partial, n_chunks, exact, out):  # pragma: no cover - compil
             out[b, c, 2, k] += acc2
 
 @njit(parallel=True, nogil=True, boundscheck=False, cache=True)
-def _hist_voxels(p, lab, first, mask, use_mask, right, validate, thr, exact, out, vstats):  # pragma: no cover
+def _hist_voxels(p, lab, first, mask, use_mask, right, validate, thr, exact, chunk, out, vstats):  # pragma: no cover
     """Exclusive mode, label map, float32/float64 probabilities. p: (B, C, S); lab: (B, S) int;
     mask: (B, S) uint8. Requires :func:`voxel_kernel_ok` for ``M`` and the dtype.
 
@@ -336,11 +350,13 @@ def _hist_voxels(p, lab, first, mask, use_mask, right, validate, thr, exact, out
     deviates from 1 by more than ``thr`` (``thr < 7``, see :func:`_mark_sums_off`); the caller re-checks
     precisely (and names the problem) only when one is non-zero.
 
-    A task is one image and one chunk of ``_CHUNK`` voxels, walked in blocks of ``_BLOCK`` voxels (a
-    block's rows, channel sums and packed words stay in L1); per block and channel: pass 1
-    (:func:`_pack_row`, vectorised: clamp, validation, bin) and pass 2 (:func:`_scatter_packed`), both in
-    :func:`_bin_row`, into the channel's lane histograms of packed ``count << _CNT_SHIFT | sum q`` int64
-    entries, unpacked once per task (channels before ``first`` are only validated, :func:`_row_validate`).
+    A task is one image and one chunk of ``chunk`` voxels (``_CHUNK``, or fewer whole blocks for small inputs:
+    :func:`task_chunk`), walked in blocks of ``_BLOCK`` voxels (a block's rows, channel sums and packed
+    words stay in L1); per block, channels in pairs: pass 1 of both rows in one vectorised loop
+    (:func:`_pack_pair`: clamp, validation, bin) and pass 2 of each (:func:`_scatter_packed`), both in
+    :func:`_bin_pair` (an odd channel out: :func:`_bin_row`), into the channel's lane histograms of packed
+    ``count << _CNT_SHIFT | sum q`` int64 entries, unpacked once per task (channels before ``first`` are only
+    validated, :func:`_row_validate`).
     Counts are exact. Sums of probabilities: with ``exact`` (float64 inputs) float64 sums
     (:func:`_scatter_exact`); otherwise exact integer sums of ``q = round(p * 2**_QBITS)``, i.e. within
     ``2**-(_QBITS + 1)`` (4.7e-10) per voxel of the exact sum, so a bin's mean confidence is within 4.7e-10,
@@ -350,13 +366,13 @@ def _hist_voxels(p, lab, first, mask, use_mask, right, validate, thr, exact, out
     m = out.shape[3]
     kc = nc - first
     width = 2 * m + 1  # slots 2k (miss), 2k + 1 (hit), 2M (discarded by the mask)
-    n_chunks = (s + _CHUNK - 1) // _CHUNK
+    n_chunks = (s + chunk - 1) // chunk
     n_tasks = nb * n_chunks
     partial = np.zeros((n_tasks, kc, 3, m))
     for t in prange(n_tasks):
         b = t // n_chunks
-        s0 = (t % n_chunks) * _CHUNK
-        s1 = min(s, s0 + _CHUNK)
+        s0 = (t % n_chunks) * chunk
+        s1 = min(s, s0 + chunk)
         h = np.zeros((kc, _LANES, width), np.int64)
         hp = np.zeros((kc, _LANES, width) if exact else (1, 1, 1))
         pk32 = np.empty(2 * _BLOCK, np.int32)

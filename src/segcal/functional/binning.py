@@ -129,9 +129,15 @@ class BinStats:
 def bin_edges(
     num_bins: int, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
 ) -> torch.Tensor:
-    """The ``M + 1`` edges ``k / M``, correctly rounded in ``dtype``."""
+    """The ``M + 1`` edges ``k / M``, correctly rounded in ``dtype``.
+
+    Computed on ``device`` itself (IEEE float64 division, the same values everywhere), so a CUDA caller waits
+    for no host-to-device copy; devices without float64 (MPS) get the CPU values copied."""
     check_num_bins(num_bins)
-    return (torch.arange(num_bins + 1, dtype=torch.float64) / num_bins).to(dtype=dtype, device=device)
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    here = dev if dev.type != "mps" else torch.device("cpu")
+    edges = torch.arange(num_bins + 1, dtype=torch.float64, device=here) / num_bins
+    return edges.to(dtype=dtype, device=dev)
 
 
 def bin_index(probs: torch.Tensor, num_bins: int = 20, closed: Closed = "right") -> torch.Tensor:
@@ -365,10 +371,11 @@ def _hist_native(
         _kernels._hist_dense(p_np, y_t.numpy(), first, mask_np, use_mask, *tables, right, out)
         return None
     if _kernels.voxel_kernel_ok(num_bins, p_np.dtype):
-        vstats = np.zeros(b * ((s + _kernels._CHUNK - 1) // _kernels._CHUNK))
+        chunk = _kernels.task_chunk(s, b)
+        vstats = np.zeros(b * ((s + chunk - 1) // chunk))
         thr = min(PROB_ATOL * max(1, c), 6.0)  # < 7: a flagged value makes its voxel sum >= 8 (kernel)
         exact = p_np.dtype == np.float64  # float64 sums; float32: fixed-point sums (see the kernel)
-        _kernels._hist_voxels(p_np, lab_np, first, mask_np, use_mask, right, validate, thr, exact, out, vstats)
+        _kernels._hist_voxels(p_np, lab_np, first, mask_np, use_mask, right, validate, thr, exact, chunk, out, vstats)
         return vstats
     # a bin count whose edges the division does not reproduce: table lookups
     if validate:
