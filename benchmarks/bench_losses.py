@@ -179,6 +179,11 @@ def main() -> None:
         tr = r["time_s"] / ref["time_s"] if ref else float("nan")
         mr = r["peak_mb"] / ref["peak_mb"] if ref and ref["peak_mb"] > 0 else float("nan")
         print(f"{name:<15}{r['time_s']:>13.4f}{tr:>14.2f}{r['peak_mb']:>12.1f}{mr:>14.2f}")
+    if ref:
+        for name, target in (("hard_ace", 2.0), ("soft_ace", 4.0)):
+            if name in results:
+                r = results[name]["time_s"] / ref["time_s"]
+                print(f"{name} / MONAI Dice: {r:.2f}x (target <= {target:g}x)")
     if "hard_ace" in results and "hard_ace_loop" in results:
         print(
             f"speed-up of vectorised hard ACE over the loop reference: "

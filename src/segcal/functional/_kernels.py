@@ -28,6 +28,7 @@ comparison with an edge: computed by one division in :func:`_pack_loop`, looked 
 
 from __future__ import annotations
 
+import math
 import sys
 
 import numba
@@ -51,6 +52,19 @@ _LOW32 = np.int64(0xFFFFFFFF)
 #: what the validation adds to a voxel's channel sum for a value outside [0, 1] or NaN (the sum is then off 1)
 _FLAGGED = 8.0
 assert (_CHUNK // _LANES + _LANES) * 2**_QBITS < 2**_CNT_SHIFT and _BLOCK % _LANES == 0
+
+
+#: fewest parallel tasks :func:`_hist_voxels` aims at (smaller chunks for small inputs, so threads share evenly)
+_MIN_TASKS = 32
+
+
+def task_chunk(s: int, images: int) -> int:
+    """Voxels per task of :func:`_hist_voxels` for ``images`` images of ``s`` voxels: ``_CHUNK``, or fewer
+    whole blocks where that gives fewer than ``_MIN_TASKS`` tasks (e.g. 9 tasks on 2 threads: 5 against 4)."""
+    if images * math.ceil(s / _CHUNK) >= _MIN_TASKS:
+        return _CHUNK
+    per_task = math.ceil(s / math.ceil(_MIN_TASKS / images))
+    return max(_BLOCK, min(_CHUNK, math.ceil(per_task / _BLOCK) * _BLOCK))
 
 
 def voxel_kernel_ok(num_bins: int, dtype: np.dtype) -> bool:
@@ -115,6 +129,30 @@ def _row_validate(pc, tot):  # pragma: no cover - compiled
         tot[i] += w if ok else flagged
 
 @njit(inline="always", nogil=True, boundscheck=False, error_model="numpy")
+def _pack_value(w, hit, mk_i, m, right, masked):  # pragma: no cover - compiled
+    """Pass 1 for one value ``w`` (see :func:`_pack_loop`): ``(q, slot, t)`` with ``t`` what the value adds
+    to its voxel's channel sum (``w``, or ``_FLAGGED`` where clamping changed it)."""
+    dt = type(w)
+    zero = dt(0.0)
+    one = dt(1.0)
+    mf = dt(m)
+    v = min(max(w, zero), one)
+    v = v if v == v else zero  # NaN -> 0: every index below stays in range
+    t = w if v == w else dt(_FLAGGED)
+    j = np.int32(v * mf)
+    if right:
+        k = np.int32(j - np.int32(v <= dt(j) / mf))
+        k = k if k > np.int32(0) else np.int32(0)  # p = 0: bin 0
+    else:
+        k = j - np.int32(v < dt(j) / mf) + np.int32(v >= dt(j + np.int32(1)) / mf)
+        k = k if k < np.int32(m - 1) else np.int32(m - 1)
+    slot = 2 * k + np.int32(hit)
+    if masked:
+        slot = slot if mk_i != 0 else np.int32(2 * m)
+    return np.int32(np.rint(v * dt(2.0**_QBITS))), slot, t  # exact product, rounded half to even
+
+
+@njit(inline="always", nogil=True, boundscheck=False, error_model="numpy")
 def _pack_loop(pc, lb, lc, mk, m, right, masked, pk, tot):  # pragma: no cover - compiled
     """Pass 1 (vectorised): per value ``i`` of row ``pc`` (n,) the packed word ``slot << 32 | q`` as the
     int32 pair ``pk[2 i] = q``, ``pk[2 i + 1] = slot`` (an int64 on little-endian machines; two int32
@@ -130,32 +168,42 @@ def _pack_loop(pc, lb, lc, mk, m, right, masked, pk, tot):  # pragma: no cover -
     the edge itself, and a product rounded up to ``j`` means ``p < j / M``, hence ``p <= e_j``.
     ``closed="left"`` adds the upper comparison ``p >= e_{j+1}`` (an edge rounded below ``(j + 1) / M``).
     """
-    dt = pc.dtype.type
-    zero = dt(0.0)
-    one = dt(1.0)
-    mf = dt(m)
-    qs = dt(2.0**_QBITS)
-    discard = np.int32(2 * m)
-    z32 = np.int32(0)
-    top = np.int32(m - 1)
-    flagged = dt(_FLAGGED)
     for i in range(pc.shape[0]):
-        w = pc[i]
-        v = min(max(w, zero), one)
-        v = v if v == v else zero  # NaN -> 0: every index below stays in range
-        tot[i] += w if v == w else flagged
-        j = np.int32(v * mf)
-        if right:
-            k = np.int32(j - np.int32(v <= dt(j) / mf))
-            k = k if k > z32 else z32  # p = 0: bin 0
-        else:
-            k = j - np.int32(v < dt(j) / mf) + np.int32(v >= dt(j + np.int32(1)) / mf)
-            k = k if k < top else top
-        slot = 2 * k + np.int32(lb[i] == lc)
-        if masked:
-            slot = slot if mk[i] != 0 else discard
-        pk[2 * i] = np.int32(np.rint(v * qs))  # exact product, rounded half to even
+        q, slot, t = _pack_value(pc[i], lb[i] == lc, mk[i] if masked else 1, m, right, masked)
+        tot[i] += t
+        pk[2 * i] = q
         pk[2 * i + 1] = slot
+
+
+@njit(inline="always", nogil=True, boundscheck=False, error_model="numpy")
+def _pack_pair_loop(pa, pb, lb, la, lbc, mk, m, right, masked, pka, pkb, tot):  # pragma: no cover - compiled
+    """:func:`_pack_loop` for two channel rows ``pa``, ``pb`` (labels ``la``, ``lbc``) in one vectorised
+    loop: the label and the voxel's channel sum are loaded and stored once for both values."""
+    for i in range(pa.shape[0]):
+        li = lb[i]
+        mi = mk[i] if masked else 1
+        qa, sa, ta = _pack_value(pa[i], li == la, mi, m, right, masked)
+        qb, sb, tb = _pack_value(pb[i], li == lbc, mi, m, right, masked)
+        tot[i] += ta + tb
+        pka[2 * i] = qa
+        pka[2 * i + 1] = sa
+        pkb[2 * i] = qb
+        pkb[2 * i + 1] = sb
+
+
+@njit(inline="always", nogil=True, boundscheck=False)
+def _pack_pair(pa, pb, lb, la, lbc, mk, m, right, masked, pka, pkb, tot):  # pragma: no cover - compiled
+    """:func:`_pack_pair_loop` with ``right`` and ``masked`` as constants (as :func:`_pack_row`)."""
+    if right:
+        if masked:
+            _pack_pair_loop(pa, pb, lb, la, lbc, mk, m, True, True, pka, pkb, tot)
+        else:
+            _pack_pair_loop(pa, pb, lb, la, lbc, mk, m, True, False, pka, pkb, tot)
+    elif masked:
+        _pack_pair_loop(pa, pb, lb, la, lbc, mk, m, False, True, pka, pkb, tot)
+    else:
+        _pack_pair_loop(pa, pb, lb, la, lbc, mk, m, False, False, pka, pkb, tot)
+
 
 @njit(inline="always", nogil=True, boundscheck=False)
 def _pack_row(pc, lb, lc, mk, m, right, masked, pk, tot):  # pragma: no cover - compiled
@@ -221,6 +269,22 @@ def _bin_row(pc, lb, lc, mk, m, right, masked, pk32, pk, tot, exact, h, hp):  # 
         _scatter_packed(pk, pc.shape[0], h)
 
 @njit(inline="always", nogil=True, boundscheck=False)
+def _bin_pair(  # pragma: no cover - compiled
+    pa, pb, lb, la, lbc, mk, m, right, masked, pk32, pk, pk32b, pkb, tot, exact, ha, hpa, hb, hpb
+):
+    """:func:`_bin_row` for two channel rows of a block: one :func:`_pack_pair` (pass 1 of both) into
+    ``pk32`` / ``pk32b``, then pass 2 of each into its lane tables ``ha`` / ``hb``."""
+    _pack_pair(pa, pb, lb, la, lbc, mk, m, right, masked, pk32, pk32b, tot)
+    n = pa.shape[0]
+    if exact:
+        _scatter_exact(pk, pa, n, ha, hpa)
+        _scatter_exact(pkb, pb, n, hb, hpb)
+    else:
+        _scatter_packed(pk, n, ha)
+        _scatter_packed(pkb, n, hb)
+
+
+@njit(inline="always", nogil=True, boundscheck=False)
 def _mark_sums_off(tot, n, thr, bad):  # pragma: no cover - compiled
     """Sets ``bad[i]`` (n,) int32 where the channel sum ``tot[i]`` of a block's voxel is NaN or off 1 by more
     than ``thr`` (``thr < 7``), which includes every voxel with a value outside [0, 1] or NaN: such a value
@@ -277,7 +341,7 @@ def _merge_partials(partial, n_chunks, exact, out):  # pragma: no cover - compil
             out[b, c, 2, k] += acc2
 
 @njit(parallel=True, nogil=True, boundscheck=False, cache=True)
-def _hist_voxels(p, lab, first, mask, use_mask, right, validate, thr, exact, out, vstats):  # pragma: no cover
+def _hist_voxels(p, lab, first, mask, use_mask, right, validate, thr, exact, chunk, out, vstats):  # pragma: no cover
     """Exclusive mode, label map, float32/float64 probabilities. p: (B, C, S); lab: (B, S) int;
     mask: (B, S) uint8. Requires :func:`voxel_kernel_ok` for ``M`` and the dtype.
 
@@ -286,11 +350,13 @@ def _hist_voxels(p, lab, first, mask, use_mask, right, validate, thr, exact, out
     deviates from 1 by more than ``thr`` (``thr < 7``, see :func:`_mark_sums_off`); the caller re-checks
     precisely (and names the problem) only when one is non-zero.
 
-    A task is one image and one chunk of ``_CHUNK`` voxels, walked in blocks of ``_BLOCK`` voxels (a
-    block's rows, channel sums and packed words stay in L1); per block and channel: pass 1
-    (:func:`_pack_row`, vectorised: clamp, validation, bin) and pass 2 (:func:`_scatter_packed`), both in
-    :func:`_bin_row`, into the channel's lane histograms of packed ``count << _CNT_SHIFT | sum q`` int64
-    entries, unpacked once per task (channels before ``first`` are only validated, :func:`_row_validate`).
+    A task is one image and one chunk of ``chunk`` voxels (``_CHUNK``, or fewer whole blocks for small inputs:
+    :func:`task_chunk`), walked in blocks of ``_BLOCK`` voxels (a block's rows, channel sums and packed
+    words stay in L1); per block, channels in pairs: pass 1 of both rows in one vectorised loop
+    (:func:`_pack_pair`: clamp, validation, bin) and pass 2 of each (:func:`_scatter_packed`), both in
+    :func:`_bin_pair` (an odd channel out: :func:`_bin_row`), into the channel's lane histograms of packed
+    ``count << _CNT_SHIFT | sum q`` int64 entries, unpacked once per task (channels before ``first`` are only
+    validated, :func:`_row_validate`).
     Counts are exact. Sums of probabilities: with ``exact`` (float64 inputs) float64 sums
     (:func:`_scatter_exact`); otherwise exact integer sums of ``q = round(p * 2**_QBITS)``, i.e. within
     ``2**-(_QBITS + 1)`` (4.7e-10) per voxel of the exact sum, so a bin's mean confidence is within 4.7e-10,
@@ -300,17 +366,19 @@ def _hist_voxels(p, lab, first, mask, use_mask, right, validate, thr, exact, out
     m = out.shape[3]
     kc = nc - first
     width = 2 * m + 1  # slots 2k (miss), 2k + 1 (hit), 2M (discarded by the mask)
-    n_chunks = (s + _CHUNK - 1) // _CHUNK
+    n_chunks = (s + chunk - 1) // chunk
     n_tasks = nb * n_chunks
     partial = np.zeros((n_tasks, kc, 3, m))
     for t in prange(n_tasks):
         b = t // n_chunks
-        s0 = (t % n_chunks) * _CHUNK
-        s1 = min(s, s0 + _CHUNK)
+        s0 = (t % n_chunks) * chunk
+        s1 = min(s, s0 + chunk)
         h = np.zeros((kc, _LANES, width), np.int64)
         hp = np.zeros((kc, _LANES, width) if exact else (1, 1, 1))
         pk32 = np.empty(2 * _BLOCK, np.int32)
         pk = pk32.view(np.int64)
+        pk32b = np.empty(2 * _BLOCK, np.int32)
+        pkb = pk32b.view(np.int64)
         tot = np.zeros(_BLOCK, p.dtype)
         bad = np.zeros(_BLOCK, np.int32)
         for a0 in range(s0, s1, _BLOCK):
@@ -319,15 +387,22 @@ def _hist_voxels(p, lab, first, mask, use_mask, right, validate, thr, exact, out
             lb = lab[b, a0:a1]
             mk = mask[b, a0:a1] if use_mask else mask[0, 0:0]  # not read without a mask
             tot[:] = 0.0
-            for c in range(nc):
-                pc = p[b, c, a0:a1]
-                if c < first:
-                    if validate:
-                        _row_validate(pc, tot[:n])
-                else:
-                    hpc = hp[c - first] if exact else hp[0]
-                    lc = lb.dtype.type(c)
-                    _bin_row(pc, lb, lc, mk, m, right, use_mask, pk32, pk, tot, exact, h[c - first], hpc)
+            if validate and first > 0:
+                for c in range(first):
+                    _row_validate(p[b, c, a0:a1], tot[:n])
+            for c in range(first, nc - 1, 2):  # channel pairs: one pass 1 for both rows
+                ka = c - first
+                hpa = hp[ka] if exact else hp[0]
+                hpb = hp[ka + 1] if exact else hp[0]
+                la = lb.dtype.type(c)
+                lbc = lb.dtype.type(c + 1)
+                _bin_pair(p[b, c, a0:a1], p[b, c + 1, a0:a1], lb, la, lbc, mk, m, right, use_mask,
+                          pk32, pk, pk32b, pkb, tot, exact, h[ka], hpa, h[ka + 1], hpb)
+            if (nc - first) % 2 == 1:  # an odd channel out
+                c = nc - 1
+                hpc = hp[c - first] if exact else hp[0]
+                lc = lb.dtype.type(c)
+                _bin_row(p[b, c, a0:a1], lb, lc, mk, m, right, use_mask, pk32, pk, tot, exact, h[c - first], hpc)
             if validate:
                 _mark_sums_off(tot, n, thr, bad)
         nbad = 0
@@ -497,3 +572,192 @@ def _hist_dense(p, y, first, mask, use_mask, lo, hi, right, out):  # pragma: no 
 def set_threads(n: int) -> None:
     """Set the number of threads the numba kernels use (defaults to numba's, i.e. all cores)."""
     numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+
+
+# -- differentiable bin sums of the calibration losses (forward sums and the gradient gathers) ---------------
+
+
+@njit(inline="always", nogil=True, boundscheck=False, error_model="numpy")
+def _bin_loop(pc, m, right, divide, lo, hi, dst):  # pragma: no cover - compiled
+    """The bin of each value of ``pc`` (n,) clamped into [0, 1] into ``dst`` (n,): with ``divide`` (the edges
+    are the divided ones, :func:`voxel_kernel_ok`) by :func:`_pack_loop`'s division (vectorised), else by
+    the table lookup of :func:`_bin_of`."""
+    if divide:
+        dt = pc.dtype.type
+        zero = dt(0.0)
+        one = dt(1.0)
+        mf = dt(m)
+        for i in range(pc.shape[0]):
+            v = min(max(pc[i], zero), one)
+            v = v if v == v else zero
+            j = np.int32(v * mf)
+            if right:
+                k = np.int32(j - np.int32(v <= dt(j) / mf))
+                k = k if k > np.int32(0) else np.int32(0)
+            else:
+                k = j - np.int32(v < dt(j) / mf) + np.int32(v >= dt(j + np.int32(1)) / mf)
+                k = k if k < np.int32(m - 1) else np.int32(m - 1)
+            dst[i] = k
+    else:
+        for i in range(pc.shape[0]):
+            dst[i] = _bin_of(_clamp01(pc[i]), lo, hi, m, right)
+
+
+@njit(inline="always", nogil=True, boundscheck=False)
+def _bins(pc, m, right, divide, lo, hi, dst):  # pragma: no cover - compiled
+    """:func:`_bin_loop` with ``right`` and ``divide`` as constants (vectorised loops)."""
+    if divide:
+        if right:
+            _bin_loop(pc, m, True, True, lo, hi, dst)
+        else:
+            _bin_loop(pc, m, False, True, lo, hi, dst)
+    else:
+        _bin_loop(pc, m, right, False, lo, hi, dst)
+
+
+@njit(parallel=True, nogil=True, boundscheck=False, cache=True)
+def _hard_sums(p, y, lo, hi, right, divide, idx, out):  # pragma: no cover - compiled
+    """Hard bins of the losses. p, y: (R, S) float32/float64 rows (image-channel pairs); ``lo``/``hi``: the
+    edge tables of :func:`edge_tables` in p's dtype; ``divide``: :func:`voxel_kernel_ok` holds (bins by one
+    vectorised division); idx: (R, S) uint8/int16 receives each value's bin (kept for the backward gather);
+    out: (R, 3, M) float64 receives count, Σ p, Σ y per bin.
+
+    The bin is that of ``p`` clamped into [0, 1] (the bins of :func:`~segcal.functional.binning.bin_index`);
+    per task of ``_CHUNK`` values, one vectorised loop writes the bins, a second adds the unclamped values
+    into float64 sums over two interleaved histograms (a run of values in one bin does not serialise)."""
+    n_rows, s = p.shape
+    m = out.shape[2]
+    n_chunks = (s + _CHUNK - 1) // _CHUNK
+    partial = np.zeros((n_rows * n_chunks, 3, m))
+    for t in prange(n_rows * n_chunks):
+        r = t // n_chunks
+        s0 = (t % n_chunks) * _CHUNK
+        s1 = min(s, s0 + _CHUNK)
+        hn = np.zeros((2, m), np.int64)
+        hp = np.zeros((2, m))
+        hy = np.zeros((2, m))
+        pr = p[r, s0:s1]
+        yr = y[r, s0:s1]
+        ir = idx[r, s0:s1]
+        _bins(pr, m, right, divide, lo, hi, ir)
+        for i in range(s1 - s0):
+            k = np.int64(ir[i])
+            ln = i & 1
+            hn[ln, k] += 1
+            hp[ln, k] += pr[i]
+            hy[ln, k] += yr[i]
+        for k in range(m):
+            partial[t, 0, k] = hn[0, k] + hn[1, k]
+            partial[t, 1, k] = hp[0, k] + hp[1, k]
+            partial[t, 2, k] = hy[0, k] + hy[1, k]
+    for r in prange(n_rows):
+        for j in range(n_chunks):
+            for q in range(3):
+                for k in range(m):
+                    out[r, q, k] += partial[r * n_chunks + j, q, k]
+
+
+@njit(parallel=True, nogil=True, boundscheck=False, cache=True)
+def _gather_bins(g, idx, dst):  # pragma: no cover - compiled
+    """``dst[r, i] = g[r, idx[r, i]]``: the gradient of a per-bin sum reaching each value of its bin.
+    g: (R, M); idx: (R, S) uint8/int16 bins from :func:`_hard_sums`; dst: (R, S)."""
+    n_rows, s = idx.shape
+    n_chunks = (s + _CHUNK - 1) // _CHUNK
+    for t in prange(n_rows * n_chunks):
+        r = t // n_chunks
+        s0 = (t % n_chunks) * _CHUNK
+        s1 = min(s, s0 + _CHUNK)
+        gr = g[r]
+        for i in range(s0, s1):
+            dst[r, i] = gr[np.int64(idx[r, i])]
+
+
+@njit(inline="always", nogil=True)
+def _soft_position(w, mf, top, lo_max, half, zero):  # pragma: no cover - compiled
+    """Triangular soft binning of one value ``w`` (all arithmetic in its dtype, as the torch formula; ``mf``,
+    ``top``, ``half``, ``zero`` are ``M``, ``M - 1``, 1/2, 0 in that dtype): the lower bin
+    ``lo = min(floor(pos), lo_max)``, ``hi = min(lo + 1, M - 1)``, the upper weight ``pos - lo`` with
+    ``pos = clamp(w M - 1/2, 0, M - 1)`` (``lo_max = max(M - 2, 0)`` in the dtype too) and ``d pos / d w``
+    (``M`` inside the clamp, bounds included, else 0)."""
+    x = w * mf - half
+    pos = min(max(x, zero), top)
+    lof = min(np.floor(pos), lo_max)
+    lo = np.int64(lof)
+    hi = min(lo + 1, np.int64(top))
+    w_hi = pos - lof
+    dpos = mf if (x >= zero) & (x <= top) else zero
+    return lo, hi, w_hi, dpos
+
+
+@njit(parallel=True, nogil=True, boundscheck=False, cache=True)
+def _soft_sums(p, y, out):  # pragma: no cover - compiled
+    """Soft (triangular) bins of the losses, the formula of :func:`~segcal.functional.binning.soft_bin_sums`.
+    p, y: (R, S) float32/float64; out: (R, 3, M) float64 receives Σ w, Σ w p, Σ w y per bin (weights in
+    p's dtype, sums in float64 per task of ``_CHUNK`` values)."""
+    n_rows, s = p.shape
+    m = out.shape[2]
+    dt = p.dtype.type
+    mf = dt(m)
+    top = dt(m - 1)
+    lo_max = dt(max(m - 2, 0))
+    half = dt(0.5)
+    zero = dt(0.0)
+    n_chunks = (s + _CHUNK - 1) // _CHUNK
+    partial = np.zeros((n_rows * n_chunks, 3, m))
+    for t in prange(n_rows * n_chunks):
+        r = t // n_chunks
+        s0 = (t % n_chunks) * _CHUNK
+        s1 = min(s, s0 + _CHUNK)
+        h = np.zeros((3, m))
+        for i in range(s0, s1):
+            w = p[r, i]
+            v = y[r, i]
+            lo, hi, w_hi, _ = _soft_position(w, mf, top, lo_max, half, zero)
+            w_lo = dt(1.0) - w_hi
+            h[0, lo] += w_lo
+            h[0, hi] += w_hi
+            h[1, lo] += w_lo * w
+            h[1, hi] += w_hi * w
+            h[2, lo] += w_lo * v
+            h[2, hi] += w_hi * v
+        for q in range(3):
+            for k in range(m):
+                partial[t, q, k] = h[q, k]
+    for r in prange(n_rows):
+        for j in range(n_chunks):
+            for q in range(3):
+                for k in range(m):
+                    out[r, q, k] += partial[r * n_chunks + j, q, k]
+
+
+@njit(parallel=True, nogil=True, boundscheck=False, cache=True)
+def _soft_grads(p, y, g, gp, gy):  # pragma: no cover - compiled
+    """Gradients of the soft bin sums of :func:`_soft_sums`. g: (R, 3, M) gradients reaching Σ w, Σ w p,
+    Σ w y (float64); gp, gy: (R, S) receive d/dp and d/dy (``gy`` of shape (0, 0) when not wanted).
+    With ``w_lo = 1 - w_hi`` and ``d w_hi / d p = d pos / d p``: d/dp = Σ over the two bins ``b`` of
+    ``g_w[b] w_b' + g_wp[b] (w_b' p + w_b) + g_wy[b] w_b' y`` and d/dy = ``g_wy[lo] w_lo + g_wy[hi] w_hi``."""
+    n_rows, s = p.shape
+    m = g.shape[2]
+    dt = p.dtype.type
+    mf = dt(m)
+    top = dt(m - 1)
+    lo_max = dt(max(m - 2, 0))
+    half = dt(0.5)
+    zero = dt(0.0)
+    want_y = gy.shape[1] == s
+    n_chunks = (s + _CHUNK - 1) // _CHUNK
+    for t in prange(n_rows * n_chunks):
+        r = t // n_chunks
+        s0 = (t % n_chunks) * _CHUNK
+        s1 = min(s, s0 + _CHUNK)
+        gr = g[r]
+        for i in range(s0, s1):
+            w = p[r, i]
+            v = y[r, i]
+            lo, hi, w_hi, dpos = _soft_position(w, mf, top, lo_max, half, zero)
+            w_lo = dt(1.0) - w_hi
+            a_hi = gr[0, hi] + gr[1, hi] * w + gr[2, hi] * v
+            a_lo = gr[0, lo] + gr[1, lo] * w + gr[2, lo] * v
+            gp[r, i] = dpos * (a_hi - a_lo) + w_lo * gr[1, lo] + w_hi * gr[1, hi]
+            if want_y:
+                gy[r, i] = w_lo * gr[2, lo] + w_hi * gr[2, hi]

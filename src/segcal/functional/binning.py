@@ -129,9 +129,15 @@ class BinStats:
 def bin_edges(
     num_bins: int, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
 ) -> torch.Tensor:
-    """The ``M + 1`` edges ``k / M``, correctly rounded in ``dtype``."""
+    """The ``M + 1`` edges ``k / M``, correctly rounded in ``dtype``.
+
+    Computed on ``device`` itself (IEEE float64 division, the same values everywhere), so a CUDA caller waits
+    for no host-to-device copy; devices without float64 (MPS) get the CPU values copied."""
     check_num_bins(num_bins)
-    return (torch.arange(num_bins + 1, dtype=torch.float64) / num_bins).to(dtype=dtype, device=device)
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    here = dev if dev.type != "mps" else torch.device("cpu")
+    edges = torch.arange(num_bins + 1, dtype=torch.float64, device=here) / num_bins
+    return edges.to(dtype=dtype, device=dev)
 
 
 def bin_index(probs: torch.Tensor, num_bins: int = 20, closed: Closed = "right") -> torch.Tensor:
@@ -365,10 +371,11 @@ def _hist_native(
         _kernels._hist_dense(p_np, y_t.numpy(), first, mask_np, use_mask, *tables, right, out)
         return None
     if _kernels.voxel_kernel_ok(num_bins, p_np.dtype):
-        vstats = np.zeros(b * ((s + _kernels._CHUNK - 1) // _kernels._CHUNK))
+        chunk = _kernels.task_chunk(s, b)
+        vstats = np.zeros(b * ((s + chunk - 1) // chunk))
         thr = min(PROB_ATOL * max(1, c), 6.0)  # < 7: a flagged value makes its voxel sum >= 8 (kernel)
         exact = p_np.dtype == np.float64  # float64 sums; float32: fixed-point sums (see the kernel)
-        _kernels._hist_voxels(p_np, lab_np, first, mask_np, use_mask, right, validate, thr, exact, out, vstats)
+        _kernels._hist_voxels(p_np, lab_np, first, mask_np, use_mask, right, validate, thr, exact, chunk, out, vstats)
         return vstats
     # a bin count whose edges the division does not reproduce: table lookups
     if validate:
@@ -450,25 +457,137 @@ def _bin_statistics_torch(
     return acc[:, :n_out].reshape(3, b, c, num_bins).permute(1, 2, 0, 3).contiguous()
 
 
+def _loss_rows(probs: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, C, S)`` rows of the probabilities and the target in the accumulation dtype (float32 for half
+    inputs, float64 kept), contiguous."""
+    b, c = probs.shape[:2]
+    acc_dtype = torch.promote_types(probs.dtype, torch.float32)
+    p = probs.reshape(b, c, -1).to(acc_dtype).contiguous()
+    y = target.reshape(b, c, -1).to(acc_dtype).contiguous()
+    return p, y
+
+
+def _numba_rows(p: torch.Tensor) -> bool:
+    """The loss sums take the numba kernels for CPU float32 / float64 rows (the torch formulas elsewhere)."""
+    return p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64)
+
+
+class _HardBinSums(torch.autograd.Function):
+    """``(count, Σp, Σy)`` per bin of ``p``, ``y`` ``(B, C, S)``; the bin of each value is computed once in the
+    forward pass and kept (numba: one byte per value up to 256 bins, two above; torch: int64) for the backward
+    pass, which gathers the gradient of each bin's sum back to its values (``∂Σp_k/∂p_i = 1`` for ``p_i`` in
+    bin ``k``). ``use_numba``: the CPU kernel (float32 / float64 CPU rows), else ``bin_index`` and
+    ``scatter_add``."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        p: torch.Tensor,
+        y: torch.Tensor,
+        num_bins: int,
+        closed: Closed,
+        use_numba: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, c, s = p.shape
+        if use_numba:
+            idx = torch.empty((b, c, s), dtype=torch.uint8 if num_bins <= 256 else torch.int16)
+            out = np.zeros((b * c, 3, num_bins))
+            edges = bin_edges(num_bins, p.dtype).numpy()
+            lo, hi = _kernels.edge_tables(edges)
+            divide = _kernels.voxel_kernel_ok(num_bins, edges.dtype)
+            _kernels._hard_sums(
+                p.reshape(b * c, s).numpy(), y.reshape(b * c, s).numpy(), lo, hi, closed == "right", divide,
+                idx.reshape(b * c, s).numpy(), out,
+            )
+            sums = torch.from_numpy(out).to(p.dtype).reshape(b, c, 3, num_bins)
+            count, sum_p, sum_y = (sums[:, :, q].contiguous() for q in range(3))
+        else:
+            idx = bin_index(p, num_bins, closed)
+            zeros = torch.zeros(b, c, num_bins, dtype=p.dtype, device=p.device)
+            count = zeros.scatter_add(2, idx, torch.ones_like(p))
+            sum_p = zeros.scatter_add(2, idx, p)
+            sum_y = zeros.scatter_add(2, idx, y)
+        ctx.save_for_backward(idx)
+        ctx.mark_non_differentiable(count)
+        return count, sum_p, sum_y
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, _g_count: torch.Tensor, g_p: torch.Tensor, g_y: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None]:
+        (idx,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        need_p, need_y = ctx.needs_input_grad[:2]  # type: ignore[attr-defined]
+        gp = _gather_bins(g_p, idx) if need_p else None
+        gy = _gather_bins(g_y, idx) if need_y else None
+        return gp, gy, None, None, None
+
+
+def _gather_bins(g: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``out[b, c, i] = g[b, c, idx[b, c, i]]`` for ``g`` ``(B, C, M)`` and bins ``idx`` ``(B, C, S)``."""
+    if idx.dtype == torch.int64 or g.requires_grad:  # the torch path (or a double backward): differentiable
+        return g.gather(2, idx.long())
+    b, c, s = idx.shape
+    out = torch.empty((b, c, s), dtype=g.dtype)
+    gc = g.detach().contiguous().reshape(b * c, -1)
+    _kernels._gather_bins(gc.numpy(), idx.reshape(b * c, s).numpy(), out.reshape(b * c, s).numpy())
+    return out
+
+
 def hard_bin_sums(
     probs: torch.Tensor, target: torch.Tensor, num_bins: int = 20, closed: Closed = "right"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Differentiable hard-binned sums for losses: ``(count, sum_p, sum_y)``, each ``(B, C, M)``.
 
-    ``probs`` and ``target`` are ``(B, C, *spatial)`` (target one-hot / multi-hot, already validated). The bin
-    assignment is piecewise constant, so the gradient flows through ``sum_p`` only (ACE-MICCAI §2). Sums keep
-    the dtype of ``probs`` (promoted to float32 for half inputs) so autograd and AMP work unchanged.
+    ``probs`` and ``target`` are ``(B, C, *spatial)`` (target one-hot / multi-hot / soft, already validated).
+    The bin assignment is piecewise constant, so the gradient flows through ``sum_p`` (and ``sum_y``) only
+    (ACE-MICCAI §2): each value's bin is computed once (:func:`bin_index`'s convention) and reused by the
+    backward pass. Sums keep the dtype of ``probs`` (promoted to float32 for half inputs) so autograd and AMP
+    work unchanged; on CPU (float32 / float64) one numba pass accumulates them in float64, elsewhere
+    ``scatter_add`` in that dtype (no host synchronisation).
     """
-    b, c = probs.shape[:2]
-    acc_dtype = torch.promote_types(probs.dtype, torch.float32)
-    p = probs.reshape(b, c, -1).to(acc_dtype)
-    y = target.reshape(b, c, -1).to(acc_dtype)
-    idx = bin_index(p.detach(), num_bins, closed)
-    zeros = torch.zeros(b, c, num_bins, dtype=acc_dtype, device=p.device)
-    count = zeros.scatter_add(2, idx, torch.ones_like(y))
-    sum_p = zeros.scatter_add(2, idx, p)
-    sum_y = zeros.scatter_add(2, idx, y)
-    return count, sum_p, sum_y
+    check_num_bins(num_bins)
+    if closed not in ("right", "left"):
+        raise ValueError(f"closed must be 'right' or 'left', got {closed!r}")
+    p, y = _loss_rows(probs, target)
+    return _HardBinSums.apply(p, y, int(num_bins), closed, _numba_rows(p))  # type: ignore[no-any-return]
+
+
+class _SoftBinSums(torch.autograd.Function):
+    """The numba pass of :func:`soft_bin_sums` (CPU float32 / float64) with its hand-derived gradient (a
+    second numba pass). Under ``create_graph=True`` the backward pass differentiates the torch formula instead,
+    so higher derivatives are those of the formula."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, p: torch.Tensor, y: torch.Tensor, num_bins: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, c, s = p.shape
+        out = np.zeros((b * c, 3, num_bins))
+        _kernels._soft_sums(p.reshape(b * c, s).numpy(), y.reshape(b * c, s).numpy(), out)
+        ctx.save_for_backward(p, y)
+        ctx.num_bins = num_bins  # type: ignore[attr-defined]
+        sums = torch.from_numpy(out).to(p.dtype).reshape(b, c, 3, num_bins)
+        return tuple(sums[:, :, q].contiguous() for q in range(3))
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, g_w: torch.Tensor, g_wp: torch.Tensor, g_wy: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        p, y = ctx.saved_tensors  # type: ignore[attr-defined]
+        need_p, need_y = ctx.needs_input_grad[:2]  # type: ignore[attr-defined]
+        if torch.is_grad_enabled():  # create_graph=True: a gradient that is itself differentiable
+            wanted = [t for t, need in ((p, need_p), (y, need_y)) if need]
+            sums = _soft_bin_sums_torch(p, y, ctx.num_bins)  # type: ignore[attr-defined]
+            grads = iter(torch.autograd.grad(sums, wanted, (g_w, g_wp, g_wy), create_graph=True, allow_unused=True))
+            return (next(grads) if need_p else None), (next(grads) if need_y else None), None
+        b, c, s = p.shape
+        g = torch.stack([g_w, g_wp, g_wy], 2).to(torch.float64).reshape(b * c, 3, -1).contiguous()
+        gp = torch.empty_like(p)
+        gy = torch.empty_like(y) if need_y else torch.empty((0, 0), dtype=p.dtype)
+        gy_np = gy.reshape(b * c, s).numpy() if need_y else gy.numpy()
+        _kernels._soft_grads(p.reshape(b * c, s).numpy(), y.reshape(b * c, s).numpy(), g.numpy(),
+                             gp.reshape(b * c, s).numpy(), gy_np)
+        return (gp if need_p else None), (gy if need_y else None), None
 
 
 def soft_bin_sums(
@@ -478,12 +597,23 @@ def soft_bin_sums(
 
     Each probability is shared linearly between its two nearest bin centres ``c_k = (k + 1/2) / M`` (triangular
     kernel of width ``1/M``); probabilities below ``c_0`` or above ``c_{M-1}`` go wholly to the edge bin. The
-    weights depend on ``p``, so gradients flow through both the weights and the weighted sums.
+    weights depend on ``p``, so gradients flow through both the weights and the weighted sums. On CPU
+    (float32 / float64) one numba pass computes the sums (float64 accumulation) and one more the gradient
+    (derived by hand from the formula below); elsewhere the torch formula runs under autograd.
     """
-    b, c = probs.shape[:2]
-    acc_dtype = torch.promote_types(probs.dtype, torch.float32)
-    p = probs.reshape(b, c, -1).to(acc_dtype)
-    y = target.reshape(b, c, -1).to(acc_dtype)
+    check_num_bins(num_bins)
+    p, y = _loss_rows(probs, target)
+    if _numba_rows(p):
+        return _SoftBinSums.apply(p, y, int(num_bins))  # type: ignore[no-any-return]
+    return _soft_bin_sums_torch(p, y, num_bins)
+
+
+def _soft_bin_sums_torch(
+    p: torch.Tensor, y: torch.Tensor, num_bins: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The torch formula of :func:`soft_bin_sums` on ``(B, C, S)`` rows (any device, autograd)."""
+    b, c = p.shape[:2]
+    acc_dtype = p.dtype
     pos = (p * num_bins - 0.5).clamp(0.0, num_bins - 1.0)  # continuous bin coordinate
     lo = pos.detach().floor().clamp(max=max(num_bins - 2, 0)).to(torch.int64)
     w_hi = pos - lo.to(acc_dtype)
