@@ -25,7 +25,7 @@ def spread_bin_sum(
     """``out[r, k] = Σ_n values[r, n] · [index[r, n] == k]``, differentiable in ``values``.
 
     Args:
-        index: bin index ``(R, N)`` int64 in ``[0, num_bins)``.
+        index: bin index ``(R, N)`` or ``(1, N)`` (shared by every row) int64 in ``[0, num_bins)``.
         values: ``(R, N)`` floating values (the gradient flows to them).
         num_bins: ``M``, the number of bins.
         spread: use the spread copies (default: on a CUDA device only; ``True`` tests that path on the CPU).
@@ -34,7 +34,9 @@ def spread_bin_sum(
         ``(R, M)`` sums in ``values``' dtype. Off the GPU this is ``scatter_add``; on a GPU the positions are
         spread over :data:`SPREAD` copies of the bins first (see the module docstring).
     """
-    r, n = index.shape
+    r, n = values.shape
+    if index.shape[0] == 1 and r > 1:
+        index = index.expand(r, n)
     out = values.new_zeros(r, num_bins)
     if spread is None:
         spread = index.device.type == "cuda"
@@ -42,9 +44,11 @@ def spread_bin_sum(
         return out.scatter_add(1, index, values)
     body = n - n % SPREAD
     copies = torch.arange(SPREAD, device=index.device) * num_bins
-    spread_index = (index[:, :body].reshape(r, -1, SPREAD) + copies).reshape(r, body)
-    spread = values.new_zeros(r, SPREAD * num_bins).scatter_add(1, spread_index, values[:, :body])
-    out = spread.view(r, SPREAD, num_bins).sum(1)
+    first = index[:1] if index.stride(0) == 0 else index  # a shared index is spread once
+    spread_index = (first[:, :body].reshape(first.shape[0], -1, SPREAD) + copies).reshape(first.shape[0], body)
+    spread_index = spread_index.expand(r, body)
+    spread_sums = values.new_zeros(r, SPREAD * num_bins).scatter_add(1, spread_index, values[:, :body])
+    out = spread_sums.view(r, SPREAD, num_bins).sum(1)
     if body < n:
         out = out.scatter_add(1, index[:, body:], values[:, body:])
     return out

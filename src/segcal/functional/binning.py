@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from segcal.functional import _kernels
+from segcal.functional._scatter import spread_bin_sum
 from segcal.functional.inputs import (
     PROB_ATOL,
     Activation,
@@ -430,7 +431,8 @@ def _bin_statistics_torch(
     num_bins: int,
     closed: Closed,
 ) -> torch.Tensor:
-    """Vectorised bincount path (CUDA, or CPU without numba), chunked over voxels to bound memory."""
+    """Vectorised path (CUDA, or CPU without numba), chunked over voxels to bound memory: the per-bin sums of
+    each chunk by :func:`~segcal.functional._scatter.spread_bin_sum` (no atomic contention on a GPU)."""
     b, c = probs.shape[:2]
     s = int(np.prod(probs.shape[2:]))
     dev = probs.device
@@ -442,18 +444,18 @@ def _bin_statistics_torch(
     lab = labels.reshape(b, 1, s) if labels is not None else None
     y = dense_y.reshape(b, c, s) if dense_y is not None else None
     msk = mask.reshape(b, 1, s) if mask is not None else None
-    step = max(1, _TORCH_CHUNK // max(1, b * c))
+    chunk = _TORCH_CHUNK * (8 if dev.type == "cuda" else 1)  # fewer, larger launches on a GPU
+    step = max(1, chunk // max(1, b * c))
     for s0 in range(0, s, step):
         sl = slice(s0, min(s, s0 + step))
-        pc = p[:, :, sl].clamp(0.0, 1.0)  # clamped only after validation; contiguous chunk
+        pc = p[:, :, sl].clamp(0.0, 1.0).contiguous()  # clamped only after validation
         key = bin_index(pc, num_bins, closed) + offs
         if msk is not None:
             key = torch.where(msk[:, :, sl], key, n_out)
-        key = key.reshape(-1)
+        key = key.reshape(1, -1)
         yc = (lab[:, :, sl] == ids) if lab is not None else y[:, :, sl]  # type: ignore[index]
-        acc[0] += torch.bincount(key, minlength=n_out + 1).to(torch.float64)
-        acc[1] += torch.bincount(key, weights=pc.reshape(-1).double(), minlength=n_out + 1)
-        acc[2] += torch.bincount(key, weights=yc.reshape(-1).double(), minlength=n_out + 1)
+        values = torch.stack([torch.ones_like(pc, dtype=torch.float64), pc.double(), yc.double()]).reshape(3, -1)
+        acc += spread_bin_sum(key, values, n_out + 1)
     return acc[:, :n_out].reshape(3, b, c, num_bins).permute(1, 2, 0, 3).contiguous()
 
 
@@ -503,10 +505,10 @@ class _HardBinSums(torch.autograd.Function):
             count, sum_p, sum_y = (sums[:, :, q].contiguous() for q in range(3))
         else:
             idx = bin_index(p, num_bins, closed)
-            zeros = torch.zeros(b, c, num_bins, dtype=p.dtype, device=p.device)
-            count = zeros.scatter_add(2, idx, torch.ones_like(p))
-            sum_p = zeros.scatter_add(2, idx, p)
-            sum_y = zeros.scatter_add(2, idx, y)
+            rows = idx.reshape(1, b * c * s) + (torch.arange(b * c, device=p.device) * num_bins).repeat_interleave(s)
+            values = torch.stack([torch.ones_like(p), p, y]).reshape(3, -1)
+            sums = spread_bin_sum(rows, values, b * c * num_bins).reshape(3, b, c, num_bins)
+            count, sum_p, sum_y = sums[0], sums[1], sums[2]
         ctx.save_for_backward(idx)
         ctx.mark_non_differentiable(count)
         return count, sum_p, sum_y
@@ -619,8 +621,9 @@ def _soft_bin_sums_torch(
     w_hi = pos - lo.to(acc_dtype)
     w_lo = 1.0 - w_hi
     hi = (lo + 1).clamp(max=num_bins - 1)
-    zeros = torch.zeros(b, c, num_bins, dtype=acc_dtype, device=p.device)
-    weight = zeros.scatter_add(2, lo, w_lo).scatter_add(2, hi, w_hi)
-    sum_wp = zeros.scatter_add(2, lo, w_lo * p).scatter_add(2, hi, w_hi * p)
-    sum_wy = zeros.scatter_add(2, lo, w_lo * y).scatter_add(2, hi, w_hi * y)
-    return weight, sum_wp, sum_wy
+    n = lo.shape[-1]
+    rows = (torch.arange(b * c, device=p.device) * num_bins).repeat_interleave(n)
+    index = torch.cat([lo.reshape(-1) + rows, hi.reshape(-1) + rows])[None]
+    values = torch.stack([torch.cat([w_lo, w_hi]), torch.cat([w_lo * p, w_hi * p]), torch.cat([w_lo * y, w_hi * y])])
+    sums = spread_bin_sum(index, values.reshape(3, -1), b * c * num_bins).reshape(3, b, c, num_bins)
+    return sums[0], sums[1], sums[2]
