@@ -259,7 +259,7 @@ def test_cuda_loss_sums_and_bin_statistics_equal_cpu() -> None:
     for fn in (hard_calibration_error, soft_calibration_error):
         outs = []
         for dev in ("cpu", "cuda"):
-            a = z.to(dev).requires_grad_(True)
+            a = z.detach().to(dev).requires_grad_(True)  # a leaf on each device (z.to("cpu") is z itself)
             v = fn(torch.softmax(a, 1), y.to(dev), 20)
             v.sum().backward()
             outs.append((v.cpu(), a.grad.cpu()))
