@@ -420,3 +420,26 @@ def test_the_docs_example_runs(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     exec(compile(blocks[0], "docs/posthoc.md[lts example]", "exec"), {})
     assert type(load_calibrator(tmp_path / "lts.pt")) is LocalTemperatureScaling
+
+
+def test_every_calibrator_transform_is_an_inference_result_without_a_graph() -> None:
+    """No calibrator hands back probabilities with a partial gradient: ``T(x)`` is computed without autograd, so
+    a graph through ``z / T`` alone would be silently wrong; every ``transform`` returns a detached result."""
+    from segcal.posthoc import (
+        AuxiliaryConvCalibrator,
+        DirichletScaling,
+        MatrixScaling,
+        TemperatureScaling,
+        VectorScaling,
+    )
+
+    g = torch.Generator().manual_seed(0)
+    z = 3 * torch.randn(2, 3, 12, 12, generator=g)
+    y = torch.randint(0, 3, (2, 12, 12), generator=g)
+    calibrators = [TemperatureScaling(), VectorScaling(), MatrixScaling(), DirichletScaling(),
+                   AuxiliaryConvCalibrator(kernel_size=3, epochs=1),
+                   LocalTemperatureScaling(epochs=1, patch_size=8, max_patches=8)]
+    for cal in calibrators:
+        out = cal.fit(z, y).transform(z.clone().requires_grad_(True))
+        assert not out.requires_grad, type(cal).__name__
+        torch.testing.assert_close(out.sum(1), torch.ones(2, 12, 12))

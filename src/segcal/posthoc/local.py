@@ -526,10 +526,12 @@ class LocalTemperatureScaling(Calibrator):
 
     def transform(self, logits: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
         """Calibrated probabilities ``(B, C, *spatial)``: ``softmax(z / T(x))`` (``sigmoid`` in multilabel
-        mode) of logits ``(B, C, *spatial)`` (and images ``(B, image_channels, *spatial)``)."""
+        mode) of logits ``(B, C, *spatial)`` (and images ``(B, image_channels, *spatial)``); like every
+        calibrator's, an inference result that carries no autograd graph."""
         t = self.temperature_map(logits, images)
-        z = logits.float() / t
-        return torch.softmax(z, 1) if self.mode == "exclusive" else torch.sigmoid(z)
+        with torch.no_grad():
+            z = logits.float() / t
+            return torch.softmax(z, 1) if self.mode == "exclusive" else torch.sigmoid(z)
 
     def _transform(self, logits: torch.Tensor) -> torch.Tensor:
         return logits / self._temperatures(logits, None)
