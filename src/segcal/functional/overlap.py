@@ -251,7 +251,10 @@ def _lean_inputs(
     check: bool,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(probabilities, label map (B, *S))`` when the masks can be built one class at a time (exclusive argmax
-    of probabilities against a label map), else None."""
+    of probabilities against a label map), else None (also for inputs that are not tensors: the general path
+    raises the error naming them)."""
+    if not (isinstance(pred, torch.Tensor) and isinstance(target, torch.Tensor)):
+        return None
     if mode != "exclusive" or regions is not None or threshold is not None or activation is not None:
         return None
     if pred.dtype == torch.bool or not pred.is_floating_point() or pred.ndim < 3 or pred.shape[1] < 2:
