@@ -361,9 +361,12 @@ class Calibrator:
     # ----------------------------------------------------------------------------------------- internals
     @classmethod
     def _from_config(cls, config: dict[str, Any]) -> Calibrator:
-        num_classes = config.pop("num_classes_")
+        """The calibrator of a saved configuration: its options, then the learned attributes (names ending in
+        ``_``, e.g. ``num_classes_``, the ``spatial_dims_`` of the conv calibrators)."""
+        learned = {k: config.pop(k) for k in [k for k in config if k.endswith("_")]}
         obj = cls(**config)
-        obj.num_classes_ = num_classes
+        for name, value in learned.items():
+            setattr(obj, name, value)
         return obj
 
     def _check_fitted(self) -> None:

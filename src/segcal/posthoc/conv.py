@@ -264,13 +264,6 @@ class AuxiliaryConvCalibrator(Calibrator):
             "spatial_dims_": self.spatial_dims_,
         }
 
-    @classmethod
-    def _from_config(cls, config: dict[str, Any]) -> Calibrator:
-        dims = config.pop("spatial_dims_")
-        obj = super()._from_config(config)
-        obj.spatial_dims_ = dims  # type: ignore[attr-defined]
-        return obj
-
     def _state(self) -> dict[str, torch.Tensor]:
         return dict(self.conv_.state_dict())
 

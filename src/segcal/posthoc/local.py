@@ -556,13 +556,6 @@ class LocalTemperatureScaling(Calibrator):
             "spatial_dims_": self.spatial_dims_,
         }
 
-    @classmethod
-    def _from_config(cls, config: dict[str, Any]) -> Calibrator:
-        dims = config.pop("spatial_dims_")
-        obj = super()._from_config(config)
-        obj.spatial_dims_ = dims  # type: ignore[attr-defined]
-        return obj
-
     def _state(self) -> dict[str, torch.Tensor]:
         state = {f"net.{k}": v for k, v in self.net_.state_dict().items()}
         state["initial_temperature"] = torch.tensor(self.initial_temperature_, dtype=torch.float64)
