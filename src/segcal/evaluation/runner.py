@@ -371,6 +371,8 @@ def evaluate_case_files(files: CaseFiles, config: EvalConfig, geometry: FolderSp
         case = load_case(
             files, config.fmt, spacing=geometry.spacing, spacing_from=geometry.source or "", assume_1mm=False
         )
+        if case.probabilities.dtype not in (np.float32, np.float64):  # e.g. float16 as stored: converted here, so
+            case.probabilities = case.probabilities.astype(np.float32)  # the stored copy is freed before computing
         segmentation = None
         if isinstance(files, SegmentedCaseFiles):
             segmentation = read_case_segmentation(files, case)
