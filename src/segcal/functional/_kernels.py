@@ -490,6 +490,18 @@ def _hist_top_label(p, lab, mask, use_mask, right, validate, thr, exact, out, vs
         vstats[t] = nbad
     _merge_partials(partial, n_chunks, exact, out)
 
+@njit(nogil=True, boundscheck=False, cache=True)
+def _add_row_partials(partial, n_chunks, out):  # pragma: no cover - compiled
+    """Adds the per-task sums ``partial`` (R * n_chunks, 3, M) into ``out`` (R, 3, M), the chunks of each row in
+    order (a few thousand additions: serial)."""
+    n_rows, _, m = out.shape
+    for r in range(n_rows):
+        for j in range(n_chunks):
+            for q in range(3):
+                for k in range(m):
+                    out[r, q, k] += partial[r * n_chunks + j, q, k]
+
+
 @njit(parallel=True, nogil=True, boundscheck=False, cache=True)
 def _hist_labels(p, lab, class_ids, mask, use_mask, lo, hi, right, out):  # pragma: no cover - compiled
     """Row variant (used for half-precision inputs converted one row at a time).
@@ -522,11 +534,7 @@ def _hist_labels(p, lab, class_ids, mask, use_mask, lo, hi, right, out):  # prag
             partial[t, 0, k] = hc[k]
             partial[t, 1, k] = hp[k]
             partial[t, 2, k] = hy[k]
-    for r in prange(n_rows):
-        for j in range(n_chunks):
-            for q in range(3):
-                for k in range(m):
-                    out[r, q, k] += partial[r * n_chunks + j, q, k]
+    _add_row_partials(partial, n_chunks, out)
 
 @njit(parallel=True, nogil=True, boundscheck=False, cache=True)
 def _hist_dense(p, y, first, mask, use_mask, lo, hi, right, out):  # pragma: no cover - compiled
@@ -650,11 +658,7 @@ def _hard_sums(p, y, lo, hi, right, divide, idx, out):  # pragma: no cover - com
             partial[t, 0, k] = hn[0, k] + hn[1, k]
             partial[t, 1, k] = hp[0, k] + hp[1, k]
             partial[t, 2, k] = hy[0, k] + hy[1, k]
-    for r in prange(n_rows):
-        for j in range(n_chunks):
-            for q in range(3):
-                for k in range(m):
-                    out[r, q, k] += partial[r * n_chunks + j, q, k]
+    _add_row_partials(partial, n_chunks, out)
 
 
 @njit(parallel=True, nogil=True, boundscheck=False, cache=True)
@@ -723,11 +727,7 @@ def _soft_sums(p, y, out):  # pragma: no cover - compiled
         for q in range(3):
             for k in range(m):
                 partial[t, q, k] = h[q, k]
-    for r in prange(n_rows):
-        for j in range(n_chunks):
-            for q in range(3):
-                for k in range(m):
-                    out[r, q, k] += partial[r * n_chunks + j, q, k]
+    _add_row_partials(partial, n_chunks, out)
 
 
 @njit(parallel=True, nogil=True, boundscheck=False, cache=True)
