@@ -207,11 +207,19 @@ def fnr_statistics(
         activation: ``None`` (``probs`` are probabilities), ``"softmax"`` or ``"sigmoid"``.
         resolution: ``K``, a power of two.
     """
+    p, gt, k = _validated(probs, target, mode, activation, resolution)
+    return _histograms(p, gt, k)
+
+
+def _validated(
+    probs: torch.Tensor, target: torch.Tensor, mode: Mode, activation: Activation, resolution: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(probabilities, ground truth (B, C, *spatial) bool, K)`` of a batch, validated (shapes, mode, K)."""
     mode = check_mode(mode)
     k = check_resolution(resolution)
     p = to_probabilities(probs, activation, mode, name="probs")
     check_target(target, p.shape, mode)
-    return _histograms(p, binary_targets(target, p.shape[1], p.shape[2:]), k)
+    return p, binary_targets(target, p.shape[1], p.shape[2:]), k
 
 
 def _histograms(p: torch.Tensor, gt: torch.Tensor, k: int) -> FNRStatistics:
@@ -287,11 +295,7 @@ def fdr_statistics(
     resolution: int = DEFAULT_RESOLUTION,
 ) -> FDRStatistics:
     """The :class:`FDRStatistics` of a batch (arguments as :func:`fnr_statistics`)."""
-    mode = check_mode(mode)
-    k = check_resolution(resolution)
-    p = to_probabilities(probs, activation, mode, name="probs")
-    check_target(target, p.shape, mode)
-    gt = binary_targets(target, p.shape[1], p.shape[2:])
+    p, gt, k = _validated(probs, target, mode, activation, resolution)
     return FDRStatistics(_histograms(p, gt, k), _histograms(p, ~gt, k))
 
 
