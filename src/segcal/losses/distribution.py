@@ -107,12 +107,8 @@ class CrossEntropyLoss(SegmentationLoss):
         self.label_smoothing = float(label_smoothing)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        self._check_input(input)
-        x = self._as_compute(input)
+        x, w = self._input_and_weight(input)
         c = x.shape[1]
-        w = None if self.class_weight is None else self.class_weight.to(x)
-        if w is not None and w.ndim == 1 and w.numel() != c:
-            raise ValueError(f"weight has {w.numel()} values but the input has {c} channels")
         self._check_values(x)
         if self.mode == "multilabel" or c == 1:
             y = self._onehot(target, x)
@@ -120,6 +116,16 @@ class CrossEntropyLoss(SegmentationLoss):
                 y = y * (1 - self.label_smoothing) + self.label_smoothing / 2
             return self._binary(x, y, w)
         return self._exclusive(x, target, w)
+
+    def _input_and_weight(self, input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The checked input in the compute dtype and the class weight on its device (its length checked)."""
+        self._check_input(input)
+        x = self._as_compute(input)
+        c = x.shape[1]
+        w = None if self.class_weight is None else self.class_weight.to(x)
+        if w is not None and w.ndim == 1 and w.numel() != c:
+            raise ValueError(f"weight has {w.numel()} values but the input has {c} channels")
+        return x, w
 
     def _binary(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
         """Binary cross-entropy per channel (multilabel or a single channel) against ``y`` ``(B, C, *spatial)``
@@ -221,12 +227,8 @@ class SVLSLoss(CrossEntropyLoss):
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """``input`` ``(B, C, *spatial)``; ``target`` as in :class:`SegmentationLoss` (soft targets are smoothed
         as they are)."""
-        self._check_input(input)
-        x = self._as_compute(input)
+        x, w = self._input_and_weight(input)
         c = x.shape[1]
-        w = None if self.class_weight is None else self.class_weight.to(x)
-        if w is not None and w.ndim == 1 and w.numel() != c:
-            raise ValueError(f"weight has {w.numel()} values but the input has {c} channels")
         y = self._onehot(target, x)
         self._check_values(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
