@@ -40,6 +40,7 @@ def test_spread_bin_sum_equals_scatter_add(n: int, rows: int, bins: int, shared:
 def spread_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
     """The binning core's torch paths take the spread copies on the CPU too (as they do on a GPU)."""
     monkeypatch.setattr(binning, "spread_bin_sum", functools.partial(spread_bin_sum, spread=True))
+    monkeypatch.setattr(binning, "contended_atomics", lambda device: True)
 
 
 def _case(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

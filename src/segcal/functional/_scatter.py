@@ -13,10 +13,16 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["spread_bin_sum"]
+__all__ = ["contended_atomics", "spread_bin_sum"]
 
 #: copies of the bins on a GPU; the position ``n`` adds into copy ``n % SPREAD``
 SPREAD = 512
+
+
+def contended_atomics(device: torch.device) -> bool:
+    """Whether few-bin ``scatter_add`` / ``bincount`` on ``device`` contend on atomics (a CUDA GPU), so the
+    per-bin sums take :func:`spread_bin_sum`'s spread copies."""
+    return device.type == "cuda"
 
 
 def spread_bin_sum(
@@ -39,7 +45,7 @@ def spread_bin_sum(
         index = index.expand(r, n)
     out = values.new_zeros(r, num_bins)
     if spread is None:
-        spread = index.device.type == "cuda"
+        spread = contended_atomics(index.device)
     if not spread or n < 2 * SPREAD:
         return out.scatter_add(1, index, values)
     body = n - n % SPREAD

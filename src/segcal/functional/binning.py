@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from segcal.functional import _kernels
-from segcal.functional._scatter import spread_bin_sum
+from segcal.functional._scatter import contended_atomics, spread_bin_sum
 from segcal.functional.inputs import (
     PROB_ATOL,
     Activation,
@@ -432,7 +432,8 @@ def _bin_statistics_torch(
     closed: Closed,
 ) -> torch.Tensor:
     """Vectorised path (CUDA, or CPU without numba), chunked over voxels to bound memory: the per-bin sums of
-    each chunk by :func:`~segcal.functional._scatter.spread_bin_sum` (no atomic contention on a GPU)."""
+    each chunk by ``bincount``, on a GPU by :func:`~segcal.functional._scatter.spread_bin_sum` (no atomic
+    contention)."""
     b, c = probs.shape[:2]
     s = int(np.prod(probs.shape[2:]))
     dev = probs.device
@@ -444,7 +445,7 @@ def _bin_statistics_torch(
     lab = labels.reshape(b, 1, s) if labels is not None else None
     y = dense_y.reshape(b, c, s) if dense_y is not None else None
     msk = mask.reshape(b, 1, s) if mask is not None else None
-    chunk = _TORCH_CHUNK * (8 if dev.type == "cuda" else 1)  # fewer, larger launches on a GPU
+    chunk = _TORCH_CHUNK * (8 if contended_atomics(dev) else 1)  # fewer, larger launches on a GPU
     step = max(1, chunk // max(1, b * c))
     for s0 in range(0, s, step):
         sl = slice(s0, min(s, s0 + step))
@@ -452,10 +453,15 @@ def _bin_statistics_torch(
         key = bin_index(pc, num_bins, closed) + offs
         if msk is not None:
             key = torch.where(msk[:, :, sl], key, n_out)
-        key = key.reshape(1, -1)
+        key = key.reshape(-1)
         yc = (lab[:, :, sl] == ids) if lab is not None else y[:, :, sl]  # type: ignore[index]
-        values = torch.stack([torch.ones_like(pc, dtype=torch.float64), pc.double(), yc.double()]).reshape(3, -1)
-        acc += spread_bin_sum(key, values, n_out + 1)
+        if contended_atomics(dev):  # a GPU: the spread copies of the bins
+            values = torch.stack([torch.ones_like(pc, dtype=torch.float64), pc.double(), yc.double()])
+            acc += spread_bin_sum(key[None], values.reshape(3, -1), n_out + 1)
+        else:  # bincount: the fastest histogram on a CPU (1.6x the spread path's scatter_add there)
+            acc[0] += torch.bincount(key, minlength=n_out + 1).to(torch.float64)
+            acc[1] += torch.bincount(key, weights=pc.reshape(-1).double(), minlength=n_out + 1)
+            acc[2] += torch.bincount(key, weights=yc.reshape(-1).double(), minlength=n_out + 1)
     return acc[:, :n_out].reshape(3, b, c, num_bins).permute(1, 2, 0, 3).contiguous()
 
 
