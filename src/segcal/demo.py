@@ -439,12 +439,12 @@ def _member_probs(
 
 #: the post-hoc calibrators ``segcal demo --calibrators`` fits on the Dice model's validation logits, next to the
 #: temperature scaling of every model (docs/posthoc.md); each becomes a run ``dice+<name>`` of the comparison
-DEMO_CALIBRATORS: dict[str, Callable[[int], Calibrator]] = {
-    "vector": lambda seed: VectorScaling(seed=seed),
-    "matrix": lambda seed: MatrixScaling(seed=seed),
-    "dirichlet": lambda seed: DirichletScaling(seed=seed),
-    "aux": lambda seed: AuxiliaryConvCalibrator(seed=seed),
-    "lts": lambda seed: LocalTemperatureScaling(seed=seed),
+DEMO_CALIBRATORS: dict[str, type[Calibrator]] = {
+    "vector": VectorScaling,
+    "matrix": MatrixScaling,
+    "dirichlet": DirichletScaling,
+    "aux": AuxiliaryConvCalibrator,
+    "lts": LocalTemperatureScaling,
 }
 
 
@@ -484,7 +484,7 @@ def predict_all(
             val_logits = _logits(models["dice"], torch.as_tensor(val.images))
             test_logits = _logits(models["dice"], x_te)
         for method in calibrators:
-            cal = DEMO_CALIBRATORS[method](seed).fit(val_logits, torch.as_tensor(val.labels))
+            cal = DEMO_CALIBRATORS[method](seed=seed).fit(val_logits, torch.as_tensor(val.labels))  # type: ignore[call-arg]
             probs[f"dice+{method}"] = cal.transform(test_logits)
             step(f"dice+{method}")
         m = size.ensemble_members
