@@ -32,7 +32,7 @@ from segcal.functional._kernels import (
 __all__ = ["fused_case_pass"]
 
 
-@njit(inline="always", nogil=True, boundscheck=False, error_model="numpy")
+@njit(nogil=True, boundscheck=False, error_model="numpy")
 def _row_label_loop(pc, lb, k, masked, wgt, py, sqk):  # pragma: no cover - compiled
     """Class ``k``'s row ``pc`` (n,) of a block: the likelihood of the label ``py[i] = p_k`` where
     ``lb[i] == k`` (clamped into [0, 1]), and the squared error ``(p_k - [lb == k])**2`` (float64, weighted
@@ -50,7 +50,7 @@ def _row_label_loop(pc, lb, k, masked, wgt, py, sqk):  # pragma: no cover - comp
         else:
             sqk[i] += d * d
 
-@njit(inline="always", nogil=True, boundscheck=False)
+@njit(nogil=True, boundscheck=False)
 def _row_label_terms(pc, lb, k, masked, wgt, py, sqk):  # pragma: no cover - compiled
     """:func:`_row_label_loop` with ``masked`` as a constant (no branch inside the loop)."""
     if masked:
@@ -58,7 +58,7 @@ def _row_label_terms(pc, lb, k, masked, wgt, py, sqk):  # pragma: no cover - com
     else:
         _row_label_loop(pc, lb, k, False, wgt, py, sqk)
 
-@njit(inline="always", nogil=True, boundscheck=False)
+@njit(nogil=True, boundscheck=False)
 def _pair_index(lb, c, arg, wgt, idx):  # pragma: no cover - compiled
     """Confusion cell ``argmax * (C + 1) + label`` of each voxel of a block into ``idx`` (a label outside
     [0, C) as column C; voxels outside the mask: the discard cell ``C * (C + 1)``). Vectorised."""
@@ -70,7 +70,7 @@ def _pair_index(lb, c, arg, wgt, idx):  # pragma: no cover - compiled
         j = np.int32(arg[i] * (ci + 1) + yi)
         idx[i] = j if wgt[i] != 0.0 else discard
 
-@njit(inline="always", nogil=True, boundscheck=False)
+@njit(nogil=True, boundscheck=False)
 def _scatter_pairs(idx, n, lanes):  # pragma: no cover - compiled
     """Counts the cells ``idx[:n]`` into ``_LANES`` interleaved tables ``lanes`` (L, C * (C + 1) + 1)."""
     nr = n // _LANES * _LANES
@@ -80,7 +80,7 @@ def _scatter_pairs(idx, n, lanes):  # pragma: no cover - compiled
     for i in range(nr, n):
         lanes[0, np.uint64(idx[i])] += 1
 
-@njit(inline="always", nogil=True, boundscheck=False)
+@njit(nogil=True, boundscheck=False)
 def _nll_hits(lb, c, arg, py, wgt, lo_eps, hi_eps, prod, hit):  # pragma: no cover - compiled
     """Multiplies the clamped likelihood of the label into ``prod`` (voxels inside the mask with a label in
     [0, C); others multiply by 1) and sets the top-label hit ``argmax == label``. Vectorised."""
@@ -91,7 +91,7 @@ def _nll_hits(lb, c, arg, py, wgt, lo_eps, hi_eps, prod, hit):  # pragma: no cov
         prod[i] *= f if ok else 1.0
         hit[i] = np.uint8(y == arg[i])
 
-@njit(inline="always", nogil=True)
+@njit(nogil=True)
 def _block_buffers(p):  # pragma: no cover - compiled
     """Scratch rows of ``_BLOCK`` voxels: max, channel sums, a second sums row and label likelihoods in the
     probabilities' dtype; argmax and confusion cells (int32); top-label hits (uint8); mask weights (ones);
@@ -111,7 +111,7 @@ def _block_buffers(p):  # pragma: no cover - compiled
     )
 
 
-@njit(inline="always", nogil=True, boundscheck=False)
+@njit(nogil=True, boundscheck=False)
 def _label_range(lb, lo, hi):  # pragma: no cover - compiled
     """``(min(lo, min lb), max(hi, max lb))`` as int64 over a block's labels ``lb`` (n >= 1,)."""
     lo_b = lb[0]
@@ -122,7 +122,7 @@ def _label_range(lb, lo, hi):  # pragma: no cover - compiled
     return min(lo, np.int64(lo_b)), max(hi, np.int64(hi_b))
 
 
-@njit(inline="always", nogil=True, boundscheck=False)
+@njit(nogil=True, boundscheck=False)
 def _flush_nll(prod, nll):  # pragma: no cover - compiled
     """Subtracts the logs of the likelihood products ``prod`` from ``nll``, resets them to 1, returns ``nll``."""
     for i in range(prod.shape[0]):
@@ -154,7 +154,7 @@ def _reduce_counts(lanes, sqa, counts, sq):  # pragma: no cover - compiled
     return n_in
 
 
-@njit(inline="always", nogil=True)
+@njit(nogil=True)
 def _store_stats(stats, nll, n_in, n_bad, lab_lo, lab_hi):  # pragma: no cover - compiled
     """``stats`` (5,) = NLL sum, voxels in the mask, flagged voxels, label min, label max."""
     stats[0] = nll

@@ -95,7 +95,7 @@ def edge_tables(edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 
-@njit(inline="always", nogil=True, boundscheck=False)
+@njit(nogil=True, boundscheck=False)
 def _bin_of(v, lo, hi, m, right):  # pragma: no cover - compiled
     """Bin of ``v`` (already clamped into [0, 1]) in ``[0, M - 1]``, as an unsigned index.
 
@@ -112,11 +112,11 @@ def _bin_of(v, lo, hi, m, right):  # pragma: no cover - compiled
         return np.uint64(k - np.int64(v <= lo[k]))
     return np.uint64(k + np.int64(v >= hi[k]) - np.int64(v < lo[k]))
 
-@njit(inline="always", nogil=True)
+@njit(nogil=True)
 def _clamp01(v):  # pragma: no cover - compiled
     return min(max(v, 0.0), 1.0)
 
-@njit(inline="always", nogil=True, boundscheck=False, error_model="numpy")
+@njit(nogil=True, boundscheck=False, error_model="numpy")
 def _row_validate(pc, tot):  # pragma: no cover - compiled
     """Adds row ``pc`` (n,) to the channel sums ``tot`` (n,), a value outside [0, 1] or NaN as
     ``_FLAGGED`` (so that its voxel's sum is off; see :func:`_mark_sums_off`). Vectorised."""
@@ -128,7 +128,7 @@ def _row_validate(pc, tot):  # pragma: no cover - compiled
         ok = (w >= zero) & (w <= one)
         tot[i] += w if ok else flagged
 
-@njit(inline="always", nogil=True, boundscheck=False, error_model="numpy")
+@njit(nogil=True, boundscheck=False, error_model="numpy")
 def _pack_value(w, hit, mk_i, m, right, masked):  # pragma: no cover - compiled
     """Pass 1 for one value ``w`` (see :func:`_pack_loop`): ``(q, slot, t)`` with ``t`` what the value adds
     to its voxel's channel sum (``w``, or ``_FLAGGED`` where clamping changed it)."""
@@ -152,7 +152,7 @@ def _pack_value(w, hit, mk_i, m, right, masked):  # pragma: no cover - compiled
     return np.int32(np.rint(v * dt(2.0**_QBITS))), slot, t  # exact product, rounded half to even
 
 
-@njit(inline="always", nogil=True, boundscheck=False, error_model="numpy")
+@njit(nogil=True, boundscheck=False, error_model="numpy")
 def _pack_loop(pc, lb, lc, mk, m, right, masked, pk, tot):  # pragma: no cover - compiled
     """Pass 1 (vectorised): per value ``i`` of row ``pc`` (n,) the packed word ``slot << 32 | q`` as the
     int32 pair ``pk[2 i] = q``, ``pk[2 i + 1] = slot`` (an int64 on little-endian machines; two int32
@@ -175,7 +175,7 @@ def _pack_loop(pc, lb, lc, mk, m, right, masked, pk, tot):  # pragma: no cover -
         pk[2 * i + 1] = slot
 
 
-@njit(inline="always", nogil=True, boundscheck=False, error_model="numpy")
+@njit(nogil=True, boundscheck=False, error_model="numpy")
 def _pack_pair_loop(pa, pb, lb, la, lbc, mk, m, right, masked, pka, pkb, tot):  # pragma: no cover - compiled
     """:func:`_pack_loop` for two channel rows ``pa``, ``pb`` (labels ``la``, ``lbc``) in one vectorised
     loop: the label and the voxel's channel sum are loaded and stored once for both values."""
@@ -191,7 +191,7 @@ def _pack_pair_loop(pa, pb, lb, la, lbc, mk, m, right, masked, pka, pkb, tot):  
         pkb[2 * i + 1] = sb
 
 
-@njit(inline="always", nogil=True, boundscheck=False)
+@njit(nogil=True, boundscheck=False)
 def _pack_pair(pa, pb, lb, la, lbc, mk, m, right, masked, pka, pkb, tot):  # pragma: no cover - compiled
     """:func:`_pack_pair_loop` with ``right`` and ``masked`` as constants (as :func:`_pack_row`)."""
     if right:
@@ -205,7 +205,7 @@ def _pack_pair(pa, pb, lb, la, lbc, mk, m, right, masked, pka, pkb, tot):  # pra
         _pack_pair_loop(pa, pb, lb, la, lbc, mk, m, False, False, pka, pkb, tot)
 
 
-@njit(inline="always", nogil=True, boundscheck=False)
+@njit(nogil=True, boundscheck=False)
 def _pack_row(pc, lb, lc, mk, m, right, masked, pk, tot):  # pragma: no cover - compiled
     """:func:`_pack_loop` with ``right`` and ``masked`` as constants (a branch inside the loop stops its
     vectorisation; ``closed="left"`` has two divisions and does not vectorise as well). Without a mask,
@@ -220,7 +220,7 @@ def _pack_row(pc, lb, lc, mk, m, right, masked, pk, tot):  # pragma: no cover - 
     else:
         _pack_loop(pc, lb, lc, mk, m, False, False, pk, tot)
 
-@njit(inline="always", nogil=True, boundscheck=False)
+@njit(nogil=True, boundscheck=False)
 def _scatter_packed(pk, n, h):  # pragma: no cover - compiled
     """Pass 2: adds ``1 << _CNT_SHIFT | q`` of each packed word ``pk[:n]`` to slot ``pk >> 32`` of lane
     histogram ``h[i % _LANES]`` (``_LANES`` interleaved tables: a run of voxels in one bin does not
@@ -234,7 +234,7 @@ def _scatter_packed(pk, n, h):  # pragma: no cover - compiled
         e = pk[i]
         h[0, np.uint64(e >> np.int64(32))] += _CNT_ONE + (e & _LOW32)
 
-@njit(inline="always", nogil=True, boundscheck=False)
+@njit(nogil=True, boundscheck=False)
 def _scatter_exact(pk, pc, n, h, hp):  # pragma: no cover - compiled
     """Pass 2 for float64 inputs: counts as in :func:`_scatter_packed` (``q`` ignored) and the clamped
     probabilities summed in float64 into the lane tables ``hp`` (same slots)."""
@@ -257,7 +257,7 @@ def _scatter_exact(pk, pc, n, h, hp):  # pragma: no cover - compiled
         h[0, k] += _CNT_ONE
         hp[0, k] += v
 
-@njit(inline="always", nogil=True, boundscheck=False)
+@njit(nogil=True, boundscheck=False)
 def _bin_row(pc, lb, lc, mk, m, right, masked, pk32, pk, tot, exact, h, hp):  # pragma: no cover - compiled
     """Both passes for one row ``pc`` (n,) of a block: :func:`_pack_row` into ``pk32`` (whose int64 view is
     ``pk``), then :func:`_scatter_exact` (``exact``: float64 sums into ``hp``) or :func:`_scatter_packed`
@@ -268,7 +268,7 @@ def _bin_row(pc, lb, lc, mk, m, right, masked, pk32, pk, tot, exact, h, hp):  # 
     else:
         _scatter_packed(pk, pc.shape[0], h)
 
-@njit(inline="always", nogil=True, boundscheck=False)
+@njit(nogil=True, boundscheck=False)
 def _bin_pair(  # pragma: no cover - compiled
     pa, pb, lb, la, lbc, mk, m, right, masked, pk32, pk, pk32b, pkb, tot, exact, ha, hpa, hb, hpb
 ):
@@ -284,7 +284,7 @@ def _bin_pair(  # pragma: no cover - compiled
         _scatter_packed(pkb, n, hb)
 
 
-@njit(inline="always", nogil=True, boundscheck=False)
+@njit(nogil=True, boundscheck=False)
 def _mark_sums_off(tot, n, thr, bad):  # pragma: no cover - compiled
     """Sets ``bad[i]`` (n,) int32 where the channel sum ``tot[i]`` of a block's voxel is NaN or off 1 by more
     than ``thr`` (``thr < 7``), which includes every voxel with a value outside [0, 1] or NaN: such a value
@@ -296,7 +296,7 @@ def _mark_sums_off(tot, n, thr, bad):  # pragma: no cover - compiled
     for i in range(n):
         bad[i] |= np.int32(not (abs(tot[i] - one) <= th))
 
-@njit(inline="always", nogil=True, boundscheck=False)
+@njit(nogil=True, boundscheck=False)
 def _unpack_lanes(h, hp, exact, dst):  # pragma: no cover - compiled
     """Lane tables ``h`` (L, 2M + 1) packed int64 (and ``hp`` float64 sums with ``exact``) of one task and
     channel into ``dst`` (3, M): count, sum of p (``exact``) or of q (an integer < 2**53, exact in
@@ -319,7 +319,7 @@ def _unpack_lanes(h, hp, exact, dst):  # pragma: no cover - compiled
         dst[1, k] = sp if exact else q
         dst[2, k] = n1
 
-@njit(inline="always", nogil=True, boundscheck=False)
+@njit(nogil=True, boundscheck=False)
 def _merge_partials(partial, n_chunks, exact, out):  # pragma: no cover - compiled
     """Adds the per-task sums ``partial`` (B * n_chunks, K, 3, M) into ``out`` (B, K, 3, M), summing the
     chunks of each image first: fixed-point sums of q add exactly (below 2**53, i.e. sums of p below 2**23
@@ -413,7 +413,7 @@ def _hist_voxels(p, lab, first, mask, use_mask, right, validate, thr, exact, chu
         vstats[t] = nbad
     _merge_partials(partial, n_chunks, exact, out)
 
-@njit(inline="always", nogil=True, boundscheck=False, error_model="numpy")
+@njit(nogil=True, boundscheck=False, error_model="numpy")
 def _row_argmax(pc, c, best, arg, tot):  # pragma: no cover - compiled
     """Folds channel ``c`` (row ``pc`` (n,)) into the running maximum ``best`` and its channel ``arg``
     (strictly greater replaces: the first maximum wins, as ``torch.max``), and into the channel sums
@@ -430,7 +430,7 @@ def _row_argmax(pc, c, best, arg, tot):  # pragma: no cover - compiled
         ok = (w >= zero) & (w <= one)
         tot[i] += w if ok else flagged
 
-@njit(inline="always", nogil=True, boundscheck=False)
+@njit(nogil=True, boundscheck=False)
 def _block_argmax(pb, a0, a1, best, arg, tot):  # pragma: no cover - compiled
     """Voxels ``a0:a1`` of the channel rows ``pb`` (C, S): their maximum ``best``, its channel ``arg`` and
     the channel sums ``tot`` (validation, see :func:`_row_validate`) into the first ``a1 - a0`` entries,
@@ -585,7 +585,7 @@ def set_threads(n: int) -> None:
 # -- differentiable bin sums of the calibration losses (forward sums and the gradient gathers) ---------------
 
 
-@njit(inline="always", nogil=True, boundscheck=False, error_model="numpy")
+@njit(nogil=True, boundscheck=False, error_model="numpy")
 def _bin_loop(pc, m, right, divide, lo, hi, dst):  # pragma: no cover - compiled
     """The bin of each value of ``pc`` (n,) clamped into [0, 1] into ``dst`` (n,): with ``divide`` (the edges
     are the divided ones, :func:`voxel_kernel_ok`) by :func:`_pack_loop`'s division (vectorised), else by
@@ -611,7 +611,7 @@ def _bin_loop(pc, m, right, divide, lo, hi, dst):  # pragma: no cover - compiled
             dst[i] = _bin_of(_clamp01(pc[i]), lo, hi, m, right)
 
 
-@njit(inline="always", nogil=True, boundscheck=False)
+@njit(nogil=True, boundscheck=False)
 def _bins(pc, m, right, divide, lo, hi, dst):  # pragma: no cover - compiled
     """:func:`_bin_loop` with ``right`` and ``divide`` as constants (vectorised loops)."""
     if divide:
@@ -676,7 +676,7 @@ def _gather_bins(g, idx, dst):  # pragma: no cover - compiled
             dst[r, i] = gr[np.int64(idx[r, i])]
 
 
-@njit(inline="always", nogil=True)
+@njit(nogil=True)
 def _soft_position(w, mf, top, lo_max, half, zero):  # pragma: no cover - compiled
     """Triangular soft binning of one value ``w`` (all arithmetic in its dtype, as the torch formula; ``mf``,
     ``top``, ``half``, ``zero`` are ``M``, ``M - 1``, 1/2, 0 in that dtype): the lower bin
