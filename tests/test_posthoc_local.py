@@ -180,7 +180,10 @@ def test_property_argmax_floor_and_chunks_on_random_and_adversarial_logits(
     if ties:
         assert torch.equal(p[:, 1], p[:, 2])
     lts.chunk_voxels = chunk_voxels
-    assert torch.allclose(lts.temperature_map(z), whole, atol=1e-5, rtol=1e-5)
+    # float32 convolutions of logits of size ~scale round differently per chunk shape: the pre-activation's
+    # rounding error grows with |z| (seen: 4e-5 at |z| ~ 1e4), so the tolerance does too
+    atol = 1e-5 * max(1.0, scale / 10)
+    assert torch.allclose(lts.temperature_map(z), whole, atol=atol, rtol=1e-5)
     lts.chunk_voxels = 1 << 20
 
 
