@@ -9,9 +9,12 @@ Run on a machine with a CUDA device (the results are recorded in docs/core-valid
    softmax maps and on adversarial ones (probabilities exactly on the bin edges ``k/M``, exact 0 and 1, an
    all-background image, a class present in one voxel). Every loss of the loss registry: value and input
    gradient in float64 on CUDA against the CPU.
-2. **Autocast.** Every loss under ``torch.autocast("cuda", float16)`` and ``bfloat16`` on random, all-background
+2. **Synchronisation.** Every loss's forward + backward with ``validate_args=False`` under
+   ``torch.cuda.set_sync_debug_mode("error")``: no device-to-host synchronisation at all (C++ ones included,
+   which the CPU test of the Python-level reads cannot see).
+3. **Autocast.** Every loss under ``torch.autocast("cuda", float16)`` and ``bfloat16`` on random, all-background
    and single-class batches: finite loss and finite gradients.
-3. **Timing** (CUDA events, median of ``--repeats`` after a warm-up): a plain read of the probabilities
+4. **Timing** (CUDA events, median of ``--repeats`` after a warm-up): a plain read of the probabilities
    (``p.sum()``) against ``bin_statistics``, ``top_label_statistics`` and ``case_statistics`` on one BraTS-sized
    case ``(1, 4, 240, 240, 155)``, with MONAI's ``CalibrationErrorMetric`` on the same device; every loss's
    forward + backward at ``(2, 4, 96, 96, 96)`` next to MONAI's ``DiceLoss``, in float32 and under float16 /
@@ -110,6 +113,23 @@ def check_losses(dev: torch.device) -> None:
             grads.append(xi.grad)
         _close(f"loss {name} value (float64)", vals[1], vals[0], 1e-9, 1e-12)
         _close(f"loss {name} gradient (float64)", grads[1], grads[0], 1e-7, 1e-10)
+
+
+def check_no_sync(dev: torch.device) -> None:
+    g = torch.Generator().manual_seed(4)
+    x = (2 * torch.randn(2, 3, 10, 9, 8, generator=g)).to(dev)
+    y = torch.randint(0, 3, (2, 1, 10, 9, 8), generator=g).to(dev)
+    for name in sorted(LOSS_REGISTRY):
+        loss = loss_from_string(name, softmax=True, to_onehot_y=True, validate_args=False).to(dev)
+        loss(x.clone().requires_grad_(True), y)  # warm-up outside the check (lazy initialisation)
+        xi = x.clone().requires_grad_(True)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss(xi, y).backward()
+        except RuntimeError as exc:
+            FAILURES.append(f"loss {name} with validate_args=False synchronises: {exc}")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
 
 
 def check_autocast(dev: torch.device) -> None:
@@ -251,7 +271,7 @@ def main() -> None:
         sys.exit("no CUDA device: this check runs on a GPU machine")
     dev = torch.device("cuda")
     print(f"device: {torch.cuda.get_device_name(dev)}, torch {torch.__version__}")
-    for part in (check_metrics, check_losses, check_autocast):
+    for part in (check_metrics, check_losses, check_no_sync, check_autocast):
         part(dev)
         print(f"{part.__name__}: {'ok' if not FAILURES else f'{len(FAILURES)} failures so far'}")
     if args.profile:

@@ -79,3 +79,63 @@ def test_valid_specs_and_python_weights() -> None:
         CompositeLoss({"dice": (-1.0, DiceLoss())})
     with pytest.raises(ValueError, match="num_bins must be a positive integer"):
         HardL1ACELoss(num_bins=True)
+
+
+# what turns a tensor into a host value: on CUDA each is a device-to-host transfer that synchronises
+_HOST_READS = ("tolist", "item", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__")
+
+
+@pytest.fixture
+def host_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Counts every tensor-to-host read made from Python (the ones a loss could make on purpose), with the
+    hard / soft ACE sums on the torch path that CUDA runs (not the CPU-only numba kernels)."""
+    import segcal.functional.binning as binning
+
+    calls: list[str] = []
+    monkeypatch.setattr(binning, "_numba_rows", lambda p: False)
+    for name in _HOST_READS:
+        orig = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _orig=orig, _name=name, **k):  # type: ignore[no-untyped-def]
+            calls.append(_name)
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("spec", LOSS_NAMES)
+@pytest.mark.parametrize("labels", [True, False], ids=["label_map", "one_hot"])
+def test_value_checks_cost_one_host_read_and_none_without_validate_args(
+    spec: str, labels: bool, host_reads: list[str]
+) -> None:
+    """On a GPU a host read stops the CPU from queueing work ahead: a loss call reads the device once (the
+    input's and the labels' min / max together) with ``validate_args=True`` and never with ``False``, in the
+    forward and the backward pass."""
+    x, y = _data()
+    target = y if labels else torch.nn.functional.one_hot(y[:, 0], 3).movedim(-1, 1).float()
+    for validate in (True, False):
+        loss = loss_from_string(spec, softmax=True, to_onehot_y=labels, validate_args=validate)
+        members = loss.losses if isinstance(loss, CompositeLoss) else [loss]
+        xr = x.clone().requires_grad_(True)
+        host_reads.clear()
+        value = loss(xr, target)
+        value.backward()
+        assert host_reads == (["tolist"] * len(members) if validate else []), spec
+        assert xr.grad is not None and not torch.isnan(xr.grad).any()
+
+
+@pytest.mark.parametrize("spec", ["dice", "ce", "hard_ace", "dice+soft_ace"])
+def test_the_one_read_checks_labels_and_values_together(spec: str) -> None:
+    """The merged check still names each problem: labels out of range, NaN input, logits without an activation."""
+    x, y = _data()
+    loss = loss_from_string(spec, softmax=True, to_onehot_y=True)
+    with pytest.raises(ValueError, match=r"target labels must lie in \[0, 2\] for 3 channels, found \[0, 3\]"):
+        loss(x, torch.where(y == 2, 3, y))
+    with pytest.raises(ValueError, match=r"found \[-1, 2\]"):
+        loss(x, torch.where(y == 1, -1, y))
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="input contains 1 NaN/Inf values"):
+        loss(x, y)
+    unchecked = loss_from_string(spec, softmax=True, to_onehot_y=True, validate_args=False)
+    assert torch.isfinite(unchecked(x.nan_to_num(), y))

@@ -34,6 +34,11 @@ class SegmentationLoss(nn.Module):
         reduction: ``"mean"`` (over images and classes), ``"sum"`` or ``"none"`` (the ``(B, C)`` terms).
         mode: ``"exclusive"`` or ``"multilabel"`` if no activation says which (default: ``"multilabel"`` with
             ``sigmoid=True``, else ``"exclusive"``).
+        validate_args: check the values on every call (finite input, probabilities in [0, 1] without an
+            activation, labels in ``[0, C - 1]``), as torchmetrics' argument of the same name. The checks cost one
+            device-to-host transfer per call (on CUDA a synchronisation that stops the host from queueing the
+            next kernels); ``False`` skips them once a pipeline is known to be sound. Type and shape checks
+            always run (they need no transfer).
     """
 
     def __init__(
@@ -47,6 +52,7 @@ class SegmentationLoss(nn.Module):
         weight: Sequence[float] | float | torch.Tensor | None = None,
         reduction: Reduction | str = "mean",
         mode: Literal["exclusive", "multilabel"] | None = None,
+        validate_args: bool = True,
     ) -> None:
         super().__init__()
         if sigmoid and softmax:
@@ -70,6 +76,7 @@ class SegmentationLoss(nn.Module):
         self.other_act = other_act
         self.reduction = reduction
         self.mode = mode
+        self.validate_args = bool(validate_args)
         if weight is not None:
             w = torch.as_tensor(weight, dtype=torch.float32)
             if w.ndim > 1:
@@ -98,22 +105,39 @@ class SegmentationLoss(nn.Module):
                 f"input must be (B, C, *spatial) with 2 or 3 spatial dims, got {tuple(input.shape)}"
             )
 
-    def _check_values(self, x: torch.Tensor) -> None:
+    def _check_values(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         """Rule: ``x`` is finite, and lies in [0, 1] unless an activation (``softmax``, ``sigmoid``,
-        ``other_act``) maps it to probabilities. One min/max reduction (NaN and ±Inf propagate into it), no copy;
-        ``ValueError`` naming the loss otherwise."""
-        if x.numel() == 0:
+        ``other_act``) maps it to probabilities; integer ``labels`` ``(B, *spatial)`` (if given) lie in
+        ``[0, C - 1]``. One min/max reduction per tensor (NaN and ±Inf propagate into it), no copy, and one
+        device-to-host transfer for both; ``ValueError`` naming the loss otherwise. Skipped with
+        ``validate_args=False``."""
+        if not self.validate_args:
             return
-        lo, hi = torch.stack(torch.aminmax(x.detach())).tolist()
+        parts = []
+        if x.numel():
+            parts += torch.aminmax(x.detach())
+        if labels is not None and labels.numel():
+            parts += torch.aminmax(labels)
+        if not parts:
+            return
+        dt = torch.float32 if x.device.type == "mps" else torch.float64  # MPS has no float64
+        stats = torch.stack([t.to(dt) for t in parts]).tolist()  # the one transfer
         name = type(self).__name__
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            n = int((~torch.isfinite(x.detach())).sum())
-            raise ValueError(f"{name}: input contains {n} NaN/Inf values")
-        if self.activation is None and self.other_act is None and (lo < 0 or hi > 1):
-            raise ValueError(
-                f"{name}: input spans [{lo:.4g}, {hi:.4g}]; without an activation it must hold probabilities "
-                "and got values outside [0, 1]: pass softmax=True or sigmoid=True for logits"
-            )
+        if x.numel():
+            lo, hi = stats[:2]
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                n = int((~torch.isfinite(x.detach())).sum())
+                raise ValueError(f"{name}: input contains {n} NaN/Inf values")
+            if self.activation is None and self.other_act is None and (lo < 0 or hi > 1):
+                raise ValueError(
+                    f"{name}: input spans [{lo:.4g}, {hi:.4g}]; without an activation it must hold probabilities "
+                    "and got values outside [0, 1]: pass softmax=True or sigmoid=True for logits"
+                )
+        if labels is not None and labels.numel():
+            c = x.shape[1]
+            llo, lhi = (int(v) for v in stats[-2:])
+            if llo < 0 or lhi >= c:
+                raise ValueError(f"target labels must lie in [0, {c - 1}] for {c} channels, found [{llo}, {lhi}]")
 
     @staticmethod
     def _as_compute(input: torch.Tensor) -> torch.Tensor:
@@ -121,7 +145,8 @@ class SegmentationLoss(nn.Module):
         return input.float() if input.dtype in (torch.float16, torch.bfloat16) else input
 
     def _onehot(self, target: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
-        """Target as ``(B, C, *spatial)`` in ``input``'s dtype (before background removal)."""
+        """Target as ``(B, C, *spatial)`` in ``input``'s dtype (before background removal), after the checks of
+        its shape and of the values of ``input`` and of a label map (:meth:`_check_values`)."""
         if not isinstance(target, torch.Tensor):
             raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
         b, c = input.shape[:2]
@@ -131,6 +156,7 @@ class SegmentationLoss(nn.Module):
             warnings.warn("single channel prediction, `to_onehot_y=True` ignored.", stacklevel=3)
         elif self.to_onehot_y:
             lab = self._labels(target, input)
+            self._check_values(input, lab)  # before the scatter, which an out-of-range label would break
             onehot = torch.zeros_like(input)
             return onehot.scatter_(1, lab.unsqueeze(1), 1.0)
         if target.ndim == input.ndim - 1 and c == 1:
@@ -140,11 +166,13 @@ class SegmentationLoss(nn.Module):
                 f"target shape {tuple(target.shape)} does not match input shape {tuple(input.shape)}; "
                 "pass to_onehot_y=True for a label map"
             )
+        self._check_values(input)
         return target.to(input.dtype)
 
     @staticmethod
     def _labels(target: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
-        """Integer label map ``(B, *spatial)`` from a ``(B, 1, *spatial)`` / ``(B, *spatial)`` target."""
+        """Integer label map ``(B, *spatial)`` from a ``(B, 1, *spatial)`` / ``(B, *spatial)`` target (its range is
+        checked by :meth:`_check_values`, in the same transfer as the input's values)."""
         b, _, *spatial = input.shape
         if tuple(target.shape) not in ((b, *spatial), (b, 1, *spatial)):
             raise ValueError(
@@ -154,14 +182,7 @@ class SegmentationLoss(nn.Module):
         lab = target[:, 0] if target.ndim == input.ndim else target
         if lab.is_floating_point():
             lab = lab.round()
-        lab = lab.long()
-        c = input.shape[1]
-        lo, hi = torch.aminmax(lab)
-        if int(lo) < 0 or int(hi) >= c:
-            raise ValueError(
-                f"target labels must lie in [0, {c - 1}] for {c} channels, found [{int(lo)}, {int(hi)}]"
-            )
-        return lab
+        return lab.long()
 
     def _select(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.include_background:
@@ -176,8 +197,7 @@ class SegmentationLoss(nn.Module):
         checked first (type, shape, target, then values: :meth:`_check_values`)."""
         self._check_input(input)
         x = self._as_compute(input)
-        y = self._onehot(target, x)
-        self._check_values(x)
+        y = self._onehot(target, x)  # also checks the values of x (and of a label map)
         if self.sigmoid:
             p = torch.sigmoid(x)
         elif self.softmax:

@@ -59,6 +59,7 @@ class _CalibrationLoss(SegmentationLoss):
         weight: Sequence[float] | float | torch.Tensor | None = None,
         reduction: Reduction | str = "mean",
         mode: Literal["exclusive", "multilabel"] | None = None,
+        validate_args: bool = True,
     ) -> None:
         super().__init__(
             include_background=include_background,
@@ -69,6 +70,7 @@ class _CalibrationLoss(SegmentationLoss):
             weight=weight,
             reduction=reduction,
             mode=mode,
+            validate_args=validate_args,
         )
         check_num_bins(num_bins)  # an integer in [1, MAX_BINS]; a bool is not a count
         self.num_bins = int(num_bins)
@@ -177,8 +179,7 @@ class _LogitPenalty(SegmentationLoss):
             )
         self._check_input(input)
         x = self._as_compute(input)
-        y = self._onehot(target, x)
-        self._check_values(x)
+        y = self._onehot(target, x)  # also checks the values of x (and of a label map)
         return x, y
 
 

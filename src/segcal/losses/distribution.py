@@ -59,8 +59,7 @@ class FocalLoss(SegmentationLoss):
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         self._check_input(input)
         x = self._as_compute(input)
-        y = self._onehot(target, x)
-        self._check_values(x)
+        y = self._onehot(target, x)  # also checks the values of x (and of a label map)
         multilabel = self.mode == "multilabel" or x.shape[1] == 1
         act = self.activation
         if self.other_act is not None:
@@ -109,7 +108,6 @@ class CrossEntropyLoss(SegmentationLoss):
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         x, w = self._input_and_weight(input)
         c = x.shape[1]
-        self._check_values(x)
         if self.mode == "multilabel" or c == 1:
             y = self._onehot(target, x)
             if self.label_smoothing > 0:  # each channel is a two-class problem: (1 − ε) y + ε / 2
@@ -151,20 +149,20 @@ class CrossEntropyLoss(SegmentationLoss):
     def _exclusive(self, x: torch.Tensor, target: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
         """Categorical cross-entropy, label-weighted (label map) or a plain voxel mean (one-hot / soft)."""
         c = x.shape[1]
-        logp = self._log_probs(x)
         wc = w if (w is None or w.ndim == 1) else w.expand(c)
-        if self.to_onehot_y:
-            lab = self._labels(target, x)
-            per = F.nll_loss(logp, lab, weight=wc, reduction="none")
-            if self.label_smoothing > 0:
-                smooth = -(logp * (wc.view([1, -1] + [1] * (x.ndim - 2)) if wc is not None else 1)).mean(1)
-                per = (1 - self.label_smoothing) * per + self.label_smoothing * smooth
-            den = wc[lab] if wc is not None else torch.ones_like(per)
-        else:
-            y = self._onehot(target, x)
+        if not self.to_onehot_y:
+            y = self._onehot(target, x)  # also checks the values of x
             if self.label_smoothing > 0:
                 y = y * (1 - self.label_smoothing) + self.label_smoothing / c
-            return self._soft_exclusive(logp, y, wc)
+            return self._soft_exclusive(self._log_probs(x), y, wc)
+        lab = self._labels(target, x)
+        self._check_values(x, lab)
+        logp = self._log_probs(x)
+        per = F.nll_loss(logp, lab, weight=wc, reduction="none")
+        if self.label_smoothing > 0:
+            smooth = -(logp * (wc.view([1, -1] + [1] * (x.ndim - 2)) if wc is not None else 1)).mean(1)
+            per = (1 - self.label_smoothing) * per + self.label_smoothing * smooth
+        den = wc[lab] if wc is not None else torch.ones_like(per)
         if self.reduction == "mean":
             return per.sum() / den.sum()
         if self.reduction == "sum":
@@ -229,8 +227,7 @@ class SVLSLoss(CrossEntropyLoss):
         as they are)."""
         x, w = self._input_and_weight(input)
         c = x.shape[1]
-        y = self._onehot(target, x)
-        self._check_values(x)
+        y = self._onehot(target, x)  # also checks the values of x (and of a label map)
         with torch.autocast(device_type=x.device.type, enabled=False):
             kernel = svls_kernel(self.kernel_size, self.sigma, x.ndim - 2, dtype=torch.float64)
             ys = smooth_target(y, kernel, padding="replicate")

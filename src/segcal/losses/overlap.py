@@ -260,8 +260,7 @@ class AsymmetricUnifiedFocalLoss(SegmentationLoss):
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         self._check_input(input)
         x = self._as_compute(input)
-        y = self._onehot(target, x)
-        self._check_values(x)
+        y = self._onehot(target, x)  # also checks the values of x (and of a label map)
         c = x.shape[1]
         if self.mode == "multilabel" or c == 1:
             if self.sigmoid:
