@@ -87,6 +87,53 @@ def both_hard_paths(p: torch.Tensor, y: torch.Tensor, m: int, closed: str) -> di
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("closed", ["right", "left"])
+@pytest.mark.parametrize("class_ids", [None, [1, 2, 3]], ids=["all", "no_background"])
+def test_hard_sums_of_a_label_map_equal_those_of_its_one_hot(
+    dtype: torch.dtype, closed: str, class_ids: list[int] | None
+) -> None:
+    """A label map is read without a one-hot: counts, Σp, Σy and the gradient equal the one-hot target's, on
+    both paths, with values on the edges and a class absent from one image."""
+    g = torch.Generator().manual_seed(11)
+    lab = torch.randint(0, 4, (2, 70_000), generator=g)  # longer than a kernel chunk
+    lab[1][lab[1] == 2] = 0  # class 2 absent from image 1
+    ids = list(range(4)) if class_ids is None else class_ids
+    p0 = torch.rand(2, len(ids), 70_000, generator=g, dtype=dtype)
+    edges = adversarial_probs(20, dtype, n_random=0).view(-1)  # the edges, their neighbours, 0 and 1
+    p0[:, :, : edges.numel()] = edges
+    onehot = (lab.unsqueeze(1) == torch.tensor(ids).view(1, -1, 1)).to(dtype)
+    weights = torch.linspace(-1, 1, 20, dtype=dtype)
+    for use_numba in (True, False):
+        results = []
+        for target in (onehot, lab):
+            p = p0.clone().requires_grad_(True)
+            extra = () if target is onehot else (torch.tensor(ids),)
+            out = binning._HardBinSums.apply(p, target, 20, closed, use_numba, *extra)
+            (out[1] * weights).sum().backward()
+            results.append((out, p.grad))
+        (a, ga), (b, gb) = results
+        for x, y in zip(a, b, strict=True):
+            assert torch.equal(x, y), use_numba
+        assert torch.equal(ga, gb), use_numba
+        assert bool((a[2][1, ids.index(2)] == 0).all()) if 2 in ids else True  # the absent class: no hits
+    public = hard_bin_sums(p0, lab.view(2, 1, -1), 20, closed, class_ids)
+    for x, y in zip(public, binning._HardBinSums.apply(p0, onehot, 20, closed, True), strict=True):
+        assert torch.equal(x, y)
+
+
+def test_hard_sums_label_map_arguments_are_checked() -> None:
+    p = torch.softmax(torch.randn(2, 3, 8, 8), 1)
+    lab = torch.randint(0, 3, (2, 8, 8))
+    with pytest.raises(ValueError, match=r"class_ids must name one class per channel \(3\), got 2"):
+        hard_bin_sums(p, lab, class_ids=[1, 2])
+    with pytest.raises(ValueError, match="class_ids applies to a label map"):
+        hard_bin_sums(p, torch.nn.functional.one_hot(lab, 3).movedim(-1, 1).float(), class_ids=[0, 1, 2])
+    dense = hard_bin_sums(p, torch.nn.functional.one_hot(lab, 3).movedim(-1, 1).float())
+    for a, b in zip(hard_bin_sums(p, lab.to(torch.uint8)), dense, strict=True):  # any integer dtype
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("closed", ["right", "left"])
 @pytest.mark.parametrize("m", [1, 3, 10, 20, 257])
 def test_hard_sums_equal_reference_at_edges(dtype: torch.dtype, closed: str, m: int) -> None:
     p = adversarial_probs(m, dtype, seed=m)
@@ -270,3 +317,39 @@ def test_cuda_loss_sums_and_bin_statistics_equal_cpu() -> None:
     dev = binning.bin_statistics(p.cuda(), lab.cuda(), 20).to("cpu")
     assert torch.equal(dev.count, cpu.count) and torch.equal(dev.sum_y, cpu.sum_y)
     torch.testing.assert_close(dev.sum_p, cpu.sum_p, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss_name", ["HardL1ACELoss", "SoftL1ACELoss"])
+@pytest.mark.parametrize("include_background", [True, False])
+@pytest.mark.parametrize("variant", ["mL1-ACE", "mL1-MCE"])
+def test_calibration_losses_on_a_label_map_equal_the_one_hot_target(
+    loss_name: str, include_background: bool, variant: str
+) -> None:
+    """The losses read a label map without building its one-hot: value and gradient equal those of the same
+    loss on the one-hot target, with ``ignore_empty_classes`` (class 2 absent from image 1) and per-class
+    terms, on the CPU kernels and on the torch path CUDA runs."""
+    import segcal.losses as losses
+
+    g = torch.Generator().manual_seed(5)
+    z = 3 * torch.randn(2, 4, 9, 8, 7, generator=g, dtype=torch.float64)
+    lab = torch.randint(0, 4, (2, 1, 9, 8, 7), generator=g)
+    lab[1][lab[1] == 2] = 3
+    onehot = torch.nn.functional.one_hot(lab[:, 0], 4).movedim(-1, 1).double()
+    kw = {"softmax": True, "include_background": include_background, "variant": variant, "reduction": "none"}
+    for torch_path in (False, True):
+        out = []
+        for target, to_onehot_y in ((lab, True), (onehot, False)):
+            for ignore in (False, True):
+                zz = z.clone().requires_grad_(True)
+                loss = getattr(losses, loss_name)(to_onehot_y=to_onehot_y, ignore_empty_classes=ignore, **kw)
+                with pytest.MonkeyPatch.context() as mp:
+                    if torch_path:
+                        mp.setattr(binning, "_numba_rows", lambda p: False)
+                    v = loss(zz, target)
+                v.sum().backward()
+                out.append((v.detach(), zz.grad))
+        for (va, ga), (vb, gb) in zip(out[:2], out[2:], strict=True):
+            torch.testing.assert_close(va, vb, rtol=0, atol=1e-12)
+            torch.testing.assert_close(ga, gb, rtol=0, atol=1e-12)
+        col = 2 if include_background else 1  # class 2's column
+        assert out[1][0][1, col] == 0 and out[0][0][1, col] > 0  # zeroed only with ignore_empty_classes

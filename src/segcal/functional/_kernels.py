@@ -624,17 +624,22 @@ def _bins(pc, m, right, divide, lo, hi, dst):  # pragma: no cover - compiled
 
 
 @njit(parallel=True, nogil=True, boundscheck=False, cache=True)
-def _hard_sums(p, y, lo, hi, right, divide, idx, out):  # pragma: no cover - compiled
-    """Hard bins of the losses. p, y: (R, S) float32/float64 rows (image-channel pairs); ``lo``/``hi``: the
-    edge tables of :func:`edge_tables` in p's dtype; ``divide``: :func:`voxel_kernel_ok` holds (bins by one
-    vectorised division); idx: (R, S) uint8/int16 receives each value's bin (kept for the backward gather);
-    out: (R, 3, M) float64 receives count, Σ p, Σ y per bin.
+def _hard_sums(p, y, lab, class_ids, lo, hi, right, divide, idx, out):  # pragma: no cover - compiled
+    """Hard bins of the losses. p: (R, S) float32/float64 rows (image-channel pairs); the target either
+    ``y`` (R, S) rows in p's dtype (one-hot / soft; ``class_ids`` empty), or a label map ``lab`` (B, S) integer
+    with ``class_ids`` (C,) the class of each channel (row ``r = b * C + c`` hits where ``lab[b] ==
+    class_ids[c]``; no one-hot is built); ``lo``/``hi``: the edge tables of :func:`edge_tables` in p's dtype;
+    ``divide``: :func:`voxel_kernel_ok` holds (bins by one vectorised division); idx: (R, S) uint8/int16
+    receives each value's bin (kept for the backward gather); out: (R, 3, M) float64 receives count, Σ p, Σ y
+    per bin.
 
     The bin is that of ``p`` clamped into [0, 1] (the bins of :func:`~segcal.functional.binning.bin_index`);
     per task of ``_CHUNK`` values, one vectorised loop writes the bins, a second adds the unclamped values
     into float64 sums over two interleaved histograms (a run of values in one bin does not serialise)."""
     n_rows, s = p.shape
     m = out.shape[2]
+    n_cls = class_ids.shape[0]
+    labels = n_cls > 0
     n_chunks = (s + _CHUNK - 1) // _CHUNK
     partial = np.zeros((n_rows * n_chunks, 3, m))
     for t in prange(n_rows * n_chunks):
@@ -645,15 +650,25 @@ def _hard_sums(p, y, lo, hi, right, divide, idx, out):  # pragma: no cover - com
         hp = np.zeros((2, m))
         hy = np.zeros((2, m))
         pr = p[r, s0:s1]
-        yr = y[r, s0:s1]
         ir = idx[r, s0:s1]
         _bins(pr, m, right, divide, lo, hi, ir)
-        for i in range(s1 - s0):
-            k = np.int64(ir[i])
-            ln = i & 1
-            hn[ln, k] += 1
-            hp[ln, k] += pr[i]
-            hy[ln, k] += yr[i]
+        if labels:
+            lr = lab[r // n_cls, s0:s1]
+            cid = class_ids[r % n_cls]
+            for i in range(s1 - s0):
+                k = np.int64(ir[i])
+                ln = i & 1
+                hn[ln, k] += 1
+                hp[ln, k] += pr[i]
+                hy[ln, k] += lr[i] == cid
+        else:
+            yr = y[r, s0:s1]
+            for i in range(s1 - s0):
+                k = np.int64(ir[i])
+                ln = i & 1
+                hn[ln, k] += 1
+                hp[ln, k] += pr[i]
+                hy[ln, k] += yr[i]
         for k in range(m):
             partial[t, 0, k] = hn[0, k] + hn[1, k]
             partial[t, 1, k] = hp[0, k] + hp[1, k]

@@ -481,11 +481,12 @@ def _numba_rows(p: torch.Tensor) -> bool:
 
 
 class _HardBinSums(torch.autograd.Function):
-    """``(count, Σp, Σy)`` per bin of ``p``, ``y`` ``(B, C, S)``; the bin of each value is computed once in the
-    forward pass and kept (numba: one byte per value up to 256 bins, two above; torch: int64) for the backward
-    pass, which gathers the gradient of each bin's sum back to its values (``∂Σp_k/∂p_i = 1`` for ``p_i`` in
-    bin ``k``). ``use_numba``: the CPU kernel (float32 / float64 CPU rows), else ``bin_index`` and
-    ``scatter_add``."""
+    """``(count, Σp, Σy)`` per bin of ``p``, ``y`` ``(B, C, S)`` (or, with ``class_ids`` ``(C,)``, an int64 label
+    map ``y`` ``(B, S)`` whose hits in channel ``c`` are the voxels labelled ``class_ids[c]``: no one-hot); the
+    bin of each value is computed once in the forward pass and kept (numba: one byte per value up to 256 bins,
+    two above; torch: int64) for the backward pass, which gathers the gradient of each bin's sum back to its
+    values (``∂Σp_k/∂p_i = 1`` for ``p_i`` in bin ``k``). ``use_numba``: the CPU kernel (float32 / float64 CPU
+    rows), else ``bin_index`` and ``scatter_add``."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -495,6 +496,7 @@ class _HardBinSums(torch.autograd.Function):
         num_bins: int,
         closed: Closed,
         use_numba: bool,
+        class_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, c, s = p.shape
         if use_numba:
@@ -503,13 +505,19 @@ class _HardBinSums(torch.autograd.Function):
             edges = bin_edges(num_bins, p.dtype).numpy()
             lo, hi = _kernels.edge_tables(edges)
             divide = _kernels.voxel_kernel_ok(num_bins, edges.dtype)
+            if class_ids is None:  # the target rows themselves, no label map
+                y_np, lab, ids = y.reshape(b * c, s).numpy(), np.zeros((1, 0), np.int64), np.zeros(0, np.int64)
+            else:
+                y_np, lab, ids = np.zeros((1, 0), p.numpy().dtype), y.numpy(), class_ids.numpy()
             _kernels._hard_sums(
-                p.reshape(b * c, s).numpy(), y.reshape(b * c, s).numpy(), lo, hi, closed == "right", divide,
+                p.reshape(b * c, s).numpy(), y_np, lab, ids, lo, hi, closed == "right", divide,
                 idx.reshape(b * c, s).numpy(), out,
             )
             sums = torch.from_numpy(out).to(p.dtype).reshape(b, c, 3, num_bins)
             count, sum_p, sum_y = (sums[:, :, q].contiguous() for q in range(3))
         else:
+            if class_ids is not None:  # on a GPU the one-hot rows are cheap next to the scatter
+                y = (y.view(b, 1, s) == class_ids.to(y.device).view(1, c, 1)).to(p.dtype)
             idx = bin_index(p, num_bins, closed)
             rows = idx.reshape(1, b * c * s) + (torch.arange(b * c, device=p.device) * num_bins).repeat_interleave(s)
             values = torch.stack([torch.ones_like(p), p, y]).reshape(3, -1)
@@ -522,12 +530,12 @@ class _HardBinSums(torch.autograd.Function):
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, _g_count: torch.Tensor, g_p: torch.Tensor, g_y: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None, None]:
         (idx,) = ctx.saved_tensors  # type: ignore[attr-defined]
         need_p, need_y = ctx.needs_input_grad[:2]  # type: ignore[attr-defined]
         gp = _gather_bins(g_p, idx) if need_p else None
-        gy = _gather_bins(g_y, idx) if need_y else None
-        return gp, gy, None, None, None
+        gy = _gather_bins(g_y, idx) if need_y else None  # never for a label map (integers need no gradient)
+        return gp, gy, None, None, None, None
 
 
 def _gather_bins(g: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -542,22 +550,45 @@ def _gather_bins(g: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def hard_bin_sums(
-    probs: torch.Tensor, target: torch.Tensor, num_bins: int = 20, closed: Closed = "right"
+    probs: torch.Tensor,
+    target: torch.Tensor,
+    num_bins: int = 20,
+    closed: Closed = "right",
+    class_ids: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Differentiable hard-binned sums for losses: ``(count, sum_p, sum_y)``, each ``(B, C, M)``.
 
-    ``probs`` and ``target`` are ``(B, C, *spatial)`` (target one-hot / multi-hot / soft, already validated).
-    The bin assignment is piecewise constant, so the gradient flows through ``sum_p`` (and ``sum_y``) only
-    (ACE-MICCAI §2): each value's bin is computed once (:func:`bin_index`'s convention) and reused by the
-    backward pass. Sums keep the dtype of ``probs`` (promoted to float32 for half inputs) so autograd and AMP
-    work unchanged; on CPU (float32 / float64) one numba pass accumulates them in float64, elsewhere
+    ``probs`` is ``(B, C, *spatial)``; ``target`` (already validated) is either ``(B, C, *spatial)`` (one-hot /
+    multi-hot / soft) or an integer label map ``(B, *spatial)`` / ``(B, 1, *spatial)`` (``C > 1``, exclusive
+    classes), whose voxels labelled ``class_ids[c]`` (default ``c``) are the hits of channel ``c``: the label map
+    is read directly, no one-hot is built (``class_ids = [1, ..., C]`` for probabilities without the background
+    channel). The bin assignment is piecewise constant, so the gradient flows through ``sum_p`` (and a dense
+    ``sum_y``) only (ACE-MICCAI §2): each value's bin is computed once (:func:`bin_index`'s convention) and reused
+    by the backward pass. Sums keep the dtype of ``probs`` (promoted to float32 for half inputs) so autograd and
+    AMP work unchanged; on CPU (float32 / float64) one numba pass accumulates them in float64, elsewhere
     ``scatter_add`` in that dtype (no host synchronisation).
     """
     check_num_bins(num_bins)
     if closed not in ("right", "left"):
         raise ValueError(f"closed must be 'right' or 'left', got {closed!r}")
-    p, y = _loss_rows(probs, target)
-    return _HardBinSums.apply(p, y, int(num_bins), closed, _numba_rows(p))  # type: ignore[no-any-return]
+    b, c = probs.shape[:2]
+    spatial = tuple(probs.shape[2:])
+    label_map = (
+        c > 1 and not target.is_floating_point() and target.dtype != torch.bool
+        and tuple(target.shape) in ((b, *spatial), (b, 1, *spatial))
+    )
+    if not label_map:
+        if class_ids is not None:
+            raise ValueError("class_ids applies to a label map target (B, *spatial), not to a dense target")
+        p, y = _loss_rows(probs, target)
+        return _HardBinSums.apply(p, y, int(num_bins), closed, _numba_rows(p))  # type: ignore[no-any-return]
+    ids = torch.arange(c) if class_ids is None else torch.as_tensor(list(class_ids), dtype=torch.int64)
+    if ids.shape != (c,):
+        raise ValueError(f"class_ids must name one class per channel ({c}), got {len(ids)}")
+    acc_dtype = torch.promote_types(probs.dtype, torch.float32)
+    p = probs.reshape(b, c, -1).to(acc_dtype).contiguous()
+    lab = target.reshape(b, -1).to(torch.int64).contiguous()
+    return _HardBinSums.apply(p, lab, int(num_bins), closed, _numba_rows(p), ids)  # type: ignore[no-any-return]
 
 
 class _SoftBinSums(torch.autograd.Function):

@@ -15,6 +15,7 @@ Notation (DSC++ paper, eq. 8-9, 16, 21): with ``p`` the probability of class ``c
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -226,16 +227,20 @@ def hard_calibration_error(
     num_bins: int = 20,
     reduction: CalibrationReduction = "average",
     closed: Closed = "right",
+    class_ids: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Hard-binned marginal L1 calibration error per image and class ``(B, C)`` (ACE-MICCAI eq. 1-4).
 
+    ``target``: ``(B, C, *spatial)`` one-hot / soft, or an integer label map ``(B, *spatial)`` read without a
+    one-hot (``class_ids``: the class of each channel, default ``0..C-1``; see
+    :func:`~segcal.functional.binning.hard_bin_sums`).
     Bins ``(k/M, (k+1)/M]`` from :func:`~segcal.functional.binning.hard_bin_sums`; per non-empty bin
     ``e_k = Σp / n_k`` and ``o_k = Σy / n_k``. ``"average"``: mean over non-empty bins of ``|o_k − e_k|``
     (mL1-ACE); ``"expected"``: the ``n_k / N``-weighted sum (mL1-ECE); ``"maximum"``: largest gap (mL1-MCE).
     The bin assignment is piecewise constant, so the gradient flows through ``e_k`` only:
     ``∂ACE/∂p_i = sign(e_k − o_k) / (n_k K⁺)`` for ``p_i`` in bin ``k`` and ``K⁺`` non-empty bins.
     """
-    count, sum_p, sum_y = hard_bin_sums(probs.contiguous(), target, num_bins, closed)
+    count, sum_p, sum_y = hard_bin_sums(probs.contiguous(), target, num_bins, closed, class_ids)
     return _reduce_bins(count, sum_p, sum_y, count > 0, reduction)
 
 

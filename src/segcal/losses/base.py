@@ -198,20 +198,21 @@ class SegmentationLoss(nn.Module):
         self._check_input(input)
         x = self._as_compute(input)
         y = self._onehot(target, x)  # also checks the values of x (and of a label map)
-        if self.sigmoid:
-            p = torch.sigmoid(x)
-        elif self.softmax:
-            if x.shape[1] == 1:
-                warnings.warn("single channel prediction, `softmax=True` ignored.", stacklevel=3)
-                p = x
-            else:
-                p = torch.softmax(x, 1)
-        elif self.other_act is not None:
-            p = self.other_act(x)
-        else:
-            p = x
-        p, y = self._select(p, y)
+        p, y = self._select(self._activate(x), y)
         return p, y
+
+    def _activate(self, x: torch.Tensor) -> torch.Tensor:
+        """Probabilities ``(B, C, *spatial)`` from the checked input: the activation, or ``x`` itself."""
+        if self.sigmoid:
+            return torch.sigmoid(x)
+        if self.softmax:
+            if x.shape[1] == 1:
+                warnings.warn("single channel prediction, `softmax=True` ignored.", stacklevel=4)
+                return x
+            return torch.softmax(x, 1)
+        if self.other_act is not None:
+            return self.other_act(x)
+        return x
 
     def reduce(self, f: torch.Tensor) -> torch.Tensor:
         """Apply class weights to ``(B, C)`` terms and the reduction."""

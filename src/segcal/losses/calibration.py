@@ -78,7 +78,9 @@ class _CalibrationLoss(SegmentationLoss):
         self._reduction_kind = _variant(variant)
         self.ignore_empty_classes = bool(ignore_empty_classes)
 
-    def _terms(self, probs: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+    def _terms(self, probs: torch.Tensor, target: torch.Tensor, class_ids: list[int] | None = None) -> torch.Tensor:
+        """``(B, C')`` terms of ``probs`` against a one-hot ``target`` ``(B, C', *spatial)``, or against a label map
+        ``(B, *spatial)`` whose class ``class_ids[c]`` is channel ``c``."""
         raise NotImplementedError
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -86,10 +88,28 @@ class _CalibrationLoss(SegmentationLoss):
 
         Returns the reduced loss, or ``(B, C)`` per image and class with ``reduction="none"``.
         """
+        if self.to_onehot_y and self.mode == "exclusive" and input.ndim >= 2 and input.shape[1] > 1:
+            return self._forward_labels(input, target)
         probs, onehot = self.prepare(input, target)
         f = self._terms(probs, onehot)
         if self.ignore_empty_classes:
             present = onehot.flatten(2).amax(-1) > 0
+            f = torch.where(present, f, torch.zeros_like(f))
+        return self.reduce(f)
+
+    def _forward_labels(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` for a label map and exclusive classes: the terms read the labels directly (no
+        ``(B, C, *spatial)`` one-hot is built); same checks, values and gradients as the one-hot path."""
+        self._check_input(input)
+        x = self._as_compute(input)
+        lab = self._labels(target, x)
+        self._check_values(x, lab)
+        first = 0 if self.include_background else 1
+        probs = self._activate(x)[:, first:]
+        f = self._terms(probs, lab, list(range(first, x.shape[1])))
+        if self.ignore_empty_classes:
+            present = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
+            present = present.scatter_(1, lab.flatten(1), True)[:, first:]
             f = torch.where(present, f, torch.zeros_like(f))
         return self.reduce(f)
 
@@ -123,8 +143,10 @@ class HardL1ACELoss(_CalibrationLoss):
         >>> loss(logits, labels).backward()
     """
 
-    def _terms(self, probs: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
-        return hard_calibration_error(probs, onehot, self.num_bins, self._reduction_kind)  # type: ignore[arg-type]
+    def _terms(self, probs: torch.Tensor, target: torch.Tensor, class_ids: list[int] | None = None) -> torch.Tensor:
+        return hard_calibration_error(
+            probs, target, self.num_bins, self._reduction_kind, class_ids=class_ids  # type: ignore[arg-type]
+        )
 
 
 class SoftL1ACELoss(_CalibrationLoss):
@@ -152,10 +174,13 @@ class SoftL1ACELoss(_CalibrationLoss):
             raise ValueError(f"min_weight must be >= 0, got {min_weight!r}")
         self.min_weight = float(min_weight)
 
-    def _terms(self, probs: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+    def _terms(self, probs: torch.Tensor, target: torch.Tensor, class_ids: list[int] | None = None) -> torch.Tensor:
+        if class_ids is not None:  # the soft sums take dense targets: the one-hot of the kept classes
+            ids = torch.as_tensor(class_ids, device=target.device)
+            target = (target.unsqueeze(1) == ids.view(1, -1, *([1] * (target.ndim - 1)))).to(probs.dtype)
         return soft_calibration_error(
             probs,
-            onehot,
+            target,
             self.num_bins,
             self._reduction_kind,
             self.min_weight,  # type: ignore[arg-type]
