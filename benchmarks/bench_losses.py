@@ -2,9 +2,12 @@
 
 Run: ``PYTHONPATH=src python benchmarks/bench_losses.py [--shape 2 4 96 96 96] [--repeats 5] [--device cpu]``
 
-Each loss runs in a fresh subprocess (``torch.set_num_threads(2)``) so that peak memory is measured as the
-``resource.getrusage(RUSAGE_SELF).ru_maxrss`` increase over the state after the inputs were built (on CUDA:
-``torch.cuda.max_memory_allocated``). Timings are the median of ``--repeats`` runs after one warm-up.
+Timing: all losses in one process (``torch.set_num_threads(2)``), one warm-up call each, then ``--repeats``
+rounds in which every loss runs once, in turn: each loss's time is its median, and its ratio to MONAI's
+``DiceLoss`` the median of the per-round ratios. Run side by side like this, every loss sees the same state of
+the shared machine; separate processes minutes apart saw MONAI's ``DiceLoss`` alone vary 40-70 ms.
+Memory: each loss in a fresh subprocess, the ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` increase of one
+forward + backward over the state after the inputs were built (on CUDA: ``torch.cuda.max_memory_allocated``).
 
 ``hard_ace_loop`` is the same hard-binned mL1-ACE written the way the published reference code is structured
 (Python loops over images, classes and bins with boolean masks), to show the speed-up of the vectorised loss.
@@ -92,7 +95,7 @@ def _build(name: str):
     raise ValueError(f"unknown loss {name!r}; choose from {LOSSES}")
 
 
-def run_one(name: str, shape: list[int], repeats: int, device: str, threads: int) -> dict:
+def _inputs(shape: list[int], device: str, threads: int):
     import torch
 
     torch.set_num_threads(threads)
@@ -105,31 +108,63 @@ def run_one(name: str, shape: list[int], repeats: int, device: str, threads: int
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(*shape, generator=g).to(device)
     labels = torch.randint(0, shape[1], (shape[0], 1, *shape[2:]), generator=g).to(device)
-    loss = _build(name)
+    return logits, labels
+
+
+def _step(loss, logits, labels, device: str):
+    import torch
+
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def step() -> None:
         x = logits.detach().clone().requires_grad_(True)
-        v = loss(x, labels)
-        v.backward()
+        loss(x, labels).backward()
         sync()
 
+    return step
+
+
+def peak_memory(name: str, shape: list[int], device: str, threads: int) -> float:
+    """MiB that one forward + backward of ``name`` adds to the peak (run in a fresh process)."""
+    import torch
+
+    logits, labels = _inputs(shape, device, threads)
+    step = _step(_build(name), logits, labels, device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    step()  # warm-up (and the peak-memory run)
-    if device.startswith("cuda"):
-        peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024  # KiB on Linux
-    times = []
-    for _ in range(repeats if name != "hard_ace_loop" else max(1, repeats // 2)):
-        t0 = time.perf_counter()
         step()
-        times.append(time.perf_counter() - t0)
-    return {"loss": name, "time_s": statistics.median(times), "peak_mb": peak_mb}
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024  # KiB on Linux
+
+
+def interleaved_times(names: list[str], shape: list[int], repeats: int, device: str, threads: int):
+    """Per loss: the times of ``repeats`` rounds in which every loss runs once, in turn, after a warm-up each."""
+    logits, labels = _inputs(shape, device, threads)
+    steps = {name: _step(_build(name), logits, labels, device) for name in names}
+    for step in steps.values():
+        step()  # warm-up (numba cache load, allocator)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name, step in steps.items():
+            if name == "hard_ace_loop" and r >= max(1, repeats // 2):
+                continue  # the slow loop reference: half the rounds
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def _memory_in_subprocess(name: str, args: argparse.Namespace, env: dict[str, str]) -> float:
+    cmd = [sys.executable, os.path.abspath(__file__), "--memory-of", name, "--shape", *map(str, args.shape),
+           "--device", args.device, "--threads", str(args.threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if out.returncode != 0:
+        print(f"{name}: memory run failed\n{out.stderr[-2000:]}", file=sys.stderr)
+        return float("nan")
+    return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"])
 
 
 def main() -> None:
@@ -139,12 +174,11 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--losses", nargs="+", default=LOSSES)
-    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--memory-of", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.one:
-        print(json.dumps(run_one(args.one, args.shape, args.repeats, args.device, args.threads)))
+    if args.memory_of:
+        print(json.dumps({"peak_mb": peak_memory(args.memory_of, args.shape, args.device, args.threads)}))
         return
-    results = {}
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         [
@@ -153,42 +187,34 @@ def main() -> None:
         ]
     )
     for name in args.losses:
-        cmd = [
-            sys.executable,
-            os.path.abspath(__file__),
-            "--one",
-            name,
-            "--shape",
-            *map(str, args.shape),
-            "--repeats",
-            str(args.repeats),
-            "--device",
-            args.device,
-            "--threads",
-            str(args.threads),
-        ]
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-        if out.returncode != 0:
-            print(f"{name}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
-            continue
-        results[name] = json.loads(out.stdout.strip().splitlines()[-1])
-    ref = results.get("monai_dice")
-    print(f"shape={tuple(args.shape)} device={args.device} threads={args.threads} repeats={args.repeats}")
+        if name not in LOSSES:
+            raise SystemExit(f"unknown loss {name!r}; choose from {LOSSES}")
+    # the memory runs first: a child's ru_maxrss starts from its parent's high-water mark at the fork, so the
+    # parent must not have run the (large) timing yet
+    peak = {name: _memory_in_subprocess(name, args, env) for name in args.losses}
+    times = interleaved_times(args.losses, args.shape, args.repeats, args.device, args.threads)
+
+    ref = times.get("monai_dice")
+
+    def ratio(name: str) -> float:
+        """Median over rounds of the time ratio to MONAI's DiceLoss in the same round."""
+        if not ref:
+            return float("nan")
+        return statistics.median(t / m for t, m in zip(times[name], ref, strict=False))
+
+    print(f"shape={tuple(args.shape)} device={args.device} threads={args.threads} repeats={args.repeats} (interleaved)")
     print(f"{'loss':<15}{'fwd+bwd [s]':>13}{'x MONAI Dice':>14}{'peak [MiB]':>12}{'x MONAI Dice':>14}")
-    for name, r in results.items():
-        tr = r["time_s"] / ref["time_s"] if ref else float("nan")
-        mr = r["peak_mb"] / ref["peak_mb"] if ref and ref["peak_mb"] > 0 else float("nan")
-        print(f"{name:<15}{r['time_s']:>13.4f}{tr:>14.2f}{r['peak_mb']:>12.1f}{mr:>14.2f}")
+    ref_mb = peak.get("monai_dice", float("nan"))
+    for name in args.losses:
+        mr = peak[name] / ref_mb if ref_mb and ref_mb > 0 else float("nan")
+        print(f"{name:<15}{statistics.median(times[name]):>13.4f}{ratio(name):>14.2f}{peak[name]:>12.1f}{mr:>14.2f}")
     if ref:
         for name, target in (("hard_ace", 2.0), ("soft_ace", 4.0)):
-            if name in results:
-                r = results[name]["time_s"] / ref["time_s"]
-                print(f"{name} / MONAI Dice: {r:.2f}x (target <= {target:g}x)")
-    if "hard_ace" in results and "hard_ace_loop" in results:
-        print(
-            f"speed-up of vectorised hard ACE over the loop reference: "
-            f"{results['hard_ace_loop']['time_s'] / results['hard_ace']['time_s']:.1f}x"
-        )
+            if name in times:
+                print(f"{name} / MONAI Dice: {ratio(name):.2f}x (target <= {target:g}x)")
+    if "hard_ace" in times and "hard_ace_loop" in times:
+        speedup = statistics.median(times["hard_ace_loop"]) / statistics.median(times["hard_ace"])
+        print(f"speed-up of vectorised hard ACE over the loop reference: {speedup:.1f}x")
 
 
 if __name__ == "__main__":
