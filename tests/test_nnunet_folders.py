@@ -360,8 +360,65 @@ def test_the_ignore_label_is_excluded_in_region_mode(tmp_path: Path) -> None:
         assert theirs["metrics"][region]["Dice"] == pytest.approx(float(seg_rows[("case0", name)]["dice"]), rel=1e-9)
     whole_all = 2 * float(((probs[0] > 0.5) & (truth[0] > 0)).sum()) / float((probs[0] > 0.5).sum() + truth[0].sum())
     assert float(rows[("case0", "whole")]["dice"]) > whole_all + 0.01  # the ignored block is not counted
-    with pytest.raises(ValueError, match="nnunet_regions"):
-        EvalConfig(fmt="nnunet", ignore_label=4)
+
+
+def test_the_ignore_label_is_excluded_with_softmax_classes(tmp_path: Path) -> None:
+    """Softmax predictions of 4 classes with nnU-Net's ignore label (value 4, read from dataset.json): every
+    metric equals the one computed on the known voxels alone (selected, not masked), Dice by hand and by
+    nnU-Net's own evaluation of the exported segmentation with its ignore label; HD95 equals the volume whose
+    ignored voxels are predicted and labelled background. ``--ignore-label`` on the command line gives the same
+    run; an ignore label that is one of the classes fails the case by name."""
+    rng = np.random.default_rng(7)
+    probs, y = _case(rng)
+    y[7:11, 6:9, 0:3] = 4  # an unannotated block, where the model predicts class 1
+    probs[:, y == 4] = np.array([0.05, 0.85, 0.05, 0.05], np.float32)[:, None]
+    pred, lab = tmp_path / "pred", tmp_path / "lab"
+    write_nnunet_folder(pred, {"case0": probs})
+    (pred / "dataset.json").write_text(json.dumps({"labels": {**LABELS, "ignore": 4}, "file_ending": ".nii.gz"}))
+    write_labels(lab, {"case0": y})
+    res = run_evaluation(pred, lab, tmp_path / "out", CFG, workers=0, progress=False)
+    assert res.n_ok == 1 and res.summary["config"]["ignore_label"] == 4
+    seg_cfg = EvalConfig(fmt="nnunet", num_bins=10, nnunet_segmentations=True)
+    assert run_evaluation(pred, lab, tmp_path / "seg", seg_cfg, workers=0, progress=False).n_ok == 1
+    rows, seg_rows = _rows(tmp_path / "out"), _rows(tmp_path / "seg")
+    known = y != 4
+    sel = torch.from_numpy(probs[:, known])[None, ..., None]  # (1, C, N, 1): the known voxels only
+    by_selection = image_metrics(case_statistics(sel, torch.from_numpy(y[known])[None, ..., None], 10))
+    spacing = tuple(float(s) for s in nib.load(lab / "case0.nii.gz").header.get_zooms())
+    as_background = np.where(known, probs, np.eye(C, dtype=np.float32)[:, :1].reshape(C, 1, 1, 1))
+    hd = image_metrics(case_statistics(torch.from_numpy(as_background)[None], torch.from_numpy(y * known)[None], 10,
+                                       hd95=True, spacing=spacing))["hd95"]  # fmt: skip
+    hard = probs.argmax(0)
+    for k, name in enumerate(("CSF", "GM", "WM")):
+        p_hard, t = hard[known] == k + 1, y[known] == k + 1
+        dice = 2 * float((p_hard & t).sum()) / float(p_hard.sum() + t.sum())
+        assert float(rows[("case0", name)]["dice"]) == pytest.approx(dice, rel=1e-9)
+        for metric in ("ece", "ace", "mce", "brier", "iou", "recall", "precision"):
+            assert float(rows[("case0", name)][metric]) == pytest.approx(float(by_selection[metric][0, k]), rel=1e-6)
+        assert float(rows[("case0", name)]["hd95"]) == pytest.approx(float(hd[0, k]), rel=1e-6)
+        assert float(seg_rows[("case0", name)]["dice"]) == pytest.approx(dice, rel=1e-9)
+    for metric in ("nll", "top_label_ece"):  # per image: in the rows of every class
+        assert float(rows[("case0", "CSF")][metric]) == pytest.approx(float(by_selection[metric][0, 0]), rel=1e-6)
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    theirs = compute_metrics(str(lab / "case0.nii.gz"), str(pred / "case0.nii.gz"), SimpleITKIO(), [1, 2, 3], 4)
+    for k, name in enumerate(("CSF", "GM", "WM")):
+        assert theirs["metrics"][k + 1]["Dice"] == pytest.approx(float(seg_rows[("case0", name)]["dice"]), rel=1e-9)
+    csf_all = 2 * float(((hard == 1) & (y == 1)).sum()) / float((hard == 1).sum() + (y == 1).sum())
+    assert float(rows[("case0", "CSF")]["dice"]) > csf_all + 0.01  # the ignored block is not counted
+    # the same through the command line, the ignore label given explicitly (and no dataset.json ignore entry)
+    (pred / "dataset.json").write_text(json.dumps({"labels": LABELS, "file_ending": ".nii.gz"}))
+    cli_args = ["evaluate", str(pred), str(lab), "-o", str(tmp_path / "cli"), "--bins", "10", "--ignore-label", "4"]
+    r = invoke_cli(cli_args)
+    assert r.exit_code == 0, r.output
+    assert _rows(tmp_path / "cli")[("case0", "CSF")]["dice"] == rows[("case0", "CSF")]["dice"]
+    bad = run_evaluation(pred, lab, tmp_path / "bad", EvalConfig(fmt="nnunet", num_bins=10, ignore_label=2),
+                         workers=0, progress=False)  # fmt: skip
+    failed = (tmp_path / "bad" / "failed.csv").read_text()
+    assert bad.n_failed == 1 and "the ignore label 2 is one of the prediction's 4 classes" in failed
+    with pytest.raises(ValueError, match="ignore_label must be a label value >= 0"):
+        EvalConfig(fmt="nnunet", ignore_label=-1)
 
 
 # --- the documented commands -----------------------------------------------------------------------------

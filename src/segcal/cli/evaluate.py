@@ -134,6 +134,12 @@ def evaluate(
         "beside each case.npz (case.nii.gz, possibly post-processed) instead of the argmax of the probabilities; "
         "the calibration metrics keep the probabilities. nnU-Net folders only.",
     ),
+    ignore_label: int | None = typer.Option(
+        None,
+        "--ignore-label",
+        help="A label value of unknown class (nnU-Net's 'ignore' label, read from the prediction folder's "
+        "dataset.json when it has one): its voxels are left out of every metric, and out of the predicted surfaces.",
+    ),
     class_names: str | None = typer.Option(
         None,
         "--class-names",
@@ -271,6 +277,7 @@ def evaluate(
             peer_metrics=peer_metrics,
             fine_bins=fine_bins,
             nnunet_segmentations=nnunet_segmentations,
+            ignore_label=ignore_label,
             **_surface_options(surface, nsd_tolerance_mm),
         )
     except ValueError as exc:

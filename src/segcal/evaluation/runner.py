@@ -105,8 +105,9 @@ class EvalConfig:
     #: probabilities; the calibration metrics (and top-label accuracy) keep the probabilities
     nnunet_segmentations: bool = False
     #: a label value whose voxels are excluded from scoring (nnU-Net's ``ignore`` label, read from the prediction
-    #: folder's ``dataset.json`` with ``nnunet_regions``): every statistic but HD95 is restricted to the other
-    #: voxels, and HD95's predicted surfaces leave them out too
+    #: folder's ``dataset.json`` when it has one): every statistic but the surface metrics is restricted to the
+    #: other voxels, and the predicted surfaces leave them out too (ignored voxels count as background /
+    #: outside every region); with exclusive classes it must not be one of the prediction's classes
     ignore_label: int | None = None
     #: surface metrics computed besides ``hd95`` (``"hd95"``, ``"hd"``, ``"assd"``, ``"nsd"``; whole image, mm;
     #: :mod:`segcal.functional.surface`), and the NSD tolerance in mm: one value for every scored class, or one
@@ -128,8 +129,8 @@ class EvalConfig:
             raise ValueError("regions and region_names go together")
         if self.nnunet_regions and self.soft_reference:
             raise ValueError("nnunet_regions does not take a soft reference")
-        if self.ignore_label is not None and not self.nnunet_regions:
-            raise ValueError("ignore_label is supported with nnunet_regions (nnU-Net region-based predictions) only")
+        if self.ignore_label is not None and (isinstance(self.ignore_label, bool) or self.ignore_label < 0):
+            raise ValueError(f"ignore_label must be a label value >= 0, got {self.ignore_label!r}")
         if self.nnunet_segmentations and self.fmt != "nnunet":
             raise ValueError(f"nnunet_segmentations reads nnU-Net prediction folders (fmt='nnunet'), got {self.fmt!r}")
         check_num_bins(self.num_bins)
@@ -281,6 +282,29 @@ def _with_segmentation(
     return replace(stats, counts=counts, **dist)
 
 
+def _without_ignored(
+    probs: torch.Tensor,
+    label: torch.Tensor,
+    mask: torch.Tensor | None,
+    known: torch.Tensor,
+    config: EvalConfig,
+    pred_path: Path | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(probs, target, mask)`` without the voxels of the ignore label (``known`` False): out of the scored
+    region, and out of the predicted surfaces. Region-based: predicted outside every region (the probabilities
+    zeroed there). Exclusive classes: predicted and labelled background there (the probabilities stay a
+    distribution); the ignore label must then lie above every class, as nnU-Net requires."""
+    mask = known if mask is None else mask & known
+    if config.nnunet_regions:
+        return probs * known[:, None], label, mask
+    if config.ignore_label is not None and config.ignore_label < probs.shape[1]:
+        raise CaseError(pred_path, f"the ignore label {config.ignore_label} is one of the prediction's "
+                        f"{probs.shape[1]} classes (nnU-Net's ignore label lies above every class)")
+    background = torch.zeros_like(probs)
+    background[:, 0] = 1.0
+    return torch.where(known[:, None], probs, background), label * known, mask
+
+
 def compute_case(case: Case, config: EvalConfig, segmentation: np.ndarray | None = None) -> CaseResult:
     """The statistics of every metric of one case (raises :class:`CaseError` naming the file on bad input).
 
@@ -317,10 +341,9 @@ def compute_case(case: Case, config: EvalConfig, segmentation: np.ndarray | None
     spacing = (1.0,) * case.label.ndim if assumed else tuple(case.spacing)
     known = None if config.ignore_label is None else label != config.ignore_label
     mask = _region_mask(case, config, label if known is None else label * known, spacing, pred_path, probs)
-    if known is not None:  # ignored voxels: out of every statistic's region, and out of HD95's predicted surfaces
-        mask = known if mask is None else mask & known
-        probs = probs * known[:, None]
     target, mode, regions = label, "exclusive", config.regions
+    if known is not None:
+        probs, target, mask = _without_ignored(probs, label, mask, known, config, pred_path)
     if config.nnunet_regions:
         target, mode, regions = _region_targets(label, probs.shape[1], config, pred_path), "multilabel", None
     try:
@@ -589,13 +612,16 @@ def _plan(
     return _Plan(todo, prints, len(cases) - len(todo), stale, vanished)
 
 
-def _with_nnunet_regions(config: EvalConfig, pred_dir: Path) -> EvalConfig:
-    """With ``nnunet_regions``: the regions of the prediction folder's ``dataset.json`` unless given
+def _with_nnunet_dataset(config: EvalConfig, pred_dir: Path) -> EvalConfig:
+    """The prediction folder's ``dataset.json``, where it has one: its ``ignore`` label unless given
+    (:func:`segcal.io.nnunet.read_nnunet_ignore_label`), and with ``nnunet_regions`` its regions unless given
     (:func:`segcal.io.nnunet.read_nnunet_regions`; :class:`CaseError` naming it when it is missing or not
-    region-based), and its ``ignore`` label (:func:`segcal.io.nnunet.read_nnunet_ignore_label`) unless given."""
-    if not config.nnunet_regions:
-        return config
+    region-based)."""
     path = pred_dir / DATASET_JSON
+    if not config.nnunet_regions:
+        if config.ignore_label is None and path.is_file():
+            config = replace(config, ignore_label=read_nnunet_ignore_label(path))
+        return config
     if config.regions is None:
         if not path.is_file():
             raise CaseError(
@@ -747,7 +773,7 @@ def run_evaluation(
     from segcal.evaluation.outputs import write_outputs
 
     out = Path(out_dir)
-    config = _with_nnunet_regions(config, Path(pred_dir))
+    config = _with_nnunet_dataset(config, Path(pred_dir))
     # absolute paths: the cases may be read by workers started in another directory (Dask)
     inputs = _run_inputs(
         Path(pred_dir).resolve(),
