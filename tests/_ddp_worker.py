@@ -40,3 +40,21 @@ def torchmetrics_rank(rank: int, port: int, out_dir: str) -> None:
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def monai_rank(rank: int, port: int, out_dir: str) -> None:
+    """Rank ``rank`` of 2 of the MONAI metric: its share of the images, then the per-image values, the
+    aggregate and the pooled values, which MONAI's buffers gather over the ranks."""
+    from segcal.integrations.monai import SegcalMetric
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        p, y = all_data()
+        mine = slice(0, 3) if rank == 0 else slice(3, 4)  # uneven shares: 3 images and 1
+        metric = SegcalMetric("ace", num_bins=10)
+        metric(p[mine], y[mine])
+        result = {"per_image": metric.get_buffer(), "aggregate": metric.aggregate(), "pooled": metric.pooled()}
+        torch.save(result, os.path.join(out_dir, f"monai_rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()

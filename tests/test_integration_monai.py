@@ -269,3 +269,29 @@ def test_bad_calls_are_named():
         CalibrationMetric()(y_pred=p * 5 - 2, y=y)
     with pytest.raises(ValueError, match="closed"):
         CalibrationMetric(closed="both")
+
+
+def test_buffers_gather_over_two_gloo_processes_as_one_process(tmp_path) -> None:
+    """Under torch.distributed (2 gloo processes, uneven shares of 3 and 1 images), MONAI's buffers gather
+    segcal's per-image statistics: every rank's per-image values, aggregate and pooled values equal one
+    process's over all images."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from _ddp_worker import all_data, monai_rank
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(monai_rank, args=(port, str(tmp_path)), nprocs=2, join=True)
+    single = SegcalMetric("ace", num_bins=10)
+    single(*all_data())
+    expected = {"per_image": single.get_buffer(), "aggregate": single.aggregate(), "pooled": single.pooled()}
+    assert expected["per_image"].shape == (4, 2) and float(expected["aggregate"]) > 0.02
+    for rank in range(2):
+        got = torch.load(tmp_path / f"monai_rank{rank}.pt")
+        torch.testing.assert_close(got["per_image"], expected["per_image"], rtol=1e-12, atol=0)
+        torch.testing.assert_close(got["aggregate"], expected["aggregate"], rtol=1e-12, atol=0)
+        for key, value in expected["pooled"].items():
+            torch.testing.assert_close(got["pooled"][key], value, rtol=1e-12, atol=0, equal_nan=True, msg=key)
