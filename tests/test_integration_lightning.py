@@ -129,6 +129,28 @@ def test_output_transform_logits_and_a_clear_error_for_missing_keys(tmp_path, on
         trainer.fit(LogitsModel(), DataLoader(_squares(4, 2), batch_size=4), DataLoader(_squares(3, 3)))
 
 
+def test_ddp_over_two_processes_logs_the_values_of_all_images(tmp_path, one_torch_thread):
+    """A real ``Trainer(strategy="ddp_spawn", devices=2)`` on the CPU: each rank validates half of the images,
+    the callback gathers the per-image sums of both ranks, and the logged values equal segcal's functional
+    result on all the images in one process (a rank alone would give other values)."""
+    model = TinySeg()
+    callback = CalibrationCallback(num_bins=10, figures=False, log_per_class=True)
+    trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False, logger=False,
+                      default_root_dir=tmp_path, callbacks=[callback])  # fmt: skip
+    val = _squares(6, 1)
+    logged = trainer.validate(model, DataLoader(val, batch_size=1), verbose=False)[0]
+    with torch.no_grad():
+        probs = torch.softmax(model.net(val.tensors[0]), 1)
+    expected = _functional([(probs, val.tensors[1])], 10)
+    for key in ("ece", "ace", "mce"):
+        assert logged[f"val_{key}"] == pytest.approx(float(expected[key].mean()), rel=1e-6)
+        assert logged[f"val_{key}/class_2"] == pytest.approx(float(expected[key][0, 1]), rel=1e-6)
+    # the images of one rank alone (the distributed sampler's share: every other image) give other values
+    alone = _functional([(probs[0::2], val.tensors[1][0::2])], 10)
+    assert abs(float(alone["ece"].mean()) - logged["val_ece"]) > 1e-3
+
+
 def test_import_segcal_loads_no_integration_library():
     """``import segcal`` and ``import segcal.integrations`` load none of the integrated libraries (nor torch):
     only importing an adapter module does."""
