@@ -11,7 +11,6 @@ Smoothing for Network Calibration", CVPR 2022, arXiv:2111.15430 (MbLS).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -26,7 +25,7 @@ from segcal.functional.losses import (
     smooth_target,
     soft_calibration_error,
 )
-from segcal.losses.base import Reduction, SegmentationLoss
+from segcal.losses.base import SegmentationLoss
 
 Variant = Literal["ace", "ece", "mce", "mL1-ACE", "mL1-ECE", "mL1-MCE"]
 
@@ -51,27 +50,9 @@ class _CalibrationLoss(SegmentationLoss):
         num_bins: int = 20,
         variant: Variant | str = "mL1-ACE",
         ignore_empty_classes: bool = False,
-        include_background: bool = True,
-        to_onehot_y: bool = False,
-        sigmoid: bool = False,
-        softmax: bool = False,
-        other_act: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        weight: Sequence[float] | float | torch.Tensor | None = None,
-        reduction: Reduction | str = "mean",
-        mode: Literal["exclusive", "multilabel"] | None = None,
-        validate_args: bool = True,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            include_background=include_background,
-            to_onehot_y=to_onehot_y,
-            sigmoid=sigmoid,
-            softmax=softmax,
-            other_act=other_act,
-            weight=weight,
-            reduction=reduction,
-            mode=mode,
-            validate_args=validate_args,
-        )
+        super().__init__(**kwargs)
         check_num_bins(num_bins)  # an integer in [1, MAX_BINS]; a bool is not a count
         self.num_bins = int(num_bins)
         self.variant = variant
