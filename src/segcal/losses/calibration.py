@@ -69,7 +69,8 @@ class _CalibrationLoss(SegmentationLoss):
 
         Returns the reduced loss, or ``(B, C)`` per image and class with ``reduction="none"``.
         """
-        if self.to_onehot_y and self.mode == "exclusive" and input.ndim >= 2 and input.shape[1] > 1:
+        self._check_input(input)  # a clear error before the input's shape is read
+        if self.to_onehot_y and self.mode == "exclusive" and input.shape[1] > 1:
             return self._forward_labels(input, target)
         probs, onehot = self.prepare(input, target)
         f = self._terms(probs, onehot)
@@ -81,7 +82,6 @@ class _CalibrationLoss(SegmentationLoss):
     def _forward_labels(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """:meth:`forward` for a label map and exclusive classes: the terms read the labels directly (no
         ``(B, C, *spatial)`` one-hot is built); same checks, values and gradients as the one-hot path."""
-        self._check_input(input)
         x = self._as_compute(input)
         lab = self._labels(target, x)
         self._check_values(x, lab)
