@@ -139,3 +139,16 @@ def test_the_one_read_checks_labels_and_values_together(spec: str) -> None:
         loss(x, y)
     unchecked = loss_from_string(spec, softmax=True, to_onehot_y=True, validate_args=False)
     assert torch.isfinite(unchecked(x.nan_to_num(), y))
+
+
+@pytest.mark.parametrize("spec", LOSS_NAMES)
+@pytest.mark.parametrize("to_onehot_y", [True, False])
+def test_every_loss_names_a_wrong_input_type_first(spec: str, to_onehot_y: bool) -> None:
+    """A non-tensor or integer input is one clear ``TypeError``, whatever path the target would take."""
+    _, y = _data()
+    target = y if to_onehot_y else torch.nn.functional.one_hot(y[:, 0], 3).movedim(-1, 1).float()
+    loss = loss_from_string(spec, softmax=True, to_onehot_y=to_onehot_y)
+    with pytest.raises(TypeError, match=r"input must be a torch\.Tensor, got list"):
+        loss([[0.5]], target)
+    with pytest.raises(TypeError, match="input must be a floating-point tensor"):
+        loss(torch.zeros(2, 3, 6, 5, dtype=torch.long), target)
