@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -26,7 +28,7 @@ def _write(folder, z, y=None, fmt="npy"):
     return None
 
 
-@pytest.mark.parametrize("method", ["ts", "vector", "aux"])
+@pytest.mark.parametrize("method", ["ts", "vector", "aux", "temperature"])
 def test_calibrate_cli(tmp_path, method) -> None:
     zv, yv = phantom(n=4, c=3, shape=(24, 24), seed=40)
     zt, _ = phantom(n=2, c=3, shape=(24, 24), seed=41)
@@ -64,9 +66,10 @@ def test_calibrate_cli(tmp_path, method) -> None:
     assert np.allclose(probs.sum(0), 1, atol=1e-5)
     cal = load_calibrator(tmp_path / "cal.pt")
     assert np.allclose(cal.transform(zt[:1] * 2)[0].numpy(), probs, atol=1e-6)
-    if method == "ts":
+    if method in ("ts", "temperature"):  # "temperature", the name a saved calibrator records, is ts
         ref = TemperatureScaling().fit(zv * 2, yv).temperature_
         assert cal.temperature_ == pytest.approx(ref, rel=1e-6)
+        assert json.loads((out / "segcal.json").read_text())["calibration"]["method"] == "ts"
 
 
 def test_calibrate_cli_errors(tmp_path) -> None:

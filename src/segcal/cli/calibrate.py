@@ -68,6 +68,13 @@ class Method(str, Enum):
     dirichlet = "dirichlet"
     aux = "aux"
     lts = "lts"
+    # the calibrators' own names (the "method" of a saved calibrator), accepted as aliases of the short ones
+    temperature = "temperature"
+    auxconv = "auxconv"
+
+
+#: alias -> the short name the command records
+_METHOD_ALIASES = {Method.temperature: Method.ts, Method.auxconv: Method.aux}
 
 
 class PredKind(str, Enum):
@@ -346,7 +353,8 @@ def calibrate(
         "--method",
         help="ts (temperature), vector (per-class / Platt), matrix (W z + b), dirichlet (W log p + b; both "
         "exclusive mode only), aux (k×k(×k) conv on the logits) or lts (local temperature scaling: a per-voxel "
-        "temperature from a small conv net).",
+        "temperature from a small conv net). 'temperature' and 'auxconv', the names a saved calibrator "
+        "records, are accepted for ts and aux.",
     ),
     val_pred: Path = typer.Option(
         ..., "--val-pred", help="Folder of validation predictions (logits or probabilities, see --pred-kind)."
@@ -393,6 +401,7 @@ def calibrate(
     message names it); 2 bad options or folders.
     """
     console = Console()
+    method = _METHOD_ALIASES.get(method, method)
     val_members, apply_members = list(val_ensemble_with or []), list(apply_ensemble_with or [])
     check_members("--val-ensemble-with", val_pred, val_members)
     check_members("--apply-ensemble-with", apply_to, apply_members)
