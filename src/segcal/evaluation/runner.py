@@ -618,11 +618,7 @@ def _with_nnunet_dataset(config: EvalConfig, pred_dir: Path) -> EvalConfig:
     (:func:`segcal.io.nnunet.read_nnunet_regions`; :class:`CaseError` naming it when it is missing or not
     region-based)."""
     path = pred_dir / DATASET_JSON
-    if not config.nnunet_regions:
-        if config.ignore_label is None and path.is_file():
-            config = replace(config, ignore_label=read_nnunet_ignore_label(path))
-        return config
-    if config.regions is None:
+    if config.nnunet_regions and config.regions is None:
         if not path.is_file():
             raise CaseError(
                 path, "not found: --nnunet-regions reads the regions from the prediction folder's dataset.json"

@@ -468,11 +468,15 @@ def _bin_statistics_torch(
 def _loss_rows(probs: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B, C, S)`` rows of the probabilities and the target in the accumulation dtype (float32 for half
     inputs, float64 kept), contiguous."""
+    p = _prob_rows(probs)
+    return p, target.reshape(p.shape[0], p.shape[1], -1).to(p.dtype).contiguous()
+
+
+def _prob_rows(probs: torch.Tensor) -> torch.Tensor:
+    """``(B, C, S)`` contiguous rows of the probabilities in the accumulation dtype (float32 for half inputs,
+    float64 kept)."""
     b, c = probs.shape[:2]
-    acc_dtype = torch.promote_types(probs.dtype, torch.float32)
-    p = probs.reshape(b, c, -1).to(acc_dtype).contiguous()
-    y = target.reshape(b, c, -1).to(acc_dtype).contiguous()
-    return p, y
+    return probs.reshape(b, c, -1).to(torch.promote_types(probs.dtype, torch.float32)).contiguous()
 
 
 def _numba_rows(p: torch.Tensor) -> bool:
@@ -585,8 +589,7 @@ def hard_bin_sums(
     ids = torch.arange(c) if class_ids is None else torch.as_tensor(list(class_ids), dtype=torch.int64)
     if ids.shape != (c,):
         raise ValueError(f"class_ids must name one class per channel ({c}), got {len(ids)}")
-    acc_dtype = torch.promote_types(probs.dtype, torch.float32)
-    p = probs.reshape(b, c, -1).to(acc_dtype).contiguous()
+    p = _prob_rows(probs)
     lab = target.reshape(b, -1).to(torch.int64).contiguous()
     return _HardBinSums.apply(p, lab, int(num_bins), closed, _numba_rows(p), ids)  # type: ignore[no-any-return]
 

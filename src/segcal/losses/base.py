@@ -155,8 +155,7 @@ class SegmentationLoss(nn.Module):
         if self.to_onehot_y and c == 1:
             warnings.warn("single channel prediction, `to_onehot_y=True` ignored.", stacklevel=3)
         elif self.to_onehot_y:
-            lab = self._labels(target, input)
-            self._check_values(input, lab)  # before the scatter, which an out-of-range label would break
+            lab = self._labels(target, input)  # checked before the scatter, which an out-of-range label would break
             onehot = torch.zeros_like(input)
             return onehot.scatter_(1, lab.unsqueeze(1), 1.0)
         if target.ndim == input.ndim - 1 and c == 1:
@@ -169,10 +168,9 @@ class SegmentationLoss(nn.Module):
         self._check_values(input)
         return target.to(input.dtype)
 
-    @staticmethod
-    def _labels(target: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
-        """Integer label map ``(B, *spatial)`` from a ``(B, 1, *spatial)`` / ``(B, *spatial)`` target (its range is
-        checked by :meth:`_check_values`, in the same transfer as the input's values)."""
+    def _labels(self, target: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
+        """Integer label map ``(B, *spatial)`` from a ``(B, 1, *spatial)`` / ``(B, *spatial)`` target, its range and
+        the values of ``input`` checked in one transfer (:meth:`_check_values`)."""
         b, _, *spatial = input.shape
         if tuple(target.shape) not in ((b, *spatial), (b, 1, *spatial)):
             raise ValueError(
@@ -182,7 +180,9 @@ class SegmentationLoss(nn.Module):
         lab = target[:, 0] if target.ndim == input.ndim else target
         if lab.is_floating_point():
             lab = lab.round()
-        return lab.long()
+        lab = lab.long()
+        self._check_values(input, lab)
+        return lab
 
     def _select(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.include_background:

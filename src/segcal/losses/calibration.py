@@ -71,28 +71,23 @@ class _CalibrationLoss(SegmentationLoss):
         """
         self._check_input(input)  # a clear error before the input's shape is read
         if self.to_onehot_y and self.mode == "exclusive" and input.shape[1] > 1:
-            return self._forward_labels(input, target)
-        probs, onehot = self.prepare(input, target)
-        f = self._terms(probs, onehot)
-        if self.ignore_empty_classes:
+            # a label map: the terms read it directly, no (B, C, *spatial) one-hot is built (same checks, values
+            # and gradients as the one-hot path)
+            x = self._as_compute(input)
+            lab = self._labels(target, x)  # also checks the values of x
+            first = 0 if self.include_background else 1
+            f = self._terms(self._activate(x)[:, first:], lab, list(range(first, x.shape[1])))
+            if not self.ignore_empty_classes:
+                return self.reduce(f)
+            present = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device).scatter_(1, lab.flatten(1), True)
+            present = present[:, first:]
+        else:
+            probs, onehot = self.prepare(input, target)
+            f = self._terms(probs, onehot)
+            if not self.ignore_empty_classes:
+                return self.reduce(f)
             present = onehot.flatten(2).amax(-1) > 0
-            f = torch.where(present, f, torch.zeros_like(f))
-        return self.reduce(f)
-
-    def _forward_labels(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """:meth:`forward` for a label map and exclusive classes: the terms read the labels directly (no
-        ``(B, C, *spatial)`` one-hot is built); same checks, values and gradients as the one-hot path."""
-        x = self._as_compute(input)
-        lab = self._labels(target, x)
-        self._check_values(x, lab)
-        first = 0 if self.include_background else 1
-        probs = self._activate(x)[:, first:]
-        f = self._terms(probs, lab, list(range(first, x.shape[1])))
-        if self.ignore_empty_classes:
-            present = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
-            present = present.scatter_(1, lab.flatten(1), True)[:, first:]
-            f = torch.where(present, f, torch.zeros_like(f))
-        return self.reduce(f)
+        return self.reduce(torch.where(present, f, torch.zeros_like(f)))
 
     def extra_repr(self) -> str:
         return f"num_bins={self.num_bins}, variant={self.variant!r}, " + super().extra_repr()

@@ -155,8 +155,7 @@ class CrossEntropyLoss(SegmentationLoss):
             if self.label_smoothing > 0:
                 y = y * (1 - self.label_smoothing) + self.label_smoothing / c
             return self._soft_exclusive(self._log_probs(x), y, wc)
-        lab = self._labels(target, x)
-        self._check_values(x, lab)
+        lab = self._labels(target, x)  # also checks the values of x
         logp = self._log_probs(x)
         per = F.nll_loss(logp, lab, weight=wc, reduction="none")
         if self.label_smoothing > 0:
