@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from _helpers import LOSS_NAMES
 from segcal.losses import CompositeLoss, DiceLoss, HardL1ACELoss, loss_from_string
@@ -123,6 +124,50 @@ def test_value_checks_cost_one_host_read_and_none_without_validate_args(
         value.backward()
         assert host_reads == (["tolist"] * len(members) if validate else []), spec
         assert xr.grad is not None and not torch.isnan(xr.grad).any()
+
+
+class _HostTransfers(TorchDispatchMode):
+    """Records every op that moves data between the host and the ``meta`` device, or reads a value back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        ins = {a.device.type for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)}
+        outs = {o.device.type for o in (out if isinstance(out, tuple | list) else [out]) if isinstance(o, torch.Tensor)}
+        if "_local_scalar_dense" in str(func) or (ins | outs) >= {"cpu", "meta"}:
+            self.seen.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("spec", LOSS_NAMES)
+@pytest.mark.parametrize("labels", [True, False], ids=["label_map", "one_hot"])
+def test_no_host_transfer_with_validate_args_off(spec: str, labels: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU a host-to-device copy of pageable memory waits for the queued work like a read does. Every loss
+    runs here on ``meta`` tensors (the device-independent torch path): after a first call (constants are then
+    cached on the device) neither the forward nor the backward pass copies host data to the device, builds a
+    tensor from Python data there, or reads a value back."""
+    made: list[str] = []
+    for name in ("tensor", "as_tensor"):
+        orig = getattr(torch, name)
+
+        def watched(data, *a, _orig=orig, _name=name, **k):  # type: ignore[no-untyped-def]
+            out = _orig(data, *a, **k)
+            if out.device.type == "meta" and not isinstance(data, torch.Tensor):
+                made.append(_name)
+            return out
+
+        monkeypatch.setattr(torch, name, watched)
+    x, y = (t.to("meta") for t in _data())
+    target = y if labels else torch.nn.functional.one_hot(y[:, 0], 3).movedim(-1, 1).float().to("meta")
+    loss = loss_from_string(spec, softmax=True, to_onehot_y=labels, validate_args=False).to("meta")
+    loss(x.clone().requires_grad_(True), target)
+    made.clear()
+    with _HostTransfers() as mode:
+        loss(x.clone().requires_grad_(True), target).backward()
+    assert mode.seen == [] and made == [], spec
 
 
 @pytest.mark.parametrize("spec", ["dice", "ce", "hard_ace", "dice+soft_ace"])

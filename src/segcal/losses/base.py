@@ -7,6 +7,7 @@ probabilities, or what ``other_act`` maps to probabilities) and ``target``: a la
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -19,6 +20,15 @@ Reduction = Literal["none", "mean", "sum"]
 
 __all__ = ["Reduction", "SegmentationLoss"]
 
+
+
+def autocast_off(device: torch.device) -> contextlib.AbstractContextManager[object]:
+    """Autocast disabled on ``device`` (the filters of NACL / SVLS run in the compute dtype), or nothing to do
+    on a device type without autocast (``meta``, used by the tests that look for host transfers)."""
+    available = getattr(torch.amp, "is_autocast_available", lambda t: t in ("cuda", "cpu"))
+    if not available(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False)
 
 class SegmentationLoss(nn.Module):
     """Base class: activation, one-hot encoding, background removal, class weights and reduction.
@@ -138,6 +148,18 @@ class SegmentationLoss(nn.Module):
             llo, lhi = (int(v) for v in stats[-2:])
             if llo < 0 or lhi >= c:
                 raise ValueError(f"target labels must lie in [0, {c - 1}] for {c} channels, found [{llo}, {lhi}]")
+
+    def _device_constant(
+        self, key: tuple[object, ...], device: torch.device, make: Callable[[], torch.Tensor]
+    ) -> torch.Tensor:
+        """A small constant tensor (a filter kernel, a class mask) built on the host by ``make``, kept per ``key``
+        and device: it is copied to ``device`` at the first call only. On a GPU a host-to-device copy of pageable
+        memory first waits for the work already queued, so a copy at every call would stall training."""
+        cache: dict[tuple[object, ...], torch.Tensor] = self.__dict__.setdefault("_constants", {})
+        k = (*key, str(device))
+        if k not in cache:
+            cache[k] = make().to(device)
+        return cache[k]
 
     @staticmethod
     def _as_compute(input: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import torch
 
-from segcal.functional.binning import check_num_bins
+from segcal.functional.binning import check_num_bins, class_index
 from segcal.functional.losses import (
     gaussian_erf_kernel_1d,
     hard_calibration_error,
@@ -25,7 +25,7 @@ from segcal.functional.losses import (
     smooth_target,
     soft_calibration_error,
 )
-from segcal.losses.base import SegmentationLoss
+from segcal.losses.base import SegmentationLoss, autocast_off
 
 Variant = Literal["ace", "ece", "mce", "mL1-ACE", "mL1-ECE", "mL1-MCE"]
 
@@ -152,7 +152,7 @@ class SoftL1ACELoss(_CalibrationLoss):
 
     def _terms(self, probs: torch.Tensor, target: torch.Tensor, class_ids: list[int] | None = None) -> torch.Tensor:
         if class_ids is not None:  # the soft sums take dense targets: the one-hot of the kept classes
-            ids = torch.as_tensor(class_ids, device=target.device)
+            ids = class_index(class_ids, len(class_ids), target.device)
             target = (target.unsqueeze(1) == ids.view(1, -1, *([1] * (target.ndim - 1)))).to(probs.dtype)
         return soft_calibration_error(
             probs,
@@ -244,17 +244,21 @@ class NACLPenaltyLoss(_LogitPenalty):
         self.kernel_ops, self.distance_type = kernel_ops, distance_type
         self.alpha, self.sigma = float(alpha), float(sigma)
 
-    def _kernel(self, ndim: int) -> torch.Tensor:
-        if self.kernel_ops == "gaussian":
-            return gaussian_erf_kernel_1d(self.sigma, dtype=torch.float64)  # separable, one 1-D pass per axis
-        return mean_kernel(self.kernel_size, ndim, dtype=torch.float64)
+    def _kernel(self, ndim: int, device: torch.device) -> torch.Tensor:
+        if self.kernel_ops == "gaussian":  # separable, one 1-D pass per axis
+            return self._device_constant(
+                ("gauss",), device, lambda: gaussian_erf_kernel_1d(self.sigma, dtype=torch.float64)
+            )
+        return self._device_constant(
+            ("mean", ndim), device, lambda: mean_kernel(self.kernel_size, ndim, dtype=torch.float64)
+        )
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """``input`` logits ``(B, C, *spatial)``; ``target`` as in :class:`SegmentationLoss`. The filtering runs
         outside autocast, in the compute dtype (float32 for half inputs, float64 kept)."""
         x, y = self._logits(input, target)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            smoothed = smooth_target(y, self._kernel(x.ndim - 2), padding="zeros")
+        with autocast_off(x.device):
+            smoothed = smooth_target(y, self._kernel(x.ndim - 2, x.device), padding="zeros")
             f = neighbour_penalty_terms(x, smoothed, self.distance_type)  # type: ignore[arg-type]
         (f,) = self._select(f)
         return self.alpha * self.reduce(f)

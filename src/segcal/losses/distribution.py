@@ -21,7 +21,7 @@ from segcal.functional.losses import (
     smooth_target,
     svls_kernel,
 )
-from segcal.losses.base import SegmentationLoss
+from segcal.losses.base import SegmentationLoss, autocast_off
 
 __all__ = [
     "CrossEntropyLoss",
@@ -227,8 +227,11 @@ class SVLSLoss(CrossEntropyLoss):
         x, w = self._input_and_weight(input)
         c = x.shape[1]
         y = self._onehot(target, x)  # also checks the values of x (and of a label map)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            kernel = svls_kernel(self.kernel_size, self.sigma, x.ndim - 2, dtype=torch.float64)
+        with autocast_off(x.device):
+            d = x.ndim - 2
+            kernel = self._device_constant(
+                ("svls", d), x.device, lambda: svls_kernel(self.kernel_size, self.sigma, d, dtype=torch.float64)
+            )
             ys = smooth_target(y, kernel, padding="replicate")
             if self.mode == "multilabel" or c == 1:
                 return self._binary(x, ys, w)

@@ -257,6 +257,16 @@ class AsymmetricUnifiedFocalLoss(SegmentationLoss):
         self.rare_classes = None if rare_classes is None else [int(c) for c in rare_classes]
         self.smooth_nr, self.smooth_dr = float(smooth_nr), float(smooth_dr)
 
+    def _rare_mask(self, c: int) -> torch.Tensor:
+        """``(C,)`` bool: the rare classes (every class but the background unless ``rare_classes`` names them)."""
+        rare = torch.ones(c, dtype=torch.bool)
+        if self.rare_classes is None:
+            rare[0] = False
+        else:
+            rare[:] = False
+            rare[self.rare_classes] = True
+        return rare
+
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         self._check_input(input)
         x = self._as_compute(input)
@@ -269,7 +279,7 @@ class AsymmetricUnifiedFocalLoss(SegmentationLoss):
                 p1 = self.other_act(x) if self.other_act is not None else x
                 logp = torch.cat([(1 - p1).clamp_min(1e-7).log(), p1.clamp_min(1e-7).log()], 1)
             y2 = torch.cat([1 - y, y], 1)
-            rare = torch.cat([torch.zeros(c, dtype=torch.bool), torch.ones(c, dtype=torch.bool)]).to(x.device)
+            rare = self._device_constant(("rare2", c), x.device, lambda: torch.arange(2 * c) >= c)
             p = logp.exp()
             af = asymmetric_focal_terms(logp, y2, rare, gamma=self.gamma, delta=self.delta)
             aft = asymmetric_focal_tversky_terms(
@@ -290,13 +300,7 @@ class AsymmetricUnifiedFocalLoss(SegmentationLoss):
             else:
                 pp = self.other_act(x) if self.other_act is not None else x
                 logp = pp.clamp_min(1e-7).log()
-            rare = torch.ones(c, dtype=torch.bool)
-            if self.rare_classes is None:
-                rare[0] = False
-            else:
-                rare[:] = False
-                rare[self.rare_classes] = True
-            rare = rare.to(x.device)
+            rare = self._device_constant(("rare", c), x.device, lambda: self._rare_mask(c))
             logp, y = self._select(logp, y)
             rare = rare if self.include_background or c == 1 else rare[1:]
             p = logp.exp()
