@@ -5,6 +5,9 @@ PY     := $(VENV)/bin/python
 # The CPU wheel these machines carry. A user with a GPU can install their own CUDA torch into $(VENV)
 # first: `make` only installs torch when none is importable, so an existing build is kept.
 TORCH_SPEC ?= torch==2.13.0
+# Triton runs segcal's GPU kernels; without a GPU the tests run them in Triton's interpreter. The CUDA builds of
+# torch bring their own Triton, which is kept (installed only when none is importable, like torch).
+TRITON_SPEC ?= triton==3.9.0
 STAMP  := $(VENV)/.segcal-installed
 
 .PHONY: venv demo test lint bench clean
@@ -19,6 +22,7 @@ $(PY):
 # dependencies from the extra nnunet-deps (docs/integrations/nnunet.md).
 $(STAMP): $(PY) pyproject.toml requirements-pinned.txt
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	@$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q "$(TRITON_SPEC)"
 	$(PY) -m pip install -q -c requirements-pinned.txt -e ".[test,nnunet-deps]"
 	$(PY) -m pip install -q -c requirements-pinned.txt --no-deps nnunetv2 dynamic-network-architectures
 	@touch $(STAMP)

@@ -15,7 +15,8 @@ Run on a machine with a CUDA device (the results are recorded in docs/core-valid
 3. **Autocast.** Every loss under ``torch.autocast("cuda", float16)`` and ``bfloat16`` on random, all-background
    and single-class batches: finite loss and finite gradients.
 4. **Timing** (CUDA events, median of ``--repeats`` after a warm-up): a plain read of the probabilities
-   (``p.sum()``) against ``bin_statistics``, ``top_label_statistics`` and ``case_statistics`` on one BraTS-sized
+   (``p.sum()``) against ``bin_statistics`` (its Triton kernel, and the torch path beside it),
+   ``top_label_statistics`` and ``case_statistics`` on one BraTS-sized
    case ``(1, 4, 240, 240, 155)``, with MONAI's ``CalibrationErrorMetric`` on the same device; every loss's
    forward + backward at ``(2, 4, 96, 96, 96)`` next to MONAI's ``DiceLoss``, in float32 and under float16 /
    bfloat16 autocast.
@@ -34,7 +35,7 @@ from collections.abc import Callable
 
 import torch
 
-from segcal.functional.binning import bin_statistics
+from segcal.functional.binning import _bin_statistics_torch, bin_statistics
 from segcal.functional.calibration import top_label_statistics
 from segcal.functional.scoring import case_statistics, image_metrics, pooled_metrics
 from segcal.losses import LOSS_REGISTRY, loss_from_string
@@ -174,10 +175,15 @@ def time_binning(dev: torch.device, repeats: int) -> dict[str, float]:
 
     p, lab = make_case()
     pd, ld = p.to(dev), lab.to(dev)
+
+    def torch_path(pd: torch.Tensor, ld: torch.Tensor) -> torch.Tensor:  # the path without the Triton kernel
+        return _bin_statistics_torch(pd, ld.long(), None, torch.arange(4), None, NUM_BINS, "right")
+
     rows = {
         "plain read p.sum()": cuda_time(lambda: pd.sum(), repeats),
         "bin_statistics": cuda_time(lambda: bin_statistics(pd, ld, NUM_BINS), repeats),
         "bin_statistics check=False": cuda_time(lambda: bin_statistics(pd, ld, NUM_BINS, check=False), repeats),
+        "bin_statistics check=False, torch path": cuda_time(lambda: torch_path(pd, ld), repeats),
         "top_label_statistics": cuda_time(lambda: top_label_statistics(pd, ld, NUM_BINS), repeats),
         "case_statistics (no HD95)": cuda_time(lambda: case_statistics(pd, ld, NUM_BINS), repeats),
     }

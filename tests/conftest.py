@@ -12,6 +12,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest
 import torch
 
+# Without a GPU, segcal's Triton kernels run in Triton's interpreter (on CPU tensors, with NumPy), so their
+# tests compare them with the CPU kernels everywhere. The switch must precede the first import of triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture
 def one_torch_thread() -> Iterator[None]:

@@ -27,7 +27,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from segcal.functional import _kernels
+from segcal.functional import _kernels, _triton
 from segcal.functional._scatter import contended_atomics, spread_bin_sum
 from segcal.functional.inputs import (
     PROB_ATOL,
@@ -235,7 +235,12 @@ def bin_statistics(
         and not pred.requires_grad
     )
     pmode = "exclusive" if regions is not None else mode
-    if fused:
+    # the GPU kernel clamps too: without checks it reads the input as given (to_probabilities would clamp a copy)
+    gpu_raw = (
+        not check and activation is None and regions is None and isinstance(pred, torch.Tensor)
+        and _triton.available(pred, num_bins)
+    )
+    if fused or gpu_raw:
         if check:
             check_prediction(pred, finite=False)
         probs = pred
@@ -268,6 +273,8 @@ def bin_statistics(
         out = _validated_numba_bins(probs, labels, dense_y, first, mask_t, num_bins, closed, mode, check)
     elif probs.device.type == "cpu" and not probs.requires_grad:
         out, _ = _bin_statistics_numba(probs, labels, dense_y, first, mask_t, num_bins, closed, False)
+    elif labels is not None and _triton.available(probs, num_bins):  # one fused pass on a GPU
+        out = _triton.label_bin_sums(probs, labels, first, mask_t, bin_edges(num_bins, probs.dtype), closed)
     else:
         class_ids = torch.arange(first, c, dtype=torch.int64)
         dy = dense_y[:, first:] if dense_y is not None else None
@@ -465,6 +472,16 @@ def _bin_statistics_torch(
     return acc[:, :n_out].reshape(3, b, c, num_bins).permute(1, 2, 0, 3).contiguous()
 
 
+def class_index(class_ids: Sequence[int] | None, c: int, device: torch.device) -> torch.Tensor:
+    """``class_ids`` (default ``0, ..., c - 1``) as an int64 tensor on ``device``. A run of consecutive ids (the
+    losses' kept classes) is made there by ``arange``: no host-to-device copy, which on a GPU would first wait
+    for the queued work."""
+    ids = list(range(c)) if class_ids is None else [int(i) for i in class_ids]
+    if ids and ids == list(range(ids[0], ids[0] + len(ids))):
+        return torch.arange(ids[0], ids[0] + len(ids), device=device)
+    return torch.as_tensor(ids, dtype=torch.int64, device=device)
+
+
 def _loss_rows(probs: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B, C, S)`` rows of the probabilities and the target in the accumulation dtype (float32 for half
     inputs, float64 kept), contiguous."""
@@ -586,7 +603,7 @@ def hard_bin_sums(
             raise ValueError("class_ids applies to a label map target (B, *spatial), not to a dense target")
         p, y = _loss_rows(probs, target)
         return _HardBinSums.apply(p, y, int(num_bins), closed, _numba_rows(p))  # type: ignore[no-any-return]
-    ids = torch.arange(c) if class_ids is None else torch.as_tensor(list(class_ids), dtype=torch.int64)
+    ids = class_index(class_ids, c, target.device)
     if ids.shape != (c,):
         raise ValueError(f"class_ids must name one class per channel ({c}), got {len(ids)}")
     p = _prob_rows(probs)
