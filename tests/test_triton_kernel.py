@@ -102,3 +102,25 @@ def test_bin_statistics_on_cuda_takes_the_kernel_and_equals_the_cpu() -> None:
         want = bin_statistics(p, lab, 20, **kw)
         for a, b in zip((got.count, got.sum_p, got.sum_y), (want.count, want.sum_p, want.sum_y), strict=True):
             assert a.device.type == "cuda" and torch.equal(a.cpu(), b)
+
+
+def test_cuda_dispatch_of_bin_statistics_and_top_label(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU code paths of ``bin_statistics`` (the kernel reads the unclamped input when ``check=False``) and
+    of ``top_label_statistics`` (the kernel bins the confidences, label 0 marking a correct voxel), run on the CPU
+    with the kernel in the interpreter (``available`` forced), equal the CPU kernels."""
+    import segcal.functional.calibration as calibration
+    from segcal.functional.calibration import top_label_statistics
+
+    p, lab, mask = _case(torch.float32, seed=7)
+    p = p.nan_to_num(0.0)  # the CPU top-label kernel's NaN rule is its own (with check=False garbage in)
+    want_bins = bin_statistics(p, lab, 20, mask=mask, check=False)
+    want_top = top_label_statistics(p, lab, 20, mask=mask, check=False, closed="left")
+    if DEVICE.type == "cpu":
+        monkeypatch.setattr(_triton, "available", lambda probs, num_bins: True)
+        monkeypatch.setattr(calibration, "_top_label_numba", lambda *a: None)
+    pd = p.to(DEVICE).requires_grad_(True)  # off the CPU numba path, onto the GPU dispatch
+    got_bins = bin_statistics(pd, lab.to(DEVICE), 20, mask=mask.to(DEVICE), check=False)
+    got_top = top_label_statistics(pd.detach(), lab.to(DEVICE), 20, mask=mask.to(DEVICE), check=False, closed="left")
+    for got, want in ((got_bins, want_bins), (got_top, want_top)):
+        for a, b in zip((got.count, got.sum_p, got.sum_y), (want.count, want.sum_p, want.sum_y), strict=True):
+            assert torch.equal(a.cpu(), b)

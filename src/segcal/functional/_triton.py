@@ -1,4 +1,4 @@
-"""Fused GPU histogram kernel (Triton) behind :func:`segcal.functional.binning.bin_statistics` with a label map.
+"""Fused GPU histogram kernel (Triton) behind ``bin_statistics`` and ``top_label_statistics`` with a label map.
 
 The torch formulas (``bucketize``, then a scatter of three float64 values per voxel) read and write every value
 several times; on a GPU that costs far more than one read of the probabilities. This kernel makes one pass:

@@ -32,11 +32,12 @@ from typing import Literal
 import numpy as np
 import torch
 
-from segcal.functional import _kernels, inputs
+from segcal.functional import _kernels, _triton, inputs
 from segcal.functional.binning import (
     BinStats,
     Closed,
     _prepare_mask,
+    bin_edges,
     bin_statistics,
     check_num_bins,
 )
@@ -182,6 +183,12 @@ def top_label_statistics(
         lab = None if onehot_like else as_label_map(target, spatial)
         if lab is not None:  # hard labels: 1 if the predicted class is the label
             correct = arg == lab.unsqueeze(1)
+            if _triton.available(conf, num_bins) and closed in ("right", "left"):  # the GPU kernel: label 0 (its
+                # hits) marks a correct voxel
+                wrong = (~correct[:, 0]).to(torch.uint8)
+                msk = _prepare_mask(mask, conf.shape[0], spatial)
+                out = _triton.label_bin_sums(conf, wrong, 0, msk, bin_edges(num_bins, conf.dtype), closed)
+                return BinStats(out[:, :, 0], out[:, :, 1], out[:, :, 2])
         else:  # one-hot / soft targets: the reference probability of the predicted class
             correct = target.gather(1, arg)
             if correct.dtype not in (torch.bool, torch.uint8):
