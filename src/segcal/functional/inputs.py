@@ -179,7 +179,7 @@ def check_target(target: torch.Tensor, pred_shape: Sequence[int], mode: Mode, na
     if lab is not None and not (target.ndim == len(spatial) + 2 and c == 1 and mode == "multilabel"):
         if lab.numel() == 0:
             raise ValueError(f"{name} is empty")
-        lo, hi = int(lab.min()), int(lab.max())
+        lo, hi = (int(v) for v in torch.aminmax(lab))  # one pass, one host read
         if lo < 0 or hi >= c:
             raise ValueError(
                 f"{name}: labels must lie in [0, {c - 1}] for {c} classes, found values in [{lo}, {hi}]"
