@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from _helpers import LOSS_NAMES
 from segcal.losses import CompositeLoss, DiceLoss, HardL1ACELoss, loss_from_string
+from segcal.losses.base import SegmentationLoss
 
 NO_ACTIVATION = "got values outside [0, 1]: pass softmax=True or sigmoid=True for logits"
 
@@ -105,25 +106,71 @@ def host_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return calls
 
 
-@pytest.mark.parametrize("spec", LOSS_NAMES)
+COMPOSITES = ["dice+hard_ace", "0.5*ce+dice+soft_ace", "dscpp+focal+ece"]
+
+
+@pytest.mark.parametrize("spec", LOSS_NAMES + COMPOSITES)
 @pytest.mark.parametrize("labels", [True, False], ids=["label_map", "one_hot"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
 def test_value_checks_cost_one_host_read_and_none_without_validate_args(
-    spec: str, labels: bool, host_reads: list[str]
+    spec: str, labels: bool, dtype: torch.dtype, host_reads: list[str]
 ) -> None:
     """On a GPU a host read stops the CPU from queueing work ahead: a loss call reads the device once (the
     input's and the labels' min / max together) with ``validate_args=True`` and never with ``False``, in the
-    forward and the backward pass."""
+    forward and the backward pass. A composite loss reads once for all its terms (half inputs too, whose
+    float32 copy the terms share)."""
     x, y = _data()
+    x = x.to(dtype)
     target = y if labels else torch.nn.functional.one_hot(y[:, 0], 3).movedim(-1, 1).float()
     for validate in (True, False):
         loss = loss_from_string(spec, softmax=True, to_onehot_y=labels, validate_args=validate)
-        members = loss.losses if isinstance(loss, CompositeLoss) else [loss]
         xr = x.clone().requires_grad_(True)
         host_reads.clear()
         value = loss(xr, target)
         value.backward()
-        assert host_reads == (["tolist"] * len(members) if validate else []), spec
+        assert host_reads == (["tolist"] if validate else []), spec
         assert xr.grad is not None and not torch.isnan(xr.grad).any()
+        if isinstance(loss, CompositeLoss):
+            assert all(m._shared is None for m in loss.losses)  # nothing kept after the call
+
+
+@pytest.mark.parametrize("spec", COMPOSITES)
+def test_composite_terms_share_reads_but_apply_their_own_rules(spec: str) -> None:
+    """The shared ranges do not loosen any check: a label out of range, a NaN and (for a term without an
+    activation) logits are each still refused by name, and a composite equals the weighted sum of its terms."""
+    x, y = _data()
+    loss = loss_from_string(spec, softmax=True, to_onehot_y=True)
+    want = sum(w * m(x, y) for w, m in zip(loss.weights, loss.losses, strict=True))
+    torch.testing.assert_close(loss(x, y), want)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\]"):
+        loss(x, y + 1)
+    xn = x.clone()
+    xn[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        loss(xn, y)
+    mixed = CompositeLoss([(1.0, DiceLoss(softmax=True, to_onehot_y=True)), (1.0, DiceLoss(to_onehot_y=True))])
+    with pytest.raises(ValueError, match="DiceLoss: input spans"):
+        mixed(x, y)  # the second term has no activation: it still refuses logits
+    assert torch.isfinite(mixed(torch.softmax(x, 1), y))
+
+
+def test_shared_ranges_are_keyed_by_the_values_and_skip_inference_tensors() -> None:
+    """A range is reused only for the same values: an in-place change (version counter), another view or dtype
+    gets another key; inference-mode tensors have no version counter, so nothing is shared and every term reads
+    (the composite still computes under ``torch.inference_mode``)."""
+    x, y = _data()
+    key = SegmentationLoss._tensor_key
+    k0 = key(x)
+    assert key(x) == k0 and key(x.detach()) == k0
+    x.add_(0.0)
+    assert key(x) != k0
+    assert key(x[1:]) != key(x) and key(x.double()) != key(x)
+    loss = loss_from_string("dice+hard_ace", softmax=True, to_onehot_y=True)
+    want = loss(x, y)
+    with torch.inference_mode():
+        xi, yi = x.clone(), y.clone()
+        assert key(xi) is None
+        torch.testing.assert_close(loss(xi, yi), want)
 
 
 class _HostTransfers(TorchDispatchMode):

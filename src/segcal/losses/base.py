@@ -115,26 +115,52 @@ class SegmentationLoss(nn.Module):
                 f"input must be (B, C, *spatial) with 2 or 3 spatial dims, got {tuple(input.shape)}"
             )
 
+    #: set by :class:`~segcal.losses.composite.CompositeLoss` for the length of one call and shared by its terms:
+    #: the value ranges read from the device and the label maps made, so that the terms read the device once
+    _shared: dict[tuple[object, ...], object] | None = None
+
+    @staticmethod
+    def _tensor_key(t: torch.Tensor) -> tuple[object, ...] | None:
+        """Identity of ``t``'s values: storage, version counter (bumped by every in-place change), layout and
+        dtype; ``None`` for tensors without a version counter (inference mode): those are not shared."""
+        try:
+            version = t._version
+        except RuntimeError:
+            return None
+        return (t.data_ptr(), version, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device)
+
+    def _value_ranges(self, tensors: list[torch.Tensor]) -> list[tuple[float, float]]:
+        """``(min, max)`` of each tensor, all read in one device-to-host transfer; within a composite loss's call
+        a range already read (same values: :meth:`_tensor_key`) is reused."""
+        shared = self._shared
+        keys = [self._tensor_key(t) if shared is not None else None for t in tensors]
+        missing = [i for i, k in enumerate(keys) if k is None or k not in shared]  # type: ignore[operator]
+        ranges: dict[int, tuple[float, float]] = {}
+        if missing:
+            dt = torch.float32 if tensors[0].device.type == "mps" else torch.float64  # MPS has no float64
+            parts = [v.to(dt) for i in missing for v in torch.aminmax(tensors[i])]
+            values = torch.stack(parts).tolist()  # the one transfer
+            for j, i in enumerate(missing):
+                ranges[i] = (values[2 * j], values[2 * j + 1])
+                if keys[i] is not None:
+                    shared[keys[i]] = ranges[i]  # type: ignore[index]
+        return [ranges[i] if i in ranges else shared[k] for i, k in enumerate(keys)]  # type: ignore[index]
+
     def _check_values(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         """Rule: ``x`` is finite, and lies in [0, 1] unless an activation (``softmax``, ``sigmoid``,
         ``other_act``) maps it to probabilities; integer ``labels`` ``(B, *spatial)`` (if given) lie in
         ``[0, C - 1]``. One min/max reduction per tensor (NaN and ±Inf propagate into it), no copy, and one
-        device-to-host transfer for both; ``ValueError`` naming the loss otherwise. Skipped with
-        ``validate_args=False``."""
+        device-to-host transfer for both (none for ranges a composite loss's earlier term already read);
+        ``ValueError`` naming the loss otherwise. Skipped with ``validate_args=False``."""
         if not self.validate_args:
             return
-        parts = []
-        if x.numel():
-            parts += torch.aminmax(x.detach())
-        if labels is not None and labels.numel():
-            parts += torch.aminmax(labels)
-        if not parts:
+        tensors = [t for t in (x.detach(), labels) if t is not None and t.numel()]
+        if not tensors:
             return
-        dt = torch.float32 if x.device.type == "mps" else torch.float64  # MPS has no float64
-        stats = torch.stack([t.to(dt) for t in parts]).tolist()  # the one transfer
+        ranges = self._value_ranges(tensors)
         name = type(self).__name__
         if x.numel():
-            lo, hi = stats[:2]
+            lo, hi = ranges[0]
             if not (math.isfinite(lo) and math.isfinite(hi)):
                 n = int((~torch.isfinite(x.detach())).sum())
                 raise ValueError(f"{name}: input contains {n} NaN/Inf values")
@@ -145,7 +171,7 @@ class SegmentationLoss(nn.Module):
                 )
         if labels is not None and labels.numel():
             c = x.shape[1]
-            llo, lhi = (int(v) for v in stats[-2:])
+            llo, lhi = (int(v) for v in ranges[-1])
             if llo < 0 or lhi >= c:
                 raise ValueError(f"target labels must lie in [0, {c - 1}] for {c} channels, found [{llo}, {lhi}]")
 
@@ -161,10 +187,18 @@ class SegmentationLoss(nn.Module):
             cache[k] = make().to(device)
         return cache[k]
 
-    @staticmethod
-    def _as_compute(input: torch.Tensor) -> torch.Tensor:
-        # half inputs (AMP) are computed in float32; float64 is kept (gradcheck)
-        return input.float() if input.dtype in (torch.float16, torch.bfloat16) else input
+    def _as_compute(self, input: torch.Tensor) -> torch.Tensor:
+        """The input in the compute dtype: half inputs (AMP) in float32 (made once per composite loss call, so
+        its terms share the copy and its value range), float64 kept (gradcheck)."""
+        if input.dtype not in (torch.float16, torch.bfloat16):
+            return input
+        key = self._tensor_key(input) if self._shared is not None else None
+        x = self._shared.get(("float", key)) if key is not None else None  # type: ignore[union-attr]
+        if x is None:
+            x = input.float()
+            if key is not None:
+                self._shared[("float", key)] = x  # type: ignore[index]
+        return x  # type: ignore[return-value]
 
     def _onehot(self, target: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
         """Target as ``(B, C, *spatial)`` in ``input``'s dtype (before background removal), after the checks of
@@ -199,12 +233,17 @@ class SegmentationLoss(nn.Module):
                 f"to_onehot_y=True needs a label map {(b, 1, *spatial)} or {(b, *spatial)}, "
                 f"got target shape {tuple(target.shape)}"
             )
-        lab = target[:, 0] if target.ndim == input.ndim else target
-        if lab.is_floating_point():
-            lab = lab.round()
-        lab = lab.long()
+        key = self._tensor_key(target) if self._shared is not None else None
+        lab = self._shared.get(("labels", key, input.ndim)) if key is not None else None  # type: ignore[union-attr]
+        if lab is None:  # made once per composite loss call: the same tensor, so its range is read once too
+            lab = target[:, 0] if target.ndim == input.ndim else target
+            if lab.is_floating_point():
+                lab = lab.round()
+            lab = lab.long()
+            if key is not None:
+                self._shared[("labels", key, input.ndim)] = lab  # type: ignore[index]
         self._check_values(input, lab)
-        return lab
+        return lab  # type: ignore[return-value]
 
     def _select(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.include_background:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from segcal.losses import overlap
+from segcal.losses.base import SegmentationLoss
 from segcal.losses.calibration import HardL1ACELoss, LogitMarginPenaltyLoss, NACLPenaltyLoss, SoftL1ACELoss
 from segcal.losses.distribution import (
     CrossEntropyLoss,
@@ -152,14 +153,25 @@ class CompositeLoss(nn.Module):
         self.last_components: dict[str, torch.Tensor] = {}
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The weighted sum of the terms on ``input`` / ``target``. The terms share what they read: the value
+        ranges of the input and of a label map are read from the device once per call (one host transfer with
+        ``validate_args=True``, as a single loss), each term still applying its own rules to them."""
         total: torch.Tensor | None = None
         comps: dict[str, torch.Tensor] = {}
-        for name, w, loss in zip(self.names, self.weights, self.losses, strict=True):
-            v = loss(input, target)
-            if v.ndim > 1:
-                v = v.flatten(1).mean(1)
-            comps[name] = v.detach()
-            total = w * v if total is None else total + w * v
+        terms = [m for m in self.losses if isinstance(m, SegmentationLoss)]
+        shared: dict[tuple[object, ...], object] = {}
+        for m in terms:
+            m._shared = shared
+        try:
+            for name, w, loss in zip(self.names, self.weights, self.losses, strict=True):
+                v = loss(input, target)
+                if v.ndim > 1:
+                    v = v.flatten(1).mean(1)
+                comps[name] = v.detach()
+                total = w * v if total is None else total + w * v
+        finally:
+            for m in terms:
+                m._shared = None
         self.last_components = comps
         return total  # type: ignore[return-value]
 
