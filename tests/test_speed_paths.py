@@ -353,3 +353,44 @@ def test_calibration_losses_on_a_label_map_equal_the_one_hot_target(
             torch.testing.assert_close(ga, gb, rtol=0, atol=1e-12)
         col = 2 if include_background else 1  # class 2's column
         assert out[1][0][1, col] == 0 and out[0][0][1, col] > 0  # zeroed only with ignore_empty_classes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("class_ids", [None, [1, 2, 3]], ids=["all", "no_background"])
+def test_soft_sums_of_a_label_map_equal_those_of_its_one_hot(dtype: torch.dtype, class_ids: list[int] | None) -> None:
+    """The soft bins read a label map without a one-hot on the CPU: weights, Σwp, Σwy and the gradient equal
+    the one-hot target's bit for bit (the same kernel arithmetic), the torch formula's within rounding, with
+    values on the bin centres, 0 and 1, and a class absent from one image; ``create_graph`` still works."""
+    g = torch.Generator().manual_seed(12)
+    lab = torch.randint(0, 4, (2, 70_000), generator=g)  # longer than a kernel chunk
+    lab[1][lab[1] == 2] = 0  # class 2 absent from image 1
+    ids = list(range(4)) if class_ids is None else class_ids
+    p0 = torch.rand(2, len(ids), 70_000, generator=g, dtype=dtype)
+    special = torch.cat([(torch.arange(20, dtype=dtype) + 0.5) / 20, bin_edges(20, dtype)])
+    p0[:, :, : special.numel()] = special
+    onehot = (lab.unsqueeze(1) == torch.tensor(ids).view(1, -1, 1)).to(dtype)
+    weights = torch.linspace(-1, 1, 20, dtype=dtype)
+    results = []
+    for fn, target, kw in (
+        (soft_bin_sums, onehot, {}),
+        (soft_bin_sums, lab.view(2, 1, -1), {"class_ids": class_ids}),
+        (binning._soft_bin_sums_torch, onehot, {}),
+    ):
+        p = p0.clone().requires_grad_(True)
+        out = fn(p, target, 20, **kw)
+        (sum(o * weights for o in out)).sum().backward()
+        results.append((out, p.grad))
+    (a, ga), (b, gb), (t, gt) = results
+    for x, y, z in zip(a, b, t, strict=True):
+        assert torch.equal(x, y)
+        torch.testing.assert_close(y, z, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-3)
+    assert torch.equal(ga, gb)
+    torch.testing.assert_close(gb, gt, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-6)
+    if 2 in ids:
+        assert bool((b[2][1, ids.index(2)] == 0).all())  # the absent class: no target weight
+    p = p0[:, :, :50].clone().requires_grad_(True)  # create_graph: the torch formula on the label map's one-hot
+    (gp,) = torch.autograd.grad(soft_bin_sums(p, lab[:, :50], 20, class_ids)[1].sum(), p, create_graph=True)
+    (want,) = torch.autograd.grad(binning._soft_bin_sums_torch(p, onehot[:, :, :50], 20)[1].sum(), p, create_graph=True)
+    torch.testing.assert_close(gp, want)
+    with pytest.raises(ValueError, match="class_ids applies to a label map"):
+        soft_bin_sums(p0, onehot, 20, class_ids=ids)

@@ -708,12 +708,25 @@ def _soft_position(w, mf, top, lo_max, half, zero):  # pragma: no cover - compil
     return lo, hi, w_hi, dpos
 
 
+@njit(nogil=True)
+def _soft_target_row(y, lab, ids, r, use_lab):  # pragma: no cover - compiled
+    """Row ``r``'s target source: ``(label row, class id, unused y row)`` with a label map, else
+    ``(unused label row, 0, y row)``."""
+    if use_lab:
+        nc = ids.shape[0]
+        return lab[r // nc], ids[r % nc], y[0]
+    return lab[0], lab.dtype.type(0), y[r]
+
+
 @njit(parallel=True, nogil=True, boundscheck=False, cache=True)
-def _soft_sums(p, y, out):  # pragma: no cover - compiled
+def _soft_sums(p, y, lab, ids, out):  # pragma: no cover - compiled
     """Soft (triangular) bins of the losses, the formula of :func:`~segcal.functional.binning.soft_bin_sums`.
     p, y: (R, S) float32/float64; out: (R, 3, M) float64 receives Σ w, Σ w p, Σ w y per bin (weights in
-    p's dtype, sums in float64 per task of ``_CHUNK`` values)."""
+    p's dtype, sums in float64 per task of ``_CHUNK`` values). With a label map ``lab`` (B, S) int64 and
+    ``ids`` (C,) (``R = B C``; ``y`` then (1, 0), not read) the target of row ``r`` is
+    ``lab[r // C] == ids[r % C]``: no one-hot."""
     n_rows, s = p.shape
+    use_lab = lab.shape[1] > 0
     m = out.shape[2]
     dt = p.dtype.type
     mf = dt(m)
@@ -728,9 +741,10 @@ def _soft_sums(p, y, out):  # pragma: no cover - compiled
         s0 = (t % n_chunks) * _CHUNK
         s1 = min(s, s0 + _CHUNK)
         h = np.zeros((3, m))
+        lrow, cid, yrow = _soft_target_row(y, lab, ids, r, use_lab)
         for i in range(s0, s1):
             w = p[r, i]
-            v = y[r, i]
+            v = dt(lrow[i] == cid) if use_lab else yrow[i]
             lo, hi, w_hi, _ = _soft_position(w, mf, top, lo_max, half, zero)
             w_lo = dt(1.0) - w_hi
             h[0, lo] += w_lo
@@ -746,9 +760,10 @@ def _soft_sums(p, y, out):  # pragma: no cover - compiled
 
 
 @njit(parallel=True, nogil=True, boundscheck=False, cache=True)
-def _soft_grads(p, y, g, gp, gy):  # pragma: no cover - compiled
-    """Gradients of the soft bin sums of :func:`_soft_sums`. g: (R, 3, M) gradients reaching Σ w, Σ w p,
-    Σ w y (float64); gp, gy: (R, S) receive d/dp and d/dy (``gy`` of shape (0, 0) when not wanted).
+def _soft_grads(p, y, lab, ids, g, gp, gy):  # pragma: no cover - compiled
+    """Gradients of the soft bin sums of :func:`_soft_sums` (targets ``y`` or the label map ``lab`` / ``ids``,
+    as there). g: (R, 3, M) gradients reaching Σ w, Σ w p, Σ w y (float64); gp, gy: (R, S) receive d/dp and
+    d/dy (``gy`` of shape (0, 0) when not wanted).
     With ``w_lo = 1 - w_hi`` and ``d w_hi / d p = d pos / d p``: d/dp = Σ over the two bins ``b`` of
     ``g_w[b] w_b' + g_wp[b] (w_b' p + w_b) + g_wy[b] w_b' y`` and d/dy = ``g_wy[lo] w_lo + g_wy[hi] w_hi``."""
     n_rows, s = p.shape
@@ -760,15 +775,17 @@ def _soft_grads(p, y, g, gp, gy):  # pragma: no cover - compiled
     half = dt(0.5)
     zero = dt(0.0)
     want_y = gy.shape[1] == s
+    use_lab = lab.shape[1] > 0
     n_chunks = (s + _CHUNK - 1) // _CHUNK
     for t in prange(n_rows * n_chunks):
         r = t // n_chunks
         s0 = (t % n_chunks) * _CHUNK
         s1 = min(s, s0 + _CHUNK)
         gr = g[r]
+        lrow, cid, yrow = _soft_target_row(y, lab, ids, r, use_lab)
         for i in range(s0, s1):
             w = p[r, i]
-            v = y[r, i]
+            v = dt(lrow[i] == cid) if use_lab else yrow[i]
             lo, hi, w_hi, dpos = _soft_position(w, mf, top, lo_max, half, zero)
             w_lo = dt(1.0) - w_hi
             a_hi = gr[0, hi] + gr[1, hi] * w + gr[2, hi] * v

@@ -526,10 +526,7 @@ class _HardBinSums(torch.autograd.Function):
             edges = bin_edges(num_bins, p.dtype).numpy()
             lo, hi = _kernels.edge_tables(edges)
             divide = _kernels.voxel_kernel_ok(num_bins, edges.dtype)
-            if class_ids is None:  # the target rows themselves, no label map
-                y_np, lab, ids = y.reshape(b * c, s).numpy(), np.zeros((1, 0), np.int64), np.zeros(0, np.int64)
-            else:
-                y_np, lab, ids = np.zeros((1, 0), p.numpy().dtype), y.numpy(), class_ids.numpy()
+            y_np, lab, ids = _kernel_targets(p, y, class_ids)
             _kernels._hard_sums(
                 p.reshape(b * c, s).numpy(), y_np, lab, ids, lo, hi, closed == "right", divide,
                 idx.reshape(b * c, s).numpy(), out,
@@ -592,6 +589,20 @@ def hard_bin_sums(
     check_num_bins(num_bins)
     if closed not in ("right", "left"):
         raise ValueError(f"closed must be 'right' or 'left', got {closed!r}")
+    lab, ids = _label_target(probs, target, class_ids)
+    if lab is None:
+        p, y = _loss_rows(probs, target)
+        return _HardBinSums.apply(p, y, int(num_bins), closed, _numba_rows(p))  # type: ignore[no-any-return]
+    p = _prob_rows(probs)
+    return _HardBinSums.apply(p, lab, int(num_bins), closed, _numba_rows(p), ids)  # type: ignore[no-any-return]
+
+
+def _label_target(
+    probs: torch.Tensor, target: torch.Tensor, class_ids: Sequence[int] | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(label map (B, S) int64, class ids (C,))`` when ``target`` is an integer label map ``(B, *spatial)`` /
+    ``(B, 1, *spatial)`` of ``C > 1`` exclusive classes, else ``(None, None)`` (a dense target, which takes no
+    ``class_ids``)."""
     b, c = probs.shape[:2]
     spatial = tuple(probs.shape[2:])
     label_map = (
@@ -601,14 +612,11 @@ def hard_bin_sums(
     if not label_map:
         if class_ids is not None:
             raise ValueError("class_ids applies to a label map target (B, *spatial), not to a dense target")
-        p, y = _loss_rows(probs, target)
-        return _HardBinSums.apply(p, y, int(num_bins), closed, _numba_rows(p))  # type: ignore[no-any-return]
+        return None, None
     ids = class_index(class_ids, c, target.device)
     if ids.shape != (c,):
         raise ValueError(f"class_ids must name one class per channel ({c}), got {len(ids)}")
-    p = _prob_rows(probs)
-    lab = target.reshape(b, -1).to(torch.int64).contiguous()
-    return _HardBinSums.apply(p, lab, int(num_bins), closed, _numba_rows(p), ids)  # type: ignore[no-any-return]
+    return target.reshape(b, -1).to(torch.int64).contiguous(), ids
 
 
 class _SoftBinSums(torch.autograd.Function):
@@ -618,12 +626,16 @@ class _SoftBinSums(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, p: torch.Tensor, y: torch.Tensor, num_bins: int
+        ctx: torch.autograd.function.FunctionCtx,
+        p: torch.Tensor,
+        y: torch.Tensor,
+        num_bins: int,
+        class_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, c, s = p.shape
         out = np.zeros((b * c, 3, num_bins))
-        _kernels._soft_sums(p.reshape(b * c, s).numpy(), y.reshape(b * c, s).numpy(), out)
-        ctx.save_for_backward(p, y)
+        _kernels._soft_sums(p.reshape(b * c, s).numpy(), *_kernel_targets(p, y, class_ids), out)
+        ctx.save_for_backward(p, y, class_ids)
         ctx.num_bins = num_bins  # type: ignore[attr-defined]
         sums = torch.from_numpy(out).to(p.dtype).reshape(b, c, 3, num_bins)
         return tuple(sums[:, :, q].contiguous() for q in range(3))
@@ -631,28 +643,51 @@ class _SoftBinSums(torch.autograd.Function):
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, g_w: torch.Tensor, g_wp: torch.Tensor, g_wy: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
-        p, y = ctx.saved_tensors  # type: ignore[attr-defined]
-        need_p, need_y = ctx.needs_input_grad[:2]  # type: ignore[attr-defined]
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
+        p, y, class_ids = ctx.saved_tensors  # type: ignore[attr-defined]
+        need_p = ctx.needs_input_grad[0]  # type: ignore[attr-defined]
+        need_y = ctx.needs_input_grad[1] and class_ids is None  # type: ignore[attr-defined]
         if torch.is_grad_enabled():  # create_graph=True: a gradient that is itself differentiable
+            yd = y if class_ids is None else _label_rows(y, class_ids, p.dtype)
             wanted = [t for t, need in ((p, need_p), (y, need_y)) if need]
-            sums = _soft_bin_sums_torch(p, y, ctx.num_bins)  # type: ignore[attr-defined]
+            sums = _soft_bin_sums_torch(p, yd, ctx.num_bins)  # type: ignore[attr-defined]
             grads = iter(torch.autograd.grad(sums, wanted, (g_w, g_wp, g_wy), create_graph=True, allow_unused=True))
-            return (next(grads) if need_p else None), (next(grads) if need_y else None), None
+            return (next(grads) if need_p else None), (next(grads) if need_y else None), None, None
         b, c, s = p.shape
         g = torch.stack([g_w, g_wp, g_wy], 2).to(torch.float64).reshape(b * c, 3, -1).contiguous()
         gp = torch.empty_like(p)
         gy = torch.empty_like(y) if need_y else torch.empty((0, 0), dtype=p.dtype)
         gy_np = gy.reshape(b * c, s).numpy() if need_y else gy.numpy()
-        _kernels._soft_grads(p.reshape(b * c, s).numpy(), y.reshape(b * c, s).numpy(), g.numpy(),
+        _kernels._soft_grads(p.reshape(b * c, s).numpy(), *_kernel_targets(p, y, class_ids), g.numpy(),
                              gp.reshape(b * c, s).numpy(), gy_np)
-        return (gp if need_p else None), (gy if need_y else None), None
+        return (gp if need_p else None), (gy if need_y else None), None, None
+
+
+def _kernel_targets(
+    p: torch.Tensor, y: torch.Tensor, class_ids: torch.Tensor | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(y rows, label map, class ids)`` as the loss kernels (hard and soft sums) take them: dense ``(B C, S)``
+    targets with empty label arrays, or an empty ``y`` with the ``(B, S)`` int64 label map and the ``(C,)`` ids."""
+    b, c, s = p.shape
+    if class_ids is None:
+        return y.reshape(b * c, s).numpy(), np.zeros((1, 0), np.int64), np.zeros(0, np.int64)
+    return np.zeros((1, 0), p.numpy().dtype), y.numpy(), class_ids.numpy()
+
+
+def _label_rows(lab: torch.Tensor, class_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The one-hot rows ``(B, C, S)`` in ``dtype`` of a label map ``(B, S)``: channel ``c`` is class
+    ``class_ids[c]`` (the torch formulas' dense target; the CPU kernels read the label map itself)."""
+    return (lab.unsqueeze(1) == class_ids.to(lab.device).view(1, -1, 1)).to(dtype)
 
 
 def soft_bin_sums(
-    probs: torch.Tensor, target: torch.Tensor, num_bins: int = 20
+    probs: torch.Tensor, target: torch.Tensor, num_bins: int = 20, class_ids: Sequence[int] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Differentiable soft-binned sums (ACE-journal): ``(weight, sum_wp, sum_wy)``, each ``(B, C, M)``.
+
+    ``target`` (already validated): ``(B, C, *spatial)`` one-hot / soft, or an integer label map
+    ``(B, *spatial)`` / ``(B, 1, *spatial)`` (``C > 1``) whose voxels labelled ``class_ids[c]`` (default ``c``)
+    are the hits of channel ``c``, read on the CPU without a one-hot (as :func:`hard_bin_sums`).
 
     Each probability is shared linearly between its two nearest bin centres ``c_k = (k + 1/2) / M`` (triangular
     kernel of width ``1/M``); probabilities below ``c_0`` or above ``c_{M-1}`` go wholly to the edge bin. The
@@ -661,10 +696,16 @@ def soft_bin_sums(
     (derived by hand from the formula below); elsewhere the torch formula runs under autograd.
     """
     check_num_bins(num_bins)
-    p, y = _loss_rows(probs, target)
+    lab, ids = _label_target(probs, target, class_ids)
+    if lab is None:
+        p, y = _loss_rows(probs, target)
+        if _numba_rows(p):
+            return _SoftBinSums.apply(p, y, int(num_bins))  # type: ignore[no-any-return]
+        return _soft_bin_sums_torch(p, y, num_bins)
+    p = _prob_rows(probs)
     if _numba_rows(p):
-        return _SoftBinSums.apply(p, y, int(num_bins))  # type: ignore[no-any-return]
-    return _soft_bin_sums_torch(p, y, num_bins)
+        return _SoftBinSums.apply(p, lab, int(num_bins), ids)  # type: ignore[no-any-return]
+    return _soft_bin_sums_torch(p, _label_rows(lab, ids, p.dtype), num_bins)
 
 
 def _soft_bin_sums_torch(

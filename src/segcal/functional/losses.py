@@ -250,14 +250,19 @@ def soft_calibration_error(
     num_bins: int = 20,
     reduction: CalibrationReduction = "average",
     min_weight: float = 1e-3,
+    class_ids: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Soft-binned marginal L1 calibration error per image and class ``(B, C)`` (ACE-journal).
+
+    ``target``: ``(B, C, *spatial)`` one-hot / soft, or an integer label map ``(B, *spatial)`` read without a
+    one-hot on the CPU (``class_ids``: the class of each channel, default ``0..C-1``; see
+    :func:`~segcal.functional.binning.soft_bin_sums`).
 
     Each probability is shared linearly between its two nearest bin centres ``(k + ½)/M``
     (:func:`~segcal.functional.binning.soft_bin_sums`); per bin ``e_k = Σwp / Σw``, ``o_k = Σwy / Σw``.
     Bins with total weight ``Σ w < min_weight`` are excluded. Gradients flow through the weights and the sums.
     """
-    weight, sum_wp, sum_wy = soft_bin_sums(probs, target, num_bins)
+    weight, sum_wp, sum_wy = soft_bin_sums(probs, target, num_bins, class_ids)
     return _reduce_bins(weight, sum_wp, sum_wy, weight >= min_weight, reduction)
 
 

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import torch
 
-from segcal.functional.binning import check_num_bins, class_index
+from segcal.functional.binning import check_num_bins
 from segcal.functional.losses import (
     gaussian_erf_kernel_1d,
     hard_calibration_error,
@@ -151,15 +151,13 @@ class SoftL1ACELoss(_CalibrationLoss):
         self.min_weight = float(min_weight)
 
     def _terms(self, probs: torch.Tensor, target: torch.Tensor, class_ids: list[int] | None = None) -> torch.Tensor:
-        if class_ids is not None:  # the soft sums take dense targets: the one-hot of the kept classes
-            ids = class_index(class_ids, len(class_ids), target.device)
-            target = (target.unsqueeze(1) == ids.view(1, -1, *([1] * (target.ndim - 1)))).to(probs.dtype)
         return soft_calibration_error(
             probs,
             target,
             self.num_bins,
-            self._reduction_kind,
-            self.min_weight,  # type: ignore[arg-type]
+            self._reduction_kind,  # type: ignore[arg-type]
+            self.min_weight,
+            class_ids,
         )
 
 
