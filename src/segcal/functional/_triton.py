@@ -113,9 +113,11 @@ def label_bin_sums(
     lab = labels.reshape(b, s)
     lab = (lab.view(torch.uint8) if lab.dtype == torch.bool else lab).contiguous()
     use_mask = mask is not None
-    msk = mask.reshape(b, s).contiguous().view(torch.uint8) if use_mask else lab  # type: ignore[union-attr]
-    lo, hi = _edge_tables(edges, dev)
+    msk = mask.reshape(b, s).contiguous().view(torch.uint8) if use_mask else lab  # type: ignore[union-attr]  # unread
     num_bins = edges.numel() - 1
+    if not 1 <= num_bins <= MAX_BINS:
+        raise ValueError(f"the Triton kernel takes 1 to {MAX_BINS} bins, got {num_bins}")
+    lo, hi = _edge_tables(edges, dev)
     fixed = p.dtype == torch.float32
     w = max(16, 1 << (num_bins - 1).bit_length())  # >= M, and >= 16 for the tensor-core product
     w2 = 1 << (2 * num_bins).bit_length()  # > 2M: slots 0..2M-1 and the discard slot 2M
@@ -123,7 +125,7 @@ def label_bin_sums(
     rows = b * kc
     if fixed:
         counts = torch.empty((n_groups, rows, w, 16), dtype=torch.int32, device=dev)
-        sums = counts  # not written
+        sums = counts  # the float32 kernel writes its (W, 16) tables to `counts` only
     else:
         counts = torch.empty((n_groups, rows, w2), dtype=torch.int32, device=dev)
         sums = torch.empty((n_groups, rows, w), dtype=torch.float64, device=dev)
