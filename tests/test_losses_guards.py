@@ -10,7 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from _helpers import LOSS_NAMES
-from segcal.losses import CompositeLoss, DiceLoss, HardL1ACELoss, loss_from_string
+from segcal.losses import LOSS_REGISTRY, CompositeLoss, DiceLoss, HardL1ACELoss, loss_from_string
 from segcal.losses.base import SegmentationLoss
 
 NO_ACTIVATION = "got values outside [0, 1]: pass softmax=True or sigmoid=True for logits"
@@ -189,7 +189,7 @@ class _HostTransfers(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("spec", LOSS_NAMES)
+@pytest.mark.parametrize("spec", sorted(LOSS_REGISTRY) + COMPOSITES)
 @pytest.mark.parametrize("labels", [True, False], ids=["label_map", "one_hot"])
 def test_no_host_transfer_with_validate_args_off(spec: str, labels: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """On a GPU a host-to-device copy of pageable memory waits for the queued work like a read does. Every loss
