@@ -85,6 +85,9 @@ def test_triton_bins_of_a_binary_bool_label_map(kernel) -> None:
 def test_triton_kernel_is_chosen_only_where_it_serves() -> None:
     p = torch.rand(1, 2, 4, 4, 4)
     assert not _triton.available(p, 20)  # a CPU tensor: the numba kernel
+    assert _triton.takes(p, 20) and _triton.takes(p.double(), _triton.MAX_BINS)
+    assert not _triton.takes(p, _triton.MAX_BINS + 1) and not _triton.takes(p.half(), 20)
+    assert not _triton.takes(torch.empty(2, 40_000, 1, 1), 20)  # more rows than a CUDA grid's second axis
     if torch.cuda.is_available():
         pc = p.cuda()
         assert _triton.available(pc, 20) and _triton.available(pc.double(), _triton.MAX_BINS)

@@ -47,6 +47,8 @@ _BLOCK = 64
 _SUBS = 64
 #: warps per program
 _WARPS = 2
+#: the most image-channel rows of one launch (a CUDA grid's second axis); larger batches take the torch path
+_MAX_ROWS = 65_535
 #: fixed-point scale of float32 sums (as the CPU kernel: ``q = round(p * 2**30)``)
 _QBITS = 30
 #: where the float32 kernel's per-voxel row (1, hit, the five 7-bit digits of q, low first) lands among the 16
@@ -57,12 +59,18 @@ _COLUMNS = {"count": 0, "hit": 8, "digits": (4, 12, 2, 10, 6)}
 
 def available(probs: torch.Tensor, num_bins: int) -> bool:
     """Whether :func:`label_bin_sums` serves ``probs`` (float32 / float64 on a CUDA device, Triton importable,
-    ``num_bins <= MAX_BINS``)."""
+    ``num_bins <= MAX_BINS``, at most ``_MAX_ROWS`` image-channel rows: the second axis of a CUDA grid)."""
+    return triton is not None and probs.device.type == "cuda" and takes(probs, num_bins)
+
+
+def takes(probs: torch.Tensor, num_bins: int) -> bool:
+    """The kernel's own conditions, whatever the device: float32 / float64, ``1 <= num_bins <= MAX_BINS``, at
+    most ``_MAX_ROWS`` image-channel rows."""
     return (
-        triton is not None
-        and probs.device.type == "cuda"
-        and probs.dtype in (torch.float32, torch.float64)
-        and num_bins <= MAX_BINS
+        probs.dtype in (torch.float32, torch.float64)
+        and 1 <= num_bins <= MAX_BINS
+        and probs.ndim >= 2
+        and probs.shape[0] * probs.shape[1] <= _MAX_ROWS
     )
 
 
