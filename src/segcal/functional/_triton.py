@@ -180,8 +180,9 @@ if triton is not None:
         BLOCK: tl.constexpr, SUBS: tl.constexpr, W: tl.constexpr, W2: tl.constexpr, P: tl.constexpr,
     ):  # fmt: skip
         """Program ``(g, r)``: voxels ``[g * SUBS * BLOCK, (g + 1) * SUBS * BLOCK)`` of row ``r`` (image
-        ``r // (C - FIRST)``, channel ``FIRST + r % (C - FIRST)``); writes the slot counts ``(W2,)`` and the
-        per-bin sums ``(W,)`` to row ``g * num_rows + r`` of ``cnt_ptr`` / ``sum_ptr``."""
+        ``r // (C - FIRST)``, channel ``FIRST + r % (C - FIRST)``). Writes to row ``g * num_rows + r``: with
+        ``FIXED`` (float32) the per-bin table ``(W, 16)`` of ``cnt_ptr`` (columns: ``_COLUMNS``), else the slot
+        counts ``(W2,)`` of ``cnt_ptr`` and the per-bin float64 sums ``(W,)`` of ``sum_ptr``."""
         g = tl.program_id(0)
         r = tl.program_id(1)
         kc = C - FIRST

@@ -535,7 +535,7 @@ class _HardBinSums(torch.autograd.Function):
             count, sum_p, sum_y = (sums[:, :, q].contiguous() for q in range(3))
         else:
             if class_ids is not None:  # on a GPU the one-hot rows are cheap next to the scatter
-                y = (y.view(b, 1, s) == class_ids.to(y.device).view(1, c, 1)).to(p.dtype)
+                y = _label_rows(y, class_ids, p.dtype)
             idx = bin_index(p, num_bins, closed)
             rows = idx.reshape(1, b * c * s) + (torch.arange(b * c, device=p.device) * num_bins).repeat_interleave(s)
             values = torch.stack([torch.ones_like(p), p, y]).reshape(3, -1)
@@ -589,20 +589,16 @@ def hard_bin_sums(
     check_num_bins(num_bins)
     if closed not in ("right", "left"):
         raise ValueError(f"closed must be 'right' or 'left', got {closed!r}")
-    lab, ids = _label_target(probs, target, class_ids)
-    if lab is None:
-        p, y = _loss_rows(probs, target)
-        return _HardBinSums.apply(p, y, int(num_bins), closed, _numba_rows(p))  # type: ignore[no-any-return]
-    p = _prob_rows(probs)
-    return _HardBinSums.apply(p, lab, int(num_bins), closed, _numba_rows(p), ids)  # type: ignore[no-any-return]
+    p, y, ids = _loss_inputs(probs, target, class_ids)
+    return _HardBinSums.apply(p, y, int(num_bins), closed, _numba_rows(p), ids)  # type: ignore[no-any-return]
 
 
-def _label_target(
+def _loss_inputs(
     probs: torch.Tensor, target: torch.Tensor, class_ids: Sequence[int] | None
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``(label map (B, S) int64, class ids (C,))`` when ``target`` is an integer label map ``(B, *spatial)`` /
-    ``(B, 1, *spatial)`` of ``C > 1`` exclusive classes, else ``(None, None)`` (a dense target, which takes no
-    ``class_ids``)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(p, y, ids)`` for the loss sums: the ``(B, C, S)`` probability rows, and either the integer label map
+    ``(B, S)`` int64 with the class ids ``(C,)`` (``target`` a label map ``(B, *spatial)`` / ``(B, 1, *spatial)``
+    of ``C > 1`` exclusive classes) or the dense target rows with ``ids = None`` (which takes no ``class_ids``)."""
     b, c = probs.shape[:2]
     spatial = tuple(probs.shape[2:])
     label_map = (
@@ -612,11 +608,11 @@ def _label_target(
     if not label_map:
         if class_ids is not None:
             raise ValueError("class_ids applies to a label map target (B, *spatial), not to a dense target")
-        return None, None
+        return (*_loss_rows(probs, target), None)
     ids = class_index(class_ids, c, target.device)
     if ids.shape != (c,):
         raise ValueError(f"class_ids must name one class per channel ({c}), got {len(ids)}")
-    return target.reshape(b, -1).to(torch.int64).contiguous(), ids
+    return _prob_rows(probs), target.reshape(b, -1).to(torch.int64).contiguous(), ids
 
 
 class _SoftBinSums(torch.autograd.Function):
@@ -696,16 +692,10 @@ def soft_bin_sums(
     (derived by hand from the formula below); elsewhere the torch formula runs under autograd.
     """
     check_num_bins(num_bins)
-    lab, ids = _label_target(probs, target, class_ids)
-    if lab is None:
-        p, y = _loss_rows(probs, target)
-        if _numba_rows(p):
-            return _SoftBinSums.apply(p, y, int(num_bins))  # type: ignore[no-any-return]
-        return _soft_bin_sums_torch(p, y, num_bins)
-    p = _prob_rows(probs)
+    p, y, ids = _loss_inputs(probs, target, class_ids)
     if _numba_rows(p):
-        return _SoftBinSums.apply(p, lab, int(num_bins), ids)  # type: ignore[no-any-return]
-    return _soft_bin_sums_torch(p, _label_rows(lab, ids, p.dtype), num_bins)
+        return _SoftBinSums.apply(p, y, int(num_bins), ids)  # type: ignore[no-any-return]
+    return _soft_bin_sums_torch(p, y if ids is None else _label_rows(y, ids, p.dtype), num_bins)
 
 
 def _soft_bin_sums_torch(

@@ -21,7 +21,6 @@ Reduction = Literal["none", "mean", "sum"]
 __all__ = ["Reduction", "SegmentationLoss"]
 
 
-
 def autocast_off(device: torch.device) -> contextlib.AbstractContextManager[object]:
     """Autocast disabled on ``device`` (the filters of NACL / SVLS run in the compute dtype), or nothing to do
     on a device type without autocast (``meta``, used by the tests that look for host transfers)."""
@@ -29,6 +28,7 @@ def autocast_off(device: torch.device) -> contextlib.AbstractContextManager[obje
     if not available(device.type):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, enabled=False)
+
 
 class SegmentationLoss(nn.Module):
     """Base class: activation, one-hot encoding, background removal, class weights and reduction.
@@ -179,7 +179,8 @@ class SegmentationLoss(nn.Module):
         self, key: tuple[object, ...], device: torch.device, make: Callable[[], torch.Tensor]
     ) -> torch.Tensor:
         """A small constant tensor (a filter kernel, a class mask) built on the host by ``make``, kept per ``key``
-        and device: it is copied to ``device`` at the first call only. On a GPU a host-to-device copy of pageable
+        (which names every parameter ``make`` reads, so a changed attribute makes a new one) and device: it is
+        copied to ``device`` at the first call only. On a GPU a host-to-device copy of pageable
         memory first waits for the work already queued, so a copy at every call would stall training."""
         cache: dict[tuple[object, ...], torch.Tensor] = self.__dict__.setdefault("_constants", {})
         k = (*key, str(device))
@@ -192,13 +193,20 @@ class SegmentationLoss(nn.Module):
         its terms share the copy and its value range), float64 kept (gradcheck)."""
         if input.dtype not in (torch.float16, torch.bfloat16):
             return input
-        key = self._tensor_key(input) if self._shared is not None else None
-        x = self._shared.get(("float", key)) if key is not None else None  # type: ignore[union-attr]
-        if x is None:
-            x = input.float()
-            if key is not None:
-                self._shared[("float", key)] = x  # type: ignore[index]
-        return x  # type: ignore[return-value]
+        return self._per_call(("float",), input, input.float)
+
+    def _per_call(
+        self, tag: tuple[object, ...], source: torch.Tensor, make: Callable[[], torch.Tensor]
+    ) -> torch.Tensor:
+        """``make()``, a tensor derived from ``source``; within a composite loss's call made once per ``tag`` and
+        values of ``source`` (:meth:`_tensor_key`) and shared by the terms, otherwise made at every call."""
+        key = self._tensor_key(source) if self._shared is not None else None
+        if key is None:
+            return make()
+        k = (*tag, key)
+        if k not in self._shared:  # type: ignore[operator]
+            self._shared[k] = make()  # type: ignore[index]
+        return self._shared[k]  # type: ignore[index,return-value]
 
     def _onehot(self, target: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
         """Target as ``(B, C, *spatial)`` in ``input``'s dtype (before background removal), after the checks of
@@ -233,17 +241,15 @@ class SegmentationLoss(nn.Module):
                 f"to_onehot_y=True needs a label map {(b, 1, *spatial)} or {(b, *spatial)}, "
                 f"got target shape {tuple(target.shape)}"
             )
-        key = self._tensor_key(target) if self._shared is not None else None
-        lab = self._shared.get(("labels", key, input.ndim)) if key is not None else None  # type: ignore[union-attr]
-        if lab is None:  # made once per composite loss call: the same tensor, so its range is read once too
+
+        def make() -> torch.Tensor:
             lab = target[:, 0] if target.ndim == input.ndim else target
-            if lab.is_floating_point():
-                lab = lab.round()
-            lab = lab.long()
-            if key is not None:
-                self._shared[("labels", key, input.ndim)] = lab  # type: ignore[index]
+            return (lab.round() if lab.is_floating_point() else lab).long()
+
+        # made once per composite loss call: the same tensor, so its range is read once too
+        lab = self._per_call(("labels", input.ndim), target, make)
         self._check_values(input, lab)
-        return lab  # type: ignore[return-value]
+        return lab
 
     def _select(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.include_background:
