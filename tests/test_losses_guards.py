@@ -10,7 +10,16 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from _helpers import LOSS_NAMES
-from segcal.losses import LOSS_REGISTRY, CompositeLoss, DiceLoss, HardL1ACELoss, loss_from_string
+from segcal.losses import (
+    LOSS_REGISTRY,
+    AsymmetricUnifiedFocalLoss,
+    CompositeLoss,
+    DiceLoss,
+    HardL1ACELoss,
+    NACLPenaltyLoss,
+    SVLSLoss,
+    loss_from_string,
+)
 from segcal.losses.base import SegmentationLoss
 
 NO_ACTIVATION = "got values outside [0, 1]: pass softmax=True or sigmoid=True for logits"
@@ -244,3 +253,26 @@ def test_every_loss_names_a_wrong_input_type_first(spec: str, to_onehot_y: bool)
         loss([[0.5]], target)
     with pytest.raises(TypeError, match="input must be a floating-point tensor"):
         loss(torch.zeros(2, 3, 6, 5, dtype=torch.long), target)
+
+
+@pytest.mark.parametrize(
+    ("make", "attr", "value"),
+    [
+        (lambda: AsymmetricUnifiedFocalLoss(softmax=True, to_onehot_y=True, rare_classes=[1]), "rare_classes", [2]),
+        (lambda: NACLPenaltyLoss(softmax=True, to_onehot_y=True, sigma=1.0, kernel_ops="gaussian"), "sigma", 2.0),
+        (lambda: SVLSLoss(softmax=True, to_onehot_y=True, sigma=1.0), "sigma", 2.0),
+    ],
+    ids=["unified_focal rare_classes", "nacl sigma", "svls sigma"],
+)
+def test_constants_cached_on_the_device_follow_their_parameters(make, attr: str, value: object) -> None:  # type: ignore[no-untyped-def]
+    """The class masks and filter kernels kept per device are keyed by the parameters they are made from: a loss
+    whose parameter is changed after a first call computes what a loss built with that value computes."""
+    x, y = _data()
+    loss = make()
+    first = loss(x, y)
+    setattr(loss, attr, value)
+    fresh = make()
+    setattr(fresh, attr, value)
+    fresh_value = fresh(x, y)
+    assert not torch.equal(first, fresh_value)  # the parameter matters for this input
+    torch.testing.assert_close(loss(x, y), fresh_value, rtol=0, atol=0)

@@ -245,10 +245,10 @@ class NACLPenaltyLoss(_LogitPenalty):
     def _kernel(self, ndim: int, device: torch.device) -> torch.Tensor:
         if self.kernel_ops == "gaussian":  # separable, one 1-D pass per axis
             return self._device_constant(
-                ("gauss",), device, lambda: gaussian_erf_kernel_1d(self.sigma, dtype=torch.float64)
+                ("gauss", self.sigma), device, lambda: gaussian_erf_kernel_1d(self.sigma, dtype=torch.float64)
             )
         return self._device_constant(
-            ("mean", ndim), device, lambda: mean_kernel(self.kernel_size, ndim, dtype=torch.float64)
+            ("mean", self.kernel_size, ndim), device, lambda: mean_kernel(self.kernel_size, ndim, dtype=torch.float64)
         )
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

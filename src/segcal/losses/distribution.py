@@ -230,7 +230,9 @@ class SVLSLoss(CrossEntropyLoss):
         with autocast_off(x.device):
             d = x.ndim - 2
             kernel = self._device_constant(
-                ("svls", d), x.device, lambda: svls_kernel(self.kernel_size, self.sigma, d, dtype=torch.float64)
+                ("svls", self.kernel_size, self.sigma, d),
+                x.device,
+                lambda: svls_kernel(self.kernel_size, self.sigma, d, dtype=torch.float64),
             )
             ys = smooth_target(y, kernel, padding="replicate")
             if self.mode == "multilabel" or c == 1:

@@ -300,7 +300,8 @@ class AsymmetricUnifiedFocalLoss(SegmentationLoss):
             else:
                 pp = self.other_act(x) if self.other_act is not None else x
                 logp = pp.clamp_min(1e-7).log()
-            rare = self._device_constant(("rare", c), x.device, lambda: self._rare_mask(c))
+            key = ("rare", c, None if self.rare_classes is None else tuple(self.rare_classes))
+            rare = self._device_constant(key, x.device, lambda: self._rare_mask(c))
             logp, y = self._select(logp, y)
             rare = rare if self.include_background or c == 1 else rare[1:]
             p = logp.exp()
