@@ -8,8 +8,8 @@ bins as :func:`segcal.functional.calibration.top_label_statistics`, bitwise). Cl
 vectorised loops; the only scalar loops are the two scatters (top-label bins, confusion cells) over
 interleaved lane tables. The formulas are the core's (:mod:`segcal.functional.overlap`,
 :mod:`segcal.functional.calibration`), whose values the tests compare with; this pass only replaces ~10
-separate full-volume tensor passes by one. When the validation flags voxels, the precise statistics for the
-error message are computed with numpy (bad input only).
+separate full-volume tensor passes by one. When the validation flags voxels, the caller's precise checks name
+the problem (bad input only).
 """
 
 from __future__ import annotations
@@ -237,12 +237,12 @@ def fused_case_pass(
     closed: str = "right",
     sum_tol: float = 1e-3,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, float]] | None:
-    """One pass over ``probs`` ``(C, *S)`` (float32/float64) and ``label`` ``(*S)`` (any integer dtype).
+    """One pass over ``probs`` ``(C, *S)`` (float32/float64) and ``label`` ``(*S)`` (any integer dtype), with
+    the optional bool ``mask`` ``(*S)``.
 
     Returns ``(counts (C, 3) tp/fp/fn, sq (C,) Σ(p − y)², top (3, M) top-label count / Σ confidence /
-    Σ correct, info)`` with ``info``: ``nll_sum, n_in_mask, n_flagged, label_min, label_max`` and, only when
-    the validation flagged voxels (``n_flagged > 0``), the precise ``n_nonfinite, p_min, p_max, max_sum_dev``
-    for the error message (computed with numpy on that rare path). ``sum_tol``: allowed deviation of a voxel's
+    Σ correct, info)`` with ``info``: ``nll_sum, n_in_mask, n_flagged, label_min, label_max`` (where voxels are
+    flagged, the caller's precise checks name the problem). ``sum_tol``: allowed deviation of a voxel's
     channel sum from 1 (kept below 7). Top-label: confidence = max_c p (first maximum), correct = argmax ==
     label, binned as :func:`segcal.functional.calibration.top_label_statistics` (bitwise the same bins).
     Returns None where the core kernels' preconditions fail (:func:`~segcal.functional._kernels.voxel_kernel_ok`):
@@ -255,6 +255,8 @@ def fused_case_pass(
     lab = np.ascontiguousarray(label.reshape(-1))
     if lab.dtype.kind not in "iu" or lab.dtype == np.uint64:
         lab = lab.astype(np.int64)
+    if mask is not None and mask.dtype != np.bool_:
+        raise TypeError(f"mask must be a bool array, got {mask.dtype}")  # (its bytes are read as 0 / 1)
     m = np.ascontiguousarray(mask.reshape(-1)).view(np.uint8) if mask is not None else np.zeros(1, np.uint8)
     counts = np.zeros((c, 3))
     sq = np.zeros(c)
@@ -266,11 +268,4 @@ def fused_case_pass(
     exact = p.dtype == np.float64
     _pass(p, lab, m, mask is not None, eps, blk, closed == "right", thr, exact, counts, sq, top, stats)
     keys = ("nll_sum", "n_in_mask", "n_flagged", "label_min", "label_max")
-    info = dict(zip(keys, stats.tolist(), strict=True))
-    if info["n_flagged"] > 0:  # the precise statistics for the message (slow path, bad input only)
-        finite = np.isfinite(p)
-        info["n_nonfinite"] = float(p.size - np.count_nonzero(finite))
-        info["p_min"] = float(p.min()) if info["n_nonfinite"] == 0 else float("nan")
-        info["p_max"] = float(p.max()) if info["n_nonfinite"] == 0 else float("nan")
-        info["max_sum_dev"] = float(np.abs(p.sum(0, dtype=np.float64) - 1.0).max())
-    return counts, sq, top, info
+    return counts, sq, top, dict(zip(keys, stats.tolist(), strict=True))

@@ -1,4 +1,5 @@
-"""Fused GPU histogram kernel (Triton) behind ``bin_statistics`` and ``top_label_statistics`` with a label map.
+"""Fused GPU kernels (Triton): the histogram behind ``bin_statistics`` and ``top_label_statistics`` with a label
+map, and the per-case pass of ``case_statistics``.
 
 The torch formulas (``bucketize``, then a scatter of three float64 values per voxel) read and write every value
 several times; on a GPU that costs far more than one read of the probabilities. This kernel makes one pass:
@@ -17,15 +18,22 @@ each program takes one image-channel row and a group of ``_BLOCK * _SUBS`` voxel
 
 Voxels outside the mask match no bin (and a discard slot).
 
+:func:`case_sums` is the GPU form of the CPU's fused case pass (:mod:`segcal.functional._case_kernel`): one
+program per block of one image's voxels walks the class rows once and gives the validation flags and label range,
+the confusion counts of the argmax, the squared errors (Brier), the log-likelihood of the label (NLL), and the
+top-label confidence and correctness of each voxel, which :func:`label_bin_sums` then bins.
+
 Each program writes its partial counts and sums to its own row of a buffer that torch then adds: no atomics,
 and the result does not depend on the scheduling. Used on CUDA devices where Triton is installed (it ships with
-the CUDA builds of torch on Linux) and ``M <= MAX_BINS``; elsewhere ``bin_statistics`` keeps the torch path.
-The tests run the same kernel on the CPU in Triton's interpreter (``TRITON_INTERPRET=1``).
+the CUDA builds of torch on Linux) and ``M <= MAX_BINS``; elsewhere the callers keep the torch paths.
+The tests run the same kernels on the CPU in Triton's interpreter (``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
 
 import math
+import struct
+from typing import NamedTuple
 
 import torch
 
@@ -38,7 +46,7 @@ except ImportError:  # pragma: no cover - exercised where Triton is absent
     triton = None
     tl = None
 
-__all__ = ["MAX_BINS", "available", "label_bin_sums"]
+__all__ = ["MAX_BINS", "CaseSums", "available", "case_sums", "label_bin_sums"]
 
 #: the most bins the kernel takes (its one-hot tile is ``_BLOCK x W`` wide); more bins use the torch path
 MAX_BINS = 64
@@ -47,6 +55,9 @@ _BLOCK = 64
 _SUBS = 64
 #: warps per program
 _WARPS = 2
+#: voxels per program of :func:`case_sums` and its warps
+_CASE_BLOCK = 1024
+_CASE_WARPS = 4
 #: the most image-channel rows of one launch (a CUDA grid's second axis); larger batches take the torch path
 _MAX_ROWS = 65_535
 #: fixed-point scale of float32 sums (as the CPU kernel: ``q = round(p * 2**30)``)
@@ -121,7 +132,7 @@ def label_bin_sums(
     lab = labels.reshape(b, s)
     lab = (lab.view(torch.uint8) if lab.dtype == torch.bool else lab).contiguous()
     use_mask = mask is not None
-    msk = mask.reshape(b, s).contiguous().view(torch.uint8) if use_mask else lab  # type: ignore[union-attr]  # unread
+    msk = mask.reshape(b, s).bool().contiguous().view(torch.uint8) if use_mask else lab  # type: ignore[union-attr]  # unread
     num_bins = edges.numel() - 1
     if not 1 <= num_bins <= MAX_BINS:
         raise ValueError(f"the Triton kernel takes 1 to {MAX_BINS} bins, got {num_bins}")
@@ -153,6 +164,78 @@ def label_bin_sums(
         n = slots[:, 0 : 2 * num_bins : 2] + hits
         total = sums.sum(0)[:, :num_bins]
     return torch.stack([n.double(), total, hits.double()], 1).reshape(b, kc, 3, num_bins)
+
+def _float64_bits(x: float) -> int:
+    """The bits of ``x`` as a float64, for a kernel argument that must stay float64 (Triton passes a Python
+    float as float32): the kernel bitcasts them back. ``x`` in (2**-511, 2): the bits exceed 2**31, so the
+    argument is an int64."""
+    bits = struct.unpack("<q", struct.pack("<d", x))[0]
+    if not 2**31 <= bits < 2**63:
+        raise ValueError(f"{x!r} is outside what the kernel takes as a float64 bit pattern")
+    return bits
+
+
+class CaseSums(NamedTuple):
+    """What :func:`case_sums` returns for ``B`` images of ``C`` classes and ``S`` voxels (on the input's device)."""
+
+    #: ``(B, C, 3)`` float64 true positives, false positives and false negatives of the argmax (a label outside
+    #: [0, C) is a false positive of the argmax only), voxels outside the mask excluded
+    counts: torch.Tensor
+    #: ``(B, C)`` float64 ``Σ (p_k − [y = k])²`` over the mask (``p`` clamped into [0, 1], NaN -> 0)
+    sq: torch.Tensor
+    #: ``(B,)`` float64 ``Σ −ln clamp(p_y, eps, 1 − eps)`` over the voxels in the mask with a label in [0, C)
+    nll_sum: torch.Tensor
+    #: ``(B,)`` float64 number of voxels in the mask
+    n_in_mask: torch.Tensor
+    #: ``(B,)`` int64 voxels (mask ignored) with a value outside [0, 1] or NaN, or a channel sum off 1 by
+    #: more than ``thr``
+    n_flagged: torch.Tensor
+    #: ``(B, 2)`` int64 smallest and largest label
+    label_range: torch.Tensor
+    #: ``(B, 1, S)`` the top-label confidence ``max_c p_c`` (the first maximum, unclamped), in ``probs``' dtype
+    confidence: torch.Tensor
+    #: ``(B, S)`` uint8: 1 where the argmax is not the label (label 0 of :func:`label_bin_sums` marks a hit)
+    wrong: torch.Tensor
+
+
+def case_sums(
+    probs: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None, eps: float, thr: float
+) -> CaseSums:
+    """One pass over ``probs`` ``(B, C, *spatial)`` (float32 / float64, on any device Triton serves) and the
+    label map ``labels`` ``(B, *spatial)`` (integer or bool) with the optional ``mask`` ``(B, *spatial)`` bool:
+    the statistics of :class:`CaseSums`, with the formulas of the CPU's fused pass (the argmax is the first
+    maximum, as ``torch.max``; ``thr < 7``: a value outside [0, 1] or NaN is summed as 8, so its voxel is
+    flagged)."""
+    if triton is None:  # pragma: no cover - guarded by the caller
+        raise RuntimeError("the Triton kernel needs the triton package")
+    b, c = probs.shape[:2]
+    s = math.prod(probs.shape[2:])
+    dev = probs.device
+    p = probs.detach().reshape(b, c, s).contiguous()
+    lab = labels.reshape(b, s)
+    lab = (lab.view(torch.uint8) if lab.dtype == torch.bool else lab).contiguous()
+    use_mask = mask is not None
+    msk = mask.reshape(b, s).bool().contiguous().view(torch.uint8) if use_mask else lab  # type: ignore[union-attr]  # unread
+    n_blocks = triton.cdiv(s, _CASE_BLOCK)
+    cp = 1 << (c + 1).bit_length()  # > C + 1: argmax / label columns 0..C-1, C (a label out of range), discard
+    sq = torch.empty((n_blocks, b, c), dtype=torch.float64, device=dev)
+    cells = torch.empty((n_blocks, b, 3, cp), dtype=torch.int32, device=dev)
+    stats = torch.empty((n_blocks, b, 2), dtype=torch.float64, device=dev)
+    ints = torch.empty((n_blocks, b, 3), dtype=torch.int64, device=dev)
+    conf = torch.empty((b, 1, s), dtype=p.dtype, device=dev)
+    wrong = torch.empty((b, s), dtype=torch.uint8, device=dev)
+    _case_kernel[(n_blocks, b)](
+        p, lab, msk, conf, wrong, sq, cells, stats, ints, s, c, _float64_bits(eps), float(thr),
+        USE_MASK=use_mask, CP=cp, BLOCK=_CASE_BLOCK, num_warps=_CASE_WARPS,
+    )  # fmt: skip
+    npred, nlab, tp = cells.sum(0, dtype=torch.int64)[..., :c].unbind(1)
+    counts = torch.stack([tp, npred - tp, nlab - tp], -1).double()
+    st = stats.sum(0)
+    lo, hi = ints[..., 1].amin(0), ints[..., 2].amax(0)
+    return CaseSums(
+        counts, sq.sum(0), st[:, 0], st[:, 1], ints[..., 0].sum(0), torch.stack([lo, hi], 1), conf, wrong
+    )
+
 
 if triton is not None:
 
@@ -230,3 +313,59 @@ if triton is not None:
         else:
             tl.store(cnt_ptr + row * W2 + tl.arange(0, W2), slots)
             tl.store(sum_ptr + row * W + bins, acc)
+
+    @triton.jit
+    def _case_kernel(  # pragma: no cover - compiled (or interpreted by Triton)
+        p_ptr, lab_ptr, mask_ptr, conf_ptr, wrong_ptr, sq_ptr, cell_ptr, stat_ptr, int_ptr, S, C, eps_bits, thr,
+        USE_MASK: tl.constexpr, CP: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        """Program ``(g, b)``: voxels ``[g * BLOCK, (g + 1) * BLOCK)`` of image ``b``. Writes to its row
+        ``g * B + b``: ``sq`` (C,) float64; ``cells`` (3, CP) int32 histograms of the argmax, of the label (C
+        where out of range) and of the argmax where it is the label, over the mask; ``stats`` (2,) float64 NLL
+        sum and voxels in the mask; ``ints`` (3,) int64 flagged voxels, smallest and largest label; and per
+        voxel the confidence and the miss flag. ``eps_bits``: the likelihood clamp ``eps`` as float64 bits."""
+        g = tl.program_id(0)
+        img = tl.program_id(1)
+        row = g.to(tl.int64) * tl.num_programs(1) + img
+        offs = g.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        inb = offs < S
+        lrow = img.to(tl.int64) * S
+        lab = tl.load(lab_ptr + lrow + offs, mask=inb, other=0).to(tl.int64)
+        keep = inb
+        if USE_MASK:
+            keep = keep & (tl.load(mask_ptr + lrow + offs, mask=inb, other=0) != 0)
+        dt = p_ptr.dtype.element_ty
+        best = tl.full([BLOCK], float("-inf"), dt)
+        arg = tl.zeros([BLOCK], tl.int32)
+        tot = tl.zeros([BLOCK], dt)
+        py = tl.full([BLOCK], 1.0, dt)
+        for ch in range(C):
+            x = tl.load(p_ptr + (img * C + ch).to(tl.int64) * S + offs, mask=inb, other=0.0)
+            gt = x > best  # strictly greater: the first maximum wins; NaN never
+            best = tl.where(gt, x, best)
+            arg = tl.where(gt, ch, arg)
+            tot += tl.where((x >= 0.0) & (x <= 1.0), x, 8.0)  # a value out of range puts its sum off 1
+            v = tl.minimum(tl.maximum(x, 0.0), 1.0)
+            v = tl.where(v == v, v, 0.0)  # NaN -> 0
+            yk = lab == ch
+            py = tl.where(yk, v, py)
+            d = v.to(tl.float64) - yk.to(tl.float64)
+            tl.store(sq_ptr + row * C + ch, tl.sum(tl.where(keep, d * d, 0.0), axis=0))
+        flagged = inb & ~(tl.abs(tot - 1.0) <= thr)
+        known = (lab >= 0) & (lab < C)
+        eps = eps_bits.to(tl.float64, bitcast=True)
+        f = tl.minimum(tl.maximum(py.to(tl.float64), eps), 1.0 - eps)
+        tl.store(stat_ptr + row * 2, tl.sum(tl.where(known & keep, -tl.log(f), 0.0), axis=0))
+        tl.store(stat_ptr + row * 2 + 1, tl.sum(keep.to(tl.float64), axis=0))
+        tl.store(int_ptr + row * 3, tl.sum(flagged.to(tl.int64), axis=0))
+        tl.store(int_ptr + row * 3 + 1, tl.min(tl.where(inb, lab, 9223372036854775807), axis=0))
+        tl.store(int_ptr + row * 3 + 2, tl.max(tl.where(inb, lab, -9223372036854775807), axis=0))
+        discard = CP - 1
+        hit = arg.to(tl.int64) == lab
+        col = tl.where(known, lab, C).to(tl.int32)
+        cols = tl.arange(0, CP)
+        tl.store(cell_ptr + row * 3 * CP + cols, tl.histogram(tl.where(keep, arg, discard), CP))
+        tl.store(cell_ptr + (row * 3 + 1) * CP + cols, tl.histogram(tl.where(keep, col, discard), CP))
+        tl.store(cell_ptr + (row * 3 + 2) * CP + cols, tl.histogram(tl.where(keep & hit, arg, discard), CP))
+        tl.store(conf_ptr + lrow + offs, best, mask=inb)
+        tl.store(wrong_ptr + lrow + offs, (~hit).to(tl.uint8), mask=inb)

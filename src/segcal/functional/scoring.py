@@ -8,10 +8,11 @@ all go through these three functions, so a metric is defined once. :data:`METRIC
 per class or per case, how it pools) from which ``MetricResult``, the ``cases.csv`` columns and ``summary.json``
 are derived.
 
-On CPU, for the common case (exclusive classes, a hard label map, no region channels, no soft reference)
-the confusion counts, Brier and NLL sums and the top-label bins come from one fused numba pass over the
-voxels (:mod:`segcal.functional._case_kernel`, sharing the binning kernels of
-:mod:`segcal.functional._kernels`); its results equal the separate functions' (tested at 1e-12 relative).
+For the common case (exclusive classes, a hard label map, no region channels, no soft reference) the
+confusion counts, Brier and NLL sums and the top-label bins come from one fused pass over the voxels: on CPU
+the numba pass of :mod:`segcal.functional._case_kernel` (sharing the binning kernels of
+:mod:`segcal.functional._kernels`), on a CUDA device the Triton kernels of :mod:`segcal.functional._triton`;
+their results equal the separate functions' (tested at 1e-12 relative).
 
 Bins: ``M`` equal-width bins, bin ``k`` = ``(k/M, (k+1)/M]`` (``closed="right"``, see
 :mod:`segcal.functional.binning`). Metric definitions: marginal ECE/ACE/MCE and their L2 forms from
@@ -41,8 +42,9 @@ from typing import Literal
 import numpy as np
 import torch
 
+from segcal.functional import _triton
 from segcal.functional.adaptive import equal_mass_calibration_error
-from segcal.functional.binning import BinStats, Closed, bin_statistics
+from segcal.functional.binning import BinStats, Closed, _prepare_mask, bin_edges, bin_statistics
 from segcal.functional.calibration import (
     EPS,
     brier_score,
@@ -58,6 +60,7 @@ from segcal.functional.inputs import (
     Mode,
     as_label_map,
     check_mode,
+    check_probabilities,
     check_target,
     region_probabilities,
     region_targets,
@@ -259,56 +262,78 @@ def _fused(
     closed: Closed,
     check: bool,
 ) -> tuple[torch.Tensor, ...] | None:
-    """The fused CPU pass per image: ``(counts (B, C, 3), sq (B, C), top (B, 1, 3, M), nll_sum (B,), n (B,))``
-    over all classes, or None where the kernels do not apply (the caller uses the separate functions)."""
+    """The fused pass: ``(counts (B, C, 3), sq (B, C), top (B, 1, 3, M), nll_sum (B,), n (B,))`` float64 over all
+    classes, or None where the kernels do not apply (the caller uses the separate functions). ``mask``:
+    ``(B, *spatial)`` bool or None. On CPU the numba pass, one image at a time; where the Triton kernels serve
+    (a CUDA device), :func:`_fused_triton`."""
+    if _triton.available(probs, num_bins):
+        return _fused_triton(probs, lab, mask, num_bins, closed, check)
     from segcal.functional._case_kernel import fused_case_pass
 
     c = probs.shape[1]
     out: list[tuple[np.ndarray, ...]] = []
     for b in range(probs.shape[0]):
-        m = None if mask is None else mask[b].reshape(lab.shape[1:]).numpy()
-        res = fused_case_pass(
-            probs[b].numpy(), lab[b].numpy(), m, EPS, num_bins, closed, sum_tol=PROB_ATOL * max(1, c)
-        )
+        m = None if mask is None else mask[b].numpy()
+        res = fused_case_pass(probs[b].numpy(), lab[b].numpy(), m, EPS, num_bins, closed, sum_tol=_sum_tol(c))
         if res is None:
             return None
         counts, sq, top, info = res
         if check:
-            _raise_invalid(info, c)
+            _raise_invalid(info["n_flagged"], info["label_min"], info["label_max"], probs[b : b + 1])
         out.append((counts, sq, top[None], np.array(info["nll_sum"]), np.array(info["n_in_mask"])))
     return tuple(torch.from_numpy(np.stack(col)).to(torch.float64) for col in zip(*out, strict=True))
 
 
-def _raise_invalid(info: dict[str, float], c: int) -> None:
-    """The core's validation from the fused pass's statistics, with :mod:`segcal.functional.inputs`' messages.
-    The probability checks run only when the pass flagged voxels (``n_flagged``; it then adds the precise
-    statistics); a borderline flag that the precise checks clear raises nothing."""
-    if info["n_flagged"] > 0 and info["n_nonfinite"] > 0:
-        raise ValueError(f"prediction contains {int(info['n_nonfinite'])} NaN/Inf values")
-    lo, hi = info.get("p_min", 0.0), info.get("p_max", 1.0)
-    if lo < -PROB_ATOL or hi > 1 + PROB_ATOL:
-        raise ValueError(f"prediction must hold probabilities in [0, 1] but spans [{lo:.4g}, {hi:.4g}]")
-    if info.get("max_sum_dev", 0.0) > PROB_ATOL * max(1, c):
-        raise ValueError(
-            "prediction: exclusive mode needs class probabilities that sum to 1 over the channel axis, "
-            f"max deviation is {info['max_sum_dev']:.4g}"
-        )
-    l_lo, l_hi = int(info["label_min"]), int(info["label_max"])
-    if l_lo < 0 or l_hi >= c:
+def _fused_triton(
+    probs: torch.Tensor,
+    lab: torch.Tensor,
+    mask: torch.Tensor | None,
+    num_bins: int,
+    closed: Closed,
+    check: bool,
+) -> tuple[torch.Tensor, ...]:
+    """:func:`_fused` on a GPU: :func:`segcal.functional._triton.case_sums` over the whole batch, then the top-label
+    confidences binned by :func:`segcal.functional._triton.label_bin_sums` (the bins of the CPU pass, bitwise on
+    float32). With ``check``, one read back to the host (the flagged voxels and the label range)."""
+    r = _triton.case_sums(probs, lab, mask, EPS, _sum_tol(probs.shape[1]))
+    if check:
+        read = torch.stack([r.n_flagged.sum(), r.label_range[:, 0].min(), r.label_range[:, 1].max()]).tolist()
+        _raise_invalid(*read, probs)
+    top = _triton.label_bin_sums(r.confidence, r.wrong, 0, mask, bin_edges(num_bins, probs.dtype), closed)
+    return r.counts, r.sq, top, r.nll_sum, r.n_in_mask
+
+
+def _sum_tol(c: int) -> float:
+    """The fused passes' threshold on a voxel's channel sum (below 7: see ``_kernels._mark_sums_off``)."""
+    return min(PROB_ATOL * max(1, c), 6.0)
+
+
+def _raise_invalid(n_flagged: float, label_min: float, label_max: float, probs: torch.Tensor) -> None:
+    """The core's validation after a fused pass: where the pass flagged voxels, the precise checks of
+    :func:`~segcal.functional.inputs.check_probabilities` name the problem (a borderline flag they clear raises
+    nothing); then the label range against the ``C`` classes of ``probs``."""
+    c = probs.shape[1]
+    if n_flagged > 0:
+        check_probabilities(probs, "exclusive")
+    if label_min < 0 or label_max >= c:
         raise TargetError(
-            f"label: labels must lie in [0, {c - 1}] for {c} classes, found values in [{l_lo}, {l_hi}]"
+            f"label: labels must lie in [0, {c - 1}] for {c} classes, found values in [{int(label_min)}, "
+            f"{int(label_max)}]"
         )
 
 
 def _fast_label_map(
-    probs: torch.Tensor, target: torch.Tensor, mode: Mode, regions: object, reference: object
+    probs: torch.Tensor, target: torch.Tensor, mode: Mode, regions: object, reference: object, num_bins: int
 ) -> torch.Tensor | None:
-    """The label map ``(B, *S)`` when the fused CPU pass applies, else None."""
+    """The label map ``(B, *S)`` when a fused pass applies (the numba one on CPU, the Triton one where
+    :func:`segcal.functional._triton.available`), else None."""
     if mode != "exclusive" or regions is not None or reference is not None or probs.shape[1] < 2:
         return None
-    if probs.device.type != "cpu" or probs.dtype not in (torch.float32, torch.float64):
+    if probs.dtype not in (torch.float32, torch.float64):
         return None
-    if target.is_floating_point() or target.dtype == torch.bool or target.device.type != "cpu":
+    if probs.device.type != "cpu" and not _triton.available(probs, num_bins):
+        return None
+    if target.is_floating_point() or target.dtype == torch.bool or target.device != probs.device:
         return None
     lab = as_label_map(target, probs.shape[2:])
     if lab is None or lab.shape[0] != probs.shape[0] or lab.numel() == 0:
@@ -372,7 +397,8 @@ def case_statistics(
     """
     mode = check_mode(mode)
     eff: Mode = "exclusive" if regions is not None else mode
-    lab = _fast_label_map(probs, target, mode, regions, reference)
+    mask = _prepare_mask(mask, probs.shape[0], probs.shape[2:])
+    lab = _fast_label_map(probs, target, mode, regions, reference, num_bins)
     if check and lab is None:  # (the fused pass validates the label range itself)
         _check_targets(probs, target, reference, eff)
     ib = include_background
