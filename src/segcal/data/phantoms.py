@@ -120,7 +120,7 @@ def _check_args(
 
 
 def _rand(gen: torch.Generator, *size: int) -> torch.Tensor:
-    return torch.rand(size, generator=gen, dtype=torch.float32)
+    return torch.rand(size, generator=gen, dtype=torch.float32, device="cpu")
 
 
 def _shape_logits(
@@ -160,10 +160,10 @@ def _smooth_field(
     """Random low-frequency cosine field with unit RMS, ``(B, K, *S)``."""
     d = len(shape)
     n_modes = 4
-    freq = torch.randint(0, 3, (b, k, n_modes, d), generator=gen).to(torch.float32)
+    freq = torch.randint(0, 3, (b, k, n_modes, d), generator=gen, device="cpu").to(torch.float32)
     freq[..., 0] += 1.0  # no constant mode
     phase = _rand(gen, b, k, n_modes) * (2 * math.pi)
-    amp = torch.randn((b, k, n_modes), generator=gen)
+    amp = torch.randn((b, k, n_modes), generator=gen, device="cpu")
     amp = amp / amp.square().sum(-1, keepdim=True).div(2).sqrt().clamp_min(1e-6)  # Σa²/2 = 1 → unit RMS
     size = torch.tensor([float(s) for s in shape])
     # angle = 2π Σ_d f_d x_d / S_d + φ
@@ -355,7 +355,7 @@ def _image(gen: torch.Generator, g: _Grid, clean: torch.Tensor, mode: PhantomMod
     else:
         mu = torch.full((num_classes,), 1.0 / num_classes)
     image = (clean * mu.view(1, -1, *([1] * g.d))).sum(1, keepdim=True)
-    return image + 0.1 * torch.randn(image.shape, generator=gen)
+    return image + 0.1 * torch.randn(image.shape, generator=gen, device="cpu")
 
 
 def temper(

@@ -121,7 +121,7 @@ class BinStats:
 
     @staticmethod
     def from_numpy(arr: np.ndarray) -> BinStats:
-        t = torch.as_tensor(np.asarray(arr, dtype=np.float64))
+        t = torch.as_tensor(np.asarray(arr, dtype=np.float64), device="cpu")
         if t.ndim != 4 or t.shape[2] != 3:
             raise ValueError(f"expected a (B, C, 3, M) array, got shape {tuple(t.shape)}")
         return BinStats(t[:, :, 0].clone(), t[:, :, 1].clone(), t[:, :, 2].clone())

@@ -61,7 +61,15 @@ from typing import Literal
 
 import torch
 
-from segcal.functional.inputs import Activation, Mode, as_label_map, check_mode, check_target, to_probabilities
+from segcal.functional.inputs import (
+    Activation,
+    Mode,
+    as_label_map,
+    as_tensor,
+    check_mode,
+    check_target,
+    to_probabilities,
+)
 from segcal.functional.overlap import confusion_counts
 
 __all__ = [
@@ -225,7 +233,7 @@ def _validated(
 def _histograms(p: torch.Tensor, gt: torch.Tensor, k: int) -> FNRStatistics:
     """The sparse histograms of ``⌊p K⌋`` over the voxels selected by ``gt`` ``(B, C, *S)`` bool."""
     b, c = p.shape[:2]
-    case_of = torch.arange(b, dtype=torch.int64).view(b, *([1] * (p.ndim - 2)))
+    case_of = torch.arange(b, dtype=torch.int64, device=p.device).view(b, *([1] * (p.ndim - 2)))
     parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for ch in range(c):  # one channel at a time: memory in the ground-truth voxels only
         sel = gt[:, ch]
@@ -233,8 +241,9 @@ def _histograms(p: torch.Tensor, gt: torch.Tensor, k: int) -> FNRStatistics:
         dense = torch.bincount(key, minlength=b * (k + 1))  # linear time; b (K + 1) counters
         uniq = torch.nonzero(dense).flatten()
         parts.append((uniq // (k + 1), torch.full_like(uniq, ch), uniq % (k + 1), dense[uniq]))
-    case, channel, bins, count = (torch.cat(t).to(torch.int32) for t in zip(*parts, strict=True))
-    return FNRStatistics(k, gt.flatten(2).sum(-1).to(torch.int64), case, channel, bins, count)
+    # the sparse statistics are summaries: held on the host, whatever the device of the probabilities
+    case, channel, bins, count = (torch.cat(t).to(torch.int32).cpu() for t in zip(*parts, strict=True))
+    return FNRStatistics(k, gt.flatten(2).sum(-1).to(torch.int64).cpu(), case, channel, bins, count)
 
 
 def binary_targets(
@@ -314,9 +323,10 @@ def fdr_loss_curves(stats: FDRStatistics, *, monotone: bool = True) -> torch.Ten
     ``sup_{j' ≥ j} FDR(j' / K)``, non-increasing in ``t`` and an upper bound of the FDR, so a bound on its
     expectation bounds the expected FDR."""
     k = stats.resolution
-    zero = torch.zeros(stats.num_cases, stats.positives.num_channels, 1, dtype=torch.int64)
-    tp = torch.cat([_dense_histogram(stats.positives).flip(-1).cumsum(-1).flip(-1), zero], -1)  # voxels >= j/K
-    fp = torch.cat([_dense_histogram(stats.negatives).flip(-1).cumsum(-1).flip(-1), zero], -1)
+    tp_hist, fp_hist = _dense_histogram(stats.positives), _dense_histogram(stats.negatives)
+    zero = torch.zeros_like(tp_hist[..., :1])
+    tp = torch.cat([tp_hist.flip(-1).cumsum(-1).flip(-1), zero], -1)  # voxels >= j/K
+    fp = torch.cat([fp_hist.flip(-1).cumsum(-1).flip(-1), zero], -1)
     assert tp.shape[-1] == k + 2
     fdr = fp.to(torch.float64) / (tp + fp).clamp(min=1).to(torch.float64)
     return fdr.flip(-1).cummax(-1).values.flip(-1) if monotone else fdr
@@ -345,7 +355,7 @@ def crc_index(
         raise ValueError(f"bound must be positive, got {bound!r}")
     if loss_sum.ndim < 1 or loss_sum.shape[-1] < 2:
         raise ValueError(f"loss_sum must have shape (..., K + 1) with K >= 1, got {tuple(loss_sum.shape)}")
-    nn = torch.as_tensor(n, dtype=torch.float64).expand(loss_sum.shape[:-1])
+    nn = as_tensor(n, loss_sum.device).to(torch.float64).expand(loss_sum.shape[:-1])
     # a float64 sum of ratios can be off by a few ulps: the comparison gives way on the safe side (a later k),
     # so a rounding error never picks a k whose exact loss sum exceeds the limit
     limit = (nn + 1) * a - bound - _TIE_TOL * (nn + 1)
@@ -407,7 +417,7 @@ def crc_fdr_threshold(
         raise ValueError(f"loss_sum must have shape (C, K + 2), got {tuple(loss_sum.shape)}")
     c, k = loss_sum.shape[0], loss_sum.shape[1] - 2
     check_resolution(k)
-    nn = torch.as_tensor(n, dtype=torch.float64).expand(c).clone()
+    nn = as_tensor(n, loss_sum.device).to(torch.float64).expand(c).clone()
     if bool((nn < 1).any()):
         raise ValueError("crc_fdr_threshold needs at least one calibration case per channel")
     index, achievable = crc_index(loss_sum, nn, a)
@@ -436,7 +446,7 @@ def crc_threshold(
     present = stats.present().sum(0).to(torch.float64)  # (C,)
     loss_sum = (present.unsqueeze(-1) - weights.flip(-1).cumsum(-1)).clamp_(min=0.0)
     loss_sum[:, -1] = 0.0  # λ = 1 covers every voxel (removes float residue of the cumulative sum)
-    n = present if absent == "skip" else torch.full((c,), float(stats.num_cases), dtype=torch.float64)
+    n = present if absent == "skip" else torch.full_like(present, float(stats.num_cases))
     index, achievable = crc_index(loss_sum, n, a)
     _warn_unachievable(achievable, n, a, names, "lambda_hat = 1 (every voxel in the mask)")
     for ch in torch.nonzero(present == 0).flatten().tolist():
@@ -463,7 +473,7 @@ def threshold_masks(
     an empty mask); compared exactly (float32 where the thresholds are float32 numbers, else float64)."""
     mode = check_mode(mode)
     p = to_probabilities(probs, activation, mode, name="probs")
-    t = torch.as_tensor(thresholds, dtype=torch.float64).flatten()
+    t = as_tensor(thresholds, p.device).to(torch.float64).flatten()
     if t.numel() != p.shape[1]:
         raise ValueError(f"thresholds has {t.numel()} values but probs have {p.shape[1]} channels")
     if not bool((t >= 0).all()) or not bool(torch.isfinite(t).all()):
@@ -487,7 +497,7 @@ def conformal_masks(
     """Conformal masks ``(B, C, *spatial)`` bool: ``p_c ≥ 1 − λ_c`` per channel (compared in float64, exact for
     ``λ`` on the grid ``k / K``). ``lambdas``: ``(C,)`` values in ``[0, 1]``. In exclusive mode the masks of
     different classes may overlap (a voxel can be in the set of two classes)."""
-    lam = torch.as_tensor(lambdas, dtype=torch.float64).flatten()
+    lam = as_tensor(lambdas).to(torch.float64).flatten()
     if not bool(((lam >= 0) & (lam <= 1)).all()):
         raise ValueError(f"lambdas must lie in [0, 1], got {lam.tolist()}")
     try:

@@ -21,6 +21,7 @@ import math
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
 import torch
 
 Mode = Literal["exclusive", "multilabel"]
@@ -44,6 +45,13 @@ __all__ = [
     "target_to_onehot",
     "to_probabilities",
 ]
+
+
+def as_tensor(x: object, device: torch.device | str | None = None) -> torch.Tensor:
+    """``x`` as a tensor, on ``device`` when given. A tensor stays where it is (``torch.as_tensor`` would move it
+    to the default device of ``torch.set_default_device``); arrays, lists and numbers are read on the host."""
+    t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x), device="cpu")
+    return t if device is None else t.to(device)
 
 
 def check_mode(mode: str) -> Mode:

@@ -236,7 +236,7 @@ def surface_scores(
                 metrics=metrics, nsd_tolerance_mm=tols[k], both_empty="absent",
             )
             for m, v in vals.items():
-                out.setdefault(m, torch.full((b, c), float("nan"), dtype=torch.float64))[i, k] = v[0, 0]
+                out.setdefault(m, torch.full((b, c), float("nan"), dtype=torch.float64, device="cpu"))[i, k] = v[0, 0]
         del am
     return out
 

@@ -242,7 +242,7 @@ class CaseStatistics:
                 arrays[name] = np.full(np.shape(arrays["hd95"]), np.nan)
         return CaseStatistics(
             **{
-                f.name: torch.as_tensor(np.asarray(arrays[f.name], np.float64))
+                f.name: torch.as_tensor(np.asarray(arrays[f.name], np.float64), device="cpu")
                 for f in _FIELDS
                 if f.name in arrays or f.name not in _OPTIONAL
             }
@@ -420,7 +420,7 @@ def case_statistics(
         brier_sum = brier_score(probs, calib_target, include_background=ib, check=False, **kw) * n_vox[:, None]
         nll_sum = negative_log_likelihood(probs, calib_target, check=False, **kw) * n_vox
         top = _top_label(probs, target, num_bins, eff, mask, closed)
-    nan = torch.full(counts.shape[:2], float("nan"), dtype=torch.float64)
+    nan = torch.full(counts.shape[:2], float("nan"), dtype=torch.float64, device=counts.device)
     mae_sum = nan
     if reference is not None:
         mae = _mae(probs, reference, ib, mode, regions, mask)

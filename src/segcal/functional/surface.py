@@ -281,7 +281,7 @@ def surface_metrics(
     names = check_surface_metrics(metrics)
     tols = check_tolerances(nsd_tolerance_mm, c)
     _check_spacing(spacing, pred.ndim - 2)
-    out = {m: torch.full((b, c), math.nan, dtype=torch.float64) for m in names}
+    out = {m: torch.full((b, c), math.nan, dtype=torch.float64, device="cpu") for m in names}  # host: from scipy
     for i in range(b):
         for k in range(c):
             vals = class_surface_metrics(

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from segcal.functional.inputs import Activation, Mode, check_mode
+from segcal.functional.inputs import Activation, Mode, as_tensor, check_mode
 from segcal.functional.overlap import (
     confusion_counts,
     dice_from_counts,
@@ -27,7 +27,7 @@ __all__ = ["default_thresholds", "pick_threshold", "threshold_counts", "threshol
 def default_thresholds(step: float = 0.05) -> torch.Tensor:
     """``T`` in ``[0.05, 0.95]`` with the given step (19 values by default), float64."""
     n = round(0.9 / step) + 1
-    return torch.linspace(0.05, 0.95, n, dtype=torch.float64)
+    return torch.linspace(0.05, 0.95, n, dtype=torch.float64, device="cpu")
 
 
 def threshold_counts(
@@ -45,7 +45,7 @@ def threshold_counts(
     Uses :func:`segcal.functional.overlap.confusion_counts` with ``threshold=T``.
     """
     mode = check_mode(mode)
-    ts = default_thresholds() if thresholds is None else torch.as_tensor(thresholds, dtype=torch.float64)
+    ts = default_thresholds() if thresholds is None else as_tensor(thresholds, "cpu").to(torch.float64)
     if ts.ndim != 1 or ts.numel() == 0 or bool(((ts <= 0) | (ts >= 1)).any()):
         raise ValueError("thresholds must be a non-empty 1-D sequence of values in (0, 1)")
     c = probs.shape[1] if probs.ndim >= 2 else 0
@@ -78,11 +78,12 @@ def threshold_curves(
     if counts.ndim != 3 or counts.shape[-1] != 3:
         raise ValueError(f"counts must have shape (B, T, 3), got {tuple(counts.shape)}")
     b, nt, _ = counts.shape
-    ts = default_thresholds() if thresholds is None else torch.as_tensor(thresholds, dtype=torch.float64)
+    counts = counts.detach().cpu()  # the curves are summaries: computed and returned on the host
+    ts = default_thresholds() if thresholds is None else as_tensor(thresholds, "cpu").to(torch.float64)
     if ts.numel() != nt:
         raise ValueError(f"{ts.numel()} thresholds given for counts with {nt} thresholds")
     gen = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, b, (n_bootstrap, b), generator=gen)
+    idx = torch.randint(0, b, (n_bootstrap, b), generator=gen, device="cpu")
     alpha = (1 - confidence) / 2
     out: dict[str, torch.Tensor] = {"threshold": ts}
     for name, fn in (
@@ -93,7 +94,7 @@ def threshold_curves(
         per_case = fn(counts.to(torch.float64))  # (B, T)
         out[name] = per_case.mean(0)
         boot = per_case[idx].mean(1)  # (n_bootstrap, T)
-        q = torch.quantile(boot, torch.tensor([alpha, 1 - alpha], dtype=torch.float64), dim=0)
+        q = torch.quantile(boot, torch.tensor([alpha, 1 - alpha], dtype=torch.float64, device="cpu"), dim=0)
         out[f"{name}_lo"], out[f"{name}_hi"] = q[0], q[1]
     return out
 
@@ -112,7 +113,7 @@ def threshold_sweep(
     seed: int = 0,
 ) -> dict[str, torch.Tensor]:
     """:func:`threshold_counts` followed by :func:`threshold_curves`."""
-    ts = default_thresholds() if thresholds is None else torch.as_tensor(thresholds, dtype=torch.float64)
+    ts = default_thresholds() if thresholds is None else as_tensor(thresholds, "cpu").to(torch.float64)
     counts = threshold_counts(probs, target, class_index, ts, activation=activation, mode=mode, mask=mask)
     return threshold_curves(counts, ts, n_bootstrap, confidence, seed)
 

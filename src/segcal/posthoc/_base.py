@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
-from segcal.functional.inputs import Mode, check_mode, check_prediction, check_target, target_to_onehot
+from segcal.functional.inputs import Mode, as_tensor, check_mode, check_prediction, check_target, target_to_onehot
 from segcal.io.torchfile import read_torch_file, write_torch_file
 
 __all__ = [
@@ -77,8 +78,8 @@ def _as_volume(item: Any, index: int) -> Volume:
         )
     logits, target = item[0], item[1]
     mask = item[2] if len(item) == 3 else None
-    logits = torch.as_tensor(logits)
-    target = torch.as_tensor(target)
+    logits = as_tensor(logits)
+    target = as_tensor(target)
     # (C, H, W) and (C, H, W, D) with a label map (H, W, D) are single volumes -> (1, C, *spatial);
     # other 4-D inputs are read as a 2-D batch (B, C, H, W) (pass 3-D one-hot targets with a batch axis).
     unbatched = logits.ndim == 3 or (logits.ndim == 4 and tuple(target.shape) == tuple(logits.shape[1:]))
@@ -86,9 +87,9 @@ def _as_volume(item: Any, index: int) -> Volume:
         logits = logits.unsqueeze(0)
         target = target.unsqueeze(0)
         if mask is not None:
-            mask = torch.as_tensor(mask).unsqueeze(0)
+            mask = as_tensor(mask).unsqueeze(0)
     if mask is not None:
-        mask = torch.as_tensor(mask)
+        mask = as_tensor(mask)
     return logits, target, mask
 
 
@@ -97,7 +98,7 @@ def iter_volumes(data: Any, targets: Any = None, masks: Any = None) -> Iterator[
     if isinstance(data, torch.Tensor):
         if targets is None:
             raise ValueError("fit(logits, targets): targets are required when logits are given as a tensor")
-        yield data, torch.as_tensor(targets), None if masks is None else torch.as_tensor(masks)
+        yield data, as_tensor(targets), None if masks is None else as_tensor(masks)
         return
     if targets is not None:
         raise ValueError("targets must be None when data is an iterable of (logits, target[, mask]) volumes")
@@ -106,6 +107,13 @@ def iter_volumes(data: Any, targets: Any = None, masks: Any = None) -> Iterator[
         raise TypeError(f"data must be a logits tensor or an iterable of volumes, got {type(data).__name__}")
     for i, item in enumerate(source):
         yield _as_volume(item, i)
+
+
+def module_on(module: nn.Module, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``module`` (a learned attribute, held on the host) as a function on ``device``: its parameters and
+    buffers are copied there for the calls; the held module does not move."""
+    state = {k: v.to(device) for k, v in module.state_dict().items()}
+    return lambda x: torch.func.functional_call(module, state, (x,))
 
 
 def is_reiterable(data: Any) -> bool:
@@ -140,7 +148,7 @@ def validate_volume(
         check_target(target, logits.shape, mode)
     except (ValueError, TypeError) as exc:
         raise type(exc)(where + str(exc)) from None
-    onehot = target_to_onehot(target, c, dtype=torch.float32)
+    onehot = target_to_onehot(target.to(logits.device), c, dtype=torch.float32)  # targets may come from the host
     if mask is not None:
         m = mask[:, 0] if (mask.ndim == logits.ndim and mask.shape[1] == 1) else mask
         if tuple(m.shape) != (logits.shape[0], *logits.shape[2:]):
@@ -148,7 +156,7 @@ def validate_volume(
                 f"{where}mask shape {tuple(mask.shape)} does not match the logits' batch and spatial shape "
                 f"{(logits.shape[0], *logits.shape[2:])}"
             )
-        mask = m.bool()
+        mask = m.bool().to(logits.device)
     return logits.float(), onehot, mask
 
 
@@ -167,7 +175,7 @@ def flatten_voxels(
         keep = mask.reshape(-1)
         z, y = z[keep], y[keep]
     if max_voxels is not None and z.shape[0] > max_voxels:
-        idx = torch.randperm(z.shape[0], generator=generator)[:max_voxels]
+        idx = torch.randperm(z.shape[0], generator=generator, device="cpu")[:max_voxels]
         z, y = z[idx], y[idx]
     if bool(((y == 0) | (y == 1)).all()):
         y = y.to(torch.uint8)  # hard one-hot / multi-hot targets are held as bytes
@@ -197,10 +205,11 @@ class VoxelReservoir:
         self._held = 0
 
     def add(self, z: torch.Tensor, y: torch.Tensor) -> None:
-        """Offer voxel rows ``z (N, C)`` and their targets ``y (N, C)``."""
+        """Offer voxel rows ``z (N, C)`` and their targets ``y (N, C)`` (held on the host, whatever their device)."""
+        z, y = z.detach().cpu(), y.detach().cpu()
         n = z.shape[0]
         self.seen += n
-        keys = torch.rand(n, generator=self.generator, dtype=torch.float64)
+        keys = torch.rand(n, generator=self.generator, dtype=torch.float64, device="cpu")
         if self._held < self.capacity:  # filling: hold everything, merge once the capacity is reached
             self._parts.append((keys, z, y))
             self._held += n
@@ -215,7 +224,7 @@ class VoxelReservoir:
         # the capacity smallest of (held, new) keys; the new rows that make it replace the held rows that do not
         chosen = torch.topk(torch.cat([held_keys, keys]), self.capacity, largest=False, sorted=False).indices
         incoming = chosen[chosen >= self.capacity] - self.capacity
-        stays = torch.zeros(self.capacity, dtype=torch.bool)
+        stays = torch.zeros(self.capacity, dtype=torch.bool, device="cpu")
         stays[chosen[chosen < self.capacity]] = True
         evicted = (~stays).nonzero().squeeze(1)
         if y.dtype != hy.dtype:
@@ -241,7 +250,7 @@ class VoxelReservoir:
     def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The held ``(z (n, C), y (n, C))`` rows (empty ``(0, 0)`` tensors before any row was offered)."""
         if not self._parts:
-            return torch.zeros(0, 0), torch.zeros(0, 0, dtype=torch.uint8)
+            return torch.zeros(0, 0, device="cpu"), torch.zeros(0, 0, dtype=torch.uint8, device="cpu")
         if len(self._parts) > 1:
             self._compact()
         return self._parts[0][1], self._parts[0][2]
@@ -267,7 +276,7 @@ class TargetTally:
             self.voxels += float(mask.sum())
         else:
             self.voxels += float(y.numel() // max(y.shape[1], 1))
-        positive = y.sum([d for d in range(y.ndim) if d != 1], dtype=torch.float64)
+        positive = y.sum([d for d in range(y.ndim) if d != 1], dtype=torch.float64).cpu()
         self.positive = positive if self.positive is None else self.positive + positive
 
     def single_class(self, mode: Mode) -> bool:

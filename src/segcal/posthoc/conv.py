@@ -18,7 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from segcal.functional.inputs import check_mode, check_prediction, check_target, target_to_onehot
-from segcal.posthoc._base import Calibrator, TargetTally, is_reiterable, iter_volumes, validate_volume
+from segcal.posthoc._base import (
+    Calibrator,
+    TargetTally,
+    is_reiterable,
+    iter_volumes,
+    module_on,
+    validate_volume,
+)
 
 __all__ = ["AuxiliaryConvCalibrator", "LastLayerFineTuner", "PatchReservoir", "voxel_loss"]
 
@@ -54,18 +61,21 @@ class PatchReservoir:
                 raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
         self.capacity, self.patch_size, self.halo = capacity, patch_size, halo
         self.generator = torch.Generator().manual_seed(int(seed))
-        self.keys = torch.zeros(0, dtype=torch.float64)
+        self.keys = torch.zeros(0, dtype=torch.float64, device="cpu")
         self.patches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (z, y, valid) per patch
 
     def add(self, logits: torch.Tensor, onehot: torch.Tensor, mask: torch.Tensor | None) -> None:
-        """Offer the voxels of ``logits (B, C, *S)`` / ``onehot (B, C, *S)`` inside ``mask (B, *S)`` as centres."""
+        """Offer the voxels of ``logits (B, C, *S)`` / ``onehot (B, C, *S)`` inside ``mask (B, *S)`` as centres
+        (the patches are held on the host, whatever the device of the volume)."""
+        logits, onehot = logits.detach().cpu(), onehot.cpu()
+        mask = None if mask is None else mask.cpu()
         d = logits.ndim - 2
         p, h = self.patch_size, self.halo
         pad = p + h  # enough on both sides for any centre
         for b in range(logits.shape[0]):
-            valid = torch.ones(logits.shape[2:], dtype=torch.bool) if mask is None else mask[b]
+            valid = torch.ones(logits.shape[2:], dtype=torch.bool, device="cpu") if mask is None else mask[b]
             where = valid.reshape(-1).nonzero().squeeze(1)
-            keys = torch.rand(where.numel(), generator=self.generator, dtype=torch.float64)
+            keys = torch.rand(where.numel(), generator=self.generator, dtype=torch.float64, device="cpu")
             if self.keys.numel() >= self.capacity:
                 below = keys < self.keys.max()
                 where, keys = where[below], keys[below]
@@ -157,8 +167,8 @@ class AuxiliaryConvCalibrator(Calibrator):
         if k < 1 or k % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd integer, got {self.kernel_size}")
         cls = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
-        conv = cls(num_classes, num_classes, k, padding=k // 2)
-        with torch.no_grad():
+        with torch.device("cpu"), torch.no_grad():  # made on the host, whatever torch's default device
+            conv = cls(num_classes, num_classes, k, padding=k // 2)
             conv.weight.zero_()
             conv.bias.zero_()
             centre = (slice(None), slice(None)) + (k // 2,) * spatial_dims
@@ -184,10 +194,10 @@ class AuxiliaryConvCalibrator(Calibrator):
                 lg, y, mk = validate_volume(lg, tg, mk, self.mode, num_classes, i)
                 if epoch == 0:
                     tally.add(y, mk)
-                if conv is None:
+                if conv is None:  # trained where the logits are
                     num_classes = lg.shape[1]
                     self.spatial_dims_ = lg.ndim - 2
-                    conv = self._make_conv(num_classes, self.spatial_dims_)
+                    conv = self._make_conv(num_classes, self.spatial_dims_).to(lg.device)
                     opt = torch.optim.Adam(conv.parameters(), lr=self.lr)
                 if lg.ndim - 2 != self.spatial_dims_:
                     raise ValueError(f"volume {i}: expected {self.spatial_dims_}D logits, got {lg.ndim - 2}D")
@@ -201,7 +211,7 @@ class AuxiliaryConvCalibrator(Calibrator):
         conv.eval()
         for p in conv.parameters():
             p.requires_grad_(False)
-        self.conv_ = conv
+        self.conv_ = conv.cpu()  # learned attributes live on the host
         self.num_classes_ = num_classes
         return tally
 
@@ -213,10 +223,11 @@ class AuxiliaryConvCalibrator(Calibrator):
         reservoir = PatchReservoir(self.max_patches, self.patch_size, k // 2, self.seed)  # type: ignore[arg-type]
         tally = TargetTally()
         num_classes: int | None = None
+        device = torch.device("cpu")
         for i, (lg, tg, mk) in enumerate(iter_volumes(data, targets, mask)):
             lg, y, mk = validate_volume(lg, tg, mk, self.mode, num_classes, i)
-            if num_classes is None:
-                num_classes, self.spatial_dims_ = lg.shape[1], lg.ndim - 2
+            if num_classes is None:  # the patches are held on the host and trained on where the logits are
+                num_classes, self.spatial_dims_, device = lg.shape[1], lg.ndim - 2, lg.device
             if lg.ndim - 2 != self.spatial_dims_:
                 raise ValueError(f"volume {i}: expected {self.spatial_dims_}D logits, got {lg.ndim - 2}D")
             tally.add(y, mk)
@@ -226,12 +237,12 @@ class AuxiliaryConvCalibrator(Calibrator):
         if len(reservoir) == 0:
             raise ValueError("fit received no voxels (empty masks?)")
         torch.manual_seed(self.seed)
-        conv = self._make_conv(num_classes, self.spatial_dims_)
+        conv = self._make_conv(num_classes, self.spatial_dims_).to(device)
         opt = torch.optim.Adam(conv.parameters(), lr=self.lr)
-        z, y, valid = reservoir.stacked()
+        z, y, valid = (t.to(device) for t in reservoir.stacked())
         gen = torch.Generator().manual_seed(int(self.seed))
         for _ in range(self.epochs):
-            order = torch.randperm(len(reservoir), generator=gen)
+            order = torch.randperm(len(reservoir), generator=gen, device="cpu")
             for s in range(0, len(reservoir), self.batch_size):
                 idx = order[s : s + self.batch_size]
                 opt.zero_grad()
@@ -239,7 +250,7 @@ class AuxiliaryConvCalibrator(Calibrator):
                 loss.backward()
                 opt.step()
         conv.eval().requires_grad_(False)
-        self.conv_ = conv
+        self.conv_ = conv.cpu()
         self.num_classes_ = num_classes
         self.n_patches_ = len(reservoir)
         return tally
@@ -249,7 +260,7 @@ class AuxiliaryConvCalibrator(Calibrator):
             raise ValueError(
                 f"logits must be {self.spatial_dims_}D like the fitting data, got {logits.ndim - 2}D"
             )
-        return self.conv_(logits)
+        return module_on(self.conv_, logits.device)(logits)
 
     def _config(self) -> dict[str, Any]:
         return {
@@ -332,7 +343,7 @@ class LastLayerFineTuner(Calibrator):
         p = self.patch_size
         if isinstance(p, bool) or not isinstance(p, int) or p < 1:
             raise ValueError(f"patch_size must be a positive integer or None, got {p!r}")
-        starts = [int(torch.randint(0, max(n - p, 0) + 1, (1,), generator=gen)) for n in image.shape[2:]]
+        starts = [int(torch.randint(0, max(n - p, 0) + 1, (1,), generator=gen, device="cpu")) for n in image.shape[2:]]
         box = (..., *(slice(s, s + p) for s in starts))  # the spatial axes are the last ones of every tensor
         return image[box], target[box], None if mk is None else mk[box]
 
@@ -359,6 +370,7 @@ class LastLayerFineTuner(Calibrator):
         for p in layer.parameters():
             p.requires_grad_(True)
         opt = torch.optim.Adam(layer.parameters(), lr=self.lr)
+        device = next(layer.parameters()).device
         net.eval()  # frozen normalisation statistics; only the last layer moves
         self.losses_ = []
         num_classes = None
@@ -368,7 +380,9 @@ class LastLayerFineTuner(Calibrator):
             total, n = 0.0, 0
             for i, batch in enumerate(data() if callable(data) else data):
                 image, target, mk = self._crop(batch, gen)
-                z = net(image)
+                z = net(image.to(device))  # the batches go where the network is
+                target = target.to(z.device)
+                mk = None if mk is None else mk.to(z.device)
                 check_prediction(z.detach(), "network output")
                 check_target(target, z.shape, self.mode, name=f"batch {i} target")
                 num_classes = z.shape[1]

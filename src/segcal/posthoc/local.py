@@ -52,8 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segcal.functional.inputs import check_mode, check_prediction
-from segcal.posthoc._base import Calibrator, TargetTally, iter_volumes, validate_volume
+from segcal.functional.inputs import as_tensor, check_mode, check_prediction
+from segcal.posthoc._base import Calibrator, TargetTally, iter_volumes, module_on, validate_volume
 from segcal.posthoc.conv import voxel_loss
 from segcal.posthoc.scaling import TemperatureScaling
 
@@ -155,8 +155,9 @@ class _Reservoir:
     def slots(self, n: int) -> list[int]:
         """Offer ``n`` candidates (independent draws); the slots that receive one (a slot hit twice keeps the
         later candidate, which is as random as the earlier one: the caller cuts one patch per slot)."""
-        t = torch.arange(self.seen, self.seen + n, dtype=torch.float64)
-        draw = torch.floor(torch.rand(n, generator=self.gen, dtype=torch.float64) * (t + 1)).long().tolist()
+        t = torch.arange(self.seen, self.seen + n, dtype=torch.float64, device="cpu")
+        draw = torch.rand(n, generator=self.gen, dtype=torch.float64, device="cpu")
+        draw = torch.floor(draw * (t + 1)).long().tolist()
         kept = {i if i < self.size else j for i, j in zip(range(self.seen, self.seen + n), draw, strict=True)}
         self.seen += n
         slots = sorted(j for j in kept if j < self.size)
@@ -262,15 +263,16 @@ class LocalTemperatureScaling(Calibrator):
             raise ValueError(f"holdout must be a share in [0, 1), got {self.holdout!r}")
 
     def _make_net(self, num_classes: int, spatial_dims: int, init_temperature: float = 1.0) -> TemperatureNet:
-        return TemperatureNet(
-            num_classes + self.image_channels,
-            spatial_dims,
-            self.kernel_size,
-            self.hidden,
-            self.depth,
-            self.floor,
-            init_temperature,
-        )
+        with torch.device("cpu"):  # made on the host, whatever torch's default device
+            return TemperatureNet(
+                num_classes + self.image_channels,
+                spatial_dims,
+                self.kernel_size,
+                self.hidden,
+                self.depth,
+                self.floor,
+                init_temperature,
+            )
 
     # ----------------------------------------------------------------------------------------- inputs
     def _inputs(self, logits: torch.Tensor, image: torch.Tensor | None) -> torch.Tensor:
@@ -278,7 +280,7 @@ class LocalTemperatureScaling(Calibrator):
         the image."""
         axis = -self.spatial_dims_ - 1
         x = logits - logits.mean(axis, keepdim=True) if self.mode == "exclusive" else logits
-        return x if image is None else torch.cat([x, image.to(x.dtype)], axis)
+        return x if image is None else torch.cat([x, image.to(x.device, x.dtype)], axis)
 
     def _check_image(self, image: Any, logits: torch.Tensor, where: str) -> torch.Tensor | None:
         """The image of ``logits`` ``(B, C, *S)`` as ``(B, image_channels, *S)`` float32, or ``None``."""
@@ -288,7 +290,7 @@ class LocalTemperatureScaling(Calibrator):
             return None
         if image is None:
             raise ValueError(f"{where}image_channels={self.image_channels} needs images (pass images=...)")
-        image = torch.as_tensor(image)
+        image = as_tensor(image)
         if image.ndim == logits.ndim - 1:
             image = image.unsqueeze(0)
         expected = (logits.shape[0], self.image_channels, *logits.shape[2:])
@@ -374,21 +376,22 @@ class LocalTemperatureScaling(Calibrator):
         image: torch.Tensor | None,
     ) -> None:
         """Offer ``max_patches`` candidate patches of each volume of the batch to the reservoir; cut the kept ones
-        (inputs with their halo, one-hot targets as bytes, the valid voxels)."""
+        (inputs with their halo, one-hot targets as bytes, the valid voxels), held on the host: the small
+        temperature network is trained there, whatever the device of the volumes."""
         p, h = self._edge(), self.depth * (self.kernel_size // 2)
         shape = list(logits.shape[2:])
         for b in range(logits.shape[0]):
-            valid = mask[b] if mask is not None else torch.ones(shape, dtype=torch.bool)
+            valid = mask[b].cpu() if mask is not None else torch.ones(shape, dtype=torch.bool, device="cpu")
             n_valid = int(valid.sum())
             if n_valid == 0:
                 continue
             kept = reservoir.slots(self.max_patches)
             if not kept:
                 continue
-            ranks = torch.randint(n_valid, (len(kept),), generator=reservoir.gen)
+            ranks = torch.randint(n_valid, (len(kept),), generator=reservoir.gen, device="cpu")
             centres = _nth_valid(valid, ranks)
-            x = self._inputs(logits[b], None if image is None else image[b])
-            y = onehot[b].to(torch.uint8)
+            x = self._inputs(logits[b], None if image is None else image[b]).cpu()
+            y = onehot[b].to(torch.uint8).cpu()
             for slot, flat in zip(kept, centres.tolist(), strict=True):
                 starts = []
                 for n in reversed(shape):
@@ -452,7 +455,7 @@ class LocalTemperatureScaling(Calibrator):
     def _split(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """``(training patches, held-out patches)``: a seeded ``holdout`` share (at least one patch when
         ``holdout > 0``; none with fewer than two patches)."""
-        perm = torch.randperm(n, generator=gen)
+        perm = torch.randperm(n, generator=gen, device="cpu")
         n_held = 0 if self.holdout == 0 or n < 2 else min(max(int(n * self.holdout), 1), n - 1)
         return perm[n_held:], perm[:n_held]
 
@@ -466,7 +469,7 @@ class LocalTemperatureScaling(Calibrator):
     ) -> float:
         """One pass over the training patches in shuffled minibatches; the mean training loss."""
         x, z, y, w = patches
-        order = fit_idx[torch.randperm(fit_idx.numel(), generator=gen)]
+        order = fit_idx[torch.randperm(fit_idx.numel(), generator=gen, device="cpu")]
         total = 0.0
         for s in range(0, order.numel(), self.batch_size):
             idx = order[s : s + self.batch_size]
@@ -514,6 +517,7 @@ class LocalTemperatureScaling(Calibrator):
         plane = math.prod(n + 2 * h for n in shape[:-1])
         width = max(1, self.chunk_voxels // plane - 2 * h)
         out = logits.new_empty(logits.shape[0], 1, *shape)
+        net = module_on(self.net_, logits.device)
         for b in range(logits.shape[0]):
             for a in range(0, shape[-1], width):
                 e = min(a + width, shape[-1])
@@ -521,7 +525,7 @@ class LocalTemperatureScaling(Calibrator):
                 sizes = [n + 2 * h for n in shape[:-1]] + [e - a + 2 * h]
                 zw = _window(logits[b], starts, sizes)
                 iw = None if image is None else _window(image[b], starts, sizes)
-                out[b, ..., a:e] = self.net_(self._inputs(zw, iw)[None])[0]
+                out[b, ..., a:e] = net(self._inputs(zw, iw)[None])[0]
         return out
 
     def transform(self, logits: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
@@ -558,7 +562,7 @@ class LocalTemperatureScaling(Calibrator):
 
     def _state(self) -> dict[str, torch.Tensor]:
         state = {f"net.{k}": v for k, v in self.net_.state_dict().items()}
-        state["initial_temperature"] = torch.tensor(self.initial_temperature_, dtype=torch.float64)
+        state["initial_temperature"] = torch.tensor(self.initial_temperature_, dtype=torch.float64, device="cpu")
         return state
 
     def _set_state(self, state: dict[str, torch.Tensor]) -> None:

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from segcal.functional.inputs import as_tensor
 from segcal.posthoc._base import (
     DEFAULT_MAX_VOXELS,
     Calibrator,
@@ -99,17 +100,20 @@ class _VoxelScaling(Calibrator):
 
     def _voxel_source(
         self, data: Any, targets: Any, mask: Any, tally: TargetTally
-    ) -> tuple[int, int, Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]]:
-        """One validating pass over the volumes: ``(num_classes, n_voxels, source)``, where ``source()`` yields
+    ) -> tuple[int, int, torch.device, Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]]:
+        """One validating pass over the volumes: ``(num_classes, n_voxels, device, source)`` (``device``: the
+        first volume's logits', where the parameters are fitted), where ``source()`` yields
         the ``(logits, target)`` voxel rows in chunks: a fresh pass over the input (exact fit, nothing held) or
         the rows of the voxel reservoir. The fitted target rows go into ``tally``."""
         exact = self._exact(data)
         gen = torch.Generator().manual_seed(int(self.seed))
         reservoir = None if exact else VoxelReservoir(self.max_voxels or DEFAULT_MAX_VOXELS, int(self.seed) + 1)
         num_classes: int | None = None
+        device: torch.device | None = None
         n_total = 0
         for i, (lg, tg, mk) in enumerate(iter_volumes(data, targets, mask)):
             lg, y, mk = validate_volume(lg, tg, mk, self.mode, num_classes, i)
+            device = device or lg.device
             num_classes = lg.shape[1]
             if reservoir is None:
                 tally.add(y, mk)
@@ -118,7 +122,7 @@ class _VoxelScaling(Calibrator):
                 rows = flatten_voxels(lg, y, mk, self.max_voxels_per_volume, gen)
                 tally.add(rows[1])
                 reservoir.add(*rows)
-        if num_classes is None:
+        if num_classes is None or device is None:
             raise ValueError("fit received no volumes")
         if reservoir is not None:
             n_total = len(reservoir)
@@ -128,8 +132,8 @@ class _VoxelScaling(Calibrator):
 
         def volumes() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
             if isinstance(data, torch.Tensor):  # one batch item at a time: no copy of the whole tensor
-                t = torch.as_tensor(targets)
-                m = None if mask is None else torch.as_tensor(mask)
+                t = as_tensor(targets)
+                m = None if mask is None else as_tensor(mask)
                 for b in range(data.shape[0]):
                     yield data[b : b + 1], t[b : b + 1], None if m is None else m[b : b + 1]
             else:
@@ -143,13 +147,13 @@ class _VoxelScaling(Calibrator):
                 lg, y, mk = validate_volume(lg, tg, mk, self.mode, c, i)
                 yield from self._chunks(flatten_voxels(lg, y, mk, None, None))
 
-        return num_classes, n_total, source
+        return num_classes, n_total, device, source
 
     def _fit(self, data: Any, targets: Any, mask: Any) -> TargetTally:
         self._check_sizes()
         tally = TargetTally()
-        num_classes, n_total, source = self._voxel_source(data, targets, mask, tally)
-        params = self._init_params(num_classes)
+        num_classes, n_total, dev, source = self._voxel_source(data, targets, mask, tally)
+        params = [p.to(dev).requires_grad_(True) for p in self._init_params(num_classes)]
         opt = torch.optim.LBFGS(
             params,
             lr=1.0,
@@ -163,13 +167,14 @@ class _VoxelScaling(Calibrator):
 
         def closure() -> torch.Tensor:
             opt.zero_grad()
-            total = torch.zeros((), dtype=torch.float64)
+            total = torch.zeros((), dtype=torch.float64, device=dev)
             for z, y in source():
-                zz = self._apply(z.double(), params)
+                zz = self._apply(z.to(dev, torch.float64), params)
+                y = y.to(dev, torch.float64)
                 if self.mode == "exclusive":
-                    loss = -(y.double() * torch.log_softmax(zz, 1)).sum()
+                    loss = -(y * torch.log_softmax(zz, 1)).sum()
                 else:
-                    loss = F.binary_cross_entropy_with_logits(zz, y.double(), reduction="sum")
+                    loss = F.binary_cross_entropy_with_logits(zz, y, reduction="sum")
                 loss = loss / denom
                 loss.backward()
                 total += loss.detach()
@@ -182,7 +187,7 @@ class _VoxelScaling(Calibrator):
         opt.step(closure)
         self.num_classes_ = num_classes
         self.n_voxels_ = n_total
-        self._store([p.detach() for p in params])
+        self._store([p.detach().cpu() for p in params])  # learned attributes live on the host
         return tally
 
     def _config(self) -> dict[str, Any]:
@@ -218,7 +223,7 @@ class TemperatureScaling(_VoxelScaling):
     fitted_what = "temperature"
 
     def _init_params(self, num_classes: int) -> list[torch.Tensor]:
-        return [torch.zeros((), dtype=torch.float64, requires_grad=True)]
+        return [torch.zeros((), dtype=torch.float64, device="cpu")]
 
     def _apply(self, z: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
         return z * torch.exp(-params[0])
@@ -235,7 +240,7 @@ class TemperatureScaling(_VoxelScaling):
         return [] if math.isfinite(self.temperature_) and self.temperature_ > 0 else ["temperature"]
 
     def _state(self) -> dict[str, torch.Tensor]:
-        return {"temperature": torch.tensor(self.temperature_, dtype=torch.float64)}
+        return {"temperature": torch.tensor(self.temperature_, dtype=torch.float64, device="cpu")}
 
     def _set_state(self, state: dict[str, torch.Tensor]) -> None:
         self.temperature_ = float(state["temperature"])
@@ -257,8 +262,8 @@ class VectorScaling(_VoxelScaling):
 
     def _init_params(self, num_classes: int) -> list[torch.Tensor]:
         return [
-            torch.ones(num_classes, dtype=torch.float64, requires_grad=True),
-            torch.zeros(num_classes, dtype=torch.float64, requires_grad=True),
+            torch.ones(num_classes, dtype=torch.float64, device="cpu"),
+            torch.zeros(num_classes, dtype=torch.float64, device="cpu"),
         ]
 
     def _apply(self, z: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
@@ -271,7 +276,8 @@ class VectorScaling(_VoxelScaling):
 
     def _transform(self, logits: torch.Tensor) -> torch.Tensor:
         shape = (1, -1) + (1,) * (logits.ndim - 2)
-        return logits * self.scale_.float().view(shape) + self.bias_.float().view(shape)
+        scale, bias = (t.to(logits.device, torch.float32).view(shape) for t in (self.scale_, self.bias_))
+        return logits * scale + bias
 
     def _state(self) -> dict[str, torch.Tensor]:
         return {"scale": self.scale_, "bias": self.bias_}
@@ -352,8 +358,8 @@ class MatrixScaling(_VoxelScaling):
 
     def _init_params(self, num_classes: int) -> list[torch.Tensor]:
         return [
-            torch.eye(num_classes, dtype=torch.float64, requires_grad=True),
-            torch.zeros(num_classes, dtype=torch.float64, requires_grad=True),
+            torch.eye(num_classes, dtype=torch.float64, device="cpu"),
+            torch.zeros(num_classes, dtype=torch.float64, device="cpu"),
         ]
 
     def _apply(self, z: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
@@ -384,7 +390,7 @@ class MatrixScaling(_VoxelScaling):
 
     def _transform(self, logits: torch.Tensor) -> torch.Tensor:
         f = self._features(logits).movedim(1, -1)
-        out = f @ self.weight_.to(f.dtype).T + self.bias_.to(f.dtype)
+        out = f @ self.weight_.to(f.device, f.dtype).T + self.bias_.to(f.device, f.dtype)
         return out.movedim(-1, 1)
 
     def _state(self) -> dict[str, torch.Tensor]:

@@ -199,6 +199,6 @@ class SegmentationDataset(Dataset):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 10_007 + i)
         sl = []
         for s, p in zip(img.shape[1:], self.patch_size, strict=True):
-            start = int(torch.randint(0, s - p + 1, (1,), generator=g))
+            start = int(torch.randint(0, s - p + 1, (1,), generator=g, device="cpu"))
             sl.append(slice(start, start + p))
         return img[(slice(None), *sl)], lab[tuple(sl)]
