@@ -14,7 +14,8 @@ layers above it, as a user chains them in a GPU validation loop:
   auxiliary convolution, local temperature scaling, the last-layer fine-tuner), with targets and masks on the
   device or on the host, then MONAI's ``CalibrateLogits`` transform with it;
 * conformal risk control (``fit`` / ``transform`` / ``report``), the threshold sweep, the uncertainty maps and
-  scores, ensembles and MC dropout (``mc_predict``).
+  scores, ensembles and MC dropout (``mc_predict``);
+* two epochs of ``segcal.training.train`` (a MONAI UNet with the Dice + hard mL1-ACE loss) on the device.
 
 A check passes when the CUDA call runs, returns its dense outputs (maps, masks, calibrated probabilities) on the
 input's device (summaries such as metric values, curves and fitted parameters come back on the host), and its
@@ -268,6 +269,35 @@ def mc_dropout(dev: torch.device) -> Any:
     return {}  # random draws differ between devices: checked by their properties above
 
 
+def training(dev: torch.device) -> Any:
+    """``segcal.training.train`` (two epochs of a small MONAI UNet with the hard mL1-ACE + Dice loss) on the
+    device: it runs, and its losses are finite (training draws differ between devices: not compared)."""
+    import math
+    import tempfile
+
+    import numpy as np
+
+    from segcal.training import train
+
+    rng = np.random.default_rng(0)
+    labels = np.zeros((8, 16, 16), dtype=np.int64)
+    for i in range(8):
+        y0, x0 = rng.integers(0, 8, 2)
+        labels[i, y0 : y0 + 6, x0 : x0 + 6] = 1
+    images = (labels[:, None] + 0.3 * rng.standard_normal((8, 1, 16, 16))).astype(np.float32)
+    with tempfile.TemporaryDirectory() as out:
+        cfg = {"epochs": 2, "output_dir": out, "progress": False, "device": dev.type, "loss": "dice+hard_ace",
+               "model": {"channels": [4, 8], "strides": [2], "num_res_units": 1},
+               "data": {"batch_size": 4}, "optim": {"lr": 0.01}}  # fmt: skip
+        res = train(cfg, (images[:6], labels[:6]), (images[6:], labels[6:]), resume=False)
+    if next(res.model.parameters()).device.type != dev.type:
+        raise AssertionError(f"the trained model is on {next(res.model.parameters()).device}, not {dev}")
+    losses = [v for row in res.history for k, v in row.items() if "loss" in k and isinstance(v, float)]
+    if not losses or not all(math.isfinite(v) for v in losses):
+        raise AssertionError(f"training losses {losses}")
+    return {}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
@@ -306,6 +336,7 @@ def main() -> None:
         ("uncertainty maps and scores", uncertainty, 1e-6),
         ("ensemble_probabilities", ensembles, 1e-6),
         ("mc_predict", mc_dropout, 1e-6),
+        ("segcal.training.train (2 epochs)", training, 1e-6),
     ]
     for name, fn, tol in checks:
         if args.only not in name:

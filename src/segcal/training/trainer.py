@@ -444,7 +444,7 @@ def train_epoch(
     """
     net = loop.net
     net.train()
-    loss_sum = torch.zeros(2, dtype=torch.float64)
+    total, count = 0.0, 0
     for img, lab in loop.loader:
         img, lab = img.to(ctx.device, non_blocking=True), lab.to(ctx.device, non_blocking=True)
         parts.optimizer.zero_grad(set_to_none=True)
@@ -454,8 +454,10 @@ def train_epoch(
         loss.backward()
         parts.optimizer.step()
         lv = float(loss.detach())
-        loss_sum += torch.tensor([lv * img.shape[0], img.shape[0]], dtype=torch.float64)
+        total, count = total + lv * img.shape[0], count + img.shape[0]
         on_step(lv)
+    # on the training device: NCCL (the backend on GPUs) reduces CUDA tensors only
+    loss_sum = torch.tensor([total, count], dtype=torch.float64, device=ctx.device)
     if ctx.distributed:
         dist.all_reduce(loss_sum)
     return float(loss_sum[0] / loss_sum[1])
@@ -473,7 +475,7 @@ def validate(cfg: TrainConfig, model: nn.Module, val_ds: SegmentationDataset, ct
         overlap=cfg.data.sw_overlap,
         include_background=cfg.include_background_in_val,
     )
-    vals = torch.tensor([s, n], dtype=torch.float64)
+    vals = torch.tensor([s, n], dtype=torch.float64, device=ctx.device)  # NCCL reduces CUDA tensors only
     if ctx.distributed:
         dist.all_reduce(vals)
     return float(vals[0] / vals[1])
