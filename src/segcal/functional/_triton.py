@@ -100,6 +100,19 @@ def _edge_tables(edges: torch.Tensor, device: torch.device) -> tuple[torch.Tenso
     return _TABLES[key]
 
 
+def _flat(
+    probs: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kernels' operands: probabilities ``(B, C, S)``, labels ``(B, S)`` (a bool map as bytes) and the mask
+    ``(B, S)`` as bytes (without a mask, the labels stand in: the kernels do not read it), contiguous."""
+    b, c = probs.shape[:2]
+    s = math.prod(probs.shape[2:])
+    lab = labels.reshape(b, s)
+    lab = (lab.view(torch.uint8) if lab.dtype == torch.bool else lab).contiguous()
+    msk = lab if mask is None else mask.reshape(b, s).bool().contiguous().view(torch.uint8)
+    return probs.detach().reshape(b, c, s).contiguous(), lab, msk
+
+
 def label_bin_sums(
     probs: torch.Tensor,
     labels: torch.Tensor,
@@ -124,15 +137,11 @@ def label_bin_sums(
     """
     if triton is None:  # pragma: no cover - guarded by available()
         raise RuntimeError("the Triton kernel needs the triton package")
-    b, c = probs.shape[:2]
-    s = math.prod(probs.shape[2:])
+    p, lab, msk = _flat(probs, labels, mask)
+    b, c, s = p.shape
     kc = c - first
     dev = probs.device
-    p = probs.detach().reshape(b, c, s).contiguous()
-    lab = labels.reshape(b, s)
-    lab = (lab.view(torch.uint8) if lab.dtype == torch.bool else lab).contiguous()
     use_mask = mask is not None
-    msk = mask.reshape(b, s).bool().contiguous().view(torch.uint8) if use_mask else lab  # type: ignore[union-attr]  # unread
     num_bins = edges.numel() - 1
     if not 1 <= num_bins <= MAX_BINS:
         raise ValueError(f"the Triton kernel takes 1 to {MAX_BINS} bins, got {num_bins}")
@@ -208,14 +217,10 @@ def case_sums(
     flagged)."""
     if triton is None:  # pragma: no cover - guarded by the caller
         raise RuntimeError("the Triton kernel needs the triton package")
-    b, c = probs.shape[:2]
-    s = math.prod(probs.shape[2:])
+    p, lab, msk = _flat(probs, labels, mask)
+    b, c, s = p.shape
     dev = probs.device
-    p = probs.detach().reshape(b, c, s).contiguous()
-    lab = labels.reshape(b, s)
-    lab = (lab.view(torch.uint8) if lab.dtype == torch.bool else lab).contiguous()
     use_mask = mask is not None
-    msk = mask.reshape(b, s).bool().contiguous().view(torch.uint8) if use_mask else lab  # type: ignore[union-attr]  # unread
     n_blocks = triton.cdiv(s, _CASE_BLOCK)
     cp = 1 << (c + 1).bit_length()  # > C + 1: argmax / label columns 0..C-1, C (a label out of range), discard
     sq = torch.empty((n_blocks, b, c), dtype=torch.float64, device=dev)

@@ -264,10 +264,19 @@ def _fused(
 ) -> tuple[torch.Tensor, ...] | None:
     """The fused pass: ``(counts (B, C, 3), sq (B, C), top (B, 1, 3, M), nll_sum (B,), n (B,))`` float64 over all
     classes, or None where the kernels do not apply (the caller uses the separate functions). ``mask``:
-    ``(B, *spatial)`` bool or None. On CPU the numba pass, one image at a time; where the Triton kernels serve
-    (a CUDA device), :func:`_fused_triton`."""
+    ``(B, *spatial)`` bool or None.
+
+    Where the Triton kernels serve (a CUDA device): :func:`segcal.functional._triton.case_sums` over the whole
+    batch, then the top-label confidences binned by :func:`segcal.functional._triton.label_bin_sums` (the bins of
+    the CPU pass, bitwise on float32); with ``check``, one read back to the host (the flagged voxels and the label
+    range). On CPU: the numba pass, one image at a time."""
     if _triton.available(probs, num_bins):
-        return _fused_triton(probs, lab, mask, num_bins, closed, check)
+        r = _triton.case_sums(probs, lab, mask, EPS, _sum_tol(probs.shape[1]))
+        if check:
+            read = torch.stack([r.n_flagged.sum(), r.label_range[:, 0].min(), r.label_range[:, 1].max()]).tolist()
+            _raise_invalid(*read, probs)
+        top = _triton.label_bin_sums(r.confidence, r.wrong, 0, mask, bin_edges(num_bins, probs.dtype), closed)
+        return r.counts, r.sq, top, r.nll_sum, r.n_in_mask
     from segcal.functional._case_kernel import fused_case_pass
 
     c = probs.shape[1]
@@ -282,25 +291,6 @@ def _fused(
             _raise_invalid(info["n_flagged"], info["label_min"], info["label_max"], probs[b : b + 1])
         out.append((counts, sq, top[None], np.array(info["nll_sum"]), np.array(info["n_in_mask"])))
     return tuple(torch.from_numpy(np.stack(col)).to(torch.float64) for col in zip(*out, strict=True))
-
-
-def _fused_triton(
-    probs: torch.Tensor,
-    lab: torch.Tensor,
-    mask: torch.Tensor | None,
-    num_bins: int,
-    closed: Closed,
-    check: bool,
-) -> tuple[torch.Tensor, ...]:
-    """:func:`_fused` on a GPU: :func:`segcal.functional._triton.case_sums` over the whole batch, then the top-label
-    confidences binned by :func:`segcal.functional._triton.label_bin_sums` (the bins of the CPU pass, bitwise on
-    float32). With ``check``, one read back to the host (the flagged voxels and the label range)."""
-    r = _triton.case_sums(probs, lab, mask, EPS, _sum_tol(probs.shape[1]))
-    if check:
-        read = torch.stack([r.n_flagged.sum(), r.label_range[:, 0].min(), r.label_range[:, 1].max()]).tolist()
-        _raise_invalid(*read, probs)
-    top = _triton.label_bin_sums(r.confidence, r.wrong, 0, mask, bin_edges(num_bins, probs.dtype), closed)
-    return r.counts, r.sq, top, r.nll_sum, r.n_in_mask
 
 
 def _sum_tol(c: int) -> float:
