@@ -167,7 +167,11 @@ def check_num_bins(num_bins: object) -> None:
 
 
 
-def _prepare_mask(mask: torch.Tensor | None, batch: int, spatial: Sequence[int]) -> torch.Tensor | None:
+def _prepare_mask(
+    mask: torch.Tensor | None, batch: int, spatial: Sequence[int], device: torch.device | None = None
+) -> torch.Tensor | None:
+    """``mask`` as a bool ``(B, *spatial)`` tensor (a channel axis of one dropped; 0 / 1 values of any dtype), on
+    ``device`` when given (the prediction's: a mask may come from the host)."""
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor):
@@ -179,7 +183,7 @@ def _prepare_mask(mask: torch.Tensor | None, batch: int, spatial: Sequence[int])
         raise ValueError(f"mask shape {tuple(mask.shape)} must be (B, *spatial) = {(batch, *spatial)}")
     if mask.is_floating_point() and not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError("mask must be binary (0/1 or bool)")
-    return mask.bool()
+    return mask.bool() if device is None else mask.to(device, torch.bool)
 
 
 def bin_statistics(
@@ -249,7 +253,7 @@ def bin_statistics(
     b, c, *spatial = probs.shape
     if check:
         check_target(target, probs.shape, pmode)
-    mask_t = _prepare_mask(mask, b, spatial)
+    mask_t = _prepare_mask(mask, b, spatial, probs.device)
 
     if regions is not None:  # region channels sum softmax classes; the result is multilabel
         target = region_targets(target, regions, c, spatial)

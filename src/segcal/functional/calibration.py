@@ -186,7 +186,7 @@ def top_label_statistics(
             if _triton.available(conf, num_bins) and closed in ("right", "left"):  # the GPU kernel: label 0 (its
                 # hits) marks a correct voxel
                 wrong = (~correct[:, 0]).to(torch.uint8)
-                msk = _prepare_mask(mask, conf.shape[0], spatial)
+                msk = _prepare_mask(mask, conf.shape[0], spatial, conf.device)
                 out = _triton.label_bin_sums(conf, wrong, 0, msk, bin_edges(num_bins, conf.dtype), closed)
                 return BinStats(out[:, :, 0], out[:, :, 1], out[:, :, 2])
         else:  # one-hot / soft targets: the reference probability of the predicted class

@@ -387,7 +387,7 @@ def case_statistics(
     """
     mode = check_mode(mode)
     eff: Mode = "exclusive" if regions is not None else mode
-    mask = _prepare_mask(mask, probs.shape[0], probs.shape[2:])
+    mask = _prepare_mask(mask, probs.shape[0], probs.shape[2:], probs.device)
     lab = _fast_label_map(probs, target, mode, regions, reference, num_bins)
     if check and lab is None:  # (the fused pass validates the label range itself)
         _check_targets(probs, target, reference, eff)
