@@ -45,7 +45,7 @@ FAILURES: list[str] = []
 #: composite losses checked and timed beside the registry's (their terms share one read of the inputs per call)
 COMPOSITES = ["dice+hard_ace", "dice+soft_ace", "0.5*ce+dice+soft_ace"]
 #: every loss the checks run: the registry's, then the composites
-LOSS_SPECS = sorted(LOSS_REGISTRY) + COMPOSITES
+CHECKED_LOSSES = sorted(LOSS_REGISTRY) + COMPOSITES
 
 
 def _close(name: str, a: torch.Tensor, b: torch.Tensor, rtol: float, atol: float) -> None:
@@ -108,7 +108,7 @@ def check_losses(dev: torch.device) -> None:
     g = torch.Generator().manual_seed(1)
     x = 2 * torch.randn(2, 3, 10, 9, 8, generator=g, dtype=torch.float64)
     y = torch.randint(0, 3, (2, 1, 10, 9, 8), generator=g)
-    for name in LOSS_SPECS:
+    for name in CHECKED_LOSSES:
         vals, grads = [], []
         for d in (torch.device("cpu"), dev):
             xi = x.detach().to(d).requires_grad_(True)
@@ -124,7 +124,7 @@ def check_no_sync(dev: torch.device) -> None:
     g = torch.Generator().manual_seed(4)
     x = (2 * torch.randn(2, 3, 10, 9, 8, generator=g)).to(dev)
     y = torch.randint(0, 3, (2, 1, 10, 9, 8), generator=g).to(dev)
-    for name in LOSS_SPECS:
+    for name in CHECKED_LOSSES:
         loss = loss_from_string(name, softmax=True, to_onehot_y=True, validate_args=False).to(dev)
         loss(x.clone().requires_grad_(True), y)  # warm-up outside the check (lazy initialisation)
         xi = x.clone().requires_grad_(True)
@@ -146,7 +146,7 @@ def check_autocast(dev: torch.device) -> None:
         "single class": torch.full((2, 1, *shape[2:]), 2, dtype=torch.long),
     }
     for dtype in (torch.float16, torch.bfloat16):
-        for name in LOSS_SPECS:
+        for name in CHECKED_LOSSES:
             for bname, y in batches.items():
                 x = (4 * torch.randn(*shape, generator=g)).to(dev).requires_grad_(True)
                 with torch.autocast("cuda", dtype=dtype):
@@ -212,7 +212,7 @@ def time_losses(dev: torch.device, repeats: int) -> dict[str, dict[str, float]]:
     logits = torch.randn(*shape, generator=g).to(dev)
     labels = torch.randint(0, 4, (2, 1, *shape[2:]), generator=g).to(dev)
     modules = {"MONAI DiceLoss": DiceLoss(softmax=True, to_onehot_y=True)}
-    modules |= {name: _loss(name).to(dev) for name in LOSS_SPECS}
+    modules |= {name: _loss(name).to(dev) for name in CHECKED_LOSSES}
     out: dict[str, dict[str, float]] = {}
     precisions = (("float32", None), ("float16 autocast", torch.float16), ("bfloat16 autocast", torch.bfloat16))
     for precision, dtype in precisions:
