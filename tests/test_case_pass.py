@@ -145,3 +145,23 @@ def test_the_triton_pass_validates_as_the_cpu_pass(gpu_path: torch.device) -> No
     near = p.clone()
     near[0, 0, 1, 1, 1] += 1e-4
     case_statistics(near, lab, 20)
+
+
+def test_triton_case_pass_with_many_classes_and_labels_out_of_range(
+    monkeypatch: pytest.MonkeyPatch, gpu_path: torch.device
+) -> None:
+    """13 classes (the confusion histograms' width, 16, holds the classes, an out-of-range column and the discard
+    column), and with ``check=False`` labels outside [0, C): they count as false positives of the argmax only,
+    as on the CPU."""
+    g = torch.Generator().manual_seed(4)
+    c = 13
+    p = torch.softmax(2 * torch.randn(2, c, 11, 9, 7, generator=g), 1)
+    lab = torch.randint(0, c, (2, 11, 9, 7), generator=g)
+    lab[0, :2] = 20
+    lab[1, 0, 0] = -3
+    with monkeypatch.context() as mp:
+        mp.setattr(_triton, "available", lambda probs, num_bins: False)
+        want = _stats(p, lab, check=False)
+    got = _stats(p.to(gpu_path), lab.to(gpu_path), check=False)
+    _assert_equal(got, want, exact_sums=True)
+    assert want["counts"][..., 1].sum() > want["counts"][..., 2].sum()  # the out-of-range labels are there

@@ -371,7 +371,8 @@ def case_statistics(
         regions: region channels summed from exclusive classes (e.g. BraTS ``[[3], [1, 3], [1, 2, 3]]``): the
             class-wise metrics are computed on the region channels (multilabel); the top-label metrics stay on
             the model's classes.
-        mask: ``(B, *spatial)`` bool region of interest; every statistic but HD95 is restricted to it.
+        mask: ``(B, *spatial)`` (or ``(B, 1, *spatial)``) region of interest, bool or 0 / 1 values of any dtype
+            (moved to ``probs``' device); every statistic but HD95 is restricted to it.
         reference: optional soft reference ``(B, C, *spatial)`` in [0, 1] (e.g. the mean of several
             annotators): bins, Brier and NLL are computed against it, and the MAE is filled.
         hd95: compute the 95th-percentile Hausdorff distance (whole image, ``spacing`` in mm).
