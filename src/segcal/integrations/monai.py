@@ -41,7 +41,7 @@ from monai.transforms import MapTransform, Transform
 from monai.utils import MetricReduction, TransformBackends, convert_to_dst_type
 
 from segcal.functional.binning import BinStats, Closed, check_num_bins
-from segcal.functional.inputs import Activation, Mode, check_mode, to_probabilities
+from segcal.functional.inputs import Activation, Mode, as_tensor, check_mode, to_probabilities
 from segcal.functional.scoring import (
     CASE_METRICS,
     CLASS_METRICS,
@@ -423,7 +423,7 @@ class CalibrateLogits(Transform):
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         if not isinstance(img, torch.Tensor):
-            img = torch.as_tensor(img)
+            img = as_tensor(img)
         probs = self.calibrator.transform(_plain(img).unsqueeze(0))[0]
         out, *_ = convert_to_dst_type(probs, img, dtype=probs.dtype)
         return out

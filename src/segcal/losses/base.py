@@ -16,6 +16,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from segcal.functional.inputs import as_tensor
+
 Reduction = Literal["none", "mean", "sum"]
 
 __all__ = ["Reduction", "SegmentationLoss"]
@@ -88,7 +90,7 @@ class SegmentationLoss(nn.Module):
         self.mode = mode
         self.validate_args = bool(validate_args)
         if weight is not None:
-            w = torch.as_tensor(weight, dtype=torch.float32)
+            w = as_tensor(weight, "cpu").to(torch.float32)
             if w.ndim > 1:
                 raise ValueError(f"weight must be a scalar or a 1-D sequence, got shape {tuple(w.shape)}")
             if bool((w < 0).any()) or not bool(torch.isfinite(w).all()):

@@ -38,7 +38,7 @@ from segcal.functional.conformal import (
     fnr_statistics,
     threshold_masks,
 )
-from segcal.functional.inputs import Activation, Mode, check_mode, check_target, to_probabilities
+from segcal.functional.inputs import Activation, Mode, as_tensor, check_mode, check_target, to_probabilities
 from segcal.io import CaseFiles, FolderFormat, KindOption, Prediction, read_prediction
 from segcal.posthoc._base import Calibrator, TargetTally, Volume, _as_volume, iter_volumes
 from segcal.posthoc.folders import _target, check_prediction_values
@@ -112,7 +112,7 @@ def _volumes(data: Any, targets: Any) -> Iterator[Volume]:
     source = data() if callable(data) else data
     for i, item in enumerate(source):
         if isinstance(item, (tuple, list)) and len(item) >= 2:
-            pred, target = torch.as_tensor(item[0]), torch.as_tensor(item[1])
+            pred, target = as_tensor(item[0]), as_tensor(item[1])
             if pred.ndim == 4 and tuple(target.shape) == tuple(pred.shape):
                 raise ValueError(
                     f"volume {i}: a 4-D prediction {tuple(pred.shape)} with a target of the same shape is ambiguous "

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from segcal.functional.inputs import as_tensor
 from segcal.io.nifti import read_nifti
 from segcal.io.numpy import read_npz, read_numpy_record
 
@@ -128,8 +129,8 @@ def _as_cases(images: Sequence | np.ndarray | torch.Tensor, labels: Sequence | n
         raise ValueError("the dataset is empty")
     out_i, out_l = [], []
     for k, (im, lb) in enumerate(zip(images, labels, strict=True)):
-        im = torch.as_tensor(np.asarray(im) if not isinstance(im, torch.Tensor) else im, dtype=torch.float32)
-        lb = torch.as_tensor(np.asarray(lb) if not isinstance(lb, torch.Tensor) else lb)
+        im = as_tensor(im).to(torch.float32)
+        lb = as_tensor(lb)
         if lb.is_floating_point():
             raise TypeError(f"labels[{k}] must be an integer label map, got {lb.dtype}")
         if tuple(im.shape[1:]) != tuple(lb.shape):

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from segcal.functional.inputs import as_tensor
 from segcal.io import (
     FolderInfo,
     OutputError,
@@ -139,7 +140,7 @@ def sliding_window_logits(
         f = _size_factor(model)
         roi_size = tuple(-(-s // f) * f for s in image.shape[2:])
     out = sliding_window_inference(image, tuple(roi_size), sw_batch_size, model, overlap=overlap)
-    return torch.as_tensor(out).float()
+    return as_tensor(out).float()
 
 
 def enable_mc_dropout(model: nn.Module) -> int:
@@ -215,7 +216,7 @@ def predict_probabilities(
 
     def to_probs(logits: torch.Tensor) -> torch.Tensor:
         if calibrator is not None:
-            return torch.as_tensor(calibrator.transform(logits)).float()
+            return as_tensor(calibrator.transform(logits)).float()
         return torch.softmax(logits / temperature, 1)
 
     def infer(m: nn.Module, x: torch.Tensor) -> torch.Tensor:

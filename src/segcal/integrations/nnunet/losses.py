@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from segcal.functional.inputs import as_tensor
 from segcal.losses import DSCPlusPlusLoss, HardL1ACELoss, SoftL1ACELoss
 
 __all__ = [
@@ -211,7 +212,7 @@ class SegcalCompoundLoss(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         base = self.nnunet_loss(logits, target)
         extra = self.term(logits, target)
-        self.last_components = {"nnunet": torch.as_tensor(base).detach(), "segcal": extra.detach()}
+        self.last_components = {"nnunet": as_tensor(base).detach(), "segcal": extra.detach()}
         # no synchronisation with the device here: summed as tensors, read by term_means
         shape = tuple(logits.shape[2:])
         total, n = self._sums.get(shape, (torch.zeros((), device=extra.device), 0))
