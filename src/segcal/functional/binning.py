@@ -525,7 +525,7 @@ class _HardBinSums(torch.autograd.Function):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, c, s = p.shape
         if use_numba:
-            idx = torch.empty((b, c, s), dtype=torch.uint8 if num_bins <= 256 else torch.int16)
+            idx = torch.empty((b, c, s), dtype=torch.uint8 if num_bins <= 256 else torch.int16, device="cpu")
             out = np.zeros((b * c, 3, num_bins))
             edges = bin_edges(num_bins, p.dtype).numpy()
             lo, hi = _kernels.edge_tables(edges)
@@ -565,7 +565,7 @@ def _gather_bins(g: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     if idx.dtype == torch.int64 or g.requires_grad:  # the torch path (or a double backward): differentiable
         return g.gather(2, idx.long())
     b, c, s = idx.shape
-    out = torch.empty((b, c, s), dtype=g.dtype)
+    out = torch.empty((b, c, s), dtype=g.dtype, device="cpu")  # the numba path: CPU tensors only
     gc = g.detach().contiguous().reshape(b * c, -1)
     _kernels._gather_bins(gc.numpy(), idx.reshape(b * c, s).numpy(), out.reshape(b * c, s).numpy())
     return out
