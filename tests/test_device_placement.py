@@ -58,6 +58,48 @@ FLOWS: dict[str, Callable[[torch.device], Any]] = {
 }
 
 
+def _functional_flows() -> dict[str, Callable[[], Any]]:
+    import segcal.functional as F
+    from segcal.functional import scoring
+
+    p, lab, oh, m = DATA["probs"], DATA["labels"], DATA["onehot"], DATA["mask"]
+    regions = [[3], [1, 3]]
+    return {
+        "dilated_bbox_mask": lambda: F.dilated_bbox_mask(lab[0], (1.0, 1.0, 2.0), 4.0),
+        "hausdorff_distance_95": lambda: F.hausdorff_distance_95(p, lab, spacing=(1.0, 1.0, 2.0)),
+        "region channels": lambda: (F.region_probabilities(p, regions), F.region_targets(lab, regions, 4, p.shape[2:])),
+        "calibration_errors": lambda: F.calibration_errors(F.bin_statistics(p, lab, 15, mask=m)),
+        "top_label_statistics": lambda: F.top_label_statistics(p, lab, 15, mask=m),
+        "hard_bin_sums": lambda: F.hard_bin_sums(p, oh, 10),
+        "soft_bin_sums": lambda: F.soft_bin_sums(p, oh, 10),
+        "case_statistics, regions": lambda: scoring.image_metrics(
+            scoring.case_statistics(p, lab, 10, regions=regions, fine_bins=50)
+        ),
+        "case_statistics, multilabel with a reference": lambda: scoring.image_metrics(
+            scoring.case_statistics(p, oh, 10, mode="multilabel", reference=p)
+        ),
+        "pooled_metrics": lambda: scoring.pooled_metrics(scoring.case_statistics(p, lab, 10, fine_bins=40)),
+        "fdr_statistics": lambda: F.fdr_statistics(p, lab),
+        "conformal_masks": lambda: F.conformal_masks(p, [0.1, 0.2, 0.3, 0.4]),
+        "threshold_masks": lambda: F.threshold_masks(p, [0.1, 0.2, 0.3, 0.4]),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_functional_flows()))
+def test_a_functional_entry_point_makes_its_tensors_where_its_inputs_are(name: str) -> None:
+    flow = _functional_flows()[name]
+    want = _run(lambda dev: flow(), None)
+    got = _run(lambda dev: flow(), "meta")
+    assert got.keys() == want.keys()
+    for key, a in got.items():
+        b = want[key]
+        if isinstance(a, torch.Tensor):
+            assert a.device.type == "cpu", key
+            assert torch.allclose(a.double(), b.double(), equal_nan=True), key
+        else:
+            assert a == b or (a != a and b != b), key
+
+
 @pytest.fixture(autouse=True)
 def fixed_data(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """The flows' inputs, made once on the CPU (before the default device changes)."""
