@@ -79,9 +79,11 @@ def test_fused_numba_pass_equals_the_separate_functions(
 
 @pytest.fixture
 def gpu_path(monkeypatch: pytest.MonkeyPatch) -> torch.device:
-    """The device of the Triton path; without a GPU its dispatch forced onto the interpreter."""
+    """The device of the Triton path; without a GPU its dispatch forced onto the interpreter (with two blocks per
+    program of the binning kernel: the interpreter runs every block, and these images are small)."""
     if DEVICE.type == "cpu":
         monkeypatch.setattr(_triton, "available", lambda probs, num_bins: True)
+        monkeypatch.setattr(_triton, "_SUBS", 2)
     return DEVICE
 
 
@@ -115,6 +117,7 @@ def test_a_mask_of_any_binary_dtype_or_with_a_channel_axis_gives_the_same_statis
     if triton_path:
         if DEVICE.type == "cpu":
             monkeypatch.setattr(_triton, "available", lambda probs, num_bins: True)
+            monkeypatch.setattr(_triton, "_SUBS", 2)
         dev = DEVICE
     p, lab, mask = _case(torch.float32, seed=2)
     p, lab, mask = p.to(dev), lab.to(dev), mask.to(dev)

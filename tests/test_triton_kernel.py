@@ -121,6 +121,7 @@ def test_cuda_dispatch_of_bin_statistics_and_top_label(monkeypatch: pytest.Monke
     if DEVICE.type == "cpu":
         monkeypatch.setattr(_triton, "available", lambda probs, num_bins: True)
         monkeypatch.setattr(calibration, "_top_label_numba", lambda *a: None)
+        monkeypatch.setattr(_triton, "_SUBS", 2)  # the interpreter runs every block: small groups
     pd = p.to(DEVICE).requires_grad_(True)  # off the CPU numba path, onto the GPU dispatch
     got_bins = bin_statistics(pd, lab.to(DEVICE), 20, mask=mask.to(DEVICE), check=False)
     got_top = top_label_statistics(pd.detach(), lab.to(DEVICE), 20, mask=mask.to(DEVICE), check=False, closed="left")
