@@ -174,6 +174,7 @@ def label_bin_sums(
         total = sums.sum(0)[:, :num_bins]
     return torch.stack([n.double(), total, hits.double()], 1).reshape(b, kc, 3, num_bins)
 
+
 def _float64_bits(x: float) -> int:
     """The bits of ``x`` as a float64, for a kernel argument that must stay float64 (Triton passes a Python
     float as float32): the kernel bitcasts them back. ``x`` in (2**-511, 2): the bits exceed 2**31, so the

@@ -34,6 +34,7 @@ from segcal.functional.inputs import (
     Activation,
     Mode,
     as_label_map,
+    as_tensor,
     check_mode,
     check_prediction,
     check_probabilities,
@@ -121,7 +122,7 @@ class BinStats:
 
     @staticmethod
     def from_numpy(arr: np.ndarray) -> BinStats:
-        t = torch.as_tensor(np.asarray(arr, dtype=np.float64), device="cpu")
+        t = as_tensor(np.asarray(arr, dtype=np.float64))
         if t.ndim != 4 or t.shape[2] != 3:
             raise ValueError(f"expected a (B, C, 3, M) array, got shape {tuple(t.shape)}")
         return BinStats(t[:, :, 0].clone(), t[:, :, 1].clone(), t[:, :, 2].clone())

@@ -59,6 +59,7 @@ from segcal.functional.inputs import (
     PROB_ATOL,
     Mode,
     as_label_map,
+    as_tensor,
     check_mode,
     check_probabilities,
     check_target,
@@ -242,7 +243,7 @@ class CaseStatistics:
                 arrays[name] = np.full(np.shape(arrays["hd95"]), np.nan)
         return CaseStatistics(
             **{
-                f.name: torch.as_tensor(np.asarray(arrays[f.name], np.float64), device="cpu")
+                f.name: as_tensor(np.asarray(arrays[f.name], np.float64))
                 for f in _FIELDS
                 if f.name in arrays or f.name not in _OPTIONAL
             }

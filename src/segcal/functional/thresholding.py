@@ -30,6 +30,11 @@ def default_thresholds(step: float = 0.05) -> torch.Tensor:
     return torch.linspace(0.05, 0.95, n, dtype=torch.float64, device="cpu")
 
 
+def _threshold_values(thresholds: Sequence[float] | torch.Tensor | None) -> torch.Tensor:
+    """The thresholds as host float64 values (:func:`default_thresholds` when ``None``)."""
+    return default_thresholds() if thresholds is None else as_tensor(thresholds, "cpu").to(torch.float64)
+
+
 def threshold_counts(
     probs: torch.Tensor,
     target: torch.Tensor,
@@ -45,7 +50,7 @@ def threshold_counts(
     Uses :func:`segcal.functional.overlap.confusion_counts` with ``threshold=T``.
     """
     mode = check_mode(mode)
-    ts = default_thresholds() if thresholds is None else as_tensor(thresholds, "cpu").to(torch.float64)
+    ts = _threshold_values(thresholds)
     if ts.ndim != 1 or ts.numel() == 0 or bool(((ts <= 0) | (ts >= 1)).any()):
         raise ValueError("thresholds must be a non-empty 1-D sequence of values in (0, 1)")
     c = probs.shape[1] if probs.ndim >= 2 else 0
@@ -79,7 +84,7 @@ def threshold_curves(
         raise ValueError(f"counts must have shape (B, T, 3), got {tuple(counts.shape)}")
     b, nt, _ = counts.shape
     counts = counts.detach().cpu()  # the curves are summaries: computed and returned on the host
-    ts = default_thresholds() if thresholds is None else as_tensor(thresholds, "cpu").to(torch.float64)
+    ts = _threshold_values(thresholds)
     if ts.numel() != nt:
         raise ValueError(f"{ts.numel()} thresholds given for counts with {nt} thresholds")
     gen = torch.Generator().manual_seed(seed)
@@ -113,7 +118,7 @@ def threshold_sweep(
     seed: int = 0,
 ) -> dict[str, torch.Tensor]:
     """:func:`threshold_counts` followed by :func:`threshold_curves`."""
-    ts = default_thresholds() if thresholds is None else as_tensor(thresholds, "cpu").to(torch.float64)
+    ts = _threshold_values(thresholds)
     counts = threshold_counts(probs, target, class_index, ts, activation=activation, mode=mode, mask=mask)
     return threshold_curves(counts, ts, n_bootstrap, confidence, seed)
 
