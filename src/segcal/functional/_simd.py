@@ -296,9 +296,11 @@ ENABLED = avx2_available()
 
 def applies(p: np.ndarray, lab: np.ndarray, mask: np.ndarray) -> bool:
     """Whether :func:`hist_voxels` takes these arrays (on top of :func:`voxel_kernel_ok`): float32
-    probabilities, C-contiguous arrays, an AVX2 CPU (:data:`ENABLED`)."""
+    probabilities, uint8 or int64 labels (the two that segcal's readers and torch give; int16 / int32 labels
+    stay on the portable kernel, which spares two compilations), C-contiguous arrays, an AVX2 CPU
+    (:data:`ENABLED`)."""
     arrays_ok = p.dtype == np.float32 and all(a.flags.c_contiguous for a in (p, lab, mask))
-    return ENABLED and arrays_ok and lab.dtype.itemsize in (1, 2, 4, 8)
+    return ENABLED and arrays_ok and lab.dtype in (np.uint8, np.int64)
 
 
 def thresholds(num_bins: int, right: bool) -> tuple[np.float32, np.float32, int]:
