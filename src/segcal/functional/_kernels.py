@@ -343,6 +343,14 @@ def _merge_partials(partial, n_chunks, exact, out):  # pragma: no cover - compil
             out[b, c, 1, k] += acc1 if exact else acc1 * _QSCALE_INV
             out[b, c, 2, k] += acc2
 
+@njit(nogil=True)
+def task_range(t, n_chunks, chunk, s):  # pragma: no cover - compiled
+    """Task ``t`` of a voxel kernel (one image, one chunk of ``chunk`` voxels; ``n_chunks`` per image of ``s``
+    voxels): ``(image, first voxel, end voxel)``."""
+    s0 = (t % n_chunks) * chunk
+    return t // n_chunks, s0, min(s, s0 + chunk)
+
+
 @njit(parallel=True, nogil=True, boundscheck=False, cache=True)
 def _hist_voxels(p, lab, first, mask, use_mask, right, validate, thr, exact, chunk, out, vstats):  # pragma: no cover
     """Exclusive mode, label map, float32/float64 probabilities. p: (B, C, S); lab: (B, S) int;
@@ -373,9 +381,7 @@ def _hist_voxels(p, lab, first, mask, use_mask, right, validate, thr, exact, chu
     n_tasks = nb * n_chunks
     partial = np.zeros((n_tasks, kc, 3, m))
     for t in prange(n_tasks):
-        b = t // n_chunks
-        s0 = (t % n_chunks) * chunk
-        s1 = min(s, s0 + chunk)
+        b, s0, s1 = task_range(t, n_chunks, chunk, s)
         h = np.zeros((kc, _LANES, width), np.int64)
         hp = np.zeros((kc, _LANES, width) if exact else (1, 1, 1))
         pk32 = np.empty(2 * _BLOCK, np.int32)

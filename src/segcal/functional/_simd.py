@@ -58,6 +58,7 @@ from segcal.functional._kernels import (
     _row_validate,
     _scatter_packed,
     _unpack_lanes,
+    task_range,
 )
 
 _I8 = ir.IntType(8)
@@ -417,9 +418,7 @@ def hist_voxels(  # pragma: no cover - compiled
     n_tasks = nb * n_chunks
     partial = np.zeros((n_tasks, kc, 3, m))
     for t in prange(n_tasks):
-        b = t // n_chunks
-        s0 = (t % n_chunks) * chunk
-        s1 = min(s, s0 + chunk)
+        b, s0, s1 = task_range(t, n_chunks, chunk, s)
         h = np.zeros((kc, _LANES, width), np.int64)
         acc = np.zeros((kc, 4), np.int64)  # sum q bin 0 / miss, count and sum 2**30 - q bin M - 1 / hit, max bits
         inside = np.zeros(kc, np.int64)  # in-mask values of whole groups not written out
