@@ -28,7 +28,7 @@ def _edge_values(m: int) -> np.ndarray:
 def _case(rng: np.random.Generator, c: int, s: int, m: int, lab_dtype: type) -> tuple[np.ndarray, np.ndarray]:
     """``(1, C, S)`` float32 with softmax rows, some voxels replaced by edge values (channel sums then off 1, so
     callers validate such cases with a loose threshold), and a ``(1, S)`` label map with a few labels outside
-    the channels (``C``, and for int64 ``2**32 + c``, which must not match ``c``)."""
+    the channels (``C``; for int64 also -1, 255, 256 + 1, 2**32 + 1 and -2**63, which must not match a channel)."""
     logits = rng.normal(size=(1, c, s)) * 3.0
     logits[0, 0] += 2.0
     p = np.exp(logits)
@@ -38,9 +38,9 @@ def _case(rng: np.random.Generator, c: int, s: int, m: int, lab_dtype: type) -> 
     p[sel] = rng.choice(edges, size=int(sel.sum()))
     lab = rng.integers(0, c, size=(1, s)).astype(lab_dtype)
     lab[0, rng.random(s) < 0.02] = c
-    wide = {np.int64: 2**32}.get(lab_dtype)
-    if wide is not None:
-        lab[0, rng.random(s) < 0.02] = wide + 1
+    if lab_dtype == np.int64:  # narrowed to uint8 per block by the AVX2 kernel: none of these may match a channel
+        for outside in (-1, 255, 256 + 1, 2**32 + 1, -(2**63)):
+            lab[0, rng.random(s) < 0.01] = outside
     return p, lab
 
 
@@ -86,8 +86,12 @@ def test_simd_kernel_label_dtypes(lab_dtype: type) -> None:
         new, _ = _run(p, lab, 0, None, 20, right, False, simd=True)
         old, _ = _run(p, lab, 0, None, 20, right, False, simd=False)
         assert np.array_equal(new, old)
-    assert _simd.applies(p, lab, np.zeros((1, 1), np.uint8)) == _simd.ENABLED
-    assert not _simd.applies(p, lab.astype(np.int32), np.zeros((1, 1), np.uint8))  # portable kernel
+    no_mask = np.zeros((1, 1), np.uint8)
+    assert _simd.applies(p, lab, no_mask) == _simd.ENABLED
+    assert not _simd.applies(p, lab.astype(np.int32), no_mask)  # portable kernel
+    many = np.zeros((1, 256, 8), np.float32)  # int64 labels narrow to uint8 only below 256 channels
+    assert _simd.applies(many, np.zeros((1, 8), np.uint8), no_mask) == _simd.ENABLED
+    assert not _simd.applies(many, np.zeros((1, 8), np.int64), no_mask)
     # the labels outside the channels are nobody's hit
     assert new[:, :, 2].sum() == np.isin(lab, np.arange(4)).sum()
 
