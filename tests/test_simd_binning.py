@@ -151,3 +151,19 @@ def test_bin_statistics_same_with_and_without_simd(monkeypatch: pytest.MonkeyPat
         bad[1, 2, 3, 4, 5] = 1.5
         monkeypatch.setattr(_simd, "ENABLED", True)
         bin_statistics(bad, labels, 15)
+
+
+def test_avx2_follows_numba_target(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A numba target other than the host (``NUMBA_CPU_NAME=generic``) gets the AVX2 kernel only when its features
+    name AVX2: compiling AVX2 intrinsics for a target without it would fail."""
+    from numba.core import config
+
+    monkeypatch.setattr(config, "CPU_NAME", "generic")
+    monkeypatch.setattr(config, "CPU_FEATURES", "")
+    assert not avx2_available()
+    monkeypatch.setattr(config, "CPU_FEATURES", "+avx,+avx2,+popcnt")
+    assert avx2_available()
+    monkeypatch.setattr(config, "CPU_NAME", None)
+    monkeypatch.setattr(config, "CPU_FEATURES", None)
+    assert avx2_available()  # this machine (the module is skipped without AVX2)
+

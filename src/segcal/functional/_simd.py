@@ -45,6 +45,7 @@ import llvmlite.ir as ir
 import numpy as np
 from numba import njit, prange, types
 from numba.core import cgutils
+from numba.core import config as numba_config
 from numba.core.errors import TypingError
 from numba.extending import intrinsic, overload
 
@@ -79,7 +80,11 @@ PREFETCH = 8192
 
 
 def avx2_available() -> bool:
-    """Whether the host CPU (as LLVM sees it) has AVX2, the precondition of :func:`dominant_groups`."""
+    """Whether numba compiles for a CPU with AVX2, the precondition of :func:`dominant_groups`: the host CPU as
+    LLVM sees it, unless ``NUMBA_CPU_NAME`` names another target (e.g. ``generic`` for caches shared between
+    machines), which counts only with ``+avx2`` in ``NUMBA_CPU_FEATURES``."""
+    if numba_config.CPU_NAME not in (None, "host"):
+        return "+avx2" in (numba_config.CPU_FEATURES or "")
     try:
         return bool(llvm_binding.get_host_cpu_features().get("avx2", False))
     except Exception:  # pragma: no cover - an LLVM that cannot tell
