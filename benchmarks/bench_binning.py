@@ -250,6 +250,13 @@ def main() -> None:
     if args.device == "cuda":
         bench_cuda(p, lab, args.repeats)
         return
+    import numpy as np
+
+    from segcal.functional import _simd
+
+    flat = p.reshape(p.shape[0], p.shape[1], -1).numpy()
+    avx2 = _simd.applies(flat, lab.reshape(lab.shape[0], -1).numpy(), np.zeros((1, 1), np.uint8))
+    print("CPU kernel: " + ("AVX2 (segcal.functional._simd)" if avx2 else "portable (no AVX2 target)"))
     rows = bench_segcal(p, lab, args.repeats)
     if not args.skip_reference:
         rows.update(bench_peers(p, lab, args.repeats))
