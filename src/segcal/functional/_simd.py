@@ -151,12 +151,9 @@ class _GroupLoop:
         self.out = builder.bitcast(data(7, out_), _I32.as_pointer())
         self.tot, self.acc = data(11, tot_), data(12, acc_)
         self.g0, self.count = g0_, builder.sub(g1_, g0_)
-        lab_bits = signature.args[1].dtype.bitwidth
-        self.lab_vty = ir.VectorType(ir.IntType(lab_bits), GROUP)
-        # labels and lc compared as ``lab[i] == lc``: narrow ones zero-extended to 32 bits (one-to-one, so the
-        # same equality; 32-bit lanes keep every mask below in one AVX2 register width)
-        self.wide = lab_bits < 32
-        self.lc = _splat(builder, builder.zext(lc_, _I32) if self.wide else lc_, _V8I if self.wide else self.lab_vty)
+        # the uint8 labels and lc compared zero-extended to 32 bits (the same equality; 32-bit lanes keep every
+        # mask below in one AVX2 register width)
+        self.lc = _splat(builder, builder.zext(lc_, _I32), _V8I)
         self.t0, self.t1 = _splat(builder, t0_, _V8F), _splat(builder, t1_, _V8F)
         self.zero = ir.Constant(_V8I, [0] * GROUP)
         self.ones = ir.Constant(_V8I, [-1] * GROUP)
@@ -196,9 +193,7 @@ class _GroupLoop:
 
     def _hits(self, i: ir.Value) -> ir.Value:
         b = self.b
-        labels = b.load(_vec_at(b, self.lab, i, self.lab_vty), align=1)
-        if self.wide:
-            labels = b.zext(labels, _V8I)
+        labels = b.zext(b.load(_vec_at(b, self.lab, i, ir.VectorType(_I8, GROUP)), align=1), _V8I)
         return b.sext(b.icmp_unsigned("==", labels, self.lc), _V8I)
 
     def body(self, index: ir.Value) -> None:
@@ -252,10 +247,8 @@ def _check_types(p, lab, mk, lc, out, tot, acc) -> None:
             raise TypingError(f"dominant_groups: {name} must be a contiguous 1-d array, got {arr}")
     if p.dtype != types.float32 or tot.dtype != types.float32 or out.dtype != types.uint32:
         raise TypingError("dominant_groups: p and tot must be float32 and out uint32")
-    if not isinstance(lab.dtype, types.Integer) or lab.dtype.bitwidth not in (8, 16, 32, 64):
-        raise TypingError(f"dominant_groups: labels must be 8- to 64-bit integers, got {lab.dtype}")
-    if lc != lab.dtype:
-        raise TypingError(f"dominant_groups: the label {lc} must have the labels' type {lab.dtype}")
+    if lab.dtype != types.uint8 or lc != types.uint8:
+        raise TypingError(f"dominant_groups: labels and lc must be uint8 (see _block_labels), got {lab.dtype}, {lc}")
 
 
 def _make_dominant_groups(validate: bool, masked: bool):
@@ -265,8 +258,8 @@ def _make_dominant_groups(validate: bool, masked: bool):
     def dominant_groups(typingctx, p, lab, mk, lc, t0, t1, table, out, j0, g0, g1, tot, acc):
         """``j = dominant_groups(p, lab, mk, lc, t0, t1, table, out, j0, g0, g1, tot, acc)``
 
-        p: (n,) float32 row of one channel; lab: (n,) labels (8- to 64-bit ints); mk: (n,) uint8 mask (read only
-        in the masked variant); lc: this channel's label, of the labels' type; t0, t1: float32 thresholds
+        p: (n,) float32 row of one channel; lab: (n,) uint8 labels (:func:`_block_labels`); mk: (n,) uint8 mask
+        (read only in the masked variant); lc: this channel's label, uint8; t0, t1: float32 thresholds
         (module docstring); table: :func:`compaction_table`; out: uint32 buffer, the non-dominant values written
         from ``j0`` on (float32 bits, hit flag in the sign bit; 8 lanes are stored per group, so 8 more than
         written must fit); groups ``g0 .. g1 - 1`` (values ``8 g0 .. 8 g1 - 1``); tot: (n,) float32 channel sums
