@@ -121,6 +121,22 @@ def test_labels_outside_class_range(fn):
         fn(p, torch.where(lab == 2, -1, lab))
 
 
+def test_check_target_without_the_label_range() -> None:
+    """``label_range=False`` leaves out only the range of an exclusive label map (its caller checks it in a pass of
+    its own); the structure is still checked, and multilabel label maps keep their range check."""
+    from segcal.functional.inputs import check_label_range, check_target
+
+    p, lab = _good()
+    outside = torch.where(lab == 2, 3, lab)
+    check_target(outside, p.shape, "exclusive", label_range=False)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\] for 3 classes, found values in \[0, 3\]"):
+        check_label_range(outside, 3)
+    with pytest.raises(ValueError, match="batch size"):
+        check_target(outside[:1], p.shape, "exclusive", label_range=False)
+    with pytest.raises(ValueError, match="labels must lie"):
+        check_target(outside, p.shape, "multilabel", label_range=False)
+
+
 @pytest.mark.parametrize("fn", FNS, ids=IDS)
 def test_empty_tensors(fn):
     with pytest.raises(ValueError, match=r"prediction is empty \(shape \(2, 3, 0, 5\)\)"):

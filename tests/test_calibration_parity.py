@@ -278,7 +278,7 @@ def _both_paths(p, labels, dense, mask, m, closed, first=0):
 
     c = p.shape[1]
     dy = dense[:, first:] if dense is not None else None
-    a, _ = _bin_statistics_numba(p, labels, dense, first, mask, m, closed)
+    a, _, _ = _bin_statistics_numba(p, labels, dense, first, mask, m, closed)
     t = _bin_statistics_torch(p[:, first:], labels, dy, torch.arange(first, c), mask, m, closed)
     return a, t
 

@@ -44,7 +44,7 @@ def _case(rng: np.random.Generator, c: int, s: int, m: int, lab_dtype: type) -> 
     return p, lab
 
 
-def _run(p, lab, first, mask, m, right, validate, simd):
+def _run(p, lab, first, mask, m, right, validate, simd, labels_max=None):
     b, c, s = p.shape
     chunk = _kernels.task_chunk(s, b)
     vstats = np.zeros(b * ((s + chunk - 1) // chunk))
@@ -56,7 +56,8 @@ def _run(p, lab, first, mask, m, right, validate, simd):
     if simd:
         t0, t1, per_call = _simd.thresholds(m, right)
         _simd.hist_voxels(p, lab, first, mask_np, use_mask, right, validate, thr, chunk, t0, t1, per_call,
-                          _simd.COMPACTION_TABLE, out, vstats)
+                          _simd.COMPACTION_TABLE, out, vstats,
+                          np.zeros(vstats.shape, np.int64) if labels_max is None else labels_max)
     else:
         _kernels._hist_voxels(p, lab, first, mask_np, use_mask, right, validate, thr, False, chunk, out, vstats)
     return out, vstats
@@ -167,3 +168,55 @@ def test_avx2_follows_numba_target(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(config, "CPU_FEATURES", None)
     assert avx2_available()  # this machine (the module is skipped without AVX2)
 
+
+
+@pytest.mark.parametrize("lab_dtype", [np.uint8, np.int64])
+def test_simd_kernel_reports_the_largest_label(lab_dtype: type) -> None:
+    """With validation the kernel reports each task's largest label as narrowed, so that a label outside the
+    channels anywhere (in a group, in the tail, outside the mask) gives a maximum >= C."""
+    rng = np.random.default_rng(11)
+    s = 8192 * 2 + 8 * 37 + 5
+    p, _ = _case(rng, 3, s, 20, np.uint8)
+    chunk = _kernels.task_chunk(s, 1)
+    tasks = (s + chunk - 1) // chunk
+    base = rng.integers(0, 3, size=(1, s)).astype(lab_dtype)
+    mask = np.zeros((1, s), np.uint8)  # every voxel outside the mask: the labels are checked all the same
+    outside = [3, 200, 254] + ([255, 256, 2**32 + 1, -1, -(2**63)] if lab_dtype == np.int64 else [255])
+    for where in (17, s - 2):
+        for value in outside:
+            lab = base.copy()
+            lab[0, where] = value
+            for msk in (None, mask):
+                labels_max = np.zeros(tasks, np.int64)
+                _run(p, lab, 0, msk, 20, True, True, simd=True, labels_max=labels_max)
+                expect = value if 0 <= value < 255 else 255
+                assert labels_max.max() == expect and labels_max.max() >= 3, (where, value)
+    labels_max = np.zeros(tasks, np.int64)
+    _run(p, base, 1, None, 20, True, True, simd=True, labels_max=labels_max)
+    assert labels_max.max() == base.max() < 3
+
+
+@pytest.mark.parametrize("lab_dtype", [torch.uint8, torch.int64, torch.int32])
+def test_bin_statistics_label_range_error_unchanged(lab_dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The label range is checked in the kernel's pass on the AVX2 path and by ``check_label_range`` elsewhere:
+    the same error either way, before the probabilities' own errors, and none with ``check=False``."""
+    g = torch.Generator().manual_seed(4)
+    probs = torch.softmax(torch.randn(2, 3, 17, 19, 11, generator=g) * 3, 1)
+    labels = torch.randint(0, 3, (2, 17, 19, 11), generator=g).to(lab_dtype)
+    values = [3, 7] + ([-1, 2**40] if lab_dtype == torch.int64 else [])
+    for enabled in (True, False):
+        monkeypatch.setattr(_simd, "ENABLED", enabled)
+        bin_statistics(probs, labels, 10)  # valid: no error
+        for value in values:
+            for where in ((0, 0, 0, 0), (1, 16, 18, 10)):  # first and last voxel
+                bad = labels.clone()
+                bad[where] = value
+                lo, hi = min(0, value), max(2, value)
+                msg = rf"target: labels must lie in \[0, 2\] for 3 classes, found values in \[{lo}, {hi}\]"
+                with pytest.raises(ValueError, match=msg):
+                    bin_statistics(probs, bad, 10)
+                with pytest.raises(ValueError, match=msg):  # the label error comes first
+                    bin_statistics(probs * 1.5, bad, 10)
+                with pytest.raises(ValueError, match=msg):  # outside the mask too
+                    bin_statistics(probs, bad, 10, mask=torch.zeros(2, 17, 19, 11, dtype=torch.bool))
+                bin_statistics(probs, bad, 10, check=False)  # unchecked: nobody's hit, no error

@@ -420,20 +420,32 @@ def _add_dominant(acc, inside, validate, dst):  # pragma: no cover - compiled
     return 1 if validate and acc[3] > ONE_BITS else 0
 
 
+@njit(nogil=True, boundscheck=False)
+def _label_max(lb):  # pragma: no cover - compiled
+    """Largest of the uint8 labels ``lb`` (vectorised)."""
+    hi = np.uint8(0)
+    for i in range(lb.shape[0]):
+        hi = max(hi, lb[i])
+    return hi
+
+
 @njit(parallel=True, nogil=True, boundscheck=False, cache=True)
 def hist_voxels(  # pragma: no cover - compiled
-    p, lab, first, mask, use_mask, right, validate, thr, chunk, t0, t1, fl, table, out, vstats
+    p, lab, first, mask, use_mask, right, validate, thr, chunk, t0, t1, fl, table, out, vstats, labels_max
 ):
     """:func:`._kernels._hist_voxels` for float32 probabilities on AVX2 CPUs (same arguments, plus the thresholds
-    ``t0``, ``t1``, the groups per call ``fl`` and :data:`COMPACTION_TABLE`; ``p``, ``lab`` and ``mask``
-    C-contiguous). Same result, bit for bit: the same slots, counts and fixed-point sums.
+    ``t0``, ``t1``, the groups per call ``fl``, :data:`COMPACTION_TABLE` and the output ``labels_max``; ``p``,
+    ``lab`` and ``mask`` C-contiguous). Same result, bit for bit: the same slots, counts and fixed-point sums.
 
     Per block of ``_BLOCK`` voxels and channel, :func:`_dominant_row` sums the two dominant slots (bin 0 /
     miss, bin ``M - 1`` / hit) in vector registers and writes the other values out; pass 2 bins and scatters
     only those (:func:`_pack_kept`, :func:`._kernels._scatter_packed`). Per task and channel the dominant sums join the
     lane tables when they are unpacked: bin 0 / miss counts ``in-mask values - written - bin M - 1 / hit``.
     Validation: as :func:`._kernels._hist_voxels` (channel sums off 1 by more than ``thr``), plus one flag per task and
-    channel where the largest bit pattern seen is above that of 1.0 (a value outside [+0, 1] or NaN).
+    channel where the largest bit pattern seen is above that of 1.0 (a value outside [+0, 1] or NaN). With
+    ``validate``, ``labels_max`` (tasks,) int64 gets each task's largest label as :func:`_block_labels` narrows
+    it (with at most 255 channels, any label outside ``[0, C)`` gives one ``>= C``), read from the block of
+    labels already in cache, so that the caller's range check needs no pass of its own over the labels.
     """
     nb, nc, s = p.shape
     m = out.shape[3]
@@ -453,11 +465,14 @@ def hist_voxels(  # pragma: no cover - compiled
         pk = pk32.view(np.int64)
         tot = np.zeros(_BLOCK, np.float32)
         bad = np.zeros(_BLOCK, np.int32)
+        hi = 0
         for a0 in range(s0, s1, _BLOCK):
             a1 = min(s1, a0 + _BLOCK)
             n = a1 - a0
             n8 = n // 8 * 8
             lb = _block_labels(lab[b, a0:a1], narrowed)
+            if validate:
+                hi = max(hi, np.int64(_label_max(lb)))
             mk = mask[b, a0:a1] if use_mask else mask[0, 0:0]
             in8 = n8
             if use_mask:
@@ -484,4 +499,5 @@ def hist_voxels(  # pragma: no cover - compiled
             _unpack_lanes(h[c], h[c], False, partial[t, c])
             nbad += _add_dominant(acc[c], inside[c], validate, partial[t, c])
         vstats[t] = nbad
+        labels_max[t] = hi
     _merge_partials(partial, n_chunks, False, out)

@@ -35,6 +35,7 @@ from segcal.functional.inputs import (
     Mode,
     as_label_map,
     as_tensor,
+    check_label_range,
     check_mode,
     check_prediction,
     check_probabilities,
@@ -252,8 +253,8 @@ def bin_statistics(
     else:
         probs = to_probabilities(pred, activation, pmode, check=check)
     b, c, *spatial = probs.shape
-    if check:
-        check_target(target, probs.shape, pmode)
+    if check:  # on the fused path the range of a label map is checked with the binning (_validated_numba_bins)
+        check_target(target, probs.shape, pmode, label_range=not (fused and pmode == "exclusive"))
     mask_t = _prepare_mask(mask, b, spatial, probs.device)
 
     if regions is not None:  # region channels sum softmax classes; the result is multilabel
@@ -277,7 +278,7 @@ def bin_statistics(
     if fused:
         out = _validated_numba_bins(probs, labels, dense_y, first, mask_t, num_bins, closed, mode, check)
     elif probs.device.type == "cpu" and not probs.requires_grad:
-        out, _ = _bin_statistics_numba(probs, labels, dense_y, first, mask_t, num_bins, closed, False)
+        out, _, _ = _bin_statistics_numba(probs, labels, dense_y, first, mask_t, num_bins, closed, False)
     elif labels is not None and _triton.available(probs, num_bins):  # one fused pass on a GPU
         out = _triton.label_bin_sums(probs, labels, first, mask_t, bin_edges(num_bins, probs.dtype), closed)
     else:
@@ -302,13 +303,22 @@ def _validated_numba_bins(
 ) -> torch.Tensor:
     """The numba path on unclamped probabilities: with a label map in exclusive mode the kernel validates in
     its single pass (the precise torch checks run only when it flags something, to name the problem); other
-    inputs are checked by torch first (no clamped copy is made)."""
+    inputs are checked by torch first (no clamped copy is made).
+
+    The labels' range is checked here too (``bin_statistics`` leaves it out of ``check_target`` on this path):
+    by the kernel's own pass where it reports the largest label, else by :func:`check_label_range`; the kernels
+    only compare labels for equality, so labels outside the channels cannot make them read or write out of
+    bounds before the error is raised. Labels are checked before the probabilities, as ``check_target`` runs
+    before the binning elsewhere."""
     validate = check and labels is not None and mode == "exclusive"
     if check and not validate:
         check_probabilities(probs, mode)
-    out, vstats = _bin_statistics_numba(probs, labels, dense_y, first, mask, num_bins, closed, validate)
-    if validate and vstats is not None and vstats.sum() > 0:
-        check_probabilities(probs, mode)
+    out, vstats, labels_max = _bin_statistics_numba(probs, labels, dense_y, first, mask, num_bins, closed, validate)
+    if validate:
+        if labels_max is None or labels_max >= probs.shape[1]:
+            check_label_range(labels, probs.shape[1])  # type: ignore[arg-type]
+        if vstats is not None and vstats.sum() > 0:
+            check_probabilities(probs, mode)
     return out
 
 
@@ -329,11 +339,12 @@ def _bin_statistics_numba(
     num_bins: int,
     closed: Closed,
     validate: bool = False,
-) -> tuple[torch.Tensor, np.ndarray | None]:
+) -> tuple[torch.Tensor, np.ndarray | None, int | None]:
     """Numba path. ``probs`` / ``dense_y`` are the full ``(B, C, *spatial)`` tensors; channels ``first:`` are
     binned. Returns ``(B, C - first, 3, M)`` float64 and, with ``validate`` (label maps only), the kernel's
-    per-task (number of values outside [0, 1] or NaN, number of voxels whose channel sum is off) over every
-    voxel and channel (``None`` where the precise checks already ran)."""
+    per-task flags (values outside [0, 1] or NaN, voxels whose channel sum is off) over every voxel and channel
+    (``None`` where the precise checks already ran) and the largest label (``None`` where the kernel does not
+    report it; see :func:`segcal.functional._simd.hist_voxels`)."""
     b, c = probs.shape[:2]
     s = int(np.prod(probs.shape[2:]))
     out = np.zeros((b, c - first, 3, num_bins))
@@ -351,9 +362,9 @@ def _bin_statistics_numba(
         lab_np = lab_t.numpy()
     if not native:
         _hist_half_rows(probs, lab_np, dense_y, first, mask_np, use_mask, tables, closed, out)
-        return torch.from_numpy(out).to(probs.device), None
-    vstats = _hist_native(probs, lab_np, dense_y, first, mask_np, use_mask, tables, closed, validate, out)
-    return torch.from_numpy(out).to(probs.device), vstats
+        return torch.from_numpy(out).to(probs.device), None, None
+    vstats, labels_max = _hist_native(probs, lab_np, dense_y, first, mask_np, use_mask, tables, closed, validate, out)
+    return torch.from_numpy(out).to(probs.device), vstats, labels_max
 
 
 def _hist_native(
@@ -367,9 +378,10 @@ def _hist_native(
     closed: Closed,
     validate: bool,
     out: np.ndarray,
-) -> np.ndarray | None:
+) -> tuple[np.ndarray | None, int | None]:
     """Float32 / float64 probabilities into ``out`` ``(B, C - first, 3, M)``; returns the validation counts of
-    the voxel kernel (label maps whose bin count it covers), else None."""
+    the voxel kernel (label maps whose bin count it covers), else None, and the largest label where the AVX2
+    kernel validated (:func:`segcal.functional._simd.hist_voxels`), else None."""
     b, c = probs.shape[:2]
     s = int(np.prod(probs.shape[2:]))
     num_bins = out.shape[-1]
@@ -382,19 +394,20 @@ def _hist_native(
         elif y_t.dtype in (torch.float16, torch.bfloat16):
             y_t = y_t.float()
         _kernels._hist_dense(p_np, y_t.numpy(), first, mask_np, use_mask, *tables, right, out)
-        return None
+        return None, None
     if _kernels.voxel_kernel_ok(num_bins, p_np.dtype):
         chunk = _kernels.task_chunk(s, b)
         vstats = np.zeros(b * ((s + chunk - 1) // chunk))
         thr = min(PROB_ATOL * max(1, c), 6.0)  # < 7: a flagged value makes its voxel sum >= 8 (kernel)
         if _simd.applies(p_np, lab_np, mask_np):  # float32 on AVX2: the same sums, bit for bit
             t0, t1, per_call = _simd.thresholds(num_bins, right)
+            labels_max = np.zeros(vstats.shape, np.int64)
             _simd.hist_voxels(p_np, lab_np, first, mask_np, use_mask, right, validate, thr, chunk, t0, t1, per_call,
-                              _simd.COMPACTION_TABLE, out, vstats)
-            return vstats
+                              _simd.COMPACTION_TABLE, out, vstats, labels_max)
+            return vstats, int(labels_max.max()) if validate else None
         exact = p_np.dtype == np.float64  # float64 sums; float32: fixed-point sums (see the kernel)
         _kernels._hist_voxels(p_np, lab_np, first, mask_np, use_mask, right, validate, thr, exact, chunk, out, vstats)
-        return vstats
+        return vstats, None
     # a bin count whose edges the division does not reproduce: table lookups
     if validate:
         check_probabilities(probs, "exclusive")
@@ -402,7 +415,7 @@ def _hist_native(
     ids = np.arange(c, dtype=np.int64)
     _kernels._hist_labels(p_np.reshape(b * c, s), lab_np, ids, mask_np, use_mask, *tables, right, full)
     out += full.reshape(b, c, 3, num_bins)[:, first:]
-    return None
+    return None, None
 
 
 def _hist_half_rows(

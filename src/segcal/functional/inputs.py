@@ -35,6 +35,7 @@ __all__ = [
     "Activation",
     "Mode",
     "as_label_map",
+    "check_label_range",
     "check_mode",
     "check_prediction",
     "check_probabilities",
@@ -176,8 +177,23 @@ def as_label_map(
     return lab
 
 
-def check_target(target: torch.Tensor, pred_shape: Sequence[int], mode: Mode, name: str = "target") -> None:
-    """Validate a target against a prediction shape ``(B, C, *spatial)``."""
+def check_label_range(labels: torch.Tensor, num_classes: int, name: str = "target") -> None:
+    """Raise unless every label of the label map ``labels`` lies in ``[0, num_classes - 1]``."""
+    lo, hi = (int(v) for v in torch.aminmax(labels))  # one pass, one host read
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(
+            f"{name}: labels must lie in [0, {num_classes - 1}] for {num_classes} classes, found values in [{lo}, {hi}]"
+        )
+
+
+def check_target(
+    target: torch.Tensor, pred_shape: Sequence[int], mode: Mode, name: str = "target", *, label_range: bool = True
+) -> None:
+    """Validate a target against a prediction shape ``(B, C, *spatial)``.
+
+    ``label_range=False`` leaves out the range check of a label map in exclusive mode
+    (:func:`check_label_range`, one pass over the labels), for a caller that makes it in a pass of its own.
+    """
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(target).__name__}")
     b, c, *spatial = pred_shape
@@ -187,11 +203,8 @@ def check_target(target: torch.Tensor, pred_shape: Sequence[int], mode: Mode, na
     if lab is not None and not (target.ndim == len(spatial) + 2 and c == 1 and mode == "multilabel"):
         if lab.numel() == 0:
             raise ValueError(f"{name} is empty")
-        lo, hi = (int(v) for v in torch.aminmax(lab))  # one pass, one host read
-        if lo < 0 or hi >= c:
-            raise ValueError(
-                f"{name}: labels must lie in [0, {c - 1}] for {c} classes, found values in [{lo}, {hi}]"
-            )
+        if label_range or mode != "exclusive":
+            check_label_range(lab, c, name)
         if mode == "multilabel" and c > 1:
             raise ValueError(
                 f"{name}: a label map cannot describe overlapping multilabel channels; "
