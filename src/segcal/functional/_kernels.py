@@ -345,8 +345,8 @@ def _merge_partials(partial, n_chunks, exact, out):  # pragma: no cover - compil
 
 @njit(nogil=True)
 def task_range(t, n_chunks, chunk, s):  # pragma: no cover - compiled
-    """Task ``t`` of a voxel kernel (one image, one chunk of ``chunk`` voxels; ``n_chunks`` per image of ``s``
-    voxels): ``(image, first voxel, end voxel)``."""
+    """Task ``t`` of a parallel kernel over rows of ``s`` voxels (an image, or an image's channel), each cut
+    into ``n_chunks`` chunks of ``chunk`` voxels: ``(row, first voxel, end voxel)``."""
     s0 = (t % n_chunks) * chunk
     return t // n_chunks, s0, min(s, s0 + chunk)
 
@@ -468,9 +468,7 @@ def _hist_top_label(p, lab, mask, use_mask, right, validate, thr, exact, out, vs
     n_tasks = nb * n_chunks
     partial = np.zeros((n_tasks, 1, 3, m))
     for t in prange(n_tasks):
-        b = t // n_chunks
-        s0 = (t % n_chunks) * _CHUNK
-        s1 = min(s, s0 + _CHUNK)
+        b, s0, s1 = task_range(t, n_chunks, _CHUNK, s)
         h = np.zeros((_LANES, width), np.int64)
         hp = np.zeros((_LANES, width) if exact else (1, 1))
         pk32 = np.empty(2 * _BLOCK, np.int32)
@@ -523,11 +521,9 @@ def _hist_labels(p, lab, class_ids, mask, use_mask, lo, hi, right, out):  # prag
     n_chunks = (s + _CHUNK - 1) // _CHUNK
     partial = np.zeros((n_rows * n_chunks, 3, m))
     for t in prange(n_rows * n_chunks):
-        r = t // n_chunks
+        r, s0, s1 = task_range(t, n_chunks, _CHUNK, s)
         b = r // c_count
         cid = class_ids[r % c_count]
-        s0 = (t % n_chunks) * _CHUNK
-        s1 = min(s, s0 + _CHUNK)
         hc = np.zeros(m, np.int32)
         hy = np.zeros(m, np.int32)
         hp = np.zeros(m)
@@ -556,11 +552,9 @@ def _hist_dense(p, y, first, mask, use_mask, lo, hi, right, out):  # pragma: no 
     n_tasks = nb * kc * n_chunks
     partial = np.zeros((n_tasks, 3, m))
     for t in prange(n_tasks):
-        row = t // n_chunks
+        row, s0, s1 = task_range(t, n_chunks, _CHUNK, s)
         b = row // kc
         c = first + row % kc
-        s0 = (t % n_chunks) * _CHUNK
-        s1 = min(s, s0 + _CHUNK)
         hn = np.zeros((2, m), np.int32)
         hp = np.zeros((2, m))
         hy = np.zeros((2, m))
@@ -652,9 +646,7 @@ def _hard_sums(p, y, lab, class_ids, lo, hi, right, divide, idx, out):  # pragma
     n_chunks = (s + _CHUNK - 1) // _CHUNK
     partial = np.zeros((n_rows * n_chunks, 3, m))
     for t in prange(n_rows * n_chunks):
-        r = t // n_chunks
-        s0 = (t % n_chunks) * _CHUNK
-        s1 = min(s, s0 + _CHUNK)
+        r, s0, s1 = task_range(t, n_chunks, _CHUNK, s)
         hn = np.zeros((2, m), np.int64)
         hp = np.zeros((2, m))
         hy = np.zeros((2, m))
@@ -692,9 +684,7 @@ def _gather_bins(g, idx, dst):  # pragma: no cover - compiled
     n_rows, s = idx.shape
     n_chunks = (s + _CHUNK - 1) // _CHUNK
     for t in prange(n_rows * n_chunks):
-        r = t // n_chunks
-        s0 = (t % n_chunks) * _CHUNK
-        s1 = min(s, s0 + _CHUNK)
+        r, s0, s1 = task_range(t, n_chunks, _CHUNK, s)
         gr = g[r]
         for i in range(s0, s1):
             dst[r, i] = gr[np.int64(idx[r, i])]
@@ -746,9 +736,7 @@ def _soft_sums(p, y, lab, ids, out):  # pragma: no cover - compiled
     n_chunks = (s + _CHUNK - 1) // _CHUNK
     partial = np.zeros((n_rows * n_chunks, 3, m))
     for t in prange(n_rows * n_chunks):
-        r = t // n_chunks
-        s0 = (t % n_chunks) * _CHUNK
-        s1 = min(s, s0 + _CHUNK)
+        r, s0, s1 = task_range(t, n_chunks, _CHUNK, s)
         h = np.zeros((3, m))
         lrow, cid, yrow = _soft_target_row(y, lab, ids, r, use_lab)
         for i in range(s0, s1):
@@ -787,9 +775,7 @@ def _soft_grads(p, y, lab, ids, g, gp, gy):  # pragma: no cover - compiled
     use_lab = lab.shape[1] > 0
     n_chunks = (s + _CHUNK - 1) // _CHUNK
     for t in prange(n_rows * n_chunks):
-        r = t // n_chunks
-        s0 = (t % n_chunks) * _CHUNK
-        s1 = min(s, s0 + _CHUNK)
+        r, s0, s1 = task_range(t, n_chunks, _CHUNK, s)
         gr = g[r]
         lrow, cid, yrow = _soft_target_row(y, lab, ids, r, use_lab)
         for i in range(s0, s1):
